@@ -1,0 +1,265 @@
+"""The configuration schema: every setting declared once, with its default and its documentation.
+
+This module is a leaf (stdlib only).  The loader (`config.load`), the storescp translator
+(`config.storescp`), the documentation renderer (`config.docs`) and the example
+`etc/ingestd.toml` all read the declarations below, so a setting cannot exist in one place and
+be missing in another.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+# Metadata keys used in field(metadata=...).
+DOC = "doc"
+STORESCP = "storescp"  # the storescp options that set this key, for docs and the translator
+CHOICES = "choices"
+MINIMUM = "minimum"
+MAXIMUM = "maximum"
+RELOAD = "reload"  # False: needs a restart; a reload reports the change instead of applying it
+DEFAULT_NOTE = "default_note"  # why our default differs from storescp's, when it does
+
+
+def setting(
+    default: Any,
+    doc: str,
+    *,
+    storescp: tuple[str, ...] = (),
+    choices: tuple[str, ...] | None = None,
+    minimum: int | float | None = None,
+    maximum: int | float | None = None,
+    reload: bool = True,
+    default_note: str = "",
+) -> Any:
+    """Declare one configuration key (a dataclass field carrying its documentation)."""
+    meta: dict[str, Any] = {DOC: doc, STORESCP: storescp, RELOAD: reload, DEFAULT_NOTE: default_note}
+    if choices is not None:
+        meta[CHOICES] = choices
+    if minimum is not None:
+        meta[MINIMUM] = minimum
+    if maximum is not None:
+        meta[MAXIMUM] = maximum
+    return field(default=default, metadata=meta)
+
+
+PREFERENCE_CHOICES = (
+    "uncompressed", "little", "big", "lossless", "jpeg8", "jpeg12", "j2k-lossless", "j2k-lossy",
+    "jls-lossless", "jls-lossy", "mpeg2", "mpeg2-high", "mpeg4", "mpeg4-bd", "mpeg4-2-2d",
+    "mpeg4-2-3d", "mpeg4-2-st", "hevc", "hevc10", "rle", "deflated", "implicit", "all",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkConfig:
+    """[network]: where and how the daemon listens, and the association's transport limits."""
+
+    port: int = setting(
+        104, "TCP port to listen on (ignored when sockets come from systemd or inetd).",
+        storescp=("port",), minimum=1, maximum=65535, reload=False,
+        default_note="storescp has no default port; 104 is the DICOM well-known port.",
+    )
+    bind_address: str = setting(
+        "", "Address to bind; empty means every address of the chosen IP version.",
+        reload=False,
+    )
+    ip_version: str = setting(
+        "ipv4", "IP version to listen on: ipv4, ipv6, or dual (IPv6 socket accepting IPv4 too).",
+        storescp=("-i4", "-i6", "-i0"), choices=("ipv4", "ipv6", "dual"), reload=False,
+    )
+    inetd: bool = setting(
+        False, "Serve one association on the connected socket at fd 0 and exit (inetd style).",
+        storescp=("-id", "--inetd"), reload=False,
+    )
+    aetitle: str = setting(
+        "STORESCP", "Our AE title (1-16 characters, no backslash or control characters).",
+        storescp=("-aet", "--aetitle"),
+    )
+    max_pdu: int = setting(
+        16384, "Maximum PDU length we receive, in bytes (advertised to the peer; never 0).",
+        storescp=("-pdu", "--max-pdu"), minimum=4096, maximum=131072,
+    )
+    acse_timeout: int = setting(
+        30, "Seconds to wait for association messages (A-ASSOCIATE-RQ, A-RELEASE).",
+        storescp=("-ta", "--acse-timeout"), minimum=1,
+    )
+    dimse_timeout: int = setting(
+        0, "Seconds to wait for the next DIMSE message; 0 means unlimited (socket_timeout applies).",
+        storescp=("-td", "--dimse-timeout"), minimum=0,
+    )
+    socket_timeout: int = setting(
+        60, "Seconds a single network read or write may block; a stalled peer is dropped. 0: none.",
+        storescp=("-ts", "--socket-timeout"), minimum=0,
+    )
+    disable_host_lookup: bool = setting(
+        True, "Do not resolve the peer's address to a host name (used in logs and #r).",
+        storescp=("-dhl", "--disable-host-lookup"),
+        default_note="storescp resolves names by default; a daemon should not stall on DNS.",
+    )
+    tcp_nodelay: bool = setting(
+        True, "Set TCP_NODELAY and TCP_QUICKACK on accepted sockets (removes delayed-ACK stalls).",
+        default_note="Not a storescp option; DCMTK leaves Nagle on unless TCP_NODELAY=1 is set.",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class NegotiationConfig:
+    """[negotiation]: which presentation contexts we accept and in which preference order."""
+
+    preferred_transfer_syntax: str = setting(
+        "uncompressed",
+        "Transfer syntax preference list, as storescp's --prefer-* options (+x=, +xe, +xb, ...).",
+        storescp=("+x=", "+xe", "+xb", "+xs", "+xy", "+xx", "+xv", "+xw", "+xt", "+xu", "+xm",
+                  "+xh", "+xn", "+xl", "+x2", "+x3", "+xo", "+x4", "+x5", "+xr", "+xd", "+xi",
+                  "+xa"),
+        choices=PREFERENCE_CHOICES,
+    )
+    promiscuous: bool = setting(
+        False, "Accept unknown SOP classes too, keeping our transfer syntax preference.",
+        storescp=("-pm", "--promiscuous"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AssociationConfig:
+    """[association]: who may associate, and how requests are screened."""
+
+    refuse: bool = setting(
+        False, "Refuse every association (A-ASSOCIATE-RJ, permanent, no reason given).",
+        storescp=("--refuse",),
+    )
+    reject_without_implementation_uid: bool = setting(
+        False, "Reject associations whose request carries no implementation class UID.",
+        storescp=("--reject",),
+    )
+    require_called_aetitle: bool = setting(
+        False, "Reject requests whose called AE title is not network.aetitle "
+        "(A-ASSOCIATE-RJ, called AE title not recognized). storescp accepts any called AE.",
+    )
+    allowed_calling_aetitles: list[str] = field(
+        default_factory=list,
+        metadata={DOC: "Calling AE titles allowed to associate; empty allows any "
+                       "(others: A-ASSOCIATE-RJ, calling AE title not recognized).",
+                  STORESCP: (), RELOAD: True, DEFAULT_NOTE: ""},
+    )
+    uid_padding: bool = setting(
+        False, "Silently correct space-padded UIDs in received command sets.",
+        storescp=("-up", "--uid-padding"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TestingConfig:
+    """[testing]: storescp's test aids. Never enable these in production."""
+
+    ignore: bool = setting(
+        False, "Receive data but do not store it (the status is still success).",
+        storescp=("--ignore",),
+    )
+    sleep_after: int = setting(
+        0, "Seconds to sleep after each store, before the response.",
+        storescp=("--sleep-after",), minimum=0,
+    )
+    sleep_during: int = setting(
+        0, "Seconds to sleep while receiving each store's data set.",
+        storescp=("--sleep-during",), minimum=0,
+    )
+    abort_after: bool = setting(
+        False, "Abort the association after receiving a C-STORE-RQ, before responding.",
+        storescp=("--abort-after",),
+    )
+    abort_during: bool = setting(
+        False, "Abort the association while a C-STORE-RQ data set is being received.",
+        storescp=("--abort-during",),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    """[storage]: where received objects go and how they are named."""
+
+    output_directory: str = setting(
+        ".", "Existing directory that receives the objects.",
+        storescp=("-od", "--output-directory"),
+    )
+    bit_preserving: bool = setting(
+        False, "Write the data set exactly as received (storescp +B).",
+        storescp=("+B", "--bit-preserving", "-B", "--normal"),
+    )
+    sort: str = setting(
+        "none", "Sort into study subdirectories: none, conc-studies (prefix_YYYYMMDD_HHMMSSmmm), "
+        "study-uid (prefix_StudyInstanceUID), patientname (PatientName_YYYYMMDD_HHMMSSmmm).",
+        storescp=("-ss", "--sort-conc-studies", "-su", "--sort-on-study-uid", "-sp",
+                  "--sort-on-patientname"),
+        choices=("none", "conc-studies", "study-uid", "patientname"),
+    )
+    sort_prefix: str = setting(
+        "", "Prefix of study subdirectory names (sort = conc-studies or study-uid).",
+    )
+    filenames: str = setting(
+        "default", "File names: default (MOD.SOPInstanceUID), unique (MOD.X.<new UID>), "
+        "timenames (YYYYMMDDHHMMSSmmm[_NNNN].MOD).",
+        storescp=("-uf", "--default-filenames", "+uf", "--unique-filenames", "-tn",
+                  "--timenames"),
+        choices=("default", "unique", "timenames"),
+    )
+    filename_extension: str = setting(
+        "", "Suffix appended to every file name (no dot is added).",
+        storescp=("-fe", "--filename-extension"),
+    )
+    duplicates: str = setting(
+        "overwrite", "When the target file exists: overwrite (as storescp), keep-first (answer "
+        "success, keep the existing file), keep-both (store the new one as NAME_N), reject "
+        "(answer failure 0x0111, duplicate SOP instance).",
+        choices=("overwrite", "keep-first", "keep-both", "reject"),
+    )
+    fsync: bool = setting(
+        True, "fsync each file and its directory before answering success. Off: storescp's "
+        "speed, but an acknowledged object can be lost in a power failure.",
+        default_note="storescp never fsyncs; we do, so success means durable.",
+    )
+    min_free_space: int = setting(
+        0, "Refuse objects (status 0xA700) while the output file system has fewer free bytes "
+        "than this; 0 disables the check.", minimum=0,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    """[logging]: what goes to stderr (and the journal)."""
+
+    level: str = setting(
+        "info", "Lowest level logged: fatal, error, warn, info, debug, trace.",
+        storescp=("-q", "--quiet", "-v", "--verbose", "-d", "--debug", "-ll", "--log-level"),
+        choices=("fatal", "error", "warn", "info", "debug", "trace"),
+        default_note="storescp logs warnings and errors only; a daemon logs each association.",
+    )
+    verbose_pc: bool = setting(
+        False, "Log the presentation contexts of each association at info level.",
+        storescp=("+v", "--verbose-pc"),
+    )
+    journal_prefix: str = setting(
+        "auto", "Prefix lines with <N> syslog priorities: auto (when stderr is the journal), "
+        "always, never.", choices=("auto", "always", "never"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole daemon configuration: one typed, validated, immutable object."""
+
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    negotiation: NegotiationConfig = field(default_factory=NegotiationConfig)
+    association: AssociationConfig = field(default_factory=AssociationConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    testing: TestingConfig = field(default_factory=TestingConfig)
+
+
+def tables() -> list[tuple[str, type]]:
+    """The top-level tables in declaration order: (table name, section dataclass)."""
+    return [(f.name, f.type) for f in dataclasses.fields(Config)]  # type: ignore[misc]
+
+
+def keys() -> list[tuple[str, dataclasses.Field[Any]]]:
+    """Every key as ("table.key", field), in declaration order."""
+    return [(f"{table}.{f.name}", f) for table, cls in tables() for f in dataclasses.fields(cls)]
