@@ -1,0 +1,195 @@
+"""Association negotiation as acceptor: screen the A-ASSOCIATE-RQ, choose contexts, answer.
+
+The A-ASSOCIATE-RQ is decoded and the A-ASSOCIATE-AC encoded by pynetdicom, and presentation
+contexts are negotiated by pynetdicom's `negotiate_as_acceptor` (our transfer-syntax list order
+is the preference, as in DCMTK).  What is ours: the screening policy (storescp's --refuse and
+--reject, called/calling AE title checks) and promiscuous mode done per association so that our
+preference order still decides (pynetdicom's UNRESTRICTED_STORAGE_SERVICE would take the
+requestor's first proposal).
+"""
+
+import functools
+from dataclasses import dataclass, field
+
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
+)
+from pynetdicom.presentation import PresentationContext, build_context, negotiate_as_acceptor
+
+from dicom_ingestd import __version__
+from dicom_ingestd.config.schema import Config
+from dicom_ingestd.worker import negotiation
+from dicom_ingestd.worker.pdu import A_ASSOCIATE_RJ, encode_pdu
+
+APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+# A fixed UUID-derived UID (PS3.5 B.2): ours, registered to nobody else.
+IMPLEMENTATION_CLASS_UID = "2.25.58257340867816946478277521733648859219"
+IMPLEMENTATION_VERSION = ("INGESTD_" + __version__.replace(".", ""))[:16]
+
+# A-ASSOCIATE-RJ result / source / reason values, PS3.8 9.3.4.
+REJECTED_PERMANENT = 1
+REJECTED_TRANSIENT = 2
+SOURCE_SERVICE_USER = 1
+SOURCE_PROVIDER_ACSE = 2
+SOURCE_PROVIDER_PRESENTATION = 3
+REASON_NO_REASON = 1
+REASON_APP_CONTEXT = 2
+REASON_CALLING_AE = 3
+REASON_CALLED_AE = 7
+REASON_PROTOCOL_VERSION = 2
+REASON_LOCAL_LIMIT = 2
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptedContext:
+    """One accepted presentation context."""
+
+    context_id: int
+    abstract_syntax: str
+    transfer_syntax: str
+
+
+@dataclass(slots=True)
+class Request:
+    """What the peer asked for, for logging and policy."""
+
+    calling_ae: str
+    called_ae: str
+    max_pdu: int  # the peer's Maximum Length Received; 0 = unlimited
+    implementation_class_uid: str
+    implementation_version: str
+    proposed: list[PresentationContext] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Rejection:
+    """A decided A-ASSOCIATE-RJ, with the reason for the log line."""
+
+    result: int
+    source: int
+    reason: int
+    why: str
+
+    def encode(self) -> bytes:
+        return encode_pdu(A_ASSOCIATE_RJ, bytes((0, self.result, self.source, self.reason)))
+
+
+@dataclass(slots=True)
+class Acceptance:
+    """A decided A-ASSOCIATE-AC."""
+
+    contexts: dict[int, AcceptedContext]
+    rejected: list[PresentationContext]
+    pdu: bytes
+
+
+class RequestError(Exception):
+    """The A-ASSOCIATE-RQ PDU could not be decoded."""
+
+
+def decode_request(pdu: bytes) -> tuple[Request, A_ASSOCIATE, int]:
+    """Decode a whole A-ASSOCIATE-RQ PDU into (Request, primitive, protocol version)."""
+    try:
+        rq = A_ASSOCIATE_RQ()
+        rq.decode(pdu)
+        primitive = rq.to_primitive()
+        request = Request(
+            calling_ae=str(primitive.calling_ae_title or "").strip(),
+            called_ae=str(primitive.called_ae_title or "").strip(),
+            max_pdu=int(primitive.maximum_length_received or 0),
+            implementation_class_uid=str(primitive.implementation_class_uid or ""),
+            implementation_version=next(
+                (str(item.implementation_version_name or "") for item in
+                 primitive.user_information
+                 if isinstance(item, ImplementationVersionNameNotification)), ""),
+            proposed=list(primitive.presentation_context_definition_list),
+        )
+        version = int(rq.protocol_version)
+    except Exception as exc:  # pynetdicom raises many types on malformed input
+        raise RequestError(f"undecodable A-ASSOCIATE-RQ ({exc.__class__.__name__}: {exc})") \
+            from None
+    return request, primitive, version
+
+
+def screen(request: Request, primitive: A_ASSOCIATE, version: int, config: Config) \
+        -> Rejection | None:
+    """Apply the association policy; return the rejection to send, or None to go on."""
+    policy = config.association
+    if not version & 1:
+        return Rejection(REJECTED_PERMANENT, SOURCE_PROVIDER_ACSE, REASON_PROTOCOL_VERSION,
+                         f"protocol version 0x{version:04X} not supported")
+    if str(primitive.application_context_name or "") != APPLICATION_CONTEXT:
+        return Rejection(REJECTED_PERMANENT, SOURCE_SERVICE_USER, REASON_APP_CONTEXT,
+                         f"application context {primitive.application_context_name!s} "
+                         "not supported")
+    if policy.refuse:
+        return Rejection(REJECTED_PERMANENT, SOURCE_SERVICE_USER, REASON_NO_REASON,
+                         "refusing every association (association.refuse)")
+    if policy.reject_without_implementation_uid and not request.implementation_class_uid:
+        return Rejection(REJECTED_PERMANENT, SOURCE_SERVICE_USER, REASON_NO_REASON,
+                         "no implementation class UID "
+                         "(association.reject_without_implementation_uid)")
+    if policy.require_called_aetitle and request.called_ae != config.network.aetitle:
+        return Rejection(REJECTED_PERMANENT, SOURCE_SERVICE_USER, REASON_CALLED_AE,
+                         f"called AE title {request.called_ae!r} is not ours "
+                         f"({config.network.aetitle!r})")
+    allowed = policy.allowed_calling_aetitles
+    if allowed and request.calling_ae not in allowed:
+        return Rejection(REJECTED_PERMANENT, SOURCE_SERVICE_USER, REASON_CALLING_AE,
+                         f"calling AE title {request.calling_ae!r} is not allowed")
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _supported(preference: str) -> tuple[PresentationContext, ...]:
+    """Our acceptor contexts for a preference (built once per process: ~200 SOP classes)."""
+    contexts = []
+    for abstract_syntax, transfer_syntaxes in negotiation.acceptor_contexts(
+            preference, promiscuous=False):
+        contexts.append(build_context(abstract_syntax, list(transfer_syntaxes)))
+    return tuple(contexts)
+
+
+def accept(request: Request, primitive: A_ASSOCIATE, config: Config) -> Acceptance:
+    """Negotiate the presentation contexts and encode the A-ASSOCIATE-AC."""
+    preference = config.negotiation.preferred_transfer_syntax
+    supported = list(_supported(preference))
+    if config.negotiation.promiscuous:
+        for abstract_syntax, transfer_syntaxes in negotiation.promiscuous_contexts_for(
+                request.proposed, preference):
+            supported.append(build_context(abstract_syntax, list(transfer_syntaxes)))
+    roles = {}
+    for item in primitive.user_information:
+        if isinstance(item, SCP_SCU_RoleSelectionNegotiation):
+            roles[item.sop_class_uid] = (item.scu_role, item.scp_role)
+    results, role_replies = negotiate_as_acceptor(request.proposed, supported, roles or None)
+
+    reply = A_ASSOCIATE()
+    reply.application_context_name = APPLICATION_CONTEXT
+    reply.calling_ae_title = primitive.calling_ae_title
+    reply.called_ae_title = primitive.called_ae_title
+    reply.result = 0x00
+    reply.result_source = 0x01
+    reply.presentation_context_definition_results_list = results
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = config.network.max_pdu
+    impl_uid = ImplementationClassUIDNotification()
+    impl_uid.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    impl_version = ImplementationVersionNameNotification()
+    impl_version.implementation_version_name = IMPLEMENTATION_VERSION
+    reply.user_information = [max_length, impl_uid, impl_version, *role_replies]
+    ac = A_ASSOCIATE_AC()
+    ac.from_primitive(reply)
+
+    accepted = {
+        int(cx.context_id): AcceptedContext(int(cx.context_id), str(cx.abstract_syntax),
+                                            str(cx.transfer_syntax[0]))
+        for cx in results if cx.result == 0x00
+    }
+    rejected = [cx for cx in results if cx.result != 0x00]
+    return Acceptance(accepted, rejected, ac.encode())

@@ -1,0 +1,110 @@
+"""DIMSE command sets: decoding requests (with pydicom) and encoding our few responses.
+
+Command sets are always Implicit VR Little Endian (PS3.7 6.3.1).  Requests are decoded by
+pydicom; the responses we send (C-STORE-RSP, C-ECHO-RSP) are five or six fixed elements, encoded
+here directly because this runs once per stored object and a Dataset round trip costs more than
+the rest of the response path.
+"""
+
+import struct
+from dataclasses import dataclass
+from io import BytesIO
+
+from pydicom.filereader import read_dataset
+
+from dicom_ingestd.errors import IngestError
+
+C_STORE_RQ = 0x0001
+C_STORE_RSP = 0x8001
+C_ECHO_RQ = 0x0030
+C_ECHO_RSP = 0x8030
+NO_DATA_SET = 0x0101
+
+COMMAND_NAMES = {
+    0x0001: "C-STORE-RQ", 0x0010: "C-GET-RQ", 0x0020: "C-FIND-RQ", 0x0021: "C-MOVE-RQ",
+    0x0030: "C-ECHO-RQ", 0x0FFF: "C-CANCEL-RQ", 0x0100: "N-EVENT-REPORT-RQ", 0x0110: "N-GET-RQ",
+    0x0120: "N-SET-RQ", 0x0130: "N-ACTION-RQ", 0x0140: "N-CREATE-RQ", 0x0150: "N-DELETE-RQ",
+}
+
+MAX_COMMAND_SET = 1 << 16  # command sets are a few hundred bytes; more is an attack
+
+
+class CommandError(IngestError):
+    """A command set that cannot be decoded or lacks a required element."""
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """The parts of a request command set we act on."""
+
+    field: int
+    message_id: int
+    has_data_set: bool
+    sop_class_uid: str
+    sop_instance_uid: str
+    move_originator_aetitle: str
+
+    @property
+    def name(self) -> str:
+        return COMMAND_NAMES.get(self.field, f"command 0x{self.field:04X}")
+
+
+def _clean_uid(value: object, fix_padding: bool) -> str:
+    text = "" if value is None else str(value)
+    # UIDs are padded to even length with NUL; storescp -up also strips space padding.
+    text = text.rstrip("\x00")
+    return text.rstrip(" ").rstrip("\x00") if fix_padding else text
+
+
+def decode_command(data: bytes, *, fix_uid_padding: bool = False) -> Command:
+    """Decode a request command set; raise CommandError when it is unusable."""
+    try:
+        ds = read_dataset(BytesIO(data), is_implicit_VR=True, is_little_endian=True)
+        field = int(ds.CommandField)
+    except Exception as exc:  # pydicom raises many types on malformed input
+        raise CommandError(f"undecodable command set ({exc.__class__.__name__}: {exc})") from None
+    try:
+        message_id = int(ds.get("MessageID", ds.get("MessageIDBeingRespondedTo", 0)) or 0)
+        data_set_type = int(ds.get("CommandDataSetType", NO_DATA_SET))
+        sop_class = _clean_uid(ds.get("AffectedSOPClassUID"), fix_uid_padding)
+        sop_instance = _clean_uid(ds.get("AffectedSOPInstanceUID"), fix_uid_padding)
+        originator = str(ds.get("MoveOriginatorApplicationEntityTitle", "") or "").strip()
+    except Exception as exc:
+        raise CommandError(f"bad element in command set ({exc})") from None
+    return Command(field, message_id & 0xFFFF, data_set_type != NO_DATA_SET, sop_class,
+                   sop_instance, originator)
+
+
+def _element(element: int, value: bytes) -> bytes:
+    return struct.pack("<HHL", 0x0000, element, len(value)) + value
+
+
+def _uid(value: str) -> bytes:
+    raw = value.encode("ascii", "replace")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def _text(value: str) -> bytes:
+    raw = value.encode("ascii", "replace")[:64]
+    return raw + b" " if len(raw) % 2 else raw
+
+
+def encode_response(
+    command_field: int,
+    message_id: int,
+    status: int,
+    sop_class_uid: str,
+    sop_instance_uid: str = "",
+    error_comment: str = "",
+) -> bytes:
+    """Encode a response command set (C-STORE-RSP or C-ECHO-RSP) with its group length."""
+    body = _element(0x0002, _uid(sop_class_uid))
+    body += _element(0x0100, struct.pack("<H", command_field))
+    body += _element(0x0120, struct.pack("<H", message_id))
+    body += _element(0x0800, struct.pack("<H", NO_DATA_SET))
+    body += _element(0x0900, struct.pack("<H", status))
+    if error_comment:
+        body += _element(0x0902, _text(error_comment))
+    if sop_instance_uid:
+        body += _element(0x1000, _uid(sop_instance_uid))
+    return _element(0x0000, struct.pack("<L", len(body))) + body

@@ -1,0 +1,107 @@
+"""Where an object goes: subdirectory (sorting policy) and file name candidates.
+
+Pure policy on top of naming.py (which holds DCMTK's exact name formats).  One Layout lives per
+association, because storescp's "concurrent studies" sorting is a per-process state that
+starts a new directory whenever the study changes, and per association is what storescp
+--fork gives every association.
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import overload
+
+from pydicom.uid import generate_uid
+
+from dicom_ingestd.config.schema import StorageConfig
+from dicom_ingestd.worker import naming
+from dicom_ingestd.worker.identify import Identity
+
+_SERIALS = 10000  # storescp's 4-digit serial (0000-9999)
+
+
+class NameSeries(Sequence[str]):
+    """`first`, then make(0), make(1), ... computed only when tried."""
+
+    def __init__(self, first: str, make: Callable[[int], str], count: int) -> None:
+        self._first = first
+        self._make = make
+        self._count = count
+
+    def __len__(self) -> int:
+        return 1 + self._count
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[str]: ...
+    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self._first if index == 0 else self._make(index - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Subdirectories and file names to try, with the policy for an existing name."""
+
+    directories: list[str]
+    candidates: Sequence[str]
+    replace: bool
+    when_taken: str  # "keep", "reject" or "error", see Store.commit
+
+
+class Layout:
+    """Computes targets for one association under one storage configuration."""
+
+    def __init__(self, config: StorageConfig) -> None:
+        self.config = config
+        self._study_uid: str | None = None
+        self._study_dir = ""
+
+    def _subdirectory(self, ident: Identity, now: datetime) -> list[str]:
+        mode = self.config.sort
+        if mode == "none":
+            return []
+        if mode == "study-uid":
+            return [naming.study_subdirectory(mode, self.config.sort_prefix,
+                                              study_uid=ident.study_uid,
+                                              patient_name=ident.patient_name, when=now)]
+        if ident.study_uid != self._study_uid or not self._study_dir:
+            self._study_uid = ident.study_uid
+            self._study_dir = naming.study_subdirectory(
+                mode, self.config.sort_prefix, study_uid=ident.study_uid,
+                patient_name=ident.patient_name, when=now)
+        return [self._study_dir]
+
+    def target(self, sop_class_uid: str, sop_instance_uid: str, ident: Identity,
+               now: datetime | None = None) -> Target:
+        """The target for one object; `sop_*` come from the C-STORE-RQ, as in storescp."""
+        now = now or datetime.now()
+        directories = self._subdirectory(ident, now)
+        ext = self.config.filename_extension
+        mode = self.config.filenames
+        if mode == "timenames":
+            # storescp appends a serial only when a name is taken; link() makes "taken" true
+            # across concurrent writers too, so no two objects can share a name.
+            names = NameSeries(naming.time_filename(now, None, sop_class_uid, ext),
+                               lambda n: naming.time_filename(now, n, sop_class_uid, ext),
+                               _SERIALS)
+            return Target(directories, names, replace=False, when_taken="error")
+        if mode == "unique":
+            name = naming.unique_filename(sop_class_uid, str(generate_uid()), ext)
+            return Target(directories, [name], replace=False, when_taken="error")
+        name = naming.default_filename(sop_class_uid, sop_instance_uid, ext)
+        policy = self.config.duplicates
+        if policy == "overwrite":
+            return Target(directories, [name], replace=True, when_taken="error")
+        if policy == "keep-both":
+            stem = name[: len(name) - len(ext)] if ext else name
+            names = NameSeries(name, lambda n: f"{stem}_{n + 1}{ext}", _SERIALS - 1)
+            return Target(directories, names, replace=False, when_taken="error")
+        return Target(directories, [name], replace=False,
+                      when_taken="keep" if policy == "keep-first" else "reject")

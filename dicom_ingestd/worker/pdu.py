@@ -1,0 +1,190 @@
+"""DICOM Upper Layer PDUs on a blocking socket: the hot path of the receive side.
+
+Why our own code instead of pynetdicom's DUL: pynetdicom reads the socket 4 KiB at a time from a
+polling thread with 1 ms sleeps and hands every PDU over queues.  Here one thread reads large
+chunks with `recv_into` into one reused buffer, and a data set fragment is passed to its sink
+(the temporary file) as a memoryview of that buffer, so a PDV of any size costs no extra copy and
+no memory beyond the buffer.  Association PDUs (A-ASSOCIATE-RQ/AC/RJ) are still decoded and
+encoded by pynetdicom, see `acceptor.py`.
+"""
+
+import socket
+import struct
+import time
+from collections.abc import Callable
+
+from dicom_ingestd.errors import IngestError
+
+A_ASSOCIATE_RQ = 0x01
+A_ASSOCIATE_AC = 0x02
+A_ASSOCIATE_RJ = 0x03
+P_DATA_TF = 0x04
+A_RELEASE_RQ = 0x05
+A_RELEASE_RP = 0x06
+A_ABORT = 0x07
+
+PDU_NAMES = {
+    A_ASSOCIATE_RQ: "A-ASSOCIATE-RQ",
+    A_ASSOCIATE_AC: "A-ASSOCIATE-AC",
+    A_ASSOCIATE_RJ: "A-ASSOCIATE-RJ",
+    P_DATA_TF: "P-DATA-TF",
+    A_RELEASE_RQ: "A-RELEASE-RQ",
+    A_RELEASE_RP: "A-RELEASE-RP",
+    A_ABORT: "A-ABORT",
+}
+
+# A-ABORT (source 2: service provider) reasons, PS3.8 9.3.8.
+ABORT_REASON_NOT_SPECIFIED = 0x00
+ABORT_UNRECOGNIZED_PDU = 0x01
+ABORT_UNEXPECTED_PDU = 0x02
+ABORT_UNRECOGNIZED_PARAMETER = 0x04
+ABORT_UNEXPECTED_PARAMETER = 0x05
+ABORT_INVALID_PARAMETER = 0x06
+
+_HEADER = struct.Struct(">BxL")
+_PDV_HEADER = struct.Struct(">LBB")
+_BUFFER_SIZE = 1 << 18  # larger than the largest PDU we advertise, so a PDU header never wraps
+
+
+class PeerClosed(IngestError):
+    """The peer closed the TCP connection."""
+
+
+class PeerTimeout(IngestError):
+    """The peer sent nothing within the allowed time."""
+
+
+class ProtocolError(IngestError):
+    """The peer broke the Upper Layer protocol; `reason` is the A-ABORT reason to send."""
+
+    def __init__(self, message: str, reason: int = ABORT_INVALID_PARAMETER) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class Channel:
+    """Buffered, deadline-aware reads and whole-PDU writes on one connected socket.
+
+    `io_timeout` bounds every single read or write (storescp's socket timeout); callers pass a
+    further absolute `deadline` (time.monotonic()) for "the next message must start by then"
+    (ARTIM / DIMSE timeouts).  `quickack` re-arms TCP_QUICKACK before each read: Linux clears it
+    after use, and a sender with Nagle on otherwise stalls ~40 ms per object on our delayed ACK.
+    """
+
+    def __init__(self, sock: socket.socket, io_timeout: float | None, quickack: bool) -> None:
+        self.sock = sock
+        self.io_timeout = io_timeout
+        self.quickack = quickack and hasattr(socket, "TCP_QUICKACK")
+        self._buf = bytearray(_BUFFER_SIZE)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self.bytes_received = 0
+
+    # -- reading -------------------------------------------------------------------------
+    def _fill(self, deadline: float | None) -> None:
+        """Read at least one more byte into the buffer (compacting it when full)."""
+        if self._end == len(self._buf):
+            if self._start == 0:  # pragma: no cover - callers never ask for more than the buffer
+                raise ProtocolError("internal: read buffer overflow")
+            remaining = self._end - self._start
+            self._buf[:remaining] = self._view[self._start:self._end]
+            self._start, self._end = 0, remaining
+        timeout = self.io_timeout
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PeerTimeout("timed out waiting for the peer")
+            timeout = left if timeout is None else min(timeout, left)
+        self.sock.settimeout(timeout)
+        if self.quickack:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        try:
+            n = self.sock.recv_into(self._view[self._end:])
+        except TimeoutError:
+            raise PeerTimeout("timed out waiting for the peer") from None
+        except OSError as exc:
+            raise PeerClosed(f"connection lost: {exc.strerror or exc}") from None
+        if n == 0:
+            raise PeerClosed("peer closed the connection")
+        self._end += n
+        self.bytes_received += n
+
+    def read_exact(self, n: int, deadline: float | None = None) -> bytes:
+        """Return exactly n bytes (n must not exceed the buffer size)."""
+        while self._end - self._start < n:
+            if len(self._buf) - self._start < n:
+                remaining = self._end - self._start
+                self._buf[:remaining] = self._view[self._start:self._end]
+                self._start, self._end = 0, remaining
+            self._fill(deadline)
+        data = bytes(self._view[self._start:self._start + n])
+        self._start += n
+        return data
+
+    def stream(self, n: int, sink: Callable[[memoryview], object]) -> None:
+        """Pass the next n bytes to `sink` in pieces, without holding them all in memory."""
+        while n > 0:
+            if self._start == self._end:
+                self._start = self._end = 0
+                self._fill(None)
+            take = min(n, self._end - self._start)
+            sink(self._view[self._start:self._start + take])
+            self._start += take
+            n -= take
+
+    def skip(self, n: int) -> None:
+        """Discard the next n bytes."""
+        self.stream(n, lambda _chunk: None)
+
+    def read_pdu_header(self, deadline: float | None = None) -> tuple[int, int]:
+        """Wait (until `deadline`) for the next PDU and return (type, length)."""
+        pdu_type, length = _HEADER.unpack(self.read_exact(_HEADER.size, deadline))
+        return pdu_type, length
+
+    def read_pdv_header(self) -> tuple[int, int, int]:
+        """Return (item length, presentation context ID, message control header)."""
+        length, context_id, control = _PDV_HEADER.unpack(self.read_exact(_PDV_HEADER.size))
+        return length, context_id, control
+
+    # -- writing -------------------------------------------------------------------------
+    def send(self, data: bytes) -> None:
+        """Send one whole PDU, bounded by the I/O timeout."""
+        self.sock.settimeout(self.io_timeout)
+        try:
+            self.sock.sendall(data)
+        except TimeoutError:
+            raise PeerTimeout("timed out sending to the peer") from None
+        except OSError as exc:
+            raise PeerClosed(f"connection lost: {exc.strerror or exc}") from None
+
+
+def encode_pdu(pdu_type: int, body: bytes) -> bytes:
+    """Wrap a PDU body in its 6-byte header."""
+    return _HEADER.pack(pdu_type, len(body)) + body
+
+
+def encode_p_data(context_id: int, command: bytes, max_pdu: int) -> bytes:
+    """A command set as one or more P-DATA-TF PDUs, each within the peer's maximum length.
+
+    `max_pdu` is the peer's Maximum Length Received (0 means unlimited).
+    """
+    limit = max_pdu if max_pdu else len(command) + 6
+    chunk = max(limit - 6, 1)  # PDV item: 4-byte length, context ID, control header
+    out = bytearray()
+    for offset in range(0, len(command), chunk):
+        piece = command[offset:offset + chunk]
+        last = offset + chunk >= len(command)
+        pdv = _PDV_HEADER.pack(len(piece) + 2, context_id, 0x03 if last else 0x01) + piece
+        out += encode_pdu(P_DATA_TF, pdv)
+    return bytes(out)
+
+
+def encode_release_rp() -> bytes:
+    """An A-RELEASE-RP PDU."""
+    return encode_pdu(A_RELEASE_RP, b"\x00\x00\x00\x00")
+
+
+def encode_abort(source: int, reason: int) -> bytes:
+    """An A-ABORT PDU; source 0 = service user (us, deliberately), 2 = service provider."""
+    return encode_pdu(A_ABORT, bytes((0, 0, source, reason)))

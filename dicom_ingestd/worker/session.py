@@ -1,0 +1,489 @@
+"""One association, start to end, on one connected socket: the acceptor's whole life cycle.
+
+Synchronous and free of global state, so the same code runs in a thread (single-process mode)
+or in a forked worker.  The order of events for a C-STORE follows the durability promise: the
+data set streams into a temporary file; at its last fragment the file is fsynced, checked,
+placed and its directory fsynced; only then is the success response sent.
+"""
+
+import logging
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from io import BytesIO
+
+from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
+
+from dicom_ingestd.codes import Status, status_name
+from dicom_ingestd.config.schema import Config
+from dicom_ingestd.errors import StorageError
+from dicom_ingestd.worker import acceptor, dimse
+from dicom_ingestd.worker.identify import Identity, UnreadableDataSet, identify
+from dicom_ingestd.worker.layout import Layout
+from dicom_ingestd.worker.pdu import (
+    A_ABORT,
+    A_ASSOCIATE_RQ,
+    A_RELEASE_RQ,
+    ABORT_INVALID_PARAMETER,
+    ABORT_REASON_NOT_SPECIFIED,
+    ABORT_UNEXPECTED_PDU,
+    ABORT_UNRECOGNIZED_PDU,
+    P_DATA_TF,
+    PDU_NAMES,
+    Channel,
+    PeerClosed,
+    PeerTimeout,
+    ProtocolError,
+    encode_abort,
+    encode_p_data,
+    encode_release_rp,
+)
+from dicom_ingestd.worker.store import Store, TempFile
+
+log = logging.getLogger("dicom_ingestd.association")
+
+MAX_ASSOCIATE_RQ = 1 << 17  # 128 contexts of long UIDs fit in ~40 KiB; more is abuse
+VERIFICATION = "1.2.840.10008.1.1"
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    """A successfully stored object, as reported to observers (study tracking, jobs)."""
+
+    path: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    patient_id: str
+    patient_name: str
+    calling_ae: str
+    called_ae: str
+    peer: str
+    size: int
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How the association ended, for the caller's bookkeeping."""
+
+    how: str = "closed"  # released, aborted-by-peer, aborted, rejected, timeout, closed
+    stored: int = 0
+    failed: int = 0
+    bytes_stored: int = 0
+
+
+class _Abort(Exception):
+    """Leave the association with an A-ABORT we send (test aids, protocol errors)."""
+
+    def __init__(self, source: int, reason: int, why: str) -> None:
+        super().__init__(why)
+        self.source = source
+        self.reason = reason
+
+
+class _Store:
+    """State of the C-STORE whose data set is being received."""
+
+    def __init__(self, command: dimse.Command, context: acceptor.AcceptedContext,
+                 temp: TempFile | None, status: int, why: str) -> None:
+        self.command = command
+        self.context = context
+        self.temp = temp  # None: data is drained (ignored, refused or failed up front)
+        self.status = status
+        self.why = why
+        self.pdus_seen = 0
+        self.bytes = 0
+
+
+class Session:
+    """Serve one association on `sock`, then close it.  `run()` never raises."""
+
+    def __init__(self, sock: socket.socket, peer: str, config: Config, store: Store,
+                 on_stored: Callable[[StoredObject], None] | None = None) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.config = config
+        self.store = store
+        self.on_stored = on_stored
+        self.layout = Layout(config.storage)
+        net = config.network
+        self.channel = Channel(sock, float(net.socket_timeout) or None, net.tcp_nodelay)
+        self.calling_ae = "?"
+        self.called_ae = "?"
+        self.peer_max_pdu = 0
+        self.contexts: dict[int, acceptor.AcceptedContext] = {}
+        self.outcome = Outcome()
+        self._command = bytearray()
+        self._command_context = 0
+        self._current: _Store | None = None
+
+    # -- logging -------------------------------------------------------------------------
+    def _who(self) -> str:
+        return f"{self.peer} {self.calling_ae}->{self.called_ae}"
+
+    def _fields(self, **more: object) -> dict[str, object]:
+        fields = {"DICOM_PEER": self.peer, "DICOM_CALLING_AE": self.calling_ae,
+                  "DICOM_CALLED_AE": self.called_ae}
+        fields.update({k: v for k, v in more.items() if v not in (None, "")})
+        return {"journal": fields}
+
+    # -- life cycle ----------------------------------------------------------------------
+    def run(self) -> Outcome:
+        try:
+            self._configure_socket()
+            if self._associate():
+                self._serve()
+        except _Abort as exc:
+            log.warning("%s: aborting association: %s", self._who(), exc,
+                        extra=self._fields())
+            self._send_quietly(encode_abort(exc.source, exc.reason))
+            self.outcome.how = "aborted"
+        except ProtocolError as exc:
+            log.warning("%s: protocol error, sending A-ABORT: %s", self._who(), exc,
+                        extra=self._fields())
+            self._send_quietly(encode_abort(2, exc.reason))
+            self.outcome.how = "aborted"
+        except PeerTimeout as exc:
+            log.warning("%s: %s; dropping the association", self._who(), exc,
+                        extra=self._fields())
+            self._send_quietly(encode_abort(2, ABORT_REASON_NOT_SPECIFIED))
+            self.outcome.how = "timeout"
+        except PeerClosed as exc:
+            level = logging.WARNING if self._current or self.contexts else logging.INFO
+            log.log(level, "%s: %s%s", self._who(), exc,
+                    " during a C-STORE; the partial object was discarded"
+                    if self._current else "", extra=self._fields())
+            self.outcome.how = "closed"
+        except Exception:  # a bug: log it with its traceback, keep the daemon serving
+            log.exception("%s: internal error; aborting the association", self._who())
+            self._send_quietly(encode_abort(2, ABORT_REASON_NOT_SPECIFIED))
+            self.outcome.how = "aborted"
+        finally:
+            self._drop_current()
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+        return self.outcome
+
+    def _configure_socket(self) -> None:
+        if self.config.network.tcp_nodelay:
+            try:
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass  # not TCP (a Unix socket from a test); nothing to tune
+
+    def _send_quietly(self, data: bytes) -> None:
+        try:
+            self.channel.send(data)
+        except (PeerClosed, PeerTimeout):
+            pass
+
+    def _drop_current(self) -> None:
+        if self._current and self._current.temp:
+            self._current.temp.discard()
+        self._current = None
+
+    # -- association establishment ---------------------------------------------------------
+    def _associate(self) -> bool:
+        deadline = time.monotonic() + self.config.network.acse_timeout
+        try:
+            pdu_type, length = self.channel.read_pdu_header(deadline)
+        except PeerTimeout:
+            raise PeerTimeout(
+                f"no A-ASSOCIATE-RQ within {self.config.network.acse_timeout} s") from None
+        if pdu_type != A_ASSOCIATE_RQ:
+            raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}",
+                                ABORT_UNEXPECTED_PDU)
+        if length > MAX_ASSOCIATE_RQ:
+            raise ProtocolError(f"A-ASSOCIATE-RQ of {length} bytes exceeds {MAX_ASSOCIATE_RQ}")
+        body = self.channel.read_exact(length, deadline)
+        try:
+            request, primitive, version = acceptor.decode_request(
+                struct.pack(">BxL", pdu_type, length) + body)
+        except acceptor.RequestError as exc:
+            raise ProtocolError(str(exc)) from None
+        self.calling_ae, self.called_ae = request.calling_ae, request.called_ae
+        self.peer_max_pdu = request.max_pdu
+        log.info("%s: association requested (%d contexts, implementation %s %s)",
+                 self._who(), len(request.proposed), request.implementation_class_uid or "-",
+                 request.implementation_version or "-", extra=self._fields())
+        rejection = acceptor.screen(request, primitive, version, self.config)
+        if rejection is not None:
+            log.warning("%s: association rejected: %s", self._who(), rejection.why,
+                        extra=self._fields(DICOM_OUTCOME="rejected"))
+            self.channel.send(rejection.encode())
+            self.outcome.how = "rejected"
+            return False
+        acceptance = acceptor.accept(request, primitive, self.config)
+        self.contexts = acceptance.contexts
+        self.channel.send(acceptance.pdu)
+        level = logging.INFO
+        log.log(level, "%s: association accepted (%d of %d contexts, max PDU %d)",
+                self._who(), len(acceptance.contexts), len(request.proposed),
+                request.max_pdu, extra=self._fields(DICOM_OUTCOME="accepted"))
+        pc_level = logging.INFO if self.config.logging.verbose_pc else logging.DEBUG
+        if log.isEnabledFor(pc_level):
+            for cx in acceptance.contexts.values():
+                log.log(pc_level, "%s:   context %d accepted: %s with %s", self._who(),
+                        cx.context_id, cx.abstract_syntax, cx.transfer_syntax)
+            for rcx in acceptance.rejected:
+                log.log(pc_level, "%s:   context %s rejected (result %s): %s", self._who(),
+                        rcx.context_id, rcx.result, rcx.abstract_syntax)
+        return True
+
+    # -- data transfer ---------------------------------------------------------------------
+    def _serve(self) -> None:
+        dimse_timeout = self.config.network.dimse_timeout
+        while True:
+            deadline = None
+            if dimse_timeout and self._current is None and not self._command:
+                deadline = time.monotonic() + dimse_timeout
+            pdu_type, length = self.channel.read_pdu_header(deadline)
+            if pdu_type == P_DATA_TF:
+                self._p_data(length)
+            elif pdu_type == A_RELEASE_RQ:
+                self.channel.skip(length)
+                if self._current:
+                    log.warning("%s: release requested during a C-STORE; partial object "
+                                "discarded", self._who(), extra=self._fields())
+                self.channel.send(encode_release_rp())
+                self.outcome.how = "released"
+                self._log_end("released")
+                return
+            elif pdu_type == A_ABORT:
+                body = self.channel.read_exact(min(length, 64)) if length <= 64 else b""
+                source = body[2] if len(body) >= 4 else -1
+                reason = body[3] if len(body) >= 4 else -1
+                self.outcome.how = "aborted-by-peer"
+                log.warning("%s: association aborted by the peer (source %d, reason %d)%s",
+                            self._who(), source, reason,
+                            "; partial object discarded" if self._current else "",
+                            extra=self._fields(DICOM_OUTCOME="aborted"))
+                return
+            elif pdu_type in PDU_NAMES:
+                raise ProtocolError(f"unexpected {PDU_NAMES[pdu_type]} during the association",
+                                    ABORT_UNEXPECTED_PDU)
+            else:
+                raise ProtocolError(f"unrecognized PDU type 0x{pdu_type:02X}",
+                                    ABORT_UNRECOGNIZED_PDU)
+
+    def _log_end(self, how: str) -> None:
+        o = self.outcome
+        log.info("%s: association %s: %d stored, %d failed, %d bytes", self._who(), how,
+                 o.stored, o.failed, o.bytes_stored, extra=self._fields(DICOM_OUTCOME=how))
+
+    def _p_data(self, length: int) -> None:
+        max_pdu = self.config.network.max_pdu
+        if length > max_pdu:
+            raise ProtocolError(f"P-DATA-TF of {length} bytes exceeds our maximum PDU "
+                                f"length {max_pdu}")
+        if self._current is not None:
+            self._during_data_pdu()
+        remaining = length
+        while remaining:
+            if remaining < 6:
+                raise ProtocolError("truncated PDV item in P-DATA-TF")
+            item_length, context_id, control = self.channel.read_pdv_header()
+            remaining -= 4 + item_length
+            if item_length < 2 or remaining < 0:
+                raise ProtocolError(f"PDV item length {item_length} does not fit its P-DATA-TF")
+            if context_id not in self.contexts:
+                raise ProtocolError(f"PDV for presentation context {context_id}, "
+                                    "which was not accepted")
+            payload = item_length - 2
+            if control & 0x01:
+                self._command_fragment(context_id, control, payload)
+            else:
+                self._data_fragment(context_id, control, payload)
+
+    def _command_fragment(self, context_id: int, control: int, payload: int) -> None:
+        if self._current is not None:
+            raise ProtocolError("command fragment while a data set is being received",
+                                ABORT_UNEXPECTED_PDU)
+        if len(self._command) + payload > dimse.MAX_COMMAND_SET:
+            raise ProtocolError(f"command set larger than {dimse.MAX_COMMAND_SET} bytes")
+        self._command += self.channel.read_exact(payload)
+        self._command_context = context_id
+        if control & 0x02:
+            data = bytes(self._command)
+            self._command.clear()
+            self._dispatch(context_id, data)
+
+    def _data_fragment(self, context_id: int, control: int, payload: int) -> None:
+        current = self._current
+        if current is None:
+            raise ProtocolError("data set fragment without a command", ABORT_UNEXPECTED_PDU)
+        if context_id != current.context.context_id:
+            raise ProtocolError("data set fragment on another presentation context")
+        current.bytes += payload
+        if current.temp is not None:
+            self.channel.stream(payload, current.temp.write)
+        else:
+            self.channel.skip(payload)
+        if control & 0x02:
+            self._current = None
+            self._finish_store(current)
+
+    def _dispatch(self, context_id: int, data: bytes) -> None:
+        try:
+            command = dimse.decode_command(
+                data, fix_uid_padding=self.config.association.uid_padding)
+        except dimse.CommandError as exc:
+            raise ProtocolError(str(exc)) from None
+        context = self.contexts[context_id]
+        if command.field == dimse.C_ECHO_RQ and context.abstract_syntax == VERIFICATION:
+            log.info("%s: C-ECHO (message %d)", self._who(), command.message_id,
+                     extra=self._fields(DICOM_STATUS="0x0000"))
+            self._respond(context_id, dimse.C_ECHO_RSP, command.message_id, Status.SUCCESS,
+                          VERIFICATION)
+        elif command.field == dimse.C_STORE_RQ and command.has_data_set:
+            self._begin_store(command, context)
+        else:
+            raise _Abort(0, 0, f"cannot handle {command.name} on context {context_id} "
+                         f"({context.abstract_syntax})")
+
+    def _respond(self, context_id: int, field: int, message_id: int, status: int,
+                 sop_class: str, sop_instance: str = "", comment: str = "") -> None:
+        command = dimse.encode_response(field, message_id, status, sop_class, sop_instance,
+                                        comment)
+        self.channel.send(encode_p_data(context_id, command, self.peer_max_pdu))
+
+    # -- C-STORE -------------------------------------------------------------------------
+    def _begin_store(self, command: dimse.Command, context: acceptor.AcceptedContext) -> None:
+        testing = self.config.testing
+        status, why = Status.SUCCESS, ""
+        temp: TempFile | None = None
+        if command.sop_class_uid != context.abstract_syntax:
+            status = Status.SOP_CLASS_NOT_SUPPORTED
+            why = (f"SOP class {command.sop_class_uid} sent on a context for "
+                   f"{context.abstract_syntax}")
+        elif testing.ignore:
+            why = "ignored (testing.ignore)"
+        elif not self.store.has_free_space():
+            status = Status.OUT_OF_RESOURCES
+            why = (f"free space below storage.min_free_space "
+                   f"({self.config.storage.min_free_space} bytes)")
+        else:
+            try:
+                temp = self.store.temp_file()
+                temp.write(self._file_meta(command, context))
+            except StorageError as exc:
+                status, why = exc.status, str(exc)
+        self._current = _Store(command, context, temp, status, why)
+
+    def _file_meta(self, command: dimse.Command, context: acceptor.AcceptedContext) -> bytes:
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = UID(command.sop_class_uid)
+        meta.MediaStorageSOPInstanceUID = UID(command.sop_instance_uid)
+        meta.TransferSyntaxUID = UID(context.transfer_syntax)
+        meta.ImplementationClassUID = UID(acceptor.IMPLEMENTATION_CLASS_UID)
+        meta.ImplementationVersionName = acceptor.IMPLEMENTATION_VERSION
+        if self.calling_ae and not self.config.storage.bit_preserving:
+            meta.SourceApplicationEntityTitle = self.calling_ae
+        buffer = BytesIO()
+        buffer.write(_PREAMBLE)
+        write_file_meta_info(buffer, meta, enforce_standard=True)  # type: ignore[arg-type]
+        return buffer.getvalue()
+
+    def _during_data_pdu(self) -> None:
+        """Test aids that act on each P-DATA PDU of a data set, as storescp's callback does."""
+        testing = self.config.testing
+        current = self._current
+        assert current is not None
+        current.pdus_seen += 1
+        if testing.abort_during:
+            raise _Abort(0, 0, "testing.abort_during")
+        if testing.sleep_during:
+            time.sleep(testing.sleep_during)
+
+    def _finish_store(self, current: _Store) -> None:
+        command = current.command
+        if self.config.testing.abort_during or self.config.testing.abort_after:
+            if current.temp:
+                current.temp.discard()
+            raise _Abort(0, 0, "testing.abort_during" if self.config.testing.abort_during
+                         else "testing.abort_after")
+        status, why = current.status, current.why
+        ident: Identity | None = None
+        path = ""
+        if current.temp is not None and status == Status.SUCCESS:
+            try:
+                path, ident = self._place(current)
+            except StorageError as exc:
+                status, why = exc.status, str(exc)
+        extra = self._fields(DICOM_SOP_INSTANCE_UID=command.sop_instance_uid,
+                             DICOM_SOP_CLASS_UID=command.sop_class_uid,
+                             DICOM_STUDY_UID=ident.study_uid if ident else "",
+                             DICOM_STATUS=f"0x{status:04X}", DICOM_FILE=path)
+        if status == Status.SUCCESS:
+            self.outcome.stored += 1
+            self.outcome.bytes_stored += current.bytes
+            log.info("%s: stored %s (study %s, %d bytes) %s", self._who(),
+                     command.sop_instance_uid, ident.study_uid if ident else "-",
+                     current.bytes, path or why, extra=extra)
+        else:
+            self.outcome.failed += 1
+            log.error("%s: C-STORE of %s failed with %s: %s", self._who(),
+                      command.sop_instance_uid, status_name(status), why, extra=extra)
+        self._respond(current.context.context_id, dimse.C_STORE_RSP, command.message_id,
+                      status, command.sop_class_uid, command.sop_instance_uid,
+                      why if status != Status.SUCCESS else "")
+        if status == Status.SUCCESS and ident is not None and self.on_stored is not None:
+            self.on_stored(StoredObject(path, command.sop_class_uid, command.sop_instance_uid,
+                                        ident.study_uid, ident.series_uid, ident.patient_id,
+                                        ident.patient_name, self.calling_ae, self.called_ae,
+                                        self.peer, current.bytes))
+        if self.config.testing.sleep_after:
+            time.sleep(self.config.testing.sleep_after)
+
+    def _place(self, current: _Store) -> tuple[str, Identity]:
+        """fsync, verify and move the received object into place; raise StorageError."""
+        temp = current.temp
+        assert temp is not None
+        command = current.command
+        try:
+            temp.finish(self.config.storage.fsync)
+            ident = identify(temp.path, fix_uid_padding=self.config.association.uid_padding)
+        except StorageError:
+            temp.discard()
+            raise
+        except UnreadableDataSet as exc:
+            temp.discard()
+            raise StorageError(f"cannot parse the data set ({exc})",
+                               Status.CANNOT_UNDERSTAND) from None
+        if not ident.sop_class_uid or not ident.sop_instance_uid:
+            temp.discard()
+            raise StorageError("data set has no SOP Class UID or SOP Instance UID",
+                               Status.CANNOT_UNDERSTAND)
+        if (ident.sop_class_uid, ident.sop_instance_uid) != (command.sop_class_uid,
+                                                            command.sop_instance_uid):
+            temp.discard()
+            raise StorageError(
+                f"data set ({ident.sop_class_uid}, {ident.sop_instance_uid}) does not match "
+                f"the request ({command.sop_class_uid}, {command.sop_instance_uid})",
+                Status.DATASET_DOES_NOT_MATCH)
+        target = self.layout.target(command.sop_class_uid, command.sop_instance_uid, ident,
+                                    datetime.now())
+        placed = self.store.commit(temp, target.directories, target.candidates,
+                                   replace=target.replace, when_taken=target.when_taken)
+        if placed.kept_existing:
+            log.info("%s: %s exists, kept the first copy (storage.duplicates = keep-first)",
+                     self._who(), placed.path)
+        return str(placed.path), ident
+
+
+def peer_name(address: object) -> str:
+    """'host:port' for an IPv4/IPv6 peer address tuple, for logs."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(address) or "local"
+

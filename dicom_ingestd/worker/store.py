@@ -1,0 +1,252 @@
+"""Durable, atomic placement of received objects under the output directory.
+
+The contract: a file appears under its final name only complete and (with fsync on) durable.
+Objects are received into a temporary file in a hidden staging directory on the same file
+system; `commit` fsyncs it, links or renames it into place relative to directory file
+descriptors opened without following symlinks, and fsyncs the directory.  No DICOM here: the
+caller decides the relative path (see naming.py).
+"""
+
+import errno
+import itertools
+import logging
+import os
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicom_ingestd.codes import Status
+from dicom_ingestd.config.schema import StorageConfig
+from dicom_ingestd.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+STAGING_DIR = ".ingestd-tmp"
+TEMP_SUFFIX = ".part"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOMEM}
+_counter = itertools.count()
+
+
+def _is_safe(part: str) -> bool:
+    return part not in ("", ".", "..") and "/" not in part and "\x00" not in part
+
+
+def _resource_error(exc: OSError, what: str) -> StorageError:
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return StorageError(f"{what}: {reason}", Status.OUT_OF_RESOURCES)
+
+
+class TempFile:
+    """A file being received.  Writes of network data go straight to it."""
+
+    def __init__(self, staging_fd: int, name: str, path: Path) -> None:
+        self.name = name
+        self.path = path
+        self._staging_fd = staging_fd
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644, dir_fd=staging_fd)
+        self._file = open(fd, "wb", buffering=1 << 18)  # noqa: SIM115 - closed in close()
+        self.size = 0
+        self.error: StorageError | None = None
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append data; after the first failure, further data is dropped and the error kept.
+
+        The peer keeps sending the rest of the data set whatever happens to the disk, so the
+        failure is remembered and answered with the response rather than raised mid-PDU.
+        """
+        if self.error is not None:
+            return
+        try:
+            self._file.write(data)
+            self.size += len(data)
+        except OSError as exc:
+            self.error = _resource_error(exc, f"cannot write {self.path}")
+
+    def finish(self, fsync: bool) -> None:
+        """Flush (and fsync) the data; raise StorageError if anything failed."""
+        if self.error is None:
+            try:
+                self._file.flush()
+                if fsync:
+                    os.fsync(self._file.fileno())
+            except OSError as exc:
+                self.error = _resource_error(exc, f"cannot write {self.path}")
+        self.close()
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        if not self._file.closed:
+            try:
+                self._file.close()
+            except OSError as exc:
+                self.error = self.error or _resource_error(exc, f"cannot write {self.path}")
+
+    def discard(self) -> None:
+        """Close and remove the temporary file (never raises)."""
+        self.close()
+        try:
+            os.unlink(self.name, dir_fd=self._staging_fd)
+        except OSError:
+            pass
+
+
+@dataclass(frozen=True, slots=True)
+class Placed:
+    """Where an object ended up, and whether an existing file was kept instead."""
+
+    path: Path
+    kept_existing: bool = False
+
+
+class Store:
+    """The output directory of one configuration: staging, placement, cleanup."""
+
+    def __init__(self, config: StorageConfig) -> None:
+        self.config = config
+        self.root = Path(config.output_directory).resolve()
+        self.staging = self.root / STAGING_DIR
+        self._root_fd = -1
+        self._staging_fd = -1
+
+    def open(self) -> None:
+        """Open the output directory and create the staging directory.
+
+        Raises StorageError when the directory does not exist or is not writable.
+        """
+        try:
+            self._root_fd = os.open(self.root, _DIR_FLAGS)
+        except OSError as exc:
+            raise StorageError(f"output directory {self.root} is not usable: "
+                               f"{exc.strerror}", Status.OUT_OF_RESOURCES) from None
+        try:
+            os.mkdir(STAGING_DIR, 0o700, dir_fd=self._root_fd)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise StorageError(f"cannot create {self.staging}: {exc.strerror}",
+                               Status.OUT_OF_RESOURCES) from None
+        try:
+            self._staging_fd = os.open(STAGING_DIR, _DIR_FLAGS, dir_fd=self._root_fd)
+        except OSError as exc:
+            raise StorageError(f"{self.staging} is not a directory we own: {exc.strerror}",
+                               Status.OUT_OF_RESOURCES) from None
+        if not os.access(self.root, os.W_OK):
+            raise StorageError(f"output directory {self.root} is not writable",
+                               Status.OUT_OF_RESOURCES)
+
+    def close(self) -> None:
+        for fd in (self._staging_fd, self._root_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._staging_fd = self._root_fd = -1
+
+    def remove_leftovers(self, owner_pid: int | None = None) -> int:
+        """Delete temporary files left by a crash (all, or those of one worker pid)."""
+        removed = 0
+        prefix = f"{owner_pid}-" if owner_pid is not None else ""
+        for entry in os.scandir(self._staging_fd):
+            if entry.name.startswith(prefix) and entry.name.endswith(TEMP_SUFFIX):
+                try:
+                    os.unlink(entry.name, dir_fd=self._staging_fd)
+                    removed += 1
+                except OSError:
+                    pass
+        return removed
+
+    def temp_file(self) -> TempFile:
+        """A new, exclusively created temporary file named after our pid (for crash cleanup)."""
+        name = f"{os.getpid()}-{next(_counter)}-{secrets.token_hex(4)}{TEMP_SUFFIX}"
+        try:
+            return TempFile(self._staging_fd, name, self.staging / name)
+        except OSError as exc:
+            raise _resource_error(exc, f"cannot create a file in {self.staging}") from None
+
+    def has_free_space(self) -> bool:
+        """False when the reserve storage.min_free_space is not available."""
+        if not self.config.min_free_space:
+            return True
+        st = os.statvfs(self._root_fd)
+        return st.f_bavail * st.f_frsize >= self.config.min_free_space
+
+    def _open_subdirs(self, parts: list[str], fsync: bool) -> int:
+        """Open (creating as needed) the directory chain below the root, never via symlinks."""
+        fd = os.dup(self._root_fd)
+        for part in parts:
+            try:
+                os.mkdir(part, 0o755, dir_fd=fd)
+                if fsync:
+                    os.fsync(fd)
+            except FileExistsError:
+                pass
+            try:
+                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            finally:
+                os.close(fd)
+            fd = child
+        return fd
+
+    def commit(self, temp: TempFile, directories: list[str], candidates: Sequence[str], *,
+               replace: bool, when_taken: str) -> Placed:
+        """Move a finished temporary file into place under the root, durably.
+
+        `directories` are the subdirectory components and `candidates` the file names to try
+        in order; every component must already be a safe name (naming.py).  With `replace` the
+        first candidate is atomically replaced if it exists (storescp's behaviour); otherwise
+        a candidate is only ever created, never replaced (link() refuses existing names), and
+        when every candidate exists `when_taken` decides: "keep" (the existing file stands;
+        success), "reject" (DUPLICATE_SOP_INSTANCE) or "error" (PROCESSING_FAILURE).
+        Raises StorageError with the DIMSE status to answer; the temporary file is gone either
+        way.
+        """
+        for part in [*directories, candidates[0]]:
+            if not _is_safe(part):
+                temp.discard()
+                raise StorageError(f"refusing unsafe path component {part!r}",
+                                   Status.PROCESSING_FAILURE)
+        fsync = self.config.fsync
+        try:
+            dir_fd = self._open_subdirs(directories, fsync)
+        except OSError as exc:
+            temp.discard()
+            raise _resource_error(exc, f"cannot create {'/'.join(directories)}") from None
+        try:
+            if replace:
+                os.rename(temp.name, candidates[0], src_dir_fd=self._staging_fd,
+                          dst_dir_fd=dir_fd)
+                placed = candidates[0]
+            else:
+                placed = self._link_first_free(temp, candidates, dir_fd)
+                temp.discard()
+                if placed is None:
+                    existing = self.root.joinpath(*directories, candidates[0])
+                    if when_taken == "keep":
+                        return Placed(existing, kept_existing=True)
+                    status = (Status.DUPLICATE_SOP_INSTANCE if when_taken == "reject"
+                              else Status.PROCESSING_FAILURE)
+                    raise StorageError(f"{existing} exists", status)
+            if fsync:
+                os.fsync(dir_fd)
+            return Placed(self.root.joinpath(*directories, placed))
+        except OSError as exc:
+            temp.discard()
+            raise _resource_error(exc, f"cannot store {'/'.join([*directories, candidates[0]])}") \
+                from None
+        finally:
+            os.close(dir_fd)
+
+    def _link_first_free(self, temp: TempFile, candidates: Sequence[str],
+                         dir_fd: int) -> str | None:
+        for candidate in candidates:
+            if not _is_safe(candidate):
+                break
+            try:
+                os.link(temp.name, candidate, src_dir_fd=self._staging_fd, dst_dir_fd=dir_fd,
+                        follow_symlinks=False)
+            except FileExistsError:
+                continue
+            return candidate
+        return None
