@@ -1,0 +1,181 @@
+"""Shared fixtures: a real dicom-ingestd process on loopback, and real DCMTK peers.
+
+Nothing here is mocked: the daemon runs as `python -m dicom_ingestd run -c CONFIG` in a
+subprocess, and peers are DCMTK's command-line tools or pynetdicom.  A missing peer tool is a
+failure, not a skip (the test command installs them).
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+from pydicom.data import get_testdata_file
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run the long robustness tests (marked slow)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def require_tool(name: str) -> str:
+    """The path of a peer tool; fail (never skip) when it is missing."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed: run the README's test command, which installs it")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def testdata(name: str) -> Path:
+    path = get_testdata_file(name)
+    assert path is not None, name
+    return Path(path)
+
+
+@dataclass
+class Daemon:
+    """A running `dicom-ingestd run` process and the paths it uses."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    out: Path
+    config_path: Path
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, text: str, timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            content = self.log()
+            if text in content:
+                return content
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} not logged within {timeout} s; log:\n{self.log()}")
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return int(self.proc.returncode)
+
+    def files(self) -> list[Path]:
+        """Every regular file under the output directory, staging area excluded."""
+        return sorted(p for p in self.out.rglob("*")
+                      if p.is_file() and ".ingestd-tmp" not in p.parts)
+
+    def staging(self) -> list[Path]:
+        staging = self.out / ".ingestd-tmp"
+        return sorted(staging.iterdir()) if staging.exists() else []
+
+
+def write_config(path: Path, settings: dict[str, dict[str, Any]]) -> None:
+    path.write_text(tomli_w.dumps(settings))
+
+
+def start_daemon(tmp_path: Path, settings: dict[str, dict[str, Any]] | None = None, *,
+                 name: str = "d", wait: bool = True) -> Daemon:
+    """Start dicom-ingestd on a free loopback port with [storage] output under tmp_path."""
+    settings = {k: dict(v) for k, v in (settings or {}).items()}
+    port = int(settings.get("network", {}).get("port", free_port()))
+    out = Path(settings.get("storage", {}).get("output_directory", tmp_path / f"{name}-out"))
+    out.mkdir(parents=True, exist_ok=True)
+    settings.setdefault("network", {}).update(port=port)
+    settings["network"].setdefault("bind_address", "127.0.0.1")
+    settings.setdefault("storage", {})["output_directory"] = str(out)
+    settings.setdefault("logging", {}).setdefault("level", "debug")
+    config_path = tmp_path / f"{name}.toml"
+    write_config(config_path, settings)
+    log_path = tmp_path / f"{name}.log"
+    env = dict(os.environ)
+    env.pop("JOURNAL_STREAM", None)
+    env.pop("NOTIFY_SOCKET", None)
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "dicom_ingestd", "run", "-c",
+                                 str(config_path)], stdout=log_file, stderr=subprocess.STDOUT,
+                                cwd=REPO, env=env)
+    daemon = Daemon(proc, port, out, config_path, log_path, env)
+    if wait:
+        daemon.wait_log("listening on")
+    return daemon
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[Any]:
+    """Start daemons with start_daemon(tmp_path, settings); all are stopped afterwards."""
+    started: list[Daemon] = []
+
+    def factory(settings: dict[str, dict[str, Any]] | None = None, **kw: Any) -> Daemon:
+        kw.setdefault("name", f"d{len(started)}")
+        daemon = start_daemon(tmp_path, settings, **kw)
+        started.append(daemon)
+        return daemon
+
+    yield factory
+    for daemon in started:
+        daemon.stop()
+
+
+@pytest.fixture
+def daemon(daemon_factory: Any) -> Daemon:
+    """A daemon with the default configuration."""
+    return daemon_factory()  # type: ignore[no-any-return]
+
+
+def run_tool(args: list[str], *, timeout: float = 60.0, nodelay: bool = True,
+             check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run a DCMTK tool; TCP_NODELAY=1 as our benchmarks do unless `nodelay` is False."""
+    require_tool(args[0])
+    env = dict(os.environ)
+    if nodelay:
+        env["TCP_NODELAY"] = "1"
+    result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n"
+                             f"{result.stdout}\n{result.stderr}")
+    return result
+
+
+def storescu(port: int, *files: Path | str, extra: list[str] | None = None,
+             check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return run_tool(["storescu", *(extra or []), "127.0.0.1", str(port),
+                     *map(str, files)], check=check, **kw)
+
+
+def echoscu(port: int, extra: list[str] | None = None, check: bool = True,
+            **kw: Any) -> subprocess.CompletedProcess[str]:
+    return run_tool(["echoscu", *(extra or []), "127.0.0.1", str(port)], check=check, **kw)
