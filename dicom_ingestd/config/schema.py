@@ -32,7 +32,9 @@ def setting(
     default_note: str = "",
 ) -> Any:
     """Declare one configuration key (a dataclass field carrying its documentation)."""
-    meta: dict[str, Any] = {DOC: doc, STORESCP: storescp, RELOAD: reload, DEFAULT_NOTE: default_note}
+    meta: dict[str, Any] = {
+        DOC: doc, STORESCP: storescp, RELOAD: reload, DEFAULT_NOTE: default_note,
+    }
     if choices is not None:
         meta[CHOICES] = choices
     if minimum is not None:
@@ -83,7 +85,8 @@ class NetworkConfig:
         storescp=("-ta", "--acse-timeout"), minimum=1,
     )
     dimse_timeout: int = setting(
-        0, "Seconds to wait for the next DIMSE message; 0 means unlimited (socket_timeout applies).",
+        0,
+        "Seconds to wait for the next DIMSE message; 0 means unlimited (socket_timeout applies).",
         storescp=("-td", "--dimse-timeout"), minimum=0,
     )
     socket_timeout: int = setting(
@@ -194,6 +197,8 @@ class StorageConfig:
     )
     sort_prefix: str = setting(
         "", "Prefix of study subdirectory names (sort = conc-studies or study-uid).",
+        # storescp takes the prefix as the value of -ss / -su (which also set storage.sort).
+        storescp=("-ss", "--sort-conc-studies", "-su", "--sort-on-study-uid"),
     )
     filenames: str = setting(
         "default", "File names: default (MOD.SOPInstanceUID), unique (MOD.X.<new UID>), "

@@ -1,0 +1,299 @@
+"""Load, validate, dump and compare the daemon configuration (TOML, e.g. /etc/ingestd.toml).
+
+Everything here is driven by `config.schema`: the loader walks `tables()` and the section
+dataclasses' fields, so a key declared in the schema is loadable, checked, dumped and diffed
+without any code in this module naming it.  The only per-key code is `_VALUE_CHECKS`, for rules
+the metadata cannot express (AE title syntax, file-name parts); a test keeps its keys honest.
+
+Contract of every validation failure: one `ConfigError` carrying *all* problems, one line each,
+of the form ``{file}: {table}.{key} = {value!r}: {what is allowed}`` (unknown keys:
+``{file}: unknown key {table}.{key} (did you mean ...?)``), so an operator fixes the whole file
+in one pass instead of one error per restart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import tomllib
+import typing
+from collections.abc import Callable, Iterator, Mapping
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from dicom_ingestd.config.schema import (
+    CHOICES,
+    MAXIMUM,
+    MINIMUM,
+    RELOAD,
+    Config,
+    keys,
+    tables,
+)
+from dicom_ingestd.errors import ConfigError
+
+__all__ = ["config_from_mapping", "diff_configs", "dump_config", "load_config"]
+
+# (label, bad value, what is allowed): formatted into a problem line by `_line`.
+_Problem = tuple[str, object, str]
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate the TOML file at `path`.
+
+    Returns the complete `Config` (keys absent from the file keep their schema defaults).
+    Raises `ConfigError` when the file is missing or unreadable, is not UTF-8, is not valid
+    TOML (the problem names line and column), or fails validation (every problem listed).
+    """
+    source = str(path)
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError([f"{source}: cannot read: no such file"]) from None
+    except OSError as exc:
+        # Permission denied, a directory, an I/O error: strerror is the human part.
+        raise ConfigError([f"{source}: cannot read: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        # TOML is UTF-8 only; point at the line, as a Latin-1 AE title or comment is typical.
+        line = exc.object[: exc.start].count(b"\n") + 1
+        bad = exc.object[exc.start]
+        raise ConfigError([f"{source}:{line}: not UTF-8 text (byte 0x{bad:02x})"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([_syntax_problem(source, exc)]) from None
+    return config_from_mapping(data, source)
+
+
+def config_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
+    """Validate an already-parsed TOML document (table name -> {key: value}) into a `Config`.
+
+    `source` is the name problem lines start with (a file path, or e.g. "<storescp>").
+    Values must have exactly the TOML type the schema declares: no coercion, so `port = "104"`
+    and `fsync = 1` are errors rather than guesses.  Raises one `ConfigError` with every problem.
+    """
+    problems: list[str] = []
+    known_tables = dict(tables())
+
+    for name, value in data.items():
+        if name in known_tables:
+            if not isinstance(value, Mapping):
+                problems.append(_line(source, (name, value, f"must be a table ([{name}])")))
+        elif isinstance(value, Mapping):
+            close = difflib.get_close_matches(name, list(known_tables), n=1)
+            hint = f" (did you mean [{close[0]}]?)" if close else ""
+            problems.append(f"{source}: unknown table [{name}]{hint}")
+        else:
+            # A key above the first [table] header; usually a forgotten header.
+            problems.append(f"{source}: unknown key {name}{_did_you_mean(None, name)}")
+
+    sections: dict[str, Any] = {}
+    for table, cls in known_tables.items():
+        raw = data.get(table, {})
+        if not isinstance(raw, Mapping):
+            continue  # reported above
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        hints = _hints(cls)
+        problems.extend(
+            f"{source}: unknown key {table}.{key}{_did_you_mean(table, key)}"
+            for key in raw
+            if key not in fields
+        )
+        values: dict[str, Any] = {}
+        for key, f in fields.items():
+            if key not in raw:
+                continue
+            value, full = raw[key], f"{table}.{key}"
+            if not _acceptable(f, hints[key], value):
+                problems.append(_line(source, (full, value, _allowed(f, hints[key]))))
+                continue
+            check = _VALUE_CHECKS.get(full)
+            extra = list(check(full, value)) if check else []
+            problems.extend(_line(source, p) for p in extra)
+            if not extra:
+                values[key] = value
+        sections[table] = cls(**values)
+
+    if problems:
+        raise ConfigError(problems)
+    return Config(**sections)
+
+
+def dump_config(config: Config) -> str:
+    """The effective configuration as TOML: every table (declaration order) and every key.
+
+    For any valid `config`, `config_from_mapping(tomllib.loads(dump_config(config)))` equals
+    `config`; the dump pins every value, defaults included (unlike etc/ingestd.toml).
+    """
+    document = {
+        table: {f.name: getattr(getattr(config, table), f.name) for f in dataclasses.fields(cls)}
+        for table, cls in tables()
+    }
+    return tomli_w.dumps(document)
+
+
+def diff_configs(old: Config, new: Config) -> list[tuple[str, bool]]:
+    """Keys whose value differs, as ("table.key", reloadable), in declaration order.
+
+    `reloadable` is the key's RELOAD metadata: False means a running daemon cannot apply the
+    change and a reload should report it as needing a restart.
+    """
+    changed: list[tuple[str, bool]] = []
+    for full, f in keys():
+        table, key = full.split(".", 1)
+        if getattr(getattr(old, table), key) != getattr(getattr(new, table), key):
+            changed.append((full, bool(f.metadata.get(RELOAD, True))))
+    return changed
+
+
+# ---------------------------------------------------------------------------------------------
+# Generic, metadata-driven checks
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    # get_type_hints rather than Field.type, so the schema may adopt
+    # `from __future__ import annotations` (string annotations) without breaking the loader.
+    return typing.get_type_hints(cls)
+
+
+def _acceptable(f: dataclasses.Field[Any], hint: Any, value: object) -> bool:
+    """Whether `value` has the declared type and satisfies CHOICES / MINIMUM / MAXIMUM."""
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        # bool is a subclass of int in Python; `port = true` must not load as port 1.
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is str:
+        ok = isinstance(value, str)
+    elif typing.get_origin(hint) is list and typing.get_args(hint) == (str,):
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    else:
+        # A new annotation in the schema needs a rule here; fail loudly, not permissively.
+        raise TypeError(f"config loader cannot check type {hint!r} of {f.name}")
+    if not ok:
+        return False
+    meta = f.metadata
+    if CHOICES in meta and value not in meta[CHOICES]:
+        return False
+    if MINIMUM in meta and value < meta[MINIMUM]:
+        return False
+    return not (MAXIMUM in meta and value > meta[MAXIMUM])
+
+
+def _allowed(f: dataclasses.Field[Any], hint: Any) -> str:
+    """What the key accepts, worded for the tail of a problem line (type and bounds at once)."""
+    meta = f.metadata
+    if CHOICES in meta:
+        return "must be one of " + ", ".join(meta[CHOICES])
+    if hint is bool:
+        return "must be true or false"
+    if hint is int:
+        low, high = meta.get(MINIMUM), meta.get(MAXIMUM)
+        if low is not None and high is not None:
+            return f"must be an integer from {low} to {high}"
+        if low is not None:
+            return f"must be an integer >= {low}"
+        if high is not None:
+            return f"must be an integer <= {high}"
+        return "must be an integer"
+    if hint is str:
+        return "must be a string"
+    return "must be an array of strings"
+
+
+def _did_you_mean(table: str | None, key: str) -> str:
+    """' (did you mean table.key?)' for the likeliest intended key, or ''."""
+    names = [full for full, _ in keys()]
+    # The same key under another table is the commonest slip (wrong or missing [header]).
+    for full in names:
+        if full.split(".", 1)[1] == key and full.split(".", 1)[0] != table:
+            return f" (did you mean {full}?)"
+    if table is not None:
+        own = [full.split(".", 1)[1] for full in names if full.startswith(table + ".")]
+        close = difflib.get_close_matches(key, own, n=1)
+        if close:
+            return f" (did you mean {table}.{close[0]}?)"
+    close = difflib.get_close_matches(key, [full.split(".", 1)[1] for full in names], n=1)
+    if close:
+        return f" (did you mean {next(n for n in names if n.endswith('.' + close[0]))}?)"
+    return ""
+
+
+def _line(source: str, problem: _Problem) -> str:
+    label, value, allowed = problem
+    return f"{source}: {label} = {value!r}: {allowed}"
+
+
+_TOML_POSITION = re.compile(r"^(?P<msg>.*) \(at line (?P<line>\d+), column (?P<col>\d+)\)$", re.S)
+
+
+def _syntax_problem(source: str, exc: tomllib.TOMLDecodeError) -> str:
+    """'{file}:{line}:{col}: TOML syntax error: {message}' (compiler style, editors jump there)."""
+    # Python >= 3.14 exposes msg/lineno/colno; 3.11-3.13 only have them inside the message.
+    lineno, colno = getattr(exc, "lineno", None), getattr(exc, "colno", None)
+    msg = getattr(exc, "msg", None)
+    if lineno is None or colno is None or msg is None:
+        match = _TOML_POSITION.match(str(exc))
+        if match is None:
+            return f"{source}: TOML syntax error: {exc}"
+        msg, lineno, colno = match["msg"], match["line"], match["col"]
+    return f"{source}:{lineno}:{colno}: TOML syntax error: {msg}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules the metadata cannot express.  Each check receives ("table.key", value) only after the
+# value passed the type/choice/range checks, and yields problems; the key is then left at its
+# default so collection can continue.
+
+_AE_RULE = "1 to 16 printable ASCII characters, not all spaces, no backslash"
+
+
+def _bad_ae_title(title: str) -> bool:
+    # AE is a DICOM default-character-repertoire VR: ASCII 0x20-0x7E, backslash is the value
+    # separator, and an all-space title is empty once padding is stripped.
+    return (
+        not 1 <= len(title) <= 16
+        or not title.strip(" ")
+        or "\\" in title
+        or any(not " " <= c <= "~" for c in title)
+    )
+
+
+def _check_aetitle(full: str, value: str) -> Iterator[_Problem]:
+    if _bad_ae_title(value):
+        yield full, value, f"an AE title must be {_AE_RULE}"
+
+
+def _check_aetitle_list(full: str, value: list[str]) -> Iterator[_Problem]:
+    for index, title in enumerate(value):
+        if _bad_ae_title(title):
+            yield f"{full}[{index}]", title, f"each AE title must be {_AE_RULE}"
+
+
+def _check_name_part(full: str, value: str) -> Iterator[_Problem]:
+    # Becomes part of a single file or directory name: '/' would escape into (or require)
+    # other directories, NUL cannot be passed to the OS at all.
+    if "/" in value or "\0" in value:
+        yield full, value, "must not contain '/' or NUL (it is part of a file name)"
+
+
+def _check_directory(full: str, value: str) -> Iterator[_Problem]:
+    if not value:
+        yield full, value, "must name a directory (use '.' for the working directory)"
+    elif "\0" in value:
+        yield full, value, "must not contain NUL"
+
+
+_VALUE_CHECKS: dict[str, Callable[[str, Any], Iterator[_Problem]]] = {
+    "network.aetitle": _check_aetitle,
+    "association.allowed_calling_aetitles": _check_aetitle_list,
+    "storage.output_directory": _check_directory,
+    "storage.filename_extension": _check_name_part,
+    # storescp names study subdirectories prefix_...; the prefix is accepted with any sort
+    # mode (it is simply unused without conc-studies/study-uid) but must stay one name.
+    "storage.sort_prefix": _check_name_part,
+}
