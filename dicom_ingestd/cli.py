@@ -5,6 +5,7 @@ The only module that exits the process; everything below it raises.
 
 import argparse
 import logging
+import os
 import socket
 import sys
 from collections.abc import Sequence
@@ -13,28 +14,31 @@ from dicom_ingestd import __version__
 from dicom_ingestd import log as logsetup
 from dicom_ingestd.codes import ExitCode
 from dicom_ingestd.config.load import dump_config, load_config
-from dicom_ingestd.config.schema import Config
 from dicom_ingestd.errors import ConfigError, StorageError, TranslationError
 
 DEFAULT_CONFIG = "/etc/ingestd.toml"
 log = logging.getLogger("dicom_ingestd")
 
 
-def _load(path: str) -> Config:
-    return load_config(path)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     """Serve in the foreground until SIGTERM/SIGINT."""
     try:
-        config = _load(args.config)
+        config = load_config(args.config)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return ExitCode.CONFIG
     logsetup.setup(config.logging)
-    from dicom_ingestd.worker.store import Store  # heavy imports only when serving
+    # Heavy imports only when serving; the master imports the worker code before forking so
+    # that workers start warm.
+    from dicom_ingestd import systemd
+    from dicom_ingestd.master import Master
+    from dicom_ingestd.sockets import create_listener
+    from dicom_ingestd.worker.session import Session, peer_name
+    from dicom_ingestd.worker.store import Store
 
+    notifier = systemd.Notifier()
+    inherited = systemd.listen_fds()
     store = Store(config.storage)
     try:
         store.open()
@@ -45,42 +49,43 @@ def cmd_run(args: argparse.Namespace) -> int:
     if removed:
         log.warning("removed %d partial object(s) left by an earlier crash in %s",
                     removed, store.staging)
-    if config.network.inetd:
-        return _run_inetd(config, store)
-    from dicom_ingestd.single import SingleProcessServer
-    from dicom_ingestd.sockets import create_listener
 
-    try:
-        listener = create_listener(config.network)
-    except OSError as exc:
-        log.critical("cannot listen on port %d: %s", config.network.port, exc.strerror or exc)
-        return ExitCode.UNAVAILABLE
-    SingleProcessServer(config, store, [listener]).serve_forever()
-    return ExitCode.OK
+    connected = [s.sock for s in inherited if not s.listening]
+    if connected or config.network.inetd:
+        # systemd Accept=yes (or inetd): exactly one association on an accepted socket.
+        if connected:
+            conn = connected[0]
+        else:
+            try:
+                conn = socket.socket(fileno=os.dup(0))
+            except OSError as exc:
+                log.critical("inetd mode: fd 0 is not a socket (%s)", exc.strerror or exc)
+                return ExitCode.USAGE
+        try:
+            peer = peer_name(conn.getpeername())
+        except OSError:
+            peer = "socket"
+        notifier.ready(f"serving one association from {peer}")
+        Session(conn, peer, config, store).run()
+        notifier.stopping()
+        return ExitCode.OK
 
-
-def _run_inetd(config: Config, store: object) -> int:
-    from dicom_ingestd.worker.session import Session, peer_name
-    from dicom_ingestd.worker.store import Store
-
-    assert isinstance(store, Store)
-    try:
-        conn = socket.socket(fileno=0)
-    except OSError as exc:
-        log.critical("inetd mode: fd 0 is not a socket (%s)", exc.strerror or exc)
-        return ExitCode.USAGE
-    try:
-        peer = peer_name(conn.getpeername())
-    except OSError:
-        peer = "inetd"
-    Session(conn, peer, config, store).run()
+    listeners = [s.sock for s in inherited if s.listening]
+    if not listeners:
+        try:
+            listeners = [create_listener(config.network)]
+        except OSError as exc:
+            log.critical("cannot listen on port %d: %s", config.network.port,
+                         exc.strerror or exc)
+            return ExitCode.UNAVAILABLE
+    Master(args.config, config, store, listeners, notifier).serve()
     return ExitCode.OK
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate the configuration; print each problem; exit 0 when valid."""
     try:
-        _load(args.config)
+        load_config(args.config)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
@@ -92,7 +97,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_config_show(args: argparse.Namespace) -> int:
     """Print the effective configuration (defaults filled in) as TOML."""
     try:
-        config = _load(args.config)
+        config = load_config(args.config)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)

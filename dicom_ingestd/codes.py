@@ -4,7 +4,7 @@ from enum import IntEnum
 
 
 class ExitCode(IntEnum):
-    """Process exit codes (sysexits.h values where one fits), usable in RestartPreventExitStatus=."""
+    """Process exit codes (sysexits.h values where one fits), for RestartPreventExitStatus=."""
 
     OK = 0
     FAILURE = 1

@@ -10,6 +10,7 @@ import os
 import sys
 
 from dicom_ingestd.config.schema import LoggingConfig
+from dicom_ingestd.systemd import JOURNAL_SOCKET, JournalHandler
 
 TRACE = 5
 logging.addLevelName(TRACE, "TRACE")
@@ -46,14 +47,20 @@ class JournalFormatter(logging.Formatter):
 
 def setup(config: LoggingConfig) -> None:
     """(Re)configure the root logger from the [logging] table."""
+    journal = stderr_is_journal()
     use_prefix = config.journal_prefix == "always" or (
-        config.journal_prefix == "auto" and stderr_is_journal())
-    handler = logging.StreamHandler(sys.stderr)
+        config.journal_prefix == "auto" and journal)
+    stream = logging.StreamHandler(sys.stderr)
     if use_prefix:
-        handler.setFormatter(JournalFormatter("[%(process)d] %(message)s"))
+        stream.setFormatter(JournalFormatter("[%(process)d] %(message)s"))
     else:
-        handler.setFormatter(logging.Formatter(
+        stream.setFormatter(logging.Formatter(
             "%(asctime)s %(levelname)s [%(process)d] %(message)s"))
+    handler: logging.Handler = stream
+    if journal and config.journal_prefix != "never" and os.path.exists(JOURNAL_SOCKET):
+        # Native protocol: the same lines plus DICOM_* fields to filter on.
+        handler = JournalHandler("dicom-ingestd", fallback=stream)
+        handler.setFormatter(logging.Formatter("[%(process)d] %(message)s"))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

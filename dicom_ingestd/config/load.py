@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import re
 import tomllib
 import typing
@@ -288,7 +289,18 @@ def _check_directory(full: str, value: str) -> Iterator[_Problem]:
         yield full, value, "must not contain NUL"
 
 
+def _check_networks(full: str, value: list[str]) -> Iterator[_Problem]:
+    for index, entry in enumerate(value):
+        try:
+            ipaddress.ip_network(entry.strip(), strict=False)
+        except ValueError:
+            yield (f"{full}[{index}]", entry,
+                   "must be an IPv4 or IPv6 address or network, e.g. 10.0.0.0/8 or fd00::/8")
+
+
 _VALUE_CHECKS: dict[str, Callable[[str, Any], Iterator[_Problem]]] = {
+    "access.allow": _check_networks,
+    "access.deny": _check_networks,
     "network.aetitle": _check_aetitle,
     "association.allowed_calling_aetitles": _check_aetitle_list,
     "storage.output_directory": _check_directory,

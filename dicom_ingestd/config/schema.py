@@ -159,7 +159,7 @@ class TestingConfig:
         storescp=("--ignore",),
     )
     sleep_after: int = setting(
-        0, "Seconds to sleep after each store, before the response.",
+        0, "Seconds to sleep after each store's response.",
         storescp=("--sleep-after",), minimum=0,
     )
     sleep_during: int = setting(
@@ -229,6 +229,50 @@ class StorageConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkersConfig:
+    """[workers]: the process model and the limits on parallel associations."""
+
+    process_model: str = setting(
+        "fork", "fork: one worker process per association (a crash in one association "
+        "cannot affect another; parallel associations use every core); single: one process, "
+        "a thread per association.",
+        storescp=("--fork", "--single-process"), choices=("fork", "single"), reload=False,
+        default_note="storescp runs a single process unless --fork is given.",
+    )
+    max_associations: int = setting(
+        0, "Most associations served at once; one more is answered with A-ASSOCIATE-RJ "
+        "(transient, local limit exceeded). 0: unlimited.",
+        storescp=("--max-associations",), minimum=0,
+    )
+    max_associations_per_peer: int = setting(
+        0, "Most associations served at once for one peer address (same rejection). "
+        "0: unlimited.", minimum=0,
+    )
+    stop_timeout: int = setting(
+        30, "Seconds running associations may take to finish on stop, before they are "
+        "aborted (their partial objects are discarded).", minimum=0,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AccessConfig:
+    """[access]: which peer addresses may connect, decided before a byte is read."""
+
+    allow: list[str] = field(
+        default_factory=list,
+        metadata={DOC: "Addresses or networks (CIDR, IPv4 or IPv6) that may connect; empty "
+                       "allows every address not denied.",
+                  STORESCP: ("+ac", "--access-control"), RELOAD: True, DEFAULT_NOTE: ""},
+    )
+    deny: list[str] = field(
+        default_factory=list,
+        metadata={DOC: "Addresses or networks (CIDR) that may never connect; wins over allow. "
+                       "Refused connections are closed without reading from them.",
+                  STORESCP: ("+ac", "--access-control"), RELOAD: True, DEFAULT_NOTE: ""},
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingConfig:
     """[logging]: what goes to stderr (and the journal)."""
 
@@ -256,6 +300,8 @@ class Config:
     negotiation: NegotiationConfig = field(default_factory=NegotiationConfig)
     association: AssociationConfig = field(default_factory=AssociationConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     testing: TestingConfig = field(default_factory=TestingConfig)
 

@@ -11,6 +11,7 @@ requestor's first proposal).
 import functools
 from dataclasses import dataclass, field
 
+from pydicom.uid import UID
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
@@ -163,9 +164,9 @@ def accept(request: Request, primitive: A_ASSOCIATE, config: Config) -> Acceptan
         for abstract_syntax, transfer_syntaxes in negotiation.promiscuous_contexts_for(
                 request.proposed, preference):
             supported.append(build_context(abstract_syntax, list(transfer_syntaxes)))
-    roles = {}
+    roles: dict[UID, tuple[bool | None, bool | None]] = {}
     for item in primitive.user_information:
-        if isinstance(item, SCP_SCU_RoleSelectionNegotiation):
+        if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid:
             roles[item.sop_class_uid] = (item.scu_role, item.scp_role)
     results, role_replies = negotiate_as_acceptor(request.proposed, supported, roles or None)
 
@@ -187,9 +188,9 @@ def accept(request: Request, primitive: A_ASSOCIATE, config: Config) -> Acceptan
     ac.from_primitive(reply)
 
     accepted = {
-        int(cx.context_id): AcceptedContext(int(cx.context_id), str(cx.abstract_syntax),
-                                            str(cx.transfer_syntax[0]))
-        for cx in results if cx.result == 0x00
+        cx.context_id: AcceptedContext(cx.context_id, str(cx.abstract_syntax),
+                                       str(cx.transfer_syntax[0]))
+        for cx in results if cx.result == 0x00 and cx.context_id is not None
     }
     rejected = [cx for cx in results if cx.result != 0x00]
     return Acceptance(accepted, rejected, ac.encode())

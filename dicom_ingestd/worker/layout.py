@@ -9,7 +9,7 @@ starts a new directory whenever the study changes, and per association is what s
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import overload
+from typing import cast, overload
 
 from pydicom.uid import generate_uid
 
@@ -64,9 +64,10 @@ class Layout:
         self._study_dir = ""
 
     def _subdirectory(self, ident: Identity, now: datetime) -> list[str]:
-        mode = self.config.sort
-        if mode == "none":
+        sort = self.config.sort
+        if sort == "none":
             return []
+        mode = cast(naming.SortMode, sort)
         if mode == "study-uid":
             return [naming.study_subdirectory(mode, self.config.sort_prefix,
                                               study_uid=ident.study_uid,

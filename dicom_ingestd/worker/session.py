@@ -6,6 +6,7 @@ data set streams into a temporary file; at its last fragment the file is fsynced
 placed and its directory fsynced; only then is the success response sent.
 """
 
+import contextlib
 import logging
 import socket
 import struct
@@ -29,7 +30,6 @@ from dicom_ingestd.worker.pdu import (
     A_ABORT,
     A_ASSOCIATE_RQ,
     A_RELEASE_RQ,
-    ABORT_INVALID_PARAMETER,
     ABORT_REASON_NOT_SPECIFIED,
     ABORT_UNEXPECTED_PDU,
     ABORT_UNRECOGNIZED_PDU,
@@ -106,8 +106,10 @@ class Session:
     """Serve one association on `sock`, then close it.  `run()` never raises."""
 
     def __init__(self, sock: socket.socket, peer: str, config: Config, store: Store,
-                 on_stored: Callable[[StoredObject], None] | None = None) -> None:
+                 on_stored: Callable[[StoredObject], None] | None = None,
+                 over_limit: str = "") -> None:
         self.sock = sock
+        self.over_limit = over_limit  # non-empty: reject as transient, local limit exceeded
         self.peer = peer
         self.config = config
         self.store = store
@@ -129,7 +131,7 @@ class Session:
         return f"{self.peer} {self.calling_ae}->{self.called_ae}"
 
     def _fields(self, **more: object) -> dict[str, object]:
-        fields = {"DICOM_PEER": self.peer, "DICOM_CALLING_AE": self.calling_ae,
+        fields: dict[str, object] = {"DICOM_PEER": self.peer, "DICOM_CALLING_AE": self.calling_ae,
                   "DICOM_CALLED_AE": self.called_ae}
         fields.update({k: v for k, v in more.items() if v not in (None, "")})
         return {"journal": fields}
@@ -167,24 +169,19 @@ class Session:
             self.outcome.how = "aborted"
         finally:
             self._drop_current()
-            try:
+            with contextlib.suppress(OSError):
                 self.sock.close()
-            except OSError:
-                pass
         return self.outcome
 
     def _configure_socket(self) -> None:
+        # A Unix socket (from a test) has no TCP options to tune.
         if self.config.network.tcp_nodelay:
-            try:
+            with contextlib.suppress(OSError):
                 self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass  # not TCP (a Unix socket from a test); nothing to tune
 
     def _send_quietly(self, data: bytes) -> None:
-        try:
+        with contextlib.suppress(PeerClosed, PeerTimeout):
             self.channel.send(data)
-        except (PeerClosed, PeerTimeout):
-            pass
 
     def _drop_current(self) -> None:
         if self._current and self._current.temp:
@@ -216,6 +213,10 @@ class Session:
                  self._who(), len(request.proposed), request.implementation_class_uid or "-",
                  request.implementation_version or "-", extra=self._fields())
         rejection = acceptor.screen(request, primitive, version, self.config)
+        if rejection is None and self.over_limit:
+            rejection = acceptor.Rejection(acceptor.REJECTED_TRANSIENT,
+                                           acceptor.SOURCE_PROVIDER_PRESENTATION,
+                                           acceptor.REASON_LOCAL_LIMIT, self.over_limit)
         if rejection is not None:
             log.warning("%s: association rejected: %s", self._who(), rejection.why,
                         extra=self._fields(DICOM_OUTCOME="rejected"))
@@ -359,7 +360,8 @@ class Session:
     # -- C-STORE -------------------------------------------------------------------------
     def _begin_store(self, command: dimse.Command, context: acceptor.AcceptedContext) -> None:
         testing = self.config.testing
-        status, why = Status.SUCCESS, ""
+        status: int = Status.SUCCESS
+        why = ""
         temp: TempFile | None = None
         if command.sop_class_uid != context.abstract_syntax:
             status = Status.SOP_CLASS_NOT_SUPPORTED
@@ -386,7 +388,7 @@ class Session:
         meta.TransferSyntaxUID = UID(context.transfer_syntax)
         meta.ImplementationClassUID = UID(acceptor.IMPLEMENTATION_CLASS_UID)
         meta.ImplementationVersionName = acceptor.IMPLEMENTATION_VERSION
-        if self.calling_ae and not self.config.storage.bit_preserving:
+        if self.calling_ae:
             meta.SourceApplicationEntityTitle = self.calling_ae
         buffer = BytesIO()
         buffer.write(_PREAMBLE)

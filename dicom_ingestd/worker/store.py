@@ -7,6 +7,7 @@ descriptors opened without following symlinks, and fsyncs the directory.  No DIC
 caller decides the relative path (see naming.py).
 """
 
+import contextlib
 import errno
 import itertools
 import logging
@@ -27,6 +28,19 @@ TEMP_SUFFIX = ".part"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOMEM}
 _counter = itertools.count()
+
+
+def _writer_alive(name: str) -> bool:
+    pid_text = name.split("-", 1)[0]
+    if not pid_text.isdigit() or int(pid_text) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _is_safe(part: str) -> bool:
@@ -88,10 +102,8 @@ class TempFile:
     def discard(self) -> None:
         """Close and remove the temporary file (never raises)."""
         self.close()
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(self.name, dir_fd=self._staging_fd)
-        except OSError:
-            pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,16 +157,23 @@ class Store:
         self._staging_fd = self._root_fd = -1
 
     def remove_leftovers(self, owner_pid: int | None = None) -> int:
-        """Delete temporary files left by a crash (all, or those of one worker pid)."""
+        """Delete temporary files of one (finished) worker pid, or of every dead process.
+
+        Names start with the writer's pid, so a second daemon or a per-connection instance
+        sharing the directory never loses a file it is still writing.
+        """
         removed = 0
         prefix = f"{owner_pid}-" if owner_pid is not None else ""
         for entry in os.scandir(self._staging_fd):
-            if entry.name.startswith(prefix) and entry.name.endswith(TEMP_SUFFIX):
-                try:
-                    os.unlink(entry.name, dir_fd=self._staging_fd)
-                    removed += 1
-                except OSError:
-                    pass
+            if not (entry.name.startswith(prefix) and entry.name.endswith(TEMP_SUFFIX)):
+                continue
+            if owner_pid is None and _writer_alive(entry.name):
+                continue
+            try:
+                os.unlink(entry.name, dir_fd=self._staging_fd)
+                removed += 1
+            except OSError:
+                pass
         return removed
 
     def temp_file(self) -> TempFile:
@@ -217,7 +236,7 @@ class Store:
             if replace:
                 os.rename(temp.name, candidates[0], src_dir_fd=self._staging_fd,
                           dst_dir_fd=dir_fd)
-                placed = candidates[0]
+                placed: str | None = candidates[0]
             else:
                 placed = self._link_first_free(temp, candidates, dir_fd)
                 temp.discard()
@@ -230,7 +249,7 @@ class Store:
                     raise StorageError(f"{existing} exists", status)
             if fsync:
                 os.fsync(dir_fd)
-            return Placed(self.root.joinpath(*directories, placed))
+            return Placed(self.root.joinpath(*directories, str(placed)))
         except OSError as exc:
             temp.discard()
             raise _resource_error(exc, f"cannot store {'/'.join([*directories, candidates[0]])}") \

@@ -1,0 +1,40 @@
+"""Host access control, decided from the peer address alone, before a byte is read."""
+
+import ipaddress
+from collections.abc import Sequence
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(entries: Sequence[str]) -> list[Network]:
+    """'10.0.0.0/8', '192.168.1.7', '::1', 'fd00::/8' → networks; raises ValueError."""
+    return [ipaddress.ip_network(entry.strip(), strict=False) for entry in entries]
+
+
+def normalize(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The peer's address, with IPv4-mapped IPv6 (dual-stack sockets) turned back into IPv4."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+class AccessPolicy:
+    """deny wins; then an empty allow list admits everyone, a non-empty one only its members."""
+
+    def __init__(self, allow: Sequence[str], deny: Sequence[str]) -> None:
+        self.allow = parse_networks(allow)
+        self.deny = parse_networks(deny)
+
+    def check(self, address: str) -> str | None:
+        """None when the peer may connect, else the reason it may not."""
+        try:
+            ip = normalize(address)
+        except ValueError:
+            return None if not self.allow else f"address {address!r} is not an IP address"
+        for network in self.deny:
+            if ip.version == network.version and ip in network:
+                return f"{ip} matches access.deny {network}"
+        if self.allow and not any(ip.version == n.version and ip in n for n in self.allow):
+            return f"{ip} is not in access.allow"
+        return None

@@ -1,0 +1,326 @@
+"""The master: owns the listening sockets, signals, sd_notify, reload and the workers.
+
+Single-threaded while it forks (process_model = fork): one selector waits on the listeners,
+the signal wakeup socket, the worker report channel, the config watcher and one pidfd per
+worker.  Signal handlers do nothing but wake the loop (the signal number arrives on the wakeup
+socket); the loop does the work.  The master never reads a byte from a peer: access control
+uses the peer address, and even an over-limit association is answered by a short-lived
+worker, because an A-ASSOCIATE-RJ is only meaningful after reading the request.
+"""
+
+import contextlib
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+from collections import Counter
+from enum import Enum
+from pathlib import Path
+
+from dicom_ingestd import ipc
+from dicom_ingestd import log as logsetup
+from dicom_ingestd.access import AccessPolicy, normalize
+from dicom_ingestd.config.load import diff_configs, load_config
+from dicom_ingestd.config.schema import Config
+from dicom_ingestd.errors import ConfigError, StorageError
+from dicom_ingestd.sockets import describe
+from dicom_ingestd.systemd import Notifier
+from dicom_ingestd.watch import ConfigWatcher
+from dicom_ingestd.worker.session import peer_name
+from dicom_ingestd.worker.store import Store
+from dicom_ingestd.workers import Assignment, ForkSpawner, ThreadSpawner, Worker
+
+log = logging.getLogger("dicom_ingestd.master")
+
+# Connections over the limit are answered by a short-lived rejecting worker; past this many
+# of those at once (a flood) further connections are closed without an answer.
+MAX_REJECTING = 16
+KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for workers at the stop deadline
+
+
+class State(Enum):
+    RUNNING = "running"
+    STOPPING = "stopping"
+
+
+class Master:
+    """Run with `serve()`; returns when stopped (SIGTERM/SIGINT) and every worker is gone."""
+
+    def __init__(self, config_path: str | None, config: Config, store: Store,
+                 listeners: list[socket.socket], notifier: Notifier,
+                 watch_config: bool = True) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.store = store
+        self.listeners = listeners
+        self.notifier = notifier
+        self.access = AccessPolicy(config.access.allow, config.access.deny)
+        self.state = State.RUNNING
+        self.workers: dict[int, Worker] = {}  # by done-fd
+        self.channel = ipc.Channel()
+        self.selector = selectors.DefaultSelector()
+        self._wakeup_r, self._wakeup_w = socket.socketpair()
+        self._stop_deadline = 0.0
+        self._stored = 0
+        self._bytes = 0
+        self._associations = 0
+        self._last_error = ""
+        self._next_watchdog = 0.0
+        self._watcher: ConfigWatcher | None = None
+        if watch_config and config_path:
+            self._watcher = ConfigWatcher(Path(config_path))
+        if config.workers.process_model == "fork":
+            self.spawner: ForkSpawner | ThreadSpawner = ForkSpawner(self._close_in_child,
+                                                                    self.channel)
+        else:
+            self.spawner = ThreadSpawner(self.channel)
+
+    # -- set-up ----------------------------------------------------------------------------
+    def _close_in_child(self) -> None:
+        """In a forked worker: drop every master resource but the report channel's writer."""
+        self.selector.close()
+        for sock in self.listeners:
+            sock.close()
+        self._wakeup_r.close()
+        self._wakeup_w.close()
+        self.channel.reader.close()
+        for worker in self.workers.values():
+            os.close(worker.fd)
+        if self._watcher is not None:
+            self._watcher.close_in_child()
+
+    def _install_signals(self) -> None:
+        for sock in (self._wakeup_r, self._wakeup_w):
+            sock.setblocking(False)
+        signal.set_wakeup_fd(self._wakeup_w.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(signum, lambda *_: None)  # the wakeup fd carries the number
+
+    # -- the loop --------------------------------------------------------------------------
+    def serve(self) -> None:
+        if self._watcher is not None:
+            self._watcher.start()  # a process of its own, started before any worker
+        self._install_signals()
+        for sock in self.listeners:
+            sock.setblocking(False)
+            self.selector.register(sock, selectors.EVENT_READ, self._accept)
+        self.selector.register(self._wakeup_r, selectors.EVENT_READ, self._signals)
+        self.selector.register(self.channel.reader, selectors.EVENT_READ, self._reports)
+        if self._watcher is not None:
+            self.selector.register(self._watcher.fileno(), selectors.EVENT_READ,
+                                   self._config_changed)
+        log.info("dicom-ingestd ready: listening on %s as %s, process model %s, storing "
+                 "under %s", ", ".join(describe(s) for s in self.listeners) or "nothing",
+                 self.config.network.aetitle, self.config.workers.process_model,
+                 self.store.root)
+        self.notifier.ready(self._status())
+        while self.state is State.RUNNING or self.workers:
+            for key, _ in self.selector.select(self._timeout()):
+                key.data(key.fileobj)
+            self._tick()
+        self._shutdown()
+
+    def _timeout(self) -> float:
+        timeout = 1.0
+        if self.notifier.watchdog_interval:
+            timeout = min(timeout, max(0.0, self._next_watchdog - time.monotonic()))
+        return timeout
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        if self.notifier.watchdog_interval and now >= self._next_watchdog:
+            # Pinged from the loop itself: a master stuck anywhere stops the pings.
+            self.notifier.watchdog()
+            self._next_watchdog = now + self.notifier.watchdog_interval
+        if self.state is State.STOPPING:
+            self._enforce_stop_deadline(now)
+        self.notifier.status(self._status())
+
+    def _status(self) -> str:
+        text = (f"{len(self.workers)} active association(s); {self._stored} object(s), "
+                f"{self._bytes / 1e6:.1f} MB stored since start")
+        if self.state is State.STOPPING:
+            text = "stopping: " + text
+        if self._last_error:
+            text += f"; last error: {self._last_error}"
+        return text
+
+    # -- events ----------------------------------------------------------------------------
+    def _signals(self, _sock: object) -> None:
+        try:
+            data = self._wakeup_r.recv(512)
+        except (BlockingIOError, InterruptedError):
+            return
+        for signum in data:
+            if signum in (signal.SIGTERM, signal.SIGINT) and self.state is State.RUNNING:
+                log.info("received %s: stopping", signal.Signals(signum).name)
+                self._begin_stop()
+            elif signum == signal.SIGHUP:
+                log.info("received SIGHUP: reloading %s", self.config_path)
+                self.reload()
+            # SIGCHLD only wakes us; pidfds tell which worker ended.
+
+    def _config_changed(self, _fd: object) -> None:
+        assert self._watcher is not None
+        if self._watcher.drain() and self.state is State.RUNNING:
+            log.info("%s changed on disk: reloading", self.config_path)
+            self.reload()
+
+    def _reports(self, _sock: object) -> None:
+        for report in self.channel.receive():
+            if report.kind == "stored":
+                self._stored += 1
+                self._bytes += int(report.fields.get("size", 0))
+
+    def _accept(self, listener: object) -> None:
+        assert isinstance(listener, socket.socket)
+        while self.state is State.RUNNING:
+            try:
+                conn, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.error("accept on %s failed: %s", describe(listener), exc.strerror or exc)
+                self._last_error = f"accept failed: {exc.strerror or exc}"
+                return
+            self._admit(conn, address)
+
+    def _admit(self, conn: socket.socket, address: object) -> None:
+        peer = peer_name(address)
+        host = address[0] if isinstance(address, tuple) else ""
+        refusal = self.access.check(host) if host else None
+        if refusal:
+            log.warning("%s: connection refused by access control: %s", peer, refusal,
+                        extra={"journal": {"DICOM_PEER": peer, "DICOM_OUTCOME": "refused"}})
+            conn.close()
+            return
+        over = self._over_limit(host)
+        if over and sum(w.rejecting for w in self.workers.values()) >= MAX_REJECTING:
+            log.warning("%s: %s and %d rejections already in progress; closing the "
+                        "connection unanswered", peer, over, MAX_REJECTING)
+            conn.close()
+            return
+        conn.setblocking(True)
+        try:
+            worker = self.spawner.spawn(Assignment(conn, peer, self.config, self.store, over))
+        except OSError as exc:
+            log.error("%s: cannot start a worker: %s", peer, exc.strerror or exc)
+            self._last_error = f"cannot start a worker: {exc.strerror or exc}"
+            conn.close()
+            return
+        self._associations += 1
+        self.workers[worker.fd] = worker
+        self.selector.register(worker.fd, selectors.EVENT_READ, self._worker_done)
+        if worker.pid:
+            log.debug("%s: worker %d started", peer, worker.pid)
+
+    def _over_limit(self, host: str) -> str:
+        limits = self.config.workers
+        serving = [w for w in self.workers.values() if not w.rejecting]
+        if limits.max_associations and len(serving) >= limits.max_associations:
+            return f"{len(serving)} associations in progress (workers.max_associations = " \
+                   f"{limits.max_associations})"
+        if limits.max_associations_per_peer and host:
+            key = str(normalize(host))
+            same = Counter(str(normalize(w.peer.rsplit(":", 1)[0].strip("[]")))
+                           for w in serving)[key]
+            if same >= limits.max_associations_per_peer:
+                return f"{same} associations in progress from {key} " \
+                       f"(workers.max_associations_per_peer = " \
+                       f"{limits.max_associations_per_peer})"
+        return ""
+
+    def _worker_done(self, fd: object) -> None:
+        assert isinstance(fd, int)
+        self.selector.unregister(fd)
+        worker = self.workers.pop(fd)
+        problem = worker.reap()
+        if problem is None:
+            return
+        removed = self.store.remove_leftovers(worker.pid) if worker.pid else 0
+        level = logging.ERROR
+        if worker.signalled and problem.startswith("killed by SIG"):
+            level = logging.WARNING  # we stopped it at the stop deadline
+        hint = " (out of memory?)" if "SIGKILL" in problem and not worker.signalled else ""
+        log.log(level, "%s: worker %d %s%s; %d partial object(s) removed; other "
+                "associations are unaffected", worker.peer, worker.pid, problem, hint, removed,
+                extra={"journal": {"DICOM_PEER": worker.peer}})
+        self._last_error = f"worker {worker.pid} ({worker.peer}) {problem}"
+
+    # -- reload ----------------------------------------------------------------------------
+    def reload(self) -> bool:
+        """Re-read the configuration; apply it to new associations, or keep the old one."""
+        if not self.config_path:
+            log.warning("reload requested, but no configuration file is in use")
+            return False
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config_path)
+            store = self.store
+            if new.storage.output_directory != self.config.storage.output_directory:
+                store = Store(new.storage)
+                store.open()
+                store.remove_leftovers()
+            elif new.storage != self.config.storage:
+                store = Store(new.storage)
+                store.open()
+            access = AccessPolicy(new.access.allow, new.access.deny)
+        except (ConfigError, StorageError) as exc:
+            problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
+            for problem in problems:
+                log.error("reload rejected, keeping the running configuration: %s", problem)
+            self._last_error = f"reload rejected: {problems[0]}"
+            self.notifier.ready(self._status())
+            return False
+        changed = diff_configs(self.config, new)
+        later = [key for key, reloadable in changed if not reloadable]
+        for key in later:
+            log.warning("reload: %s changed, which takes effect only after a restart", key)
+        if store is not self.store:
+            self.store = store  # running workers keep the old one; nothing else is shared
+        self.config = new
+        self.access = access
+        logsetup.setup(new.logging)
+        self._last_error = ""
+        applied = [key for key, reloadable in changed if reloadable]
+        log.info("reload: configuration applied to new associations (%s)",
+                 ", ".join(applied) or "no change")
+        self.notifier.ready(self._status())
+        return True
+
+    # -- stop ------------------------------------------------------------------------------
+    def _begin_stop(self) -> None:
+        self.state = State.STOPPING
+        self.notifier.stopping()
+        for sock in self.listeners:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(sock)
+            sock.close()
+        self._stop_deadline = time.monotonic() + self.config.workers.stop_timeout
+        if self.workers:
+            log.info("waiting up to %d s for %d running association(s) to finish",
+                     self.config.workers.stop_timeout, len(self.workers))
+
+    def _enforce_stop_deadline(self, now: float) -> None:
+        if not self.workers or now < self._stop_deadline:
+            return
+        for worker in self.workers.values():
+            if now >= self._stop_deadline + KILL_GRACE:
+                worker.signal(signal.SIGKILL)
+            elif not worker.signalled:
+                log.warning("%s: stop timeout reached; stopping %s", worker.peer, worker.name)
+                worker.signal(signal.SIGTERM)
+        if not any(w.pid for w in self.workers.values()) and now >= self._stop_deadline:
+            # Threads cannot be stopped from outside; leave them to the process exit.
+            log.warning("%d association thread(s) still running at the stop deadline",
+                        len(self.workers))
+            self.workers.clear()
+
+    def _shutdown(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+        removed = self.store.remove_leftovers(os.getpid())
+        log.info("stopped after %d association(s), %d object(s) stored%s", self._associations,
+                 self._stored, f"; {removed} partial object(s) removed" if removed else "")

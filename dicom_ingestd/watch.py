@@ -1,0 +1,112 @@
+"""Watch the configuration file for edits, from a small process of its own.
+
+watchdog's Observer runs threads, and the master must stay thread-free because it forks
+workers; so the observer lives in a child process forked before any worker, watching the
+file's directory (editors save by writing a new file and renaming it over the old one).
+Changes are debounced and announced as one byte on a pipe the master selects on.
+"""
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+DEBOUNCE = 0.3
+_CHANGES = {"created", "modified", "moved", "deleted", "closed"}  # seconds of quiet after the last event before announcing a change
+
+
+class ConfigWatcher:
+    """Master side: start(), fileno() to select on, drain() after readable, stop()."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path.resolve()
+        self.pid = 0
+        self._read_fd = -1
+        self._write_fd = -1
+
+    def start(self) -> None:
+        self._read_fd, self._write_fd = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(self._read_fd, False)
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(self._read_fd)
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                _watch(self.path, self._write_fd, parent)
+                code = 0
+            finally:
+                os._exit(code)
+        self.pid = pid
+        os.close(self._write_fd)
+        self._write_fd = -1
+
+    def fileno(self) -> int:
+        return self._read_fd
+
+    def drain(self) -> bool:
+        """Consume the announcements; True when at least one change was announced."""
+        changed = False
+        while True:
+            try:
+                data = os.read(self._read_fd, 64)
+            except BlockingIOError:
+                return changed
+            if not data:
+                return changed
+            changed = True
+
+    def close_in_child(self) -> None:
+        if self._read_fd >= 0:
+            os.close(self._read_fd)
+
+    def stop(self) -> None:
+        if self.pid:
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+                os.waitpid(self.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            self.pid = 0
+        if self._read_fd >= 0:
+            os.close(self._read_fd)
+            self._read_fd = -1
+
+
+def _watch(path: Path, out_fd: int, parent: int) -> None:
+    """Child process body: observe path's directory until the parent goes away."""
+    from watchdog.events import FileSystemEvent, FileSystemEventHandler
+    from watchdog.observers import Observer
+
+    state: dict[str, float] = {"last": 0.0}
+    target = str(path)
+
+    class Handler(FileSystemEventHandler):
+        def on_any_event(self, event: FileSystemEvent) -> None:
+            # Reading the file (ours included) produces opened/closed_no_write events.
+            if event.event_type not in _CHANGES:
+                return
+            paths: list[Any] = [event.src_path, getattr(event, "dest_path", "")]
+            if any(os.fsdecode(p) == target for p in paths if p):
+                state["last"] = time.monotonic()
+
+    observer = Observer()
+    observer.schedule(Handler(), str(path.parent), recursive=False)
+    observer.start()
+    try:
+        while os.getppid() == parent:
+            time.sleep(0.1)
+            last = state["last"]
+            if last and time.monotonic() - last >= DEBOUNCE:
+                state["last"] = 0.0
+                try:
+                    os.write(out_fd, b"!")
+                except OSError:
+                    return
+    finally:
+        observer.stop()

@@ -1,0 +1,147 @@
+"""Workers: one per association, as a forked process (process_model = fork) or a thread
+(process_model = single).  The master sees both the same way: a handle with a file
+descriptor that becomes readable when the worker is done (a pidfd, or an eventfd).
+"""
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from dicom_ingestd import ipc
+from dicom_ingestd.config.schema import Config
+from dicom_ingestd.worker.session import Session, StoredObject
+from dicom_ingestd.worker.store import Store
+
+log = logging.getLogger("dicom_ingestd.master")
+
+EXIT_OK = 0
+EXIT_INTERNAL_ERROR = 70  # EX_SOFTWARE: a bug in the association code
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """Everything one worker needs; nothing else of the master's state reaches it."""
+
+    conn: socket.socket
+    peer: str
+    config: Config
+    store: Store
+    reject_over_limit: str  # non-empty: the limit that was hit; answer A-ASSOCIATE-RJ
+
+
+def session_for(assignment: Assignment, channel: ipc.Channel) -> Session:
+    """The association handler, reporting stored objects to the master over `channel`."""
+    pid = os.getpid()
+
+    def report(obj: StoredObject) -> None:
+        channel.send(ipc.Report("stored", pid, {
+            "path": obj.path, "sop_class_uid": obj.sop_class_uid,
+            "sop_instance_uid": obj.sop_instance_uid, "study_uid": obj.study_uid,
+            "series_uid": obj.series_uid, "patient_id": obj.patient_id,
+            "calling_ae": obj.calling_ae, "called_ae": obj.called_ae, "peer": obj.peer,
+            "size": obj.size}))
+
+    return Session(assignment.conn, assignment.peer, assignment.config, assignment.store,
+                   on_stored=report, over_limit=assignment.reject_over_limit)
+
+
+@dataclass(eq=False)
+class Worker:
+    """A running worker as the master sees it."""
+
+    peer: str
+    started: float
+    fd: int  # readable when the worker has finished
+    pid: int = 0  # 0 for a thread
+    thread: threading.Thread | None = None
+    rejecting: bool = False
+    signalled: set[int] = field(default_factory=set)
+
+    @property
+    def name(self) -> str:
+        return f"worker {self.pid}" if self.pid else f"thread {self.thread and self.thread.name}"
+
+    def signal(self, signum: int) -> None:
+        """Ask a process worker to stop (threads cannot be signalled; they time out)."""
+        if self.pid and signum not in self.signalled:
+            self.signalled.add(signum)
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self.fd, signum)
+
+    def reap(self) -> str | None:
+        """Collect the finished worker; return a description when it did not end cleanly."""
+        if self.thread is not None:
+            self.thread.join()
+            os.close(self.fd)
+            return None
+        _, status = os.waitpid(self.pid, 0)
+        os.close(self.fd)
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            return f"killed by {signal.Signals(sig).name}" + (
+                " (core dumped)" if os.WCOREDUMP(status) else "")
+        code = os.WEXITSTATUS(status)
+        return None if code == EXIT_OK else f"exited with status {code}"
+
+
+class ForkSpawner:
+    """Fork after accept(): the child serves the association and _exits; never returns."""
+
+    def __init__(self, close_in_child: Callable[[], None], channel: ipc.Channel) -> None:
+        self._close_in_child = close_in_child
+        self._channel = channel
+
+    def spawn(self, assignment: Assignment) -> Worker:
+        pid = os.fork()
+        if pid == 0:  # child
+            code = EXIT_INTERNAL_ERROR
+            try:
+                self._close_in_child()
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                # The association must finish when the master reloads or Ctrl-C reaches the
+                # whole process group; the master decides when a worker must stop.
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
+                session_for(assignment, self._channel).run()
+                code = EXIT_OK
+            except BaseException:
+                with contextlib.suppress(BaseException):
+                    log.exception("worker %d (%s): unexpected error", os.getpid(),
+                                  assignment.peer)
+            finally:
+                for handler in logging.getLogger().handlers:
+                    with contextlib.suppress(BaseException):
+                        handler.flush()
+                os._exit(code)
+        assignment.conn.close()
+        return Worker(assignment.peer, time.monotonic(), os.pidfd_open(pid), pid=pid,
+                      rejecting=bool(assignment.reject_over_limit))
+
+
+class ThreadSpawner:
+    """process_model = single: the association runs in a thread of this process."""
+
+    def __init__(self, channel: ipc.Channel) -> None:
+        self._channel = channel
+
+    def spawn(self, assignment: Assignment) -> Worker:
+        done = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+
+        def run() -> None:
+            try:
+                session_for(assignment, self._channel).run()
+            finally:
+                os.eventfd_write(done, 1)
+
+        thread = threading.Thread(target=run, name=f"assoc {assignment.peer}", daemon=True)
+        worker = Worker(assignment.peer, time.monotonic(), done, thread=thread,
+                        rejecting=bool(assignment.reject_over_limit))
+        thread.start()
+        return worker
