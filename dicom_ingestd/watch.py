@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEBOUNCE = 0.3
-_CHANGES = {"created", "modified", "moved", "deleted", "closed"}  # seconds of quiet after the last event before announcing a change
+DEBOUNCE = 0.3  # seconds of quiet after the last event before announcing a change
+_CHANGES = frozenset({"created", "modified", "moved", "deleted", "closed"})
 
 
 class ConfigWatcher:

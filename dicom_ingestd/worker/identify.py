@@ -6,6 +6,7 @@ pixel data), so this costs the same for a 5 KB and a 5 GB object.
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.tag import Tag
@@ -29,6 +30,7 @@ class Identity:
     study_uid: str
     series_uid: str
     patient_name: str
+    patient_name_raw: bytes  # as received: storescp's -sp names fold these bytes
     patient_id: str
     modality: str
 
@@ -36,6 +38,16 @@ class Identity:
 def _text(value: object, fix_padding: bool = False) -> str:
     text = "" if value is None else str(value).rstrip("\x00")
     return text.strip() if fix_padding else text
+
+
+def _raw(ds: Any, tag: int) -> bytes:
+    element = ds.get_item(tag)
+    if element is None:
+        return b""
+    value = element.value
+    if isinstance(value, bytes):
+        return value
+    return str(value).encode("latin-1", "replace")
 
 
 def identify(path: Path, *, fix_uid_padding: bool = False) -> Identity:
@@ -48,6 +60,7 @@ def identify(path: Path, *, fix_uid_padding: bool = False) -> Identity:
             study_uid=_text(ds.get("StudyInstanceUID"), fix_uid_padding),
             series_uid=_text(ds.get("SeriesInstanceUID"), fix_uid_padding),
             patient_name=_text(ds.get("PatientName")),
+            patient_name_raw=_raw(ds, 0x00100010),
             patient_id=_text(ds.get("PatientID")),
             modality=_text(ds.get("Modality")),
         )

@@ -71,12 +71,12 @@ class Layout:
         if mode == "study-uid":
             return [naming.study_subdirectory(mode, self.config.sort_prefix,
                                               study_uid=ident.study_uid,
-                                              patient_name=ident.patient_name, when=now)]
+                                              patient_name=ident.patient_name_raw, when=now)]
         if ident.study_uid != self._study_uid or not self._study_dir:
             self._study_uid = ident.study_uid
             self._study_dir = naming.study_subdirectory(
                 mode, self.config.sort_prefix, study_uid=ident.study_uid,
-                patient_name=ident.patient_name, when=now)
+                patient_name=ident.patient_name_raw, when=now)
         return [self._study_dir]
 
     def target(self, sop_class_uid: str, sop_instance_uid: str, ident: Identity,

@@ -26,6 +26,7 @@ from dicom_ingestd.errors import StorageError
 from dicom_ingestd.worker import acceptor, dimse
 from dicom_ingestd.worker.identify import Identity, UnreadableDataSet, identify
 from dicom_ingestd.worker.layout import Layout
+from dicom_ingestd.worker.naming import MissingStudyUID
 from dicom_ingestd.worker.pdu import (
     A_ABORT,
     A_ASSOCIATE_RQ,
@@ -472,8 +473,14 @@ class Session:
                 f"data set ({ident.sop_class_uid}, {ident.sop_instance_uid}) does not match "
                 f"the request ({command.sop_class_uid}, {command.sop_instance_uid})",
                 Status.DATASET_DOES_NOT_MATCH)
-        target = self.layout.target(command.sop_class_uid, command.sop_instance_uid, ident,
-                                    datetime.now())
+        try:
+            target = self.layout.target(command.sop_class_uid, command.sop_instance_uid,
+                                        ident, datetime.now())
+        except MissingStudyUID:
+            temp.discard()
+            raise StorageError("no Study Instance UID to sort by (storage.sort = "
+                               f"{self.config.storage.sort})", Status.CANNOT_UNDERSTAND) \
+                from None
         placed = self.store.commit(temp, target.directories, target.candidates,
                                    replace=target.replace, when_taken=target.when_taken)
         if placed.kept_existing:

@@ -1,0 +1,652 @@
+"""Output names for received objects: storescp 3.6.7's rules, made safe for hostile peers.
+
+Every name storescp (DCMTK 3.6.7, ``dcmnet/apps/storescp.cc``) gives a received object or a
+study subdirectory is reproduced here byte for byte for well-formed input, so that scripts
+written against storescp's output tree keep working:
+
+========================  ==================================================================
+storescp option           name
+========================  ==================================================================
+``-uf`` (default)         ``<MOD>.<SOPInstanceUID><ext>``
+``+uf``                   ``<MOD>.X.<new UID><ext>``
+``-tn``                   ``YYYYMMDDHHMMSSmmm[_NNNN].<MOD><ext>``
+``-ss PFX``               ``PFX_YYYYMMDD_HHMMSSmmm`` (no ``_`` when PFX is empty)
+``-su PFX``               ``PFX_<StudyInstanceUID>`` (no ``_`` when PFX is empty)
+``-sp``                   ``<PatientName mapped to ASCII>_YYYYMMDD_HHMMSSmmm``
+``-rns``                  ``<first 2 characters of MOD><6-digit counter>`` (no extension)
+========================  ==================================================================
+
+``<MOD>`` is DCMTK's short code for the SOP class (``dcmSOPClassUIDToModality``), ``UNKNOWN``
+for a class DCMTK does not list; ``<ext>`` is the ``-fe`` value appended verbatim.
+
+Where we differ on purpose: storescp 3.6.7 as tagged pastes network values (UIDs) into paths
+unchecked, so a peer can send ``../x`` or ``a/b`` (DCMTK issue #1021).  Later DCMTK and distro
+backports only turn ``/`` into ``_``, which still lets through ``..``, hidden names, control
+characters and option-like names.  Here every value that came from the network passes through
+:func:`safe_component`, and every public name builder returns exactly one safe path component.
+Values DCMTK would accept as UIDs come out unchanged.
+
+Everything is pure: no clock (times are parameters), no filesystem, except
+:func:`ensure_under`, which has to resolve symlinks.
+"""
+
+import hashlib
+import re
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import Final, Literal
+
+from dicom_ingestd.codes import Status
+
+__all__ = [
+    "ANONYMOUS",
+    "DEFAULT_MAX_LEN",
+    "MODALITIES",
+    "NAME_MAX",
+    "PLACEHOLDER",
+    "UNKNOWN_MODALITY",
+    "MissingStudyUID",
+    "SortMode",
+    "TimeNameSequence",
+    "default_filename",
+    "ensure_under",
+    "modality_prefix",
+    "patient_name_component",
+    "rename_filename",
+    "rename_prefix",
+    "safe_component",
+    "study_subdirectory",
+    "time_filename",
+    "unique_filename",
+]
+
+UNKNOWN_MODALITY: Final = "UNKNOWN"
+"""Modality code for SOP classes missing from the table (storescp passes this default)."""
+
+PLACEHOLDER: Final = "UNKNOWN"
+"""What :func:`safe_component` returns for a value with nothing usable left."""
+
+ANONYMOUS: Final = "ANONYMOUS"
+"""storescp's ``-sp`` directory stem when PatientName is absent or empty."""
+
+NAME_MAX: Final = 255
+"""Linux's limit on one path component, in bytes; every built name stays within it."""
+
+DEFAULT_MAX_LEN: Final = 200
+"""Default byte cap for one network value: leaves room for modality, timestamp, extension."""
+
+SortMode = Literal["conc-studies", "study-uid", "patientname"]
+"""storescp's ``-ss``, ``-su`` and ``-sp``."""
+
+# ---------------------------------------------------------------------------------------------
+# SOP class -> modality code: the rows of the `modalities` table in DCMTK 3.6.7
+# dcmdata/libsrc/dcuid.cc, in DCMTK's order.  The codes are not unique (SRi is used twice);
+# that is DCMTK's and is kept, since the names must match storescp's.
+# ---------------------------------------------------------------------------------------------
+_MODALITY_ROWS: Final[tuple[tuple[str, str], ...]] = (
+    ("1.2.840.10008.5.1.4.1.1.88.71", "SRa"),  # AcquisitionContextSRStorage
+    ("1.2.840.10008.5.1.4.1.1.11.8", "PSa"),  # AdvancedBlendingPresentationStateStorage
+    ("1.2.840.10008.5.1.4.1.1.9.1.3", "ECA"),  # AmbulatoryECGWaveformStorage
+    ("1.2.840.10008.5.1.4.1.1.9.5.1", "WVa"),  # ArterialPulseWaveformStorage
+    ("1.2.840.10008.5.1.4.1.1.78.2", "OPa"),  # AutorefractionMeasurementsStorage
+    ("1.2.840.10008.5.1.4.1.1.131", "SD"),  # BasicStructuredDisplayStorage
+    ("1.2.840.10008.5.1.4.1.1.88.11", "SRt"),  # BasicTextSRStorage
+    ("1.2.840.10008.5.1.4.1.1.9.4.1", "AUV"),  # BasicVoiceAudioWaveformStorage
+    ("1.2.840.10008.5.1.4.1.1.11.4", "PSb"),  # BlendingSoftcopyPresentationStateStorage
+    ("1.2.840.10008.5.1.4.1.1.9.8.1", "WVb"),  # BodyPositionWaveformStorage
+    ("1.2.840.10008.5.1.4.1.1.13.1.4", "BX"),  # BreastProjectionXRayImageStorageForPresentation
+    ("1.2.840.10008.5.1.4.1.1.13.1.5", "BP"),  # BreastProjectionXRayImageStorageForProcessing
+    ("1.2.840.10008.5.1.4.1.1.13.1.3", "BT"),  # BreastTomosynthesisImageStorage
+    ("1.2.840.10008.5.1.4.1.1.9.3.1", "WVc"),  # CardiacElectrophysiologyWaveformStorage
+    ("1.2.840.10008.5.1.4.1.1.481.19", "RRc"),  # CArmPhotonElectronRadiationRecordStorage
+    ("1.2.840.10008.5.1.4.1.1.481.13", "Rca"),  # CArmPhotonElectronRadiationStorage
+    ("1.2.840.10008.5.1.4.1.1.88.65", "SRh"),  # ChestCADSRStorage
+    ("1.2.840.10008.5.1.4.1.1.88.69", "SRo"),  # ColonCADSRStorage
+    ("1.2.840.10008.5.1.4.39.1", "CP"),  # ColorPaletteStorage
+    ("1.2.840.10008.5.1.4.1.1.11.2", "PSc"),  # ColorSoftcopyPresentationStateStorage
+    # CompositingPlanarMPRVolumetricPresentationStateStorage
+    ("1.2.840.10008.5.1.4.1.1.11.7", "VPc"),
+    ("1.2.840.10008.5.1.4.1.1.88.34", "SR3"),  # Comprehensive3DSRStorage
+    ("1.2.840.10008.5.1.4.1.1.88.33", "SRc"),  # ComprehensiveSRStorage
+    ("1.2.840.10008.5.1.4.1.1.1", "CR"),  # ComputedRadiographyImageStorage
+    ("1.2.840.10008.5.1.4.1.1.90.1", "AS"),  # ContentAssessmentResultsStorage
+    ("1.2.840.10008.5.1.4.1.1.82.1", "CM"),  # CornealTopographyMapStorage
+    ("1.2.840.10008.5.1.4.1.1.200.1", "PPcd"),  # CTDefinedProcedureProtocolStorage
+    ("1.2.840.10008.5.1.4.1.1.2", "CT"),  # CTImageStorage
+    ("1.2.840.10008.5.1.4.1.1.200.2", "PPcp"),  # CTPerformedProcedureProtocolStorage
+    ("1.2.840.10008.5.1.4.1.1.66.3", "RGd"),  # DeformableSpatialRegistrationStorage
+    ("1.2.840.10008.5.1.4.1.1.77.1.7", "VLd"),  # DermoscopicPhotographyImageStorage
+    ("1.2.840.10008.5.1.4.1.1.1.3", "DXo"),  # DigitalIntraOralXRayImageStorageForPresentation
+    ("1.2.840.10008.5.1.4.1.1.1.3.1", "DPo"),  # DigitalIntraOralXRayImageStorageForProcessing
+    ("1.2.840.10008.5.1.4.1.1.1.2", "DXm"),  # DigitalMammographyXRayImageStorageForPresentation
+    ("1.2.840.10008.5.1.4.1.1.1.2.1", "DPm"),  # DigitalMammographyXRayImageStorageForProcessing
+    ("1.2.840.10008.5.1.4.1.1.1.1", "DX"),  # DigitalXRayImageStorageForPresentation
+    ("1.2.840.10008.5.1.4.1.1.1.1.1", "DP"),  # DigitalXRayImageStorageForProcessing
+    ("1.2.840.10008.5.1.4.1.1.9.7.2", "EMG"),  # ElectromyogramWaveformStorage
+    ("1.2.840.10008.5.1.4.1.1.9.7.3", "EOG"),  # ElectrooculogramWaveformStorage
+    ("1.2.840.10008.5.1.4.1.1.104.2", "CDA"),  # EncapsulatedCDAStorage
+    ("1.2.840.10008.5.1.4.1.1.104.5", "MTL"),  # EncapsulatedMTLStorage
+    ("1.2.840.10008.5.1.4.1.1.104.4", "OBJ"),  # EncapsulatedOBJStorage
+    ("1.2.840.10008.5.1.4.1.1.104.1", "PDF"),  # EncapsulatedPDFStorage
+    ("1.2.840.10008.5.1.4.1.1.104.3", "STL"),  # EncapsulatedSTLStorage
+    ("1.2.840.10008.5.1.4.1.1.2.1", "CTe"),  # EnhancedCTImageStorage
+    ("1.2.840.10008.5.1.4.1.1.4.3", "MRc"),  # EnhancedMRColorImageStorage
+    ("1.2.840.10008.5.1.4.1.1.4.1", "MRe"),  # EnhancedMRImageStorage
+    ("1.2.840.10008.5.1.4.1.1.130", "PIe"),  # EnhancedPETImageStorage
+    ("1.2.840.10008.5.1.4.1.1.88.22", "SRe"),  # EnhancedSRStorage
+    ("1.2.840.10008.5.1.4.1.1.6.2", "USe"),  # EnhancedUSVolumeStorage
+    ("1.2.840.10008.5.1.4.1.1.12.1.1", "XAe"),  # EnhancedXAImageStorage
+    ("1.2.840.10008.5.1.4.1.1.88.76", "SRde"),  # EnhancedXRayRadiationDoseSRStorage
+    ("1.2.840.10008.5.1.4.1.1.12.2.1", "RFe"),  # EnhancedXRFImageStorage
+    ("1.2.840.10008.5.1.4.1.1.88.35", "SRx"),  # ExtensibleSRStorage
+    ("1.2.840.10008.5.1.4.1.1.9.4.2", "AUG"),  # GeneralAudioWaveformStorage
+    ("1.2.840.10008.5.1.4.1.1.9.1.2", "ECG"),  # GeneralECGWaveformStorage
+    ("1.2.840.10008.5.1.4.43.1", "IT"),  # GenericImplantTemplateStorage
+    ("1.2.840.10008.5.1.4.1.1.11.6", "VPg"),  # GrayscalePlanarMPRVolumetricPresentationStateStorage
+    ("1.2.840.10008.5.1.4.1.1.11.1", "PSg"),  # GrayscaleSoftcopyPresentationStateStorage
+    ("1.2.840.10008.5.1.4.38.1", "HP"),  # HangingProtocolStorage
+    ("1.2.840.10008.5.1.4.1.1.9.2.1", "WVh"),  # HemodynamicWaveformStorage
+    ("1.2.840.10008.5.1.4.44.1", "ITa"),  # ImplantAssemblyTemplateStorage
+    ("1.2.840.10008.5.1.4.1.1.88.70", "SRi"),  # ImplantationPlanSRDocumentStorage
+    ("1.2.840.10008.5.1.4.45.1", "ITg"),  # ImplantTemplateGroupStorage
+    ("1.2.840.10008.5.1.4.1.1.78.8", "OPc"),  # IntraocularLensCalculationsStorage
+    # IntravascularOpticalCoherenceTomographyImageStorageForPresentation
+    ("1.2.840.10008.5.1.4.1.1.14.1", "OCt"),
+    # IntravascularOpticalCoherenceTomographyImageStorageForProcessing
+    ("1.2.840.10008.5.1.4.1.1.14.2", "OCp"),
+    ("1.2.840.10008.5.1.4.1.1.78.3", "OPk"),  # KeratometryMeasurementsStorage
+    ("1.2.840.10008.5.1.4.1.1.88.59", "KO"),  # KeyObjectSelectionDocumentStorage
+    ("1.2.840.10008.5.1.4.1.1.2.2", "CTl"),  # LegacyConvertedEnhancedCTImageStorage
+    ("1.2.840.10008.5.1.4.1.1.4.4", "MRl"),  # LegacyConvertedEnhancedMRImageStorage
+    ("1.2.840.10008.5.1.4.1.1.128.1", "PIl"),  # LegacyConvertedEnhancedPETImageStorage
+    ("1.2.840.10008.5.1.4.1.1.78.1", "OPl"),  # LensometryMeasurementsStorage
+    ("1.2.840.10008.5.1.4.1.1.79.1", "SRg"),  # MacularGridThicknessAndVolumeReportStorage
+    ("1.2.840.10008.5.1.4.1.1.88.50", "SRm"),  # MammographyCADSRStorage
+    ("1.2.840.10008.5.1.4.1.1.91.1", "MAs"),  # MicroscopyBulkSimpleAnnotationsStorage
+    ("1.2.840.10008.5.1.4.1.1.4", "MR"),  # MRImageStorage
+    ("1.2.840.10008.5.1.4.1.1.4.2", "MRs"),  # MRSpectroscopyStorage
+    ("1.2.840.10008.5.1.4.1.1.9.6.2", "WVm"),  # MultichannelRespiratoryWaveformStorage
+    ("1.2.840.10008.5.1.4.1.1.7.2", "SCb"),  # MultiframeGrayscaleByteSecondaryCaptureImageStorage
+    ("1.2.840.10008.5.1.4.1.1.7.3", "SCw"),  # MultiframeGrayscaleWordSecondaryCaptureImageStorage
+    ("1.2.840.10008.5.1.4.1.1.7.1", "SCs"),  # MultiframeSingleBitSecondaryCaptureImageStorage
+    ("1.2.840.10008.5.1.4.1.1.7.4", "SCc"),  # MultiframeTrueColorSecondaryCaptureImageStorage
+    # MultipleVolumeRenderingVolumetricPresentationStateStorage
+    ("1.2.840.10008.5.1.4.1.1.11.11", "VPm"),
+    ("1.2.840.10008.5.1.4.1.1.20", "NM"),  # NuclearMedicineImageStorage
+    ("1.2.840.10008.5.1.4.1.1.78.7", "OPx"),  # OphthalmicAxialMeasurementsStorage
+    # OphthalmicOpticalCoherenceTomographyBscanVolumeAnalysisStorage
+    ("1.2.840.10008.5.1.4.1.1.77.1.5.8", "OCb"),
+    # OphthalmicOpticalCoherenceTomographyEnFaceImageStorage
+    ("1.2.840.10008.5.1.4.1.1.77.1.5.7", "OCe"),
+    ("1.2.840.10008.5.1.4.1.1.77.1.5.2", "OPw"),  # OphthalmicPhotography16BitImageStorage
+    ("1.2.840.10008.5.1.4.1.1.77.1.5.1", "OPb"),  # OphthalmicPhotography8BitImageStorage
+    ("1.2.840.10008.5.1.4.1.1.81.1", "OPm"),  # OphthalmicThicknessMapStorage
+    ("1.2.840.10008.5.1.4.1.1.77.1.5.4", "OPt"),  # OphthalmicTomographyImageStorage
+    # OphthalmicVisualFieldStaticPerimetryMeasurementsStorage
+    ("1.2.840.10008.5.1.4.1.1.80.1", "OPp"),
+    ("1.2.840.10008.5.1.4.1.1.30", "PM"),  # ParametricMapStorage
+    ("1.2.840.10008.5.1.4.1.1.88.73", "SRq"),  # PatientRadiationDoseSRStorage
+    ("1.2.840.10008.5.1.4.1.1.88.75", "SRi"),  # PerformedImagingAgentAdministrationSRStorage
+    ("1.2.840.10008.5.1.4.1.1.88.74", "SRj"),  # PlannedImagingAgentAdministrationSRStorage
+    ("1.2.840.10008.5.1.4.1.1.128", "PI"),  # PositronEmissionTomographyImageStorage
+    ("1.2.840.10008.5.1.4.1.1.88.40", "SRp"),  # ProcedureLogStorage
+    ("1.2.840.10008.5.1.4.1.1.200.3", "PA"),  # ProtocolApprovalStorage
+    ("1.2.840.10008.5.1.4.1.1.11.3", "PSp"),  # PseudoColorSoftcopyPresentationStateStorage
+    ("1.2.840.10008.5.1.4.1.1.88.68", "SRr"),  # RadiopharmaceuticalRadiationDoseSRStorage
+    ("1.2.840.10008.5.1.4.1.1.66", "RAW"),  # RawDataStorage
+    ("1.2.840.10008.5.1.4.1.1.67", "RWM"),  # RealWorldValueMappingStorage
+    ("1.2.840.10008.5.1.4.1.1.9.6.1", "WVr"),  # RespiratoryWaveformStorage
+    ("1.2.840.10008.5.1.4.1.1.481.15", "Rra"),  # RoboticArmRadiationStorage
+    ("1.2.840.10008.5.1.4.1.1.481.20", "RRr"),  # RoboticRadiationRecordStorage
+    ("1.2.840.10008.5.1.4.1.1.9.7.1", "EEG"),  # RoutineScalpElectroencephalogramWaveformStorage
+    ("1.2.840.10008.5.1.4.34.7", "RTd"),  # RTBeamsDeliveryInstructionStorage
+    ("1.2.840.10008.5.1.4.1.1.481.4", "RTb"),  # RTBeamsTreatmentRecordStorage
+    ("1.2.840.10008.5.1.4.34.10", "RTa"),  # RTBrachyApplicationSetupDeliveryInstructionStorage
+    ("1.2.840.10008.5.1.4.1.1.481.6", "RTr"),  # RTBrachyTreatmentRecordStorage
+    ("1.2.840.10008.5.1.4.1.1.481.2", "RD"),  # RTDoseStorage
+    ("1.2.840.10008.5.1.4.1.1.481.1", "RI"),  # RTImageStorage
+    ("1.2.840.10008.5.1.4.1.1.481.9", "RTi"),  # RTIonBeamsTreatmentRecordStorage
+    ("1.2.840.10008.5.1.4.1.1.481.8", "RPi"),  # RTIonPlanStorage
+    ("1.2.840.10008.5.1.4.1.1.481.5", "RP"),  # RTPlanStorage
+    ("1.2.840.10008.5.1.4.1.1.481.10", "RIp"),  # RTPhysicianIntentStorage
+    ("1.2.840.10008.5.1.4.1.1.481.16", "RSr"),  # RTRadiationRecordSetStorage
+    ("1.2.840.10008.5.1.4.1.1.481.17", "RRs"),  # RTRadiationSalvageRecordStorage
+    ("1.2.840.10008.5.1.4.1.1.481.21", "RSd"),  # RTRadiationSetDeliveryInstructionStorage
+    ("1.2.840.10008.5.1.4.1.1.481.12", "RSe"),  # RTRadiationSetStorage
+    ("1.2.840.10008.5.1.4.1.1.481.11", "RAs"),  # RTSegmentAnnotationStorage
+    ("1.2.840.10008.5.1.4.1.1.481.3", "RS"),  # RTStructureSetStorage
+    ("1.2.840.10008.5.1.4.1.1.481.22", "RTp"),  # RTTreatmentPreparationStorage
+    ("1.2.840.10008.5.1.4.1.1.481.7", "RTs"),  # RTTreatmentSummaryRecordStorage
+    ("1.2.840.10008.5.1.4.1.1.7", "SC"),  # SecondaryCaptureImageStorage
+    ("1.2.840.10008.5.1.4.1.1.66.4", "SG"),  # SegmentationStorage
+    # SegmentedVolumeRenderingVolumetricPresentationStateStorage
+    ("1.2.840.10008.5.1.4.1.1.11.10", "VPs"),
+    ("1.2.840.10008.5.1.4.1.1.88.72", "SRu"),  # SimplifiedAdultEchoSRStorage
+    ("1.2.840.10008.5.1.4.1.1.9.7.4", "WVs"),  # SleepElectroencephalogramWaveformStorage
+    ("1.2.840.10008.5.1.4.1.1.66.2", "FID"),  # SpatialFiducialsStorage
+    ("1.2.840.10008.5.1.4.1.1.66.1", "RGs"),  # SpatialRegistrationStorage
+    ("1.2.840.10008.5.1.4.1.1.78.6", "SRs"),  # SpectaclePrescriptionReportStorage
+    ("1.2.840.10008.5.1.4.1.1.77.1.5.3", "OPr"),  # StereometricRelationshipStorage
+    ("1.2.840.10008.5.1.4.1.1.78.4", "OPs"),  # SubjectiveRefractionMeasurementsStorage
+    ("1.2.840.10008.5.1.4.1.1.68.1", "SSm"),  # SurfaceScanMeshStorage
+    ("1.2.840.10008.5.1.4.1.1.68.2", "SSp"),  # SurfaceScanPointCloudStorage
+    ("1.2.840.10008.5.1.4.1.1.66.5", "SGs"),  # SurfaceSegmentationStorage
+    ("1.2.840.10008.5.1.4.1.1.481.18", "RRt"),  # TomotherapeuticRadiationRecordStorage
+    ("1.2.840.10008.5.1.4.1.1.481.14", "Rto"),  # TomotherapeuticRadiationStorage
+    ("1.2.840.10008.5.1.4.1.1.66.6", "TR"),  # TractographyResultsStorage
+    ("1.2.840.10008.5.1.4.1.1.9.1.1", "TLE"),  # TwelveLeadECGWaveformStorage
+    ("1.2.840.10008.5.1.4.1.1.6.1", "US"),  # UltrasoundImageStorage
+    ("1.2.840.10008.5.1.4.1.1.3.1", "USm"),  # UltrasoundMultiframeImageStorage
+    ("1.2.840.10008.5.1.4.1.1.77.1.1.1", "VVe"),  # VideoEndoscopicImageStorage
+    ("1.2.840.10008.5.1.4.1.1.77.1.2.1", "VVm"),  # VideoMicroscopicImageStorage
+    ("1.2.840.10008.5.1.4.1.1.77.1.4.1", "VVp"),  # VideoPhotographicImageStorage
+    ("1.2.840.10008.5.1.4.1.1.78.5", "OPv"),  # VisualAcuityMeasurementsStorage
+    ("1.2.840.10008.5.1.4.1.1.77.1.1", "VLe"),  # VLEndoscopicImageStorage
+    ("1.2.840.10008.5.1.4.1.1.77.1.2", "VLm"),  # VLMicroscopicImageStorage
+    ("1.2.840.10008.5.1.4.1.1.77.1.4", "VLp"),  # VLPhotographicImageStorage
+    ("1.2.840.10008.5.1.4.1.1.77.1.3", "VLs"),  # VLSlideCoordinatesMicroscopicImageStorage
+    ("1.2.840.10008.5.1.4.1.1.77.1.6", "VLw"),  # VLWholeSlideMicroscopyImageStorage
+    ("1.2.840.10008.5.1.4.1.1.11.9", "VPv"),  # VolumeRenderingVolumetricPresentationStateStorage
+    # WideFieldOphthalmicPhotographyStereographicProjectionImageStorage
+    ("1.2.840.10008.5.1.4.1.1.77.1.5.5", "OWs"),
+    # WideFieldOphthalmicPhotography3DCoordinatesImageStorage
+    ("1.2.840.10008.5.1.4.1.1.77.1.5.6", "OW3"),
+    ("1.2.840.10008.5.1.4.1.1.200.7", "PPxd"),  # XADefinedProcedureProtocolStorage
+    ("1.2.840.10008.5.1.4.1.1.200.8", "PPxp"),  # XAPerformedProcedureProtocolStorage
+    ("1.2.840.10008.5.1.4.1.1.11.5", "PSx"),  # XAXRFGrayscaleSoftcopyPresentationStateStorage
+    ("1.2.840.10008.5.1.4.1.1.13.1.1", "XA3"),  # XRay3DAngiographicImageStorage
+    ("1.2.840.10008.5.1.4.1.1.13.1.2", "XC3"),  # XRay3DCraniofacialImageStorage
+    ("1.2.840.10008.5.1.4.1.1.12.1", "XA"),  # XRayAngiographicImageStorage
+    ("1.2.840.10008.5.1.4.1.1.88.67", "SRd"),  # XRayRadiationDoseSRStorage
+    ("1.2.840.10008.5.1.4.1.1.12.2", "RF"),  # XRayRadiofluoroscopicImageStorage
+    # -- retired SOP classes --
+    ("1.2.840.10008.5.1.1.30", "HC"),  # RETIRED_HardcopyColorImageStorage
+    ("1.2.840.10008.5.1.1.29", "HG"),  # RETIRED_HardcopyGrayscaleImageStorage
+    ("1.2.840.10008.5.1.4.1.1.5", "NMr"),  # RETIRED_NuclearMedicineImageStorage
+    ("1.2.840.10008.5.1.4.1.1.9", "CV"),  # RETIRED_StandaloneCurveStorage
+    ("1.2.840.10008.5.1.4.1.1.10", "ML"),  # RETIRED_StandaloneModalityLUTStorage
+    ("1.2.840.10008.5.1.4.1.1.8", "OV"),  # RETIRED_StandaloneOverlayStorage
+    ("1.2.840.10008.5.1.4.1.1.129", "PC"),  # RETIRED_StandalonePETCurveStorage
+    ("1.2.840.10008.5.1.4.1.1.11", "VO"),  # RETIRED_StandaloneVOILUTStorage
+    ("1.2.840.10008.5.1.1.27", "SP"),  # RETIRED_StoredPrintStorage
+    ("1.2.840.10008.5.1.4.1.1.6", "USr"),  # RETIRED_UltrasoundImageStorage
+    ("1.2.840.10008.5.1.4.1.1.3", "USf"),  # RETIRED_UltrasoundMultiframeImageStorage
+    ("1.2.840.10008.5.1.4.1.1.77.1", "VLr"),  # RETIRED_VLImageStorage
+    ("1.2.840.10008.5.1.4.1.1.77.2", "VMr"),  # RETIRED_VLMultiframeImageStorage
+    ("1.2.840.10008.5.1.4.1.1.12.3", "XB"),  # RETIRED_XRayAngiographicBiPlaneImageStorage
+    # -- draft (pre-standard) SOP classes --
+    ("1.2.840.10008.5.1.4.34.1", "RB_d"),  # DRAFT_RTBeamsDeliveryInstructionStorage
+    ("1.2.840.10008.5.1.4.1.1.88.2", "SR_a"),  # DRAFT_SRAudioStorage
+    ("1.2.840.10008.5.1.4.1.1.88.4", "SR_c"),  # DRAFT_SRComprehensiveStorage
+    ("1.2.840.10008.5.1.4.1.1.88.3", "SR_d"),  # DRAFT_SRDetailStorage
+    ("1.2.840.10008.5.1.4.1.1.88.1", "SR_t"),  # DRAFT_SRTextStorage
+    ("1.2.840.10008.5.1.4.1.1.9.1", "WV_d"),  # DRAFT_WaveformStorage
+    # -- DICOS (security screening) --
+    ("1.2.840.10008.5.1.4.1.1.501.1", "CTs"),  # DICOS_CTImageStorage
+    ("1.2.840.10008.5.1.4.1.1.501.2.1", "DXs"),  # DICOS_DigitalXRayImageStorageForPresentation
+    ("1.2.840.10008.5.1.4.1.1.501.2.2", "DPs"),  # DICOS_DigitalXRayImageStorageForProcessing
+    ("1.2.840.10008.5.1.4.1.1.501.3", "TDR"),  # DICOS_ThreatDetectionReportStorage
+    ("1.2.840.10008.5.1.4.1.1.501.4", "AI2"),  # DICOS_2DAITStorage
+    ("1.2.840.10008.5.1.4.1.1.501.5", "AI3"),  # DICOS_3DAITStorage
+    ("1.2.840.10008.5.1.4.1.1.501.6", "QR"),  # DICOS_QuadrupoleResonanceStorage
+    # -- DICONDE (non-destructive evaluation) --
+    ("1.2.840.10008.5.1.4.1.1.601.1", "EC"),  # DICONDE_EddyCurrentImageStorage
+    ("1.2.840.10008.5.1.4.1.1.601.2", "ECm"),  # DICONDE_EddyCurrentMultiframeImageStorage
+)
+
+
+def _first_row_wins(rows: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    # DCMTK searches the table linearly and stops at the first match.
+    table: dict[str, str] = {}
+    for uid, code in rows:
+        table.setdefault(uid, code)
+    return table
+
+
+MODALITIES: Final[Mapping[str, str]] = MappingProxyType(_first_row_wins(_MODALITY_ROWS))
+"""Read-only SOP Class UID -> modality code map (DCMTK 3.6.7 ``dcmSOPClassUIDToModality``)."""
+
+# ---------------------------------------------------------------------------------------------
+# Network values
+# ---------------------------------------------------------------------------------------------
+
+# C isspace() in the "C" locale: what DCMTK's automatic input correction strips out of UIs.
+_C_WHITESPACE: Final = " \t\n\v\f\r"
+_DROP_WHITESPACE: Final = str.maketrans("", "", _C_WHITESPACE)
+
+
+def _clean_uid(value: str, *, first_value: bool) -> str:
+    """A UI value as DCMTK hands it to storescp, so well-formed-but-padded UIDs name alike.
+
+    dcmdata removes every whitespace character from a UI (dcvrui.cc makeMachineByteString)
+    and the NUL padding at its end; findAndGetOFString() then yields only the first of
+    several backslash-separated values (dcbytstr.cc getStringPart).  Embedded NULs are *not*
+    treated as terminators (DCMTK's C strings silently cut there); safe_component replaces
+    them instead, so "1.2\\0junk" cannot overwrite "1.2".
+    """
+    if first_value:
+        value = value.split("\\", 1)[0]
+    return value.translate(_DROP_WHITESPACE).rstrip("\0")
+
+
+# POSIX portable filename character set (POSIX.1-2017, 3.282).  An allow-list rather than a
+# deny-list: no separators, controls, shell metacharacters, bidi overrides, zero-width or
+# look-alike code points can survive, and every UID character (digits, '.') does.
+_NOT_PORTABLE: Final = re.compile(r"[^A-Za-z0-9._-]")
+# A leading '.' hides the file (and '.'/'..' are the directory links); a leading '-' turns the
+# name into an option for the rm/find/tar an operator runs later.
+_BAD_START: Final = re.compile(r"[.-]+")
+_HASH_HEX_DIGITS: Final = 16  # 64 bits: accidental collisions of distinct long values ~never
+_MIN_MAX_LEN: Final = 2 * (_HASH_HEX_DIGITS + 1)
+
+
+def safe_component(value: str, *, max_len: int = DEFAULT_MAX_LEN) -> str:
+    """Turn an untrusted string into one harmless path component, deterministically.
+
+    Guarantees, for any ``str`` input (including NULs and lone surrogates):
+
+    * only ``A-Z a-z 0-9 . _ -`` (the POSIX portable filename set); every other code point,
+      which includes ``/``, ``\\``, NUL, control characters, spaces and non-ASCII, becomes
+      ``_`` (one ``_`` per code point);
+    * a leading run of ``.`` or ``-`` becomes ``_`` (no hidden files, no ``.``/``..``, no
+      option-like names);
+    * never empty: a value with nothing left is :data:`PLACEHOLDER`;
+    * at most ``max_len`` bytes of UTF-8.  A longer value is cut and gets ``_`` plus 16 hex
+      digits of the SHA-256 of the *original* value, so distinct long values stay distinct;
+    * idempotent for the same ``max_len``; a value that already satisfies all of the above
+      (e.g. any UID of digits and dots) is returned unchanged.
+
+    Raises ValueError if ``max_len`` is too small to hold the hash suffix (< 34).
+    """
+    if max_len < _MIN_MAX_LEN:
+        raise ValueError(f"max_len must be at least {_MIN_MAX_LEN}, got {max_len}")
+    text = _NOT_PORTABLE.sub("_", value)
+    start = _BAD_START.match(text)
+    if start:
+        text = "_" * start.end() + text[start.end() :]
+    if not text:
+        return PLACEHOLDER
+    if len(text.encode()) <= max_len:
+        return text
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+    suffix = "_" + digest[:_HASH_HEX_DIGITS]
+    # The alphabet is ASCII, so a byte cut cannot split a code point; decoding with "ignore"
+    # keeps that true should the alphabet ever widen.
+    head = text.encode()[: max_len - len(suffix)].decode("utf-8", "ignore")
+    return head + suffix
+
+
+def _one_component(name: str) -> str:
+    """Final guard on an assembled name: operator-set parts (prefix, extension) are checked too."""
+    return safe_component(name, max_len=NAME_MAX)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modality codes
+# ---------------------------------------------------------------------------------------------
+
+
+def modality_prefix(sop_class_uid: str, *, default: str = UNKNOWN_MODALITY) -> str:
+    """DCMTK's short code for a SOP class (``CT``, ``MRe``, ``SRd``...), else ``default``.
+
+    storescp passes ``"UNKNOWN"`` when naming files (storescp.cc 2017, 2035, 2069) and
+    ``"OT"`` only in a log line.  The UID is cleaned as DIMSE would (whitespace and NUL
+    padding), so ``"1.2.840.10008.5.1.4.1.1.2\\0"`` is still ``CT``.  ``default`` is returned
+    as given, unsanitised (it is ours, not the peer's).
+    """
+    return MODALITIES.get(_clean_uid(sop_class_uid, first_value=False), default)
+
+
+def _modality(sop_class_uid: str) -> str:
+    return modality_prefix(sop_class_uid, default=UNKNOWN_MODALITY)
+
+
+# ---------------------------------------------------------------------------------------------
+# File names
+# ---------------------------------------------------------------------------------------------
+
+
+def default_filename(sop_class_uid: str, sop_instance_uid: str, extension: str = "") -> str:
+    """storescp ``-uf``: ``<MOD>.<SOPInstanceUID><extension>`` (storescp.cc 2069).
+
+    Both UIDs are the C-STORE-RQ's Affected SOP Class/Instance UID, as storescp uses them
+    (not the data set's).  ``extension`` is appended verbatim as ``-fe`` does: pass ``.dcm``,
+    not ``dcm``.  The result is always a single component of at most :data:`NAME_MAX` bytes.
+    """
+    instance = safe_component(_clean_uid(sop_instance_uid, first_value=False))
+    return _one_component(f"{_modality(sop_class_uid)}.{instance}{extension}")
+
+
+def unique_filename(sop_class_uid: str, new_uid: str, extension: str = "") -> str:
+    """storescp ``+uf``: ``<MOD>.X.<new_uid><extension>`` (storescp.cc 2012-2018).
+
+    storescp generates ``new_uid`` per object with dcmGenerateUniqueIdentifier (its own UID
+    root); the caller generates it here, e.g. with ``pydicom.uid.generate_uid()``.
+    """
+    uid = safe_component(_clean_uid(new_uid, first_value=False))
+    return _one_component(f"{_modality(sop_class_uid)}.X.{uid}{extension}")
+
+
+def _dcmtk_millisecond(when: datetime) -> int:
+    """The milliseconds DCMTK prints for ``when``, float truncation included.
+
+    OFTime keeps seconds as a double ``tm_sec + tv_usec / 1e6`` and truncates
+    ``(Second - (int)Second) * 1000`` (oftime.cc getMilliSecond).  That is *not* always
+    ``microsecond // 1000``: for a microsecond count that is an exact multiple of 1000 the
+    subtraction lands just below, and e.g. 1.001 s prints as ``000``.  Same IEEE doubles here,
+    same digits.
+    """
+    second = float(when.second) + float(when.microsecond) / 1000000.0
+    return int((second - float(int(second))) * 1000.0)
+
+
+def _date_time_digits(when: datetime) -> tuple[str, str]:
+    """("YYYYMMDD", "HHMMSSmmm") the way storescp's sprintf formats OFDateTime."""
+    return (
+        f"{when.year:04d}{when.month:02d}{when.day:02d}",
+        f"{when.hour:02d}{when.minute:02d}{when.second:02d}{_dcmtk_millisecond(when):03d}",
+    )
+
+
+def time_filename(
+    when: datetime, serial: int | None, sop_class_uid: str, extension: str = ""
+) -> str:
+    """storescp ``-tn``: ``YYYYMMDDHHMMSSmmm[_NNNN].<MOD><extension>`` (storescp.cc 2020-2064).
+
+    The extension follows the modality code, after a ``.`` that is always there.  ``when`` is
+    read by its wall-clock fields: pass local time, as storescp uses localtime(); a tz-aware
+    value is not converted.  ``serial`` is ``None`` for the first file of a millisecond, then
+    0, 1, 2... printed as at least 4 digits (see :class:`TimeNameSequence`, which applies
+    storescp's rule).  Raises ValueError for a negative serial.
+    """
+    if serial is not None and serial < 0:
+        raise ValueError(f"serial must be >= 0, got {serial}")
+    date, time = _date_time_digits(when)
+    tail = "" if serial is None else f"_{serial:04d}"
+    return _one_component(f"{date}{time}{tail}.{_modality(sop_class_uid)}{extension}")
+
+
+class TimeNameSequence:
+    """storescp's ``-tn`` collision rule, without its file system.
+
+    storescp builds the name without serial; if that equals the last name it wrote, it adds
+    ``_0000``; while the next candidate (with the current serial) still equals the last name
+    it counts up; a name that differs drops the serial again (storescp.cc 2024-2064).  When a
+    new study subdirectory is created storescp forgets the serial (1897-1900): call
+    :meth:`new_study` then.  Not thread-safe: one instance per storing sequence, as storescp.
+    """
+
+    def __init__(self) -> None:
+        self._serial = -1  # storescp's "no serial in the last name"
+        self._last: str | None = None
+
+    def next_name(self, when: datetime, sop_class_uid: str, extension: str = "") -> str:
+        """The name storescp would give the next object received at ``when``; remembered."""
+        current = None if self._serial < 0 else self._serial
+        candidate = time_filename(when, current, sop_class_uid, extension)
+        if self._last is not None and candidate == self._last:
+            self._serial += 1
+            name = time_filename(when, self._serial, sop_class_uid, extension)
+        else:
+            self._serial = -1
+            name = time_filename(when, None, sop_class_uid, extension)
+        self._last = name
+        return name
+
+    def new_study(self) -> None:
+        """A new study subdirectory was created: the next collision starts at 0000 again."""
+        self._serial = -1
+
+
+# ---------------------------------------------------------------------------------------------
+# Study subdirectories
+# ---------------------------------------------------------------------------------------------
+
+
+class MissingStudyUID(ValueError):
+    """The object has no (or an empty) StudyInstanceUID: storescp refuses it when sorting.
+
+    storescp.cc 1773-1779 answers 0xC000 for every sort mode, not just ``-su``; ``status`` is
+    that code for the caller's C-STORE-RSP.
+    """
+
+    status: Final = Status.CANNOT_UNDERSTAND
+
+
+# DCMTK's ASCII folding of ISO 8859-1 letters 0xC0-0xFF for -sp (storescp.cc
+# mapCharacterAndAppendToString).  Quirks kept: Æ->A but Ä->Ae, × ÷ Þ þ -> _, ß->ss.
+# fmt: off
+_FOLD_C0_FF: Final = (
+    # À    Á    Â    Ã    Ä     Å    Æ    Ç    È    É    Ê    Ë    Ì    Í    Î    Ï
+    "A", "A", "A", "A", "Ae", "A", "A", "C", "E", "E", "E", "E", "I", "I", "I", "I",
+    # Ð    Ñ    Ò    Ó    Ô    Õ    Ö     ×    Ø    Ù    Ú    Û    Ü     Ý    Þ    ß
+    "D", "N", "O", "O", "O", "O", "Oe", "_", "O", "U", "U", "U", "Ue", "Y", "_", "ss",
+    # à    á    â    ã    ä     å    æ    ç    è    é    ê    ë    ì    í    î    ï
+    "a", "a", "a", "a", "ae", "a", "a", "c", "e", "e", "e", "e", "i", "i", "i", "i",
+    # ð    ñ    ò    ó    ô    õ    ö     ÷    ø    ù    ú    û    ü     ý    þ    ÿ
+    "d", "n", "o", "o", "o", "o", "oe", "_", "o", "u", "u", "u", "ue", "y", "_", "y",
+)
+# fmt: on
+_ASCII_ALNUM: Final = frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+# Every other byte (controls, space, punctuation, '^', '=', 0x80-0xBF) becomes '_'.
+_PN_FOLD: Final[tuple[str, ...]] = tuple(
+    chr(b) if chr(b) in _ASCII_ALNUM else "_" if b < 0xC0 else _FOLD_C0_FF[b - 0xC0]
+    for b in range(256)
+)
+
+
+def patient_name_component(patient_name: str | bytes | None) -> str:
+    """storescp ``-sp``'s directory stem for a PatientName value (storescp.cc 1781-1809).
+
+    Like DCMTK: only the first value (up to the first ``\\``) counts, trailing spaces are
+    dropped (leading ones are kept and become ``_``), and an absent or then-empty value is
+    :data:`ANONYMOUS`.  Each byte is folded to ASCII: letters and digits stay, accented
+    Latin-1 letters lose their accent (``ü`` -> ``ue``, ``ß`` -> ``ss``), anything else is
+    ``_`` -- so ``Doe^John`` -> ``Doe_John``.
+
+    Pass the raw value bytes for storescp parity whatever the character set (storescp folds
+    bytes: UTF-8 ``ü`` gives ``A_``).  A ``str`` is read as ISO 8859-1, so a decoded UTF-8
+    name folds more nicely than storescp's; code points above U+00FF become ``_``.  The
+    result is capped like any network value (:func:`safe_component`).
+    """
+    if patient_name is None:
+        return ANONYMOUS
+    if isinstance(patient_name, bytes):
+        first = patient_name.split(b"\\", 1)[0].rstrip(b" ")
+        folded = "".join(_PN_FOLD[b] for b in first)
+    else:
+        text = patient_name.split("\\", 1)[0].rstrip(" ")
+        folded = "".join(_PN_FOLD[ord(c)] if ord(c) < 256 else "_" for c in text)
+    return safe_component(folded) if folded else ANONYMOUS
+
+
+def study_subdirectory(
+    mode: SortMode,
+    prefix: str,
+    *,
+    study_uid: str | None,
+    patient_name: str | bytes | None,
+    when: datetime,
+) -> str:
+    """The study subdirectory storescp ``-ss``/``-su``/``-sp`` creates (storescp.cc 1830-1865).
+
+    * ``"conc-studies"`` (``-ss PFX``): ``PFX_YYYYMMDD_HHMMSSmmm``
+    * ``"study-uid"`` (``-su PFX``): ``PFX_<StudyInstanceUID>`` (first value, cleaned)
+    * ``"patientname"`` (``-sp``): ``<patient_name_component()>_YYYYMMDD_HHMMSSmmm``; ``prefix``
+      is ignored, as ``-sp`` takes none
+
+    The ``_`` after the prefix is left out when ``prefix`` is empty.  ``when`` is the time the
+    first object of the study arrived (storescp names the directory once, when the study UID
+    changes), in local wall-clock time.  The result is one safe component; an odd prefix is
+    sanitised like network data.  Raises :class:`MissingStudyUID` (whatever the mode) when
+    ``study_uid`` is None or empty after cleaning, and ValueError for an unknown ``mode``.
+    """
+    study = _clean_uid(study_uid, first_value=True) if study_uid is not None else ""
+    if not study:
+        raise MissingStudyUID("StudyInstanceUID absent or empty in data set")
+    date, time = _date_time_digits(when)
+    lead = f"{prefix}_" if prefix else ""
+    if mode == "conc-studies":
+        name = f"{lead}{date}_{time}"
+    elif mode == "study-uid":
+        name = f"{lead}{safe_component(study)}"
+    elif mode == "patientname":
+        name = f"{patient_name_component(patient_name)}_{date}_{time}"
+    else:
+        raise ValueError(f"unknown sort mode {mode!r}")
+    return _one_component(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# --rename-on-eostudy
+# ---------------------------------------------------------------------------------------------
+
+
+def rename_prefix(sop_class_uid: str) -> str:
+    """The 2 characters storescp ``-rns`` keeps: the first two of the modality code.
+
+    storescp cuts them out of the old file name (storescp.cc 2260-2282): its first two
+    characters, or with ``-tn`` the two after the timestamp (and serial).  Every code is at
+    least 2 characters, so that is always the code's start (``UNKNOWN`` -> ``UN``,
+    ``SRd`` -> ``SR``) -- except one storescp bug not copied: with ``-tn``, no serial, and a
+    ``_`` in the code or extension (draft classes ``SR_d``...), it mistakes that ``_`` for the
+    serial's and cuts garbage.
+    """
+    return _modality(sop_class_uid)[:2]
+
+
+def rename_filename(prefix2: str, number: int) -> str:
+    """``-rns``'s new name: ``prefix2`` + ``number`` as at least 6 digits (``CT000001``).
+
+    storescp numbers a study's files from 1 in the order received, and drops the ``-fe``
+    extension (storescp.cc 2283).  Raises ValueError for a negative number.
+    """
+    if number < 0:
+        raise ValueError(f"number must be >= 0, got {number}")
+    return _one_component(f"{prefix2}{number:06d}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Defence in depth
+# ---------------------------------------------------------------------------------------------
+
+
+def ensure_under(root: Path, relative: str) -> Path:
+    """``root / relative`` resolved, if it lies strictly below the resolved ``root``.
+
+    Raises ValueError if ``relative`` is absolute, contains a NUL, or resolves (following
+    symlinks, ``..``) to ``root`` itself or anywhere outside it.  This reads the file system
+    (lstat/readlink) and is only a check at one instant: it complements, not replaces,
+    building names with :func:`safe_component` and opening files without following links.
+    """
+    if "\0" in relative:
+        raise ValueError(f"path contains NUL: {relative!r}")
+    if Path(relative).is_absolute():
+        raise ValueError(f"path is absolute: {relative!r}")
+    base = root.resolve()
+    target = (base / relative).resolve()
+    if target == base or not target.is_relative_to(base):
+        raise ValueError(f"{relative!r} escapes {str(root)!r} (resolves to {str(target)!r})")
+    return target
