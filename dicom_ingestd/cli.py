@@ -1,20 +1,29 @@
-"""The command line: run, check-config, config show, config from-storescp.
+"""The command line: run, check-config, config show, config from-storescp, jobs.
 
 The only module that exits the process; everything below it raises.
 """
 
 import argparse
+import contextlib
 import logging
 import os
+import shlex
 import socket
+import sqlite3
 import sys
+import time
 from collections.abc import Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING
 
 from dicom_ingestd import __version__
 from dicom_ingestd import log as logsetup
 from dicom_ingestd.codes import ExitCode
 from dicom_ingestd.config.load import dump_config, load_config
 from dicom_ingestd.errors import ConfigError, StorageError, TranslationError
+
+if TYPE_CHECKING:
+    from dicom_ingestd.jobs.queue import JobQueue
 
 DEFAULT_CONFIG = "/etc/ingestd.toml"
 log = logging.getLogger("dicom_ingestd")
@@ -51,16 +60,24 @@ def cmd_run(args: argparse.Namespace) -> int:
                     removed, store.staging)
 
     connected = [s.sock for s in inherited if not s.listening]
-    if connected or config.network.inetd:
-        # systemd Accept=yes (or inetd): exactly one association on an accepted socket.
-        if connected:
-            conn = connected[0]
+    listening = [s.sock for s in inherited if s.listening]
+    if config.network.inetd and not inherited:
+        try:
+            stdin = socket.socket(fileno=os.dup(0))
+        except OSError as exc:
+            log.critical("inetd mode: fd 0 is not a socket (%s)", exc.strerror or exc)
+            return ExitCode.USAGE
+        # inetd "nowait" hands over the connection; "wait" (and systemd-socket-activate
+        # --inetd without --accept) hands over the listening socket itself.
+        if stdin.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            listening = [stdin]
         else:
-            try:
-                conn = socket.socket(fileno=os.dup(0))
-            except OSError as exc:
-                log.critical("inetd mode: fd 0 is not a socket (%s)", exc.strerror or exc)
-                return ExitCode.USAGE
+            connected = [stdin]
+        # stdout is the peer's connection in inetd mode: nothing may ever be printed to it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    if connected:
+        # systemd Accept=yes (or inetd): exactly one association on an accepted socket.
+        conn = connected[0]
         try:
             peer = peer_name(conn.getpeername())
         except OSError:
@@ -70,7 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         notifier.stopping()
         return ExitCode.OK
 
-    listeners = [s.sock for s in inherited if s.listening]
+    listeners = listening
     if not listeners:
         try:
             listeners = [create_listener(config.network)]
@@ -78,7 +95,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             log.critical("cannot listen on port %d: %s", config.network.port,
                          exc.strerror or exc)
             return ExitCode.UNAVAILABLE
-    Master(args.config, config, store, listeners, notifier).serve()
+    try:
+        master = Master(args.config, config, store, listeners, notifier)
+    except StorageError as exc:  # the state directory of [jobs]
+        log.critical("%s", exc)
+        return ExitCode.CANTCREAT
+    master.serve()
     return ExitCode.OK
 
 
@@ -124,6 +146,104 @@ def cmd_from_storescp(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _open_jobs(args: argparse.Namespace, write: bool = False) -> "JobQueue | int":
+    """The job database of the configuration's state directory, or an exit code."""
+    from dicom_ingestd.jobs.queue import JobQueue
+    from dicom_ingestd.jobs.service import state_directory
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return ExitCode.CONFIG
+    directory = state_directory(config)
+    try:
+        return JobQueue(directory, create=False, durable=config.storage.fsync,
+                        busy_timeout=10.0 if write else 5.0)
+    except FileNotFoundError:
+        print(f"no job queue in {directory} (jobs.state_directory): no event has run a "
+              "job yet", file=sys.stderr)
+        return ExitCode.FAILURE if args.jobs_command != "list" else ExitCode.OK
+    except (OSError, sqlite3.Error) as exc:
+        print(f"cannot open the job queue in {directory}: {exc}", file=sys.stderr)
+        return ExitCode.FAILURE
+
+
+def _when(wall: float | None) -> str:
+    if not wall:
+        return "-"
+    return datetime.fromtimestamp(wall).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def cmd_jobs_list(args: argparse.Namespace) -> int:
+    """One line per job: id, state, kind, attempts, study, last result, command."""
+    queue = _open_jobs(args)
+    if isinstance(queue, int):
+        return queue
+    with contextlib.closing(queue):
+        jobs = queue.select(args.state or (), args.limit)
+        print(f"{'ID':>6}  {'STATE':<8} {'KIND':<9} {'RUNS':>4}  {'UPDATED':<19}  "
+              f"{'STUDY':<28} RESULT / COMMAND")
+        for job in jobs:
+            study = job.study_uid + (f" #{job.batch}" if job.batch > 1 else "")
+            updated = job.finished or job.started or job.created
+            result = job.result or "-"
+            print(f"{job.id:>6}  {job.state:<8} {job.kind:<9} {job.attempts:>4}  "
+                  f"{_when(updated):<19}  {study or '-':<28} {result} / {job.display}")
+        counts = queue.counts()
+        print(", ".join(f"{counts.get(s, 0)} {s}" for s in ("pending", "running", "done",
+                                                           "dead")))
+    return ExitCode.OK
+
+
+def cmd_jobs_show(args: argparse.Namespace) -> int:
+    """Every field of one job."""
+    queue = _open_jobs(args)
+    if isinstance(queue, int):
+        return queue
+    with contextlib.closing(queue):
+        job = queue.get(args.id)
+        if job is None:
+            print(f"no job {args.id} in {queue.path}", file=sys.stderr)
+            return ExitCode.FAILURE
+        rows = [
+            ("id", str(job.id)), ("state", str(job.state)), ("kind", str(job.kind)),
+            ("command", shlex.join(job.command)), ("argv", shlex.join(job.argv)),
+            ("study", job.study_uid or "-"), ("batch", str(job.batch or "-")),
+            ("runs", f"{job.attempts} of at most {job.max_attempts}"),
+            ("timeout", f"{job.timeout:g} s" if job.timeout else "none"),
+            ("created", _when(job.created)), ("started", _when(job.started)),
+            ("finished", _when(job.finished)),
+            ("next run", _when(job.not_before) if job.state == "pending" else "-"),
+            ("pid", str(job.pid or "-")), ("result", job.result or "-"),
+        ]
+        for name, value in rows:
+            print(f"{name + ':':<10} {value}")
+        for key, value in sorted(job.env.items()):
+            print(f"{'env:':<10} {key}={value}")
+    return ExitCode.OK
+
+
+def cmd_jobs_retry(args: argparse.Namespace) -> int:
+    """Re-queue a job (dead, done, or waiting for a retry) to run now."""
+    queue = _open_jobs(args, write=True)
+    if isinstance(queue, int):
+        return queue
+    with contextlib.closing(queue):
+        try:
+            job = queue.retry(args.id, time.time())
+        except KeyError:
+            print(f"no job {args.id} in {queue.path}", file=sys.stderr)
+            return ExitCode.FAILURE
+        except ValueError as exc:
+            print(f"dicom-ingestd: {exc}; nothing to do", file=sys.stderr)
+            return ExitCode.FAILURE
+    print(f"job {job.id} re-queued: the running daemon starts it within a second "
+          f"({job.max_attempts} run(s) at most)")
+    return ExitCode.OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dicom-ingestd",
@@ -163,6 +283,32 @@ def build_parser() -> argparse.ArgumentParser:
     translate.add_argument("storescp_args", nargs=argparse.REMAINDER, metavar="ARG",
                            help="storescp arguments, e.g. -- -od /data +B 11112")
     translate.set_defaults(func=cmd_from_storescp)
+
+    jobs = sub.add_parser("jobs", help="inspect and re-queue event jobs",
+                          description="The jobs of [events] commands, from the job database "
+                          "in jobs.state_directory.")
+    jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
+    listing = jobs_sub.add_parser("list", help="list jobs, oldest first",
+                                  description="List jobs, oldest first.")
+    with_config(listing)
+    listing.add_argument("--state", action="append",
+                         choices=("pending", "running", "done", "dead"),
+                         help="only jobs in this state (repeatable)")
+    listing.add_argument("--limit", type=int, default=100, metavar="N",
+                         help="the N most recent jobs (default 100; 0: all)")
+    listing.set_defaults(func=cmd_jobs_list)
+    show = jobs_sub.add_parser("show", help="show one job", description="Show every field "
+                               "of one job: command, argv, environment, runs, last result.")
+    with_config(show)
+    show.add_argument("id", type=int, metavar="ID")
+    show.set_defaults(func=cmd_jobs_show)
+    retry = jobs_sub.add_parser("retry", help="re-queue a job",
+                                description="Re-queue a dead, done or waiting job to run "
+                                "now with a fresh set of attempts; the running daemon picks "
+                                "it up within a second.")
+    with_config(retry)
+    retry.add_argument("id", type=int, metavar="ID")
+    retry.set_defaults(func=cmd_jobs_retry)
     return parser
 
 

@@ -1,7 +1,9 @@
 """Worker → master reports, one datagram each on a Unix socket pair made before forking.
 
 Reports are best-effort observations (the master rebuilds nothing from them that the disk
-does not hold), so a full or closed channel never blocks or fails an association.
+does not hold), so a full or closed channel never blocks or fails an association.  The one
+exception is events.exec_sync, where the association must wait for the master: each such
+worker reports over a `SyncLink` of its own instead, reliably, and waits for the answer.
 """
 
 import contextlib
@@ -22,6 +24,19 @@ class Report:
     fields: dict[str, Any]
 
 
+def encode(report: Report) -> bytes:
+    return json.dumps(asdict(report), default=str).encode()
+
+
+def decode(data: bytes) -> Report | None:
+    """The report in `data`, or None for a malformed message."""
+    try:
+        raw = json.loads(data)
+        return Report(str(raw["kind"]), int(raw["pid"]), dict(raw["fields"]))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class Channel:
     """Both ends: workers `send`, the master `receive`s (non-blocking)."""
 
@@ -33,7 +48,7 @@ class Channel:
         self.reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
 
     def send(self, report: Report) -> None:
-        data = json.dumps(asdict(report), default=str).encode()
+        data = encode(report)
         if len(data) > MAX_MESSAGE:
             return
         # A full channel loses a statistic, never an object.
@@ -47,12 +62,37 @@ class Channel:
                 data = self.reader.recv(MAX_MESSAGE)
             except (BlockingIOError, InterruptedError):
                 return reports
-            try:
-                raw = json.loads(data)
-                reports.append(Report(str(raw["kind"]), int(raw["pid"]), dict(raw["fields"])))
-            except (ValueError, KeyError, TypeError):
-                continue
+            report = decode(data)
+            if report is not None:
+                reports.append(report)
 
     def close(self) -> None:
         self.reader.close()
         self.writer.close()
+
+
+class SyncLink:
+    """events.exec_sync: one worker's reliable report-and-wait link to the master.
+
+    A SOCK_SEQPACKET pair made before the worker starts.  The worker sends each "stored"
+    report on it (never lost, unlike the shared channel) and blocks until the master answers
+    that the object's jobs are finished; the master reads `master_end` in its selector.
+    """
+
+    REPLY = b"done"
+
+    def __init__(self) -> None:
+        self.worker_end, self.master_end = socket.socketpair(socket.AF_UNIX,
+                                                             socket.SOCK_SEQPACKET)
+
+    def report_and_wait(self, report: Report) -> bool:
+        """Send `report` and wait for the answer; False if the master is gone."""
+        try:
+            self.worker_end.send(encode(report))
+            return bool(self.worker_end.recv(64))
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        self.worker_end.close()
+        self.master_end.close()

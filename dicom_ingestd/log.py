@@ -69,3 +69,5 @@ def setup(config: LoggingConfig) -> None:
     # pydicom warns about every odd element of every peer's data; that is not our log.
     logging.getLogger("pydicom").setLevel(max(logging.ERROR, LEVELS[config.level]))
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, LEVELS[config.level]))
+    # watchdog logs every inotify event at debug: a log file next to the config would feed it.
+    logging.getLogger("watchdog").setLevel(logging.WARNING)

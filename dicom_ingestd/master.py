@@ -25,6 +25,7 @@ from dicom_ingestd.access import AccessPolicy, normalize
 from dicom_ingestd.config.load import diff_configs, load_config
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.errors import ConfigError, StorageError
+from dicom_ingestd.jobs.service import EventService
 from dicom_ingestd.sockets import describe
 from dicom_ingestd.systemd import Notifier
 from dicom_ingestd.watch import ConfigWatcher
@@ -69,8 +70,12 @@ class Master:
         self._last_error = ""
         self._next_watchdog = 0.0
         self._watcher: ConfigWatcher | None = None
+        self._retired: list[Store] = []
         if watch_config and config_path:
             self._watcher = ConfigWatcher(Path(config_path))
+        # [events]/[jobs]: study tracking and the job queue (raises StorageError).
+        self.events = EventService(config, self.selector)
+        self.events.open()
         if config.workers.process_model == "fork":
             self.spawner: ForkSpawner | ThreadSpawner = ForkSpawner(self._close_in_child,
                                                                     self.channel)
@@ -90,6 +95,7 @@ class Master:
             os.close(worker.fd)
         if self._watcher is not None:
             self._watcher.close_in_child()
+        self.events.close_in_child()
 
     def _install_signals(self) -> None:
         for sock in (self._wakeup_r, self._wakeup_w):
@@ -126,7 +132,7 @@ class Master:
         timeout = 1.0
         if self.notifier.watchdog_interval:
             timeout = min(timeout, max(0.0, self._next_watchdog - time.monotonic()))
-        return timeout
+        return min(timeout, self.events.timeout())
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -136,6 +142,7 @@ class Master:
             self._next_watchdog = now + self.notifier.watchdog_interval
         if self.state is State.STOPPING:
             self._enforce_stop_deadline(now)
+        self.events.tick()
         self.notifier.status(self._status())
 
     def _status(self) -> str:
@@ -170,9 +177,14 @@ class Master:
 
     def _reports(self, _sock: object) -> None:
         for report in self.channel.receive():
-            if report.kind == "stored":
-                self._stored += 1
-                self._bytes += int(report.fields.get("size", 0))
+            self._report(report)
+
+    def _report(self, report: ipc.Report, reply: int | None = None) -> None:
+        """One worker report (from the channel, or from an exec_sync worker's own link)."""
+        if report.kind == "stored":
+            self._stored += 1
+            self._bytes += int(report.fields.get("size", 0))
+            self.events.stored(report, reply)
 
     def _accept(self, listener: object) -> None:
         assert isinstance(listener, socket.socket)
@@ -213,6 +225,7 @@ class Master:
         self._associations += 1
         self.workers[worker.fd] = worker
         self.selector.register(worker.fd, selectors.EVENT_READ, self._worker_done)
+        self.events.worker_started(worker.reply, self._report)
         if worker.pid:
             log.debug("%s: worker %d started", peer, worker.pid)
 
@@ -232,14 +245,28 @@ class Master:
                        f"{limits.max_associations_per_peer})"
         return ""
 
+    def _close_retired(self) -> None:
+        in_use = {id(w.store) for w in self.workers.values()}
+        for store in [s for s in self._retired if id(s) not in in_use]:
+            store.close()
+            self._retired.remove(store)
+
     def _worker_done(self, fd: object) -> None:
         assert isinstance(fd, int)
         self.selector.unregister(fd)
         worker = self.workers.pop(fd)
         problem = worker.reap()
-        if problem is None:
-            return
-        removed = self.store.remove_leftovers(worker.pid) if worker.pid else 0
+        self._reports(None)  # its last reports, before the tracker hears it ended
+        self.events.worker_done(worker.reply, worker.association)
+        try:
+            if problem is not None:
+                self._log_worker_failure(worker, problem)
+        finally:
+            if self._retired:
+                self._close_retired()
+
+    def _log_worker_failure(self, worker: Worker, problem: str) -> None:
+        removed = worker.store.remove_leftovers(worker.pid) if worker.pid else 0
         level = logging.ERROR
         if worker.signalled and problem.startswith("killed by SIG"):
             level = logging.WARNING  # we stopped it at the stop deadline
@@ -279,9 +306,13 @@ class Master:
         for key in later:
             log.warning("reload: %s changed, which takes effect only after a restart", key)
         if store is not self.store:
-            self.store = store  # running workers keep the old one; nothing else is shared
+            # Running workers keep the old one (threads share it): close it once unused.
+            self._retired.append(self.store)
+            self.store = store
+            self._close_retired()
         self.config = new
         self.access = access
+        self.events.reload(new)
         logsetup.setup(new.logging)
         self._last_error = ""
         applied = [key for key, reloadable in changed if reloadable]
@@ -321,6 +352,7 @@ class Master:
     def _shutdown(self) -> None:
         if self._watcher is not None:
             self._watcher.stop()
+        self.events.shutdown()  # open studies closed or kept; running jobs re-queued
         removed = self.store.remove_leftovers(os.getpid())
         log.info("stopped after %d association(s), %d object(s) stored%s", self._associations,
                  self._stored, f"; {removed} partial object(s) removed" if removed else "")

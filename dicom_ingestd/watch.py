@@ -6,12 +6,17 @@ file's directory (editors save by writing a new file and renaming it over the ol
 Changes are debounced and announced as one byte on a pipe the master selects on.
 """
 
+import logging
 import os
+import select
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 10.0
 DEBOUNCE = 0.3  # seconds of quiet after the last event before announcing a change
 _CHANGES = frozenset({"created", "modified", "moved", "deleted", "closed"})
 
@@ -34,6 +39,11 @@ class ConfigWatcher:
             code = 1
             try:
                 os.close(self._read_fd)
+                # Keep nothing of the master's: a listening socket held here would be
+                # accepted on by the kernel after the master stopped listening.
+                os.closerange(3, self._write_fd)
+                os.closerange(self._write_fd + 1, 65536)
+                logging.getLogger().setLevel(logging.WARNING)
                 signal.set_wakeup_fd(-1)
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -45,6 +55,12 @@ class ConfigWatcher:
         self.pid = pid
         os.close(self._write_fd)
         self._write_fd = -1
+        # Wait until the watch is in place, so no edit made after READY=1 can be missed.
+        ready, _, _ = select.select([self._read_fd], [], [], READY_TIMEOUT)
+        if not ready:
+            log.warning("the configuration watcher did not start within %.0f s; edits of "
+                        "%s are seen only on SIGHUP", READY_TIMEOUT, self.path)
+        self.drain()
 
     def fileno(self) -> int:
         return self._read_fd
@@ -98,6 +114,7 @@ def _watch(path: Path, out_fd: int, parent: int) -> None:
     observer = Observer()
     observer.schedule(Handler(), str(path.parent), recursive=False)
     observer.start()
+    os.write(out_fd, b"R")  # ready: the master drains this before serving
     try:
         while os.getppid() == parent:
             time.sleep(0.1)

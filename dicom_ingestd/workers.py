@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from dicom_ingestd import ipc
 from dicom_ingestd.config.schema import Config
+from dicom_ingestd.events import sync_enabled
 from dicom_ingestd.worker.session import Session, StoredObject
 from dicom_ingestd.worker.store import Store
 
@@ -35,17 +36,28 @@ class Assignment:
     reject_over_limit: str  # non-empty: the limit that was hit; answer A-ASSOCIATE-RJ
 
 
-def session_for(assignment: Assignment, channel: ipc.Channel) -> Session:
-    """The association handler, reporting stored objects to the master over `channel`."""
+def session_for(assignment: Assignment, channel: ipc.Channel,
+                link: ipc.SyncLink | None = None) -> Session:
+    """The association handler, reporting stored objects to the master over `channel`, or
+    with events.exec_sync over its own `link`, waiting after each object (after its C-STORE
+    response, as storescp -xs) until the master says the object's jobs are finished."""
     pid = os.getpid()
+    # Tells associations apart in the study tracker: a forked worker's pid, or the thread id.
+    association = str(threading.get_native_id())
 
     def report(obj: StoredObject) -> None:
-        channel.send(ipc.Report("stored", pid, {
+        message = ipc.Report("stored", pid, {
             "path": obj.path, "sop_class_uid": obj.sop_class_uid,
             "sop_instance_uid": obj.sop_instance_uid, "study_uid": obj.study_uid,
             "series_uid": obj.series_uid, "patient_id": obj.patient_id,
             "calling_ae": obj.calling_ae, "called_ae": obj.called_ae, "peer": obj.peer,
-            "size": obj.size}))
+            "size": obj.size, "association": association})
+        if link is None:
+            channel.send(message)
+        else:
+            log.debug("%s: waiting for the jobs of %s (events.exec_sync)", obj.peer,
+                      obj.sop_instance_uid)
+            link.report_and_wait(message)
 
     return Session(assignment.conn, assignment.peer, assignment.config, assignment.store,
                    on_stored=report, over_limit=assignment.reject_over_limit)
@@ -58,10 +70,19 @@ class Worker:
     peer: str
     started: float
     fd: int  # readable when the worker has finished
+    store: Store  # the output directory it writes to (reload may have replaced ours)
     pid: int = 0  # 0 for a thread
     thread: threading.Thread | None = None
     rejecting: bool = False
     signalled: set[int] = field(default_factory=set)
+    reply: socket.socket | None = None  # master end of the worker's SyncLink (exec_sync)
+
+    @property
+    def association(self) -> str:
+        """The key its reports carry as "association" (see session_for)."""
+        if self.pid:
+            return str(self.pid)
+        return str(self.thread.native_id) if self.thread is not None else ""
 
     @property
     def name(self) -> str:
@@ -98,18 +119,26 @@ class ForkSpawner:
         self._channel = channel
 
     def spawn(self, assignment: Assignment) -> Worker:
-        pid = os.fork()
+        link = ipc.SyncLink() if sync_enabled(assignment.config.events) else None
+        try:
+            pid = os.fork()
+        except OSError:
+            if link is not None:
+                link.close()
+            raise
         if pid == 0:  # child
             code = EXIT_INTERNAL_ERROR
             try:
                 self._close_in_child()
+                if link is not None:
+                    link.master_end.close()
                 signal.set_wakeup_fd(-1)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 # The association must finish when the master reloads or Ctrl-C reaches the
                 # whole process group; the master decides when a worker must stop.
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)
-                session_for(assignment, self._channel).run()
+                session_for(assignment, self._channel, link).run()
                 code = EXIT_OK
             except BaseException:
                 with contextlib.suppress(BaseException):
@@ -121,8 +150,12 @@ class ForkSpawner:
                         handler.flush()
                 os._exit(code)
         assignment.conn.close()
-        return Worker(assignment.peer, time.monotonic(), os.pidfd_open(pid), pid=pid,
-                      rejecting=bool(assignment.reject_over_limit))
+        if link is not None:
+            link.worker_end.close()
+        return Worker(assignment.peer, time.monotonic(), os.pidfd_open(pid), assignment.store,
+                      pid=pid,
+                      rejecting=bool(assignment.reject_over_limit),
+                      reply=link.master_end if link is not None else None)
 
 
 class ThreadSpawner:
@@ -133,15 +166,19 @@ class ThreadSpawner:
 
     def spawn(self, assignment: Assignment) -> Worker:
         done = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        link = ipc.SyncLink() if sync_enabled(assignment.config.events) else None
 
         def run() -> None:
             try:
-                session_for(assignment, self._channel).run()
+                session_for(assignment, self._channel, link).run()
             finally:
+                if link is not None:
+                    link.worker_end.close()
                 os.eventfd_write(done, 1)
 
         thread = threading.Thread(target=run, name=f"assoc {assignment.peer}", daemon=True)
-        worker = Worker(assignment.peer, time.monotonic(), done, thread=thread,
-                        rejecting=bool(assignment.reject_over_limit))
+        worker = Worker(assignment.peer, time.monotonic(), done, assignment.store, thread=thread,
+                        rejecting=bool(assignment.reject_over_limit),
+                        reply=link.master_end if link is not None else None)
         thread.start()
         return worker

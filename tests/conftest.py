@@ -99,8 +99,9 @@ class Daemon:
                       if p.is_file() and ".ingestd-tmp" not in p.parts)
 
     def staging(self) -> list[Path]:
+        """Temporary (partial) objects in the staging area."""
         staging = self.out / ".ingestd-tmp"
-        return sorted(staging.iterdir()) if staging.exists() else []
+        return sorted(staging.glob("*.part")) if staging.exists() else []
 
 
 def write_config(path: Path, settings: dict[str, dict[str, Any]]) -> None:
@@ -179,3 +180,83 @@ def storescu(port: int, *files: Path | str, extra: list[str] | None = None,
 def echoscu(port: int, extra: list[str] | None = None, check: bool = True,
             **kw: Any) -> subprocess.CompletedProcess[str]:
     return run_tool(["echoscu", *(extra or []), "127.0.0.1", str(port)], check=check, **kw)
+
+
+# --- events and jobs (test_events.py, test_jobs.py) --------------------------------------------
+
+RECORDER_SOURCE = '''\
+import json, os, sys
+record = {"argv": sys.argv[2:], "pid": os.getpid(),
+          "env": {k: v for k, v in os.environ.items() if k.startswith("DICOM_")}}
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+os.write(fd, (json.dumps(record) + "\\n").encode())
+os.close(fd)
+'''
+
+
+@dataclass
+class Recorder:
+    """A command that appends its arguments and DICOM_* variables to a JSON-lines file."""
+
+    script: Path
+    path: Path
+
+    def command(self, *args: str) -> list[str]:
+        return [sys.executable, str(self.script), str(self.path), *args]
+
+    def records(self) -> list[dict[str, Any]]:
+        import json
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+    def wait(self, count: int, timeout: float = 15.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            records = self.records()
+            if len(records) >= count:
+                return records
+            time.sleep(0.05)
+        raise AssertionError(f"{count} record(s) expected within {timeout} s, got "
+                             f"{self.records()}")
+
+
+@pytest.fixture
+def recorder(tmp_path: Path) -> Recorder:
+    script = tmp_path / "recorder.py"
+    script.write_text(RECORDER_SOURCE)
+    return Recorder(script, tmp_path / "records.jsonl")
+
+
+def make_study(folder: Path, count: int, *, study_uid: str | None = None, name: str = "s",
+               patient: str | None = None) -> list[Path]:
+    """`count` CT objects (copies of CT_small, new SOP Instance UIDs) of one study."""
+    from pydicom import dcmread
+    from pydicom.uid import generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    study_uid = study_uid or str(generate_uid())
+    series_uid = str(generate_uid())
+    files = []
+    for index in range(count):
+        ds = dcmread(testdata("CT_small.dcm"))
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.InstanceNumber = index + 1
+        if patient is not None:
+            ds.PatientName = patient
+        path = folder / f"{name}-{index:03d}.dcm"
+        ds.save_as(path)
+        files.append(path)
+    return files
+
+
+def wait_until(predicate: Any, timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not reached within {timeout} s")

@@ -118,6 +118,7 @@ def config_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Co
                 values[key] = value
         sections[table] = cls(**values)
 
+    problems.extend(_line(source, p) for p in _cross_checks(sections))
     if problems:
         raise ConfigError(problems)
     return Config(**sections)
@@ -298,7 +299,35 @@ def _check_networks(full: str, value: list[str]) -> Iterator[_Problem]:
                    "must be an IPv4 or IPv6 address or network, e.g. 10.0.0.0/8 or fd00::/8")
 
 
+def _check_command(full: str, value: list[str]) -> Iterator[_Problem]:
+    # An argv list (or with events.shell, a command line and $0, $1, ...): execve takes no
+    # NUL, and an empty program name cannot run.
+    if value and not value[0].strip():
+        yield full, value, "the first element (the program, or the shell command line) " \
+                           "must not be empty; use [] for no command"
+    for index, arg in enumerate(value):
+        if "\0" in arg:
+            yield f"{full}[{index}]", arg, "must not contain NUL"
+
+
+def _check_no_nul(full: str, value: str) -> Iterator[_Problem]:
+    if "\0" in value:
+        yield full, value, "must not contain NUL"
+
+
+def _cross_checks(sections: Mapping[str, Any]) -> Iterator[_Problem]:
+    """Rules between keys of different tables, checked once every key has a value."""
+    events, storage = sections["events"], sections["storage"]
+    if events.rename_on_eostudy and storage.sort == "none":
+        yield ("events.rename_on_eostudy", True,
+               "requires storage.sort other than none (as storescp -rns requires -ss, -su or "
+               "-sp): files are renamed within their study's directory")
+
+
 _VALUE_CHECKS: dict[str, Callable[[str, Any], Iterator[_Problem]]] = {
+    "events.exec_on_reception": _check_command,
+    "events.exec_on_eostudy": _check_command,
+    "jobs.state_directory": _check_no_nul,
     "access.allow": _check_networks,
     "access.deny": _check_networks,
     "network.aetitle": _check_aetitle,

@@ -229,6 +229,117 @@ class StorageConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EventsConfig:
+    """[events]: commands run when objects arrive and when studies are complete, as
+    storescp's -xcr, -xcs, -rns, -tos and -xs.  A command is a list, the program and its
+    arguments, run without a shell (unless shell = true).  In each element the placeholders #p
+    (the object's directory; at end of study the study's directory), #f (the object's file
+    name; reception only), #a (calling AE title), #c (called AE title) and #r (peer IP
+    address) are replaced by their values, so a value from the network is always part of one
+    argument and never reaches a shell.  Commands also get DICOM_* environment variables:
+    DICOM_EVENT, DICOM_OUTPUT_DIR, DICOM_FILE, DICOM_FILENAME, DICOM_STUDY_UID,
+    DICOM_SERIES_UID, DICOM_SOP_INSTANCE_UID, DICOM_SOP_CLASS_UID, DICOM_PATIENT_ID,
+    DICOM_CALLING_AE, DICOM_CALLED_AE, DICOM_PEER, DICOM_JOB_ID, DICOM_JOB_ATTEMPT; at end of
+    study DICOM_BATCH, DICOM_EOSTUDY_REASON, DICOM_FILE_COUNT, DICOM_FILES (one path per
+    line, left out beyond 64 KiB) and DICOM_MANIFEST (a JSON file listing the study's
+    objects).  Studies are tracked per study, in the master, for every worker: a study is
+    complete when an association that stored objects of it goes on to another study, when a
+    later association stores an object of another study, or when no object of it arrived for
+    eostudy_timeout seconds; never when an association just ends.  An object of a complete
+    study opens a new batch of it, handled as a study of its own.  Files are renamed before
+    the end-of-study command runs, and only after the reception jobs of the study's objects.
+    """
+
+    exec_on_reception: list[str] = field(
+        default_factory=list,
+        metadata={DOC: "Command run for each object stored, e.g. [\"/usr/local/bin/forward\", "
+                       "\"#p/#f\"]; empty: none. Objects whose store failed never run it.",
+                  STORESCP: ("-xcr", "--exec-on-reception"), RELOAD: True, DEFAULT_NOTE: ""},
+    )
+    exec_on_eostudy: list[str] = field(
+        default_factory=list,
+        metadata={DOC: "Command run once per complete study (after rename_on_eostudy); #p is "
+                       "the study's directory, DICOM_MANIFEST a JSON file listing its objects. "
+                       "Empty: none.",
+                  STORESCP: ("-xcs", "--exec-on-eostudy"), RELOAD: True, DEFAULT_NOTE: ""},
+    )
+    shell: bool = setting(
+        False, "Run commands through /bin/sh -c, as storescp does: the first element is the "
+        "shell command line (further elements become $0, $1, ...), and every placeholder in it "
+        "is replaced by its value in single quotes, so values cannot inject shell syntax. Write "
+        "placeholders unquoted (cmd #p/#f, not cmd \"#p/#f\").",
+        storescp=("-xcr", "--exec-on-reception", "-xcs", "--exec-on-eostudy"),
+        default_note="storescp always runs commands through /bin/sh, values unquoted.",
+    )
+    rename_on_eostudy: bool = setting(
+        False, "When a study is complete, rename its files to the first two letters of the "
+        "modality and a 6-digit number in order of arrival (CT000001, ...), as storescp -rns, "
+        "but never over an existing file: a later batch of the same study continues the "
+        "numbering. Requires storage.sort.",
+        storescp=("-rns", "--rename-on-eostudy"),
+    )
+    eostudy_timeout: int = setting(
+        60, "Seconds without a new object of an open study after which the study is "
+        "complete; 0: only a following study completes it.",
+        storescp=("-tos", "--eostudy-timeout"), minimum=0,
+        default_note="storescp has no timeout unless -tos is given.",
+    )
+    exec_sync: bool = setting(
+        False, "The association waits, after each object's response, until the object's jobs "
+        "(reception, and the end-of-study jobs it triggered) are finished, retries included.",
+        storescp=("-xs", "--exec-sync"),
+    )
+    on_stop: str = setting(
+        "persist", "Studies still open when the daemon stops: persist (resume them after the "
+        "restart, the timeout counting from the restart) or close (complete them now; their "
+        "jobs run after the restart).", choices=("persist", "close"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class JobsConfig:
+    """[jobs]: the persistent queue that runs [events] commands.  Every command becomes a
+    job, recorded in a SQLite database in the state directory before it runs, then run with
+    a timeout, retried with backoff, and dead-lettered after its last failure.  A job's
+    stdout and stderr lines are logged (journal fields JOB_ID, JOB_KIND, JOB_COMMAND,
+    DICOM_STUDY_UID).  Jobs that were pending or running when the daemon stopped or crashed
+    run again after the restart: delivery is at least once, so commands must tolerate running
+    twice.  Inspect and re-queue jobs with dicom-ingestd jobs list, jobs show ID and jobs retry
+    ID.
+    """
+
+    state_directory: str = setting(
+        "", "Directory of the job database and study manifests. Empty: .ingestd-state in "
+        "storage.output_directory; a relative path is relative to storage.output_directory.",
+        reload=False,
+    )
+    concurrency: int = setting(
+        4, "Most jobs running at once.", minimum=1, maximum=1024,
+    )
+    timeout: int = setting(
+        3600, "Seconds one run of a job may take; then its whole process group is killed "
+        "(SIGTERM, SIGKILL 5 s later) and the run counts as failed. 0: no limit.", minimum=0,
+        default_note="storescp waits for commands forever.",
+    )
+    retries: int = setting(
+        3, "Further runs of a failed job (non-zero exit, signal, timeout) before it is "
+        "dead-lettered (state dead, kept until retried by hand).", minimum=0, maximum=100,
+        default_note="storescp runs a command once and ignores its exit status.",
+    )
+    retry_backoff: int = setting(
+        10, "Seconds before the first retry; each further retry waits twice as long.",
+        minimum=0,
+    )
+    retry_backoff_max: int = setting(
+        600, "Longest wait between retries, in seconds.", minimum=0,
+    )
+    keep_done_days: int = setting(
+        7, "Days finished jobs and complete studies stay in the database (for jobs list and "
+        "batch numbering); dead jobs stay until retried.", minimum=0,
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class WorkersConfig:
     """[workers]: the process model and the limits on parallel associations."""
 
@@ -300,6 +411,8 @@ class Config:
     negotiation: NegotiationConfig = field(default_factory=NegotiationConfig)
     association: AssociationConfig = field(default_factory=AssociationConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -12,6 +12,7 @@ from pydicom import dcmread
 from pydicom.tag import Tag
 
 from dicom_ingestd.errors import IngestError
+from dicom_ingestd.worker import header
 
 _TAGS = [Tag(0x0008, 0x0016), Tag(0x0008, 0x0018), Tag(0x0008, 0x0060), Tag(0x0010, 0x0010),
          Tag(0x0010, 0x0020), Tag(0x0020, 0x000D), Tag(0x0020, 0x000E)]
@@ -48,6 +49,30 @@ def _raw(ds: Any, tag: int) -> bytes:
     if isinstance(value, bytes):
         return value
     return str(value).encode("latin-1", "replace")
+
+
+def _uid(value: bytes | None, fix_padding: bool) -> str:
+    text = (value or b"").decode("ascii", "replace").rstrip("\x00")
+    return text.strip() if fix_padding else text.rstrip(" ")
+
+
+def identify_prefix(prefix: bytes, transfer_syntax: str, *, complete: bool,
+                    fix_uid_padding: bool = False) -> Identity | None:
+    """Identify from the data set's first bytes (header.py); None: use identify()."""
+    found = header.read_identifiers(prefix, transfer_syntax, complete)
+    if found is None:
+        return None
+    name_raw = found.get(0x00100010, b"").rstrip(b" \x00")
+    return Identity(
+        sop_class_uid=_uid(found.get(0x00080016), fix_uid_padding),
+        sop_instance_uid=_uid(found.get(0x00080018), fix_uid_padding),
+        study_uid=_uid(found.get(0x0020000D), fix_uid_padding),
+        series_uid=_uid(found.get(0x0020000E), fix_uid_padding),
+        patient_name=name_raw.decode("latin-1"),
+        patient_name_raw=name_raw,
+        patient_id=found.get(0x00100020, b"").decode("latin-1").strip(" \x00"),
+        modality=found.get(0x00080060, b"").decode("latin-1").strip(" \x00"),
+    )
 
 
 def identify(path: Path, *, fix_uid_padding: bool = False) -> Identity:

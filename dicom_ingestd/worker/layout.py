@@ -58,8 +58,13 @@ class Target:
 class Layout:
     """Computes targets for one association under one storage configuration."""
 
-    def __init__(self, config: StorageConfig) -> None:
+    def __init__(self, config: StorageConfig,
+                 current_study: Callable[[str, str, Callable[[], str]], str] | None = None
+                 ) -> None:
+        """`current_study(key, study_uid, new_name)` shares the "current study directory"
+        between associations (Store.study_directory); without it the state is ours alone."""
         self.config = config
+        self._current_study = current_study
         self._study_uid: str | None = None
         self._study_dir = ""
 
@@ -72,11 +77,20 @@ class Layout:
             return [naming.study_subdirectory(mode, self.config.sort_prefix,
                                               study_uid=ident.study_uid,
                                               patient_name=ident.patient_name_raw, when=now)]
+        def new_name() -> str:
+            return naming.study_subdirectory(mode, self.config.sort_prefix,
+                                             study_uid=ident.study_uid,
+                                             patient_name=ident.patient_name_raw, when=now)
+
+        if self._current_study is not None:
+            # Raises MissingStudyUID first, as storescp refuses such objects in every mode.
+            naming.study_subdirectory("study-uid", "", study_uid=ident.study_uid,
+                                      patient_name=None, when=now)
+            key = f"{mode}:{self.config.sort_prefix}"
+            return [self._current_study(key, ident.study_uid, new_name)]
         if ident.study_uid != self._study_uid or not self._study_dir:
             self._study_uid = ident.study_uid
-            self._study_dir = naming.study_subdirectory(
-                mode, self.config.sort_prefix, study_uid=ident.study_uid,
-                patient_name=ident.patient_name_raw, when=now)
+            self._study_dir = new_name()
         return [self._study_dir]
 
     def target(self, sop_class_uid: str, sop_instance_uid: str, ident: Identity,

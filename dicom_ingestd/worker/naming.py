@@ -355,6 +355,9 @@ def safe_component(value: str, *, max_len: int = DEFAULT_MAX_LEN) -> str:
     * never empty: a value with nothing left is :data:`PLACEHOLDER`;
     * at most ``max_len`` bytes of UTF-8.  A longer value is cut and gets ``_`` plus 16 hex
       digits of the SHA-256 of the *original* value, so distinct long values stay distinct;
+    * injective in practice: whenever a character had to be replaced, the same hash suffix is
+      appended, so ``a/b`` and ``a_b`` (or ``..`` and ``__``) never share a file name and a
+      peer cannot overwrite another object by sending a mangled UID;
     * idempotent for the same ``max_len``; a value that already satisfies all of the above
       (e.g. any UID of digits and dots) is returned unchanged.
 
@@ -368,7 +371,7 @@ def safe_component(value: str, *, max_len: int = DEFAULT_MAX_LEN) -> str:
         text = "_" * start.end() + text[start.end() :]
     if not text:
         return PLACEHOLDER
-    if len(text.encode()) <= max_len:
+    if text == value and len(text.encode()) <= max_len:
         return text
     digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
     suffix = "_" + digest[:_HASH_HEX_DIGITS]

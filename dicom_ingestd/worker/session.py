@@ -14,17 +14,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from io import BytesIO
-
-from pydicom.dataset import FileMetaDataset
-from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import UID
 
 from dicom_ingestd.codes import Status, status_name
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.errors import StorageError
-from dicom_ingestd.worker import acceptor, dimse
-from dicom_ingestd.worker.identify import Identity, UnreadableDataSet, identify
+from dicom_ingestd.worker import acceptor, dimse, header
+from dicom_ingestd.worker.identify import Identity, UnreadableDataSet, identify, identify_prefix
 from dicom_ingestd.worker.layout import Layout
 from dicom_ingestd.worker.naming import MissingStudyUID
 from dicom_ingestd.worker.pdu import (
@@ -48,9 +43,9 @@ from dicom_ingestd.worker.store import Store, TempFile
 
 log = logging.getLogger("dicom_ingestd.association")
 
+HEAD_BYTES = 1 << 16  # identifying attributes sit in the first few KiB of a data set
 MAX_ASSOCIATE_RQ = 1 << 17  # 128 contexts of long UIDs fit in ~40 KiB; more is abuse
 VERIFICATION = "1.2.840.10008.1.1"
-_PREAMBLE = b"\x00" * 128 + b"DICM"
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +96,14 @@ class _Store:
         self.why = why
         self.pdus_seen = 0
         self.bytes = 0
+        self.head = bytearray()  # the data set's first bytes, to identify it without a reparse
+
+    def write(self, chunk: memoryview) -> None:
+        assert self.temp is not None
+        self.temp.write(chunk)
+        room = HEAD_BYTES - len(self.head)
+        if room > 0:
+            self.head += chunk[:room]
 
 
 class Session:
@@ -115,7 +118,7 @@ class Session:
         self.config = config
         self.store = store
         self.on_stored = on_stored
-        self.layout = Layout(config.storage)
+        self.layout = Layout(config.storage, store.study_directory)
         net = config.network
         self.channel = Channel(sock, float(net.socket_timeout) or None, net.tcp_nodelay)
         self.calling_ae = "?"
@@ -327,7 +330,7 @@ class Session:
             raise ProtocolError("data set fragment on another presentation context")
         current.bytes += payload
         if current.temp is not None:
-            self.channel.stream(payload, current.temp.write)
+            self.channel.stream(payload, current.write)
         else:
             self.channel.skip(payload)
         if control & 0x02:
@@ -383,18 +386,9 @@ class Session:
         self._current = _Store(command, context, temp, status, why)
 
     def _file_meta(self, command: dimse.Command, context: acceptor.AcceptedContext) -> bytes:
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = UID(command.sop_class_uid)
-        meta.MediaStorageSOPInstanceUID = UID(command.sop_instance_uid)
-        meta.TransferSyntaxUID = UID(context.transfer_syntax)
-        meta.ImplementationClassUID = UID(acceptor.IMPLEMENTATION_CLASS_UID)
-        meta.ImplementationVersionName = acceptor.IMPLEMENTATION_VERSION
-        if self.calling_ae:
-            meta.SourceApplicationEntityTitle = self.calling_ae
-        buffer = BytesIO()
-        buffer.write(_PREAMBLE)
-        write_file_meta_info(buffer, meta, enforce_standard=True)  # type: ignore[arg-type]
-        return buffer.getvalue()
+        return header.file_meta(command.sop_class_uid, command.sop_instance_uid,
+                                context.transfer_syntax, acceptor.IMPLEMENTATION_CLASS_UID,
+                                acceptor.IMPLEMENTATION_VERSION, self.calling_ae)
 
     def _during_data_pdu(self) -> None:
         """Test aids that act on each P-DATA PDU of a data set, as storescp's callback does."""
@@ -452,9 +446,13 @@ class Session:
         temp = current.temp
         assert temp is not None
         command = current.command
+        fix = self.config.association.uid_padding
         try:
             temp.finish(self.config.storage.fsync)
-            ident = identify(temp.path, fix_uid_padding=self.config.association.uid_padding)
+            ident = identify_prefix(bytes(current.head), current.context.transfer_syntax,
+                                    complete=current.bytes <= len(current.head),
+                                    fix_uid_padding=fix) \
+                or identify(temp.path, fix_uid_padding=fix)
         except StorageError:
             temp.discard()
             raise

@@ -9,11 +9,13 @@ caller decides the relative path (see naming.py).
 
 import contextlib
 import errno
+import fcntl
 import itertools
+import json
 import logging
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,23 +26,46 @@ from dicom_ingestd.errors import StorageError
 log = logging.getLogger(__name__)
 
 STAGING_DIR = ".ingestd-tmp"
+SORT_STATE = "sort-state.json"
 TEMP_SUFFIX = ".part"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOMEM}
 _counter = itertools.count()
 
 
-def _writer_alive(name: str) -> bool:
+def _process_start(pid: int) -> float | None:
+    """Wall-clock start time of a live, non-zombie process; None when there is none."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        if fields[0] in (b"Z", b"X"):
+            return None
+        with open("/proc/stat", "rb") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime"))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError, StopIteration):
+        return None
+
+
+def _writer_alive(name: str, mtime: float) -> bool:
+    """Could the process that named this temporary file still be writing it?
+
+    A pid alone is not proof: after a restart (or a reboot) the pid may belong to another
+    process, so that process must also be a dicom-ingestd process that started before the
+    file was last written.
+    """
     pid_text = name.split("-", 1)[0]
     if not pid_text.isdigit() or int(pid_text) == os.getpid():
         return False
-    try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
+    started = _process_start(int(pid_text))
+    if started is None or started > mtime + 1.0:
         return False
-    except PermissionError:
-        return True
-    return True
+    try:  # every writer is a dicom-ingestd master or a fork of one
+        with open(f"/proc/{pid_text}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return False
+    return b"dicom_ingestd" in cmdline or b"dicom-ingestd" in cmdline
 
 
 def _is_safe(part: str) -> bool:
@@ -167,8 +192,13 @@ class Store:
         for entry in os.scandir(self._staging_fd):
             if not (entry.name.startswith(prefix) and entry.name.endswith(TEMP_SUFFIX)):
                 continue
-            if owner_pid is None and _writer_alive(entry.name):
-                continue
+            if owner_pid is None:
+                try:
+                    mtime = entry.stat(follow_symlinks=False).st_mtime
+                except OSError:
+                    continue
+                if _writer_alive(entry.name, mtime):
+                    continue
             try:
                 os.unlink(entry.name, dir_fd=self._staging_fd)
                 removed += 1
@@ -183,6 +213,32 @@ class Store:
             return TempFile(self._staging_fd, name, self.staging / name)
         except OSError as exc:
             raise _resource_error(exc, f"cannot create a file in {self.staging}") from None
+
+    def study_directory(self, key: str, study_uid: str, new_name: Callable[[], str]) -> str:
+        """The directory for the current study under storescp's "concurrent studies" rule.
+
+        storescp keeps one "current study" per process: the next object of the same study
+        goes to the same directory, an object of another study starts a new one.  The state
+        lives in a small file in the staging directory, under an exclusive lock, so forked
+        workers and threads share it as storescp's single process does.  `key` identifies
+        the sorting configuration (a change of it starts a new directory).
+        """
+        fd = os.open(SORT_STATE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600,
+                     dir_fd=self._staging_fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                state = json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
+            except ValueError:
+                state = {}
+            if state.get("key") == key and state.get("study") == study_uid and state.get("dir"):
+                return str(state["dir"])
+            name = new_name()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"key": key, "study": study_uid, "dir": name}).encode(), 0)
+            return name
+        finally:
+            os.close(fd)  # releases the lock
 
     def has_free_space(self) -> bool:
         """False when the reserve storage.min_free_space is not available."""

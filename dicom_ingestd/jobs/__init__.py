@@ -1,0 +1,1 @@
+"""The job queue and runner for [events] commands (master side only)."""

@@ -1,0 +1,335 @@
+"""The persistent job queue: a SQLite database (WAL mode) in the state directory.
+
+Only the master opens it while the daemon runs (forked workers never touch the inherited
+connection); the `dicom-ingestd jobs` command opens it from another process to list, show
+and re-queue jobs, which SQLite's locking makes safe.
+
+Writes happen in a transaction begun lazily by the first write and committed by `commit()`,
+which the master calls once per loop iteration: the reports of one wakeup cost one commit.
+With storage.fsync the database is opened with synchronous=FULL (a committed job survives a
+power failure), otherwise NORMAL (it survives a crash of the daemon).
+
+Tables: `jobs` (one row per command to run), `batches` (one row per batch of a study, open or
+closed) and `batch_files` (the objects of each batch, in order of arrival).  Times stored are
+wall-clock seconds (time.time()), because they must mean something after a restart.
+"""
+
+import contextlib
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+DATABASE = "jobs.sqlite"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    command TEXT NOT NULL,
+    argv TEXT NOT NULL,
+    env TEXT NOT NULL,
+    study_uid TEXT NOT NULL DEFAULT '',
+    batch INTEGER NOT NULL DEFAULT 0,
+    batch_id INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    max_attempts INTEGER NOT NULL,
+    timeout REAL NOT NULL,
+    not_before REAL NOT NULL,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    pid INTEGER,
+    pid_start TEXT NOT NULL DEFAULT '',
+    result TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, id);
+CREATE INDEX IF NOT EXISTS jobs_by_batch ON jobs (study_uid, batch, id);
+CREATE TABLE IF NOT EXISTS batches (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_uid TEXT NOT NULL,
+    batch INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    opened REAL NOT NULL,
+    closed REAL,
+    reason TEXT NOT NULL DEFAULT '',
+    calling_ae TEXT NOT NULL DEFAULT '',
+    called_ae TEXT NOT NULL DEFAULT '',
+    peer TEXT NOT NULL DEFAULT '',
+    UNIQUE (study_uid, batch)
+);
+CREATE INDEX IF NOT EXISTS batches_by_state ON batches (state);
+CREATE TABLE IF NOT EXISTS batch_files (
+    batch_id INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    file TEXT NOT NULL,
+    PRIMARY KEY (batch_id, seq)
+);
+"""
+
+
+class JobState(StrEnum):
+    """pending → running → done, or → pending again (retry) … → dead (dead letter)."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    DEAD = "dead"
+
+
+class JobKind(StrEnum):
+    RECEPTION = "reception"  # events.exec_on_reception, one per stored object
+    RENAME = "rename"  # events.rename_on_eostudy, one per complete batch
+    EOSTUDY = "eostudy"  # events.exec_on_eostudy, one per complete batch
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One row of the jobs table."""
+
+    id: int
+    kind: JobKind
+    state: JobState
+    command: list[str]  # as configured (for logs and JOB_COMMAND)
+    argv: list[str]  # what is executed
+    env: dict[str, str]  # DICOM_* variables added to the daemon's environment
+    study_uid: str
+    batch: int
+    batch_id: int
+    attempts: int  # finished runs so far
+    max_attempts: int
+    timeout: float  # seconds per run; 0: none
+    not_before: float
+    created: float
+    started: float | None
+    finished: float | None
+    pid: int | None
+    pid_start: str
+    result: str  # how the last run ended
+
+    @property
+    def display(self) -> str:
+        return " ".join(self.command)
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """One row of the batches table."""
+
+    id: int
+    study_uid: str
+    batch: int
+    state: str  # open | closed
+    opened: float
+    closed: float | None
+    reason: str
+    calling_ae: str
+    called_ae: str
+    peer: str
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(row["id"], JobKind(row["kind"]), JobState(row["state"]),
+               json.loads(row["command"]), json.loads(row["argv"]), json.loads(row["env"]),
+               row["study_uid"], row["batch"], row["batch_id"], row["attempts"],
+               row["max_attempts"], row["timeout"], row["not_before"], row["created"],
+               row["started"], row["finished"], row["pid"], row["pid_start"], row["result"])
+
+
+def _batch(row: sqlite3.Row) -> Batch:
+    return Batch(row["id"], row["study_uid"], row["batch"], row["state"], row["opened"],
+                 row["closed"], row["reason"], row["calling_ae"], row["called_ae"], row["peer"])
+
+
+class JobQueue:
+    """The database in `directory` (created with the directory when `create`)."""
+
+    def __init__(self, directory: Path, *, create: bool = True, durable: bool = True,
+                 busy_timeout: float = 2.0) -> None:
+        self.directory = directory
+        self.path = directory / DATABASE
+        if create:
+            directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+        elif not self.path.exists():
+            raise FileNotFoundError(f"no job database at {self.path}")
+        self._db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+        if create:
+            self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self.commit()
+        self._db.close()
+
+    # -- transactions ----------------------------------------------------------------------
+    def _write(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        if not self._db.in_transaction:
+            self._db.execute("BEGIN IMMEDIATE")
+        return self._db.execute(sql, params)
+
+    def commit(self) -> None:
+        """Make every write since the last commit durable."""
+        if self._db.in_transaction:
+            self._db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Writes inside are committed together at the end (or rolled back on an error)."""
+        try:
+            yield
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+        self.commit()
+
+    # -- jobs ------------------------------------------------------------------------------
+    def add(self, kind: JobKind, command: Sequence[str], argv: Sequence[str],
+            env: dict[str, str], *, max_attempts: int, timeout: float, now: float,
+            study_uid: str = "", batch: int = 0, batch_id: int = 0) -> int:
+        """Queue a job (pending, runnable from `now`); returns its id."""
+        cursor = self._write(
+            "INSERT INTO jobs (kind, state, command, argv, env, study_uid, batch, batch_id, "
+            "max_attempts, timeout, not_before, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (str(kind), str(JobState.PENDING), json.dumps(list(command)),
+             json.dumps(list(argv)), json.dumps(env), study_uid, batch, batch_id,
+             max_attempts, timeout, now, now))
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def get(self, job_id: int) -> Job | None:
+        row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _job(row) if row else None
+
+    def due(self, now: float, limit: int) -> list[Job]:
+        """Pending jobs runnable at `now`, oldest first.
+
+        A rename or end-of-study job also waits until every earlier job of its batch
+        (the reception jobs of its objects, the rename) has finished, done or dead.
+        """
+        rows = self._db.execute(
+            "SELECT * FROM jobs AS j WHERE j.state = 'pending' AND j.not_before <= ? AND ("
+            " j.kind = 'reception' OR NOT EXISTS (SELECT 1 FROM jobs AS e"
+            "  WHERE e.study_uid = j.study_uid AND e.batch = j.batch AND e.id < j.id"
+            "  AND e.state IN ('pending', 'running')))"
+            " ORDER BY j.id LIMIT ?", (now, limit)).fetchall()
+        return [_job(row) for row in rows]
+
+    def next_not_before(self) -> float | None:
+        """The earliest time a pending job becomes runnable (retry backoff), or None."""
+        row = self._db.execute(
+            "SELECT MIN(not_before) FROM jobs WHERE state = 'pending'").fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
+    def select(self, states: Sequence[str] = (), limit: int = 0) -> list[Job]:
+        sql = "SELECT * FROM jobs"
+        params: list[Any] = []
+        if states:
+            sql += f" WHERE state IN ({','.join('?' * len(states))})"
+            params += list(states)
+        sql += " ORDER BY id DESC"
+        if limit:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [_job(row) for row in reversed(self._db.execute(sql, params).fetchall())]
+
+    def counts(self) -> dict[str, int]:
+        return {row[0]: row[1] for row in
+                self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")}
+
+    def started(self, job_id: int, pid: int, pid_start: str, now: float) -> None:
+        self._write("UPDATE jobs SET state = 'running', started = ?, pid = ?, pid_start = ? "
+                    "WHERE id = ?", (now, pid, pid_start, job_id))
+
+    def finished(self, job_id: int, state: JobState, result: str, now: float, *,
+                 attempts: int, not_before: float | None = None) -> None:
+        """Record the end of a run: done, dead, or pending again from `not_before`."""
+        self._write("UPDATE jobs SET state = ?, result = ?, finished = ?, attempts = ?, "
+                    "not_before = COALESCE(?, not_before), pid = NULL WHERE id = ?",
+                    (str(state), result, now, attempts, not_before, job_id))
+
+    def interrupted(self, job_id: int, result: str) -> None:
+        """A run the daemon itself cut short (stop, crash): pending again, attempt not counted."""
+        self._write("UPDATE jobs SET state = 'pending', result = ?, pid = NULL WHERE id = ?",
+                    (result, job_id))
+
+    def retry(self, job_id: int, now: float) -> Job:
+        """Re-queue a done, dead or waiting job to run now, with a fresh set of attempts.
+
+        Raises KeyError for an unknown id and ValueError for a running job.
+        """
+        with self.transaction():
+            job = self.get(job_id)
+            if job is None:
+                raise KeyError(job_id)
+            if job.state is JobState.RUNNING:
+                raise ValueError(f"job {job_id} is running (pid {job.pid})")
+            self._write("UPDATE jobs SET state = 'pending', attempts = 0, not_before = ?, "
+                        "result = ? WHERE id = ?",
+                        (now, f"re-queued by hand (was {job.state}: {job.result})".strip(),
+                         job_id))
+        job = self.get(job_id)
+        assert job is not None
+        return job
+
+    # -- batches of studies ----------------------------------------------------------------
+    def open_batch(self, study_uid: str, batch: int, now: float) -> int:
+        """The id of a study's open batch, created if new."""
+        self._write("INSERT OR IGNORE INTO batches (study_uid, batch, state, opened) "
+                    "VALUES (?, ?, 'open', ?)", (study_uid, batch, now))
+        row = self._db.execute("SELECT id FROM batches WHERE study_uid = ? AND batch = ?",
+                               (study_uid, batch)).fetchone()
+        return int(row[0])
+
+    def add_file(self, batch_id: int, seq: int, file: dict[str, Any], calling_ae: str,
+                 called_ae: str, peer: str) -> None:
+        self._write("INSERT OR REPLACE INTO batch_files (batch_id, seq, file) VALUES (?,?,?)",
+                    (batch_id, seq, json.dumps(file)))
+        self._write("UPDATE batches SET calling_ae = ?, called_ae = ?, peer = ? WHERE id = ?",
+                    (calling_ae, called_ae, peer, batch_id))
+
+    def close_batch(self, batch_id: int, reason: str, now: float) -> None:
+        self._write("UPDATE batches SET state = 'closed', reason = ?, closed = ? WHERE id = ?",
+                    (reason, now, batch_id))
+
+    def closed_batches(self, study_uid: str) -> int:
+        """How many batches of the study were closed (the highest closed batch number)."""
+        row = self._db.execute("SELECT MAX(batch) FROM batches WHERE study_uid = ? AND "
+                               "state = 'closed'", (study_uid,)).fetchone()
+        return int(row[0] or 0)
+
+    def batch(self, batch_id: int) -> Batch | None:
+        row = self._db.execute("SELECT * FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        return _batch(row) if row else None
+
+    def open_batches(self) -> list[Batch]:
+        return [_batch(row) for row in self._db.execute(
+            "SELECT * FROM batches WHERE state = 'open' ORDER BY id")]
+
+    def batch_files(self, batch_id: int) -> list[dict[str, Any]]:
+        return [json.loads(row[0]) for row in self._db.execute(
+            "SELECT file FROM batch_files WHERE batch_id = ? ORDER BY seq", (batch_id,))]
+
+    # -- housekeeping ----------------------------------------------------------------------
+    def running(self) -> list[Job]:
+        return self.select([JobState.RUNNING])
+
+    def prune(self, before: float) -> list[int]:
+        """Forget done jobs and closed batches finished before `before` (batches only once
+        none of their jobs is left); returns the ids of the batches removed."""
+        self._write("DELETE FROM jobs WHERE state = 'done' AND finished < ?", (before,))
+        gone = [int(row[0]) for row in self._db.execute(
+            "SELECT id FROM batches AS b WHERE b.state = 'closed' AND b.closed < ? AND NOT "
+            "EXISTS (SELECT 1 FROM jobs WHERE jobs.batch_id = b.id)", (before,))]
+        for batch_id in gone:
+            self._write("DELETE FROM batch_files WHERE batch_id = ?", (batch_id,))
+            self._write("DELETE FROM batches WHERE id = ?", (batch_id,))
+        return gone

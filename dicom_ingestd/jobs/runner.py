@@ -1,0 +1,347 @@
+"""Runs queued jobs as supervised subprocesses, inside the master's selector loop.
+
+Each run is a `subprocess.Popen` in a new session (so a process group of its own), with stdin
+from /dev/null and stdout/stderr on pipes the master reads without blocking: every line goes
+to the log (and the journal, with JOB_ID, JOB_KIND, JOB_COMMAND, DICOM_STUDY_UID fields).  The
+end of a run is seen on a pidfd and collected with waitpid(pid) -- never waitpid(-1), which
+would steal the status of the workers or of other jobs.
+
+Per run: a timeout (jobs.timeout) after which the whole process group gets SIGTERM, then
+SIGKILL 5 s later.  Per job: up to 1 + jobs.retries runs, with exponential backoff between
+them; after the last failure the job is dead (dead letter).  At most jobs.concurrency runs at
+a time; pending jobs start in id order.  `stop()` interrupts the runs still going (SIGTERM to
+their groups, SIGKILL after the grace) and returns them to pending, so they run again after
+the restart (at-least-once delivery).
+"""
+
+import contextlib
+import logging
+import os
+import select
+import selectors
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from dicom_ingestd.config.schema import JobsConfig
+from dicom_ingestd.jobs.queue import Job, JobQueue, JobState
+
+log = logging.getLogger("dicom_ingestd.jobs")
+
+KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL of a job's process group
+MAX_LINE = 8192  # longer output lines are logged in pieces
+POLL_INTERVAL = 1.0  # look for due jobs (retries, `jobs retry`) at least this often
+
+
+def process_start(pid: int) -> str:
+    """The start time of process `pid` (clock ticks since boot, /proc/PID/stat field 22), or
+    '' if it does not exist: with the pid it identifies a process across pid reuse."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return ""
+    fields = stat[stat.rfind(b")") + 2:].split()
+    return fields[19].decode() if len(fields) > 19 else ""
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit status {returncode}"
+
+
+def backoff(settings: JobsConfig, failures: int) -> float:
+    """Seconds to wait after the `failures`-th failed run (1, 2, ...)."""
+    delay = float(settings.retry_backoff) * (2 ** max(0, failures - 1))
+    return float(min(delay, float(settings.retry_backoff_max)))
+
+
+def journal_fields(job: Job, **more: object) -> dict[str, object]:
+    fields: dict[str, object] = {"JOB_ID": job.id, "JOB_KIND": str(job.kind),
+                                 "JOB_COMMAND": job.display}
+    if job.study_uid:
+        fields["DICOM_STUDY_UID"] = job.study_uid
+    fields.update({k: v for k, v in more.items() if v is not None})
+    return {"journal": fields}
+
+
+@dataclass(eq=False)
+class _Stream:
+    name: str  # stdout | stderr
+    fd: int
+    buffer: bytearray = field(default_factory=bytearray)
+
+
+@dataclass(eq=False)
+class _Run:
+    job: Job
+    popen: "subprocess.Popen[bytes]"
+    pidfd: int
+    started: float  # monotonic
+    deadline: float | None
+    streams: list[_Stream]
+    term_at: float | None = None  # when SIGTERM went to the group
+    killed: bool = False
+    timed_out: bool = False
+    interrupted: bool = False  # stopped by us at daemon stop: not the job's failure
+
+
+class JobRunner:
+    """Starts due jobs, watches them, records their outcome in `queue`.
+
+    `prepare(job)` returns extra environment variables for a run (it may raise OSError: the
+    run then fails).  `on_finished(job_id, final)` is called after every run; `final` means
+    the job is done or dead (it will not run again by itself).
+    """
+
+    def __init__(self, queue: JobQueue, selector: selectors.BaseSelector, settings: JobsConfig,
+                 *, prepare: Callable[[Job], dict[str, str]],
+                 on_finished: Callable[[int, bool], None],
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.queue = queue
+        self.selector = selector
+        self.settings = settings
+        self._prepare = prepare
+        self._on_finished = on_finished
+        self._clock = clock
+        self._wall = wall
+        self._runs: dict[int, _Run] = {}  # by job id
+        self._dirty = True
+        self._next_poll = 0.0
+        self.launching = True
+
+    # -- the loop's hooks --------------------------------------------------------------------
+    def poke(self) -> None:
+        """Something was queued or finished: look for due jobs at the next tick."""
+        self._dirty = True
+
+    def running(self) -> int:
+        return len(self._runs)
+
+    def timeout(self) -> float | None:
+        """Seconds until this runner needs a tick (None: no need before the next event)."""
+        now = self._clock()
+        moments: list[float] = []
+        if self.launching and self._dirty and len(self._runs) < self.settings.concurrency:
+            return 0.0
+        for run in self._runs.values():
+            if run.term_at is not None:
+                moments.append(run.term_at + KILL_GRACE)
+            elif run.deadline is not None:
+                moments.append(run.deadline)
+        if self.launching:
+            moments.append(self._next_poll)
+        return max(0.0, min(moments) - now) if moments else None
+
+    def tick(self) -> None:
+        now = self._clock()
+        for run in list(self._runs.values()):
+            if run.term_at is None and run.deadline is not None and now >= run.deadline:
+                run.timed_out = True
+                log.warning("job %d: timed out after %d s; stopping its process group %d",
+                            run.job.id, run.job.timeout, run.popen.pid,
+                            extra=journal_fields(run.job))
+                self._signal(run, signal.SIGTERM)
+                run.term_at = now
+            elif run.term_at is not None and not run.killed and now >= run.term_at + KILL_GRACE:
+                log.warning("job %d: process group %d still running %d s after SIGTERM; "
+                            "sending SIGKILL", run.job.id, run.popen.pid, KILL_GRACE,
+                            extra=journal_fields(run.job))
+                self._signal(run, signal.SIGKILL)
+                run.killed = True
+        free = self.settings.concurrency - len(self._runs)
+        if self.launching and free > 0 and (self._dirty or now >= self._next_poll):
+            self._dirty = False
+            self._next_poll = now + POLL_INTERVAL
+            for job in self.queue.due(self._wall(), free):
+                if job.id not in self._runs:
+                    self._launch(job)
+
+    # -- one run -----------------------------------------------------------------------------
+    def _launch(self, job: Job) -> None:
+        attempt = job.attempts + 1
+        env = dict(os.environ)
+        env.update(job.env)
+        env.update(DICOM_JOB_ID=str(job.id), DICOM_JOB_KIND=str(job.kind),
+                   DICOM_JOB_ATTEMPT=str(attempt))
+        try:
+            env.update(self._prepare(job))
+            popen = subprocess.Popen(job.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=env, close_fds=True,
+                                     start_new_session=True)
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            self._record_failure(job, attempt, f"cannot start: {exc}", 0.0)
+            return
+        assert popen.stdout is not None and popen.stderr is not None
+        pidfd = os.pidfd_open(popen.pid)
+        streams = [_Stream("stdout", popen.stdout.fileno()),
+                   _Stream("stderr", popen.stderr.fileno())]
+        now = self._clock()
+        run = _Run(job, popen, pidfd, now, now + job.timeout if job.timeout else None, streams)
+        self._runs[job.id] = run
+        self.selector.register(pidfd, selectors.EVENT_READ, lambda _fd, r=run: self._exited(r))
+        for stream in streams:
+            os.set_blocking(stream.fd, False)
+            self.selector.register(stream.fd, selectors.EVENT_READ,
+                                   lambda _fd, r=run, s=stream: self._output(r, s))
+        self.queue.started(job.id, popen.pid, process_start(popen.pid), self._wall())
+        log.info("job %d (%s%s) started, attempt %d of %d, pid %d: %s", job.id, job.kind,
+                 f", study {job.study_uid}" if job.study_uid else "", attempt, job.max_attempts,
+                 popen.pid, " ".join(job.argv),
+                 extra=journal_fields(job, JOB_ATTEMPT=attempt, JOB_PID=popen.pid))
+
+    def _signal(self, run: _Run, signum: int) -> None:
+        with contextlib.suppress(OSError):
+            os.killpg(run.popen.pid, signum)
+
+    def _output(self, run: _Run, stream: _Stream) -> None:
+        try:
+            data = os.read(stream.fd, 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_stream(run, stream)
+            return
+        stream.buffer += data
+        self._emit_lines(run, stream, final=False)
+
+    def _emit_lines(self, run: _Run, stream: _Stream, final: bool) -> None:
+        buffer = stream.buffer
+        while buffer:
+            end = buffer.find(b"\n")
+            if end < 0:
+                if len(buffer) < MAX_LINE and not final:
+                    return
+                end = min(len(buffer), MAX_LINE)
+                line, rest = bytes(buffer[:end]), buffer[end:]
+            else:
+                line, rest = bytes(buffer[:end]), buffer[end + 1:]
+            stream.buffer = buffer = bytearray(rest)
+            text = line.decode("utf-8", "replace").rstrip("\r")
+            log.log(logging.INFO if stream.name == "stdout" else logging.WARNING,
+                    "job %d %s: %s", run.job.id, stream.name, text,
+                    extra=journal_fields(run.job, JOB_STREAM=stream.name))
+
+    def _close_stream(self, run: _Run, stream: _Stream) -> None:
+        if stream.fd < 0:
+            return
+        self._emit_lines(run, stream, final=True)
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(stream.fd)
+        stream.fd = -1  # the Popen file object owns the descriptor and closes it
+
+    def _exited(self, run: _Run) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(run.pidfd)
+        os.close(run.pidfd)
+        returncode = run.popen.wait()  # waitpid(pid): this job only
+        # The process is gone; its output may still sit in the pipes (or a descendant may
+        # hold them open): take what is there now, then stop listening.
+        for stream in run.streams:
+            while stream.fd >= 0:
+                try:
+                    data = os.read(stream.fd, 65536)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    data = b""
+                if not data:
+                    break
+                stream.buffer += data
+                self._emit_lines(run, stream, final=False)
+            self._close_stream(run, stream)
+        for pipe in (run.popen.stdout, run.popen.stderr):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+        del self._runs[run.job.id]
+        self._dirty = True
+        job = run.job
+        duration = self._clock() - run.started
+        if run.interrupted:
+            self.queue.interrupted(job.id, "interrupted by the daemon's stop; runs again "
+                                   "after the restart")
+            log.info("job %d: interrupted (%s) by the daemon's stop after %.1f s; it runs "
+                     "again after the restart", job.id, describe_exit(returncode), duration,
+                     extra=journal_fields(job, JOB_STATUS=describe_exit(returncode)))
+            return
+        attempt = job.attempts + 1
+        if returncode == 0 and not run.timed_out:
+            self.queue.finished(job.id, JobState.DONE, "exit status 0", self._wall(),
+                                attempts=attempt)
+            log.info("job %d finished: exit status 0 after %.2f s", job.id, duration,
+                     extra=journal_fields(job, JOB_STATUS="exit status 0",
+                                          JOB_DURATION=f"{duration:.3f}", JOB_ATTEMPT=attempt))
+            self._on_finished(job.id, True)
+            return
+        result = describe_exit(returncode)
+        if run.timed_out:
+            result = f"timed out after {job.timeout:g} s ({result})"
+        self._record_failure(job, attempt, result, duration)
+
+    def _record_failure(self, job: Job, attempt: int, result: str, duration: float) -> None:
+        fields = journal_fields(job, JOB_STATUS=result, JOB_DURATION=f"{duration:.3f}",
+                                JOB_ATTEMPT=attempt)
+        if attempt < job.max_attempts:
+            delay = backoff(self.settings, attempt)
+            self.queue.finished(job.id, JobState.PENDING, result, self._wall(),
+                                attempts=attempt, not_before=self._wall() + delay)
+            log.warning("job %d failed: %s after %.2f s; retry %d of %d in %g s", job.id,
+                        result, duration, attempt, job.max_attempts - 1, delay, extra=fields)
+            self._on_finished(job.id, False)
+        else:
+            self.queue.finished(job.id, JobState.DEAD, result, self._wall(), attempts=attempt)
+            log.error("job %d failed: %s after %.2f s; dead after %d attempt(s) (re-queue it "
+                      "with: dicom-ingestd jobs retry %d)", job.id, result, duration, attempt,
+                      job.id, extra=fields)
+            self._on_finished(job.id, True)
+        self._dirty = True
+
+    # -- stop and fork -----------------------------------------------------------------------
+    def stop(self, grace: float = KILL_GRACE) -> None:
+        """Stop launching; interrupt every run (SIGTERM, SIGKILL after `grace`) and return its
+        job to pending.  Blocks until every run is collected."""
+        self.launching = False
+        if not self._runs:
+            return
+        log.info("stopping %d running job(s); they run again after the restart",
+                 len(self._runs))
+        for run in self._runs.values():
+            run.interrupted = True
+            self._signal(run, signal.SIGTERM)
+        deadline = self._clock() + grace
+        killed = False
+        while self._runs:
+            remaining = deadline - self._clock()
+            if remaining <= 0 and not killed:
+                for run in self._runs.values():
+                    log.warning("job %d: process group %d still running %g s after SIGTERM; "
+                                "sending SIGKILL", run.job.id, run.popen.pid, grace,
+                                extra=journal_fields(run.job))
+                    self._signal(run, signal.SIGKILL)
+                killed = True
+            by_fd = {run.pidfd: run for run in self._runs.values()}
+            poller = select.poll()
+            for fd in by_fd:
+                poller.register(fd, select.POLLIN)
+            for fd, _ in poller.poll(max(0.0, remaining) * 1000 if not killed else 1000):
+                self._exited(by_fd[fd])
+
+    def close_in_child(self) -> None:
+        """In a forked worker: drop the descriptors of running jobs (never touch them)."""
+        for run in self._runs.values():
+            with contextlib.suppress(OSError):
+                os.close(run.pidfd)
+            for stream in run.streams:
+                if stream.fd >= 0:
+                    with contextlib.suppress(OSError):
+                        os.close(stream.fd)

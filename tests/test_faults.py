@@ -1,0 +1,1105 @@
+"""The durability promise under faults, and hostile peers.
+
+* A crash (SIGKILL) mid-transfer leaves nothing in the output tree but a partial file in the
+  staging directory, which the next start removes; the object can then be sent again.
+* A peer that aborts or vanishes mid data set leaves no file and an empty staging directory.
+* A full disk answers 0xA700 and leaves nothing behind, and the daemon recovers by itself when
+  space is free again; storage.min_free_space refuses before anything is written.
+* Hostile values (UIDs, patient names, AE titles) through every naming and sorting mode never
+  create anything outside the output directory.
+* Protocol abuse is answered with A-ABORT (or a clean reject), and the daemon keeps serving.
+
+Peers are DCMTK's tools, pynetdicom, and a raw-socket Upper Layer client written here (so that
+values no conforming library would send can be sent).  Every socket and subprocess has a
+timeout; mounts are undone and daemons stopped however a test ends.
+"""
+
+import errno
+import os
+import socket
+import struct
+import subprocess
+import threading
+import time
+import unicodedata
+from collections.abc import Callable, Iterator
+from contextlib import suppress
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Daemon, echoscu, require_tool, storescu
+from conftest import testdata as data_file
+from pydicom import dcmread
+from pydicom.filereader import read_dataset
+from pydicom.uid import generate_uid
+
+STAGING = ".ingestd-tmp"
+APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+VERIFICATION = "1.2.840.10008.1.1"
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+IMPLICIT_LE = "1.2.840.10008.1.2"
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+TIMEOUT = 10.0  # seconds, for every socket operation of the raw client
+
+A_ASSOCIATE_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ = 0x01, 0x02, 0x03
+P_DATA_TF, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = 0x04, 0x05, 0x06, 0x07
+ABORT_PDU = bytes.fromhex("07 00 00000004 00 00 00 00")
+
+
+# --- a raw Upper Layer client ---------------------------------------------------------------
+
+
+def _item(item_type: int, body: bytes) -> bytes:
+    return struct.pack(">BBH", item_type, 0, len(body)) + body
+
+
+def _pdu(pdu_type: int, body: bytes) -> bytes:
+    return struct.pack(">BBL", pdu_type, 0, len(body)) + body
+
+
+def associate_rq(contexts: list[tuple[int, str, list[str]]], *, calling: bytes = b"RAWSCU",
+                 called: bytes = b"ANY-SCP", max_pdu: int = 16384) -> bytes:
+    """An A-ASSOCIATE-RQ PDU; AE titles are raw bytes (padded/cut to 16), IDs taken as given."""
+    items = _item(0x10, APPLICATION_CONTEXT.encode())
+    for context_id, abstract_syntax, transfer_syntaxes in contexts:
+        sub = _item(0x30, abstract_syntax.encode())
+        sub += b"".join(_item(0x40, ts.encode()) for ts in transfer_syntaxes)
+        items += _item(0x20, bytes((context_id & 0xFF, 0, 0, 0)) + sub)
+    user = (_item(0x51, struct.pack(">L", max_pdu)) + _item(0x52, b"1.2.826.0.1.3680043.9.7")
+            + _item(0x55, b"RAW_FAULTS"))
+    items += _item(0x50, user)
+    fixed = (struct.pack(">HH", 1, 0) + called.ljust(16, b" ")[:16]
+             + calling.ljust(16, b" ")[:16] + bytes(32))
+    return _pdu(A_ASSOCIATE_RQ, fixed + items)
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError(f"connection closed after {len(data)} of {n} bytes")
+        data += chunk
+    return bytes(data)
+
+
+def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
+    pdu_type, _reserved, length = struct.unpack(">BBL", recv_exact(sock, 6))
+    return pdu_type, recv_exact(sock, length)
+
+
+def read_until_closed(sock: socket.socket, limit: float = TIMEOUT) -> bytes:
+    """Everything the peer sends until it closes (a reset counts as closed)."""
+    data = bytearray()
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        except TimeoutError:
+            raise AssertionError(f"connection still open after {limit} s; got {bytes(data)!r}")\
+                from None
+        if not chunk:
+            break
+        data += chunk
+    else:
+        raise AssertionError(f"connection still open after {limit} s; got {bytes(data)!r}")
+    return bytes(data)
+
+
+def connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    sock.settimeout(TIMEOUT)
+    return sock
+
+
+@dataclass
+class Association:
+    sock: socket.socket
+    accepted: dict[int, str]  # context ID -> transfer syntax
+    peer_max_pdu: int
+
+    def close(self) -> None:
+        with suppress(OSError):
+            self.sock.close()
+
+
+def parse_ac(body: bytes) -> tuple[dict[int, str], int]:
+    """(accepted context ID -> transfer syntax, the acceptor's maximum PDU length)."""
+    accepted: dict[int, str] = {}
+    max_pdu = 0
+    offset = 68
+    while offset < len(body):
+        item_type, _reserved, length = struct.unpack_from(">BBH", body, offset)
+        value = body[offset + 4:offset + 4 + length]
+        if item_type == 0x21:
+            context_id, result = value[0], value[2]
+            ts_type, _r, ts_length = struct.unpack_from(">BBH", value, 4)
+            if result == 0 and ts_type == 0x40:
+                accepted[context_id] = value[8:8 + ts_length].decode().rstrip("\0")
+        elif item_type == 0x50:
+            sub = 0
+            while sub < len(value):
+                sub_type, _r, sub_length = struct.unpack_from(">BBH", value, sub)
+                if sub_type == 0x51:
+                    (max_pdu,) = struct.unpack_from(">L", value, sub + 4)
+                sub += 4 + sub_length
+        offset += 4 + length
+    return accepted, max_pdu
+
+
+def request_association(port: int, contexts: list[tuple[int, str, list[str]]],
+                        **kw: Any) -> tuple[socket.socket, int, bytes]:
+    """Send an A-ASSOCIATE-RQ; return the socket and the answer PDU (type, body)."""
+    sock = connect(port)
+    sock.sendall(associate_rq(contexts, **kw))
+    pdu_type, body = read_pdu(sock)
+    return sock, pdu_type, body
+
+
+def associate(port: int, contexts: list[tuple[int, str, list[str]]] | None = None,
+              **kw: Any) -> Association:
+    contexts = contexts or [(1, CT_IMAGE, [EXPLICIT_LE]), (3, VERIFICATION, [IMPLICIT_LE])]
+    sock, pdu_type, body = request_association(port, contexts, **kw)
+    if pdu_type != A_ASSOCIATE_AC:
+        sock.close()
+        raise AssertionError(f"expected A-ASSOCIATE-AC, got PDU type {pdu_type:#04x} {body!r}")
+    accepted, max_pdu = parse_ac(body)
+    return Association(sock, accepted, max_pdu)
+
+
+def _command_element(element: int, value: bytes) -> bytes:
+    return struct.pack("<HHL", 0x0000, element, len(value)) + value
+
+
+def _even(value: bytes, pad: bytes) -> bytes:
+    return value + pad if len(value) % 2 else value
+
+
+def command_set(*elements: tuple[int, bytes]) -> bytes:
+    body = b"".join(_command_element(tag, value) for tag, value in elements)
+    return _command_element(0x0000, struct.pack("<L", len(body))) + body
+
+
+def c_store_rq(sop_class: bytes, sop_instance: bytes, message_id: int = 1) -> bytes:
+    return command_set((0x0002, _even(sop_class, b"\0")), (0x0100, struct.pack("<H", 0x0001)),
+                       (0x0110, struct.pack("<H", message_id)), (0x0700, b"\0\0"),
+                       (0x0800, struct.pack("<H", 0x0000)),
+                       (0x1000, _even(sop_instance, b"\0")))
+
+
+def c_echo_rq(message_id: int = 1) -> bytes:
+    return command_set((0x0002, _even(VERIFICATION.encode(), b"\0")),
+                       (0x0100, struct.pack("<H", 0x0030)),
+                       (0x0110, struct.pack("<H", message_id)),
+                       (0x0800, struct.pack("<H", 0x0101)))
+
+
+def p_data(context_id: int, payload: bytes, control: int) -> bytes:
+    return _pdu(P_DATA_TF, struct.pack(">LBB", len(payload) + 2, context_id, control) + payload)
+
+
+def send_fragments(assoc: Association, context_id: int, data: bytes, *, command: bool) -> None:
+    """Send a command or data set in P-DATA-TF PDUs within the acceptor's maximum length."""
+    chunk = max((assoc.peer_max_pdu or 16384) - 6, 1)
+    offsets = list(range(0, len(data), chunk)) or [0]
+    for offset in offsets:
+        last = offset == offsets[-1]
+        control = (0x01 if command else 0x00) | (0x02 if last else 0x00)
+        assoc.sock.sendall(p_data(context_id, data[offset:offset + chunk], control))
+
+
+class Aborted(Exception):
+    """The acceptor sent A-ABORT."""
+
+
+def read_response(assoc: Association) -> int:
+    """Read one response command set; return its Status."""
+    command = bytearray()
+    while True:
+        pdu_type, body = read_pdu(assoc.sock)
+        if pdu_type == A_ABORT:
+            raise Aborted(body.hex())
+        assert pdu_type == P_DATA_TF, f"unexpected PDU type {pdu_type:#04x}"
+        offset = 0
+        while offset < len(body):
+            length, _context_id, control = struct.unpack_from(">LBB", body, offset)
+            command += body[offset + 6:offset + 4 + length]
+            offset += 4 + length
+            if control == 0x03:
+                ds = read_dataset(BytesIO(bytes(command)), is_implicit_VR=True,
+                                  is_little_endian=True)
+                return int(ds.Status)
+
+
+def c_store(assoc: Association, context_id: int, sop_class: bytes, sop_instance: bytes,
+            data_set: bytes, message_id: int = 1) -> int:
+    send_fragments(assoc, context_id, c_store_rq(sop_class, sop_instance, message_id),
+                   command=True)
+    send_fragments(assoc, context_id, data_set, command=False)
+    return read_response(assoc)
+
+
+def release(assoc: Association) -> None:
+    assoc.sock.sendall(_pdu(A_RELEASE_RQ, bytes(4)))
+    pdu_type, _body = read_pdu(assoc.sock)
+    assert pdu_type == A_RELEASE_RP, f"expected A-RELEASE-RP, got {pdu_type:#04x}"
+    assoc.close()
+
+
+_LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UC", b"UN", b"UR", b"UT"}
+
+
+def element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element, padded to even length as its VR wants."""
+    value = _even(value, b"\0" if vr in (b"UI", b"OB", b"UN") else b" ")
+    if vr in _LONG_VRS:
+        return struct.pack("<HH2sHL", group, elem, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
+
+
+def minimal_ct(sop_instance: bytes, study: bytes, patient_name: bytes,
+               series: bytes | None = None) -> bytes:
+    """A small CT Image Storage data set (explicit VR LE) with raw values, UTF-8 declared."""
+    series = series if series is not None else generate_uid().encode()
+    return b"".join([
+        element(0x0008, 0x0005, b"CS", b"ISO_IR 192"),
+        element(0x0008, 0x0016, b"UI", CT_IMAGE.encode()),
+        element(0x0008, 0x0018, b"UI", sop_instance),
+        element(0x0008, 0x0060, b"CS", b"CT"),
+        element(0x0010, 0x0010, b"PN", patient_name),
+        element(0x0010, 0x0020, b"LO", b"HOSTILE"),
+        element(0x0020, 0x000D, b"UI", study),
+        element(0x0020, 0x000E, b"UI", series),
+    ])
+
+
+def data_set_bytes(path: Path) -> bytes:
+    """The bytes after the file meta information of a DICOM file (preamble + DICM + group 2)."""
+    raw = path.read_bytes()
+    assert raw[128:132] == b"DICM", path
+    assert raw[132:136] == b"\x02\x00\x00\x00", "no File Meta Information Group Length"
+    (group_length,) = struct.unpack_from("<L", raw, 140)
+    return raw[144 + group_length:]
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def poll(condition: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return condition()
+
+
+def tree_outside_staging(out: Path) -> list[Path]:
+    """Every entry (file or directory) under `out`, except the staging directory and its files."""
+    return sorted(p for p in out.rglob("*") if p.relative_to(out).parts[0] != STAGING)
+
+
+def assert_serving(daemon: Daemon) -> None:
+    """The daemon is alive and answers C-ECHO."""
+    assert daemon.proc.poll() is None, f"daemon exited:\n{daemon.log()}"
+    result = echoscu(daemon.port, check=False, timeout=30)
+    assert result.returncode == 0, f"echoscu failed:\n{result.stderr}\n{daemon.log()}"
+
+
+def new_ct_file(folder: Path, pixel_bytes: int | None = None, name: str | None = None) -> Path:
+    """A copy of CT_small with a new SOP Instance UID (and, optionally, bigger pixel data)."""
+    ds = dcmread(data_file("CT_small.dcm"))
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    if 0xFFFCFFFC in ds:  # storescu drops Data Set Trailing Padding when it sends
+        del ds[0xFFFCFFFC]
+    if pixel_bytes is not None:
+        side = int((pixel_bytes // 2) ** 0.5)
+        ds.Rows = ds.Columns = side
+        ds.PixelData = os.urandom(side * side * 2)
+    path = folder / (name or f"ct-{ds.SOPInstanceUID}.dcm")
+    ds.save_as(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def big_object(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CT object of about 100 MB."""
+    return new_ct_file(tmp_path_factory.mktemp("big"), 100_000_000, "big-ct.dcm")
+
+
+@pytest.fixture(scope="module")
+def five_mb_object(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return new_ct_file(tmp_path_factory.mktemp("five"), 5_000_000, "five-mb-ct.dcm")
+
+
+class ThrottledProxy:
+    """Forwards one TCP connection to `target_port`, the client's bytes at `rate` bytes/s.
+
+    Set `rate` to 0 to stop throttling.
+    """
+
+    def __init__(self, target_port: int, rate: float) -> None:
+        self.target_port = target_port
+        self.rate = rate
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.listener.settimeout(30)
+        self.port = int(self.listener.getsockname()[1])
+        self.sockets: list[socket.socket] = [self.listener]
+        self.threads: list[threading.Thread] = []
+        accept = threading.Thread(target=self._accept, daemon=True)
+        accept.start()
+        self.threads.append(accept)
+
+    def _accept(self) -> None:
+        try:
+            client, _ = self.listener.accept()
+            server = socket.create_connection(("127.0.0.1", self.target_port), timeout=30)
+        except OSError:
+            return
+        self.sockets += [client, server]
+        for src, dst, throttled in ((client, server, True), (server, client, False)):
+            src.settimeout(60)
+            thread = threading.Thread(target=self._pump, args=(src, dst, throttled), daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, throttled: bool) -> None:
+        try:
+            while True:
+                data = src.recv(32768)
+                if not data:
+                    break
+                dst.sendall(data)
+                if throttled and self.rate:
+                    time.sleep(len(data) / self.rate)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            with suppress(OSError):
+                sock.close()
+        for thread in self.threads:
+            thread.join(5)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs (request this fixture before daemon_factory, so it is unmounted last)."""
+    require_tool("mount")
+    mountpoint = tmp_path / "tmpfs"
+    mountpoint.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mountpoint)],
+                            capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs (these tests need root): {result.stderr}")
+    try:
+        yield mountpoint
+    finally:
+        if subprocess.run(["umount", str(mountpoint)], capture_output=True,
+                          timeout=30).returncode != 0:
+            subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, timeout=30)
+
+
+def pynetdicom_store(port: int, path: Path) -> int:
+    """Send one file with a pynetdicom SCU; return the C-STORE-RSP status."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title="FAULTSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ds = dcmread(path)
+    ae.add_requested_context(ds.SOPClassUID, [str(ds.file_meta.TransferSyntaxUID)])
+    assoc = ae.associate("127.0.0.1", port)
+    assert assoc.is_established, "association not established"
+    try:
+        status = assoc.send_c_store(ds)
+        assert "Status" in status, "no C-STORE-RSP received"
+        return int(status.Status)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        else:
+            assoc.abort()
+
+
+# --- crash mid-transfer --------------------------------------------------------------------
+
+
+def child_pids(pid: int) -> list[int]:
+    """The live descendants of `pid` (from /proc), children before grandchildren."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        ppid = int(text.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(stat.parent.name))
+    found: list[int] = []
+    queue = [pid]
+    while queue:
+        for child in parents.get(queue.pop(0), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@dataclass
+class Transfer:
+    """storescu sending one file to the daemon through a throttling proxy, in the background."""
+
+    proxy: ThrottledProxy
+    sender: subprocess.Popen[bytes]
+
+    def finish(self, timeout: float = 120) -> int:
+        try:
+            self.sender.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.sender.kill()
+            self.sender.wait(5)
+        finally:
+            self.proxy.close()
+        return int(self.sender.returncode)
+
+
+def start_transfer(daemon: Daemon, path: Path, log: Path, rate: float = 4_000_000) -> Transfer:
+    require_tool("storescu")
+    proxy = ThrottledProxy(daemon.port, rate=rate)
+    env = dict(os.environ, TCP_NODELAY="1")
+    with open(log, "wb") as scu_log:
+        sender = subprocess.Popen(["storescu", "-v", "127.0.0.1", str(proxy.port), str(path)],
+                                  stdout=scu_log, stderr=subprocess.STDOUT, env=env)
+    return Transfer(proxy, sender)
+
+
+def wait_for_growing_part(daemon: Daemon, size: int = 1_000_000) -> Path:
+    """Wait until a temporary file in the staging directory is larger than `size`."""
+    found: list[Path] = []
+
+    def growing() -> bool:
+        found[:] = [p for p in daemon.staging()
+                    if p.name.endswith(".part") and p.stat().st_size > size]
+        return bool(found)
+
+    assert poll(growing, timeout=60), f"no .part above {size} bytes appeared:\n{daemon.log()}"
+    return found[0]
+
+
+def assert_stored_intact(daemon: Daemon, source: Path) -> None:
+    stored = daemon.files()
+    assert len(stored) == 1, stored
+    assert data_set_bytes(stored[0]) == data_set_bytes(source)
+    meta = dcmread(stored[0], stop_before_pixels=True).file_meta
+    original = dcmread(source, stop_before_pixels=True).file_meta
+    for keyword in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID",
+                    "TransferSyntaxUID"):
+        assert meta[keyword].value == original[keyword].value
+
+
+def test_sigkill_during_transfer_leaves_only_a_partial_file_removed_at_restart(
+        tmp_path: Path, daemon_factory: Any, big_object: Path) -> None:
+    """The whole daemon (master and association workers) is SIGKILLed mid-object."""
+    daemon = daemon_factory({"network": {"max_pdu": 131072}})
+    transfer = start_transfer(daemon, big_object, tmp_path / "storescu.log")
+    pids: list[int] = []
+    try:
+        wait_for_growing_part(daemon)
+        pids = [daemon.proc.pid, *child_pids(daemon.proc.pid)]
+        for pid in pids:
+            with suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        daemon.proc.wait(10)
+        # Gone from /proc, not merely dead: a zombie's pid still looks like a live writer.
+        assert poll(lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids), 20), \
+            f"killed processes {pids} not reaped"
+    finally:
+        returncode = transfer.finish(30)
+    assert returncode != 0, "storescu reported success for an interrupted transfer"
+    assert tree_outside_staging(daemon.out) == [], "a file appeared outside the staging area"
+    parts = daemon.staging()
+    assert len(parts) == 1 and parts[0].name.endswith(".part"), parts
+    assert parts[0].stat().st_size > 1_000_000
+
+    again = daemon_factory({"storage": {"output_directory": str(daemon.out)}})
+    log = again.log()
+    assert f"removed 1 partial object(s) left by an earlier crash in {daemon.out / STAGING}" \
+        in log, log
+    assert again.staging() == []
+    storescu(again.port, big_object, timeout=300)
+    assert_stored_intact(again, big_object)
+    assert again.staging() == []
+
+
+def test_sigkill_of_the_master_alone_keeps_acknowledged_objects_consistent(
+        tmp_path: Path, daemon_factory: Any, big_object: Path) -> None:
+    """Daemon.proc.kill() mid-object: only the master dies; a new master starts at once.
+
+    The association's worker outlives its master (it is an ordinary child process) and goes on
+    receiving, while the new master's start-up cleanup runs on the same staging directory.
+    Whatever the interleaving, storescu's outcome and the tree must agree: success means one
+    intact file, failure means none; and nothing is left in the staging directory.
+    """
+    daemon = daemon_factory({"network": {"max_pdu": 131072}})
+    transfer = start_transfer(daemon, big_object, tmp_path / "storescu.log")
+    workers: list[int] = []  # the association's worker and any other child of the master
+    try:
+        wait_for_growing_part(daemon)
+        workers = child_pids(daemon.proc.pid)
+        daemon.proc.kill()
+        daemon.proc.wait(10)
+        again = daemon_factory({"storage": {"output_directory": str(daemon.out)}})
+        transfer.proxy.rate = 0  # let the rest through at full speed
+        returncode = transfer.finish(120)
+        assert poll(lambda: not any(alive(pid) for pid in workers), timeout=30), \
+            f"the orphaned worker(s) {workers} did not exit after the association ended"
+    finally:
+        transfer.finish(5)
+        for pid in workers:  # started by this test's daemon; never leave one behind
+            if alive(pid):
+                with suppress(ProcessLookupError):
+                    os.kill(pid, 9)
+    scu_output = (tmp_path / "storescu.log").read_text(errors="replace")
+    logs = f"--- storescu:\n{scu_output}\n--- first daemon:\n{daemon.log()[-3000:]}\n" \
+           f"--- second daemon:\n{again.log()[-3000:]}"
+    if returncode == 0:
+        assert_stored_intact(again, big_object)
+    else:
+        assert tree_outside_staging(again.out) == [], logs
+    assert poll(lambda: again.staging() == []), f"staging not emptied: {again.staging()}"
+    assert_serving(again)
+    if returncode != 0:
+        storescu(again.port, big_object, timeout=300)
+        assert_stored_intact(again, big_object)
+
+
+# --- a peer that leaves mid data set ------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["a-abort", "tcp-close", "a-abort-after-command"])
+def test_peer_leaving_mid_data_set_leaves_nothing(daemon: Daemon, how: str) -> None:
+    source = data_file("CT_small.dcm")
+    ds = dcmread(source)
+    data = data_set_bytes(source)
+    assoc = associate(daemon.port)
+    try:
+        send_fragments(assoc, 1, c_store_rq(CT_IMAGE.encode(), ds.SOPInstanceUID.encode()),
+                       command=True)
+        if how != "a-abort-after-command":
+            assoc.sock.sendall(p_data(1, data[:4096], 0x00))  # not the last fragment
+        assert poll(lambda: any(p.name.endswith(".part") for p in daemon.staging())), \
+            f"no temporary file was created:\n{daemon.log()}"
+        if how != "tcp-close":
+            assoc.sock.sendall(ABORT_PDU)
+    finally:
+        assoc.close()
+    daemon.wait_log("aborted by the peer" if how != "tcp-close" else "partial object")
+    assert poll(lambda: daemon.staging() == []), f"staging not emptied: {daemon.staging()}"
+    assert tree_outside_staging(daemon.out) == []
+    storescu(daemon.port, source, timeout=30)
+    assert [p.name for p in daemon.files()] == [f"CT.{ds.SOPInstanceUID}"]
+
+
+# --- a full disk ---------------------------------------------------------------------------
+
+
+def fill(path: Path) -> None:
+    """Write `path` until the file system is full."""
+    chunk = b"\0" * 65536
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(chunk)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+    with open(path, "ab", buffering=0) as f, suppress(OSError):  # the last bytes, one by one
+        for _ in range(65536):
+            f.write(b"\0")
+
+
+def test_disk_full_answers_a700_leaves_nothing_and_recovers(
+        small_tmpfs: Path, daemon_factory: Any, five_mb_object: Path, tmp_path: Path) -> None:
+    daemon = daemon_factory({"storage": {"output_directory": str(small_tmpfs)}})
+    try:
+        assert pynetdicom_store(daemon.port, five_mb_object) == OUT_OF_RESOURCES
+        assert tree_outside_staging(small_tmpfs) == []
+        assert daemon.staging() == []
+        errors = [line for line in daemon.log().splitlines()
+                  if " ERROR " in line and "No space left" in line]
+        assert errors, daemon.log()
+
+        # The failed temporary file was removed, so there is room for a small object.
+        first = new_ct_file(tmp_path)
+        assert pynetdicom_store(daemon.port, first) == SUCCESS
+        assert [p.name for p in daemon.files()] == [f"CT.{dcmread(first).SOPInstanceUID}"]
+
+        filler = small_tmpfs / "filler.bin"
+        fill(filler)
+        second = new_ct_file(tmp_path)
+        assert pynetdicom_store(daemon.port, second) == OUT_OF_RESOURCES
+        assert daemon.staging() == []
+        first_stored = small_tmpfs / f"CT.{dcmread(first).SOPInstanceUID}"
+        assert tree_outside_staging(small_tmpfs) == sorted([filler, first_stored])
+
+        filler.unlink()  # space is back: the daemon recovers by itself
+        third = new_ct_file(tmp_path)
+        assert pynetdicom_store(daemon.port, third) == SUCCESS
+        assert len(daemon.files()) == 2
+        assert daemon.staging() == []
+        assert_serving(daemon)
+    finally:
+        daemon.stop()
+
+
+def test_min_free_space_refuses_before_writing(
+        small_tmpfs: Path, daemon_factory: Any, tmp_path: Path) -> None:
+    daemon = daemon_factory({"storage": {"output_directory": str(small_tmpfs),
+                                         "min_free_space": 4 * 1024 * 1024}})
+    try:
+        before = os.statvfs(small_tmpfs)
+        obj = new_ct_file(tmp_path)
+        assert pynetdicom_store(daemon.port, obj) == OUT_OF_RESOURCES
+        log = daemon.log()
+        assert "min_free_space" in log, log
+        assert "No space left" not in log
+        assert tree_outside_staging(small_tmpfs) == []
+        assert daemon.staging() == []
+        after = os.statvfs(small_tmpfs)
+        assert after.f_bfree == before.f_bfree
+        assert_serving(daemon)
+    finally:
+        daemon.stop()
+    # Below the free space, the same object is stored.
+    daemon = daemon_factory({"storage": {"output_directory": str(small_tmpfs),
+                                         "min_free_space": 65536}})
+    try:
+        assert pynetdicom_store(daemon.port, obj) == SUCCESS
+        assert len(daemon.files()) == 1
+    finally:
+        daemon.stop()
+
+
+# --- hostile names ---------------------------------------------------------------------------
+
+PWNED = [Path("/tmp/pwned"), Path("/tmp/pwned2")]
+HOSTILE: list[str] = [
+    "../../etc/x",
+    "/abs/path",
+    "a/b",
+    "..",
+    ".",
+    "../" * 10 + "tmp/x",
+    "9" * 400,
+    "name\nwith newline",
+    "$(touch /tmp/pwned)",
+    "`touch /tmp/pwned2`",
+    "-rf",
+    "a\u2215b\u2215..\u2215x",  # DIVISION SLASH
+    "\uff0e\uff0e",  # FULLWIDTH FULL STOP x2
+    "\\..\\x",
+    "x\x00y",
+    "*?[]~ \t|;&<>",
+]
+FILENAME_MODES = ["default", "unique", "timenames"]
+SORT_MODES = ["none", "conc-studies", "study-uid", "patientname"]
+
+
+def _printable_ascii(value: str) -> bool:
+    return value.isascii() and all(unicodedata.category(c)[0] != "C" for c in value)
+
+
+def snapshot(root: Path) -> set[Path]:
+    return set(root.rglob("*"))
+
+
+@dataclass
+class HostileResult:
+    value: str
+    field: str
+    outcome: str  # "0x0000", "0xA700", ..., "rejected", "aborted"
+
+
+@pytest.mark.parametrize("sort", SORT_MODES)
+@pytest.mark.parametrize("filenames", FILENAME_MODES)
+def test_hostile_values_stay_under_the_output_directory(
+        tmp_path: Path, daemon_factory: Any, filenames: str, sort: str) -> None:
+    for marker in PWNED:
+        with suppress(FileNotFoundError):
+            marker.unlink()  # a stale marker would hide nothing but fail the test
+    base = tmp_path.parent
+    before = snapshot(base)
+    storage: dict[str, Any] = {"filenames": filenames, "sort": sort}
+    if sort in ("conc-studies", "study-uid"):
+        storage["sort_prefix"] = "P"
+    daemon = daemon_factory({"storage": storage})
+    results: list[HostileResult] = []
+
+    # 1. One association: each value as SOP Instance UID (command and data set), Study
+    #    Instance UID and Patient Name of one object.
+    assoc = associate(daemon.port, calling=b"HOSTILE")
+    try:
+        for number, value in enumerate(HOSTILE, start=1):
+            raw = value.encode("utf-8")
+            try:
+                status = c_store(assoc, 1, CT_IMAGE.encode(), raw,
+                                 minimal_ct(raw, raw, raw), message_id=number)
+            except Aborted as exc:
+                results.append(HostileResult(value, "uids+name", f"aborted {exc}"))
+                break
+            results.append(HostileResult(value, "uids+name", f"0x{status:04X}"))
+        else:
+            release(assoc)
+    finally:
+        assoc.close()
+
+    # 2. Each value (its first 16 bytes) as the calling AE title of an association.
+    for value in HOSTILE:
+        raw = value.encode("utf-8")
+        sock, pdu_type, body = request_association(
+            daemon.port, [(1, CT_IMAGE, [EXPLICIT_LE])], calling=raw)
+        try:
+            if pdu_type == A_ASSOCIATE_RJ:
+                results.append(HostileResult(value, "calling-ae", "rejected"))
+                continue
+            if pdu_type == A_ABORT:
+                results.append(HostileResult(value, "calling-ae", "aborted"))
+                continue
+            assert pdu_type == A_ASSOCIATE_AC, pdu_type
+            accepted, max_pdu = parse_ac(body)
+            ae_assoc = Association(sock, accepted, max_pdu)
+            uid = generate_uid().encode()
+            status = c_store(ae_assoc, 1, CT_IMAGE.encode(), uid,
+                             minimal_ct(uid, generate_uid().encode(), b"Calling^AE"))
+            results.append(HostileResult(value, "calling-ae", f"0x{status:04X}"))
+            release(ae_assoc)
+        finally:
+            sock.close()
+
+    assert_serving(daemon)
+    storescu(daemon.port, data_file("CT_small.dcm"), timeout=30)
+    daemon.stop()
+
+    # Nothing outside the output directory (besides this test's config and log files).
+    created = snapshot(base) - before
+    ours = {daemon.config_path, daemon.log_path, daemon.out}
+    outside = sorted(p for p in created if p not in ours and not p.is_relative_to(daemon.out))
+    assert outside == [], f"created outside {daemon.out}: {outside}"
+    for path in [*PWNED, Path("/abs/path"), Path("/abs"), Path("/etc/x"), Path("/tmp/x")]:
+        assert not path.exists(), f"{path} exists"
+
+    # Every name in the tree is one tame component.
+    for path in tree_outside_staging(daemon.out):
+        name = path.name
+        assert not name.startswith((".", "-")), path
+        assert _printable_ascii(name) and " " not in name, repr(name)
+        assert len(name.encode()) <= 255, path
+    assert daemon.staging() == []
+
+    # Outcomes: printable ASCII values (without '\\', which makes a value multi-valued) are
+    # stored, their names made safe; others may be refused with a failure status or a
+    # reject/abort, never a hang or a dropped connection mid-store.
+    summary = "\n".join(f"{r.field:10} {r.value!r:.60}: {r.outcome}" for r in results)
+    for result in results:
+        if result.field == "uids+name":
+            assert result.outcome.startswith("0x"), summary
+        if _printable_ascii(result.value) and "\\" not in result.value:
+            assert result.outcome == "0x0000", summary
+    if filenames != "default":  # default names of distinct odd UIDs may coincide, see below
+        expected = sum(r.outcome == "0x0000" for r in results) + 1
+        assert len(daemon.files()) == expected, summary
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_distinct_sop_instances_never_share_a_file(daemon: Daemon) -> None:
+    """Two objects acknowledged with success must both exist afterwards.
+
+    Making names safe maps '/' and a leading '.' to '_', so the SOP Instance UIDs 'a/b' and
+    'a_b' (or '..' and '__') would get the same default file name, and the second object
+    would silently replace the first one, which was already acknowledged as stored.
+    """
+    pairs = [(b"a/b", b"a_b"), (b"..", b"__"), (b"1.2/3", b"1.2_3")]
+    assoc = associate(daemon.port)
+    try:
+        for number, uid in enumerate([u for pair in pairs for u in pair], start=1):
+            status = c_store(assoc, 1, CT_IMAGE.encode(), uid,
+                             minimal_ct(uid, b"1.2.3", b"Doe^John"), message_id=number)
+            assert status == SUCCESS, uid
+        release(assoc)
+    finally:
+        assoc.close()
+    stored = daemon.files()
+    uids = sorted(str(dcmread(p).SOPInstanceUID) for p in stored)
+    assert uids == sorted(u.decode() for pair in pairs for u in pair), \
+        f"acknowledged objects were overwritten: {[p.name for p in stored]}"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("sort", ["none", "study-uid", "patientname"])
+def test_hostile_values_through_pynetdicom(tmp_path: Path, daemon_factory: Any,
+                                           monkeypatch: pytest.MonkeyPatch, sort: str) -> None:
+    """The same values sent by a stock pynetdicom SCU.
+
+    pynetdicom refuses UIDs over 64 characters and AE titles with odd characters even with
+    ENFORCE_UID_CONFORMANCE off (its default); replacing its validators lets them through.
+    Values it cannot encode at all (non-ASCII in a UI, NUL, '\\') are left to the raw client.
+    """
+    from pynetdicom import AE, _config
+
+    monkeypatch.setitem(_config.VALIDATORS, "UI", lambda value: (True, ""))
+    monkeypatch.setitem(_config.VALIDATORS, "AE", lambda value: (True, ""))
+    for marker in PWNED:
+        with suppress(FileNotFoundError):
+            marker.unlink()
+    base = tmp_path.parent
+    before = snapshot(base)
+    daemon = daemon_factory({"storage": {"sort": sort}})
+    ae = AE(ae_title="../../x")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(CT_IMAGE, [EXPLICIT_LE])
+    values = [v for v in HOSTILE if v.isascii() and "\\" not in v and "\0" not in v]
+    statuses: dict[str, int | None] = {}
+    assoc = ae.associate("127.0.0.1", daemon.port)
+    assert assoc.is_established
+    try:
+        for value in values:
+            ds = dcmread(data_file("CT_small.dcm"))
+            ds.SOPInstanceUID = ds.StudyInstanceUID = ds.PatientName = value
+            ds.file_meta.MediaStorageSOPInstanceUID = value
+            status = assoc.send_c_store(ds)
+            statuses[value] = int(status.Status) if "Status" in status else None
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    assert statuses == dict.fromkeys(values, SUCCESS)
+    assert_serving(daemon)
+    daemon.stop()
+    created = snapshot(base) - before
+    ours = {daemon.config_path, daemon.log_path, daemon.out}
+    outside = sorted(p for p in created if p not in ours and not p.is_relative_to(daemon.out))
+    assert outside == [], f"created outside {daemon.out}: {outside}"
+    for path in [*PWNED, Path("/abs/path"), Path("/etc/x"), Path("/tmp/x")]:
+        assert not path.exists(), f"{path} exists"
+    for path in tree_outside_staging(daemon.out):
+        assert not path.name.startswith((".", "-")) and _printable_ascii(path.name), path
+
+
+# --- start-up cleanup and logging ---------------------------------------------------------
+
+
+def test_leftover_of_a_pid_now_used_by_another_process_is_removed(
+        tmp_path: Path, daemon_factory: Any) -> None:
+    """After a reboot, a crashed worker's pid may belong to any process (here: pid 1).
+
+    The staging directory is the daemon's own (.ingestd-tmp, mode 0700); a .part file there
+    whose pid is alive but is no dicom-ingestd process is a leftover all the same, and must be
+    removed at start-up like any other.
+    """
+    out = tmp_path / "out"
+    staging = out / STAGING
+    staging.mkdir(parents=True)
+    leftover = staging / "1-0-0123abcd.part"
+    leftover.write_bytes(b"\0" * 4096)
+    old = time.time() - 3600
+    os.utime(leftover, (old, old))
+    daemon = daemon_factory({"storage": {"output_directory": str(out)}})
+    assert daemon.staging() == [], (
+        f"leftover {leftover.name} kept at start-up; log:\n{daemon.log()[:2000]}")
+    assert "removed 1 partial object(s) left by an earlier crash" in daemon.log()
+
+
+def test_idle_daemon_with_debug_log_next_to_its_config_stays_quiet(daemon: Daemon) -> None:
+    """conftest's layout: config and log file in one directory, logging.level = debug.
+
+    An idle daemon has next to nothing to say; it must not log about its own log file, however
+    often someone reads it (as `tail -f` or this test suite's wait_log do) or whatever else
+    happens in that directory.
+    """
+    time.sleep(1)  # the configuration watcher is up
+    before = len(daemon.log().splitlines())
+    (daemon.config_path.parent / "unrelated.txt").write_text("an unrelated file\n")
+    for _ in range(10):  # someone following the log
+        daemon.log()
+        time.sleep(0.1)
+    time.sleep(2)
+    lines = daemon.log().splitlines()[before:]
+    assert len(lines) < 50, (f"{len(lines)} log lines in 3 s while idle, e.g.:\n"
+                             + "\n".join(line[:200] for line in lines[-3:]))
+
+
+# --- protocol abuse ------------------------------------------------------------------------
+
+
+def expect_abort(sock: socket.socket) -> bytes:
+    """The peer sends an A-ABORT (as the first thing still unread) and closes the connection."""
+    data = read_until_closed(sock)
+    assert data[:1] == bytes([A_ABORT]) and len(data) >= 10, f"no A-ABORT, got {data!r}"
+    assert data[1:6] == b"\0\0\0\0\x04", data
+    return data[:10]
+
+
+def _oversized_pdu(assoc: Association, daemon: Daemon) -> None:
+    body = struct.pack(">LBB", 16384 + 1000 - 4, 1, 0x01) + bytes(16384 + 1000 - 6)
+    assoc.sock.sendall(_pdu(P_DATA_TF, body))
+
+
+def _pdv_longer_than_pdu(assoc: Association, daemon: Daemon) -> None:
+    assoc.sock.sendall(_pdu(P_DATA_TF, struct.pack(">LBB", 5000, 1, 0x03) + bytes(94)))
+
+
+def _pdv_on_unaccepted_context(assoc: Association, daemon: Daemon) -> None:
+    assert 3 not in assoc.accepted  # proposed, rejected (unknown abstract syntax)
+    send_fragments(assoc, 3, c_echo_rq(), command=True)
+
+
+def _pdv_on_unproposed_context(assoc: Association, daemon: Daemon) -> None:
+    send_fragments(assoc, 7, c_echo_rq(), command=True)
+
+
+def _unknown_pdu_type(assoc: Association, daemon: Daemon) -> None:
+    assoc.sock.sendall(_pdu(0x09, bytes(4)))
+
+
+def _second_associate_rq(assoc: Association, daemon: Daemon) -> None:
+    assoc.sock.sendall(associate_rq([(1, CT_IMAGE, [EXPLICIT_LE])]))
+
+
+def _data_without_command(assoc: Association, daemon: Daemon) -> None:
+    assoc.sock.sendall(p_data(1, b"\x08\x00\x16\x00", 0x02))
+
+
+def _zero_length_pdv(assoc: Association, daemon: Daemon) -> None:
+    assoc.sock.sendall(_pdu(P_DATA_TF, struct.pack(">LBB", 0, 1, 0x03)[:4]))
+
+
+ABUSES = {
+    "pdu-larger-than-max-pdu": _oversized_pdu,
+    "pdv-longer-than-its-pdu": _pdv_longer_than_pdu,
+    "pdv-on-rejected-context": _pdv_on_unaccepted_context,
+    "pdv-on-unproposed-context": _pdv_on_unproposed_context,
+    "unknown-pdu-type-0x09": _unknown_pdu_type,
+    "second-a-associate-rq": _second_associate_rq,
+    "data-set-without-command": _data_without_command,
+    "zero-length-pdv": _zero_length_pdv,
+}
+
+
+@pytest.mark.parametrize("abuse", list(ABUSES))
+def test_protocol_abuse_is_aborted_and_the_daemon_keeps_serving(
+        daemon: Daemon, abuse: str) -> None:
+    assoc = associate(daemon.port, [(1, CT_IMAGE, [EXPLICIT_LE]),
+                                    (3, "1.2.3.4.5.6.7.8.9", [EXPLICIT_LE])])
+    try:
+        assert assoc.accepted == {1: EXPLICIT_LE}
+        ABUSES[abuse](assoc, daemon)
+        abort = expect_abort(assoc.sock)
+    finally:
+        assoc.close()
+    assert abort[8] == 2, f"A-ABORT source {abort[8]}, expected 2 (service provider)"
+    assert daemon.staging() == [] or poll(lambda: daemon.staging() == [])
+    assert tree_outside_staging(daemon.out) == []
+    assert_serving(daemon)
+
+
+def test_unknown_pdu_before_association_is_aborted(daemon: Daemon) -> None:
+    sock = connect(daemon.port)
+    try:
+        sock.sendall(_pdu(0x09, bytes(4)))
+        expect_abort(sock)
+    finally:
+        sock.close()
+    assert_serving(daemon)
+
+
+def test_pdu_of_exactly_max_pdu_is_accepted(daemon: Daemon) -> None:
+    """The limit is inclusive: a P-DATA-TF whose length is max_pdu (16384) is valid."""
+    source = data_file("CT_small.dcm")
+    ds = dcmread(source)
+    data = data_set_bytes(source)
+    assert len(data) > 2 * 16378
+    assoc = associate(daemon.port)
+    try:
+        assert assoc.peer_max_pdu == 16384
+        send_fragments(assoc, 1, c_store_rq(CT_IMAGE.encode(), ds.SOPInstanceUID.encode()),
+                       command=True)
+        chunk = 16384 - 6  # PDV item: 4-byte length, context ID, control header
+        offsets = range(0, len(data), chunk)
+        for offset in offsets:
+            piece = data[offset:offset + chunk]
+            last = offset + chunk >= len(data)
+            pdu = p_data(1, piece, 0x02 if last else 0x00)
+            assert last or len(pdu) == 6 + 16384
+            assoc.sock.sendall(pdu)
+        assert read_response(assoc) == SUCCESS
+        release(assoc)
+    finally:
+        assoc.close()
+    stored = daemon.files()
+    assert len(stored) == 1
+    assert data_set_bytes(stored[0]) == data
+
+
+@pytest.mark.parametrize("count", [128, 129, 256, 1000])
+def test_many_presentation_contexts(daemon: Daemon, count: int) -> None:
+    """DICOM allows 128 contexts (odd IDs 1-255); more make the IDs wrap around.
+
+    The daemon must answer cleanly: an A-ASSOCIATE-AC that a release ends, an
+    A-ASSOCIATE-RJ, or an A-ABORT; and keep serving.
+    """
+    syntaxes = [CT_IMAGE, MR_IMAGE, VERIFICATION, "1.2.3.4.5.6.7.8.9"]
+    contexts = [((2 * i + 1) % 256, syntaxes[i % len(syntaxes)], [EXPLICIT_LE, IMPLICIT_LE])
+                for i in range(count)]
+    sock, pdu_type, body = request_association(daemon.port, contexts)
+    try:
+        assert pdu_type in (A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ABORT), pdu_type
+        if pdu_type == A_ASSOCIATE_AC:
+            accepted, max_pdu = parse_ac(body)
+            assert accepted, "no context accepted"
+            assoc = Association(sock, accepted, max_pdu)
+            if count <= 128:
+                assert len(accepted) == count // 4 * 3  # all but the unknown abstract syntax
+            cid = next(c for c, _ts in accepted.items() if contexts[(c - 1) // 2][1] ==
+                       VERIFICATION)
+            send_fragments(assoc, cid, c_echo_rq(), command=True)
+            assert read_response(assoc) == SUCCESS
+            release(assoc)
+        else:
+            read_until_closed(sock)
+    finally:
+        sock.close()
+    assert_serving(daemon)
+
+
+def test_truncated_associate_rq_then_silence_times_out(daemon_factory: Any) -> None:
+    """A peer that sends half an A-ASSOCIATE-RQ and stalls is dropped (ARTIM)."""
+    daemon = daemon_factory({"network": {"acse_timeout": 1, "socket_timeout": 2}})
+    sock = connect(daemon.port)
+    try:
+        sock.sendall(associate_rq([(1, CT_IMAGE, [EXPLICIT_LE])])[:40])
+        started = time.monotonic()
+        read_until_closed(sock, limit=15)
+        assert time.monotonic() - started < 10
+    finally:
+        sock.close()
+    assert_serving(daemon)

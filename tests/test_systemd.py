@@ -1,0 +1,419 @@
+"""systemd integration against the real daemon: socket activation (Accept=no, Accept=yes,
+inetd), sd_notify (READY, STATUS, WATCHDOG, RELOADING, STOPPING) and the journal line prefix.
+
+Socket activation uses systemd's own `systemd-socket-activate`; sd_notify is received on an
+AF_UNIX datagram socket this test binds (with SO_PASSCRED, to check who sent each message,
+as systemd's NotifyAccess=main does).  The daemon is started here with subprocess rather
+than conftest's start_daemon, which removes NOTIFY_SOCKET and JOURNAL_STREAM.
+"""
+
+import contextlib
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REPO, echoscu, free_port, require_tool, storescu, write_config
+from conftest import testdata as data_file
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+ACTIVATE = "systemd-socket-activate"
+JOURNAL_SOCKET = Path("/run/systemd/journal/socket")
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
+               interval: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def ct_copy(directory: Path, tag: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    ds = dcmread(data_file("CT_small.dcm"))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    path = directory / f"{tag}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@dataclass
+class Run:
+    """A daemon (or systemd-socket-activate wrapping it) started by a test."""
+
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    out: Path
+    config_path: Path
+    port: int
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, text: str, timeout: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            content = self.log()
+            if text in content:
+                return content
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        raise AssertionError(f"{text!r} not logged within {timeout} s; log:\n{self.log()}")
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.out.rglob("*")
+                      if p.is_file() and ".ingestd-tmp" not in p.parts)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return int(self.proc.returncode)
+
+
+@pytest.fixture
+def runs() -> Iterator[list[Run]]:
+    """Everything a test started is stopped afterwards."""
+    started: list[Run] = []
+    yield started
+    for run in started:
+        run.stop()
+
+
+def make_config(tmp_path: Path, name: str = "d", **tables: dict[str, Any]) -> tuple[Path, Path,
+                                                                                     int]:
+    """Write a configuration; return (path, output directory, configured port)."""
+    out = tmp_path / f"{name}-out"
+    out.mkdir(parents=True, exist_ok=True)
+    settings: dict[str, dict[str, Any]] = {k: dict(v) for k, v in tables.items()}
+    settings.setdefault("network", {}).setdefault("port", free_port())
+    settings["network"].setdefault("bind_address", "127.0.0.1")
+    settings.setdefault("storage", {})["output_directory"] = str(out)
+    settings.setdefault("logging", {}).setdefault("level", "info")
+    path = tmp_path / f"{name}.toml"
+    write_config(path, settings)
+    return path, out, int(settings["network"]["port"])
+
+
+def base_env() -> dict[str, str]:
+    env = dict(os.environ)
+    for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM",
+                "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+        env.pop(key, None)
+    return env
+
+
+def daemon_argv(config: Path) -> list[str]:
+    return [sys.executable, "-m", "dicom_ingestd", "run", "-c", str(config)]
+
+
+def start(runs: list[Run], argv: list[str], config: Path, out: Path, port: int,
+          log_path: Path, env: dict[str, str] | None = None) -> Run:
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
+                                stderr=subprocess.STDOUT, cwd=REPO, env=env or base_env())
+    run = Run(proc, log_path, out, config, port)
+    runs.append(run)
+    return run
+
+
+def activate(runs: list[Run], tmp_path: Path, options: list[str], **tables: dict[str, Any]) \
+        -> Run:
+    """systemd-socket-activate OPTIONS -l 127.0.0.1:PORT dicom-ingestd run -c CONFIG.
+
+    The configuration names another (free, unused) port, so a working association proves the
+    inherited socket is the one in use.
+    """
+    require_tool(ACTIVATE)
+    config, out, _config_port = make_config(tmp_path, **tables)
+    port = free_port()
+    run = start(runs, [ACTIVATE, *options, "-l", f"127.0.0.1:{port}", *daemon_argv(config)],
+                config, out, port, tmp_path / "activate.log")
+    run.wait_log(f"Listening on 127.0.0.1:{port}")  # systemd-socket-activate's own line
+    return run
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), 1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def pids_of(log: str, text: str) -> list[int]:
+    """The [PID] of each daemon log line containing text."""
+    return [int(line.split("[", 1)[1].split("]", 1)[0]) for line in log.splitlines()
+            if text in line and "[" in line]
+
+
+# -- socket activation -----------------------------------------------------------------------
+def test_socket_activation_accept_no_uses_the_inherited_listener(
+        runs: list[Run], tmp_path: Path) -> None:
+    run = activate(runs, tmp_path, [])
+    config_port = int(run.config_path.read_text().split("port = ", 1)[1].split()[0])
+    echoscu(run.port, timeout=60)  # the first connection makes systemd-socket-activate exec
+    run.wait_log(f"listening on 127.0.0.1:{run.port}")
+    storescu(run.port, ct_copy(tmp_path / "in", "a"), timeout=60)
+    assert len(run.files()) == 1
+    assert refused(config_port), "the configured port is listening too"
+    # One master (systemd-socket-activate exec'ed it: same pid) served both.
+    assert pids_of(run.log(), "listening on") == [run.proc.pid]
+    assert run.stop() == 0
+    assert "stopped after 2 association(s), 1 object(s) stored" in run.log()
+
+
+def test_socket_activation_accept_yes_one_process_per_connection(
+        runs: list[Run], tmp_path: Path) -> None:
+    run = activate(runs, tmp_path, ["--accept"])
+    storescu(run.port, ct_copy(tmp_path / "in", "a"), timeout=60)
+    storescu(run.port, ct_copy(tmp_path / "in", "b"), timeout=60)
+    assert len(run.files()) == 2
+    log = run.log()
+    served = pids_of(log, "association released")
+    assert len(served) == 2 and len(set(served)) == 2, log
+    assert run.proc.pid not in served
+    # Each per-connection instance exits after its association.
+    for pid in served:
+        wait_until(lambda p=pid: not alive(p), 10, f"instance {pid} exited")
+    assert "listening on" not in log  # no instance became a listening master
+    assert "exited with status" not in log and "Traceback" not in log
+    assert run.proc.poll() is None  # systemd-socket-activate itself keeps listening
+
+
+def test_inetd_mode_accepted_connection_on_stdin_stdout(runs: list[Run],
+                                                        tmp_path: Path) -> None:
+    # inetd "nowait": the accepted connection is fd 0 and fd 1; the daemon logs to stderr.
+    run = activate(runs, tmp_path, ["--accept", "--inetd"], network={"inetd": True})
+    storescu(run.port, ct_copy(tmp_path / "in", "a"), timeout=60)
+    # A stray byte on stdout would have corrupted the A-ASSOCIATE-AC or a response, so a
+    # second association (echo, then store) checks a fresh instance too.
+    echoscu(run.port, timeout=60)
+    storescu(run.port, ct_copy(tmp_path / "in", "b"), timeout=60)
+    assert len(run.files()) == 2
+    log = run.log()
+    assert len(set(pids_of(log, "association released"))) == 3, log
+    assert "Traceback" not in log
+
+
+def test_inetd_mode_with_listening_socket_on_stdin(runs: list[Run], tmp_path: Path) -> None:
+    """`systemd-socket-activate --inetd` without --accept passes the *listening* socket as fd 0
+    (inetd "wait" style; systemd Accept=no with StandardInput=socket).  The daemon must serve
+    the connection waiting on it, not treat fd 0 as a connected peer."""
+    run = activate(runs, tmp_path, ["--inetd"], network={"inetd": True})
+    result = storescu(run.port, ct_copy(tmp_path / "in", "a"), check=False, timeout=60)
+    assert result.returncode == 0, (
+        f"storescu failed ({result.returncode}):\n{result.stdout}{result.stderr}\n"
+        f"daemon log:\n{run.log()}")
+    assert len(run.files()) == 1
+
+
+# -- sd_notify -------------------------------------------------------------------------------
+@dataclass
+class Message:
+    at: float  # time.monotonic() on arrival
+    pid: int  # sender, from SCM_CREDENTIALS
+    fields: dict[str, str]
+    text: str
+
+
+@dataclass
+class NotifySocket:
+    """An sd_notify receiver: the NOTIFY_SOCKET a service manager would provide."""
+
+    path: Path
+    sock: socket.socket = field(init=False)
+    messages: list[Message] = field(default_factory=list)
+    _stop: bool = False
+
+    def __post_init__(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(self.path))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.settimeout(0.1)
+        self._thread = threading.Thread(target=self._receive, daemon=True)
+        self._thread.start()
+
+    def _receive(self) -> None:
+        creds = struct.Struct("iII")
+        while not self._stop:
+            try:
+                data, ancillary, _, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(creds.size))
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            pid = 0
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = creds.unpack(payload[:creds.size])[0]
+            text = data.decode(errors="replace")
+            fields = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+            self.messages.append(Message(time.monotonic(), pid, fields, text))
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(2)
+        self.sock.close()
+
+    def wait_for(self, predicate: Callable[[Message], bool], timeout: float, what: str,
+                 after: float = 0.0) -> Message:
+        def find() -> Message | None:
+            return next((m for m in list(self.messages) if m.at >= after and predicate(m)),
+                        None)
+        found: Message = wait_until(find, timeout, f"sd_notify {what}; got "
+                                    f"{[m.text for m in self.messages][-10:]}")
+        return found
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[NotifySocket]:
+    receiver = NotifySocket(tmp_path / "notify.sock")
+    yield receiver
+    receiver.close()
+
+
+def test_sd_notify_ready_status_watchdog_reload_stop(runs: list[Run], tmp_path: Path,
+                                                     notify: NotifySocket) -> None:
+    config, out, port = make_config(tmp_path)
+    env = base_env()
+    env.update(NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC="400000")
+    started = time.monotonic()
+    run = start(runs, daemon_argv(config), config, out, port, tmp_path / "d.log", env)
+
+    ready = notify.wait_for(lambda m: m.fields.get("READY") == "1", 20, "READY=1")
+    # Ready means accepting: the port must take a connection the moment READY=1 arrives.
+    with socket.create_connection(("127.0.0.1", port), 2):
+        pass
+    assert "STATUS" in ready.fields, ready.text
+    assert ready.pid == run.proc.pid, (ready.pid, run.proc.pid)
+
+    # WatchdogSec=0.4 s: pinged every half interval, so >= 3 pings in ~1 s.
+    window = time.monotonic()
+    time.sleep(1.2)
+    pings = [m for m in list(notify.messages) if m.at >= window and m.fields.get("WATCHDOG")]
+    assert len(pings) >= 3, [m.text for m in notify.messages]
+
+    storescu(port, ct_copy(tmp_path / "in", "a"), timeout=60)
+    notify.wait_for(lambda m: "1 object" in m.fields.get("STATUS", ""), 10,
+                    "STATUS mentioning 1 object")
+
+    before_hup = time.monotonic()
+    now_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    run.proc.send_signal(signal.SIGHUP)
+    reloading = notify.wait_for(lambda m: m.fields.get("RELOADING") == "1", 10, "RELOADING=1",
+                                after=before_hup)
+    assert "MONOTONIC_USEC" in reloading.fields, reloading.text
+    assert 0 <= int(reloading.fields["MONOTONIC_USEC"]) - now_usec < 10_000_000
+    notify.wait_for(lambda m: m.fields.get("READY") == "1", 10, "READY=1 after the reload",
+                    after=reloading.at)
+
+    before_term = time.monotonic()
+    run.proc.send_signal(signal.SIGTERM)
+    notify.wait_for(lambda m: m.fields.get("STOPPING") == "1", 10, "STOPPING=1",
+                    after=before_term)
+    assert run.proc.wait(20) == 0
+    # Only the main process talks to the service manager (NotifyAccess=main).
+    senders = {m.pid for m in notify.messages}
+    assert senders == {run.proc.pid}, senders
+    assert notify.messages[0].at >= started
+
+
+def test_sd_notify_watchdog_for_another_pid_is_not_ours(runs: list[Run], tmp_path: Path,
+                                                        notify: NotifySocket) -> None:
+    config, out, port = make_config(tmp_path)
+    env = base_env()
+    env.update(NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC="400000", WATCHDOG_PID="1")
+    start(runs, daemon_argv(config), config, out, port, tmp_path / "d.log", env)
+    notify.wait_for(lambda m: m.fields.get("READY") == "1", 20, "READY=1")
+    time.sleep(1.0)
+    assert not [m for m in notify.messages if "WATCHDOG" in m.fields]
+
+
+# -- journal prefix --------------------------------------------------------------------------
+def journal_run(runs: list[Run], tmp_path: Path, prefix: str | None) -> Run:
+    """A daemon whose stderr "is the journal": JOURNAL_STREAM names its log file."""
+    logging_table: dict[str, Any] = {"level": "info"}
+    if prefix is not None:
+        logging_table["journal_prefix"] = prefix
+    config, out, port = make_config(tmp_path, logging=logging_table,
+                                    access={"deny": ["127.0.0.2"]})
+    log_path = tmp_path / "journal.log"
+    log_path.touch()
+    st = os.stat(log_path)
+    env = base_env()
+    env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+    run = start(runs, daemon_argv(config), config, out, port, log_path, env)
+    run.wait_log("listening on")
+    echoscu(port, timeout=60)  # info lines
+    with socket.socket() as denied:  # a warning line (refused by access control)
+        denied.bind(("127.0.0.2", 0))
+        denied.connect(("127.0.0.1", port))
+        denied.settimeout(5)
+        with contextlib.suppress(ConnectionResetError):
+            denied.recv(1)
+    run.wait_log("refused by access control")
+    assert run.stop() == 0
+    return run
+
+
+def test_journal_stream_lines_carry_syslog_priorities(runs: list[Run],
+                                                      tmp_path: Path) -> None:
+    run = journal_run(runs, tmp_path, None)
+    lines = [line for line in run.log().splitlines() if line]
+    bad = [line for line in lines if line[:3] not in ("<2>", "<3>", "<4>", "<6>", "<7>")]
+    assert not bad, bad
+    if JOURNAL_SOCKET.exists() and not lines:
+        return  # a journald is running: records went natively (the fallback is prefixed)
+    assert any(line.startswith("<6>") and "listening on" in line for line in lines)
+    warning = [line for line in lines if "refused by access control" in line]
+    assert warning and warning[0].startswith("<4>"), warning
+    # journald stamps the time itself: no timestamp in the line.
+    assert all(line[3] == "[" for line in lines), lines[:3]
+
+
+def test_journal_prefix_never(runs: list[Run], tmp_path: Path) -> None:
+    run = journal_run(runs, tmp_path, "never")
+    lines = [line for line in run.log().splitlines() if line]
+    assert lines  # "never" also means: stderr, never the native journal protocol
+    assert not [line for line in lines if line.startswith("<")], lines
+    warning = [line for line in lines if "refused by access control" in line]
+    assert warning and " WARNING [" in warning[0], warning
+
+
+def test_journal_prefix_always_without_journal(runs: list[Run], tmp_path: Path) -> None:
+    config, out, port = make_config(tmp_path, logging={"level": "info",
+                                                       "journal_prefix": "always"})
+    run = start(runs, daemon_argv(config), config, out, port, tmp_path / "d.log")
+    run.wait_log("listening on")
+    assert run.stop() == 0
+    lines = [line for line in run.log().splitlines() if line]
+    assert lines and all(line.startswith("<6>[") for line in lines), lines
