@@ -41,6 +41,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Heavy imports only when serving; the master imports the worker code before forking so
     # that workers start warm.
     from dicom_ingestd import systemd
+    from dicom_ingestd.access import AccessPolicy
     from dicom_ingestd.master import Master
     from dicom_ingestd.sockets import create_listener
     from dicom_ingestd.worker.session import Session, peer_name
@@ -82,6 +83,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             peer = peer_name(conn.getpeername())
         except OSError:
             peer = "socket"
+        refusal = AccessPolicy(config.access.allow, config.access.deny).check(
+            peer.rsplit(":", 1)[0].strip("[]"))
+        if refusal:
+            log.warning("%s: connection refused by access control: %s", peer, refusal,
+                        extra={"journal": {"DICOM_PEER": peer, "DICOM_OUTCOME": "refused"}})
+            conn.close()
+            return ExitCode.OK
         notifier.ready(f"serving one association from {peer}")
         Session(conn, peer, config, store).run()
         notifier.stopping()

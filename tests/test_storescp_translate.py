@@ -660,6 +660,12 @@ def test_spellings_are_unique() -> None:
     assert len(spellings) == len(set(spellings))
 
 
+# Flags the schema already declares keys for, but which the translator still refuses until
+# their feature is done ([events]); remove them here when their row sets the key.
+PENDING = {"-xcr", "--exec-on-reception", "-xcs", "--exec-on-eostudy", "-rns",
+           "--rename-on-eostudy", "-tos", "--eostudy-timeout", "-xs", "--exec-sync"}
+
+
 def test_every_storescp_flag_in_the_schema_sets_its_key() -> None:
     for key, f in SCHEMA_KEYS.items():
         for flag in f.metadata[schema.STORESCP]:
@@ -667,6 +673,9 @@ def test_every_storescp_flag_in_the_schema_sets_its_key() -> None:
                 continue  # the parameter, not an option
             option = find_option(flag)
             assert option is not None, f"{key}: {flag} missing from the table"
+            if flag in PENDING:
+                assert option.effect.kind is Kind.UNSUPPORTED, f"{flag} is no longer pending"
+                continue
             assert option.effect.kind is Kind.SET, f"{key}: {flag} is not translated"
             assert key in option.effect.keys, f"{flag} does not set {key}"
 
@@ -1012,12 +1021,11 @@ def test_access_control_overridden_reads_no_table(tables: Tables) -> None:
 
 
 def test_access_control_with_inetd(tables: Tables) -> None:
+    # The daemon checks [access] on the inetd / Accept=yes connection too, as storescp does.
     tables(deny="storescp: 10.0.0.1\n")
-    assert refused("+ac", "--inetd") == (
-        "+ac: cannot be combined with --inetd here: dicom-ingestd applies [access] only to "
-        "connections it accepts itself, not to the inetd connection (storescp checks the TCP "
-        "wrapper tables there too)")
-    tables(deny="sshd: ALL\n")  # nothing to enforce: nothing lost
+    assert translate(["+ac", "--inetd"]).data["access"] == {"allow": [],
+                                                           "deny": ["10.0.0.1/32"]}
+    tables(deny="sshd: ALL\n")
     assert translate(["+ac", "--inetd"]).data["access"] == {"allow": [], "deny": []}
 
 

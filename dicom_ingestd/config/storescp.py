@@ -1192,15 +1192,6 @@ def translate(argv: Sequence[str]) -> Translation:
         explicit.update(dict.fromkeys(updates, use))
 
     problems[:0] = _check_conflicts(effective, values["logging.level"])
-    access_control = effective.get("--access-control")
-    if (access_control is not None and values["network.inetd"]
-            and (values.get("access.allow") or values.get("access.deny"))):
-        problems.append(
-            f"{access_control.label()}: cannot be combined with --inetd here: dicom-ingestd "
-            "applies [access] only to connections it accepts itself, not to the inetd "
-            "connection (storescp checks the TCP wrapper tables there too)"
-        )
-
     if values["network.inetd"]:
         if parameters:
             # storescp: "Parameter port not required in inetd mode" (a warning); the socket
