@@ -29,6 +29,7 @@ from dicom_ingestd.jobs.service import EventService
 from dicom_ingestd.sockets import describe
 from dicom_ingestd.systemd import Notifier
 from dicom_ingestd.watch import ConfigWatcher
+from dicom_ingestd.worker import acceptor
 from dicom_ingestd.worker.session import peer_name
 from dicom_ingestd.worker.store import Store
 from dicom_ingestd.workers import Assignment, ForkSpawner, ThreadSpawner, Worker
@@ -106,6 +107,7 @@ class Master:
 
     # -- the loop --------------------------------------------------------------------------
     def serve(self) -> None:
+        acceptor.warm_up(self.config)
         if self._watcher is not None:
             self._watcher.start()  # a process of its own, started before any worker
         self._install_signals()
@@ -311,6 +313,7 @@ class Master:
             self.store = store
             self._close_retired()
         self.config = new
+        acceptor.warm_up(new)
         self.access = access
         self.events.reload(new)
         logsetup.setup(new.logging)

@@ -10,6 +10,7 @@ import struct
 from dataclasses import dataclass
 from io import BytesIO
 
+from pydicom import config as pydicom_config
 from pydicom.filereader import read_dataset
 
 from dicom_ingestd.errors import IngestError
@@ -27,6 +28,10 @@ COMMAND_NAMES = {
 }
 
 MAX_COMMAND_SET = 1 << 16  # command sets are a few hundred bytes; more is an attack
+
+# We read what peers send and judge it ourselves (the status we answer); pydicom's per-value
+# validation on read only costs time (a regex per UID) and logs peers' quirks as warnings.
+pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
 
 class CommandError(IngestError):
