@@ -247,8 +247,8 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"dicom-ingestd: {exc}; nothing to do", file=sys.stderr)
             return ExitCode.FAILURE
-    print(f"job {job.id} re-queued: the running daemon starts it within a second "
-          f"({job.max_attempts} run(s) at most)")
+    print(f"job {job.id} re-queued ({job.max_attempts} run(s) at most): a running daemon "
+          "starts it within a second, a stopped one at its next start")
     return ExitCode.OK
 
 

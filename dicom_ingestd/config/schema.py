@@ -264,12 +264,15 @@ class EventsConfig:
                   STORESCP: ("-xcs", "--exec-on-eostudy"), RELOAD: True, DEFAULT_NOTE: ""},
     )
     shell: bool = setting(
-        False, "Run commands through /bin/sh -c, as storescp does: the first element is the "
-        "shell command line (further elements become $0, $1, ...), and every placeholder in it "
-        "is replaced by its value in single quotes, so values cannot inject shell syntax. Write "
-        "placeholders unquoted (cmd #p/#f, not cmd \"#p/#f\").",
+        False, "Run commands through /bin/sh -c, as storescp does: the first element is a shell "
+        "command line (further elements become $0, $1, ...). Values never enter its text: each "
+        "placeholder becomes a quoted reference to the variable holding its value "
+        "(\"${DICOM_OUTPUT_DIR}\" for #p, DICOM_FILENAME #f, DICOM_CALLING_AE #a, "
+        "DICOM_CALLED_AE #c, DICOM_PEER #r), so the shell never parses a value as code. "
+        "Write placeholders unquoted (cmd #p/#f).",
         storescp=("-xcr", "--exec-on-reception", "-xcs", "--exec-on-eostudy"),
-        default_note="storescp always runs commands through /bin/sh, values unquoted.",
+        default_note="storescp always runs commands through /bin/sh, pasting values "
+        "unquoted into the command line.",
     )
     rename_on_eostudy: bool = setting(
         False, "When a study is complete, rename its files to the first two letters of the "

@@ -1,4 +1,8 @@
-"""The rename-on-end-of-study job: ``python -m dicom_ingestd.jobs.rename MANIFEST [--fsync]``.
+"""The rename-on-end-of-study job: ``python3 -I .../jobs/rename.py MANIFEST [--fsync]``.
+
+Stdlib only and run as a script, so that it works whatever the installation's sys.path (the
+Debian package's launcher sets it up in-process only).  The master computes each file's
+two-character prefix (naming.rename_prefix) into the manifest as "rename_prefix".
 
 Renames a complete batch's files as storescp -rns does (storescp.cc renameOnEndOfStudy): in
 order of arrival, each file gets the first two characters of its modality and a 6-digit number
@@ -25,8 +29,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-from dicom_ingestd.worker.naming import rename_filename
 
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
@@ -72,6 +74,11 @@ def _fsync_dir(directory: str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def rename_filename(prefix2: str, number: int) -> str:
+    """storescp's new name (sprintf "%s%06d"); the same as naming.rename_filename."""
+    return f"{prefix2}{number:06d}"
 
 
 class _Namer:
@@ -155,7 +162,7 @@ def rename_batch(manifest_path: Path, fsync: bool) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dicom_ingestd.jobs.rename",
+    parser = argparse.ArgumentParser(prog="rename.py",
                                      description="Rename a complete study batch's files.")
     parser.add_argument("manifest", type=Path)
     parser.add_argument("--fsync", action="store_true", help="fsync directories and manifest")

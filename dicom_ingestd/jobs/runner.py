@@ -19,6 +19,7 @@ import logging
 import os
 import select
 import selectors
+import shlex
 import signal
 import subprocess
 import time
@@ -45,6 +46,11 @@ def process_start(pid: int) -> str:
         return ""
     fields = stat[stat.rfind(b")") + 2:].split()
     return fields[19].decode() if len(fields) > 19 else ""
+
+
+def shown(argv: list[str]) -> str:
+    """An argument vector for a log line: shell-quoted, one line."""
+    return shlex.join(argv).replace("\n", "\\n")
 
 
 def describe_exit(returncode: int) -> str:
@@ -194,7 +200,7 @@ class JobRunner:
         self.queue.started(job.id, popen.pid, process_start(popen.pid), self._wall())
         log.info("job %d (%s%s) started, attempt %d of %d, pid %d: %s", job.id, job.kind,
                  f", study {job.study_uid}" if job.study_uid else "", attempt, job.max_attempts,
-                 popen.pid, " ".join(job.argv),
+                 popen.pid, shown(job.argv),
                  extra=journal_fields(job, JOB_ATTEMPT=attempt, JOB_PID=popen.pid))
 
     def _signal(self, run: _Run, signum: int) -> None:

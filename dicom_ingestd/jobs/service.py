@@ -43,12 +43,14 @@ from dicom_ingestd.errors import StorageError
 from dicom_ingestd.events import (
     build_argv,
     environment,
+    environment_for,
     events_enabled,
     files_variable,
     peer_host,
     placeholder_values,
     tracking_enabled,
 )
+from dicom_ingestd.jobs import rename
 from dicom_ingestd.jobs.queue import DATABASE, Job, JobKind, JobQueue
 from dicom_ingestd.jobs.rename import write_manifest
 from dicom_ingestd.jobs.runner import JobRunner, process_start
@@ -261,6 +263,7 @@ class EventService:
             "DICOM_PATIENT_ID": f.get("patient_id"), "DICOM_CALLING_AE": f.get("calling_ae"),
             "DICOM_CALLED_AE": f.get("called_ae"), "DICOM_PEER": host,
             "DICOM_BATCH": batch or None})
+        env.update(environment_for(values))  # what the shell form's references expand to
         return self.queue.add(
             JobKind.RECEPTION, events.exec_on_reception,
             build_argv(events.exec_on_reception, values, shell=events.shell), env,
@@ -289,17 +292,16 @@ class EventService:
         common: dict[str, Any] = {
             "max_attempts": 1 + settings.retries, "timeout": settings.timeout,
             "study_uid": study.study_uid, "batch": study.batch, "batch_id": batch_id}
+        values = placeholder_values(study.directory, study.calling_ae, study.called_ae, host)
+        env.update(environment_for(values))
         jobs = []
         if events.rename_on_eostudy:
-            argv = [sys.executable, "-m", "dicom_ingestd.jobs.rename",
-                    str(self._manifest_path(batch_id))]
+            argv = [sys.executable, "-I", rename.__file__, str(self._manifest_path(batch_id))]
             if self.config.storage.fsync:
                 argv.append("--fsync")
             jobs.append(self.queue.add(JobKind.RENAME, ["rename-on-eostudy"], argv, env,
                                        now=self._wall(), **common))
         if events.exec_on_eostudy:
-            values = placeholder_values(study.directory, study.calling_ae, study.called_ae,
-                                        host)
             argv = build_argv(events.exec_on_eostudy, values, shell=events.shell)
             jobs.append(self.queue.add(JobKind.EOSTUDY, events.exec_on_eostudy, argv, env,
                                        now=self._wall(), **common))

@@ -1,0 +1,166 @@
+"""[jobs]: the supervised job runner -- timeouts that kill the whole process group, retries
+with backoff, dead letters, `dicom-ingestd jobs`, and at-least-once delivery across a
+systemctl-restart-like stop (SIGTERM, then start) and a SIGKILL of the master.
+
+Every job is a real process; reception jobs are queued by real storescu transfers.
+"""
+
+import logging
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REPO, Daemon, free_port, make_study, storescu, wait_until
+
+from dicom_ingestd.config.schema import JobsConfig
+from dicom_ingestd.jobs.queue import JobKind, JobQueue, JobState
+from dicom_ingestd.jobs.runner import JobRunner
+
+
+def jobs_settings(tmp_path: Path, command: list[str], **jobs: Any) -> dict[str, dict[str, Any]]:
+    jobs.setdefault("state_directory", str(tmp_path / "state"))
+    jobs.setdefault("retry_backoff", 1)
+    return {"network": {"port": free_port()}, "events": {"exec_on_reception": command},
+            "jobs": jobs}
+
+
+def jobs_cli(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dicom_ingestd", "jobs", *args, "-c",
+                           str(daemon.config_path)], capture_output=True, text=True,
+                          timeout=30, cwd=REPO)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_timeout_kills_the_whole_process_group(tmp_path: Path, daemon_factory: Any) -> None:
+    pids = tmp_path / "pids"
+    # The job leaves a grandchild behind in its group, then hangs.
+    command = ["/bin/sh", "-c", f'sleep 60 & echo $! >> {pids}; sleep 60']
+    daemon = daemon_factory(jobs_settings(tmp_path, command, timeout=1, retries=0))
+    storescu(daemon.port, *make_study(tmp_path / "a", 1))
+    daemon.wait_log("job 1 failed: timed out after 1 s (killed by SIGTERM)", timeout=10)
+    assert "dead after 1 attempt(s)" in daemon.log()
+    grandchild = int(pids.read_text().split()[0])
+    wait_until(lambda: not alive(grandchild), 5, "the grandchild's end")
+    listing = jobs_cli(daemon, "list")
+    assert listing.returncode == 0, listing.stderr
+    assert "dead" in listing.stdout.splitlines()[1]
+
+
+def test_failed_run_is_retried_with_backoff(tmp_path: Path, daemon_factory: Any) -> None:
+    # Fails on its first run only.
+    command = ["/bin/sh", "-c", 'echo "run $DICOM_JOB_ATTEMPT"; [ "$DICOM_JOB_ATTEMPT" -ge 2 ]']
+    daemon = daemon_factory(jobs_settings(tmp_path, command, retries=2))
+    storescu(daemon.port, *make_study(tmp_path / "a", 1))
+    log = daemon.wait_log("job 1 finished: exit status 0", timeout=10)
+    assert "job 1 failed: exit status 1" in log and "retry 1 of 2 in 1 s" in log
+    assert "job 1 stdout: run 1" in log and "job 1 stdout: run 2" in log
+    assert log.index("retry 1 of 2") < log.index("job 1 stdout: run 2")
+    shown = jobs_cli(daemon, "show", "1")
+    assert shown.returncode == 0, shown.stderr
+    assert "state:     done" in shown.stdout and "runs:      2 of at most 3" in shown.stdout
+    assert "env:       DICOM_SOP_INSTANCE_UID=" in shown.stdout
+
+
+def test_dead_letter_and_retry_by_hand(tmp_path: Path, daemon_factory: Any) -> None:
+    flag = tmp_path / "fixed"
+    command = ["/bin/sh", "-c", f'echo oops >&2; test -e {flag}']
+    daemon = daemon_factory(jobs_settings(tmp_path, command, retries=1))
+    storescu(daemon.port, *make_study(tmp_path / "a", 1))
+    log = daemon.wait_log("dead after 2 attempt(s)", timeout=10)
+    assert "job 1 stderr: oops" in log
+    listing = jobs_cli(daemon, "list", "--state", "dead")
+    assert "1 dead" in listing.stdout and " dead " in listing.stdout
+    flag.touch()
+    retried = jobs_cli(daemon, "retry", "1")
+    assert retried.returncode == 0, retried.stderr
+    daemon.wait_log("job 1 finished: exit status 0", timeout=10)
+    assert jobs_cli(daemon, "retry", "99").returncode == 1
+    assert "state:     done" in jobs_cli(daemon, "show", "1").stdout
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_pending_and_running_jobs_complete_after_a_restart(
+        tmp_path: Path, daemon_factory: Any, how: signal.Signals) -> None:
+    runs = tmp_path / "runs"
+    command = ["/bin/sh", "-c", f'echo "start $DICOM_JOB_ID" >> {runs}; sleep 1.5; '
+               f'echo "end $DICOM_JOB_ID" >> {runs}']
+    settings = jobs_settings(tmp_path, command, concurrency=1)
+    daemon = daemon_factory(settings)
+    storescu(daemon.port, *make_study(tmp_path / "a", 3))
+    wait_until(lambda: runs.exists() and "start 1" in runs.read_text(), 10, "job 1's start")
+    daemon.proc.send_signal(how)
+    daemon.proc.wait(15)
+    text = runs.read_text()
+    assert "end 1" not in text and "start 2" not in text
+    if how == signal.SIGTERM:
+        assert daemon.proc.returncode == 0
+        assert "job 1: interrupted (killed by SIGTERM) by the daemon's stop" in daemon.log()
+        assert "2 job(s) pending" in daemon.log() or "3 job(s) pending" in daemon.log()
+    again = daemon_factory(settings)
+    wait_until(lambda: all(f"end {n}" in runs.read_text() for n in (1, 2, 3)), 15,
+               "every job's end")
+    log = again.log()
+    assert "3 job(s) pending" in log
+    if how == signal.SIGKILL:
+        # The database still said running; the orphaned first run was still going: it was
+        # killed, not left to run alongside its second run.
+        assert "job 1 (reception) was running when the daemon ended; it runs again" in log
+        assert "still runs from before the restart; killing it" in log
+    lines = runs.read_text().splitlines()
+    assert lines.count("start 1") == 2 and lines.count("end 1") == 1
+    assert lines[-4:] == ["start 2", "end 2", "start 3", "end 3"]
+
+
+def test_job_output_lines_carry_journal_fields(tmp_path: Path) -> None:
+    """The runner in-process (a real subprocess): each output line is a log record whose
+    journal fields name the job, its study and its command."""
+    queue = JobQueue(tmp_path / "state")
+    selector = selectors.DefaultSelector()
+    finished: list[tuple[int, bool]] = []
+    runner = JobRunner(queue, selector, JobsConfig(), prepare=lambda job: {},
+                       on_finished=lambda job_id, final: finished.append((job_id, final)))
+    command = ["/bin/sh", "-c", "echo out; echo err >&2; printf partial"]
+    job_id = queue.add(JobKind.RECEPTION, command, command, {"DICOM_X": "1"}, max_attempts=1,
+                       timeout=10, now=time.time(), study_uid="1.2.3")
+    records: list[logging.LogRecord] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Capture()
+    logger = logging.getLogger("dicom_ingestd.jobs")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        deadline = time.monotonic() + 10
+        while not finished and time.monotonic() < deadline:
+            runner.tick()
+            for key, _ in selector.select(0.1):
+                key.data(key.fileobj)
+    finally:
+        logger.removeHandler(handler)
+    assert finished == [(job_id, True)]
+    job = queue.get(job_id)
+    assert job is not None and job.state is JobState.DONE
+    lines = {r.getMessage(): getattr(r, "journal", {}) for r in records}
+    fields = lines[f"job {job_id} stdout: out"]
+    assert fields["JOB_ID"] == job_id and fields["DICOM_STUDY_UID"] == "1.2.3"
+    assert fields["JOB_COMMAND"] == " ".join(command) and fields["JOB_STREAM"] == "stdout"
+    assert lines[f"job {job_id} stderr: err"]["JOB_STREAM"] == "stderr"
+    assert f"job {job_id} stdout: partial" in lines  # a last line without newline
+    assert any(m.startswith(f"job {job_id} finished: exit status 0") for m in lines)
+    queue.close()
