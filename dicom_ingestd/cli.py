@@ -78,6 +78,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     if connected:
         # systemd Accept=yes (or inetd): exactly one association on an accepted socket.
+        events = config.events
+        if events.exec_on_reception or events.exec_on_eostudy or events.rename_on_eostudy:
+            log.critical("[events] needs the master: a per-connection instance (systemd "
+                         "Accept=yes or inetd) cannot track studies or run jobs; use "
+                         "dicom-ingestd.socket (Accept=no)")
+            return ExitCode.CONFIG
         conn = connected[0]
         try:
             peer = peer_name(conn.getpeername())

@@ -322,9 +322,8 @@ def test_every_unimplemented_option_is_listed() -> None:
     assert message.splitlines() == [
         "+te: not implemented yet (converting objects to another transfer syntax before "
         "writing)",
-        "-xcr echo: not implemented yet (event commands and end-of-study handling)",
         "+p 8 16: not implemented yet (changing how objects are encoded when written)",
-    ]  # -F is overridden by +F; --fork is implemented
+    ]  # -F is overridden by +F; --fork and -xcr are implemented
 
 
 @pytest.mark.parametrize(("argv", "spelling", "why"), [
@@ -661,9 +660,8 @@ def test_spellings_are_unique() -> None:
 
 
 # Flags the schema already declares keys for, but which the translator still refuses until
-# their feature is done ([events]); remove them here when their row sets the key.
-PENDING = {"-xcr", "--exec-on-reception", "-xcs", "--exec-on-eostudy", "-rns",
-           "--rename-on-eostudy", "-tos", "--eostudy-timeout", "-xs", "--exec-sync"}
+# their feature is done; remove them here when their row sets the key.
+PENDING: set[str] = set()
 
 
 def test_every_storescp_flag_in_the_schema_sets_its_key() -> None:
@@ -698,13 +696,49 @@ def test_implemented_ignored_and_unimplemented_summary() -> None:
     assert by_kind[Kind.IGNORED] == {"-h", "--version", "--arguments", "-lc", "+rs", "+ws",
                                      "+wf"}
     for flag in ("-xf", "-F", "+te", "+tb", "+ti",
-                 "+td", "+cl", "+u", "-u", "+g=", "+g", "-g", "+e", "-e", "+p", "-xcr",
-                 "-xcs", "-rns", "-tos", "-xs", "+tls", "+ps", "+pw", "-pw", "-pem", "-der",
+                 "+td", "+cl", "+u", "-u", "+g=", "+g", "-g", "+e", "-e", "+p", "+tls", "+ps", "+pw", "-pw", "-pem", "-der",
                  "+cf", "+cd", "+cs", "+dp", "-rc", "-vc", "-ic"):
         assert flag in by_kind[Kind.UNSUPPORTED], flag
     for flag in ("-tls", "-B", "+t=", "-ac", "+ac", "--single-process", "--fork",
-                 "--max-associations", "+F", "-p"):
+                 "--max-associations", "+F", "-p", "-xcr", "-xcs", "-rns", "-tos", "-xs"):
         assert flag in by_kind[Kind.SET], flag
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["-su", "S", "-xcr", "echo #f", PORT],
+     {"exec_on_reception": ["echo #f"], "shell": True}),
+    (["-ss", "S", "-xcs", "run #p", "-rns", "-tos", "30", "-xs", PORT],
+     {"exec_on_eostudy": ["run #p"], "shell": True, "rename_on_eostudy": True,
+      "eostudy_timeout": 30, "exec_sync": True}),
+    (["-sp", "-rns", PORT], {"rename_on_eostudy": True, "eostudy_timeout": 0}),
+])
+def test_event_options(argv: list[str], expected: dict[str, object]) -> None:
+    data = translate(argv).data
+    for key, value in expected.items():
+        assert data["events"][key] == value, key
+    assert data["jobs"] == {"timeout": 0, "retries": 0}  # storescp: once, no time limit
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["-xcs", "x", PORT], "-xcs x: requires --sort-conc-studies, --sort-on-study-uid or "
+     "--sort-on-patientname (as in storescp)"),
+    (["-rns", PORT], "-rns: requires --sort-conc-studies"),
+    (["-tos", "5", PORT], "-tos 5: requires a --sort option"),
+    (["-su", "S", "-rns", "--inetd"], "-rns: conflicts with --inetd"),
+])
+def test_event_option_dependencies(argv: list[str], message: str) -> None:
+    assert message in refused(*argv)
+
+
+def test_eostudy_timeout_zero_means_one_second_here() -> None:
+    t = translate(["-su", "S", "-tos", "0", PORT])
+    assert t.data["events"]["eostudy_timeout"] == 1
+    assert any("closes 1 s after" in w for w in t.warnings)
+
+
+def test_no_event_options_no_event_keys() -> None:
+    data = translate(["-od", "/tmp", PORT]).data
+    assert "events" not in data and "jobs" not in data
 
 
 

@@ -737,7 +737,28 @@ _NEGOTIATION_PROFILE = "association negotiation profiles from a DCMTK configurat
 _FILE_FORMAT = "choosing the output file format"
 _OUTPUT_TS = "converting objects to another transfer syntax before writing"
 _ENCODING = "changing how objects are encoded when written"
-_EVENTS = "event commands and end-of-study handling"
+
+
+def _command(key: str) -> Effect:
+    """-xcr/-xcs c: a storescp-style command line, run through the shell form."""
+    def build(use: Use, warnings: list[str]) -> dict[str, Any]:
+        command = use.values[0]
+        if "#r" in command:
+            warnings.append(f"{use.label()}: #r is the peer's IP address here; storescp "
+                            "substitutes its host name unless -dhl is given")
+        return {key: [command], "events.shell": True}
+
+    return setter((key, "events.shell"), build)
+
+
+def _eostudy_timeout(use: Use, text: str, warnings: list[str]) -> int:
+    """-tos t: storescp's 0 closes a study at once; our 0 means 'never by time'."""
+    seconds = _parse_integer(use.label(), text, 0, 2**31 - 1, c_signed=True)
+    if seconds == 0:
+        warnings.append(f"{use.label()}: a study closes 1 s after its last object "
+                        "(events.eostudy_timeout = 0 would mean never)")
+        return 1
+    return seconds
 _TLS = "TLS"
 _EXITS = "storescp would only print {what} and exit; the rest of the command line is translated"
 _SEED = "OpenSSL seeds its random generator itself"
@@ -893,11 +914,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("--timenames", "-tn", 0, sets(("storage.filenames", "timenames")), prevails=True),
     Option("--filename-extension", "-fe", 1, takes("storage.filename_extension", _name_part)),
     # event options
-    Option("--exec-on-reception", "-xcr", 1, unsupported(_EVENTS)),
-    Option("--exec-on-eostudy", "-xcs", 1, unsupported(_EVENTS)),
-    Option("--rename-on-eostudy", "-rns", 0, unsupported(_EVENTS)),
-    Option("--eostudy-timeout", "-tos", 1, unsupported(_EVENTS)),
-    Option("--exec-sync", "-xs", 0, unsupported(_EVENTS)),
+    # storescp runs its command lines through /bin/sh; the shell form keeps that, with every
+    # placeholder passed as a quoted variable reference (never parsed by the shell).
+    Option("--exec-on-reception", "-xcr", 1, _command("events.exec_on_reception")),
+    Option("--exec-on-eostudy", "-xcs", 1, _command("events.exec_on_eostudy")),
+    Option("--rename-on-eostudy", "-rns", 0, sets(("events.rename_on_eostudy", True))),
+    Option("--eostudy-timeout", "-tos", 1, takes("events.eostudy_timeout", _eostudy_timeout)),
+    Option("--exec-sync", "-xs", 0, sets(("events.exec_sync", True))),
 )
 
 _BY_SPELLING: dict[str, Option] = {
@@ -940,6 +963,9 @@ _STORESCP_DEFAULTS: dict[str, Any] = {
     "storage.filename_extension": "",
     "logging.level": "warn",  # storescp logs warnings and errors only
     "logging.verbose_pc": False,
+    "events.eostudy_timeout": 0,  # storescp closes studies by time only with -tos
+    "jobs.retries": 0,  # storescp runs each command once and waits for it forever
+    "jobs.timeout": 0,
 }
 
 # Every schema key ("table.key") with its dataclass field, in declaration order.
@@ -1110,6 +1136,19 @@ def _check_conflicts(effective: dict[str, Use], level: str) -> list[str]:
         problems.append(
             f"{effective['--max-associations'].label()}: requires --fork (storescp 3.7)"
         )
+    for long in ("--exec-on-eostudy", "--rename-on-eostudy"):
+        if long in effective and not any(
+                sort in effective for sort in ("--sort-conc-studies", "--sort-on-study-uid",
+                                               "--sort-on-patientname")):
+            problems.append(f"{effective[long].label()}: requires --sort-conc-studies, "
+                            "--sort-on-study-uid or --sort-on-patientname (as in storescp)")
+        conflict(long, "--inetd")
+    if "--eostudy-timeout" in effective and not any(
+            o in effective for o in ("--sort-conc-studies", "--sort-on-study-uid",
+                                     "--sort-on-patientname", "--exec-on-eostudy",
+                                     "--rename-on-eostudy")):
+        problems.append(f"{effective['--eostudy-timeout'].label()}: requires a --sort option, "
+                        "--exec-on-eostudy or --rename-on-eostudy (as in storescp)")
     if "--bit-preserving" in effective:
         for long in ("--sort-conc-studies", "--sort-on-study-uid", "--sort-on-patientname"):
             conflict(long, "--bit-preserving")
@@ -1191,6 +1230,10 @@ def translate(argv: Sequence[str]) -> Translation:
         values.update(updates)
         explicit.update(dict.fromkeys(updates, use))
 
+    if not any(key.startswith("events.") for key in explicit):
+        # Without event options these storescp defaults change nothing: keep the file short.
+        for key in ("events.eostudy_timeout", "jobs.retries", "jobs.timeout"):
+            values.pop(key, None)
     problems[:0] = _check_conflicts(effective, values["logging.level"])
     if values["network.inetd"]:
         if parameters:
