@@ -8,13 +8,14 @@ import contextlib
 import logging
 import os
 import shlex
+import signal
 import socket
 import sqlite3
 import sys
 import time
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from dicom_ingestd import __version__
 from dicom_ingestd import log as logsetup
@@ -29,13 +30,20 @@ DEFAULT_CONFIG = "/etc/ingestd.toml"
 log = logging.getLogger("dicom_ingestd")
 
 
+def _print_problems(exc: ConfigError) -> None:
+    # Under systemd these lines must reach the journal as errors: `journalctl -p err` is where
+    # an operator looks for why the service exited 78.
+    prefix = "<3>" if logsetup.stderr_is_journal() else ""
+    for problem in exc.problems:
+        print(prefix + problem, file=sys.stderr)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Serve in the foreground until SIGTERM/SIGINT."""
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
+        _print_problems(exc)
         return ExitCode.CONFIG
     logsetup.setup(config.logging)
     # Heavy imports only when serving; the master imports the worker code before forking so
@@ -97,6 +105,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             conn.close()
             return ExitCode.OK
         notifier.ready(f"serving one association from {peer}")
+        # systemctl stop: leave through Session.run's cleanup, so no partial file remains.
+        signal.signal(signal.SIGTERM, _exit_on_signal)
         Session(conn, peer, config, store).run()
         notifier.stopping()
         return ExitCode.OK
@@ -116,6 +126,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return ExitCode.CANTCREAT
     master.serve()
     return ExitCode.OK
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(0)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -258,8 +272,16 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors exit with EX_USAGE (64), as documented, not argparse's 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(ExitCode.USAGE, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dicom-ingestd",
         description="DICOM C-STORE receiver daemon (a durable storescp for systemd).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

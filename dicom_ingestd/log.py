@@ -60,7 +60,8 @@ def setup(config: LoggingConfig) -> None:
     if journal and config.journal_prefix != "never" and os.path.exists(JOURNAL_SOCKET):
         # Native protocol: the same lines plus DICOM_* fields to filter on.
         handler = JournalHandler("dicom-ingestd", fallback=stream)
-        handler.setFormatter(logging.Formatter("[%(process)d] %(message)s"))
+        # journald records each sender's pid itself (_PID, shown as dicom-ingestd[PID]).
+        handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -696,7 +696,8 @@ def test_implemented_ignored_and_unimplemented_summary() -> None:
     assert by_kind[Kind.IGNORED] == {"-h", "--version", "--arguments", "-lc", "+rs", "+ws",
                                      "+wf"}
     for flag in ("-xf", "-F", "+te", "+tb", "+ti",
-                 "+td", "+cl", "+u", "-u", "+g=", "+g", "-g", "+e", "-e", "+p", "+tls", "+ps", "+pw", "-pw", "-pem", "-der",
+                 "+td", "+cl", "+u", "-u", "+g=", "+g", "-g", "+e", "-e", "+p", "+tls", "+ps",
+                 "+pw", "-pw", "-pem", "-der",
                  "+cf", "+cd", "+cs", "+dp", "-rc", "-vc", "-ic"):
         assert flag in by_kind[Kind.UNSUPPORTED], flag
     for flag in ("-tls", "-B", "+t=", "-ac", "+ac", "--single-process", "--fork",

@@ -102,8 +102,15 @@ def decode_request(pdu: bytes) -> tuple[Request, A_ASSOCIATE, int]:
         request = Request(
             calling_ae=str(primitive.calling_ae_title or "").strip(),
             called_ae=str(primitive.called_ae_title or "").strip(),
-            max_pdu=int(primitive.maximum_length_received or 0),
-            implementation_class_uid=str(primitive.implementation_class_uid or ""),
+            # Read from the items: pynetdicom's properties raise when an item is absent, and
+            # an absent implementation class UID is for the policy to judge (--reject).
+            max_pdu=next((int(item.maximum_length_received or 0) for item in
+                          primitive.user_information
+                          if isinstance(item, MaximumLengthNotification)), 0),
+            implementation_class_uid=next(
+                (str(item.implementation_class_uid or "") for item in
+                 primitive.user_information
+                 if isinstance(item, ImplementationClassUIDNotification)), ""),
             implementation_version=next(
                 (str(item.implementation_version_name or "") for item in
                  primitive.user_information
