@@ -369,10 +369,10 @@ def test_study_sent_in_two_associations_matches_storescp(
 
 
 def test_unimplemented_option_is_refused_by_name() -> None:
-    """-xs (--exec-sync) is not implemented: the translation fails and names the option."""
-    result = translate(["-xs", "-od", "/tmp", "11112"])
+    """+te (output transfer syntax) is not implemented: the translation fails and names it."""
+    result = translate(["+te", "-od", "/tmp", "11112"])
     assert result.returncode != 0
-    assert "-xs" in result.stderr
+    assert "+te" in result.stderr
     assert "not implemented" in result.stderr
     assert result.stdout == ""
 

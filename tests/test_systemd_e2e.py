@@ -294,8 +294,6 @@ def test_a_connection_starts_the_service_and_the_study_is_stored(container: Cont
     owners = container.out("stat -c '%U:%G %a' " + " ".join(files)).splitlines()
     assert owners == ["dicom-ingestd:dicom-ingestd 640"] * STUDY_SIZE
     assert container.staging() == []
-    # TODO(end-of-study issue): with [events] exec_on_eostudy in the packaged service, check
-    # here that the study's job ran and its output reached the journal.  Not in scope yet.
 
 
 def test_status_shows_the_daemons_status_line(container: Container) -> None:
@@ -361,6 +359,22 @@ def test_an_invalid_configuration_is_rejected_and_logged_as_an_error(
     assert "association accepted" not in container.journal("-u dicom-ingestd -p warning")
     assert container.show("dicom-ingestd", "MainPID") == pid
     assert container.out("systemctl is-active dicom-ingestd") == "active"
+    container.sh("systemctl reload dicom-ingestd")
+
+
+def test_an_end_of_study_job_runs_and_its_output_is_in_the_journal(
+        container: Container) -> None:
+    with edited_config(
+            container,
+            's|^#exec_on_eostudy = \\[\\]$|'
+            'exec_on_eostudy = ["/bin/echo", "E2E-STUDY-DONE", "#p"]|',
+            "s/^#eostudy_timeout = 60$/eostudy_timeout = 2/"):
+        container.sh("dicom-ingestd check-config && systemctl reload dicom-ingestd")
+        container.store(f"{DATA}/study/*.dcm")
+        container.wait_for(lambda: "E2E-STUDY-DONE" in container.journal(
+            "-u dicom-ingestd --grep E2E-STUDY-DONE"), "the end-of-study job's output")
+        verbose = container.journal("-u dicom-ingestd -o verbose --grep E2E-STUDY-DONE")
+        assert "JOB_ID=" in verbose and "DICOM_STUDY_UID=" in verbose, verbose
     container.sh("systemctl reload dicom-ingestd")
 
 
