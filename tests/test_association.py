@@ -365,3 +365,10 @@ def test_a_200_mb_object_streams_with_bounded_memory(daemon_factory: Any,
     assert data_set_bytes(stored)[-4096:] == data_set_bytes(big)[-4096:]
     assert stored.stat().st_size - data_set_bytes(stored).__len__() < 1024
     assert len(data_set_bytes(stored)) == len(data_set_bytes(big))
+
+
+def test_host_lookup_names_the_peer_when_enabled(daemon_factory: Any) -> None:
+    d = daemon_factory({"network": {"disable_host_lookup": False}})
+    echoscu(d.port, ["-aet", "NAMED"])
+    log = d.wait_log("C-ECHO")
+    assert re.search(r"localhost:\d+ NAMED->ANY-SCP: association accepted", log), log

@@ -143,6 +143,8 @@ class Session:
     # -- life cycle ----------------------------------------------------------------------
     def run(self) -> Outcome:
         try:
+            if not self.config.network.disable_host_lookup:
+                self.peer = resolve_peer(self.peer)
             self._configure_socket()
             if self._associate():
                 self._serve()
@@ -485,6 +487,20 @@ class Session:
             log.info("%s: %s exists, kept the first copy (storage.duplicates = keep-first)",
                      self._who(), placed.path)
         return str(placed.path), ident
+
+
+def resolve_peer(peer: str) -> str:
+    """'host.name:port' for an 'address:port' peer, as storescp names peers without -dhl.
+
+    Runs in the association's own worker, so a slow resolver delays only that peer.
+    """
+    address, _, port = peer.rpartition(":")
+    address = address.strip("[]")
+    try:
+        name = socket.gethostbyaddr(address)[0]
+    except (OSError, UnicodeError):
+        return peer
+    return f"{name}:{port}"
 
 
 def peer_name(address: object) -> str:
