@@ -1,0 +1,251 @@
+"""The command line, run as an operator runs it: `python -m dicom_ingestd ...` in a subprocess.
+
+Exit codes are the contract systemd and scripts rely on: 0 ok, 64 usage, 69 no listening
+socket, 73 unusable output directory, 78 bad configuration.  The storescp translation is checked
+the strong way: the translated file runs, and the daemon then stores what DCMTK's storescp
+stores for the same command line (same names, same transfer syntax, same bytes).
+"""
+
+import argparse
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import tomli_w
+from conftest import REPO, free_port, require_tool, storescu
+from conftest import testdata as data_file
+from pydicom.filereader import read_file_meta_info
+
+from dicom_ingestd import __version__
+from dicom_ingestd.cli import build_parser
+from dicom_ingestd.config.load import config_from_mapping, load_config
+from dicom_ingestd.config.schema import Config
+
+EXAMPLE_CONFIG = REPO / "etc" / "ingestd.toml"
+IMPLICIT_LE = "1.2.840.10008.1.2"
+
+
+def cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dicom_ingestd", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO)
+
+
+def subcommands(parser: argparse.ArgumentParser | None = None,
+                prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command path of the parser: (), ("run",), ("config",), ("config", "show"), ..."""
+    parser = parser or build_parser()
+    found = [prefix]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += subcommands(sub, (*prefix, name))
+    return found
+
+
+def port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if port_open(port):
+            return
+        assert proc.poll() is None, f"exited with {proc.returncode} before listening"
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listening on port {port} after {timeout} s")
+
+
+@contextmanager
+def running(args: list[str], port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A long-running process (the daemon or storescp) listening on `port`; stopped on exit."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        wait_for_port(port, proc)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+def stored_files(directory: Path) -> dict[str, Path]:
+    return {p.name: p for p in directory.iterdir() if p.is_file()}
+
+
+# --- help and version ----------------------------------------------------------------------------
+
+
+def test_version() -> None:
+    result = cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert __version__ in result.stdout
+
+
+@pytest.mark.parametrize("command", subcommands(), ids=lambda c: " ".join(c) or "(none)")
+def test_help_of_every_command_exits_0(command: tuple[str, ...]) -> None:
+    result = cli(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: ")
+
+
+def test_the_expected_commands_exist() -> None:
+    commands = set(subcommands())
+    assert {("run",), ("check-config",), ("config", "show"),
+            ("config", "from-storescp")} <= commands
+
+
+# --- check-config and config show ----------------------------------------------------------------
+
+
+def test_check_config_accepts_the_shipped_example() -> None:
+    if not EXAMPLE_CONFIG.exists():
+        pytest.skip("no etc/ingestd.toml in this tree")
+    result = cli("check-config", "-c", str(EXAMPLE_CONFIG))
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("[network]\nport = \n", ":2"),  # not TOML: the line is named
+    ("[network]\nport = 70000\n", "network.port"),
+    ("[network]\nport = \"104\"\n", "network.port"),
+    ("[storage]\nduplicates = \"sometimes\"\n", "storage.duplicates"),
+    ("[storage]\nfsinc = true\n", "storage.fsinc"),
+    ("[netwrok]\nport = 104\n", "[netwrok]"),
+])
+def test_check_config_rejects_a_broken_file_with_78(tmp_path: Path, text: str,
+                                                     expected: str) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text(text)
+    result = cli("check-config", "-c", str(path))
+    assert result.returncode == 78, result.stdout + result.stderr
+    assert str(path) in result.stderr
+    assert expected in result.stderr
+
+
+def test_check_config_of_a_missing_file_exits_78(tmp_path: Path) -> None:
+    result = cli("check-config", "-c", str(tmp_path / "absent.toml"))
+    assert result.returncode == 78
+    assert "absent.toml" in result.stderr
+
+
+def test_config_show_of_an_empty_file_is_the_defaults_and_loads_back(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    shown = cli("config", "show", "-c", str(empty))
+    assert shown.returncode == 0, shown.stderr
+    assert config_from_mapping(tomllib.loads(shown.stdout)) == Config()
+    again = tmp_path / "shown.toml"
+    again.write_text(shown.stdout)
+    assert load_config(again) == Config()
+    assert cli("config", "show", "-c", str(again)).stdout == shown.stdout  # a fixed point
+
+
+# --- config from-storescp ------------------------------------------------------------------------
+
+
+def translate(*storescp_args: str) -> subprocess.CompletedProcess[str]:
+    return cli("config", "from-storescp", "--", *storescp_args)
+
+
+def test_from_storescp_translation_is_valid_and_runs_like_storescp(tmp_path: Path) -> None:
+    ours_dir, theirs_dir = tmp_path / "ours", tmp_path / "theirs"
+    ours_dir.mkdir()
+    theirs_dir.mkdir()
+    port = free_port()
+    result = translate("-od", str(ours_dir), "-aet", "FOO", "+xi", str(port))
+    assert result.returncode == 0, result.stderr
+    data = tomllib.loads(result.stdout)
+    assert data["network"]["port"] == port
+    assert data["network"]["aetitle"] == "FOO"
+    assert data["negotiation"]["preferred_transfer_syntax"] == "implicit"
+    assert data["storage"]["output_directory"] == str(ours_dir)
+
+    translated = tmp_path / "translated.toml"
+    translated.write_text(result.stdout)
+    check = cli("check-config", "-c", str(translated))
+    assert check.returncode == 0, check.stderr
+
+    # Run it.  Tests listen on loopback only; bind_address is the one key we add, and it has no
+    # storescp option to translate from.
+    data["network"]["bind_address"] = "127.0.0.1"
+    runnable = tmp_path / "runnable.toml"
+    runnable.write_text(tomli_w.dumps(data))
+    objects = [data_file("CT_small.dcm"), data_file("MR_small.dcm"),
+               data_file("MR_small_bigendian.dcm")]
+    with running([sys.executable, "-m", "dicom_ingestd", "run", "-c", str(runnable)], port,
+                 tmp_path / "ours.log") as daemon:
+        for path in objects:
+            storescu(port, path, extra=["-aec", "FOO"])
+        assert daemon.poll() is None
+
+    reference_port = free_port()
+    with running([require_tool("storescp"), "-od", str(theirs_dir), "-aet", "FOO", "+xi",
+                  str(reference_port)], reference_port, tmp_path / "storescp.log"):
+        for path in objects:
+            storescu(reference_port, path, extra=["-aec", "FOO"])
+
+    ours, theirs = stored_files(ours_dir), stored_files(theirs_dir)
+    assert sorted(ours) == sorted(theirs)
+    assert len(ours) == 2  # MR_small and MR_small_bigendian are one SOP instance
+    for name, path in ours.items():
+        assert read_file_meta_info(path).TransferSyntaxUID == IMPLICIT_LE, name
+        assert read_file_meta_info(theirs[name]).TransferSyntaxUID == IMPLICIT_LE, name
+
+
+def test_from_storescp_names_an_unknown_option() -> None:
+    result = translate("--no-such-option", "104")
+    assert result.returncode != 0
+    assert "--no-such-option" in result.stderr
+    assert result.stdout == ""
+
+
+# --- run: exit codes when it cannot serve --------------------------------------------------------
+
+
+def run_config(tmp_path: Path, settings: dict[str, dict[str, object]]) -> Path:
+    path = tmp_path / "run.toml"
+    path.write_text(tomli_w.dumps(settings))
+    return path
+
+
+def test_run_with_a_missing_output_directory_exits_73(tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "such" / "dir"
+    config = run_config(tmp_path, {
+        "network": {"port": free_port(), "bind_address": "127.0.0.1"},
+        "storage": {"output_directory": str(missing)}})
+    result = cli("run", "-c", str(config), timeout=20)
+    assert result.returncode == 73, result.stderr
+    assert str(missing) in result.stderr
+    assert "output directory" in result.stderr
+    assert not missing.exists()
+
+
+def test_run_on_a_port_in_use_exits_69(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = run_config(tmp_path, {
+            "network": {"port": port, "bind_address": "127.0.0.1"},
+            "storage": {"output_directory": str(tmp_path)}})
+        result = cli("run", "-c", str(config), timeout=20)
+    assert result.returncode == 69, result.stderr
+    assert str(port) in result.stderr
