@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dicom_ingestd import ipc
+from dicom_ingestd.codes import ExitCode
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.events import sync_enabled
 from dicom_ingestd.worker.session import Session, StoredObject
@@ -21,8 +22,6 @@ from dicom_ingestd.worker.store import Store
 
 log = logging.getLogger("dicom_ingestd.master")
 
-EXIT_OK = 0
-EXIT_INTERNAL_ERROR = 70  # EX_SOFTWARE: a bug in the association code
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +107,7 @@ class Worker:
             return f"killed by {signal.Signals(sig).name}" + (
                 " (core dumped)" if os.WCOREDUMP(status) else "")
         code = os.WEXITSTATUS(status)
-        return None if code == EXIT_OK else f"exited with status {code}"
+        return None if code == ExitCode.OK else f"exited with status {code}"
 
 
 class ForkSpawner:
@@ -127,7 +126,7 @@ class ForkSpawner:
                 link.close()
             raise
         if pid == 0:  # child
-            code = EXIT_INTERNAL_ERROR
+            code = ExitCode.SOFTWARE  # a bug in the association code
             try:
                 self._close_in_child()
                 if link is not None:
@@ -139,7 +138,7 @@ class ForkSpawner:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)
                 session_for(assignment, self._channel, link).run()
-                code = EXIT_OK
+                code = ExitCode.OK
             except BaseException:
                 with contextlib.suppress(BaseException):
                     log.exception("worker %d (%s): unexpected error", os.getpid(),

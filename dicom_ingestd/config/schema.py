@@ -185,7 +185,10 @@ class StorageConfig:
         storescp=("-od", "--output-directory"),
     )
     bit_preserving: bool = setting(
-        False, "Write the data set exactly as received (storescp +B).",
+        False, "Write the data set exactly as received (storescp +B). At present the "
+        "default mode stores the received data set unchanged too (same elements and values "
+        "as storescp); storescp's re-encoding in normal mode is not implemented yet, so this "
+        "setting changes nothing for now.",
         storescp=("+B", "--bit-preserving", "-B", "--normal"),
     )
     sort: str = setting(

@@ -60,6 +60,11 @@ class _Incomplete(Exception):
     """The prefix ended, or held something this walker does not handle."""
 
 
+# Per byte order: tag + 4-byte length (implicit VR, items), tag + VR + 2-byte length, length.
+_STRUCTS = {little: (struct.Struct(e + "HHL"), struct.Struct(e + "HH2sH"), struct.Struct(e + "L"))
+            for little, e in ((True, "<"), (False, ">"))}
+
+
 class _Walker:
     """Element headers of one byte order; struct.error means 'ran past the prefix'."""
 
@@ -67,10 +72,7 @@ class _Walker:
         self.data = data
         self.implicit = implicit
         self.little = little
-        e = "<" if little else ">"
-        self._tag_len = struct.Struct(e + "HHL")  # tag + 4-byte length (implicit, items)
-        self._explicit = struct.Struct(e + "HH2sH")  # tag + VR + 2-byte length
-        self._long = struct.Struct(e + "L")
+        self._tag_len, self._explicit, self._long = _STRUCTS[little]
 
     def header(self, pos: int, implicit: bool) -> tuple[int, bytes, int, int]:
         """(tag, vr, length, value offset) of the element at pos."""

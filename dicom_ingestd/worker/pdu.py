@@ -79,7 +79,6 @@ class Channel:
         self._view = memoryview(self._buf)
         self._start = 0
         self._end = 0
-        self.bytes_received = 0
 
     # -- reading -------------------------------------------------------------------------
     def _fill(self, deadline: float | None) -> None:
@@ -108,7 +107,6 @@ class Channel:
         if n == 0:
             raise PeerClosed("peer closed the connection")
         self._end += n
-        self.bytes_received += n
 
     def read_exact(self, n: int, deadline: float | None = None) -> bytes:
         """Return exactly n bytes (n must not exceed the buffer size)."""

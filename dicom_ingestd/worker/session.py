@@ -94,7 +94,6 @@ class _Store:
         self.temp = temp  # None: data is drained (ignored, refused or failed up front)
         self.status = status
         self.why = why
-        self.pdus_seen = 0
         self.bytes = 0
         self.head = bytearray()  # the data set's first bytes, to identify it without a reparse
 
@@ -127,7 +126,6 @@ class Session:
         self.contexts: dict[int, acceptor.AcceptedContext] = {}
         self.outcome = Outcome()
         self._command = bytearray()
-        self._command_context = 0
         self._current: _Store | None = None
 
     # -- logging -------------------------------------------------------------------------
@@ -232,10 +230,9 @@ class Session:
         acceptance = acceptor.accept(request, primitive, self.config)
         self.contexts = acceptance.contexts
         self.channel.send(acceptance.pdu)
-        level = logging.INFO
-        log.log(level, "%s: association accepted (%d of %d contexts, max PDU %d)",
-                self._who(), len(acceptance.contexts), len(request.proposed),
-                request.max_pdu, extra=self._fields(DICOM_OUTCOME="accepted"))
+        log.info("%s: association accepted (%d of %d contexts, max PDU %d)",
+                 self._who(), len(acceptance.contexts), len(request.proposed),
+                 request.max_pdu, extra=self._fields(DICOM_OUTCOME="accepted"))
         pc_level = logging.INFO if self.config.logging.verbose_pc else logging.DEBUG
         if log.isEnabledFor(pc_level):
             for cx in acceptance.contexts.values():
@@ -266,7 +263,7 @@ class Session:
                 self._log_end("released")
                 return
             elif pdu_type == A_ABORT:
-                body = self.channel.read_exact(min(length, 64)) if length <= 64 else b""
+                body = self.channel.read_exact(length) if length <= 64 else b""
                 source = body[2] if len(body) >= 4 else -1
                 reason = body[3] if len(body) >= 4 else -1
                 self.outcome.how = "aborted-by-peer"
@@ -318,7 +315,6 @@ class Session:
         if len(self._command) + payload > dimse.MAX_COMMAND_SET:
             raise ProtocolError(f"command set larger than {dimse.MAX_COMMAND_SET} bytes")
         self._command += self.channel.read_exact(payload)
-        self._command_context = context_id
         if control & 0x02:
             data = bytes(self._command)
             self._command.clear()
@@ -397,7 +393,6 @@ class Session:
         testing = self.config.testing
         current = self._current
         assert current is not None
-        current.pdus_seen += 1
         if testing.abort_during:
             raise _Abort(0, 0, "testing.abort_during")
         if testing.sleep_during:

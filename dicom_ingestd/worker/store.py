@@ -8,11 +8,9 @@ caller decides the relative path (see naming.py).
 """
 
 import contextlib
-import errno
 import fcntl
 import itertools
 import json
-import logging
 import os
 import secrets
 from collections.abc import Callable, Sequence
@@ -23,13 +21,10 @@ from dicom_ingestd.codes import Status
 from dicom_ingestd.config.schema import StorageConfig
 from dicom_ingestd.errors import StorageError
 
-log = logging.getLogger(__name__)
-
 STAGING_DIR = ".ingestd-tmp"
 SORT_STATE = "sort-state.json"
 TEMP_SUFFIX = ".part"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOMEM}
 _counter = itertools.count()
 
 
