@@ -369,10 +369,10 @@ def test_study_sent_in_two_associations_matches_storescp(
 
 
 def test_unimplemented_option_is_refused_by_name() -> None:
-    """+te (output transfer syntax) is not implemented: the translation fails and names it."""
-    result = translate(["+te", "-od", "/tmp", "11112"])
+    """+uc (convert UN to known VRs) is not implemented: the translation fails and names it."""
+    result = translate(["+uc", "-od", "/tmp", "11112"])
     assert result.returncode != 0
-    assert "+te" in result.stderr
+    assert "+uc" in result.stderr
     assert "not implemented" in result.stderr
     assert result.stdout == ""
 

@@ -134,8 +134,37 @@ def test_port_only_sets_storescp_defaults_that_differ_from_ours() -> None:
     (["--fork", "--max-associations", "4"],
      base(workers={"process_model": "fork", "max_associations": 4})),
     # Accepted as no-ops: they select what storescp and we do by default.
-    (["-ac"], base()), (["-tls"], base()), (["+t="], base()), (["--no-sni"], base()),
-    (["+F"], base()), (["--write-file"], base()), (["-p"], base()), (["--padding-off"], base()),
+    (["-ac"], base()), (["-tls"], base()), (["--no-sni"], base()), (["-uc"], base()),
+    # Output options: an option given is written, even with storescp's default value.
+    (["+t="], base(storage={"transfer_syntax": "received"})),
+    (["+F"], base(storage={"file_format": "file"})),
+    (["--write-file"], base(storage={"file_format": "file"})),
+    (["-F"], base(storage={"file_format": "dataset"})),
+    (["-p"], base(storage={"file_padding": 0, "item_padding": 0})),
+    (["--padding-off"], base(storage={"file_padding": 0, "item_padding": 0})),
+    (["+u"], base(storage={"new_vrs": True})),
+    # An option that re-encodes brings storescp's other defaults (+e, +g=) along.
+    (["+te"], base(storage={"transfer_syntax": "little-explicit",
+                            "sequence_lengths": "explicit", "group_length": "recalc"})),
+    (["+tb"], base(storage={"transfer_syntax": "big-explicit",
+                            "sequence_lengths": "explicit", "group_length": "recalc"})),
+    (["+ti"], base(storage={"transfer_syntax": "implicit",
+                            "sequence_lengths": "explicit", "group_length": "recalc"})),
+    (["+td", "+cl", "0"], base(storage={"transfer_syntax": "deflated", "deflate_level": 0,
+                                        "sequence_lengths": "explicit",
+                                        "group_length": "recalc"})),
+    (["+cl", "9"], base(storage={"deflate_level": 9, "sequence_lengths": "explicit",
+                                 "group_length": "recalc"})),
+    (["-e"], base(storage={"sequence_lengths": "undefined", "group_length": "recalc"})),
+    (["+e"], base(storage={"sequence_lengths": "explicit", "group_length": "recalc"})),
+    (["+g"], base(storage={"sequence_lengths": "explicit", "group_length": "create"})),
+    (["-g"], base(storage={"sequence_lengths": "explicit", "group_length": "remove"})),
+    (["+g="], base(storage={"sequence_lengths": "explicit", "group_length": "recalc"})),
+    (["-u"], base(storage={"new_vrs": False, "sequence_lengths": "explicit",
+                           "group_length": "recalc"})),
+    (["+p", "1024", "16"], base(storage={"file_padding": 1024, "item_padding": 16,
+                                        "sequence_lengths": "explicit",
+                                        "group_length": "recalc"})),
 ])
 def test_option(argv: list[str], expected: dict[str, dict[str, Any]]) -> None:
     assert data_of(*argv, PORT) == expected
@@ -213,10 +242,10 @@ def test_values_are_taken_verbatim_even_when_they_look_like_options() -> None:
     (["-i6", "-i4", "-i0"], base(network={"ip_version": "dual"})),
     (["--fork", "--single-process"], base(workers={"process_model": "single"})),
     (["--single-process", "--fork"], base(workers={"process_model": "fork"})),
-    (["-F", "+F"], base()),
-    (["+p", "8", "16", "-p"], base()),
-    # An overridden unimplemented option has no effect, in storescp as here.
-    (["+te", "+t="], base()),
+    (["-F", "+F"], base(storage={"file_format": "file"})),
+    (["+p", "8", "16", "-p"], base(storage={"file_padding": 0, "item_padding": 0})),
+    # An overridden option has no effect, in storescp as here (+te brings no +e along).
+    (["+te", "+t="], base(storage={"transfer_syntax": "received"})),
     (["+tls", "key.pem", "cert.pem", "-tls"], base()),
     (["+ac", "-ac"], base()),
 ])
@@ -318,12 +347,35 @@ def test_unimplemented_option_names_the_option(option: Any) -> None:
 
 
 def test_every_unimplemented_option_is_listed() -> None:
-    message = refused("-F", "+te", "-xcr", "echo", "+p", "8", "16", "--fork", "+F", PORT)
+    message = refused("+uc", "-xcr", "echo", "+p", "8", "16", "--fork", "-uc", "+uc", PORT)
     assert message.splitlines() == [
-        "+te: not implemented yet (converting objects to another transfer syntax before "
-        "writing)",
-        "+p 8 16: not implemented yet (changing how objects are encoded when written)",
-    ]  # -F is overridden by +F; --fork and -xcr are implemented
+        "+uc: not implemented yet (converting UN elements to the VR the data dictionary "
+        "knows)",
+    ]  # --fork, -xcr and +p are implemented
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["+B", "+te"], "+te: conflicts with +B (as in storescp)"),
+    (["+B", "-e"], "-e: conflicts with +B (as in storescp)"),
+    (["+B", "+g="], "+g=: conflicts with +B (as in storescp)"),
+    (["+B", "+u"], "+u: conflicts with +B (as in storescp)"),
+    (["+B", "+p", "8", "8"], "+p 8 8: conflicts with +B (as in storescp)"),
+    (["+xa", "+tb"], "+tb: conflicts with +xa (as in storescp): compressed data sets cannot "
+                     "be converted"),
+    (["+xs", "+td"], "+td: conflicts with +xs (as in storescp)"),
+    (["-F", "+p", "8", "8"], "+p 8 8: conflicts with -F (as in storescp)"),
+    (["+ti", "+cl", "3"], "+cl 3: requires --write-xfer-deflated or --write-xfer-same"),
+    (["+p", "7", "0"], "+p 7 0: padding lengths must be even"),
+    (["+cl", "10"], "+cl 10: must be between 0 and 9"),
+])
+def test_output_option_conflicts(argv: list[str], message: str) -> None:
+    assert message in refused(*argv, PORT)
+
+
+@pytest.mark.parametrize("argv", [["+xd", "+te"], ["+xi", "+tb"], ["+B", "-F"],
+                                  ["+td", "+cl", "1"], ["-B", "+te"]])
+def test_output_options_storescp_accepts(argv: list[str]) -> None:
+    translate([*argv, PORT])
 
 
 @pytest.mark.parametrize(("argv", "spelling", "why"), [
@@ -695,13 +747,14 @@ def test_implemented_ignored_and_unimplemented_summary() -> None:
         by_kind[option.effect.kind].add(option.short or option.long)
     assert by_kind[Kind.IGNORED] == {"-h", "--version", "--arguments", "-lc", "+rs", "+ws",
                                      "+wf"}
-    for flag in ("-xf", "-F", "+te", "+tb", "+ti",
-                 "+td", "+cl", "+u", "-u", "+g=", "+g", "-g", "+e", "-e", "+p", "+tls", "+ps",
+    for flag in ("-xf", "+uc", "+tls", "+ps",
                  "+pw", "-pw", "-pem", "-der",
                  "+cf", "+cd", "+cs", "+dp", "-rc", "-vc", "-ic"):
         assert flag in by_kind[Kind.UNSUPPORTED], flag
     for flag in ("-tls", "-B", "+t=", "-ac", "+ac", "--single-process", "--fork",
-                 "--max-associations", "+F", "-p", "-xcr", "-xcs", "-rns", "-tos", "-xs"):
+                 "--max-associations", "+F", "-p", "-xcr", "-xcs", "-rns", "-tos", "-xs",
+                 "-F", "+te", "+tb", "+ti", "+td", "+cl", "+u", "-u", "+g=", "+g", "-g",
+                 "+e", "-e", "+p", "-uc"):
         assert flag in by_kind[Kind.SET], flag
 
 

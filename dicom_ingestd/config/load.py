@@ -322,6 +322,43 @@ def _cross_checks(sections: Mapping[str, Any]) -> Iterator[_Problem]:
         yield ("events.rename_on_eostudy", True,
                "requires storage.sort other than none (as storescp -rns requires -ss, -su or "
                "-sp): files are renamed within their study's directory")
+    yield from _encoding_checks(sections["storage"], sections["negotiation"])
+
+
+# storescp refuses +te/+tb/+ti/+td with the preferences that let compressed data in: there is
+# no transfer syntax conversion of compressed pixel data.
+_CONVERTIBLE = ("uncompressed", "little", "big", "implicit", "deflated")
+
+
+def _encoding_checks(storage: Any, negotiation: Any) -> Iterator[_Problem]:
+    """storescp's conflicts between its output options (checkConflict/checkDependence)."""
+    if storage.bit_preserving:
+        for key in storage.reencoding_keys():
+            yield (f"storage.{key}", getattr(storage, key),
+                   "re-encodes the data set, which storage.bit_preserving = true forbids "
+                   "(storescp refuses it with +B); use its default or drop bit_preserving")
+    if storage.file_format == "dataset":
+        for key in ("file_padding", "item_padding"):
+            if getattr(storage, key):
+                yield (f"storage.{key}", getattr(storage, key),
+                       "padding needs storage.file_format = \"file\" (storescp refuses +p "
+                       "with -F)")
+    if storage.transfer_syntax != "received" and \
+            negotiation.preferred_transfer_syntax not in _CONVERTIBLE:
+        yield ("storage.transfer_syntax", storage.transfer_syntax,
+               "cannot be combined with negotiation.preferred_transfer_syntax = "
+               f"\"{negotiation.preferred_transfer_syntax}\", which accepts compressed data: "
+               "compressed data sets cannot be converted (use received, or one of "
+               + ", ".join(_CONVERTIBLE) + " as preference)")
+    if storage.deflate_level != 6 and storage.transfer_syntax not in ("received", "deflated"):
+        yield ("storage.deflate_level", storage.deflate_level,
+               "only applies to deflated output: requires storage.transfer_syntax = "
+               "\"deflated\" or \"received\" (as storescp +cl requires +td or +t=)")
+
+
+def _check_even(full: str, value: int) -> Iterator[_Problem]:
+    if value % 2:
+        yield full, value, "must be even (DCMTK refuses to write odd padding)"
 
 
 _VALUE_CHECKS: dict[str, Callable[[str, Any], Iterator[_Problem]]] = {
@@ -334,6 +371,8 @@ _VALUE_CHECKS: dict[str, Callable[[str, Any], Iterator[_Problem]]] = {
     "association.allowed_calling_aetitles": _check_aetitle_list,
     "storage.output_directory": _check_directory,
     "storage.filename_extension": _check_name_part,
+    "storage.file_padding": _check_even,
+    "storage.item_padding": _check_even,
     # storescp names study subdirectories prefix_...; the prefix is accepted with any sort
     # mode (it is simply unused without conc-studies/study-uid) but must stay one name.
     "storage.sort_prefix": _check_name_part,

@@ -185,11 +185,66 @@ class StorageConfig:
         storescp=("-od", "--output-directory"),
     )
     bit_preserving: bool = setting(
-        False, "Write the data set exactly as received (storescp +B). At present the "
-        "default mode stores the received data set unchanged too (same elements and values "
-        "as storescp); storescp's re-encoding in normal mode is not implemented yet, so this "
-        "setting changes nothing for now.",
+        False, "Write the data set exactly as received (storescp +B). The default does that "
+        "too (every encoding key below at \"received\"); true also makes any key that would "
+        "re-encode a configuration error, as storescp refuses them with +B.",
         storescp=("+B", "--bit-preserving", "-B", "--normal"),
+    )
+    file_format: str = setting(
+        "file", "file: preamble, File Meta Information and data set (storescp +F); dataset: "
+        "the data set alone (storescp -F).",
+        storescp=("+F", "--write-file", "-F", "--write-dataset"), choices=("file", "dataset"),
+    )
+    transfer_syntax: str = setting(
+        "received", "Transfer syntax files are written in: received (as negotiated, storescp "
+        "+t=), little-explicit (+te), big-explicit (+tb), implicit (+ti) or deflated (+td). "
+        "Anything but received re-encodes: pixel data and every other binary value is "
+        "byte-swapped as its VR says (OW 16-bit, OF/OL 32-bit, OD/OV 64-bit). Compressed "
+        "data sets cannot be converted: refused with 0xA700, as storescp does.",
+        storescp=("+t=", "--write-xfer-same", "+te", "--write-xfer-little", "+tb",
+                  "--write-xfer-big", "+ti", "--write-xfer-implicit", "+td",
+                  "--write-xfer-deflated"),
+        choices=("received", "little-explicit", "big-explicit", "implicit", "deflated"),
+    )
+    sequence_lengths: str = setting(
+        "received", "Length encoding of sequences and items: received (each as it arrived), "
+        "explicit (storescp +e) or undefined, with delimitation items (storescp -e).",
+        storescp=("+e", "--length-explicit", "-e", "--length-undefined"),
+        choices=("received", "explicit", "undefined"),
+        default_note="storescp re-encodes with explicit lengths (+e) unless +B is given; "
+        "received keeps the sender's encoding and the streaming path.",
+    )
+    group_length: str = setting(
+        "received", "Group length elements (gggg,0000): received (as they arrived; "
+        "recalculated when another key re-encodes), recalc (recalculate those present, "
+        "storescp +g=), create (write one for every group, +g) or remove (-g).",
+        storescp=("+g=", "--group-length-recalc", "+g", "--group-length-create", "-g",
+                  "--group-length-remove"),
+        choices=("received", "recalc", "create", "remove"),
+        default_note="storescp recalculates group lengths (+g=) unless +B is given; "
+        "received keeps them and the streaming path.",
+    )
+    file_padding: int = setting(
+        0, "Pad each file to a multiple of this many bytes with a trailing padding element "
+        "(FFFC,FFFC), as storescp +p f i (f); 0: none. Even. Re-encoding without padding "
+        "removes received trailing padding elements, as storescp -p does.",
+        storescp=("+p", "--padding-create", "-p", "--padding-off"), minimum=0,
+        maximum=2**32 - 2,
+    )
+    item_padding: int = setting(
+        0, "Pad each sequence item's content to a multiple of this many bytes (storescp +p f i: "
+        "i); 0: none. Even.",
+        storescp=("+p", "--padding-create"), minimum=0, maximum=2**32 - 2,
+    )
+    deflate_level: int = setting(
+        6, "zlib level (0-9) for files written deflated: transfer_syntax = deflated, or a "
+        "deflated data set re-encoded with transfer_syntax = received (storescp +cl).",
+        storescp=("+cl", "--compression-level"), minimum=0, maximum=9,
+    )
+    new_vrs: bool = setting(
+        True, "Write the post-1993 VRs UN, UT, UC, UR, OF, OD, OL, OV, SV, UV (storescp +u); "
+        "false writes them as OB in explicit VR transfer syntaxes (storescp -u).",
+        storescp=("+u", "--enable-new-vr", "-u", "--disable-new-vr"),
     )
     sort: str = setting(
         "none", "Sort into study subdirectories: none, conc-studies (prefix_YYYYMMDD_HHMMSSmmm), "
@@ -229,6 +284,16 @@ class StorageConfig:
         0, "Refuse objects (status 0xA700) while the output file system has fewer free bytes "
         "than this; 0 disables the check.", minimum=0,
     )
+
+    def reencoding_keys(self) -> tuple[str, ...]:
+        """The encoding keys whose values make objects be re-encoded (whole data set in
+        memory) instead of stored as received; empty on the streaming path."""
+        found = [key for key in ("transfer_syntax", "sequence_lengths", "group_length")
+                 if getattr(self, key) != "received"]
+        found += [key for key in ("file_padding", "item_padding") if getattr(self, key)]
+        if not self.new_vrs:
+            found.append("new_vrs")
+        return tuple(found)
 
 
 @dataclass(frozen=True, slots=True)

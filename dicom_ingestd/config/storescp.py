@@ -734,9 +734,39 @@ def _minus_same(network: _N, hole: _N) -> list[_N]:
 
 
 _NEGOTIATION_PROFILE = "association negotiation profiles from a DCMTK configuration file"
-_FILE_FORMAT = "choosing the output file format"
-_OUTPUT_TS = "converting objects to another transfer syntax before writing"
-_ENCODING = "changing how objects are encoded when written"
+_CONVERT_UN = "converting UN elements to the VR the data dictionary knows"
+
+
+def _padding(use: Use, warnings: list[str]) -> dict[str, Any]:
+    """+p f i: DCMTK refuses to write odd padding (every store would fail), so refuse it here."""
+    sizes = [_parse_integer(use.label(), text, 0, 2**32 - 2, c_signed=False)
+             for text in use.values]
+    if any(size % 2 for size in sizes):
+        raise TranslationError(f"{use.label()}: padding lengths must be even (storescp would "
+                               "fail to write every object)")
+    return {"storage.file_padding": sizes[0], "storage.item_padding": sizes[1]}
+
+
+# storescp re-encodes every object unless +B; we store as received unless an option asks for
+# another encoding.  When one does, the options left out take storescp's defaults (+e, +g=),
+# so the files equal storescp's.
+_ENCODING_OPTIONS = ("--write-xfer-little", "--write-xfer-big", "--write-xfer-implicit",
+                     "--write-xfer-deflated", "--length-explicit", "--length-undefined",
+                     "--group-length-recalc", "--group-length-create", "--group-length-remove",
+                     "--padding-create", "--disable-new-vr", "--compression-level")
+_REENCODING_DEFAULTS = {"storage.sequence_lengths": "explicit",
+                       "storage.group_length": "recalc"}
+# The output options storescp refuses with +B (checkConflict), and the transfer syntax
+# preferences it refuses with +te/+tb/+ti/+td (no conversion of compressed data).
+_NOT_WITH_BIT_PRESERVING = ("--write-xfer-little", "--write-xfer-big", "--write-xfer-implicit",
+                            "--write-xfer-deflated", "--enable-new-vr", "--disable-new-vr",
+                            "--group-length-recalc", "--group-length-create",
+                            "--group-length-remove", "--length-explicit", "--length-undefined",
+                            "--padding-create")
+_CONVERTING = ("--write-xfer-little", "--write-xfer-big", "--write-xfer-implicit",
+               "--write-xfer-deflated")
+_CONVERTIBLE_PREFERENCES = ("--prefer-uncompr", "--prefer-little", "--prefer-big",
+                            "--implicit", "--prefer-deflated")
 
 
 def _command(key: str) -> Effect:
@@ -882,25 +912,39 @@ OPTIONS: tuple[Option, ...] = (
     Option("--normal", "-B", 0, sets(("storage.bit_preserving", False)), block="bitpreserving"),
     Option("--bit-preserving", "+B", 0, sets(("storage.bit_preserving", True)),
            block="bitpreserving"),
-    Option("--write-file", "+F", 0, sets(), block="fileformat"),  # what we do
-    Option("--write-dataset", "-F", 0, unsupported(_FILE_FORMAT), block="fileformat"),
-    Option("--write-xfer-same", "+t=", 0, sets(), block="writexfer"),  # what we do
-    Option("--write-xfer-little", "+te", 0, unsupported(_OUTPUT_TS), block="writexfer"),
-    Option("--write-xfer-big", "+tb", 0, unsupported(_OUTPUT_TS), block="writexfer"),
-    Option("--write-xfer-implicit", "+ti", 0, unsupported(_OUTPUT_TS), block="writexfer"),
-    Option("--write-xfer-deflated", "+td", 0, unsupported(_OUTPUT_TS), block="writexfer"),
-    Option("--enable-new-vr", "+u", 0, unsupported(_ENCODING), block="newvr"),
-    Option("--disable-new-vr", "-u", 0, unsupported(_ENCODING), block="newvr"),
-    Option("--group-length-recalc", "+g=", 0, unsupported(_ENCODING), block="grouplength"),
-    Option("--group-length-create", "+g", 0, unsupported(_ENCODING), block="grouplength"),
-    Option("--group-length-remove", "-g", 0, unsupported(_ENCODING), block="grouplength"),
-    Option("--length-explicit", "+e", 0, unsupported(_ENCODING), block="lengths"),
-    Option("--length-undefined", "-e", 0, unsupported(_ENCODING), block="lengths"),
-    Option("--padding-off", "-p", 0, sets(), block="padding"),  # what we do
-    Option("--padding-create", "+p", 2, unsupported(_ENCODING), block="padding"),
-    Option("--retain-un", "-uc", 0, unsupported(_ENCODING), block="un"),
-    Option("--convert-un", "+uc", 0, unsupported(_ENCODING), block="un"),
-    Option("--compression-level", "+cl", 1, unsupported(_ENCODING)),
+    Option("--write-file", "+F", 0, sets(("storage.file_format", "file")), block="fileformat"),
+    Option("--write-dataset", "-F", 0, sets(("storage.file_format", "dataset")),
+           block="fileformat"),
+    Option("--write-xfer-same", "+t=", 0, sets(("storage.transfer_syntax", "received")),
+           block="writexfer"),
+    Option("--write-xfer-little", "+te", 0,
+           sets(("storage.transfer_syntax", "little-explicit")), block="writexfer"),
+    Option("--write-xfer-big", "+tb", 0, sets(("storage.transfer_syntax", "big-explicit")),
+           block="writexfer"),
+    Option("--write-xfer-implicit", "+ti", 0, sets(("storage.transfer_syntax", "implicit")),
+           block="writexfer"),
+    Option("--write-xfer-deflated", "+td", 0, sets(("storage.transfer_syntax", "deflated")),
+           block="writexfer"),
+    Option("--enable-new-vr", "+u", 0, sets(("storage.new_vrs", True)), block="newvr"),
+    Option("--disable-new-vr", "-u", 0, sets(("storage.new_vrs", False)), block="newvr"),
+    Option("--group-length-recalc", "+g=", 0, sets(("storage.group_length", "recalc")),
+           block="grouplength"),
+    Option("--group-length-create", "+g", 0, sets(("storage.group_length", "create")),
+           block="grouplength"),
+    Option("--group-length-remove", "-g", 0, sets(("storage.group_length", "remove")),
+           block="grouplength"),
+    Option("--length-explicit", "+e", 0, sets(("storage.sequence_lengths", "explicit")),
+           block="lengths"),
+    Option("--length-undefined", "-e", 0, sets(("storage.sequence_lengths", "undefined")),
+           block="lengths"),
+    Option("--padding-off", "-p", 0,
+           sets(("storage.file_padding", 0), ("storage.item_padding", 0)), block="padding"),
+    Option("--padding-create", "+p", 2,
+           setter(("storage.file_padding", "storage.item_padding"), _padding), block="padding"),
+    Option("--retain-un", "-uc", 0, sets(), block="un"),  # what we do: UN stays UN
+    Option("--convert-un", "+uc", 0, unsupported(_CONVERT_UN), block="un"),
+    Option("--compression-level", "+cl", 1,
+           takes("storage.deflate_level", _integer(0, 9, c_signed=False))),
     Option("--sort-conc-studies", "-ss", 1, _sort("conc-studies"), block="sort"),
     Option("--sort-on-study-uid", "-su", 1, _sort("study-uid"), block="sort"),
     Option("--sort-on-patientname", "-sp", 0, sets(("storage.sort", "patientname")),
@@ -957,6 +1001,16 @@ _STORESCP_DEFAULTS: dict[str, Any] = {
     "testing.abort_during": False,
     "storage.output_directory": ".",
     "storage.bit_preserving": False,
+    # storescp (without +B) writes with +e and +g=; an omitted option means "as received" here
+    # (see _ENCODING_OPTIONS for when storescp's values are filled in).
+    "storage.file_format": "file",
+    "storage.transfer_syntax": "received",
+    "storage.sequence_lengths": "received",
+    "storage.group_length": "received",
+    "storage.file_padding": 0,
+    "storage.item_padding": 0,
+    "storage.deflate_level": 6,
+    "storage.new_vrs": True,
     "storage.sort": "none",
     "storage.sort_prefix": "",
     "storage.filenames": "default",
@@ -1153,6 +1207,22 @@ def _check_conflicts(effective: dict[str, Use], level: str) -> list[str]:
         for long in ("--sort-conc-studies", "--sort-on-study-uid", "--sort-on-patientname"):
             conflict(long, "--bit-preserving")
     conflict("--timenames", "--unique-filenames")
+    if "--bit-preserving" in effective:
+        for long in _NOT_WITH_BIT_PRESERVING:
+            conflict(long, "--bit-preserving")
+    pref = next((u for u in effective.values() if u.option.block == "xfer"), None)
+    if pref is not None and pref.option.long not in _CONVERTIBLE_PREFERENCES:
+        for long in _CONVERTING:
+            if long in effective:
+                problems.append(f"{effective[long].label()}: conflicts with {pref.label()} (as "
+                                "in storescp): compressed data sets cannot be converted")
+    conflict("--padding-create", "--write-dataset")
+    if "--compression-level" in effective:
+        xfer = next((u for u in effective.values() if u.option.block == "writexfer"), None)
+        if xfer is not None and xfer.option.long not in ("--write-xfer-deflated",
+                                                         "--write-xfer-same"):
+            problems.append(f"{effective['--compression-level'].label()}: requires "
+                            "--write-xfer-deflated or --write-xfer-same (as in storescp)")
     # +v needs verbose mode; with -lc the level comes from a file we cannot see, so let it pass.
     if ("--verbose-pc" in effective and "--log-config" not in effective
             and level not in ("info", "debug", "trace")):
@@ -1230,6 +1300,11 @@ def translate(argv: Sequence[str]) -> Translation:
         values.update(updates)
         explicit.update(dict.fromkeys(updates, use))
 
+    if any(long in effective for long in _ENCODING_OPTIONS):
+        for key, value in _REENCODING_DEFAULTS.items():
+            if key not in explicit:
+                values[key] = value
+                explicit[key] = effective[next(x for x in _ENCODING_OPTIONS if x in effective)]
     if not any(key.startswith("events.") for key in explicit):
         # Without event options these storescp defaults change nothing: keep the file short.
         for key in ("events.eostudy_timeout", "jobs.retries", "jobs.timeout"):

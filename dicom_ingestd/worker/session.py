@@ -18,7 +18,7 @@ from datetime import datetime
 from dicom_ingestd.codes import Status, status_name
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.errors import StorageError
-from dicom_ingestd.worker import acceptor, dimse, header
+from dicom_ingestd.worker import acceptor, dimse, encode, header
 from dicom_ingestd.worker.identify import Identity, UnreadableDataSet, identify, identify_prefix
 from dicom_ingestd.worker.layout import Layout
 from dicom_ingestd.worker.naming import MissingStudyUID
@@ -118,6 +118,7 @@ class Session:
         self.store = store
         self.on_stored = on_stored
         self.layout = Layout(config.storage, store.study_directory)
+        self._rewrite = encode.wanted(config.storage)  # storescp's output options (encode.py)
         net = config.network
         self.channel = Channel(sock, float(net.socket_timeout) or None, net.tcp_nodelay)
         self.calling_ae = "?"
@@ -445,7 +446,7 @@ class Session:
         command = current.command
         fix = self.config.association.uid_padding
         try:
-            temp.finish(self.config.storage.fsync)
+            temp.finish(self.config.storage.fsync and not self._rewrite)
             ident = identify_prefix(bytes(current.head), current.context.transfer_syntax,
                                     complete=current.bytes <= len(current.head),
                                     fix_uid_padding=fix) \
@@ -468,6 +469,12 @@ class Session:
                 f"data set ({ident.sop_class_uid}, {ident.sop_instance_uid}) does not match "
                 f"the request ({command.sop_class_uid}, {command.sop_instance_uid})",
                 Status.DATASET_DOES_NOT_MATCH)
+        if self._rewrite:
+            temp = current.temp = encode.rewrite(
+                self.config.storage, self.store, temp, current.context.transfer_syntax,
+                lambda ts: header.file_meta(command.sop_class_uid, command.sop_instance_uid, ts,
+                                            acceptor.IMPLEMENTATION_CLASS_UID,
+                                            acceptor.IMPLEMENTATION_VERSION, self.calling_ae))
         try:
             target = self.layout.target(command.sop_class_uid, command.sop_instance_uid,
                                         ident, datetime.now())
