@@ -299,7 +299,8 @@ def _compare_with_dcmconv(tmp_path: Path, name: str, option: str) -> None:
         return
     ref_ts, ref_data, prefix = _data_set(target.read_bytes())
     assert ref_ts == settings["transfer_syntax"]
-    ours = elements.write(elements.parse(data, ts), elements.Encoding(**settings), prefix)
+    ours = b"".join(elements.write(elements.parse(data, ts), elements.Encoding(**settings),
+                                   prefix))
     assert ours == ref_data, f"{name} {option}"
 
 
@@ -327,8 +328,8 @@ def test_implicit_vr_of_elements_newer_than_dcmtk(tmp_path: Path) -> None:
     run_tool(["dcmconv", "-p", "+te", str(source), str(target)], check=True)
     ts, data, _ = _data_set(source.read_bytes())
     ref = elements.parse(_data_set(target.read_bytes())[1], elements.EXPLICIT_LE)
-    ours = elements.parse(elements.write(elements.parse(data, ts),
-                                         elements.Encoding(elements.EXPLICIT_LE)),
+    ours = elements.parse(b"".join(elements.write(elements.parse(data, ts),
+                                                  elements.Encoding(elements.EXPLICIT_LE))),
                           elements.EXPLICIT_LE)
     vrs = {e.tag: e.vr for e in ours}
     assert {e.tag: e.vr for e in ref} == {**vrs, 0x0008040C: "UN"}

@@ -11,7 +11,8 @@ memory.
 import re
 import struct
 import zlib
-from dataclasses import dataclass, field
+from array import array
+from dataclasses import dataclass
 
 from pydicom.datadict import dictionary_VR, private_dictionary_VR
 
@@ -44,6 +45,9 @@ _STRING_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "
 _WHITE_SPACE = re.compile(rb"[ \t\n\v\f\r]")
 
 
+Value = bytes | memoryview
+
+
 class DataSetError(Exception):
     """The data set cannot be parsed (truncated, or a structure we cannot follow)."""
 
@@ -58,15 +62,15 @@ class Item:
 
 @dataclass(slots=True)
 class Element:
-    """One element.  `value` is bytes (little endian), items (SQ) or fragments (encapsulated
-    pixel data, the basic offset table first)."""
+    """One element.  `value` is the value's bytes (little endian; a view into the received
+    data where no byte swap was needed), items (SQ) or fragments (encapsulated pixel data,
+    the basic offset table first)."""
 
     tag: int
     vr: str
-    value: bytes | list[Item] | list[bytes]
+    value: "Value | list[Item] | list[Value]"
     undefined: bool = False  # sequences: the received length form
     fragments: bool = False
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 # -- VRs of implicit-VR elements ----------------------------------------------------------------
@@ -79,8 +83,8 @@ def _private_creator(elements: list[Element], tag: int) -> str | None:
         return None
     creator_tag = (group << 16) | block
     for element in elements:
-        if element.tag == creator_tag and isinstance(element.value, bytes):
-            return element.value.rstrip(b" \x00").decode("latin-1")
+        if element.tag == creator_tag and isinstance(element.value, (bytes, memoryview)):
+            return bytes(element.value).rstrip(b" \x00").decode("latin-1")
     return None
 
 
@@ -107,8 +111,9 @@ def _implicit_vr(tag: int, elements: list[Element]) -> str:
 
 def _find_us(elements: list[Element], tag: int) -> int | None:
     for element in elements:
-        if element.tag == tag and isinstance(element.value, bytes) and len(element.value) >= 2:
-            return int.from_bytes(element.value[:2], "little")
+        value = element.value
+        if element.tag == tag and isinstance(value, (bytes, memoryview)) and len(value) >= 2:
+            return int.from_bytes(value[:2], "little")
     return None
 
 
@@ -134,68 +139,70 @@ def _resolve(element: Element, scopes: list[list[Element]]) -> None:
 # -- parsing ------------------------------------------------------------------------------------
 
 
-def _swap(value: bytes, width: int) -> bytes:
+_ARRAY_CODES = {array(code).itemsize: code for code in ("H", "I", "L", "Q")}
+
+
+def swap(value: Value, width: int) -> Value:
+    """Reverse the byte order of each `width`-byte unit (a no-op for widths below 2)."""
     if width < 2 or len(value) % width:
         return value
-    code = {2: "H", 4: "L", 8: "Q"}[width]
-    count = len(value) // width
-    return struct.pack(f"<{count}{code}", *struct.unpack(f">{count}{code}", value))
+    units = array(_ARRAY_CODES[width])
+    units.frombytes(value)
+    units.byteswap()
+    return memoryview(units).cast("B")
 
 
 class _Parser:
-    def __init__(self, data: bytes, implicit: bool, little: bool) -> None:
+    """Walks a data set; values are views into `data`, swapped to little endian as read."""
+
+    def __init__(self, data: memoryview) -> None:
         self.data = data
-        self.implicit = implicit
-        self.little = little
-        e = "<" if little else ">"
-        self.tag_len = struct.Struct(e + "HHL")
-        self.explicit = struct.Struct(e + "HH2sH")
-        self.long = struct.Struct(e + "L")
+        self.structs = {little: (struct.Struct(e + "HHL"), struct.Struct(e + "HH2sH"),
+                                 struct.Struct(e + "L"))
+                        for little, e in ((True, "<"), (False, ">"))}
 
     def need(self, pos: int, size: int) -> None:
-        if pos + size > len(self.data):
+        if size < 0 or pos + size > len(self.data):
             raise DataSetError(f"data set ends inside an element at offset {pos}")
 
-    def elements(self, pos: int, end: int, scopes: list[list[Element]],
-                 implicit: bool, little: bool, stop_at_item_end: bool) -> tuple[list[Element], int]:
+    def elements(self, pos: int, end: int, scopes: list[list[Element]], implicit: bool,
+                 little: bool, in_undefined_item: bool) -> tuple[list[Element], int]:
         elements: list[Element] = []
         scopes = [*scopes, elements]
+        tag_len = self.structs[little][0]
         while pos < end:
-            if stop_at_item_end:
+            if in_undefined_item:
                 self.need(pos, 8)
-                group, elem, _length = self._tag_len(implicit, little).unpack_from(self.data, pos)
+                group, elem, _length = tag_len.unpack_from(self.data, pos)
                 if (group << 16) | elem == ITEM_END:
                     return elements, pos + 8
             element, pos = self.element(pos, scopes, implicit, little)
             elements.append(element)
-        if stop_at_item_end:
+        if in_undefined_item:
             raise DataSetError("item without an item delimiter")
+        if pos != end:
+            raise DataSetError(f"element overruns its item or sequence at offset {pos}")
         return elements, pos
-
-    def _tag_len(self, implicit: bool, little: bool) -> struct.Struct:
-        return struct.Struct(("<" if little else ">") + "HHL")
 
     def element(self, pos: int, scopes: list[list[Element]], implicit: bool,
                 little: bool) -> tuple[Element, int]:
-        e = "<" if little else ">"
+        tag_len, explicit, long = self.structs[little]
         self.need(pos, 8)
         if implicit:
-            group, elem, length = struct.unpack_from(e + "HHL", self.data, pos)
+            group, elem, length = tag_len.unpack_from(self.data, pos)
             tag = (group << 16) | elem
             vr = _implicit_vr(tag, scopes[-1])
             value_pos = pos + 8
         else:
-            group, elem, raw_vr, short = struct.unpack_from(e + "HH2sH", self.data, pos)
+            group, elem, raw_vr, length = explicit.unpack_from(self.data, pos)
             tag = (group << 16) | elem
             vr = raw_vr.decode("latin-1")
+            value_pos = pos + 8
             if vr in LONG_VRS:
                 self.need(pos, 12)
-                length = struct.unpack_from(e + "L", self.data, pos + 8)[0]
+                length = long.unpack_from(self.data, pos + 8)[0]
                 value_pos = pos + 12
-            else:
-                length = short
-                value_pos = pos + 8
-        if tag >> 16 == 0xFFFE:
+        if group == 0xFFFE:
             raise DataSetError(f"unexpected delimiter ({group:04X},{elem:04X}) at offset {pos}")
         if length == UNDEFINED:
             if tag == PIXEL_DATA and vr != "SQ":
@@ -204,26 +211,25 @@ class _Parser:
             if vr == "UN":  # an undefined-length UN holds a sequence in implicit VR LE
                 items, end = self.items(value_pos, None, scopes, True, True)
                 return Element(tag, "SQ", items, undefined=True), end
-            if vr not in ("SQ",) and not implicit and " or " not in vr and vr != "UN":
+            if vr != "SQ" and not implicit:
                 raise DataSetError(f"undefined length for VR {vr} at offset {pos}")
             items, end = self.items(value_pos, None, scopes, implicit, little)
             return Element(tag, "SQ", items, undefined=True), end
+        self.need(value_pos, length)
         if vr == "SQ":
-            self.need(value_pos, length)
             items, end = self.items(value_pos, value_pos + length, scopes, implicit, little)
             return Element(tag, "SQ", items), end
-        self.need(value_pos, length)
-        value = self.data[value_pos:value_pos + length]
-        element = Element(tag, vr, value)
+        element = Element(tag, vr, self.data[value_pos:value_pos + length])
         if implicit:
             _resolve(element, scopes)
         if not little:
-            element.value = _swap(value, SWAP_WIDTH.get(element.vr, 0))
+            element.value = swap(self.data[value_pos:value_pos + length],
+                                 SWAP_WIDTH.get(element.vr, 0))
         return element, value_pos + length
 
     def items(self, pos: int, end: int | None, scopes: list[list[Element]], implicit: bool,
               little: bool) -> tuple[list[Item], int]:
-        tag_len = self._tag_len(implicit, little)
+        tag_len = self.structs[little][0]
         items: list[Item] = []
         while end is None or pos < end:
             self.need(pos, 8)
@@ -233,25 +239,25 @@ class _Parser:
             if tag == SEQUENCE_END:
                 if end is None:
                     return items, pos
-                continue  # a stray delimiter in a defined-length sequence: DCMTK drops it
+                continue  # a stray delimiter in a defined-length sequence: skipped
             if tag != ITEM:
                 raise DataSetError(f"expected an item, found ({group:04X},{elem:04X})")
             if length == UNDEFINED:
                 elements, pos = self.elements(pos, len(self.data), scopes, implicit, little,
-                                              stop_at_item_end=True)
+                                              in_undefined_item=True)
                 items.append(Item(elements, undefined=True))
             else:
                 self.need(pos, length)
                 elements, pos = self.elements(pos, pos + length, scopes, implicit, little,
-                                              stop_at_item_end=False)
+                                              in_undefined_item=False)
                 items.append(Item(elements))
         if end is None:
             raise DataSetError("sequence without a sequence delimiter")
         return items, pos
 
-    def fragments(self, pos: int, little: bool) -> tuple[list[bytes], int]:
-        tag_len = self._tag_len(False, little)
-        fragments: list[bytes] = []
+    def fragments(self, pos: int, little: bool) -> tuple[list[Value], int]:
+        tag_len = self.structs[little][0]
+        fragments: list[Value] = []
         while True:
             self.need(pos, 8)
             group, elem, length = tag_len.unpack_from(self.data, pos)
@@ -266,20 +272,24 @@ class _Parser:
             pos += length
 
 
-def parse(data: bytes, transfer_syntax: str) -> list[Element]:
-    """The elements of a data set encoded in `transfer_syntax` (a deflated one is inflated)."""
-    implicit = transfer_syntax == IMPLICIT_LE
-    little = transfer_syntax != EXPLICIT_BE
+def parse(data: Value, transfer_syntax: str) -> list[Element]:
+    """The elements of a data set encoded in `transfer_syntax` (a deflated one is inflated).
+
+    Values are views into `data`, which must stay unchanged while the tree is used.
+    """
     if transfer_syntax == DEFLATED:
         try:
             data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data)
         except zlib.error as exc:
             raise DataSetError(f"cannot inflate the data set: {exc}") from None
+    view = memoryview(data)
     try:
-        elements, _ = _Parser(data, implicit, little).elements(0, len(data), [], implicit,
-                                                              little, False)
+        elements, _ = _Parser(view).elements(0, len(view), [], transfer_syntax == IMPLICIT_LE,
+                                             transfer_syntax != EXPLICIT_BE, False)
     except (struct.error, UnicodeDecodeError) as exc:
         raise DataSetError(str(exc)) from None
+    except RecursionError:
+        raise DataSetError("sequences nested too deeply") from None
     return elements
 
 
@@ -307,17 +317,27 @@ class Encoding:
         return self.transfer_syntax != EXPLICIT_BE
 
 
-def normalise(vr: str, value: bytes) -> bytes:
+def normalise(vr: str, value: Value) -> Value:
     """The value as DCMTK writes it: an even length; strings re-padded (see _STRING_VRS)."""
     if len(value) % 2:
-        value += b"\x00"  # DCMTK's read makes an odd length even with a zero byte
+        value = bytes(value) + b"\x00"  # DCMTK's read makes an odd length even with a zero
     if vr not in _STRING_VRS:
         return value
+    text = bytes(value)
     if vr == "UI":
-        value = _WHITE_SPACE.sub(b"", value).rstrip(b"\x00")
-        return value + b"\x00" if len(value) % 2 else value
-    value = value.rstrip(b" ")
-    return value + b" " if len(value) % 2 else value
+        text = _WHITE_SPACE.sub(b"", text).rstrip(b"\x00")
+        return text + b"\x00" if len(text) % 2 else text
+    text = text.rstrip(b" ")
+    return text + b" " if len(text) % 2 else text
+
+
+# Encoded output: a list of chunks (views of the received values where possible), so that
+# a large value is never copied just to be concatenated.
+Chunks = list[Value]
+
+
+def _size(chunks: Chunks) -> int:
+    return sum(len(chunk) for chunk in chunks)
 
 
 class _Writer:
@@ -327,121 +347,101 @@ class _Writer:
         self.tag_len = struct.Struct(e + "HHL")
         self.short = struct.Struct(e + "HH2sH")
         self.long = struct.Struct(e + "HH2sxxL")
-
-    def vr(self, vr: str) -> str:
-        if not self.enc.new_vrs and vr in NEW_VRS:
-            return "OB"
-        return vr
+        self.ul = struct.Struct(e + "L")
 
     def header(self, tag: int, vr: str, length: int) -> bytes:
         group, elem = tag >> 16, tag & 0xFFFF
         if self.enc.implicit:
             return self.tag_len.pack(group, elem, length)
-        vr = self.vr(vr)
+        if not self.enc.new_vrs and vr in NEW_VRS:
+            vr = "OB"
         if vr in LONG_VRS:
             return self.long.pack(group, elem, vr.encode(), length)
         if length > 0xFFFF:  # cannot be written with a 2-byte length: DCMTK writes UN
             return self.long.pack(group, elem, b"UN", length)
         return self.short.pack(group, elem, vr.encode(), length)
 
-    def undefined_sequence(self, element: Element) -> bool:
+    def undefined(self, received: bool) -> bool:
         mode = self.enc.sequence_lengths
-        return element.undefined if mode == "received" else mode == "undefined"
+        return received if mode == "received" else mode == "undefined"
 
-    def undefined_item(self, item: Item) -> bool:
-        mode = self.enc.sequence_lengths
-        return item.undefined if mode == "received" else mode == "undefined"
-
-    def element(self, element: Element) -> bytes:
-        tag = element.tag
-        value = element.value
+    def element(self, element: Element) -> Chunks:
+        tag, value = element.tag, element.value
         if element.fragments:
             assert isinstance(value, list)
-            parts = [self.header(tag, "OB", UNDEFINED)]
+            chunks: Chunks = [self.header(tag, "OB", UNDEFINED)]
             for fragment in value:
-                assert isinstance(fragment, bytes)
+                assert isinstance(fragment, (bytes, memoryview))
                 fragment = normalise("OB", fragment)
-                parts.append(self.tag_len.pack(0xFFFE, 0xE000, len(fragment)))
-                parts.append(fragment)
-            parts.append(self.tag_len.pack(0xFFFE, 0xE0DD, 0))
-            return b"".join(parts)
+                chunks += [self.tag_len.pack(0xFFFE, 0xE000, len(fragment)), fragment]
+            chunks.append(self.tag_len.pack(0xFFFE, 0xE0DD, 0))
+            return chunks
         if element.vr == "SQ":
             assert isinstance(value, list)
-            body = b"".join(self.item(item) for item in value)  # type: ignore[arg-type]
-            if self.undefined_sequence(element):
-                return (self.header(tag, "SQ", UNDEFINED) + body
-                        + self.tag_len.pack(0xFFFE, 0xE0DD, 0))
-            return self.header(tag, "SQ", len(body)) + body
-        assert isinstance(value, bytes)
+            body: Chunks = []
+            for item in value:
+                assert isinstance(item, Item)
+                body += self.item(item)
+            if self.undefined(element.undefined):
+                return [self.header(tag, "SQ", UNDEFINED), *body,
+                        self.tag_len.pack(0xFFFE, 0xE0DD, 0)]
+            return [self.header(tag, "SQ", _size(body)), *body]
+        assert isinstance(value, (bytes, memoryview))
         value = normalise(element.vr, value)
         if not self.enc.little:
-            value = _swap_out(value, SWAP_WIDTH.get(element.vr, 0))
-        return self.header(tag, element.vr, len(value)) + value
+            value = swap(value, SWAP_WIDTH.get(element.vr, 0))
+        return [self.header(tag, element.vr, len(value)), value]
 
-    def item(self, item: Item) -> bytes:
+    def item(self, item: Item) -> Chunks:
         body = self.elements(item.elements, self.enc.item_padding, None)
-        if self.undefined_item(item):
-            return (self.tag_len.pack(0xFFFE, 0xE000, UNDEFINED) + body
-                    + self.tag_len.pack(0xFFFE, 0xE00D, 0))
-        return self.tag_len.pack(0xFFFE, 0xE000, len(body)) + body
+        if self.undefined(item.undefined):
+            return [self.tag_len.pack(0xFFFE, 0xE000, UNDEFINED), *body,
+                    self.tag_len.pack(0xFFFE, 0xE00D, 0)]
+        return [self.tag_len.pack(0xFFFE, 0xE000, _size(body)), *body]
 
     def elements(self, elements: list[Element], padding: int,
-                 prefix_length: int | None) -> bytes:
+                 prefix_length: int | None) -> Chunks:
         """Encode one level (the data set when prefix_length is given, else an item's
-        content): group lengths as the mode says, old trailing padding dropped, new padding
-        added as DCMTK's computeGroupLengthAndPadding does."""
+        content) as DCMTK's computeGroupLengthAndPadding leaves it: group lengths as the mode
+        says, received trailing padding dropped, new padding added."""
         mode = self.enc.group_length
         present = {e.tag >> 16 for e in elements if e.tag & 0xFFFF == 0}
-        encoded: list[tuple[int, bytes]] = []
+        groups: list[tuple[int, Chunks]] = []
         for element in elements:
             if element.tag & 0xFFFF == 0 or element.tag == TRAILING_PADDING:
                 continue  # group lengths are recomputed below (or dropped)
-            if prefix_length is not None and element.tag >> 16 == 0x0002:
-                continue  # file meta elements in a data set: the meta header has its own
-            encoded.append((element.tag >> 16, self.element(element)))
-        out: list[bytes] = []
-        index = 0
-        while index < len(encoded):
-            group = encoded[index][0]
-            end = index
-            while end < len(encoded) and encoded[end][0] == group:
-                end += 1
-            chunk = [data for _g, data in encoded[index:end]]
+            group = element.tag >> 16
+            if not groups or groups[-1][0] != group:
+                groups.append((group, []))
+            groups[-1][1].extend(self.element(element))
+        out: Chunks = []
+        for group, chunks in groups:
             if mode == "create" or (mode == "recalc" and group in present):
-                length = sum(len(data) for data in chunk)
-                out.append(self.header(group << 16, "UL", 4)
-                           + struct.pack("<L" if self.enc.little else ">L", length))
-            out.extend(chunk)
-            index = end
-        body = b"".join(out)
+                out += [self.header(group << 16, "UL", 4), self.ul.pack(_size(chunks))]
+            out += chunks
         if padding:
-            total = len(body) + (prefix_length or 0)
+            total = _size(out) + (prefix_length or 0)
             wanted = padding - total % padding
             if wanted != padding:
                 header_size = 8 if self.enc.implicit else 12
                 while header_size > wanted:
                     wanted += padding
-                body += self.header(TRAILING_PADDING, "OB", wanted - header_size) \
-                    + bytes(wanted - header_size)
-        return body
+                out += [self.header(TRAILING_PADDING, "OB", wanted - header_size),
+                        bytes(wanted - header_size)]
+        return out
 
 
-def _swap_out(value: bytes, width: int) -> bytes:
-    if width < 2 or len(value) % width:
-        return value
-    code = {2: "H", 4: "L", 8: "Q"}[width]
-    count = len(value) // width
-    return struct.pack(f">{count}{code}", *struct.unpack(f"<{count}{code}", value))
-
-
-def write(elements: list[Element], encoding: Encoding, prefix_length: int = 0) -> bytes:
-    """The data set encoded as `encoding` says (deflated when its transfer syntax is).
+def write(elements: list[Element], encoding: Encoding, prefix_length: int = 0) -> Chunks:
+    """The data set encoded as `encoding` says, as chunks to write in order (deflated when
+    the transfer syntax is).
 
     `prefix_length` is the size of what precedes the data set in the file (preamble and
     meta header): file padding makes the whole file a multiple of encoding.file_padding.
     """
-    data = _Writer(encoding).elements(elements, encoding.file_padding, prefix_length)
-    if encoding.transfer_syntax == DEFLATED:
-        compressor = zlib.compressobj(encoding.deflate_level, zlib.DEFLATED, -zlib.MAX_WBITS)
-        data = compressor.compress(data) + compressor.flush()
-    return data
+    chunks = _Writer(encoding).elements(elements, encoding.file_padding, prefix_length)
+    if encoding.transfer_syntax != DEFLATED:
+        return chunks
+    compressor = zlib.compressobj(encoding.deflate_level, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflated: Chunks = [compressor.compress(chunk) for chunk in chunks]
+    deflated.append(compressor.flush())
+    return deflated

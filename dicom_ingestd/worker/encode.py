@@ -86,7 +86,6 @@ def _reencode(storage: StorageConfig, store: Store, temp: TempFile, received_ts:
               file_meta: Callable[[str], bytes]) -> TempFile:
     with open(temp.path, "rb") as source:
         data = source.read()
-    body = memoryview(data)[_meta_length(data):]
     target = TRANSFER_SYNTAXES.get(storage.transfer_syntax, received_ts)
     if target != received_ts and received_ts not in elements.UNCOMPRESSED:
         raise StorageError(f"cannot write a data set received in {received_ts} (compressed) "
@@ -94,11 +93,10 @@ def _reencode(storage: StorageConfig, store: Store, temp: TempFile, received_ts:
                            f"\"{storage.transfer_syntax}\"): no conversion of compressed "
                            "pixel data", Status.OUT_OF_RESOURCES)
     try:
-        tree = elements.parse(bytes(body), received_ts)
+        tree = elements.parse(memoryview(data)[_meta_length(data):], received_ts)
     except elements.DataSetError as exc:
         raise StorageError(f"cannot parse the data set to re-encode it ({exc})",
                            Status.CANNOT_UNDERSTAND) from None
-    del data, body
     meta = file_meta(target) if storage.file_format == "file" else b""
     encoding = elements.Encoding(
         target,
@@ -109,8 +107,8 @@ def _reencode(storage: StorageConfig, store: Store, temp: TempFile, received_ts:
         item_padding=storage.item_padding,
         deflate_level=storage.deflate_level,
     )
-    encoded = elements.write(tree, encoding, len(meta))
     new = store.temp_file()
     new.write(meta)
-    new.write(encoded)
+    for chunk in elements.write(tree, encoding, len(meta)):
+        new.write(chunk)
     return new
