@@ -27,6 +27,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from test_differential import Receiver, run_both, translate
+from test_faults import CT_IMAGE, assert_serving, associate, c_store, minimal_ct, release
 
 from dicom_ingestd.codes import Status
 from dicom_ingestd.config.schema import StorageConfig
@@ -184,11 +185,34 @@ def test_files_equal_storescp_byte_for_byte(tmp_path: Path, receivers: list[Rece
     assert_same_bytes(reference.receiver, ours.receiver, args, len(sent_files))
 
 
-def test_default_and_bit_preserving_store_the_bytes_received(
+def test_bit_preserving_data_set_only_stores_the_bytes_received(
         tmp_path: Path, receivers: list[Receiver], sent_files: list[Path]) -> None:
-    """Our default is storescp +B: the data set as received, not re-encoded."""
-    reference, ours = run_both(tmp_path, receivers, ["+B"], sent_files[:3], ["-R"])
-    assert_same_bytes(reference.receiver, ours.receiver, ["+B"], 3)
+    """+B -F: the data set as received, without meta header (our streaming copy path)."""
+    reference, ours = run_both(tmp_path, receivers, ["+B", "-F"], sent_files, ["-R"])
+    assert ours.returncodes == reference.returncodes == [0], ours.stderr
+    assert_same_bytes(reference.receiver, ours.receiver, ["+B", "-F"], len(sent_files))
+
+
+def test_unparseable_data_set_is_refused_and_the_daemon_keeps_serving(
+        daemon_factory: Any) -> None:
+    """The identifying attributes are readable, a later element overruns the data set: the
+    re-encoder refuses it with 0xC000, logs why, leaves nothing behind, and goes on."""
+    daemon = daemon_factory({"storage": {"transfer_syntax": "big-explicit"}})
+    good_uid, bad_uid = generate_uid().encode(), generate_uid().encode()
+    broken = minimal_ct(bad_uid, generate_uid().encode(), b"Doe^Jane") \
+        + struct.pack("<HH2sH", 0x0020, 0x0011, b"IS", 32) + b"12"
+    assoc = associate(daemon.port)
+    assert c_store(assoc, 1, CT_IMAGE.encode(), bad_uid, broken) == 0xC000
+    good = minimal_ct(good_uid, generate_uid().encode(), b"Doe^John")
+    assert c_store(assoc, 1, CT_IMAGE.encode(), good_uid, good, message_id=2) == 0
+    release(assoc)
+    log = daemon.wait_log("failed with 0xC000")
+    assert "cannot parse the data set to re-encode it" in log
+    stored = daemon.files()
+    assert len(stored) == 1 and good_uid.decode() in stored[0].name
+    assert dcmread(stored[0]).file_meta.TransferSyntaxUID == elements.EXPLICIT_BE
+    assert daemon.staging() == []
+    assert_serving(daemon)
 
 
 # --- configuration: storescp's incompatibilities -------------------------------------------

@@ -178,7 +178,12 @@ class TestingConfig:
 
 @dataclass(frozen=True, slots=True)
 class StorageConfig:
-    """[storage]: where received objects go and how they are named."""
+    """[storage]: where received objects go, how they are named and how they are encoded.
+    By default an object is stored exactly as received, streamed to disk in bounded memory
+    (as storescp +B). When transfer_syntax, sequence_lengths, group_length, file_padding,
+    item_padding or new_vrs ask for another encoding, each object is re-encoded the way
+    storescp writes it (byte for byte); that holds the whole object in memory, about twice
+    its size, in the association's worker while it is written."""
 
     output_directory: str = setting(
         ".", "Existing directory that receives the objects.",
