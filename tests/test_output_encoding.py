@@ -26,7 +26,7 @@ from conftest import testdata as bundled
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from test_differential import Receiver, run_both, translate
+from test_differential import Receiver, run_both, start_ingestd, start_storescp, translate
 from test_faults import CT_IMAGE, assert_serving, associate, c_store, minimal_ct, release
 
 from dicom_ingestd.codes import Status
@@ -85,6 +85,13 @@ def receivers() -> Iterator[list[Receiver]]:
     yield started
     for receiver in started:
         receiver.stop()
+
+
+def raw_element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element with its value exactly as given (even odd)."""
+    if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT"):
+        return struct.pack("<HH2sHL", group, elem, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
 
 
 def _data_set(raw: bytes) -> tuple[str, bytes, int]:
@@ -213,6 +220,41 @@ def test_unparseable_data_set_is_refused_and_the_daemon_keeps_serving(
     assert dcmread(stored[0]).file_meta.TransferSyntaxUID == elements.EXPLICIT_BE
     assert daemon.staging() == []
     assert_serving(daemon)
+
+
+def test_raw_values_are_re_padded_as_storescp_does(tmp_path: Path,
+                                                   receivers: list[Receiver]) -> None:
+    """Values storescu would have cleaned up, sent raw: odd lengths, extra trailing spaces,
+    white space inside a UID, an odd OB value.  DCMTK re-pads them when it writes; so do we."""
+    uid = generate_uid().encode()
+    data_set = b"".join([
+        raw_element(0x0008, 0x0005, b"CS", b"ISO_IR 100"),
+        raw_element(0x0008, 0x0016, b"UI", CT_IMAGE.encode() + b"\x00"),
+        raw_element(0x0008, 0x0018, b"UI", uid),  # odd length: zero-padded
+        raw_element(0x0008, 0x0060, b"CS", b"CT"),
+        raw_element(0x0008, 0x0070, b"LO", b"ACME"),
+        raw_element(0x0008, 0x1030, b"LO", b"odd"),
+        raw_element(0x0010, 0x0010, b"PN", b"Doe^John   "),  # extra trailing spaces
+        raw_element(0x0018, 0x0015, b"CS", b"HEAD    "),
+        raw_element(0x0020, 0x000D, b"UI", b"1.2.3.4 "),  # space-padded UID
+        raw_element(0x0020, 0x000E, b"UI", b"1.2.3.5\x00"),
+        raw_element(0x0020, 0x0052, b"UI", b"1.2 .3\x00"),  # white space inside a UID
+        raw_element(0x0029, 0x0010, b"LO", b"PRIVATE "),
+        raw_element(0x0029, 0x1001, b"OB", b"\x01\x02\x03"),  # odd binary value
+    ])
+    if len(data_set) % 2:  # DCMTK refuses odd PDV fragments; the values may be odd
+        data_set += raw_element(0x0029, 0x1002, b"OB", b"\x07")
+    args = ["+tb"]
+    reference = start_storescp(tmp_path, args)
+    receivers.append(reference)
+    ours = start_ingestd(tmp_path, args)
+    receivers.append(ours)
+    for receiver in (reference, ours):
+        assoc = associate(receiver.port)
+        assert c_store(assoc, 1, CT_IMAGE.encode(), uid, data_set) == 0
+        release(assoc)
+        receiver.stop()
+    assert_same_bytes(reference, ours, args, 1)
 
 
 # --- configuration: storescp's incompatibilities -------------------------------------------

@@ -357,8 +357,8 @@ class _Writer:
             vr = "OB"
         if vr in LONG_VRS:
             return self.long.pack(group, elem, vr.encode(), length)
-        if length > 0xFFFF:  # cannot be written with a 2-byte length: DCMTK writes UN
-            return self.long.pack(group, elem, b"UN", length)
+        if length > 0xFFFF:  # too long for a 2-byte length: DCMTK writes UN (OB with -u)
+            return self.long.pack(group, elem, b"UN" if self.enc.new_vrs else b"OB", length)
         return self.short.pack(group, elem, vr.encode(), length)
 
     def undefined(self, received: bool) -> bool:
