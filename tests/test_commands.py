@@ -34,8 +34,8 @@ def test_check_config_names_file_key_value_and_what_is_allowed(tmp_path: Path) -
 def test_from_storescp_names_an_unknown_or_unimplemented_option() -> None:
     unknown = cli("config", "from-storescp", "--", "--frobnicate", "104")
     assert unknown.returncode == 64 and "--frobnicate" in unknown.stderr
-    later = cli("config", "from-storescp", "--", "+te", "104")
-    assert later.returncode == 64 and "+te" in later.stderr and "not implemented" in later.stderr
+    later = cli("config", "from-storescp", "--", "+uc", "104")
+    assert later.returncode == 64 and "+uc" in later.stderr and "not implemented" in later.stderr
 
 
 def _run(config: Path) -> subprocess.CompletedProcess[str]:

@@ -388,9 +388,16 @@ class _Writer:
             return [self.header(tag, "SQ", _size(body)), *body]
         assert isinstance(value, (bytes, memoryview))
         value = normalise(element.vr, value)
-        if not self.enc.little:
+        if not self.enc.little and self.written_as_is(element.vr, len(value)):
             value = swap(value, SWAP_WIDTH.get(element.vr, 0))
         return [self.header(tag, element.vr, len(value)), value]
+
+    def written_as_is(self, vr: str, length: int) -> bool:
+        """False when DCMTK writes the value as OB or UN (explicit VR): the bytes then keep
+        their little-endian order, as DCMTK chooses the byte order by the VR it writes."""
+        if not self.enc.new_vrs and vr in NEW_VRS:
+            return False
+        return vr in LONG_VRS or length <= 0xFFFF
 
     def item(self, item: Item) -> Chunks:
         body = self.elements(item.elements, self.enc.item_padding, None)
