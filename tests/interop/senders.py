@@ -1,0 +1,227 @@
+"""The Storage SCUs of the matrix, the transfer syntaxes, and how each tool is invoked.
+
+Every sender is an independent implementation installed from Debian or PyPI and run as its own
+process, the way an operator would run it; its calling AE title is its own so the daemon's log
+can be checked for it.  Each one proposes what it proposes: we only pick the options that make
+it propose the file's own transfer syntax where it has such options (DCMTK storescu), and let
+it decide everything else (pynetdicom's app with -cx proposes exactly the file's syntax, dcmsend
+the file's syntax or the uncompressed ones, CTN, odil and PixelMed choose themselves).
+"""
+
+import importlib.metadata
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+
+TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+CALLED_AE = "STORESCP"
+PIXELMED_JAR = Path("/usr/share/java/pixelmed.jar")
+
+
+@dataclass(frozen=True)
+class Syntax:
+    """A transfer syntax and the bundled pydicom file that represents it."""
+
+    key: str
+    uid: str
+    label: str
+    file_name: str
+
+    @property
+    def path(self) -> Path:
+        return TEST_FILES / self.file_name
+
+
+# One representative per transfer syntax; MR_small variants where pydicom has one, so most
+# rows carry the same object in different encodings.
+SYNTAXES: tuple[Syntax, ...] = (
+    Syntax("implicit", "1.2.840.10008.1.2", "Implicit VR LE", "MR_small_implicit.dcm"),
+    Syntax("explicit-le", "1.2.840.10008.1.2.1", "Explicit VR LE", "CT_small.dcm"),
+    Syntax("explicit-be", "1.2.840.10008.1.2.2", "Explicit VR BE", "MR_small_bigendian.dcm"),
+    Syntax("deflated", "1.2.840.10008.1.2.1.99", "Deflated Explicit VR LE", "image_dfl.dcm"),
+    Syntax("rle", "1.2.840.10008.1.2.5", "RLE Lossless", "MR_small_RLE.dcm"),
+    Syntax("jpeg-baseline", "1.2.840.10008.1.2.4.50", "JPEG Baseline (1)",
+           "SC_rgb_jpeg_dcmtk.dcm"),
+    Syntax("jpeg-extended", "1.2.840.10008.1.2.4.51", "JPEG Extended (2, 4)", "JPEG-lossy.dcm"),
+    Syntax("jpeg-lossless", "1.2.840.10008.1.2.4.70", "JPEG Lossless SV1 (14)",
+           "SC_rgb_jpeg_gdcm.dcm"),
+    Syntax("jpeg-ls", "1.2.840.10008.1.2.4.80", "JPEG-LS Lossless",
+           "MR_small_jpeg_ls_lossless.dcm"),
+    Syntax("jpeg-ls-near", "1.2.840.10008.1.2.4.81", "JPEG-LS Near-Lossless",
+           "JPEGLSNearLossless_16.dcm"),
+    Syntax("j2k-lossless", "1.2.840.10008.1.2.4.90", "JPEG 2000 Lossless",
+           "MR_small_jp2klossless.dcm"),
+    Syntax("j2k", "1.2.840.10008.1.2.4.91", "JPEG 2000", "JPEG2000.dcm"),
+)
+SYNTAX_BY_UID = {syntax.uid: syntax for syntax in SYNTAXES}
+
+# DCMTK storescu proposes the uncompressed syntaxes unless told otherwise; these options make it
+# also propose the file's own syntax (storescu --help: "proposed transmission transfer syntaxes").
+STORESCU_PROPOSAL = {
+    "implicit": ["-xi"], "explicit-le": ["-xe"], "explicit-be": ["-xb"], "deflated": ["-xd"],
+    "rle": ["-xr"], "jpeg-baseline": ["-xy"], "jpeg-extended": ["-xx"],
+    "jpeg-lossless": ["-xs"], "jpeg-ls": ["-xt"], "jpeg-ls-near": ["-xu"],
+    "j2k-lossless": ["-xv"], "j2k": ["-xw"],
+}
+
+Command = Callable[[int, Path], list[str]]
+
+
+@dataclass(frozen=True)
+class Sender:
+    """One Storage SCU: how to find it, run it, echo with it, and name its version."""
+
+    key: str
+    label: str
+    ae_title: str
+    packages: tuple[str, ...]  # Debian packages (or "pypi:NAME"), for the install hint/version
+    executables: tuple[str, ...]  # what must be on PATH for store (first) and echo
+    store: Callable[["Sender", int, Syntax], list[str]]
+    echo: Callable[["Sender", int], list[str]] | None
+    echo_missing: str = ""  # why there is no C-ECHO, when echo is None
+    exit_code_reliable: bool = True
+    notes: tuple[str, ...] = field(default=())
+
+    def unavailable(self) -> str | None:
+        """None when the sender can run here, else why not (a skip reason)."""
+        missing = [name for name in self.executables if shutil.which(name) is None]
+        if self.key == "pixelmed" and not PIXELMED_JAR.exists():
+            missing.append(str(PIXELMED_JAR))
+        if not missing:
+            return None
+        debs = " ".join(p for p in self.packages if not p.startswith("pypi:"))
+        return (f"{', '.join(missing)} not installed (Debian: {debs}); scripts/test installs "
+                "it, and says so when apt-get could not")
+
+    def version(self) -> str:
+        parts = []
+        for package in self.packages:
+            if package.startswith("pypi:"):
+                name = package[5:]
+                try:
+                    parts.append(f"{name} {importlib.metadata.version(name)} (PyPI)")
+                except importlib.metadata.PackageNotFoundError:
+                    parts.append(f"{name} (not installed)")
+                continue
+            result = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", package],
+                                    capture_output=True, text=True, check=False)
+            parts.append(f"{package} {result.stdout.strip() or '(not installed)'}")
+        return ", ".join(parts)
+
+
+def _storescu(s: Sender, port: int, syntax: Syntax) -> list[str]:
+    return ["storescu", *STORESCU_PROPOSAL[syntax.key], "-aet", s.ae_title, "-aec", CALLED_AE,
+            "127.0.0.1", str(port), str(syntax.path)]
+
+
+def _echoscu(s: Sender, port: int) -> list[str]:
+    return ["echoscu", "-aet", s.ae_title, "-aec", CALLED_AE, "127.0.0.1", str(port)]
+
+
+def _dcmsend(s: Sender, port: int, syntax: Syntax) -> list[str]:
+    return ["dcmsend", "-aet", s.ae_title, "-aec", CALLED_AE, "127.0.0.1", str(port),
+            str(syntax.path)]
+
+
+def _pynetdicom(app: str) -> list[str]:
+    return [sys.executable, "-m", "pynetdicom", app]
+
+
+def _pynetdicom_store(s: Sender, port: int, syntax: Syntax) -> list[str]:
+    return [*_pynetdicom("storescu"), "-aet", s.ae_title, "-aec", CALLED_AE, "-cx",
+            "127.0.0.1", str(port), str(syntax.path)]
+
+
+def _pynetdicom_echo(s: Sender, port: int) -> list[str]:
+    return [*_pynetdicom("echoscu"), "-aet", s.ae_title, "-aec", CALLED_AE, "127.0.0.1",
+            str(port)]
+
+
+def _gdcm_store(s: Sender, port: int, syntax: Syntax) -> list[str]:
+    return ["gdcmscu", "--store", "--aetitle", s.ae_title, "--call", CALLED_AE, "127.0.0.1",
+            str(port), "-i", str(syntax.path)]
+
+
+def _gdcm_echo(s: Sender, port: int) -> list[str]:
+    return ["gdcmscu", "--echo", "--aetitle", s.ae_title, "--call", CALLED_AE, "127.0.0.1",
+            str(port)]
+
+
+def _ctn_store(s: Sender, port: int, syntax: Syntax) -> list[str]:
+    return ["send_image", "-q", "-a", s.ae_title, "-c", CALLED_AE, "127.0.0.1", str(port),
+            str(syntax.path)]
+
+
+def _ctn_echo(s: Sender, port: int) -> list[str]:
+    return ["dicom_echo", "-a", s.ae_title, "-c", CALLED_AE, "127.0.0.1", str(port)]
+
+
+def _odil_store(s: Sender, port: int, syntax: Syntax) -> list[str]:
+    return ["odil", "store", "127.0.0.1", str(port), s.ae_title, CALLED_AE, str(syntax.path)]
+
+
+def _odil_echo(s: Sender, port: int) -> list[str]:
+    return ["odil", "echo", "127.0.0.1", str(port), s.ae_title, CALLED_AE]
+
+
+def _java(main_class: str) -> list[str]:
+    # C1 only: these runs are far too short for C2 to pay off, and start-up dominates.
+    return ["java", "-XX:TieredStopAtLevel=1", "-Xshare:auto", "-cp", str(PIXELMED_JAR),
+            main_class]
+
+
+def _pixelmed_store(s: Sender, port: int, syntax: Syntax) -> list[str]:
+    # host port their-AE our-AE file (StorageSOPClassSCU.main)
+    return [*_java("com.pixelmed.network.StorageSOPClassSCU"), "127.0.0.1", str(port),
+            CALLED_AE, s.ae_title, str(syntax.path)]
+
+
+def _pixelmed_echo(s: Sender, port: int) -> list[str]:
+    # host port their-AE our-AE security: its usage line says "ae_title called_ae_title", but
+    # the wire shows the third argument is the called AE title (as for StorageSOPClassSCU).
+    return [*_java("com.pixelmed.network.VerificationSOPClassSCU"), "127.0.0.1", str(port),
+            CALLED_AE, s.ae_title, "NONSECURE"]
+
+
+SENDERS: tuple[Sender, ...] = (
+    Sender("storescu", "DCMTK storescu", "IT-STORESCU", ("dcmtk",), ("storescu", "echoscu"),
+           _storescu, _echoscu,
+           notes=("storescu is given the -x option that proposes the file's syntax (-xi, -xe, "
+                  "-xb, -xd, -xr, -xy, -xx, -xs, -xt, -xu, -xv, -xw); C-ECHO with echoscu.",)),
+    Sender("dcmsend", "DCMTK dcmsend", "IT-DCMSEND", ("dcmtk",), ("dcmsend",),
+           _dcmsend, None,
+           echo_missing="dcmsend has no C-ECHO; DCMTK's echoscu is in the storescu row"),
+    Sender("pynetdicom", "pynetdicom storescu app", "IT-PYNETDICOM", ("pypi:pynetdicom",),
+           (), _pynetdicom_store, _pynetdicom_echo, exit_code_reliable=False,
+           notes=("`python -m pynetdicom storescu -cx` (proposes exactly the file's syntax) "
+                  "and `echoscu`; the app exits 0 even when a store fails, so only the wire "
+                  "counts.",)),
+    Sender("gdcm", "GDCM gdcmscu", "IT-GDCMSCU", ("libgdcm-tools",), ("gdcmscu",),
+           _gdcm_store, _gdcm_echo, exit_code_reliable=False,
+           notes=("gdcmscu 3.0.21 aborts (SIGABRT, \"ProtocolStream as nullptr is invalid\") "
+                  "after every completed association, against DCMTK storescp too; its exit "
+                  "status is ignored and only the wire counts.",)),
+    Sender("ctn", "CTN send_image", "IT-CTN", ("ctn",), ("send_image", "dicom_echo"),
+           _ctn_store, _ctn_echo, notes=("C-ECHO with CTN's dicom_echo.",)),
+    Sender("odil", "odil", "IT-ODIL", ("odil",), ("odil",), _odil_store, _odil_echo,
+           notes=("`odil store` / `odil echo` (Debian's CLI on /usr/bin/python3).",)),
+    Sender("pixelmed", "PixelMed", "IT-PIXELMED", ("pixelmed-apps", "libpixelmed-java"),
+           ("java",), _pixelmed_store, _pixelmed_echo, exit_code_reliable=False,
+           notes=("com.pixelmed.network.StorageSOPClassSCU and VerificationSOPClassSCU, one JVM "
+                  "per file (several files in one association make it send a file on another "
+                  "file's context); StorageSOPClassSCU exits 0 whatever happened.",)),
+)
+SENDER_BY_KEY = {sender.key: sender for sender in SENDERS}
+
+
+def java_version() -> str:
+    if shutil.which("java") is None:
+        return "java (not installed)"
+    result = subprocess.run(["java", "-version"], capture_output=True, text=True, check=False)
+    lines = [line for line in (result.stderr + result.stdout).splitlines() if " version " in line]
+    return lines[0].strip() if lines else "java (unknown version)"
