@@ -16,6 +16,9 @@ problem, i.e. a failed test):
   wire; nothing is left in the staging area;
 * the log names the sender's AE title for the association and the stored object (or C-ECHO).
 
+A last cell per sender gives it every file at once (`batch`): several objects, contexts and
+syntaxes in one invocation, each object it sent checked as above.
+
 What the *sender* did is recorded, not judged: whether it sent the file at all (if not, the
 cell is "not sent" with the tool's own message: a visible skip), and whether the data set on the
 wire is the file's (`as in file`), the same elements re-encoded, or converted to another syntax.
@@ -43,7 +46,7 @@ from dicom_ingestd.worker.negotiation import (
     choose_transfer_syntax,
 )
 
-from .senders import CALLED_AE, SYNTAX_BY_UID, TEST_FILES, Sender, Syntax
+from .senders import CALLED_AE, SYNTAX_BY_UID, SYNTAXES, TEST_FILES, Sender, Syntax
 from .wire import C_ECHO_RQ, C_STORE_RQ, Association, WireTap
 
 PREFERENCE = "all"
@@ -56,6 +59,7 @@ ACCEPTED_ABSTRACT_SYNTAXES = frozenset((VERIFICATION_SOP_CLASS, *STORAGE_SOP_CLA
 TOOL_TIMEOUT = 120.0
 
 PASS, FAIL, NOT_SENT, SKIP = "pass", "fail", "not sent", "skip"
+BATCH = "batch"  # the cell key of "every file in one invocation"
 
 
 class DaemonLike(Protocol):
@@ -243,14 +247,14 @@ class Harness:
         self.cells: dict[tuple[str, str | None], Cell] = {}
         self.implementations: dict[str, str] = {}  # sender key -> implementation UID/version
 
-    def _run(self, command: list[str], ae_title: str, expect: str) -> Run:
+    def _run(self, command: list[str], ae_title: str, expect: str, stdin: str = "") -> Run:
         before_files = set(self.daemon.files())
         before_log = len(self.daemon.log())
         env = {**os.environ, "TCP_NODELAY": "1"}
         start = time.monotonic()
         try:
             result = subprocess.run(command, capture_output=True, text=True, errors="replace",
-                                    timeout=TOOL_TIMEOUT, env=env, stdin=subprocess.DEVNULL)
+                                    timeout=TOOL_TIMEOUT, env=env, input=stdin)
             returncode, output = result.returncode, result.stdout + result.stderr
         except subprocess.TimeoutExpired as exc:
             returncode, output = -1, f"timed out after {TOOL_TIMEOUT} s: {exc}"
@@ -346,8 +350,7 @@ class Harness:
         assoc, message = sent[0]
         negotiated = assoc.transfer_syntax(message.context_id) or ""
         cell.negotiated = negotiated
-        stored = [p for p in run.new_files  # not the job queue's state, if any
-                  if not p.relative_to(self.daemon.out).parts[0].startswith(".ingestd")]
+        stored = self._stored_files(run)
         if len(stored) != 1:
             cell.fail(f"{len(stored)} files stored, expected 1: {[p.name for p in stored]}")
             return cell
@@ -370,6 +373,73 @@ class Harness:
                       f"{_last_line(run.output)}")
         if cell.outcome == PASS:
             cell.sent_as = describe_sending(path, syntax.path, negotiated)
+        return cell
+
+    def _stored_files(self, run: Run) -> list[Path]:
+        return [p for p in run.new_files  # not the job queue's state, if any
+                if not p.relative_to(self.daemon.out).parts[0].startswith(".ingestd")]
+
+    def batch(self, sender: Sender) -> Cell:
+        key = (sender.key, BATCH)
+        if key not in self.cells:
+            self.cells[key] = self._batch(sender)
+        return self.cells[key]
+
+    def _batch(self, sender: Sender) -> Cell:
+        """Every file (but those the tool cannot read) in one invocation of the sender."""
+        cell = Cell(sender.key, BATCH)
+        why_not = sender.unavailable()
+        if why_not or sender.store_many is None:
+            cell.outcome = SKIP
+            cell.reason = why_not or f"{sender.label} takes one file per invocation"
+            return cell
+        directory = self.daemon.out.parent / f"batch-{sender.key}"
+        directory.mkdir(exist_ok=True)
+        given = [s for s in SYNTAXES if s.key not in sender.unreadable]
+        for number, syntax in enumerate(given, 1):
+            link = directory / f"{number:02d}-{syntax.file_name}"
+            if not link.exists():
+                link.symlink_to(syntax.path)
+        command, stdin = sender.store_many(sender, self.tap.port, directory)
+        who = rf"{re.escape(sender.ae_title)}->{re.escape(CALLED_AE)}"
+        run = self._run(command, sender.ae_title, expect="", stdin=stdin)
+        cell.seconds = run.seconds
+        self._check_associations(cell, run, sender)
+        requests = [(assoc, m) for assoc in run.associations for m in assoc.sent
+                    if m.command_field == C_STORE_RQ]
+        succeeded = [(assoc, m) for assoc, m in requests
+                     if (r := assoc.response_to(m)) is not None and r.status == 0]
+        deadline = time.monotonic() + 5.0
+        stored_lines = re.findall(rf"{who}: stored ", run.log)
+        while len(stored_lines) < len(succeeded) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            stored_lines = re.findall(rf"{who}: stored ", self.daemon.log())
+        stored = self._stored_files(run)
+        if len(stored) != len(succeeded):
+            cell.fail(f"{len(stored)} files stored for {len(succeeded)} successful C-STOREs")
+        by_bytes = {data_set_bytes(p): p for p in stored}
+        for assoc, message in succeeded:
+            path = by_bytes.get(message.data_set or b"")
+            negotiated = assoc.transfer_syntax(message.context_id) or ""
+            if path is None:
+                cell.fail(f"no stored file has the data set sent for {message.sop_instance} "
+                          f"(message {message.message_id}, {syntax_label(negotiated)})")
+                continue
+            meta = read(path).file_meta
+            if (str(meta.MediaStorageSOPInstanceUID), str(meta.TransferSyntaxUID)) != \
+                    (message.sop_instance, negotiated):
+                cell.fail(f"{path.name}: file meta names {meta.MediaStorageSOPInstanceUID} "
+                          f"{meta.TransferSyntaxUID}, expected {message.sop_instance} "
+                          f"{negotiated}")
+        if len(stored_lines) < len(succeeded):
+            cell.fail(f"log: {len(stored_lines)} '{sender.ae_title}->{CALLED_AE}: stored' "
+                      f"lines for {len(succeeded)} objects")
+        if not requests and cell.outcome == PASS:
+            cell.outcome = NOT_SENT
+        cell.sent_as = (f"{len(requests)} of {len(given)} files sent in "
+                        f"{len(run.associations)} association(s)")
+        if len(requests) < len(given):
+            cell.reason = f"{sender.label} (exit {run.returncode}): {_last_line(run.output)}"
         return cell
 
     def echo(self, sender: Sender) -> Cell:

@@ -86,6 +86,10 @@ class Sender:
     echo_missing: str = ""  # why there is no C-ECHO, when echo is None
     exit_code_reliable: bool = True
     notes: tuple[str, ...] = field(default=())
+    # Several files in one invocation: the command for a directory of them, and what to write
+    # to the tool's stdin (PixelMed reads the file names there).  None: the tool takes one file.
+    store_many: Callable[["Sender", int, Path], tuple[list[str], str]] | None = None
+    unreadable: frozenset[str] = frozenset()  # syntax keys of files it cannot even read
 
     def unavailable(self) -> str | None:
         """None when the sender can run here, else why not (a skip reason)."""
@@ -119,6 +123,17 @@ def _storescu(s: Sender, port: int, syntax: Syntax) -> list[str]:
             "127.0.0.1", str(port), str(syntax.path)]
 
 
+def files_in(directory: Path) -> list[str]:
+    return [str(p) for p in sorted(directory.iterdir())]
+
+
+def _storescu_many(s: Sender, port: int, directory: Path) -> tuple[list[str], str]:
+    # storescu's default proposal (the uncompressed syntaxes); it converts what it can decode
+    # and stops at the first file it cannot send.
+    return ["storescu", "-aet", s.ae_title, "-aec", CALLED_AE, "127.0.0.1", str(port),
+            *files_in(directory)], ""
+
+
 def _echoscu(s: Sender, port: int) -> list[str]:
     return ["echoscu", "-aet", s.ae_title, "-aec", CALLED_AE, "127.0.0.1", str(port)]
 
@@ -128,6 +143,11 @@ def _dcmsend(s: Sender, port: int, syntax: Syntax) -> list[str]:
             str(syntax.path)]
 
 
+def _dcmsend_many(s: Sender, port: int, directory: Path) -> tuple[list[str], str]:
+    return ["dcmsend", "-nh", "-aet", s.ae_title, "-aec", CALLED_AE, "127.0.0.1", str(port),
+            *files_in(directory)], ""
+
+
 def _pynetdicom(app: str) -> list[str]:
     return [sys.executable, "-m", "pynetdicom", app]
 
@@ -135,6 +155,11 @@ def _pynetdicom(app: str) -> list[str]:
 def _pynetdicom_store(s: Sender, port: int, syntax: Syntax) -> list[str]:
     return [*_pynetdicom("storescu"), "-aet", s.ae_title, "-aec", CALLED_AE, "-cx",
             "127.0.0.1", str(port), str(syntax.path)]
+
+
+def _pynetdicom_store_many(s: Sender, port: int, directory: Path) -> tuple[list[str], str]:
+    return [*_pynetdicom("storescu"), "-aet", s.ae_title, "-aec", CALLED_AE, "-cx",
+            "127.0.0.1", str(port), str(directory)], ""
 
 
 def _pynetdicom_echo(s: Sender, port: int) -> list[str]:
@@ -147,6 +172,12 @@ def _gdcm_store(s: Sender, port: int, syntax: Syntax) -> list[str]:
             str(port), "-i", str(syntax.path)]
 
 
+def _gdcm_store_many(s: Sender, port: int, directory: Path) -> tuple[list[str], str]:
+    inputs = [arg for path in files_in(directory) for arg in ("-i", path)]
+    return ["gdcmscu", "--store", "--aetitle", s.ae_title, "--call", CALLED_AE, "127.0.0.1",
+            str(port), *inputs], ""
+
+
 def _gdcm_echo(s: Sender, port: int) -> list[str]:
     return ["gdcmscu", "--echo", "--aetitle", s.ae_title, "--call", CALLED_AE, "127.0.0.1",
             str(port)]
@@ -157,12 +188,22 @@ def _ctn_store(s: Sender, port: int, syntax: Syntax) -> list[str]:
             str(syntax.path)]
 
 
+def _ctn_store_many(s: Sender, port: int, directory: Path) -> tuple[list[str], str]:
+    return ["send_image", "-q", "-a", s.ae_title, "-c", CALLED_AE, "127.0.0.1", str(port),
+            *files_in(directory)], ""
+
+
 def _ctn_echo(s: Sender, port: int) -> list[str]:
     return ["dicom_echo", "-a", s.ae_title, "-c", CALLED_AE, "127.0.0.1", str(port)]
 
 
 def _odil_store(s: Sender, port: int, syntax: Syntax) -> list[str]:
     return ["odil", "store", "127.0.0.1", str(port), s.ae_title, CALLED_AE, str(syntax.path)]
+
+
+def _odil_store_many(s: Sender, port: int, directory: Path) -> tuple[list[str], str]:
+    return ["odil", "store", "127.0.0.1", str(port), s.ae_title, CALLED_AE,
+            *files_in(directory)], ""
 
 
 def _odil_echo(s: Sender, port: int) -> list[str]:
@@ -181,6 +222,12 @@ def _pixelmed_store(s: Sender, port: int, syntax: Syntax) -> list[str]:
             CALLED_AE, s.ae_title, str(syntax.path)]
 
 
+def _pixelmed_store_many(s: Sender, port: int, directory: Path) -> tuple[list[str], str]:
+    # "-" instead of a file: StorageSOPClassSCU reads file names from stdin, one association
+    return [*_java("com.pixelmed.network.StorageSOPClassSCU"), "127.0.0.1", str(port),
+            CALLED_AE, s.ae_title, "-"], "".join(f"{path}\n" for path in files_in(directory))
+
+
 def _pixelmed_echo(s: Sender, port: int) -> list[str]:
     # host port their-AE our-AE security: its usage line says "ae_title called_ae_title", but
     # the wire shows the third argument is the called AE title (as for StorageSOPClassSCU).
@@ -190,31 +237,45 @@ def _pixelmed_echo(s: Sender, port: int) -> list[str]:
 
 SENDERS: tuple[Sender, ...] = (
     Sender("storescu", "DCMTK storescu", "IT-STORESCU", ("dcmtk",), ("storescu", "echoscu"),
-           _storescu, _echoscu,
+           _storescu, _echoscu, store_many=_storescu_many,
            notes=("storescu is given the -x option that proposes the file's syntax (-xi, -xe, "
-                  "-xb, -xd, -xr, -xy, -xx, -xs, -xt, -xu, -xv, -xw); C-ECHO with echoscu.",)),
+                  "-xb, -xd, -xr, -xy, -xx, -xs, -xt, -xu, -xv, -xw); with all files at once, "
+                  "its default proposal (uncompressed syntaxes), and it stops at the first file "
+                  "it cannot convert. C-ECHO with echoscu.",)),
     Sender("dcmsend", "DCMTK dcmsend", "IT-DCMSEND", ("dcmtk",), ("dcmsend",),
-           _dcmsend, None,
-           echo_missing="dcmsend has no C-ECHO; DCMTK's echoscu is in the storescu row"),
+           _dcmsend, None, store_many=_dcmsend_many,
+           echo_missing="dcmsend has no C-ECHO; DCMTK's echoscu is in the storescu row",
+           notes=("dcmsend proposes each file's own syntax (or the uncompressed ones); "
+                  "-nh for several files.",)),
     Sender("pynetdicom", "pynetdicom storescu app", "IT-PYNETDICOM", ("pypi:pynetdicom",),
            (), _pynetdicom_store, _pynetdicom_echo, exit_code_reliable=False,
+           store_many=_pynetdicom_store_many,
            notes=("`python -m pynetdicom storescu -cx` (proposes exactly the file's syntax) "
                   "and `echoscu`; the app exits 0 even when a store fails, so only the wire "
                   "counts.",)),
     Sender("gdcm", "GDCM gdcmscu", "IT-GDCMSCU", ("libgdcm-tools",), ("gdcmscu",),
-           _gdcm_store, _gdcm_echo, exit_code_reliable=False,
+           _gdcm_store, _gdcm_echo, exit_code_reliable=False, store_many=_gdcm_store_many,
            notes=("gdcmscu 3.0.21 aborts (SIGABRT, \"ProtocolStream as nullptr is invalid\") "
                   "after every completed association, against DCMTK storescp too; its exit "
                   "status is ignored and only the wire counts.",)),
     Sender("ctn", "CTN send_image", "IT-CTN", ("ctn",), ("send_image", "dicom_echo"),
-           _ctn_store, _ctn_echo, notes=("C-ECHO with CTN's dicom_echo.",)),
+           _ctn_store, _ctn_echo, store_many=_ctn_store_many, unreadable=frozenset({"deflated"}),
+           notes=("C-ECHO with CTN's dicom_echo. Given several files, send_image fails "
+                  "reading its own copy of MR_small_RLE.dcm (\"exportData ... errno: 9\") and "
+                  "stops, against DCMTK storescp too; alone, the file goes through. It cannot "
+                  "read deflated files at all.",)),
     Sender("odil", "odil", "IT-ODIL", ("odil",), ("odil",), _odil_store, _odil_echo,
-           notes=("`odil store` / `odil echo` (Debian's CLI on /usr/bin/python3).",)),
+           store_many=_odil_store_many, unreadable=frozenset({"deflated"}),
+           notes=("`odil store` / `odil echo` (Debian's CLI on /usr/bin/python3). odil "
+                  "proposes only Explicit and Implicit VR Little Endian and sends compressed "
+                  "data sets unchanged on such a context (⚠ cells): the stored file then says "
+                  "Explicit VR LE over encapsulated pixel data, exactly as received. It cannot "
+                  "read deflated files.",)),
     Sender("pixelmed", "PixelMed", "IT-PIXELMED", ("pixelmed-apps", "libpixelmed-java"),
            ("java",), _pixelmed_store, _pixelmed_echo, exit_code_reliable=False,
+           store_many=_pixelmed_store_many,
            notes=("com.pixelmed.network.StorageSOPClassSCU and VerificationSOPClassSCU, one JVM "
-                  "per file (several files in one association make it send a file on another "
-                  "file's context); StorageSOPClassSCU exits 0 whatever happened.",)),
+                  "per file; StorageSOPClassSCU exits 0 whatever happened.",)),
 )
 SENDER_BY_KEY = {sender.key: sender for sender in SENDERS}
 

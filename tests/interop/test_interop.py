@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from conftest import start_daemon
 
-from .harness import DAEMON_SETTINGS, FAIL, NOT_SENT, SKIP, Cell, Harness
-from .matrix import DOC, detail_line, table_of
+from .harness import BATCH, DAEMON_SETTINGS, FAIL, NOT_SENT, SKIP, Cell, Harness
+from .matrix import BATCH_LABEL, DOC, detail_line, table_of
 from .senders import SENDER_BY_KEY, SENDERS, SYNTAXES, Sender, Syntax
 from .wire import WireTap
 
@@ -64,6 +64,11 @@ def test_store(harness: Harness, sender: Sender, syntax: Syntax) -> None:
 
 
 @pytest.mark.parametrize("sender", SENDERS, ids=lambda s: s.key)
+def test_every_file_in_one_invocation(harness: Harness, sender: Sender) -> None:
+    _outcome(harness.batch(sender), f"{sender.label}, all files at once")
+
+
+@pytest.mark.parametrize("sender", SENDERS, ids=lambda s: s.key)
 def test_echo(harness: Harness, sender: Sender) -> None:
     _outcome(harness.echo(sender), f"{sender.label} C-ECHO")
 
@@ -82,7 +87,8 @@ def test_docs_matrix_says_what_these_runs_found(harness: Harness) -> None:
         sender = SENDER_BY_KEY[sender_key]
         if cell.outcome == SKIP and sender.unavailable():
             continue
-        label = next((s.label for s in SYNTAXES if s.key == syntax_key), "C-ECHO")
+        label = BATCH_LABEL if syntax_key == BATCH else \
+            next((s.label for s in SYNTAXES if s.key == syntax_key), "C-ECHO")
         line = detail_line(sender, label, cell)
         if line not in table:
             stale.append(line)

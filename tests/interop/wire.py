@@ -126,8 +126,8 @@ class _Stream:
             del self.buffer[:6 + length]
             try:
                 self._pdu(pdu_type, body)
-            except (struct.error, IndexError, ValueError) as exc:
-                self.association.errors.append(f"PDU type {pdu_type:#04x}: {exc}")
+            except Exception as exc:  # recording must never stop the relaying
+                self.association.errors.append(f"PDU type {pdu_type:#04x}: {exc!r}")
 
     def _pdu(self, pdu_type: int, body: bytes) -> None:
         a = self.association
