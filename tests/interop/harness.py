@@ -177,6 +177,12 @@ def _inflated(data: bytes) -> bytes:
     return zlib.decompress(data, -zlib.MAX_WBITS)
 
 
+def _encapsulated_under_native(ds: Dataset, syntax: str) -> bool:
+    """Pixel data in fragments (undefined length) under a native (uncompressed) syntax."""
+    return "PixelData" in ds and not UID(syntax).is_compressed and \
+        bool(ds["PixelData"].is_undefined_length)
+
+
 def describe_sending(stored: Path, original: Path, negotiated: str) -> str:
     """What the sender put on the wire (the stored file, once it matched the wire) vs the file."""
     file_syntax = str(read(original).file_meta.TransferSyntaxUID)
@@ -192,8 +198,7 @@ def describe_sending(stored: Path, original: Path, negotiated: str) -> str:
         sent, source = read(stored), read(original)
     except Exception as exc:
         return f"undecodable ({exc.__class__.__name__}: {exc})"
-    pixel_data = sent.get("PixelData") and sent["PixelData"]
-    if not UID(negotiated).is_compressed and pixel_data and pixel_data.is_undefined_length:
+    if _encapsulated_under_native(sent, negotiated):
         return (f"encapsulated pixel data sent as {syntax_label(negotiated)} "
                 "(sender defect: not decompressed)")
     compare_pixels = negotiated == file_syntax or (
@@ -418,6 +423,7 @@ class Harness:
         if len(stored) != len(succeeded):
             cell.fail(f"{len(stored)} files stored for {len(succeeded)} successful C-STOREs")
         by_bytes = {data_set_bytes(p): p for p in stored}
+        mislabelled = 0
         for assoc, message in succeeded:
             path = by_bytes.get(message.data_set or b"")
             negotiated = assoc.transfer_syntax(message.context_id) or ""
@@ -425,7 +431,9 @@ class Harness:
                 cell.fail(f"no stored file has the data set sent for {message.sop_instance} "
                           f"(message {message.message_id}, {syntax_label(negotiated)})")
                 continue
-            meta = read(path).file_meta
+            received = read(path)
+            meta = received.file_meta
+            mislabelled += _encapsulated_under_native(received, negotiated)
             if (str(meta.MediaStorageSOPInstanceUID), str(meta.TransferSyntaxUID)) != \
                     (message.sop_instance, negotiated):
                 cell.fail(f"{path.name}: file meta names {meta.MediaStorageSOPInstanceUID} "
@@ -438,6 +446,9 @@ class Harness:
             cell.outcome = NOT_SENT
         cell.sent_as = (f"{len(requests)} of {len(given)} files sent in "
                         f"{len(run.associations)} association(s)")
+        if mislabelled:
+            cell.sent_as += (f"; {mislabelled} with encapsulated pixel data under an "
+                             "uncompressed syntax (sender defect)")
         if len(requests) < len(given):
             cell.reason = f"{sender.label} (exit {run.returncode}): {_last_line(run.output)}"
         return cell

@@ -79,7 +79,9 @@ def _short(cell: Cell, file_syntax: str | None, notes: list[str]) -> str:
         return f"{cell.outcome} {note(cell.reason)}"
     if cell.syntax == BATCH:
         sent, _of, given = cell.sent_as.split()[:3]
-        return f"pass ({sent}/{given})" + (f" {note(cell.reason)}" if cell.reason else "")
+        defect = f" ⚠ {note(cell.sent_as.split('; ', 1)[1])}" if "defect" in cell.sent_as else ""
+        return f"pass ({sent}/{given})" + (f" {note(cell.reason)}" if cell.reason else "") + \
+            defect
     if file_syntax is None:  # C-ECHO
         return "pass"
     text = "pass"

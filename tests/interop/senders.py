@@ -269,13 +269,19 @@ SENDERS: tuple[Sender, ...] = (
            notes=("`odil store` / `odil echo` (Debian's CLI on /usr/bin/python3). odil "
                   "proposes only Explicit and Implicit VR Little Endian and sends compressed "
                   "data sets unchanged on such a context (⚠ cells): the stored file then says "
-                  "Explicit VR LE over encapsulated pixel data, exactly as received. It cannot "
-                  "read deflated files.",)),
+                  "Explicit VR LE over encapsulated pixel data, exactly as received. DCMTK "
+                  "storescp +B does the same; storescp without +B cannot parse such an object "
+                  "and answers 0xA700, storing nothing (dicom-ingestd's default mode stores it "
+                  "as received too, see storage.bit_preserving). It cannot read deflated "
+                  "files.",)),
     Sender("pixelmed", "PixelMed", "IT-PIXELMED", ("pixelmed-apps", "libpixelmed-java"),
            ("java",), _pixelmed_store, _pixelmed_echo, exit_code_reliable=False,
            store_many=_pixelmed_store_many,
            notes=("com.pixelmed.network.StorageSOPClassSCU and VerificationSOPClassSCU, one JVM "
-                  "per file; StorageSOPClassSCU exits 0 whatever happened.",)),
+                  "per file; StorageSOPClassSCU exits 0 whatever happened. Given several files "
+                  "(file names on stdin, one association) it chooses the context by SOP class "
+                  "and sent some compressed Secondary Capture files, still compressed, on the "
+                  "Deflated context (⚠).",)),
 )
 SENDER_BY_KEY = {sender.key: sender for sender in SENDERS}
 
