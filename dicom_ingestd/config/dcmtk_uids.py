@@ -125,8 +125,8 @@ _PAIRS: Final[tuple[tuple[str, str], ...]] = (
     ("ImplantationPlanSRDocumentStorage", "1.2.840.10008.5.1.4.1.1.88.70"),
     ("ImplantTemplateGroupStorage", "1.2.840.10008.5.1.4.45.1"),
     ("IntraocularLensCalculationsStorage", "1.2.840.10008.5.1.4.1.1.78.8"),
-    ("IntravascularOpticalCoherenceTomographyImageStorageForPresentation", "1.2.840.10008.5.1.4.1.1.14.1"),
-    ("IntravascularOpticalCoherenceTomographyImageStorageForProcessing", "1.2.840.10008.5.1.4.1.1.14.2"),
+    ("IntravascularOpticalCoherenceTomographyImageStorageForPresentation", "1.2.840.10008.5.1.4.1.1.14.1"),  # noqa: E501
+    ("IntravascularOpticalCoherenceTomographyImageStorageForProcessing", "1.2.840.10008.5.1.4.1.1.14.2"),  # noqa: E501
     ("KeratometryMeasurementsStorage", "1.2.840.10008.5.1.4.1.1.78.3"),
     ("KeyObjectSelectionDocumentStorage", "1.2.840.10008.5.1.4.1.1.88.59"),
     ("LegacyConvertedEnhancedCTImageStorage", "1.2.840.10008.5.1.4.1.1.2.2"),
@@ -147,7 +147,7 @@ _PAIRS: Final[tuple[tuple[str, str], ...]] = (
     ("MultipleVolumeRenderingVolumetricPresentationStateStorage", "1.2.840.10008.5.1.4.1.1.11.11"),
     ("NuclearMedicineImageStorage", "1.2.840.10008.5.1.4.1.1.20"),
     ("OphthalmicAxialMeasurementsStorage", "1.2.840.10008.5.1.4.1.1.78.7"),
-    ("OphthalmicOpticalCoherenceTomographyBscanVolumeAnalysisStorage", "1.2.840.10008.5.1.4.1.1.77.1.5.8"),
+    ("OphthalmicOpticalCoherenceTomographyBscanVolumeAnalysisStorage", "1.2.840.10008.5.1.4.1.1.77.1.5.8"),  # noqa: E501
     ("OphthalmicOpticalCoherenceTomographyEnFaceImageStorage", "1.2.840.10008.5.1.4.1.1.77.1.5.7"),
     ("OphthalmicPhotography16BitImageStorage", "1.2.840.10008.5.1.4.1.1.77.1.5.2"),
     ("OphthalmicPhotography8BitImageStorage", "1.2.840.10008.5.1.4.1.1.77.1.5.1"),
@@ -216,7 +216,7 @@ _PAIRS: Final[tuple[tuple[str, str], ...]] = (
     ("VLSlideCoordinatesMicroscopicImageStorage", "1.2.840.10008.5.1.4.1.1.77.1.3"),
     ("VLWholeSlideMicroscopyImageStorage", "1.2.840.10008.5.1.4.1.1.77.1.6"),
     ("VolumeRenderingVolumetricPresentationStateStorage", "1.2.840.10008.5.1.4.1.1.11.9"),
-    ("WideFieldOphthalmicPhotographyStereographicProjectionImageStorage", "1.2.840.10008.5.1.4.1.1.77.1.5.5"),
+    ("WideFieldOphthalmicPhotographyStereographicProjectionImageStorage", "1.2.840.10008.5.1.4.1.1.77.1.5.5"),  # noqa: E501
     ("WideFieldOphthalmicPhotography3DCoordinatesImageStorage", "1.2.840.10008.5.1.4.1.1.77.1.5.6"),
     ("XADefinedProcedureProtocolStorage", "1.2.840.10008.5.1.4.1.1.200.7"),
     ("XAPerformedProcedureProtocolStorage", "1.2.840.10008.5.1.4.1.1.200.8"),
