@@ -200,7 +200,7 @@ def example_toml() -> str:
                 out += _comment("takes effect on restart only")
             if key.example:
                 out += _comment("Written as tables of their own, for example:")
-                out += [f"#   {line}".rstrip() for line in key.example.splitlines()]
+                out += [f"#  {line}".rstrip() for line in key.example.splitlines()]
             out.append(f"#{key.name} = {key.toml_default}")
     return "\n".join(out) + "\n"
 

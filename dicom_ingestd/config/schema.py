@@ -134,7 +134,7 @@ _PROFILES_EXAMPLE = """\
 [negotiation.profiles.CT.contexts]
 Verification = "Uncompressed"
 CTImageStorage = "JPEG"
-"1.2.840.10008.5.1.4.1.1.4" = ["JPEG2000Lossless", "ImplicitVRLittleEndian"]
+"1.2.840.10008.5.1.4.1.1.4" = ["JPEG2000Lossless", "ExplicitVRLittleEndian"]
 
 [negotiation.profiles.CT.roles]
 CTImageStorage = "both"
