@@ -32,15 +32,19 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import cache
 from typing import Any
 
 from pydicom._uid_dict import UID_dictionary
 
+from dicom_ingestd.config.asconfig import Asconfig, AsconfigProfile
 from dicom_ingestd.config.schema import ROLE_CHOICES, NegotiationProfile
 
-__all__ = ["parse_profiles", "parse_transfer_syntaxes", "resolve_uid", "to_toml", "uid_text"]
+__all__ = [
+    "from_asconfig", "parse_profiles", "parse_transfer_syntaxes", "resolve_uid", "to_toml",
+    "uid_text",
+]
 
 Problem = tuple[str, object, str]
 
@@ -251,3 +255,34 @@ def to_toml(lists: Mapping[str, list[str]], profiles: Mapping[str, NegotiationPr
                 text(uid): data.hex().upper() for uid, data in profile.extended_negotiation.items()}
         toml_profiles[name] = body
     return toml_lists, toml_profiles
+
+
+def from_asconfig(asconfig: Asconfig, chosen: Sequence[AsconfigProfile]) \
+        -> tuple[dict[str, list[str]], dict[str, Any]]:
+    """TOML values of [negotiation.transfer_syntaxes] and [negotiation.profiles] for the
+    `chosen` profiles of a DCMTK file, named as written there, UIDs as DICOM keywords.
+
+    Only the transfer syntax lists the profiles use are written, in file order.  Raises
+    ValueError (one line per problem) if the result would not load, e.g. a SOP class that is
+    a transfer syntax: storescp takes any digits and dots, we check more (see module doc).
+    """
+    used = {key for profile in chosen for _, key in profile.contexts}
+    names = asconfig.transfer_syntax_names
+    lists = {names[key]: [uid_text(uid) for uid in uids]
+             for key, uids in asconfig.transfer_syntaxes.items() if key in used}
+    tables: dict[str, Any] = {}
+    for profile in chosen:
+        body: dict[str, Any] = {
+            "contexts": {uid_text(uid): names[key] for uid, key in profile.contexts}}
+        if profile.roles:
+            body["roles"] = {uid_text(uid): role for uid, role in profile.roles}
+        if profile.extended_negotiation:
+            body["extended_negotiation"] = {uid_text(uid): data.hex().upper()
+                                            for uid, data in profile.extended_negotiation}
+        tables[profile.name] = body
+    problems = parse_transfer_syntaxes("negotiation.transfer_syntaxes", lists)[1]
+    problems += parse_profiles("negotiation.profiles", tables, lists)[1]
+    if problems:
+        raise ValueError("\n".join(f"{asconfig.source}: {label} = {value!r}: {allowed}"
+                                   for label, value, allowed in problems))
+    return lists, tables
