@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
 from conftest import Daemon, free_port, require_tool, run_tool
 from conftest import testdata as bundled
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
@@ -522,7 +523,6 @@ def reload_daemon(daemon: Daemon, settings: dict[str, dict[str, Any]]) -> None:
     """Rewrite the daemon's configuration with `settings` (port and output kept), SIGHUP."""
     current = tomllib.loads(daemon.config_path.read_text())
     current["negotiation"] = settings["negotiation"]
-    import tomli_w
     daemon.config_path.write_text(tomli_w.dumps(current))
     count = daemon.log().count("reload: configuration applied")
     daemon.proc.send_signal(signal.SIGHUP)
@@ -610,3 +610,44 @@ def test_custom_profile_and_shipped_default_answer_as_storescp(
     assert ours == theirs
     assert {result for _, result, _ in theirs.contexts} == {0, 3, 4}
     assert (ours.roles, ours.extended) == ((), ())
+
+
+# --- the pieces on their own ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("proposed", "ours", "expected"), [
+    # DCMTK's table (dcmnet/include/dcmtk/dcmnet/dul.h, DUL_SC_ROLE): (result, role item)
+    (None, "default", (0, None)), (None, "scu", (0, None)), (None, "both", (0, None)),
+    (None, "scp", (2, None)),
+    ((1, 0), "scu", (0, (1, 0))), ((1, 0), "scp", (0, (0, 0))), ((1, 0), "both", (0, (1, 0))),
+    ((0, 1), "scu", (0, (0, 0))), ((0, 1), "scp", (0, (0, 1))), ((0, 1), "both", (0, (0, 1))),
+    ((1, 1), "scu", (0, (1, 0))), ((1, 1), "scp", (0, (0, 1))), ((1, 1), "both", (0, (1, 1))),
+    ((0, 0), "both", (0, (1, 1))),  # both flags 0 reads as both, as in DCMTK
+    ((1, 0), "default", (0, None)),
+])
+def test_role_selection_table(proposed: tuple[int, int] | None, ours: str,
+                              expected: tuple[int, tuple[int, int] | None]) -> None:
+    from dicom_ingestd.config.schema import NegotiationProfile
+    from dicom_ingestd.worker.profile import negotiate
+    profile = NegotiationProfile({CT: (LE,)}, roles={} if ours == "default" else {CT: ours})
+    requested = {} if proposed is None else {CT: (bool(proposed[0]), bool(proposed[1]))}
+    answer = negotiate([(1, CT, [LE])], requested, profile)
+    assert [(c.result, c.role) for c in answer.contexts] == [expected]
+
+
+def test_cli_from_asconfig(shipped_cfg: Path, tmp_path: Path,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    from dicom_ingestd.cli import main
+    assert main(["config", "from-asconfig", str(shipped_cfg)]) == 0
+    every = tomllib.loads(capsys.readouterr().out)["negotiation"]
+    assert list(every) == ["transfer_syntaxes", "profiles"]
+    assert list(every["profiles"]) == ["Default", "AllDICOM"]
+    assert main(["config", "from-asconfig", str(shipped_cfg), "alldicom"]) == 0
+    one = tomllib.loads(capsys.readouterr().out)["negotiation"]
+    assert one["profile"] == "AllDICOM" and list(one["profiles"]) == ["AllDICOM"]
+    path = tmp_path / "ingestd.toml"
+    path.write_text(tomli_w.dumps({"negotiation": one}))
+    assert load_config(path).negotiation.profile == "AllDICOM"
+    assert main(["config", "from-asconfig", str(shipped_cfg), "Nope"]) == 64
+    assert "unknown configuration profile name: NOPE (profiles in the file: Default, " \
+        "AllDICOM)" in capsys.readouterr().err
