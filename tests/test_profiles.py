@@ -156,7 +156,12 @@ def test_reader_quirks() -> None:
     assert asconfig.transfer_syntax_names == {"PLAINLIST": "Plain.List"}
     assert [w.split(": ", 1)[1] for w in asconfig.warnings] == [
         "entry TRANSFERSYNTAX4 in section [Plain.List] is ignored, as by storescp (entries "
-        "are read as TRANSFERSYNTAX1, TRANSFERSYNTAX2, ... up to the first missing number)"]
+        "are read as TRANSFERSYNTAX1, TRANSFERSYNTAX2, ... up to the first missing number)",
+        "a second [[PresentationContexts]] is ignored, as by storescp (only the first "
+        "supersection of a name is read)",
+        "entry PRESENTATIONCONTEXT1 appears more than once in section [pcs]; the first "
+        "counts, as in storescp",
+    ]
     # A continuation line joins the reference; the first of two equal keys counts; only the
     # first [[PresentationContexts]] supersection is read.
     assert asconfig.select("mine").contexts == ((CT, "PLAINLIST"),)

@@ -116,8 +116,11 @@ def read_asconfig(path: str | Path) -> Asconfig:
 
 def parse_asconfig(data: bytes, source: str = "<asconfig>") -> Asconfig:
     """Interpret the content of an association configuration file (see the module doc)."""
-    tree = _read_tree(data)
-    return _Interpreter(tree, source).run()
+    warnings: list[str] = []
+    tree = _read_tree(data, warnings, source)
+    interpreter = _Interpreter(tree, source)
+    interpreter.warnings = warnings
+    return interpreter.run()
 
 
 # ------------------------------------------------------------------------------------------
@@ -197,8 +200,12 @@ def _is_name_char(c: int) -> bool:
     return 65 <= c <= 90 or 48 <= c <= 57 or c in (45, 95)  # A-Z 0-9 - _
 
 
-def _read_tree(data: bytes) -> list[_Node]:
-    """The supersections of the file, each with its sections, each with its entries."""
+def _read_tree(data: bytes, warnings: list[str], source: str) -> list[_Node]:
+    """The supersections of the file, each with its sections, each with its entries.
+
+    What the reader drops (entries outside a section, sections outside a supersection) is
+    reported in `warnings`.
+    """
     reader = _Reader(data)
     top: list[_Node] = []
     current: list[_Node | None] = [None, None, None]  # the last node read at levels 0, 1, 2
@@ -260,7 +267,10 @@ def _read_tree(data: bytes) -> list[_Node]:
             current[level] = node
             if level == 1:
                 current[0] = None
-        # else: an entry outside any section, or a section outside a supersection: dropped
+        else:
+            what = f"entry {node.keyword}" if level == 0 else f"section [{node.written}]"
+            where = "section" if level == 0 else "[[supersection]]"
+            warnings.append(f"{source}: {what} outside any {where} is ignored, as by storescp")
         if level == 0:
             node.value = _read_value(reader)
     return top
@@ -306,6 +316,10 @@ def resolve_uid(text: str) -> str:
     return DCMTK_UID_NAMES.get(name, text)
 
 
+_SUPERSECTIONS: Final = ("TRANSFERSYNTAXES", "PRESENTATIONCONTEXTS", "SCPSCUROLESELECTION",
+                         "EXTENDEDNEGOTIATION", "PROFILES")
+
+
 def _valid_uid(uid: str) -> bool:
     return bool(uid) and all(ch in "0123456789." for ch in uid)
 
@@ -325,7 +339,11 @@ class _Interpreter:
         return AsconfigError(f"{self.source}: {message}")
 
     def supersection(self, keyword: str, *, required: bool) -> _Node | None:
-        node = next((n for n in self.tree if n.keyword == keyword), None)
+        nodes = [n for n in self.tree if n.keyword == keyword]
+        for extra in nodes[1:]:
+            self.warnings.append(f"{self.source}: a second [[{extra.written}]] is ignored, as "
+                                 "by storescp (only the first supersection of a name is read)")
+        node = nodes[0] if nodes else None
         if node is None and required:
             raise self.fail(f"cannot find section [[{keyword}]] in config file")
         return node
@@ -333,6 +351,11 @@ class _Interpreter:
     def numbered(self, section: _Node, prefix: str) -> list[tuple[str, str]]:
         """(entry key, value) for PREFIX1, PREFIX2, ... up to the first missing number."""
         found: list[tuple[str, str]] = []
+        keywords = [entry.keyword for entry in section.children]
+        for keyword in sorted({k for k in keywords if keywords.count(k) > 1}):
+            self.warnings.append(f"{self.source}: entry {keyword} appears more than once in "
+                                 f"section [{section.written}]; the first counts, as in "
+                                 "storescp")
         while True:
             key = f"{prefix}{len(found) + 1}"
             entry = section.child(key)
@@ -357,6 +380,11 @@ class _Interpreter:
         return head, tail
 
     def run(self) -> Asconfig:
+        for node in self.tree:
+            if node.keyword not in _SUPERSECTIONS:
+                self.warnings.append(
+                    f"{self.source}: supersection [[{node.written}]] is ignored, as by storescp "
+                    f"(it reads {', '.join(f'[[{k}]]' for k in _SUPERSECTIONS)})")
         self.read_transfer_syntaxes()
         self.read_contexts()
         self.read_roles()
