@@ -615,6 +615,9 @@ def test_custom_profile_and_shipped_default_answer_as_storescp(
     assert ours == theirs
     assert {result for _, result, _ in theirs.contexts} == {0, 3, 4}
     assert (ours.roles, ours.extended) == ((), ())
+    log = daemon.log()  # each association names the profile it was negotiated with
+    assert log.count(", profile Custom)") == len(ROLE_PROPOSALS) + 1
+    assert log.count(", profile Default)") == 1
 
 
 # --- the pieces on their own ------------------------------------------------------------------
