@@ -12,6 +12,7 @@ the acceptance behaviour compared with the real storescp 3.6.7.
     selection and extended negotiation item of the AC, compared exactly -- with pynetdicom
     encoding raw requests (all role proposals, extended negotiation, duplicates) and with DCMTK
     storescu -xf as proposer.  The daemon switches profile on SIGHUP in between (reload).
+    Last, test_differential's comparison of the stored files, with the shipped profile.
 """
 
 import contextlib
@@ -44,6 +45,7 @@ from pynetdicom.pdu_primitives import (
     SOPClassExtendedNegotiation,
 )
 from pynetdicom.presentation import PresentationContext
+from test_differential import Receiver, assert_same_output, run_both
 
 from dicom_ingestd.config.asconfig import AsconfigError, parse_asconfig, read_asconfig
 from dicom_ingestd.config.dcmtk_uids import DCMTK_UID_NAMES
@@ -659,3 +661,23 @@ def test_cli_from_asconfig(shipped_cfg: Path, tmp_path: Path,
     assert main(["config", "from-asconfig", str(shipped_cfg), "Nope"]) == 64
     assert "unknown configuration profile name: NOPE (profiles in the file: Default, " \
         "AllDICOM)" in capsys.readouterr().err
+
+
+@pytest.fixture
+def receivers() -> Iterator[list[Receiver]]:
+    """test_differential's receivers; all are stopped however the test ends."""
+    started: list[Receiver] = []
+    yield started
+    for receiver in started:
+        receiver.stop()
+
+
+def test_stored_objects_match_storescp_with_the_shipped_profile(
+        tmp_path: Path, receivers: list[Receiver], shipped_cfg: Path) -> None:
+    """test_differential's tree comparison with -xf storescp.cfg Default: same files, same
+    transfer syntaxes, same data, through the profile's contexts (CT, MR and an RT plan in
+    implicit VR, sent with storescu's default proposal)."""
+    files = [bundled(name) for name in ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm")]
+    reference, ours = run_both(tmp_path, receivers, ["-xf", str(shipped_cfg), "Default"], files)
+    assert ours.returncodes == [0], ours.stderr
+    assert_same_output(reference, ours, len(files))
