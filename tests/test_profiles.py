@@ -416,6 +416,7 @@ class Answer:
     contexts: tuple[tuple[int, int, str], ...]  # (context ID, result, transfer syntax)
     roles: tuple[tuple[str, int, int], ...]  # (SOP class, SCU flag, SCP flag)
     extended: tuple[tuple[str, bytes], ...]
+    item_types: tuple[int, ...] = ()  # the user information sub-items' types, in PDU order
 
 
 Proposal = tuple[str, Sequence[str]]
@@ -492,7 +493,8 @@ def associate(port: int, proposals: Sequence[Proposal],
         tuple((str(i.sop_class_uid), int(i.scu_role), int(i.scp_role))
               for i in user_data if isinstance(i, SCP_SCU_RoleSelectionSubItem)),
         tuple((str(i.sop_class_uid), bytes(i.service_class_application_information or b""))
-              for i in user_data if isinstance(i, SOPClassExtendedNegotiationSubItem)))
+              for i in user_data if isinstance(i, SOPClassExtendedNegotiationSubItem)),
+        tuple(int(i.item_type) for i in user_data))
 
 
 @contextlib.contextmanager

@@ -264,8 +264,9 @@ def _accept_by_profile(request: Request, primitive: A_ASSOCIATE, config: Config)
     ac = _encode_ac(primitive, config, results, extended)
     user_information = ac.user_information
     assert user_information is not None
-    # DCMTK's order: maximum length, implementation UID and version, roles, extended negotiation.
-    user_information.user_data[3:3] = role_items
+    # Sub-items in ascending type order, as DCMTK sends them (PS3.8 CP 280): 51H maximum
+    # length, 52H implementation UID, 54H roles, 55H implementation version, 56H extended.
+    user_information.user_data[2:2] = role_items
     accepted = {
         item.context_id: AcceptedContext(item.context_id, item.abstract_syntax,
                                          item.transfer_syntax)
