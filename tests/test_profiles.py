@@ -555,10 +555,11 @@ def custom_proposals() -> list[Proposal]:
 ROLE_PROPOSALS: list[tuple[int, int] | None] = [None, (1, 0), (0, 1), (1, 1), (0, 0)]
 
 
-def storescu_xf(port: int, cfg: Path, files: Sequence[Path]) -> tuple[int, str]:
-    """storescu -d -xf cfg P: exit code and the negotiated parameters it dumps, without the
-    lines that name the implementation (each receiver's own) or its address."""
-    result = run_tool(["storescu", "-d", "-xf", str(cfg), "P", "127.0.0.1", str(port),
+def storescu_xf(port: int, cfg: Path, files: Sequence[Path], profile: str = "P") \
+        -> tuple[int, str]:
+    """storescu -d -xf cfg profile: exit code and the negotiated parameters it dumps, without
+    the lines that name the implementation (each receiver's own)."""
+    result = run_tool(["storescu", "-d", "-xf", str(cfg), profile, "127.0.0.1", str(port),
                        *map(str, files)])
     dump = re.search(r"Association Parameters Negotiated:\n(.*?END A-ASSOCIATE-AC)",
                      result.stdout + result.stderr, re.S)
@@ -613,15 +614,20 @@ def test_custom_profile_and_shipped_default_answer_as_storescp(
 
     reload_daemon(daemon, daemon_settings(["-xf", str(shipped_cfg), "Default"]))
     mix = [*proposal_set(seed=11), (CT, ["1.2.840.10008.1.2.4.57"]), (RT_PLAN, [JPEG8])]
+    # storescu's own shipped profile proposes several contexts per SOP class.
+    scu_shipped = shipped_cfg.with_name("storescu.cfg")
     with storescp_xf(shipped_cfg, "Default", tmp_path / "scp-out2") as port:
         theirs = associate(port, mix)
         ours = associate(daemon.port, mix)
+        if scu_shipped.exists():
+            theirs_scu = storescu_xf(port, scu_shipped, files[:1], "Default")
+            assert storescu_xf(daemon.port, scu_shipped, files[:1], "Default") == theirs_scu
     assert ours == theirs
     assert {result for _, result, _ in theirs.contexts} == {0, 3, 4}
     assert (ours.roles, ours.extended) == ((), ())
     log = daemon.log()  # each association names the profile it was negotiated with
     assert log.count(", profile Custom)") == len(ROLE_PROPOSALS) + 1
-    assert log.count(", profile Default)") == 1
+    assert log.count(", profile Default)") == 1 + scu_shipped.exists()
 
 
 # --- the pieces on their own ------------------------------------------------------------------
