@@ -433,11 +433,11 @@ def _read_pdu(sock: socket.socket) -> bytes:
 
 
 def associate(port: int, proposals: Sequence[Proposal],
-              roles: tuple[int, int] | None = None,
+              roles: tuple[int, int] | list[tuple[str, int, int]] | None = None,
               extended: Sequence[tuple[str, bytes]] = ()) -> Answer:
-    """Send one A-ASSOCIATE-RQ (contexts 1, 3, 5, ...; a role item per distinct SOP class
-    when `roles` is given, even both flags 0, which pynetdicom's primitive refuses), read the
-    answer and release."""
+    """Send one A-ASSOCIATE-RQ (contexts 1, 3, 5, ...; with `roles` (SCU, SCP) a role item
+    per distinct SOP class, even both flags 0, which pynetdicom's primitive refuses, or the
+    role items listed), read the answer and release."""
     primitive = A_ASSOCIATE()
     primitive.application_context_name = "1.2.840.10008.3.1.1.1"
     primitive.calling_ae_title = "PROFILETEST"
@@ -466,11 +466,13 @@ def associate(port: int, proposals: Sequence[Proposal],
     if roles is not None:
         user_information = rq.user_information
         assert user_information is not None
-        for uid in dict.fromkeys(uid for uid, _ in proposals):
+        if isinstance(roles, tuple):
+            roles = [(uid, *roles) for uid in dict.fromkeys(uid for uid, _ in proposals)]
+        for index, (uid, scu, scp) in enumerate(roles):
             role = SCP_SCU_RoleSelectionSubItem()
             role.sop_class_uid = uid
-            role.scu_role, role.scp_role = roles
-            user_information.user_data.insert(2, role)
+            role.scu_role, role.scp_role = scu, scp
+            user_information.user_data.insert(2 + index, role)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(rq.encode())
         pdu = _read_pdu(sock)
@@ -553,6 +555,8 @@ def custom_proposals() -> list[Proposal]:
 
 
 ROLE_PROPOSALS: list[tuple[int, int] | None] = [None, (1, 0), (0, 1), (1, 1), (0, 0)]
+# Two role items for one SOP class: the first counts (for CT and SC), or both are equal (MR).
+REPEATED_ROLES = [(CT, 1, 0), (CT, 0, 1), (SC, 0, 1), (SC, 1, 0), (MR, 1, 0), (MR, 1, 0)]
 
 
 def storescu_xf(port: int, cfg: Path, files: Sequence[Path], profile: str = "P") \
@@ -594,6 +598,8 @@ def test_custom_profile_and_shipped_default_answer_as_storescp(
         for roles in ROLE_PROPOSALS:
             answers[roles] = associate(port, proposals, roles, extended)
             assert associate(daemon.port, proposals, roles, extended) == answers[roles], roles
+        repeated = associate(port, proposals, REPEATED_ROLES)
+        assert associate(daemon.port, proposals, REPEATED_ROLES) == repeated
         # DCMTK's storescu -xf as the proposer: the same negotiated parameters, as it dumps them.
         theirs_scu = storescu_xf(port, scu_cfg, files)
     # The answers really exercised the profile: every result, the role reply (0, 0), the
@@ -604,6 +610,7 @@ def test_custom_profile_and_shipped_default_answer_as_storescp(
     sc_context = 2 * proposals.index((SC, [IMPLICIT, LE])) + 1
     assert (sc_context, 2, IMPLICIT) in answers[None].contexts
     assert answers[None].roles == ()
+    assert (CT, 1, 0) in repeated.roles and (SC, 0, 1) in repeated.roles  # the first items
     assert answers[None].extended == ((BASIC_TEXT_SR, bytes.fromhex("020003000000")),
                                       (CT, b"\x01"), (US, b"\x0a\x0b"))
     ours_scu = storescu_xf(daemon.port, scu_cfg, files)
@@ -626,7 +633,7 @@ def test_custom_profile_and_shipped_default_answer_as_storescp(
     assert {result for _, result, _ in theirs.contexts} == {0, 3, 4}
     assert (ours.roles, ours.extended) == ((), ())
     log = daemon.log()  # each association names the profile it was negotiated with
-    assert log.count(", profile Custom)") == len(ROLE_PROPOSALS) + 1
+    assert log.count(", profile Custom)") == len(ROLE_PROPOSALS) + 2
     assert log.count(", profile Default)") == 1 + scu_shipped.exists()
 
 
