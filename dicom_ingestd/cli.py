@@ -1,4 +1,5 @@
-"""The command line: run, check-config, config show, config from-storescp, jobs.
+"""The command line: run, check-config, config show, config from-storescp, config
+from-asconfig, jobs.
 
 The only module that exits the process; everything below it raises.
 """
@@ -174,6 +175,42 @@ def cmd_from_storescp(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def cmd_from_asconfig(args: argparse.Namespace) -> int:
+    """Translate a DCMTK association configuration file (storescp -xf) into [negotiation]."""
+    import tomli_w
+
+    from dicom_ingestd.config.asconfig import AsconfigError, read_asconfig
+    from dicom_ingestd.config.profiles import from_asconfig
+
+    warnings: list[str] = []
+    try:
+        asconfig = read_asconfig(args.file)
+        warnings += asconfig.warnings
+        if args.profile is not None:
+            chosen = [asconfig.select(args.profile)]
+        else:
+            chosen = []
+            for profile in asconfig.profiles.values():
+                try:
+                    chosen.append(asconfig.select(profile.name))
+                except AsconfigError as exc:
+                    warnings.append(f"{exc}; left out")
+        lists, tables = from_asconfig(asconfig, chosen)
+    except (AsconfigError, ValueError) as exc:
+        print(f"dicom-ingestd: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    negotiation: dict[str, object] = {}
+    if args.profile is not None:
+        negotiation["profile"] = chosen[0].name
+    negotiation["transfer_syntaxes"] = lists
+    negotiation["profiles"] = tables
+    sys.stdout.write(f"# translated from the DCMTK association configuration {args.file}\n\n")
+    sys.stdout.write(tomli_w.dumps({"negotiation": negotiation}))
+    return ExitCode.OK
+
+
 def _open_jobs(args: argparse.Namespace, write: bool = False) -> "JobQueue | int":
     """The job database of the configuration's state directory, or an exit code."""
     from dicom_ingestd.jobs.queue import JobQueue
@@ -319,6 +356,15 @@ def build_parser() -> argparse.ArgumentParser:
     translate.add_argument("storescp_args", nargs=argparse.REMAINDER, metavar="ARG",
                            help="storescp arguments, e.g. -- -od /data +B 11112")
     translate.set_defaults(func=cmd_from_storescp)
+    asconfig = config_sub.add_parser(
+        "from-asconfig", help="translate a DCMTK association configuration file into TOML",
+        description="Translate the profiles of a DCMTK association configuration file (as "
+        "read by storescp -xf FILE PROFILE) into a [negotiation] table on stdout; with "
+        "PROFILE, only that profile, selected.")
+    asconfig.add_argument("file", metavar="FILE", help="e.g. /etc/dcmtk/storescp.cfg")
+    asconfig.add_argument("profile", metavar="PROFILE", nargs="?",
+                          help="the profile to select, as storescp -xf FILE PROFILE")
+    asconfig.set_defaults(func=cmd_from_asconfig)
 
     jobs = sub.add_parser("jobs", help="inspect and re-queue event jobs",
                           description="The jobs of [events] commands, from the job database "

@@ -108,7 +108,7 @@ def test_help_of_every_command_exits_0(command: tuple[str, ...]) -> None:
 def test_the_expected_commands_exist() -> None:
     commands = set(subcommands())
     assert {("run",), ("check-config",), ("config", "show"),
-            ("config", "from-storescp")} <= commands
+            ("config", "from-storescp"), ("config", "from-asconfig")} <= commands
 
 
 # --- check-config and config show ----------------------------------------------------------------

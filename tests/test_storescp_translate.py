@@ -438,11 +438,11 @@ def test_conflicts_only_between_effective_options() -> None:
     # +B overridden by -B: no conflict with sorting, as in storescp.
     assert data_of("+B", "-B", "-sp", PORT) == base(
         storage={"bit_preserving": False, "sort": "patientname"})
-    # -xf with +x= (the default choice) is allowed by storescp; -xf itself is not implemented.
-    message = refused("-xf", "f.cfg", "Default", "+x=", PORT)
+    # -xf with +x= (the default choice) is allowed by storescp: only the file is looked at.
+    message = refused("-xf", "/nonexistent/f.cfg", "Default", "+x=", PORT)
     assert message.splitlines() == [
-        "-xf f.cfg Default: not implemented yet (association negotiation profiles from a "
-        "DCMTK configuration file)"]
+        "-xf /nonexistent/f.cfg Default: /nonexistent/f.cfg: unable to open configuration "
+        "file: No such file or directory"]
 
 
 @pytest.mark.parametrize("argv", [
@@ -747,11 +747,11 @@ def test_implemented_ignored_and_unimplemented_summary() -> None:
         by_kind[option.effect.kind].add(option.short or option.long)
     assert by_kind[Kind.IGNORED] == {"-h", "--version", "--arguments", "-lc", "+rs", "+ws",
                                      "+wf"}
-    for flag in ("-xf", "+uc", "+tls", "+ps",
+    for flag in ("+uc", "+tls", "+ps",
                  "+pw", "-pw", "-pem", "-der",
                  "+cf", "+cd", "+cs", "+dp", "-rc", "-vc", "-ic"):
         assert flag in by_kind[Kind.UNSUPPORTED], flag
-    for flag in ("-tls", "-B", "+t=", "-ac", "+ac", "--single-process", "--fork",
+    for flag in ("-xf", "-tls", "-B", "+t=", "-ac", "+ac", "--single-process", "--fork",
                  "--max-associations", "+F", "-p", "-xcr", "-xcs", "-rns", "-tos", "-xs",
                  "-F", "+te", "+tb", "+ti", "+td", "+cl", "+u", "-u", "+g=", "+g", "-g",
                  "+e", "-e", "+p", "-uc"):

@@ -30,6 +30,7 @@ from dicom_ingestd.config.schema import (
     CHOICES,
     DEFAULT_NOTE,
     DOC,
+    EXAMPLE,
     MAXIMUM,
     MINIMUM,
     RELOAD,
@@ -76,7 +77,14 @@ class _Key:
         return not self.meta.get(RELOAD, True)
 
     @property
+    def example(self) -> str:
+        """A TOML example, for keys whose value is a table of its own ("" for others)."""
+        return str(self.meta.get(EXAMPLE, ""))
+
+    @property
     def type_name(self) -> str:
+        if self.example:
+            return "table"
         if self.hint is bool:
             return "boolean"
         if self.hint is int:
@@ -102,6 +110,8 @@ class _Key:
     @property
     def toml_default(self) -> str:
         """The default as a TOML value (tomli_w's spelling, so it parses back identically)."""
+        if self.example:
+            return "{}"  # the tables are empty by default
         return tomli_w.dumps({"x": self.default}).strip().removeprefix("x = ")
 
 
@@ -188,6 +198,9 @@ def example_toml() -> str:
                 out += _comment(f"default differs from storescp: {key.note}", "  ")
             if key.restart_only:
                 out += _comment("takes effect on restart only")
+            if key.example:
+                out += _comment("Written as tables of their own, for example:")
+                out += [f"#  {line}".rstrip() for line in key.example.splitlines()]
             out.append(f"#{key.name} = {key.toml_default}")
     return "\n".join(out) + "\n"
 
@@ -234,6 +247,9 @@ def _man_key(key: _Key) -> list[str]:
         facts.append("Takes effect on restart only.")
     for fact in facts:
         lines += [".br", fact]
+    if key.example:
+        lines += [".br", "For example:", ".RS", ".nf",
+                  *(_roff_literal(line) for line in key.example.splitlines()), ".fi", ".RE"]
     return lines
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import tomli_w
 
+from dicom_ingestd.config import profiles as profile_tables
 from dicom_ingestd.config.schema import (
     CHOICES,
     MAXIMUM,
@@ -108,6 +109,13 @@ def config_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Co
             if key not in raw:
                 continue
             value, full = raw[key], f"{table}.{key}"
+            structured = _STRUCTURED.get(full)
+            if structured is not None:
+                # Kept even with problems (the error is raised anyway), so cross checks
+                # naming e.g. a profile do not report it missing as well.
+                values[key], found = structured(full, value, raw)
+                problems.extend(_line(source, p) for p in found)
+                continue
             if not _acceptable(f, hints[key], value):
                 problems.append(_line(source, (full, value, _allowed(f, hints[key]))))
                 continue
@@ -134,6 +142,9 @@ def dump_config(config: Config) -> str:
         table: {f.name: getattr(getattr(config, table), f.name) for f in dataclasses.fields(cls)}
         for table, cls in tables()
     }
+    negotiation = document["negotiation"]
+    negotiation["transfer_syntaxes"], negotiation["profiles"] = profile_tables.to_toml(
+        config.negotiation.transfer_syntaxes, config.negotiation.profiles)
     return tomli_w.dumps(document)
 
 
@@ -317,6 +328,25 @@ def _check_no_nul(full: str, value: str) -> Iterator[_Problem]:
 
 def _cross_checks(sections: Mapping[str, Any]) -> Iterator[_Problem]:
     """Rules between keys of different tables, checked once every key has a value."""
+    negotiation = sections["negotiation"]
+    if negotiation.profile:
+        if negotiation.profile not in negotiation.profiles:
+            defined = ", ".join(negotiation.profiles) or "none"
+            close = [name for name in negotiation.profiles
+                     if name.lower() == negotiation.profile.lower()] or \
+                difflib.get_close_matches(negotiation.profile, list(negotiation.profiles), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            yield ("negotiation.profile", negotiation.profile,
+                   "must name a table [negotiation.profiles.NAME] (defined: "
+                   f"{defined}){hint}")
+        if negotiation.preferred_transfer_syntax != "uncompressed":
+            yield ("negotiation.preferred_transfer_syntax", negotiation.preferred_transfer_syntax,
+                   "cannot be combined with negotiation.profile (the profile's transfer syntax "
+                   "lists decide; storescp refuses -xf with +x... options too); remove one")
+        if negotiation.promiscuous:
+            yield ("negotiation.promiscuous", True,
+                   "cannot be combined with negotiation.profile (SOP classes the profile does "
+                   "not list are refused; storescp refuses -xf with -pm too); remove one")
     events, storage = sections["events"], sections["storage"]
     if events.rename_on_eostudy and storage.sort == "none":
         yield ("events.rename_on_eostudy", True,
@@ -360,6 +390,16 @@ def _check_even(full: str, value: int) -> Iterator[_Problem]:
     if value % 2:
         yield full, value, "must be even (DCMTK refuses to write odd padding)"
 
+
+# Keys whose value is a table of their own, validated by their parser: (key, value, the raw
+# table the key is in) -> (validated value, problems).
+_STRUCTURED: dict[str, Callable[[str, Any, Mapping[str, Any]], tuple[Any, list[_Problem]]]] = {
+    "negotiation.transfer_syntaxes":
+        lambda full, value, raw: profile_tables.parse_transfer_syntaxes(full, value),
+    "negotiation.profiles":
+        lambda full, value, raw: profile_tables.parse_profiles(
+            full, value, raw.get("transfer_syntaxes", {})),
+}
 
 _VALUE_CHECKS: dict[str, Callable[[str, Any], Iterator[_Problem]]] = {
     "events.exec_on_reception": _check_command,

@@ -18,6 +18,7 @@ MINIMUM = "minimum"
 MAXIMUM = "maximum"
 RELOAD = "reload"  # False: needs a restart; a reload reports the change instead of applying it
 DEFAULT_NOTE = "default_note"  # why our default differs from storescp's, when it does
+EXAMPLE = "example"  # structured keys (tables): a TOML example for the documentation
 
 
 def setting(
@@ -104,9 +105,55 @@ class NetworkConfig:
     )
 
 
+ROLE_CHOICES = ("scu", "scp", "both")
+
+
+@dataclass(frozen=True, slots=True)
+class NegotiationProfile:
+    """One [negotiation.profiles.NAME] table after validation: numeric UIDs only, file order.
+
+    `contexts` maps each SOP class UID to its transfer syntax UIDs in our order of preference;
+    `context_lists` names the [negotiation.transfer_syntaxes] list a context referenced ("" if
+    it was written inline), so the profile can be written back as it was meant.  `roles` maps
+    SOP class UIDs to one of ROLE_CHOICES, `extended_negotiation` to the raw bytes of the
+    service class application information we answer with.
+    """
+
+    contexts: dict[str, tuple[str, ...]]
+    context_lists: dict[str, str] = field(default_factory=dict)
+    roles: dict[str, str] = field(default_factory=dict)
+    extended_negotiation: dict[str, bytes] = field(default_factory=dict)
+
+
+_TRANSFER_SYNTAXES_EXAMPLE = """\
+[negotiation.transfer_syntaxes]
+Uncompressed = ["ExplicitVRLittleEndian", "ImplicitVRLittleEndian"]
+JPEG = ["JPEGBaseline8Bit", "JPEGExtended12Bit", "ImplicitVRLittleEndian"]"""
+
+_PROFILES_EXAMPLE = """\
+[negotiation.profiles.CT.contexts]
+Verification = "Uncompressed"
+CTImageStorage = "JPEG"
+"1.2.840.10008.5.1.4.1.1.4" = ["JPEG2000Lossless", "ExplicitVRLittleEndian"]
+
+[negotiation.profiles.CT.roles]
+CTImageStorage = "both"
+
+[negotiation.profiles.CT.extended_negotiation]
+CTImageStorage = "020003000000"
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class NegotiationConfig:
-    """[negotiation]: which presentation contexts we accept and in which preference order."""
+    """[negotiation]: which presentation contexts we accept and in which preference order.
+
+    Either storescp's built-in lists (preferred_transfer_syntax, promiscuous) or a negotiation
+    profile (profile), the content of a DCMTK association configuration file (storescp -xf)
+    in TOML.  dicom-ingestd config from-storescp -- -xf FILE PROFILE ... and dicom-ingestd
+    config from-asconfig FILE [PROFILE] translate such a file.  A changed profile applies to
+    new associations on reload.
+    """
 
     preferred_transfer_syntax: str = setting(
         "uncompressed",
@@ -119,6 +166,38 @@ class NegotiationConfig:
     promiscuous: bool = setting(
         False, "Accept unknown SOP classes too, keeping our transfer syntax preference.",
         storescp=("-pm", "--promiscuous"),
+    )
+    profile: str = setting(
+        "", "The negotiation profile to use: the NAME of a [negotiation.profiles.NAME] table. "
+        "It alone then decides, as storescp -xf does: a proposed context whose SOP class it "
+        "lists is accepted with the first of the SOP class's transfer syntaxes the peer "
+        "proposed (else refused: transfer syntaxes not supported), other SOP classes are "
+        "refused (abstract syntax not supported), roles and extended negotiation are answered "
+        "from the profile. Empty: preferred_transfer_syntax and promiscuous decide; a profile "
+        "cannot be combined with either (as in storescp).",
+        storescp=("-xf", "--config-file"),
+    )
+    transfer_syntaxes: dict[str, list[str]] = field(
+        default_factory=dict,
+        metadata={DOC: "Named transfer syntax lists that profiles refer to: NAME = [transfer "
+                       "syntaxes in our order of preference], each a UID or a DICOM keyword "
+                       "(ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEG2000Lossless, ...).",
+                  STORESCP: ("-xf", "--config-file"), RELOAD: True, DEFAULT_NOTE: "",
+                  EXAMPLE: _TRANSFER_SYNTAXES_EXAMPLE},
+    )
+    profiles: dict[str, NegotiationProfile] = field(
+        default_factory=dict,
+        metadata={DOC: "Negotiation profiles, one table per profile name. Its contexts table "
+                       "maps each SOP class we accept (a UID or DICOM keyword; each once) to "
+                       "the name of a transfer_syntaxes list or to an inline list. Optional: "
+                       "roles maps SOP classes of contexts to scu, scp or both (our SCP/SCU "
+                       "role selection; a peer proposing the default role for a SOP class "
+                       "set to scp has that context refused), and extended_negotiation maps "
+                       "SOP classes of contexts to hexadecimal service class application "
+                       "information (1 to 1023 bytes), sent whenever a context of the SOP "
+                       "class is accepted, as storescp does.",
+                  STORESCP: ("-xf", "--config-file"), RELOAD: True, DEFAULT_NOTE: "",
+                  EXAMPLE: _PROFILES_EXAMPLE},
     )
 
 

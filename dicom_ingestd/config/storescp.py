@@ -55,7 +55,9 @@ from typing import Any, TypeVar
 
 import tomli_w
 
+from dicom_ingestd.config import profiles as profile_tables
 from dicom_ingestd.config import schema
+from dicom_ingestd.config.asconfig import AsconfigError, read_asconfig
 from dicom_ingestd.errors import TranslationError
 
 __all__ = [
@@ -733,7 +735,6 @@ def _minus_same(network: _N, hole: _N) -> list[_N]:
     return [network]
 
 
-_NEGOTIATION_PROFILE = "association negotiation profiles from a DCMTK configuration file"
 _CONVERT_UN = "converting UN elements to the VR the data dictionary knows"
 
 
@@ -767,6 +768,28 @@ _CONVERTING = ("--write-xfer-little", "--write-xfer-big", "--write-xfer-implicit
                "--write-xfer-deflated")
 _CONVERTIBLE_PREFERENCES = ("--prefer-uncompr", "--prefer-little", "--prefer-big",
                             "--implicit", "--prefer-deflated")
+
+
+def _config_file(use: Use, warnings: list[str]) -> dict[str, Any]:
+    """-xf f p: profile p of the DCMTK association configuration file f, read now, as TOML.
+
+    The whole file is checked as storescp checks it at start-up (a problem in any profile
+    refuses the translation, as it refuses storescp's start); only profile p and the transfer
+    syntax lists it uses are written.
+    """
+    path, name = use.values
+    try:
+        asconfig = read_asconfig(path)
+        chosen = asconfig.select(name)
+        lists, tables = profile_tables.from_asconfig(asconfig, [chosen])
+    except (AsconfigError, ValueError) as exc:
+        raise TranslationError(f"{use.label()}: {exc}") from None
+    warnings.extend(f"{use.label()}: {warning}" for warning in asconfig.warnings)
+    warnings.append(f"{use.label()}: [negotiation] holds profile {chosen.name!r} as {path} "
+                    "was at translation time; storescp reads the file at every start: after "
+                    "editing it, translate again or edit [negotiation.profiles]")
+    return {"negotiation.profile": chosen.name, "negotiation.transfer_syntaxes": lists,
+            "negotiation.profiles": tables}
 
 
 def _command(key: str) -> Effect:
@@ -824,7 +847,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("--ip-auto", "-i0", 0, sets(("network.ip_version", "dual")), block="ip",
            since="3.7.0"),
     # association negotiation
-    Option("--config-file", "-xf", 2, unsupported(_NEGOTIATION_PROFILE)),
+    Option("--config-file", "-xf", 2, setter(
+        ("negotiation.profile", "negotiation.transfer_syntaxes", "negotiation.profiles"),
+        lambda use, warnings: _config_file(use, warnings))),
     Option("--prefer-uncompr", "+x=", 0, _preference("uncompressed"), block="xfer"),
     Option("--prefer-little", "+xe", 0, _preference("little"), block="xfer"),
     Option("--prefer-big", "+xb", 0, _preference("big"), block="xfer"),

@@ -2,29 +2,34 @@
 
 The A-ASSOCIATE-RQ is decoded and the A-ASSOCIATE-AC encoded by pynetdicom, and presentation
 contexts are negotiated by pynetdicom's `negotiate_as_acceptor` (our transfer-syntax list order
-is the preference, as in DCMTK).  What is ours: the screening policy (storescp's --refuse and
---reject, called/calling AE title checks) and promiscuous mode done per association so that our
-preference order still decides (pynetdicom's UNRESTRICTED_STORAGE_SERVICE would take the
-requestor's first proposal).
+is the preference, as in DCMTK), or with a negotiation profile by `worker.profile` (storescp
+-xf), whose role and extended negotiation replies are added to the AC here.  What is ours:
+the screening policy (storescp's --refuse and --reject, called/calling AE title checks) and
+promiscuous mode done per association so that our preference order still decides
+(pynetdicom's UNRESTRICTED_STORAGE_SERVICE would take the requestor's first proposal).
 """
 
 import functools
 from dataclasses import dataclass, field
+from typing import Any
 
+from pydicom import config as pydicom_config
 from pydicom.uid import UID
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu_items import SCP_SCU_RoleSelectionSubItem
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
     ImplementationClassUIDNotification,
     ImplementationVersionNameNotification,
     MaximumLengthNotification,
     SCP_SCU_RoleSelectionNegotiation,
+    SOPClassExtendedNegotiation,
 )
 from pynetdicom.presentation import PresentationContext, build_context, negotiate_as_acceptor
 
 from dicom_ingestd import __version__
 from dicom_ingestd.config.schema import Config
-from dicom_ingestd.worker import negotiation
+from dicom_ingestd.worker import negotiation, profile
 from dicom_ingestd.worker.pdu import A_ASSOCIATE_RJ, encode_pdu
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
@@ -170,7 +175,13 @@ def warm_up(config: Config) -> None:
 
 
 def accept(request: Request, primitive: A_ASSOCIATE, config: Config) -> Acceptance:
-    """Negotiate the presentation contexts and encode the A-ASSOCIATE-AC."""
+    """Negotiate the presentation contexts and encode the A-ASSOCIATE-AC.
+
+    With negotiation.profile set the profile alone decides (`worker.profile`, storescp -xf);
+    otherwise storescp's preference list (and promiscuous mode) does, through pynetdicom.
+    """
+    if config.negotiation.profile:
+        return _accept_by_profile(request, primitive, config)
     preference = config.negotiation.preferred_transfer_syntax
     supported = list(_supported(preference))
     if config.negotiation.promiscuous:
@@ -182,7 +193,20 @@ def accept(request: Request, primitive: A_ASSOCIATE, config: Config) -> Acceptan
         if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid:
             roles[item.sop_class_uid] = (item.scu_role, item.scp_role)
     results, role_replies = negotiate_as_acceptor(request.proposed, supported, roles or None)
+    ac = _encode_ac(primitive, config, results, [*role_replies])
 
+    accepted = {
+        cx.context_id: AcceptedContext(cx.context_id, str(cx.abstract_syntax),
+                                       str(cx.transfer_syntax[0]))
+        for cx in results if cx.result == 0x00 and cx.context_id is not None
+    }
+    rejected = [cx for cx in results if cx.result != 0x00]
+    return Acceptance(accepted, rejected, ac.encode())
+
+
+def _encode_ac(primitive: A_ASSOCIATE, config: Config, results: list[PresentationContext],
+               extra: list[Any]) -> A_ASSOCIATE_AC:
+    """The A-ASSOCIATE-AC PDU for `results`, with `extra` user information primitives."""
     reply = A_ASSOCIATE()
     reply.application_context_name = APPLICATION_CONTEXT
     reply.calling_ae_title = primitive.calling_ae_title
@@ -196,14 +220,57 @@ def accept(request: Request, primitive: A_ASSOCIATE, config: Config) -> Acceptan
     impl_uid.implementation_class_uid = IMPLEMENTATION_CLASS_UID
     impl_version = ImplementationVersionNameNotification()
     impl_version.implementation_version_name = IMPLEMENTATION_VERSION
-    reply.user_information = [max_length, impl_uid, impl_version, *role_replies]
+    reply.user_information = [max_length, impl_uid, impl_version, *extra]
     ac = A_ASSOCIATE_AC()
     ac.from_primitive(reply)
+    return ac
 
+
+def _accept_by_profile(request: Request, primitive: A_ASSOCIATE, config: Config) -> Acceptance:
+    """storescp -xf: the profile's contexts, role replies and extended negotiation replies."""
+    chosen = config.negotiation.profiles[config.negotiation.profile]
+    requested_roles: dict[str, tuple[bool, bool]] = {}
+    for sub_item in primitive.user_information:
+        if isinstance(sub_item, SCP_SCU_RoleSelectionNegotiation) and sub_item.sop_class_uid:
+            # DCMTK takes the first item for a SOP class.
+            requested_roles.setdefault(str(sub_item.sop_class_uid),
+                                       (bool(sub_item.scu_role), bool(sub_item.scp_role)))
+    answer = profile.negotiate(
+        ((int(cx.context_id or 0), str(cx.abstract_syntax or ""),
+          [str(ts) for ts in cx.transfer_syntax]) for cx in request.proposed),
+        requested_roles, chosen)
+    results: list[PresentationContext] = []
+    role_items: list[SCP_SCU_RoleSelectionSubItem] = []
+    for item in answer.contexts:
+        cx = PresentationContext()
+        cx.context_id = item.context_id
+        cx.abstract_syntax = UID(item.abstract_syntax, validation_mode=pydicom_config.IGNORE)
+        cx.transfer_syntax = [UID(item.transfer_syntax, validation_mode=pydicom_config.IGNORE)]
+        cx.result = item.result
+        results.append(cx)
+        if item.role is not None:
+            # Built as the PDU sub-item: pynetdicom's primitive refuses both flags 0, which
+            # DCMTK sends (peer proposes scu only, we allow scp only).
+            role = SCP_SCU_RoleSelectionSubItem()
+            role.sop_class_uid = cx.abstract_syntax
+            role.scu_role, role.scp_role = item.role
+            role_items.append(role)
+    extended = []
+    for uid, data in answer.extended_negotiation:
+        extneg = SOPClassExtendedNegotiation()
+        extneg.sop_class_uid = UID(uid, validation_mode=pydicom_config.IGNORE)
+        extneg.service_class_application_information = data
+        extended.append(extneg)
+    ac = _encode_ac(primitive, config, results, extended)
+    user_information = ac.user_information
+    assert user_information is not None
+    # Sub-items in ascending type order, as DCMTK sends them (PS3.8 CP 280): 51H maximum
+    # length, 52H implementation UID, 54H roles, 55H implementation version, 56H extended.
+    user_information.user_data[2:2] = role_items
     accepted = {
-        cx.context_id: AcceptedContext(cx.context_id, str(cx.abstract_syntax),
-                                       str(cx.transfer_syntax[0]))
-        for cx in results if cx.result == 0x00 and cx.context_id is not None
+        item.context_id: AcceptedContext(item.context_id, item.abstract_syntax,
+                                         item.transfer_syntax)
+        for item in answer.contexts if item.result == profile.ACCEPTED
     }
-    rejected = [cx for cx in results if cx.result != 0x00]
+    rejected = [cx for cx in results if cx.result != profile.ACCEPTED]
     return Acceptance(accepted, rejected, ac.encode())

@@ -231,9 +231,11 @@ class Session:
         acceptance = acceptor.accept(request, primitive, self.config)
         self.contexts = acceptance.contexts
         self.channel.send(acceptance.pdu)
-        log.info("%s: association accepted (%d of %d contexts, max PDU %d)",
+        profile = self.config.negotiation.profile
+        log.info("%s: association accepted (%d of %d contexts, max PDU %d%s)",
                  self._who(), len(acceptance.contexts), len(request.proposed),
-                 request.max_pdu, extra=self._fields(DICOM_OUTCOME="accepted"))
+                 request.max_pdu, f", profile {profile}" if profile else "",
+                 extra=self._fields(DICOM_OUTCOME="accepted"))
         pc_level = logging.INFO if self.config.logging.verbose_pc else logging.DEBUG
         if log.isEnabledFor(pc_level):
             for cx in acceptance.contexts.values():
