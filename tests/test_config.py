@@ -324,9 +324,13 @@ def _non_default(f: dataclasses.Field[Any]) -> Any:
         return max(value, f.metadata.get(MINIMUM, value))
     if CHOICES in f.metadata:
         return next(c for c in f.metadata[CHOICES] if c != default)
+    if isinstance(default, dict):  # tls.subject_aetitles
+        return {"CN=ct1,O=Hospital": ["CT01"]}
     if isinstance(default, list):
         if f.name in ("allow", "deny"):
             return ["10.0.0.0/8", "fd00::/8"]
+        if f.name == "allowed_subjects":
+            return ["CN=mr1,O=Hospital"]
         return ["CT01", "MR01"]
     return "X" + default if default != "." else "/srv/dicom"
 
