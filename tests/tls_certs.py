@@ -27,6 +27,7 @@ class Certificates:
     server: Pair
     client: Pair  # signed by ca
     client2: Pair  # signed by ca, another subject
+    client3: Pair  # signed by ca, a third subject
     stranger: Pair  # signed by other_ca
     encrypted_key: Path  # server key encrypted with PASSWORD
     password_file: Path
@@ -74,6 +75,7 @@ def make(directory: Path) -> Certificates:
     _openssl("pkey", "-in", str(server.key), "-out", str(encrypted), "-aes256",
              "-passout", f"pass:{PASSWORD}")
     encrypted.chmod(0o600)
-    return Certificates(directory, ca, other_ca, server,
-                        _leaf(directory, "modality-ct1", ca), _leaf(directory, "modality-mr1", ca),
+    clients = [_leaf(directory, name, ca)
+               for name in ("modality-ct1", "modality-mr1", "modality-us1")]
+    return Certificates(directory, ca, other_ca, server, *clients,
                         _leaf(directory, "stranger", other_ca), encrypted, password_file)
