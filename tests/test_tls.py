@@ -249,19 +249,26 @@ def _openssl(*args: str) -> None:
     subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=30)
 
 
-def test_der_files_and_encrypted_key_with_password_file(daemon_factory: Any, tmp_path: Path,
-                                                        certs: Certificates) -> None:
+def test_der_files_encrypted_key_and_revocation_list(daemon_factory: Any, tmp_path: Path,
+                                                     certs: Certificates) -> None:
+    """-der for every file (an encrypted PKCS#8 key with its password file, the certificate,
+    the CA and a CRL, which implies leaf checking as storescp +crl does)."""
     key, cert, ca = tmp_path / "server.der.key", tmp_path / "server.der", tmp_path / "ca.der"
+    crl = tmp_path / "ca.crl.der"
     _openssl("pkcs8", "-topk8", "-in", str(certs.server.key), "-outform", "DER", "-v2",
              "aes256", "-passout", f"pass:{tls_certs.PASSWORD}", "-out", str(key))
     key.chmod(0o600)
     _openssl("x509", "-in", str(certs.server.cert), "-outform", "DER", "-out", str(cert))
     _openssl("x509", "-in", str(certs.ca.cert), "-outform", "DER", "-out", str(ca))
+    _openssl("crl", "-in", str(tls_certs.revocation_list(certs, certs.client3)), "-outform",
+             "DER", "-out", str(crl))
     daemon = daemon_factory({"tls": tls_table(
         certs, private_key=str(key), certificate=str(cert), ca_files=[str(ca)],
-        file_format="der", key_password_file=str(certs.password_file))})
+        crl_files=[str(crl)], file_format="der", key_password_file=str(certs.password_file))})
     echoscu(daemon.port, client(certs, certs.client))
     assert f"peer certificate '{CT1}'" in daemon.log()
+    assert echoscu(daemon.port, client(certs, certs.client3), check=False).returncode != 0
+    daemon.wait_log("TLS handshake failed: peer certificate not accepted: certificate revoked")
 
 
 def test_socket_activation_accept_yes_with_a_credential(tmp_path: Path,
@@ -331,3 +338,16 @@ def test_storescp_cipher_names_map_to_suites_openssl_knows() -> None:
 
 def test_no_context_without_tls() -> None:
     assert build_context(TLSConfig()) is None
+
+
+def test_reload_rereads_the_key_and_keeps_the_running_context_on_error(
+        daemon_factory: Any, certs: Certificates, tmp_path: Path) -> None:
+    key = tmp_path / "server.key"
+    shutil.copy(certs.server.key, key)
+    key.chmod(0o600)
+    daemon = daemon_factory({"tls": tls_table(certs, private_key=str(key))})
+    key.chmod(0o644)
+    daemon.proc.send_signal(signal.SIGHUP)
+    line = line_with(daemon.wait_log("reload rejected"), "reload rejected")
+    assert f"tls.private_key = '{key}': {key} is readable by every user" in line
+    echoscu(daemon.port, client(certs, certs.client))  # the running context still serves

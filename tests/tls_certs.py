@@ -79,3 +79,23 @@ def make(directory: Path) -> Certificates:
                for name in ("modality-ct1", "modality-mr1", "modality-us1")]
     return Certificates(directory, ca, other_ca, server, *clients,
                         _leaf(directory, "stranger", other_ca), encrypted, password_file)
+
+
+def revocation_list(certs: Certificates, *revoked: Pair) -> Path:
+    """A CRL of the test CA (PEM) revoking `revoked`, made with `openssl ca`."""
+    directory = certs.directory / "crl"
+    directory.mkdir(exist_ok=True)
+    (directory / "index.txt").write_text("")
+    (directory / "crlnumber").write_text("1000\n")
+    config = directory / "ca.cnf"
+    config.write_text("[ca]\ndefault_ca = test\n[test]\ndatabase = index.txt\n"
+                      "crlnumber = crlnumber\ndefault_md = sha256\ndefault_crl_days = 2\n")
+    common = ["-batch", "-config", str(config), "-keyfile", str(certs.ca.key),
+              "-cert", str(certs.ca.cert)]
+    for pair in revoked:
+        subprocess.run(["openssl", "ca", *common, "-revoke", str(pair.cert)], check=True,
+                       capture_output=True, timeout=60, cwd=directory)
+    crl = directory / "test-ca.crl"
+    subprocess.run(["openssl", "ca", *common, "-gencrl", "-out", str(crl)], check=True,
+                   capture_output=True, timeout=60, cwd=directory)
+    return crl

@@ -81,7 +81,8 @@ class NetworkConfig:
         storescp=("-pdu", "--max-pdu"), minimum=4096, maximum=131072,
     )
     acse_timeout: int = setting(
-        30, "Seconds to wait for association messages (A-ASSOCIATE-RQ, A-RELEASE).",
+        30, "Seconds to wait for association messages (A-ASSOCIATE-RQ, A-RELEASE), and for "
+        "a TLS handshake to complete ([tls]).",
         storescp=("-ta", "--acse-timeout"), minimum=1,
     )
     dimse_timeout: int = setting(
