@@ -490,9 +490,9 @@ class TLSConfig:
     allowed_subjects: list[str] = field(
         default_factory=list,
         metadata={DOC: "Verified client certificate subjects allowed to connect, e.g. "
-                       "\"CN=ct1,O=Hospital\" (attribute order, case of attribute names and "
-                       "spaces around = and , do not matter); others are logged and closed "
-                       "before any DICOM byte. Empty (and no subject_aetitles): any verified "
+                       "\"CN=ct1,O=Hospital\" or as openssl prints it (attribute order, case "
+                       "and spaces around = and , do not matter); others are logged and "
+                       "closed before any DICOM byte. Empty (and no subject_aetitles): any verified "
                        "client.",
                   STORESCP: (), RELOAD: True, DEFAULT_NOTE: ""},
     )
