@@ -492,8 +492,8 @@ class TLSConfig:
         metadata={DOC: "Verified client certificate subjects allowed to connect, e.g. "
                        "\"CN=ct1,O=Hospital\" or as openssl prints it (attribute order, case "
                        "and spaces around = and , do not matter); others are logged and "
-                       "closed before any DICOM byte. Empty (and no subject_aetitles): any verified "
-                       "client.",
+                       "closed before any DICOM byte. Empty (and no subject_aetitles): any "
+                       "verified client.",
                   STORESCP: (), RELOAD: True, DEFAULT_NOTE: ""},
     )
     subject_aetitles: dict[str, list[str]] = field(
