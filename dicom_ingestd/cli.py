@@ -47,6 +47,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_problems(exc)
         return ExitCode.CONFIG
     logsetup.setup(config.logging)
+    from dicom_ingestd.tls import build_context
+    try:
+        # Key files are read now, before a byte is served (and only here and on reload).
+        tls_context = build_context(config.tls, args.config)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return ExitCode.CONFIG
     # Heavy imports only when serving; the master imports the worker code before forking so
     # that workers start warm.
     from dicom_ingestd import systemd
@@ -108,7 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         notifier.ready(f"serving one association from {peer}")
         # systemctl stop: leave through Session.run's cleanup, so no partial file remains.
         signal.signal(signal.SIGTERM, _exit_on_signal)
-        Session(conn, peer, config, store).run()
+        Session(conn, peer, config, store, tls_context=tls_context).run()
         notifier.stopping()
         return ExitCode.OK
 
@@ -121,7 +128,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                          exc.strerror or exc)
             return ExitCode.UNAVAILABLE
     try:
-        master = Master(args.config, config, store, listeners, notifier)
+        master = Master(args.config, config, store, listeners, notifier,
+                        tls_context=tls_context)
     except StorageError as exc:  # the state directory of [jobs]
         log.critical("%s", exc)
         return ExitCode.CANTCREAT
@@ -135,8 +143,10 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate the configuration; print each problem; exit 0 when valid."""
+    from dicom_ingestd.tls import build_context
     try:
-        load_config(args.config)
+        # [tls] files too: a missing key or a wrong password is found before a restart.
+        build_context(load_config(args.config).tls, args.config)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)

@@ -14,6 +14,7 @@ import os
 import selectors
 import signal
 import socket
+import ssl
 import time
 from collections import Counter
 from enum import Enum
@@ -28,6 +29,7 @@ from dicom_ingestd.errors import ConfigError, StorageError
 from dicom_ingestd.jobs.service import EventService
 from dicom_ingestd.sockets import describe
 from dicom_ingestd.systemd import Notifier
+from dicom_ingestd.tls import build_context
 from dicom_ingestd.watch import ConfigWatcher
 from dicom_ingestd.worker import acceptor
 from dicom_ingestd.worker.session import peer_name
@@ -52,9 +54,12 @@ class Master:
 
     def __init__(self, config_path: str | None, config: Config, store: Store,
                  listeners: list[socket.socket], notifier: Notifier,
-                 watch_config: bool = True) -> None:
+                 watch_config: bool = True, tls_context: ssl.SSLContext | None = None) -> None:
         self.config_path = config_path
         self.config = config
+        # [tls]: built from the key files before serving (and again on reload); forked
+        # workers inherit it and do the handshake themselves.
+        self.tls_context = tls_context
         self.store = store
         self.listeners = listeners
         self.notifier = notifier
@@ -119,8 +124,11 @@ class Master:
         if self._watcher is not None:
             self.selector.register(self._watcher.fileno(), selectors.EVENT_READ,
                                    self._config_changed)
-        log.info("dicom-ingestd ready: listening on %s as %s, process model %s, storing "
+        tls = self.config.tls
+        log.info("dicom-ingestd ready: listening on %s%s as %s, process model %s, storing "
                  "under %s", ", ".join(describe(s) for s in self.listeners) or "nothing",
+                 f" (TLS, profile {tls.profile}, peer certificates: {tls.peer_certificate})"
+                 if self.tls_context is not None else "",
                  self.config.network.aetitle, self.config.workers.process_model,
                  self.store.root)
         self.notifier.ready(self._status())
@@ -218,7 +226,8 @@ class Master:
             return
         conn.setblocking(True)
         try:
-            worker = self.spawner.spawn(Assignment(conn, peer, self.config, self.store, over))
+            worker = self.spawner.spawn(Assignment(conn, peer, self.config, self.store, over,
+                                                   self.tls_context))
         except OSError as exc:
             log.error("%s: cannot start a worker: %s", peer, exc.strerror or exc)
             self._last_error = f"cannot start a worker: {exc.strerror or exc}"
@@ -287,6 +296,7 @@ class Master:
         self.notifier.reloading()
         try:
             new = load_config(self.config_path)
+            tls_context = build_context(new.tls, self.config_path)
             store = self.store
             if new.storage.output_directory != self.config.storage.output_directory:
                 store = Store(new.storage)
@@ -313,6 +323,7 @@ class Master:
             self.store = store
             self._close_retired()
         self.config = new
+        self.tls_context = tls_context
         acceptor.warm_up(new)
         self.access = access
         self.events.reload(new)

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ class Assignment:
     config: Config
     store: Store
     reject_over_limit: str  # non-empty: the limit that was hit; answer A-ASSOCIATE-RJ
+    tls_context: ssl.SSLContext | None = None  # [tls]: the worker does the handshake
 
 
 def session_for(assignment: Assignment, channel: ipc.Channel,
@@ -59,7 +61,8 @@ def session_for(assignment: Assignment, channel: ipc.Channel,
             link.report_and_wait(message)
 
     return Session(assignment.conn, assignment.peer, assignment.config, assignment.store,
-                   on_stored=report, over_limit=assignment.reject_over_limit)
+                   on_stored=report, over_limit=assignment.reject_over_limit,
+                   tls_context=assignment.tls_context)
 
 
 @dataclass(eq=False)

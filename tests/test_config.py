@@ -343,9 +343,13 @@ def _non_default(f: dataclasses.Field[Any]) -> Any:
             {"1.2.840.10008.5.1.4.1.1.2": b"\x02\x00\x03"})}
     if f.name == "profile":
         return "P"
+    if isinstance(default, dict):  # tls.subject_aetitles
+        return {"CN=ct1,O=Hospital": ["CT01"]}
     if isinstance(default, list):
         if f.name in ("allow", "deny"):
             return ["10.0.0.0/8", "fd00::/8"]
+        if f.name == "allowed_subjects":
+            return ["CN=mr1,O=Hospital"]
         return ["CT01", "MR01"]
     return "X" + default if default != "." else "/srv/dicom"
 

@@ -134,7 +134,8 @@ def test_port_only_sets_storescp_defaults_that_differ_from_ours() -> None:
     (["--fork", "--max-associations", "4"],
      base(workers={"process_model": "fork", "max_associations": 4})),
     # Accepted as no-ops: they select what storescp and we do by default.
-    (["-ac"], base()), (["-tls"], base()), (["--no-sni"], base()), (["-uc"], base()),
+    (["-ac"], base()), (["--no-sni"], base()), (["-uc"], base()),
+    (["-tls"], base(tls={"enabled": False})),  # explicit, so written
     # Output options: an option given is written, even with storescp's default value.
     (["+t="], base(storage={"transfer_syntax": "received"})),
     (["+F"], base(storage={"file_format": "file"})),
@@ -246,7 +247,7 @@ def test_values_are_taken_verbatim_even_when_they_look_like_options() -> None:
     (["+p", "8", "16", "-p"], base(storage={"file_padding": 0, "item_padding": 0})),
     # An overridden option has no effect, in storescp as here (+te brings no +e along).
     (["+te", "+t="], base(storage={"transfer_syntax": "received"})),
-    (["+tls", "key.pem", "cert.pem", "-tls"], base()),
+    (["+tls", "key.pem", "cert.pem", "-tls"], base(tls={"enabled": False})),
     (["+ac", "-ac"], base()),
 ])
 def test_rightmost_wins(argv: list[str], expected: dict[str, dict[str, Any]]) -> None:
@@ -746,15 +747,18 @@ def test_implemented_ignored_and_unimplemented_summary() -> None:
     for option in OPTIONS:
         by_kind[option.effect.kind].add(option.short or option.long)
     assert by_kind[Kind.IGNORED] == {"-h", "--version", "--arguments", "-lc", "+rs", "+ws",
-                                     "+wf"}
-    for flag in ("+uc", "+tls", "+ps",
-                 "+pw", "-pw", "-pem", "-der",
-                 "+cf", "+cd", "+cs", "+dp", "-rc", "-vc", "-ic"):
-        assert flag in by_kind[Kind.UNSUPPORTED], flag
+                                     "+wf", "+ps", "+cc", "+ph"}
+    assert "+uc" in by_kind[Kind.UNSUPPORTED]
+    # TLS: what is left out, on purpose (3DES, unencrypted, 3.7's SNI and modified profile).
+    assert by_kind[Kind.UNSUPPORTED] & {o.short or o.long for o in OPTIONS
+                                        if o.long.startswith(("--profile", "--expect-sni"))} \
+        == {"+pb", "+pn", "+pm", "--expect-sni"}
     for flag in ("-xf", "-tls", "-B", "+t=", "-ac", "+ac", "--single-process", "--fork",
                  "--max-associations", "+F", "-p", "-xcr", "-xcs", "-rns", "-tos", "-xs",
                  "-F", "+te", "+tb", "+ti", "+td", "+cl", "+u", "-u", "+g=", "+g", "-g",
-                 "+e", "-e", "+p", "-uc"):
+                 "+e", "-e", "+p", "-uc",
+                 "+tls", "+pw", "-pw", "-pem", "-der", "+cf", "+cd", "+crl", "+crv", "+cra",
+                 "+py", "+px", "+pz", "+pg", "+pa", "+cs", "+dp", "-rc", "-vc", "-ic"):
         assert flag in by_kind[Kind.SET], flag
 
 
@@ -1184,3 +1188,81 @@ def test_access_control_agrees_with_libwrap(tables: Tables, allow: str, deny: st
     libwrap = dict(zip(PEERS, (line == "1" for line in result.stdout.split()), strict=True))
     ours = {peer: policy.check(peer) is None for peer in PEERS}
     assert ours == libwrap, access
+
+
+# -- TLS ---------------------------------------------------------------------------------------
+TLS = ["+tls", "/etc/dicom/key.pem", "/etc/dicom/cert.pem", "+cf", "/etc/dicom/ca.pem"]
+
+
+def tls_of(*argv: str) -> dict[str, Any]:
+    return dict(data_of(*TLS, *argv, PORT)["tls"])
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    ([], {}),
+    (["-der"], {"file_format": "der"}),
+    (["-der", "-pem"], {"file_format": "pem"}),
+    (["+cf", "/ca2.pem", "+cd", "/etc/ssl/dicom"],
+     {"ca_files": ["/etc/dicom/ca.pem", "/ca2.pem"], "ca_directories": ["/etc/ssl/dicom"]}),
+    (["+crl", "/a.crl", "+crl", "/b.crl", "+cra"],
+     {"crl_files": ["/a.crl", "/b.crl"], "crl_check": "chain"}),
+    (["+crv"], {"crl_check": "leaf"}),
+    (["+px"], {"profile": "bcp195"}), (["+pz"], {"profile": "bcp195-ex"}),
+    (["+pg"], {"profile": "rfc8996"}), (["+pa"], {"profile": "aes"}),
+    (["+py"], {"profile": "bcp195-nd"}),
+    (["+cs", "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256", "+cs", "ECDHE-RSA-CHACHA20-POLY1305"],
+     {"cipher_suites": ["TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+                        "ECDHE-RSA-CHACHA20-POLY1305"]}),
+    (["+dp", "/etc/dicom/dh.pem"], {"dh_parameters": "/etc/dicom/dh.pem"}),
+    (["-vc"], {"peer_certificate": "verify"}), (["-ic"], {"peer_certificate": "ignore"}),
+    (["-rc"], {"peer_certificate": "require"}),
+    (["-pw"], {"key_password_file": ""}),
+])
+def test_tls_options(argv: list[str], expected: dict[str, Any]) -> None:
+    assert tls_of(*argv) == {"enabled": True, "private_key": "/etc/dicom/key.pem",
+                             "certificate": "/etc/dicom/cert.pem",
+                             "ca_files": ["/etc/dicom/ca.pem"], **expected}
+
+
+def test_tls_password_is_never_written() -> None:
+    translation = translate([*TLS, "+pw", "s3cret", PORT])
+    text = translation.toml()
+    assert "s3cret" not in text and "s3cret" not in "\n".join(translation.warnings)
+    assert "+pw HIDDEN: the password is not copied into this file" in text
+    assert "key_password_file" not in translation.data["tls"]
+    assert "s3cret" not in refused("+pw", "s3cret", PORT)  # refused without +tls
+
+
+@pytest.mark.parametrize(("argv", "why"), [
+    (["+ps"], "prompting for the key password on a terminal is meaningless for a daemon"),
+    (["+rs", "/seed", "+ws"], "no effect with a modern OpenSSL"),
+    (["+rs", "/seed", "+wf", "/seed2"], "no effect with a modern OpenSSL"),
+    (["+cc"], "storescp would only print its cipher suites and exit"),
+])
+def test_tls_options_without_effect_warn(argv: list[str], why: str) -> None:
+    translation = translate([*TLS, *argv, PORT])
+    assert any(why in warning for warning in translation.warnings), translation.warnings
+    assert translation.data["tls"]["enabled"] is True
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["-der", PORT], "-der: requires --enable-tls (as in storescp)"),
+    (["+cf", "ca.pem", PORT], "+cf ca.pem: requires --enable-tls"),
+    (["-ic", PORT], "-ic: requires --enable-tls"),
+    ([*TLS, "+pz", "+cs", "TLS_RSA_WITH_AES_128_CBC_SHA", PORT], "+cs "),  # conflicts with +pz
+    (["+tls", "/k", "/c", PORT], "+tls /k /c: with -rc (the default) and no +cf/+cd"),
+    (["+tls", "/k", "/c", "-vc", PORT], "+tls /k /c: with -vc and no +cf/+cd"),
+    ([*TLS, "+pn", PORT], "+pn: not implemented yet (unencrypted TLS"),
+    ([*TLS, "+pb", PORT], "+pb: not implemented yet (the retired Basic TLS profile's 3DES"),
+])
+def test_tls_refusals(argv: list[str], message: str) -> None:
+    assert refused(*argv).startswith(message)
+
+
+def test_tls_translation_loads_and_relative_paths_warn() -> None:
+    from dicom_ingestd.config.load import config_from_mapping
+
+    translation = translate(["+tls", "key.pem", "cert.pem", "-ic", PORT])
+    assert sum("is relative" in w for w in translation.warnings) == 2
+    config = config_from_mapping(tomllib.loads(translation.toml()))
+    assert config.tls.enabled and config.tls.peer_certificate == "ignore"

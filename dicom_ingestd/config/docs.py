@@ -91,6 +91,8 @@ class _Key:
             return "integer"
         if self.hint is str:
             return "string"
+        if typing.get_origin(self.hint) is dict:
+            return "table of arrays of strings"
         return "array of strings"
 
     @property
@@ -110,8 +112,8 @@ class _Key:
     @property
     def toml_default(self) -> str:
         """The default as a TOML value (tomli_w's spelling, so it parses back identically)."""
-        if self.example:
-            return "{}"  # the tables are empty by default
+        if self.example or self.default == {}:
+            return "{}"  # tomli_w writes an empty table as a [header]
         return tomli_w.dumps({"x": self.default}).strip().removeprefix("x = ")
 
 

@@ -37,6 +37,7 @@ from dicom_ingestd.config.schema import (
     tables,
 )
 from dicom_ingestd.errors import ConfigError
+from dicom_ingestd.tls import parse_subject
 
 __all__ = ["config_from_mapping", "diff_configs", "dump_config", "load_config"]
 
@@ -184,6 +185,10 @@ def _acceptable(f: dataclasses.Field[Any], hint: Any, value: object) -> bool:
         ok = isinstance(value, str)
     elif typing.get_origin(hint) is list and typing.get_args(hint) == (str,):
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    elif typing.get_origin(hint) is dict and typing.get_args(hint) == (str, list[str]):
+        ok = isinstance(value, Mapping) and all(
+            isinstance(v, list) and all(isinstance(item, str) for item in v)
+            for v in value.values())
     else:
         # A new annotation in the schema needs a rule here; fail loudly, not permissively.
         raise TypeError(f"config loader cannot check type {hint!r} of {f.name}")
@@ -215,6 +220,8 @@ def _allowed(f: dataclasses.Field[Any], hint: Any) -> str:
         return "must be an integer"
     if hint is str:
         return "must be a string"
+    if typing.get_origin(hint) is dict:
+        return "must be a table whose values are arrays of strings"
     return "must be an array of strings"
 
 
@@ -326,6 +333,21 @@ def _check_no_nul(full: str, value: str) -> Iterator[_Problem]:
         yield full, value, "must not contain NUL"
 
 
+def _check_subjects(full: str, value: list[str]) -> Iterator[_Problem]:
+    for index, subject in enumerate(value):
+        try:
+            parse_subject(subject)
+        except ValueError as exc:
+            yield (f"{full}[{index}]", subject,
+                   f"must be a certificate subject such as \"CN=ct1,O=Hospital\" ({exc})")
+
+
+def _check_subject_aetitles(full: str, value: Mapping[str, list[str]]) -> Iterator[_Problem]:
+    for subject, titles in value.items():
+        yield from _check_subjects(full, [subject])
+        yield from _check_aetitle_list(f"{full}.{subject!r}", titles)
+
+
 def _cross_checks(sections: Mapping[str, Any]) -> Iterator[_Problem]:
     """Rules between keys of different tables, checked once every key has a value."""
     negotiation = sections["negotiation"]
@@ -353,6 +375,29 @@ def _cross_checks(sections: Mapping[str, Any]) -> Iterator[_Problem]:
                "requires storage.sort other than none (as storescp -rns requires -ss, -su or "
                "-sp): files are renamed within their study's directory")
     yield from _encoding_checks(sections["storage"], sections["negotiation"])
+    yield from _tls_checks(sections["tls"])
+
+
+def _tls_checks(tls: Any) -> Iterator[_Problem]:
+    if not tls.enabled:
+        return  # the other [tls] keys may stay in the file while TLS is off
+    for key in ("private_key", "certificate"):
+        if not getattr(tls, key):
+            yield f"tls.{key}", "", "required with tls.enabled = true (storescp +tls KEY CERT)"
+    if tls.peer_certificate != "ignore" and not (tls.ca_files or tls.ca_directories):
+        yield ("tls.peer_certificate", tls.peer_certificate,
+               "needs tls.ca_files or tls.ca_directories to verify client certificates "
+               "against (or peer_certificate = \"ignore\")")
+    if tls.peer_certificate == "ignore" and (tls.allowed_subjects or tls.subject_aetitles):
+        yield ("tls.peer_certificate", "ignore",
+               "tls.allowed_subjects and tls.subject_aetitles need verified certificates: "
+               "use require or verify")
+    if tls.profile == "bcp195-ex" and tls.cipher_suites:
+        yield ("tls.cipher_suites", tls.cipher_suites,
+               "no suites can be added to the bcp195-ex profile (as in storescp)")
+    if tls.profile in ("bcp195-ex", "aes") and tls.minimum_version == "1.3":
+        yield ("tls.minimum_version", "1.3",
+               f"the {tls.profile} profile allows TLS 1.2 only")
 
 
 # storescp refuses +te/+tb/+ti/+td with the preferences that let compressed data in: there is
@@ -416,4 +461,10 @@ _VALUE_CHECKS: dict[str, Callable[[str, Any], Iterator[_Problem]]] = {
     # storescp names study subdirectories prefix_...; the prefix is accepted with any sort
     # mode (it is simply unused without conc-studies/study-uid) but must stay one name.
     "storage.sort_prefix": _check_name_part,
+    "tls.private_key": _check_no_nul,
+    "tls.certificate": _check_no_nul,
+    "tls.key_password_file": _check_no_nul,
+    "tls.dh_parameters": _check_no_nul,
+    "tls.allowed_subjects": _check_subjects,
+    "tls.subject_aetitles": _check_subject_aetitles,
 }

@@ -82,7 +82,8 @@ class NetworkConfig:
         storescp=("-pdu", "--max-pdu"), minimum=4096, maximum=131072,
     )
     acse_timeout: int = setting(
-        30, "Seconds to wait for association messages (A-ASSOCIATE-RQ, A-RELEASE).",
+        30, "Seconds to wait for association messages (A-ASSOCIATE-RQ, A-RELEASE), and for "
+        "a TLS handshake to complete ([tls]).",
         storescp=("-ta", "--acse-timeout"), minimum=1,
     )
     dimse_timeout: int = setting(
@@ -538,6 +539,122 @@ class AccessConfig:
     )
 
 
+TLS_PROFILES = ("bcp195-nd", "bcp195", "bcp195-ex", "rfc8996", "aes")
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    """[tls]: DICOM over TLS, as storescp's +tls option group.  The context is built once at
+    start-up and at each reload (so certificates can be renewed with a reload); files are read
+    then, by the daemon's user.  A path may start with $CREDENTIALS_DIRECTORY/ to name a
+    systemd credential (LoadCredential=name:/etc/ssl/private/dicom.key, then
+    private_key = "$CREDENTIALS_DIRECTORY/name"): systemd reads the file as root and hands
+    it to the unprivileged service.  The TLS handshake runs in the association's worker,
+    bounded by network.acse_timeout, never in the process that accepts connections.
+    """
+
+    enabled: bool = setting(
+        False, "Accept only TLS connections on every listening socket (storescp +tls); "
+        "needs private_key and certificate.",
+        storescp=("+tls", "--enable-tls", "-tls", "--disable-tls"),
+    )
+    private_key: str = setting(
+        "", "Our private key file. Refused when readable by every user (mode o+r); "
+        "group-readable is allowed for the ssl-cert group convention.",
+        storescp=("+tls", "--enable-tls"),
+    )
+    certificate: str = setting(
+        "", "Our certificate file (PEM: may hold the intermediate certificates after ours).",
+        storescp=("+tls", "--enable-tls"),
+    )
+    key_password_file: str = setting(
+        "", "File whose first line is the private key's password (or a systemd credential). "
+        "Empty: the key must be unencrypted (an empty password is tried, as storescp -pw). "
+        "storescp's +pw on the command line and +ps prompting have no daemon equivalent.",
+        storescp=("+pw", "--use-passwd", "-pw", "--null-passwd"),
+    )
+    file_format: str = setting(
+        "pem", "Format of the key, certificate, CA and CRL files: pem or der.",
+        storescp=("-pem", "--pem-keys", "-der", "--der-keys"), choices=("pem", "der"),
+    )
+    ca_files: list[str] = field(
+        default_factory=list,
+        metadata={DOC: "Files of trusted CA certificates that sign peer certificates.",
+                  STORESCP: ("+cf", "--add-cert-file"), RELOAD: True, DEFAULT_NOTE: ""},
+    )
+    ca_directories: list[str] = field(
+        default_factory=list,
+        metadata={DOC: "Directories of trusted CA certificates (PEM: OpenSSL hashed names, "
+                       "see openssl rehash; DER: every file in the directory).",
+                  STORESCP: ("+cd", "--add-cert-dir"), RELOAD: True, DEFAULT_NOTE: ""},
+    )
+    crl_files: list[str] = field(
+        default_factory=list,
+        metadata={DOC: "Certificate revocation list files; any implies crl_check = leaf "
+                       "unless crl_check says chain.",
+                  STORESCP: ("+crl", "--add-crl-file"), RELOAD: True, DEFAULT_NOTE: ""},
+    )
+    crl_check: str = setting(
+        "none", "Check peer certificates against crl_files: none, leaf (the peer's "
+        "certificate) or chain (every certificate of the chain; each CA needs a CRL).",
+        storescp=("+crv", "--enable-crl-vfy", "+cra", "--enable-crl-all"),
+        choices=("none", "leaf", "chain"),
+    )
+    profile: str = setting(
+        "bcp195-nd", "DICOM TLS security profile: bcp195-nd (non-downgrading BCP 195: TLS 1.2 "
+        "ECDHE/DHE-RSA AES-GCM suites, and TLS 1.3), bcp195 (adds TLS_RSA_WITH_AES_128_CBC_SHA), "
+        "bcp195-ex (extended: also ECDSA AES-GCM suites, TLS 1.2 only, no cipher_suites), "
+        "rfc8996 (storescp 3.7's default: ECDHE RSA/ECDSA AES-GCM, and TLS 1.3), aes "
+        "(retired AES profile: TLS_RSA_WITH_AES_128_CBC_SHA, TLS 1.2 only).",
+        storescp=("+py", "--profile-bcp195-nd", "+px", "--profile-bcp195", "+pz",
+                  "--profile-bcp195-ex", "+pg", "--profile-8996", "+pa", "--profile-aes"),
+        choices=TLS_PROFILES,
+    )
+    minimum_version: str = setting(
+        "1.2", "Oldest TLS version accepted: 1.2 or 1.3 (TLS 1.0 and 1.1 are never accepted).",
+        choices=("1.2", "1.3"),
+        default_note="storescp's bcp195 and aes profiles also allow TLS 1.0/1.1 when "
+        "OpenSSL does.",
+    )
+    cipher_suites: list[str] = field(
+        default_factory=list,
+        metadata={DOC: "TLS 1.2 cipher suites added to the profile's, by TLS name "
+                       "(TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256, as storescp +cs) or OpenSSL "
+                       "name (ECDHE-RSA-AES128-GCM-SHA256). Unencrypted suites are refused; "
+                       "TLS 1.3 suites are OpenSSL's.",
+                  STORESCP: ("+cs", "--cipher"), RELOAD: True, DEFAULT_NOTE: ""},
+    )
+    dh_parameters: str = setting(
+        "", "PEM file of Diffie-Hellman parameters for the DHE suites; empty: DHE suites are "
+        "not used (ECDHE and TLS 1.3 are).", storescp=("+dp", "--dhparam"),
+        default_note="storescp has built-in 2048-bit DH parameters.",
+    )
+    peer_certificate: str = setting(
+        "require", "Client certificates: require (verified against the CA files, a client "
+        "without one is refused), verify (verified when sent), ignore (not asked for).",
+        storescp=("-rc", "--require-peer-cert", "-vc", "--verify-peer-cert", "-ic",
+                  "--ignore-peer-cert"),
+        choices=("require", "verify", "ignore"),
+    )
+    allowed_subjects: list[str] = field(
+        default_factory=list,
+        metadata={DOC: "Verified client certificate subjects allowed to connect, e.g. "
+                       "\"CN=ct1,O=Hospital\" or as openssl prints it (attribute order, case "
+                       "and spaces around = and , do not matter); others are logged and "
+                       "closed before any DICOM byte. Empty (and no subject_aetitles): any "
+                       "verified client.",
+                  STORESCP: (), RELOAD: True, DEFAULT_NOTE: ""},
+    )
+    subject_aetitles: dict[str, list[str]] = field(
+        default_factory=dict,
+        metadata={DOC: "Calling AE titles each client certificate subject may use, as a "
+                       "table: [tls.subject_aetitles] \"CN=ct1,O=Hospital\" = [\"CT1\"]. "
+                       "A subject listed here is allowed too; another calling AE title is "
+                       "rejected (A-ASSOCIATE-RJ, calling AE title not recognized).",
+                  STORESCP: (), RELOAD: True, DEFAULT_NOTE: ""},
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class LoggingConfig:
     """[logging]: what goes to stderr (and the journal)."""
@@ -570,6 +687,7 @@ class Config:
     jobs: JobsConfig = field(default_factory=JobsConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     testing: TestingConfig = field(default_factory=TestingConfig)
 

@@ -91,11 +91,24 @@ class Translation:
 
     def toml(self) -> str:
         """The TOML document: a comment header (command line, one line per warning), then data."""
-        lines = [_comment(f"translated from: storescp {shlex.join(self.argv)}".rstrip())]
-        if self.arguments != self.argv:
-            lines.append(_comment(f"after @file expansion: {shlex.join(self.arguments)}"))
+        argv, arguments = _masked(self.argv), _masked(self.arguments)
+        lines = [_comment(f"translated from: storescp {shlex.join(argv)}".rstrip())]
+        if arguments != argv:
+            lines.append(_comment(f"after @file expansion: {shlex.join(arguments)}"))
         lines.extend(_comment(f"warning: {warning}") for warning in self.warnings)
         return "\n".join(lines) + "\n\n" + tomli_w.dumps(self.data)
+
+
+_SECRET_OPTIONS = ("+pw", "--use-passwd")
+
+
+def _masked(args: Sequence[str]) -> tuple[str, ...]:
+    """The arguments with +pw's password replaced: it must not end up in a file or a log."""
+    out = list(args)
+    for index, arg in enumerate(out[:-1]):
+        if arg in _SECRET_OPTIONS:
+            out[index + 1] = "HIDDEN"
+    return tuple(out)
 
 
 def _comment(text: str) -> str:
@@ -132,7 +145,8 @@ class Use:
 
     def label(self) -> str:
         """The option and its values as written, for messages: `-pdu 100 (from @opts)`."""
-        text = shlex.join([self.spelling, *self.values])
+        values = ("HIDDEN",) if self.spelling in _SECRET_OPTIONS else self.values
+        text = shlex.join([self.spelling, *values])
         return f"{text} (from @{self.origin})" if self.origin else text
 
 
@@ -168,6 +182,7 @@ class Option:
     block: str = ""
     since: str = "3.6.7"
     prevails: bool = False
+    repeatable: bool = False  # every use counts (storescp +cf, +cd, +crl, +cs): values add up
 
     @property
     def name(self) -> str:
@@ -812,9 +827,47 @@ def _eostudy_timeout(use: Use, text: str, warnings: list[str]) -> int:
                         "(events.eostudy_timeout = 0 would mean never)")
         return 1
     return seconds
-_TLS = "TLS"
 _EXITS = "storescp would only print {what} and exit; the rest of the command line is translated"
-_SEED = "OpenSSL seeds its random generator itself"
+_SEED = ("no effect with a modern OpenSSL, which seeds its random generator from the operating "
+         "system")
+_RETIRED_3DES = "the retired Basic TLS profile's 3DES suite, which OpenSSL 3 no longer offers"
+_UNENCRYPTED = "unencrypted TLS (the retired IHE ATNA NULL profile): refused on purpose"
+_PROFILE_8996_MOD = "the modified RFC 8996 profile's CAMELLIA and CCM suites"
+_SNI = "checking the server name a client asks for (SNI)"
+# storescp's TLS options that depend on --enable-tls (DcmTLSOptions::parseArguments).
+_NEEDS_TLS = ("--std-passwd", "--use-passwd", "--null-passwd", "--pem-keys", "--der-keys",
+              "--add-cert-file", "--add-cert-dir", "--add-crl-file", "--enable-crl-vfy",
+              "--enable-crl-all", "--profile-bcp195-nd", "--profile-bcp195",
+              "--profile-bcp195-ex", "--profile-8996", "--profile-aes", "--cipher",
+              "--dhparam", "--require-peer-cert", "--verify-peer-cert", "--ignore-peer-cert",
+              "--seed", "--write-seed", "--write-seed-file")
+
+
+def _enable_tls(use: Use, warnings: list[str]) -> dict[str, Any]:
+    """+tls key cert."""
+    key, certificate = (_string(use, value, warnings) for value in use.values)
+    for path in (key, certificate):
+        if not path.startswith("/"):
+            warnings.append(f"{use.label()}: {path} is relative: the daemon resolves it "
+                            "against its working directory (/ under systemd); prefer an "
+                            "absolute path")
+    return {"tls.enabled": True, "tls.private_key": key, "tls.certificate": certificate}
+
+
+def _use_password(use: Use, warnings: list[str]) -> dict[str, Any]:
+    """+pw p: a password on the command line; a daemon reads it from a file instead."""
+    warnings.append(f"{use.label()}: the password is not copied into "
+                    "this file: write it to a file only the daemon's user can read (chmod "
+                    "600) and set tls.key_password_file to it, or pass it as a systemd "
+                    "credential (LoadCredential=, then \"$CREDENTIALS_DIRECTORY/NAME\")")
+    return {}
+
+
+def _paths(key: str) -> Effect:
+    """+cf/+cd/+crl/+cs: every use adds one value to the list `key`."""
+    return setter((key,), lambda use, warnings: {key: [_string(use, v, warnings)
+                                                       for v in use.values]})
+
 
 OPTIONS: tuple[Option, ...] = (
     # general options
@@ -900,38 +953,52 @@ OPTIONS: tuple[Option, ...] = (
     Option("--promiscuous", "-pm", 0, sets(("negotiation.promiscuous", True))),
     Option("--uid-padding", "-up", 0, sets(("association.uid_padding", True))),
     # TLS (3.6.7, and the 3.7 additions so that 3.7 command lines get a clear answer)
-    Option("--disable-tls", "-tls", 0, sets(), block="tls"),  # the default: plain TCP
-    Option("--enable-tls", "+tls", 2, unsupported(_TLS), block="tls"),
-    Option("--std-passwd", "+ps", 0, unsupported(_TLS), block="passwd"),
-    Option("--use-passwd", "+pw", 1, unsupported(_TLS), block="passwd"),
-    Option("--null-passwd", "-pw", 0, unsupported(_TLS), block="passwd"),
-    Option("--pem-keys", "-pem", 0, unsupported(_TLS), block="keyformat"),
-    Option("--der-keys", "-der", 0, unsupported(_TLS), block="keyformat"),
-    Option("--add-cert-file", "+cf", 1, unsupported(_TLS)),
-    Option("--add-cert-dir", "+cd", 1, unsupported(_TLS)),
-    Option("--add-crl-file", "+crl", 1, unsupported(_TLS)),
-    Option("--enable-crl-vfy", "+crv", 0, unsupported(_TLS), block="crl"),
-    Option("--enable-crl-all", "+cra", 0, unsupported(_TLS), block="crl"),
-    Option("--list-profiles", "+ph", 0, unsupported(_TLS), since="3.7.0"),
-    Option("--profile-8996", "+pg", 0, unsupported(_TLS), block="profile", since="3.7.0"),
-    Option("--profile-8996-mod", "+pm", 0, unsupported(_TLS), block="profile", since="3.7.0"),
-    Option("--profile-bcp195-nd", "+py", 0, unsupported(_TLS), block="profile"),
-    Option("--profile-bcp195", "+px", 0, unsupported(_TLS), block="profile"),
-    Option("--profile-bcp195-ex", "+pz", 0, unsupported(_TLS), block="profile"),
-    Option("--profile-basic", "+pb", 0, unsupported(_TLS), block="profile"),  # if 3DES exists
-    Option("--profile-aes", "+pa", 0, unsupported(_TLS), block="profile"),
-    Option("--profile-null", "+pn", 0, unsupported(_TLS), block="profile"),
-    Option("--list-ciphers", "+cc", 0, unsupported(_TLS)),
-    Option("--cipher", "+cs", 1, unsupported(_TLS)),
-    Option("--dhparam", "+dp", 1, unsupported(_TLS)),
+    Option("--disable-tls", "-tls", 0, sets(("tls.enabled", False)), block="tls"),
+    Option("--enable-tls", "+tls", 2,
+           setter(("tls.enabled", "tls.private_key", "tls.certificate"), _enable_tls),
+           block="tls"),
+    Option("--std-passwd", "+ps", 0, ignored(
+        "prompting for the key password on a terminal is meaningless for a daemon: an "
+        "encrypted key needs tls.key_password_file (a file only the daemon's user can read, "
+        "or a systemd credential)"), block="passwd"),
+    Option("--use-passwd", "+pw", 1, setter(("tls.key_password_file",), _use_password),
+           block="passwd"),
+    Option("--null-passwd", "-pw", 0, sets(("tls.key_password_file", "")), block="passwd"),
+    Option("--pem-keys", "-pem", 0, sets(("tls.file_format", "pem")), block="keyformat"),
+    Option("--der-keys", "-der", 0, sets(("tls.file_format", "der")), block="keyformat"),
+    Option("--add-cert-file", "+cf", 1, _paths("tls.ca_files"), repeatable=True),
+    Option("--add-cert-dir", "+cd", 1, _paths("tls.ca_directories"), repeatable=True),
+    Option("--add-crl-file", "+crl", 1, _paths("tls.crl_files"), repeatable=True),
+    Option("--enable-crl-vfy", "+crv", 0, sets(("tls.crl_check", "leaf")), block="crl"),
+    Option("--enable-crl-all", "+cra", 0, sets(("tls.crl_check", "chain")), block="crl"),
+    Option("--list-profiles", "+ph", 0, ignored(_EXITS.format(what="its TLS profiles")),
+           since="3.7.0"),
+    Option("--profile-8996", "+pg", 0, sets(("tls.profile", "rfc8996")), block="profile",
+           since="3.7.0"),
+    Option("--profile-8996-mod", "+pm", 0, unsupported(_PROFILE_8996_MOD), block="profile",
+           since="3.7.0"),
+    Option("--profile-bcp195-nd", "+py", 0, sets(("tls.profile", "bcp195-nd")),
+           block="profile"),
+    Option("--profile-bcp195", "+px", 0, sets(("tls.profile", "bcp195")), block="profile"),
+    Option("--profile-bcp195-ex", "+pz", 0, sets(("tls.profile", "bcp195-ex")),
+           block="profile"),
+    Option("--profile-basic", "+pb", 0, unsupported(_RETIRED_3DES), block="profile"),
+    Option("--profile-aes", "+pa", 0, sets(("tls.profile", "aes")), block="profile"),
+    Option("--profile-null", "+pn", 0, unsupported(_UNENCRYPTED), block="profile"),
+    Option("--list-ciphers", "+cc", 0, ignored(_EXITS.format(what="its cipher suites"))),
+    Option("--cipher", "+cs", 1, _paths("tls.cipher_suites"), repeatable=True),
+    Option("--dhparam", "+dp", 1, takes("tls.dh_parameters", _string)),
     Option("--no-sni", "", 0, sets(), since="3.7.0"),  # the default: SNI is not used
-    Option("--expect-sni", "", 1, unsupported(_TLS), since="3.7.0"),
+    Option("--expect-sni", "", 1, unsupported(_SNI), since="3.7.0"),
     Option("--seed", "+rs", 1, ignored(_SEED)),
     Option("--write-seed", "+ws", 0, ignored(_SEED), block="seed"),
     Option("--write-seed-file", "+wf", 1, ignored(_SEED), block="seed"),
-    Option("--require-peer-cert", "-rc", 0, unsupported(_TLS), block="peercert"),
-    Option("--verify-peer-cert", "-vc", 0, unsupported(_TLS), block="peercert"),
-    Option("--ignore-peer-cert", "-ic", 0, unsupported(_TLS), block="peercert"),
+    Option("--require-peer-cert", "-rc", 0, sets(("tls.peer_certificate", "require")),
+           block="peercert"),
+    Option("--verify-peer-cert", "-vc", 0, sets(("tls.peer_certificate", "verify")),
+           block="peercert"),
+    Option("--ignore-peer-cert", "-ic", 0, sets(("tls.peer_certificate", "ignore")),
+           block="peercert"),
     # output options
     Option("--output-directory", "-od", 1, takes("storage.output_directory", _directory)),
     Option("--normal", "-B", 0, sets(("storage.bit_preserving", False)), block="bitpreserving"),
@@ -1042,6 +1109,12 @@ _STORESCP_DEFAULTS: dict[str, Any] = {
     "storage.filename_extension": "",
     "logging.level": "warn",  # storescp logs warnings and errors only
     "logging.verbose_pc": False,
+    "tls.enabled": False,
+    "tls.key_password_file": "",
+    "tls.file_format": "pem",
+    "tls.crl_check": "none",
+    "tls.profile": "bcp195-nd",  # 3.6.7's default (3.7: rfc8996)
+    "tls.peer_certificate": "require",
     "events.eostudy_timeout": 0,  # storescp closes studies by time only with -tos
     "jobs.retries": 0,  # storescp runs each command once and waits for it forever
     "jobs.timeout": 0,
@@ -1175,12 +1248,16 @@ def _hint(text: str) -> str:
 def _effective(uses: Iterable[Use]) -> dict[str, Use]:
     """The uses that count, by long option name.
 
-    A repeated option counts once, at its rightmost use; of an option block only the rightmost
-    use of any member counts (the others are dropped, as storescp never looks at them).
+    A repeated option counts once, at its rightmost use, unless it is repeatable (then one use
+    at the rightmost position carries the values of all, in order); of an option block only the
+    rightmost use of any member counts (the others are dropped, as storescp never looks at them).
     """
     rightmost: dict[str, Use] = {}
     for use in uses:  # left to right: later uses replace earlier ones
         key = use.option.block or use.option.long
+        earlier = rightmost.get(key)
+        if use.option.repeatable and earlier is not None:
+            use = dataclasses.replace(use, values=earlier.values + use.values)
         rightmost[key] = use
     return {use.option.long: use for use in sorted(rightmost.values(), key=lambda u: u.position)}
 
@@ -1255,10 +1332,18 @@ def _check_conflicts(effective: dict[str, Use], level: str) -> list[str]:
             f"{effective['--verbose-pc'].label()}: only allowed with verbose mode "
             "(-v, -d or -ll info/debug/trace), as in storescp"
         )
-    # storescp evaluates the PRNG options only with TLS enabled (checkDependence).
-    for long in ("--seed", "--write-seed", "--write-seed-file"):
+    # storescp evaluates the TLS options only with TLS enabled (checkDependence).
+    for long in _NEEDS_TLS:
         if long in effective and "--enable-tls" not in effective:
             problems.append(f"{effective[long].label()}: requires --enable-tls (as in storescp)")
+    conflict("--cipher", "--profile-bcp195-ex")
+    if "--enable-tls" in effective and "--ignore-peer-cert" not in effective and not any(
+            o in effective for o in ("--add-cert-file", "--add-cert-dir")):
+        mode = "-vc" if "--verify-peer-cert" in effective else "-rc (the default)"
+        problems.append(
+            f"{effective['--enable-tls'].label()}: with {mode} and no +cf/+cd, storescp "
+            "verifies client certificates against no CA and so refuses every client that "
+            "sends one; add +cf CA-FILE (or -ic) to translate a working set-up")
     for long in ("--write-seed", "--write-seed-file"):
         if long in effective and "--seed" not in effective:
             problems.append(f"{effective[long].label()}: requires --seed (as in storescp)")

@@ -9,6 +9,7 @@ placed and its directory fsynced; only then is the success response sent.
 import contextlib
 import logging
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from datetime import datetime
 from dicom_ingestd.codes import Status, status_name
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.errors import StorageError
-from dicom_ingestd.worker import acceptor, dimse, encode, header
+from dicom_ingestd.worker import acceptor, dimse, encode, header, tls
 from dicom_ingestd.worker.identify import Identity, UnreadableDataSet, identify, identify_prefix
 from dicom_ingestd.worker.layout import Layout
 from dicom_ingestd.worker.naming import MissingStudyUID
@@ -110,8 +111,10 @@ class Session:
 
     def __init__(self, sock: socket.socket, peer: str, config: Config, store: Store,
                  on_stored: Callable[[StoredObject], None] | None = None,
-                 over_limit: str = "") -> None:
+                 over_limit: str = "", tls_context: ssl.SSLContext | None = None) -> None:
         self.sock = sock
+        self.tls_context = tls_context  # set: handshake first ([tls] enabled)
+        self.tls_peer: tls.Peer | None = None
         self.over_limit = over_limit  # non-empty: reject as transient, local limit exceeded
         self.peer = peer
         self.config = config
@@ -136,6 +139,8 @@ class Session:
     def _fields(self, **more: object) -> dict[str, object]:
         fields: dict[str, object] = {"DICOM_PEER": self.peer, "DICOM_CALLING_AE": self.calling_ae,
                   "DICOM_CALLED_AE": self.called_ae}
+        if self.tls_peer is not None:
+            fields["DICOM_TLS_SUBJECT"] = self.tls_peer.subject or "-"
         fields.update({k: v for k, v in more.items() if v not in (None, "")})
         return {"journal": fields}
 
@@ -145,8 +150,17 @@ class Session:
             if not self.config.network.disable_host_lookup:
                 self.peer = resolve_peer(self.peer)
             self._configure_socket()
+            if self.tls_context is not None:
+                self.sock, self.tls_peer = tls.handshake(
+                    self.sock, self.tls_context, self.config.tls,
+                    float(self.config.network.acse_timeout))
+                self.channel.sock = self.sock
             if self._associate():
                 self._serve()
+        except tls.TLSRefused as exc:
+            log.warning("%s: %s; connection closed", self.peer, exc,
+                        extra=self._fields(DICOM_OUTCOME="tls-refused"))
+            self.outcome.how = "tls-refused"
         except _Abort as exc:
             log.warning("%s: aborting association: %s", self._who(), exc,
                         extra=self._fields())
@@ -184,6 +198,13 @@ class Session:
             with contextlib.suppress(OSError):
                 self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def _tls_note(self) -> str:
+        peer = self.tls_peer
+        if peer is None:
+            return ""
+        return f" over {peer.version} {peer.cipher}, peer certificate " + (
+            repr(peer.subject) if peer.subject else "none")
+
     def _send_quietly(self, data: bytes) -> None:
         with contextlib.suppress(PeerClosed, PeerTimeout):
             self.channel.send(data)
@@ -218,6 +239,15 @@ class Session:
                  self._who(), len(request.proposed), request.implementation_class_uid or "-",
                  request.implementation_version or "-", extra=self._fields())
         rejection = acceptor.screen(request, primitive, version, self.config)
+        if rejection is None and self.tls_peer is not None:
+            titles = tls.allowed_calling_aetitles(self.config.tls, self.tls_peer.subject)
+            if titles is not None and request.calling_ae.strip() not in titles:
+                rejection = acceptor.Rejection(
+                    acceptor.REJECTED_PERMANENT, acceptor.SOURCE_SERVICE_USER,
+                    acceptor.REASON_CALLING_AE,
+                    f"calling AE title {request.calling_ae!r} is not one of "
+                    f"{', '.join(titles)} allowed for TLS peer {self.tls_peer.subject!r} "
+                    "(tls.subject_aetitles)")
         if rejection is None and self.over_limit:
             rejection = acceptor.Rejection(acceptor.REJECTED_TRANSIENT,
                                            acceptor.SOURCE_PROVIDER_PRESENTATION,
@@ -232,10 +262,10 @@ class Session:
         self.contexts = acceptance.contexts
         self.channel.send(acceptance.pdu)
         profile = self.config.negotiation.profile
-        log.info("%s: association accepted (%d of %d contexts, max PDU %d%s)",
+        log.info("%s: association accepted (%d of %d contexts, max PDU %d%s)%s",
                  self._who(), len(acceptance.contexts), len(request.proposed),
                  request.max_pdu, f", profile {profile}" if profile else "",
-                 extra=self._fields(DICOM_OUTCOME="accepted"))
+                 self._tls_note(), extra=self._fields(DICOM_OUTCOME="accepted"))
         pc_level = logging.INFO if self.config.logging.verbose_pc else logging.DEBUG
         if log.isEnabledFor(pc_level):
             for cx in acceptance.contexts.values():
