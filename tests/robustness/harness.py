@@ -35,8 +35,8 @@ FUZZ_SETTINGS: dict[str, dict[str, Any]] = {
 }
 HANG = 3 * TIMEOUT + 10  # seconds without an answer or a close that count as a hang
 # Log lines that mean a bug (a crash, an unhandled exception), whatever the input.
-BUG_PATTERNS = re.compile(r"internal error|unexpected error|Traceback|killed by SIG|"
-                          r"exited with status")
+BUG_PATTERNS = re.compile(r"internal error|unexpected error|Traceback|"
+                          r"worker \d+ (killed by SIG|exited with status)")
 
 
 # --- processes and resources -----------------------------------------------------------------
@@ -102,6 +102,21 @@ def settle(pid: int, baseline: Resources, timeout: float = HANG) -> Resources:
         if time.monotonic() > deadline:
             return now
         time.sleep(0.1)
+
+
+def poll(condition: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return bool(condition())
+
+
+def wait_until_no_workers(pid: int, timeout: float = HANG) -> None:
+    """Wait until the master's only child is its configuration watcher (no [events])."""
+    if not poll(lambda: len(children(pid)) <= 1, timeout):
+        raise AssertionError(f"workers still running after {timeout} s: {children(pid)}")
 
 
 class WorkerWatch:

@@ -22,7 +22,7 @@ from conftest import Daemon, echoscu, storescu
 from conftest import testdata as bundled
 
 SEED = 9
-FAST = 2500
+FAST = 2000
 SLOW = 100_000
 RSS_MARGIN_KIB = 8 * 1024  # allocator slack; a per-input leak of even 100 bytes exceeds it
 
