@@ -24,8 +24,11 @@ from dicom_ingestd.worker.layout import Layout
 from dicom_ingestd.worker.naming import MissingStudyUID
 from dicom_ingestd.worker.session import MAX_ASSOCIATE_RQ
 
+# Malformed data sets make pydicom warn; what matters here is what escapes, not the warnings.
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
 SEED = 20261128
-FAST = 6000  # inputs per parser in the normal run (A-ASSOCIATE-RQs: a third, they cost more)
+FAST = 4000  # inputs per parser in the normal run (A-ASSOCIATE-RQs: a third, they cost more)
 SLOW = 100_000
 
 
