@@ -353,7 +353,9 @@ class Driver:
         stall = case.fresh and index % self.stall_every == self.stall_every - 1
         started = time.monotonic()
         try:
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            # The daemon may have answered and closed before all of the input was sent
+            # (EPIPE, ECONNRESET, ENOTCONN): its answer is still there to read.
+            with contextlib.suppress(OSError):
                 sock.sendall(case.data)
                 if not stall:
                     sock.shutdown(socket.SHUT_WR)
@@ -369,6 +371,8 @@ class Driver:
                        f"(stalled={stall}, {time.monotonic() - started:.1f} s)")
         except AssertionError as exc:
             self._note(index, case, "bad-answer", sock, str(exc))
+        except OSError as exc:  # a reset before the answer could be read: a close
+            self._note(index, case, f"reset:{exc.errno}", sock)
         finally:
             sock.close()
         return None
@@ -383,7 +387,8 @@ class Driver:
             self._note(index, case, "no-connection", None, f"cannot associate: {exc}")
             return None
         try:
-            assoc.sendall(case.data)
+            with contextlib.suppress(OSError):  # closed early: read_status tells why
+                assoc.sendall(case.data)
             status = read_status(assoc)
         except TimeoutError:
             self._note(index, case, "hang", assoc, f"no response within {HANG} s")
