@@ -109,6 +109,9 @@ def setup(config: LoggingConfig) -> None:
     handler.addFilter(_QuietLibraries(LEVELS[config.level]))
     root.addHandler(handler)
     root.setLevel(LEVELS[config.level])
+    # Levels too, so that they do not even format what the filter would drop.
+    logging.getLogger("pydicom").setLevel(max(logging.ERROR, LEVELS[config.level]))
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, LEVELS[config.level]))
     # pydicom also passes those warnings to `warnings`, which would print them (two lines
     # each, with a source path) on stderr, i.e. in the journal.
     warnings.filterwarnings("ignore", module="pydicom")
