@@ -12,7 +12,8 @@ shell forms with the same corpus (test_events.py test_hostile_values_arrive_verb
 
 Here: a peer that never releases, one that aborts or resets in the middle of a PDV, a PDU
 length of 4 GiB, 1,800 and 5,000 presentation contexts, 64 KiB UIDs in the A-ASSOCIATE-RQ
-and a 60 KiB SOP Instance UID in a command; a file system out of inodes (not bytes); and the
+and a 60 KiB SOP Instance UID in a command; a file system out of inodes (not bytes), and one
+that turns read-only (ext4's answer to an I/O error; no device-mapper in a container); and the
 hostile corpus through the daemon's exec placeholders and rename-on-end-of-study, with AE
 titles, UIDs and patient names sent raw (newlines, NUL, '../', '$(...)').
 """
@@ -318,3 +319,37 @@ def test_hostile_values_through_exec_placeholders_and_rename(
     for record in records:
         assert record["argv"][1].startswith(str(daemon.out)), record
     assert not harness.bug_lines(daemon.log()), harness.bug_lines(daemon.log())[:5]
+
+
+# --- a file system that turns read-only (what ext4 does on an I/O error) ---------------------
+
+
+def test_file_system_turning_read_only_answers_a700_and_recovers(
+        tiny_inode_tmpfs: Path, daemon_factory: Any) -> None:
+    """No device-mapper "error" target in a container, so the I/O error is the one ext4
+    turns I/O errors into (errors=remount-ro): the output file system goes read-only between
+    two objects, then comes back."""
+    out = tiny_inode_tmpfs
+    daemon = daemon_factory({**SHORT, "storage": {"output_directory": str(out)}})
+
+    def remount(mode: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,{mode}", str(out)], check=True,
+                       capture_output=True, timeout=30)
+
+    try:
+        sock = harness.associate(daemon.port)
+        try:
+            assert store_on(sock, b"1.2.3.5.1", ct(b"1.2.3.5.1")) == 0
+            remount("ro")
+            try:
+                assert store_on(sock, b"1.2.3.5.2", ct(b"1.2.3.5.2")) == 0xA700
+            finally:
+                remount("rw")
+            assert store_on(sock, b"1.2.3.5.3", ct(b"1.2.3.5.3")) == 0
+        finally:
+            sock.close()
+        assert sorted(p.name for p in daemon.files()) == ["CT.1.2.3.5.1", "CT.1.2.3.5.3"]
+        assert "Read-only file system" in daemon.log()
+        settled(daemon)
+    finally:
+        daemon.stop()
