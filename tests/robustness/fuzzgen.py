@@ -247,7 +247,7 @@ def _mutate_items(rng: random.Random, items: list[bytes]) -> tuple[str, list[byt
     if op == 4:
         body = items[i][4:]
         lie = rng.choice([*INTERESTING_16, len(body) + 1, max(len(body) - 1, 0)])
-        items[i] = item(items[i][0], body, lie)
+        items[i] = item(items[i][0] if items[i] else 0x20, body, lie)  # may be truncated
         return "item-length", items
     if op == 5:
         items[i] = items[i][:rng.randrange(len(items[i]) + 1)]
