@@ -104,13 +104,17 @@ def settle(pid: int, baseline: Resources, timeout: float = HANG) -> Resources:
         time.sleep(0.1)
 
 
-def poll(condition: Any, timeout: float = 10.0) -> bool:
+def poll(condition: Any, timeout: float = 10.0, *, want: Any = True) -> bool:
+    """Wait until condition() is truthy (or == `want` when given)."""
+    def met() -> bool:
+        value = condition()
+        return bool(value) if want is True else bool(value == want)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if condition():
+        if met():
             return True
         time.sleep(0.05)
-    return bool(condition())
+    return met()
 
 
 def wait_until_no_workers(pid: int, timeout: float = HANG) -> None:

@@ -175,6 +175,9 @@ def run_instants(tmp_path: Path, count: int, seed: int,
             acked |= sender.acked
             orphans = [pid for pid in orphans if harness.alive(pid)]
             check_tree(daemon, sent, acked)
+            if mode == "worker" and not orphans:
+                # The master removes a killed worker's temporary file itself, no restart.
+                assert harness.poll(daemon.staging, 10, want=[]), daemon.staging()
         # The end: orphans finish, the last daemon stops; a fresh start cleans up.
         assert wait_gone(orphans), f"orphaned workers {orphans} did not end"
         daemon.stop()
