@@ -126,6 +126,16 @@ def decode_request(pdu: bytes) -> tuple[Request, A_ASSOCIATE, int]:
     except Exception as exc:  # pynetdicom raises many types on malformed input
         raise RequestError(f"undecodable A-ASSOCIATE-RQ ({exc.__class__.__name__}: {exc})") \
             from None
+    for context in request.proposed:
+        # PS3.8 9.3.2.2: one abstract syntax and at least one transfer syntax.  pynetdicom
+        # decodes context items without them, and its negotiation then raises TypeError or
+        # accepts a context with no transfer syntax (found by tests/robustness fuzzing).
+        if context.abstract_syntax is None or context.context_id is None:
+            raise RequestError(f"presentation context {context.context_id} has no abstract "
+                               "syntax")
+        if not context.transfer_syntax:
+            raise RequestError(f"presentation context {context.context_id} has no transfer "
+                               "syntax")
     return request, primitive, version
 
 
