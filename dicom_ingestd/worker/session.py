@@ -127,6 +127,9 @@ class Session:
         self.outcome = Outcome()
         self._command = bytearray()
         self._current: _Store | None = None
+        # The next object's temporary file, created while the peer prepares that object:
+        # creating an inode costs 0.1-0.5 ms of kernel time on ext4, off the critical path.
+        self._spare: TempFile | None = None
 
     # -- logging -------------------------------------------------------------------------
     def _who(self) -> str:
@@ -191,6 +194,9 @@ class Session:
         if self._current and self._current.temp:
             self._current.temp.discard()
         self._current = None
+        if self._spare is not None:
+            self._spare.discard()
+            self._spare = None
 
     # -- association establishment ---------------------------------------------------------
     def _associate(self) -> bool:
@@ -377,7 +383,7 @@ class Session:
                    f"({self.config.storage.min_free_space} bytes)")
         else:
             try:
-                temp = self.store.temp_file()
+                temp, self._spare = self._spare or self.store.temp_file(), None
                 temp.write(self._file_meta(command, context))
             except StorageError as exc:
                 status, why = exc.status, str(exc)
@@ -435,6 +441,9 @@ class Session:
                                         ident.study_uid, ident.series_uid, ident.patient_id,
                                         ident.patient_name, self.calling_ae, self.called_ae,
                                         self.peer, current.bytes))
+        if current.temp is not None and self._spare is None:
+            with contextlib.suppress(StorageError):  # the next C-STORE will report it
+                self._spare = self.store.temp_file()
         if self.config.testing.sleep_after:
             time.sleep(self.config.testing.sleep_after)
 
