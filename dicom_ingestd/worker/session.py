@@ -148,7 +148,10 @@ class Session:
                 self.peer = resolve_peer(self.peer)
             self._configure_socket()
             if self._associate():
-                self._serve()
+                try:
+                    self._serve()
+                finally:  # before the outcome is logged: tests watch the log, then staging
+                    self._discard_spare()
         except _Abort as exc:
             log.warning("%s: aborting association: %s", self._who(), exc,
                         extra=self._fields())
@@ -194,6 +197,9 @@ class Session:
         if self._current and self._current.temp:
             self._current.temp.discard()
         self._current = None
+        self._discard_spare()
+
+    def _discard_spare(self) -> None:
         if self._spare is not None:
             self._spare.discard()
             self._spare = None
@@ -264,6 +270,7 @@ class Session:
                 if self._current:
                     log.warning("%s: release requested during a C-STORE; partial object "
                                 "discarded", self._who(), extra=self._fields())
+                self._discard_spare()  # a peer that saw the release sees no temporary file
                 self.channel.send(encode_release_rp())
                 self.outcome.how = "released"
                 self._log_end("released")
@@ -273,6 +280,7 @@ class Session:
                 source = body[2] if len(body) >= 4 else -1
                 reason = body[3] if len(body) >= 4 else -1
                 self.outcome.how = "aborted-by-peer"
+                self._discard_spare()
                 log.warning("%s: association aborted by the peer (source %d, reason %d)%s",
                             self._who(), source, reason,
                             "; partial object discarded" if self._current else "",
