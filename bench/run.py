@@ -44,19 +44,26 @@ from bench_proc import (
 BENCH_DIR = Path(__file__).resolve().parent
 STORESCP = "storescp"
 INGESTD = "dicom-ingestd"
-RECEIVERS = (STORESCP, INGESTD)
+PYNETDICOM = "pynetdicom"  # pynetdicom's own storescp app, the issue's second column
+RECEIVERS = (STORESCP, INGESTD, PYNETDICOM)
 MB = 1e6  # MB/s and data sizes are decimal megabytes, as in "262 MB"
 MIB = 1024  # RSS: KiB -> MiB
 
 
 @dataclass(frozen=True)
 class BenchSet:
-    """One row of the table: which data, how many parallel senders, Nagle on or off."""
+    """One row of the table: which data, how many parallel senders, Nagle on or off.
+
+    `target` is issue 8's goal for dicom-ingestd: the largest wall-time ratio to storescp
+    (and `target_rss_mib`, the largest peak RSS of one receiver process).
+    """
 
     name: str
     data: DataSpec
     senders: int = 1
     nodelay: bool = True
+    target: float = 0.0
+    target_rss_mib: float = 0.0
 
     def describe(self) -> str:
         senders = "1 sender" if self.senders == 1 else f"{self.senders} parallel senders"
@@ -65,11 +72,11 @@ class BenchSet:
 
 
 FULL_SETS = (
-    BenchSet("ct", DataSpec("ct", 200)),
-    BenchSet("small", DataSpec("small", 2000)),
-    BenchSet("large", DataSpec("large", 2, frames=500)),
-    BenchSet("parallel", DataSpec("ct", 200), senders=4),
-    BenchSet("nagle", DataSpec("ct", 200), nodelay=False),
+    BenchSet("ct", DataSpec("ct", 200), target=1.0),
+    BenchSet("small", DataSpec("small", 2000), target=1.5),
+    BenchSet("large", DataSpec("large", 2, frames=500), target=0.7, target_rss_mib=64),
+    BenchSet("parallel", DataSpec("ct", 200), senders=4, target=0.7),
+    BenchSet("nagle", DataSpec("ct", 200), nodelay=False, target=0.1),
 )
 QUICK_SETS = (
     BenchSet("ct", DataSpec("ct", 20)),
@@ -208,6 +215,9 @@ class Harness:
     def receiver_argv(self, receiver: str, port: int) -> list[str]:
         if receiver == STORESCP:
             return [*self.storescp, *self.storescp_args, "-od", str(self.output), str(port)]
+        if receiver == PYNETDICOM:
+            return [sys.executable, "-m", "pynetdicom", "storescp", "-q", "-ba", "127.0.0.1",
+                    "-od", str(self.output), str(port)]
         config = self.work / "ingestd.toml"
         write_ingestd_config(config, port, self.output, self.ingestd_settings)
         return [*self.ingestd, "run", "-c", str(config)]
@@ -290,8 +300,9 @@ class Harness:
         if hidden:
             run.problems.append(f"{hidden} files left in hidden (staging) directories")
         code = run.receiver_exit.code if run.receiver_exit else None
-        # storescp has no SIGTERM handler, so it dies of the signal; we must exit 0.
-        expected_codes = (-15,) if receiver == STORESCP else (0,)
+        # storescp (and pynetdicom's) have no SIGTERM handler, so they die of the signal; we
+        # must exit 0.
+        expected_codes = (0,) if receiver == INGESTD else (-15,)
         if stopped_by_us and code not in expected_codes:
             run.problems.append(f"receiver exit status {code} after SIGTERM "
                                 f"(expected {expected_codes[0]}), log: {log_path}")
@@ -331,7 +342,7 @@ def lines_of(results: dict[str, list[Run]]) -> list[Line]:
             continue  # not selected (--receivers)
         summary = summarize(runs)
         out.append(Line(receiver, f"{sum(r.ok for r in runs)}/{len(runs)}", summary,
-                        ratio(summary, theirs) if receiver == INGESTD else "1.00"))
+                        "1.00" if receiver == STORESCP else ratio(summary, theirs)))
     return out
 
 
@@ -369,6 +380,41 @@ def markdown_table(rows: Sequence[tuple[BenchSet, DataSet, dict[str, list[Run]]]
                           f"{rate(size_mb, s.median):.1f}", line.ratio, f"{s.cpu:.2f}",
                           f"{s.hwm_mib:.1f}", f"{s.tree_rss_mib:.1f}", f"{s.tree_pss_mib:.1f}"]
             table.append("| " + " | ".join(cells) + " |")
+    return "\n".join(table)
+
+
+def _timing(s: Summary | None) -> str:
+    return "n/a" if s is None else f"{s.median:.3f} ({s.low:.3f}–{s.high:.3f})"
+
+
+def _memory(s: Summary | None, shown: bool) -> str:
+    return f", {s.hwm_mib:.0f} MiB" if s is not None and shown else ""
+
+
+def issue_table(rows: Sequence[tuple[BenchSet, DataSet, dict[str, list[Run]]]]) -> str:
+    """The issue's table: storescp's time, each receiver's ratio to it, the target, met?"""
+    head = ("| set | storescp median s (min–max) | pynetdicom storescp ratio | dicom-ingestd "
+            "median s (min–max) | dicom-ingestd ratio | target | met |")
+    table = [head, "|" + "---|" * (head.count("|") - 1)]
+    for bench, _data, results in rows:
+        theirs = summarize(results[STORESCP])
+        ours = summarize(results[INGESTD])
+        pyn = summarize(results[PYNETDICOM])
+
+        target = f"≤ {bench.target:g}×" if bench.target else "–"
+        if bench.target_rss_mib:
+            target += f", ≤ {bench.target_rss_mib:g} MiB"
+        met = "n/a"
+        if ours is not None and theirs is not None and bench.target:
+            ok = ours.median / theirs.median <= bench.target
+            if bench.target_rss_mib:
+                ok = ok and ours.hwm_mib <= bench.target_rss_mib
+            met = "yes" if ok else "no"
+        mem = bool(bench.target_rss_mib)
+        table.append(f"| {bench.name} ({bench.describe()}) | {_timing(theirs)}"
+                     f"{_memory(theirs, mem)} | {ratio(pyn, theirs)}{_memory(pyn, mem)} "
+                     f"| {_timing(ours)}{_memory(ours, mem)} | {ratio(ours, theirs)} "
+                     f"| {target} | {met} |")
     return "\n".join(table)
 
 
@@ -457,7 +503,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="runs per receiver and set (default 5; 1 with --quick)")
     parser.add_argument("--sets", default=None, help=f"comma-separated subset of: {names}")
     parser.add_argument("--receivers", default=",".join(RECEIVERS),
-                        help="comma-separated subset of: storescp, dicom-ingestd")
+                        help="comma-separated subset of: storescp, dicom-ingestd, pynetdicom "
+                             "(pynetdicom's own storescp app)")
     parser.add_argument("--cache-dir", type=Path, default=BENCH_DIR / ".data",
                         help="generated data sets, reused across runs (default bench/.data)")
     parser.add_argument("--work-dir", type=Path, default=None,
@@ -549,6 +596,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "MB = 10^6 bytes of DICOM files.")
     say()
     say(markdown_table(rows))
+    say()
+    say("Issue 8's table (ratio: median wall time / storescp's median in the same run; "
+        "min–max: the spread over the runs, i.e. the machine's noise):")
+    say()
+    say(issue_table(rows))
     say()
     report_logs(rows)
     say(f"machine load at end: {machine_load()}")
