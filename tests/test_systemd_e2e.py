@@ -250,12 +250,13 @@ def container(host_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         except AssertionError as exc:
             raise AssertionError(f"{exc}; nspawn output:\n{log.read_text(errors='replace')}") \
                 from None
-        # systemctl fails ("Failed to connect to bus") until PID 1 has set up its socket.
+        # systemctl fails ("Failed to connect to bus") until PID 1 has set up its socket,
+        # and says "offline" until PID 1 has created /run/systemd/system.
         deadline = time.monotonic() + 90
         while True:
             boot = box.sh("systemctl is-system-running --wait", check=False, timeout=90)
             state = boot.stdout.strip()
-            if state or time.monotonic() > deadline:
+            if state not in ("", "offline") or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
         assert state in ("running", "degraded"), (

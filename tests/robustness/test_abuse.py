@@ -328,7 +328,9 @@ def test_file_system_turning_read_only_answers_a700_and_recovers(
         tiny_inode_tmpfs: Path, daemon_factory: Any) -> None:
     """No device-mapper "error" target in a container, so the I/O error is the one ext4
     turns I/O errors into (errors=remount-ro): the output file system goes read-only between
-    two objects, then comes back."""
+    two associations, then comes back while the second one is still open.  (A voluntary
+    remount needs no file open for writing: an association keeps the next object's
+    temporary file open between objects, so the first association is released first.)"""
     out = tiny_inode_tmpfs
     daemon = daemon_factory({**SHORT, "storage": {"output_directory": str(out)}})
 
@@ -340,7 +342,14 @@ def test_file_system_turning_read_only_answers_a700_and_recovers(
         sock = harness.associate(daemon.port)
         try:
             assert store_on(sock, b"1.2.3.5.1", ct(b"1.2.3.5.1")) == 0
-            remount("ro")
+            sock.sendall(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")  # A-RELEASE-RQ
+            assert harness.read_pdu(sock)[0] == 0x06
+        finally:
+            sock.close()
+        harness.poll(lambda: not list((out / ".ingestd-tmp").iterdir()))
+        remount("ro")
+        sock = harness.associate(daemon.port)
+        try:
             try:
                 assert store_on(sock, b"1.2.3.5.2", ct(b"1.2.3.5.2")) == 0xA700
             finally:
