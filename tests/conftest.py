@@ -5,6 +5,7 @@ subprocess, and peers are DCMTK's command-line tools or pynetdicom.  A missing p
 failure, not a skip (the test command installs them).
 """
 
+import contextlib
 import os
 import shutil
 import signal
@@ -251,6 +252,32 @@ def make_study(folder: Path, count: int, *, study_uid: str | None = None, name: 
         ds.save_as(path)
         files.append(path)
     return files
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(mountpoint: Path, options: str) -> Iterator[Path]:
+    """A tmpfs of its own at `mountpoint` (created), unmounted (lazily if busy) afterwards."""
+    require_tool("mount")
+    mountpoint.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mountpoint)],
+                            capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs (these tests need root): {result.stderr}")
+    try:
+        yield mountpoint
+    finally:
+        if subprocess.run(["umount", str(mountpoint)], capture_output=True,
+                          timeout=30).returncode != 0:
+            subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def receivers() -> Iterator[list[Any]]:
+    """Receivers a test starts (test_differential's); all are stopped however it ends."""
+    started: list[Any] = []
+    yield started
+    for receiver in started:
+        receiver.stop()
 
 
 def wait_until(predicate: Any, timeout: float = 15.0, what: str = "condition") -> None:

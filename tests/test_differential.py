@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,15 +174,6 @@ class Side:
     @property
     def stderr(self) -> str:
         return "\n".join(run.stderr for run in self.scu)
-
-
-@pytest.fixture
-def receivers() -> Iterator[list[Receiver]]:
-    """Receivers started by a test; all are stopped however the test ends."""
-    started: list[Receiver] = []
-    yield started
-    for receiver in started:
-        receiver.stop()
 
 
 def run_both(tmp_path: Path, receivers: list[Receiver], args: Sequence[str],

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon, echoscu, require_tool, storescu
+from conftest import Daemon, echoscu, mounted_tmpfs, require_tool, storescu
 from conftest import testdata as data_file
 from pydicom import dcmread
 from pydicom.filereader import read_dataset
@@ -401,19 +401,8 @@ class ThrottledProxy:
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 2 MiB tmpfs (request this fixture before daemon_factory, so it is unmounted last)."""
-    require_tool("mount")
-    mountpoint = tmp_path / "tmpfs"
-    mountpoint.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mountpoint)],
-                            capture_output=True, text=True, timeout=30)
-    if result.returncode != 0:
-        pytest.fail(f"cannot mount a tmpfs (these tests need root): {result.stderr}")
-    try:
+    with mounted_tmpfs(tmp_path / "tmpfs", "size=2m") as mountpoint:
         yield mountpoint
-    finally:
-        if subprocess.run(["umount", str(mountpoint)], capture_output=True,
-                          timeout=30).returncode != 0:
-            subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, timeout=30)
 
 
 def pynetdicom_store(port: int, path: Path) -> int:

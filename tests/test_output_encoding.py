@@ -15,7 +15,6 @@ import struct
 import subprocess
 import sys
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,15 +75,6 @@ def sent_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     ds.save_as(path, enforce_file_format=True)
     files.append(path)
     return files
-
-
-@pytest.fixture
-def receivers() -> Iterator[list[Receiver]]:
-    """Receivers started by a test (run_both); all are stopped however the test ends."""
-    started: list[Receiver] = []
-    yield started
-    for receiver in started:
-        receiver.stop()
 
 
 def raw_element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:

@@ -678,15 +678,6 @@ def test_cli_from_asconfig(shipped_cfg: Path, tmp_path: Path,
         "AllDICOM)" in capsys.readouterr().err
 
 
-@pytest.fixture
-def receivers() -> Iterator[list[Receiver]]:
-    """test_differential's receivers; all are stopped however the test ends."""
-    started: list[Receiver] = []
-    yield started
-    for receiver in started:
-        receiver.stop()
-
-
 def test_stored_objects_match_storescp_with_the_shipped_profile(
         tmp_path: Path, receivers: list[Receiver], shipped_cfg: Path) -> None:
     """test_differential's tree comparison with -xf storescp.cfg Default: same files, same

@@ -31,7 +31,7 @@ from typing import Any
 import fuzzgen
 import harness
 import pytest
-from conftest import Daemon, Recorder, echoscu, require_tool, start_daemon, storescu
+from conftest import Daemon, Recorder, echoscu, mounted_tmpfs, start_daemon, storescu
 from conftest import testdata as bundled
 
 SHORT = {"network": {"acse_timeout": 1, "dimse_timeout": 1, "socket_timeout": 1},
@@ -201,19 +201,8 @@ def test_sop_instance_uid_of_60_kib(daemon: Daemon) -> None:
 
 @pytest.fixture
 def tiny_inode_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    require_tool("mount")
-    mountpoint = tmp_path / "inodes"
-    mountpoint.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,nr_inodes=12", "tmpfs",
-                             str(mountpoint)], capture_output=True, text=True, timeout=30)
-    if result.returncode != 0:
-        pytest.fail(f"cannot mount a tmpfs (these tests need root): {result.stderr}")
-    try:
+    with mounted_tmpfs(tmp_path / "inodes", "size=16m,nr_inodes=12") as mountpoint:
         yield mountpoint
-    finally:
-        if subprocess.run(["umount", str(mountpoint)], capture_output=True,
-                          timeout=30).returncode != 0:
-            subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, timeout=30)
 
 
 def test_out_of_inodes_answers_a700_and_recovers(tiny_inode_tmpfs: Path,
