@@ -126,11 +126,11 @@ class Master:
                                    self._config_changed)
         tls = self.config.tls
         log.info("dicom-ingestd ready: listening on %s%s as %s, process model %s, storing "
-                 "under %s", ", ".join(describe(s) for s in self.listeners) or "nothing",
+                 "under %s (%s)", ", ".join(describe(s) for s in self.listeners) or "nothing",
                  f" (TLS, profile {tls.profile}, peer certificates: {tls.peer_certificate})"
                  if self.tls_context is not None else "",
                  self.config.network.aetitle, self.config.workers.process_model,
-                 self.store.root)
+                 self.store.root, self.store.durability)
         self.notifier.ready(self._status())
         while self.state is State.RUNNING or self.workers:
             for key, _ in self.selector.select(self._timeout()):

@@ -361,9 +361,19 @@ class StorageConfig:
         choices=("overwrite", "keep-first", "keep-both", "reject"),
     )
     fsync: bool = setting(
-        True, "fsync each file and its directory before answering success. Off: storescp's "
-        "speed, but an acknowledged object can be lost in a power failure.",
+        True, "Make each file and its name durable (fsync; see sync_directories) before "
+        "answering success. Off: storescp's speed, but an acknowledged object can be lost in "
+        "a power failure.",
         default_note="storescp never fsyncs; we do, so success means durable.",
+    )
+    sync_directories: str = setting(
+        "auto", "How a stored file's name is made durable (with fsync on). \"always\": fsync "
+        "the file, link it into place, fsync the directory (POSIX's recipe, two journal "
+        "commits per object). \"auto\": on ext4 and XFS, write the data out before linking "
+        "and fsync the file after, one journal commit that covers data and name (about 0.2 ms "
+        "less per object); \"always\" on any other file system.",
+        choices=("auto", "always"),
+        default_note="Not a storescp option (storescp never fsyncs).",
     )
     min_free_space: int = setting(
         0, "Refuse objects (status 0xA700) while the output file system has fewer free bytes "

@@ -1,0 +1,122 @@
+"""Objects sent while faults are injected, and the check of what is on disk afterwards.
+
+A raw Upper Layer sender sends objects of random sizes (200 bytes to 2 MB, unique SOP
+instances) over short associations and records every object answered with success;
+`check_tree` then holds the daemon to its promise: every acknowledged object on disk,
+bit-exact, and every visible file a complete object that was sent.  Used by the SIGKILL
+(test_crash_consistency) and file-system shutdown (test_power_cut) suites.
+"""
+
+import contextlib
+import os
+import random
+import struct
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import fuzzgen
+import harness
+from conftest import Daemon, start_daemon
+
+SIZES = [200, 20_000, 300_000, 2_000_000]
+
+
+def make_object(rng: random.Random, index: int) -> tuple[str, bytes]:
+    uid = f"1.2.826.0.1.3680043.9.7.{os.getpid()}.{index}.{rng.randrange(1 << 30)}"
+    side = int((rng.choice(SIZES) // 2) ** 0.5) or 1
+    pixels = rng.randbytes(side * side * 2)
+    elements = [
+        (0x0008, 0x0016, b"UI", fuzzgen.even(fuzzgen.CT_IMAGE.encode())),
+        (0x0008, 0x0018, b"UI", fuzzgen.even(uid.encode())),
+        (0x0008, 0x0060, b"CS", b"CT"),
+        (0x0010, 0x0010, b"PN", b"Crash^Test"),
+        (0x0020, 0x000D, b"UI", b"1.2.3.4.5.6"),
+        (0x0020, 0x000E, b"UI", b"1.2.3.4.5.7."),
+        (0x0028, 0x0010, b"US", struct.pack("<H", side)),
+        (0x0028, 0x0011, b"US", struct.pack("<H", side)),
+        (0x7FE0, 0x0010, b"OW", pixels),
+    ]
+    return uid, fuzzgen.encode_data_set(elements, implicit_vr=False)
+
+
+class Sender(threading.Thread):
+    """Sends objects until stopped; `sent` has every object, `acked` the successes."""
+
+    def __init__(self, port: int, seed: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.rng = random.Random(seed)
+        self.sent: dict[str, bytes] = {}
+        self.acked: set[str] = set()
+        self.stop = threading.Event()
+        self.index = 0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                sock = harness.associate(self.port)
+            except (OSError, AssertionError, harness.Closed):
+                time.sleep(0.02)
+                continue
+            try:
+                for _ in range(self.rng.randint(1, 6)):
+                    if self.stop.is_set():
+                        break
+                    self.index += 1
+                    uid, data = make_object(self.rng, self.index)
+                    self.sent[uid] = data
+                    command = fuzzgen.command_set(fuzzgen.store_elements(uid.encode(),
+                                                                         self.index & 0xFFFF))
+                    sock.sendall(fuzzgen.fragments(1, command, command=True)
+                                 + fuzzgen.fragments(1, data, command=False))
+                    status = harness.read_status(sock)
+                    if status == 0:
+                        self.acked.add(uid)
+                    elif isinstance(status, str):
+                        break
+                else:
+                    sock.sendall(fuzzgen.pdu(0x05, bytes(4)))
+                    with contextlib.suppress(harness.Closed):
+                        harness.read_pdu(sock)
+            except (OSError, AssertionError, harness.Closed):
+                pass
+            finally:
+                sock.close()
+
+
+def stored_data_set(path: Path) -> bytes:
+    raw = path.read_bytes()
+    assert raw[128:132] == b"DICM", f"{path} is not a Part 10 file"
+    (group_length,) = struct.unpack_from("<L", raw, 140)
+    return raw[144 + group_length:]
+
+
+def check_tree(daemon: Daemon, sent: dict[str, bytes], acked: set[str]) -> int:
+    """Every acknowledged object bit-exact; every file a complete sent object."""
+    by_name = {f"CT.{uid}": uid for uid in sent}
+    found: set[str] = set()
+    for path in daemon.files():
+        uid = by_name.get(path.name)
+        assert uid is not None, f"unexpected file {path}"
+        assert stored_data_set(path) == sent[uid], f"{path} is not the object sent"
+        found.add(uid)
+    missing = acked - found
+    assert not missing, f"{len(missing)} acknowledged object(s) lost, e.g. {sorted(missing)[:3]}"
+    return len(found)
+
+
+def restart(tmp_path: Path, settings: dict[str, dict[str, Any]], name: str) -> Daemon:
+    """Start a daemon again on the same port and output directory, as systemd would."""
+    deadline = time.monotonic() + 20
+    while True:  # the old listener's port may take a moment to be free
+        daemon = start_daemon(tmp_path, settings, name=name, wait=False)
+        try:
+            daemon.wait_log("listening on", timeout=15)
+            return daemon
+        except AssertionError:
+            daemon.stop()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
