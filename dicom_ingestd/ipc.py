@@ -9,7 +9,7 @@ worker reports over a `SyncLink` of its own instead, reliably, and waits for the
 import contextlib
 import json
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 MAX_MESSAGE = 1 << 16
@@ -25,7 +25,9 @@ class Report:
 
 
 def encode(report: Report) -> bytes:
-    return json.dumps(asdict(report), default=str).encode()
+    # Not dataclasses.asdict: it deep-copies the fields, once per stored object.
+    return json.dumps({"kind": report.kind, "pid": report.pid, "fields": report.fields},
+                      default=str).encode()
 
 
 def decode(data: bytes) -> Report | None:

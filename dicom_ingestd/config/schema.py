@@ -369,8 +369,8 @@ class StorageConfig:
     sync_directories: str = setting(
         "auto", "How a stored file's name is made durable (with fsync on). \"always\": fsync "
         "the file, link it into place, fsync the directory (POSIX's recipe, two journal "
-        "commits per object). \"auto\": on ext4 and XFS, write the data out before linking "
-        "and fsync the file after, one journal commit that covers data and name (about 0.2 ms "
+        "commits per object). \"auto\": on ext4, write the data out before linking and "
+        "fsync the file after, one journal commit that covers data and name (about 0.2 ms "
         "less per object); \"always\" on any other file system.",
         choices=("auto", "always"),
         default_note="Not a storescp option (storescp never fsyncs).",

@@ -79,6 +79,14 @@ class Channel:
         self._view = memoryview(self._buf)
         self._start = 0
         self._end = 0
+        self._timeout: float | None = -1.0  # never a real value: the first call sets it
+        self._timed_sock: socket.socket | None = None
+
+    def _set_timeout(self, timeout: float | None) -> None:
+        # settimeout() costs an ioctl each call; most calls repeat the previous value.
+        if timeout != self._timeout or self.sock is not self._timed_sock:
+            self.sock.settimeout(timeout)
+            self._timeout, self._timed_sock = timeout, self.sock
 
     # -- reading -------------------------------------------------------------------------
     def _fill(self, deadline: float | None) -> None:
@@ -95,7 +103,7 @@ class Channel:
             if left <= 0:
                 raise PeerTimeout("timed out waiting for the peer")
             timeout = left if timeout is None else min(timeout, left)
-        self.sock.settimeout(timeout)
+        self._set_timeout(timeout)
         if self.quickack:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         try:
@@ -148,7 +156,7 @@ class Channel:
     # -- writing -------------------------------------------------------------------------
     def send(self, data: bytes) -> None:
         """Send one whole PDU, bounded by the I/O timeout."""
-        self.sock.settimeout(self.io_timeout)
+        self._set_timeout(self.io_timeout)
         try:
             self.sock.sendall(data)
         except TimeoutError:

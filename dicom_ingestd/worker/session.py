@@ -460,23 +460,30 @@ class Session:
                 path, ident = self._place(current)
             except StorageError as exc:
                 status, why = exc.status, str(exc)
-        extra = self._fields(DICOM_SOP_INSTANCE_UID=command.sop_instance_uid,
-                             DICOM_SOP_CLASS_UID=command.sop_class_uid,
-                             DICOM_STUDY_UID=ident.study_uid if ident else "",
-                             DICOM_STATUS=f"0x{status:04X}", DICOM_FILE=path)
         if status == Status.SUCCESS:
             self.outcome.stored += 1
             self.outcome.bytes_stored += current.bytes
-            log.info("%s: stored %s (study %s, %d bytes) %s", self._who(),
-                     command.sop_instance_uid, ident.study_uid if ident else "-",
-                     current.bytes, path or why, extra=extra)
         else:
             self.outcome.failed += 1
-            log.error("%s: C-STORE of %s failed with %s: %s", self._who(),
-                      command.sop_instance_uid, status_name(status), why, extra=extra)
-        self._respond(current.context.context_id, dimse.C_STORE_RSP, command.message_id,
-                      status, command.sop_class_uid, command.sop_instance_uid,
-                      why if status != Status.SUCCESS else "")
+        try:
+            self._respond(current.context.context_id, dimse.C_STORE_RSP, command.message_id,
+                          status, command.sop_class_uid, command.sop_instance_uid,
+                          why if status != Status.SUCCESS else "")
+        finally:
+            # Logged once the response is out: the sender goes on with its next object while
+            # we format and write the line (~0.1 ms), and the line is written even when the
+            # response cannot be sent.  It still precedes the next PDU's processing.
+            extra = self._fields(DICOM_SOP_INSTANCE_UID=command.sop_instance_uid,
+                                 DICOM_SOP_CLASS_UID=command.sop_class_uid,
+                                 DICOM_STUDY_UID=ident.study_uid if ident else "",
+                                 DICOM_STATUS=f"0x{status:04X}", DICOM_FILE=path)
+            if status == Status.SUCCESS:
+                log.info("%s: stored %s (study %s, %d bytes) %s", self._who(),
+                         command.sop_instance_uid, ident.study_uid if ident else "-",
+                         current.bytes, path or why, extra=extra)
+            else:
+                log.error("%s: C-STORE of %s failed with %s: %s", self._who(),
+                          command.sop_instance_uid, status_name(status), why, extra=extra)
         if status == Status.SUCCESS and ident is not None and self.on_stored is not None:
             self.on_stored(StoredObject(path, command.sop_class_uid, command.sop_instance_uid,
                                         ident.study_uid, ident.series_uid, ident.patient_id,
