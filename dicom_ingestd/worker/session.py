@@ -544,7 +544,7 @@ class Session:
         if placed.kept_existing:
             log.info("%s: %s exists, kept the first copy (storage.duplicates = keep-first)",
                      self._who(), placed.path)
-        return str(placed.path), ident
+        return placed.path, ident
 
 
 def resolve_peer(peer: str) -> str:

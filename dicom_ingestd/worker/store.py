@@ -140,10 +140,10 @@ def _resource_error(exc: OSError, what: str) -> StorageError:
 class TempFile:
     """A file being received.  Writes of network data go straight to it."""
 
-    def __init__(self, staging_fd: int, name: str, path: Path, one_commit: bool = False,
+    def __init__(self, staging_fd: int, name: str, staging: Path, one_commit: bool = False,
                  writeback: bool = False) -> None:
         self.name = name
-        self.path = path
+        self._staging = staging
         self._staging_fd = staging_fd
         self._one_commit = one_commit
         self._writeback = writeback and _sync_file_range is not None
@@ -154,6 +154,11 @@ class TempFile:
         self._file = open(fd, "wb", buffering=1 << 18)  # noqa: SIM115 - closed in close()
         self.size = 0
         self.error: StorageError | None = None
+
+    @property
+    def path(self) -> Path:
+        # Built on demand: pathlib costs ~15 us a join, and the path is rarely needed.
+        return self._staging / self.name
 
     def write(self, data: bytes | memoryview) -> None:
         """Append data; after the first failure, further data is dropped and the error kept.
@@ -230,7 +235,7 @@ class TempFile:
 class Placed:
     """Where an object ended up, and whether an existing file was kept instead."""
 
-    path: Path
+    path: str
     kept_existing: bool = False
 
 
@@ -241,6 +246,7 @@ class Store:
         self.config = config
         self.root = Path(config.output_directory).resolve()
         self.staging = self.root / STAGING_DIR
+        self._root = str(self.root)
         self._root_fd = -1
         self._staging_fd = -1
         self.one_commit = False  # see the module docstring
@@ -322,7 +328,7 @@ class Store:
         # leftovers; `random` (reseeded in each forked child) spares a getrandom() per object.
         name = f"{os.getpid()}-{next(_counter)}-{random.getrandbits(32):08x}{TEMP_SUFFIX}"
         try:
-            return TempFile(self._staging_fd, name, self.staging / name, self.one_commit,
+            return TempFile(self._staging_fd, name, self.staging, self.one_commit,
                             writeback=self.config.fsync)
         except OSError as exc:
             raise _resource_error(exc, f"cannot create a file in {self.staging}") from None
@@ -431,13 +437,13 @@ class Store:
         else:
             temp.discard()
         if placed is None:
-            existing = self.root.joinpath(*directories, candidates[0])
+            existing = os.path.join(self._root, *directories, candidates[0])
             if when_taken == "keep":
                 return Placed(existing, kept_existing=True)
             status = (Status.DUPLICATE_SOP_INSTANCE if when_taken == "reject"
                       else Status.PROCESSING_FAILURE)
             raise StorageError(f"{existing} exists", status)
-        return Placed(self.root.joinpath(*directories, placed))
+        return Placed(os.path.join(self._root, *directories, placed))
 
     def _link_first_free(self, temp: TempFile, candidates: Sequence[str],
                          dir_fd: int) -> str | None:
