@@ -266,9 +266,14 @@ def mounted_tmpfs(mountpoint: Path, options: str) -> Iterator[Path]:
     try:
         yield mountpoint
     finally:
-        if subprocess.run(["umount", str(mountpoint)], capture_output=True,
-                          timeout=30).returncode != 0:
-            subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, timeout=30)
+        unmount(mountpoint)
+
+
+def unmount(mountpoint: Path) -> None:
+    """Unmount, lazily when something still holds the file system."""
+    if subprocess.run(["umount", str(mountpoint)], capture_output=True,
+                      timeout=60).returncode != 0:
+        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, timeout=60)
 
 
 @pytest.fixture

@@ -44,7 +44,7 @@ ONE_COMMIT_FILE_SYSTEMS = ("ext4",)
 _SYNC_FILE_RANGE_WRITE = 2  # start writeback, do not wait
 _SYNC_FILE_RANGE_ALL = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER
 # A large object's data is handed to the disk in steps while it arrives, so that the disk
-# writes while the network delivers, and the final sync has only the last step left.
+# writes while the network delivers, and the final sync has less left to wait for.
 WRITEBACK_STEP = 8 << 20
 
 

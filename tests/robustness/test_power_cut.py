@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import require_tool
+from conftest import require_tool, unmount
 from transfer import Sender, check_tree, restart
 
 SHUTDOWN = 0x8004587D  # _IOR('X', 125, __u32): EXT4_IOC_SHUTDOWN and XFS_IOC_GOINGDOWN
@@ -64,12 +64,6 @@ def loop_file_system(tmp_path: Path, fs_type: str) -> Iterator[tuple[Path, Path]
     finally:
         unmount(mountpoint)
         image.unlink()
-
-
-def unmount(mountpoint: Path) -> None:
-    if subprocess.run(["umount", str(mountpoint)], capture_output=True,
-                      timeout=60).returncode != 0:
-        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, timeout=60)
 
 
 def cut_power(mountpoint: Path) -> None:
