@@ -7,6 +7,7 @@ failure, not a skip (the test command installs them).
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -47,10 +48,37 @@ def require_tool(name: str) -> str:
     return path
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port below the ephemeral range.
+
+    A port from bind(("", 0)) is an ephemeral one: between this call and the daemon's own
+    bind, any outgoing connection on the machine may be given it (CI once saw "Address
+    already in use" that way).  connect() never picks a port below the range.
+    """
+    low = _ephemeral_low()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 20000), low)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def testdata(name: str) -> Path:

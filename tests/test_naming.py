@@ -12,7 +12,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import free_port
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
@@ -619,11 +619,6 @@ def _tool(name: str) -> str:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _echo(port: int) -> bool:
@@ -640,7 +635,7 @@ def _echo(port: int) -> bool:
 def _start_storescp(args: list[str], log: Path) -> tuple[subprocess.Popen[bytes], int]:
     # storescp 3.6.7 cannot bind to one address; a free loopback-probed port is the best we have.
     for _ in range(3):
-        port = _free_port()
+        port = free_port()
         with log.open("wb") as out:
             proc = subprocess.Popen(
                 [_tool("storescp"), "--aetitle", "STORESCP", *args, str(port)],

@@ -12,7 +12,6 @@ import itertools
 import random
 import re
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from conftest import free_port
 from pydicom import uid as pydicom_uid
 from pydicom.dataset import Dataset, FileMetaDataset
 from pynetdicom import AE, evt
@@ -284,10 +284,6 @@ def test_promiscuous_contexts_for() -> None:
 
 # -- helpers for servers -------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _listening(port: int) -> bool:
@@ -313,7 +309,7 @@ def storescp(options: Sequence[str], outdir: Path) -> Iterator[int]:
     proc: subprocess.Popen[bytes] | None = None
     try:
         for _ in range(3):  # a free port can be taken between probe and bind: retry
-            port = _free_port()
+            port = free_port()
             proc = subprocess.Popen(
                 ["storescp", *options, "-od", str(outdir), "--aetitle", "STORESCP", str(port)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

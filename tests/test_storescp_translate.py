@@ -7,7 +7,6 @@ that mirror storescp's are checked against the real storescp as well.
 import ctypes.util
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tomllib
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import free_port
 
 from dicom_ingestd.access import AccessPolicy
 from dicom_ingestd.config import schema
@@ -474,9 +474,7 @@ def test_refusals_match_the_real_storescp(argv: list[str], tmp_path: Path) -> No
 
 
 def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
+    return str(free_port())
 
 
 @pytest.mark.parametrize("argv", [
