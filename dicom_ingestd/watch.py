@@ -6,6 +6,7 @@ file's directory (editors save by writing a new file and renaming it over the ol
 Changes are debounced and announced as one byte on a pipe the master selects on.
 """
 
+import inspect
 import logging
 import os
 import select
@@ -96,6 +97,7 @@ class ConfigWatcher:
 
 def _watch(path: Path, out_fd: int, parent: int) -> None:
     """Child process body: observe path's directory until the parent goes away."""
+    from watchdog import events
     from watchdog.events import FileSystemEvent, FileSystemEventHandler
     from watchdog.observers import Observer
 
@@ -112,7 +114,16 @@ def _watch(path: Path, out_fd: int, parent: int) -> None:
                 state["last"] = time.monotonic()
 
     observer = Observer()
-    observer.schedule(Handler(), str(path.parent), recursive=False)
+    # Only changes: opening and reading files is the busiest traffic in a directory, e.g. the
+    # output directory next to the configuration (as in the quick start), opened for every
+    # object.  watchdog >= 4 then leaves those events out of the inotify mask; older versions
+    # (Debian 12 has 2.2) have no filter and the handler drops them.
+    kwargs: dict[str, Any] = {}
+    if "event_filter" in inspect.signature(observer.schedule).parameters:
+        kwargs["event_filter"] = [events.FileCreatedEvent, events.FileModifiedEvent,
+                                  events.FileMovedEvent, events.FileDeletedEvent,
+                                  events.FileClosedEvent]
+    observer.schedule(Handler(), str(path.parent), recursive=False, **kwargs)
     observer.start()
     os.write(out_fd, b"R")  # ready: the master drains this before serving
     try:

@@ -710,6 +710,19 @@ def test_dual_stack_listener_applies_ipv4_rules_to_mapped_peers(
 
 
 # -- the config watcher process ----------------------------------------------------------------
+def test_config_edited_in_place_is_reloaded(daemon_factory: Factory, tmp_path: Path) -> None:
+    """Editors that write the file itself (nano, vim with backupcopy) instead of renaming a new
+    one over it: the watcher's event filter must still let the change through."""
+    daemon = daemon_factory(settings())
+    config = config_of(daemon)
+    config["storage"]["filename_extension"] = ".inplace"
+    write_config(daemon.config_path, config)  # truncates and writes the same inode
+    daemon.wait_log("reload: configuration applied", timeout=5)
+    storescu(daemon.port, *ct_copies(tmp_path / "in", 1, "inplace"))
+    [stored] = daemon.files()
+    assert stored.name.endswith(".inplace"), stored
+
+
 def test_debug_log_is_quiet_while_idle(daemon_factory: Factory, tmp_path: Path) -> None:
     """At debug level an idle daemon must not log forever.
 

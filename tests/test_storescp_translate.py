@@ -37,7 +37,7 @@ SCHEMA_KEYS = dict(schema.keys())  # "table.key" → field, in declaration order
 def base(**tables: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """What `storescp 11104` translates to, updated table by table with `tables`."""
     data: dict[str, dict[str, Any]] = {
-        "network": {"port": int(PORT), "disable_host_lookup": False},
+        "network": {"port": int(PORT), "max_pdu": 16384, "disable_host_lookup": False},
         "storage": {"output_directory": "."},
         "logging": {"level": "warn"},
     }
@@ -127,7 +127,7 @@ def test_port_only_sets_storescp_defaults_that_differ_from_ours() -> None:
     (["--log-level", "ERROR"], base(logging={"level": "error"})),  # case-insensitive
     (["-ll", "all"], base(logging={"level": "trace"})),
     (["-v", "+v"], base(logging={"level": "info", "verbose_pc": True})),
-    (["--inetd"], {"network": {"inetd": True, "disable_host_lookup": False},
+    (["--inetd"], {"network": {"inetd": True, "max_pdu": 16384, "disable_host_lookup": False},
                    "storage": {"output_directory": "."}, "logging": {"level": "warn"}}),
     (["--single-process"], base(workers={"process_model": "single"})),
     (["--fork"], base(workers={"process_model": "fork"})),  # our default, written: explicit

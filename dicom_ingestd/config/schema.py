@@ -78,8 +78,12 @@ class NetworkConfig:
         storescp=("-aet", "--aetitle"),
     )
     max_pdu: int = setting(
-        16384, "Maximum PDU length we receive, in bytes (advertised to the peer; never 0).",
+        131072, "Maximum PDU length we receive, in bytes (advertised to the peer; never 0). "
+        "A peer may always send smaller PDUs.",
         storescp=("-pdu", "--max-pdu"), minimum=4096, maximum=131072,
+        default_note="storescp's default is 16384. Data sets are streamed to disk whatever "
+        "the PDU size, so the largest PDU storescp allows costs no memory, and a sender "
+        "needs 8 times fewer PDUs (and we fewer reads and writes) per object.",
     )
     acse_timeout: int = setting(
         30, "Seconds to wait for association messages (A-ASSOCIATE-RQ, A-RELEASE), and for "
@@ -369,9 +373,10 @@ class StorageConfig:
     sync_directories: str = setting(
         "auto", "How a stored file's name is made durable (with fsync on). \"always\": fsync "
         "the file, link it into place, fsync the directory (POSIX's recipe, two journal "
-        "commits per object). \"auto\": on ext4, write the data out before linking and "
-        "fsync the file after, one journal commit that covers data and name (about 0.2 ms "
-        "less per object); \"always\" on any other file system.",
+        "commits per object). \"auto\": on ext4 with a journal, write the data out before "
+        "linking and fsync the file after, one journal commit that covers data and name "
+        "(about 0.2 ms less per object); \"always\" on any other file system, ext4 without "
+        "a journal included. The start-up line says which applies.",
         choices=("auto", "always"),
         default_note="Not a storescp option (storescp never fsyncs).",
     )

@@ -36,9 +36,9 @@ options we implement are enforced too, so a command line storescp refuses is ref
 command files: hosts.allow and hosts.deny (in /etc, or in $DICOM_INGESTD_HOSTS_DIR), at
 translation time; see the "+ac" section below.
 
-Where our defaults differ from storescp's (logging.level, network.disable_host_lookup), the
-translation sets storescp's value explicitly; network.port, storage.output_directory and
-logging.level are always written.
+Where our defaults differ from storescp's (logging.level, network.disable_host_lookup,
+network.max_pdu), the translation sets storescp's value explicitly; network.port,
+storage.output_directory and logging.level are always written.
 """
 
 import dataclasses

@@ -6,14 +6,15 @@ system; `commit` fsyncs it, links or renames it into place relative to directory
 descriptors opened without following symlinks, and fsyncs the directory.  No DICOM here: the
 caller decides the relative path (see naming.py).
 
-On ext4 (storage.sync_directories = "auto") the same guarantee costs one journal commit
-instead of two.  The data is written out (sync_file_range, which also allocates its blocks)
-before the link, and the file is fsynced after it.  ext4 commits its one journal in order,
-and the fsync of an inode whose link count changed commits the transaction holding the
-link.  So a crash leaves either no name, or a name on data that was already on disk
-(tests/robustness/test_power_cut.py).  XFS should behave the same, but on XFS that test
-loses an acknowledged object now and then even with the directory fsync (not understood; see
-the test), so XFS keeps the two-step recipe.
+On ext4 with a journal (storage.sync_directories = "auto") the same guarantee costs one
+journal commit instead of two.  The data is written out (sync_file_range, which also
+allocates its blocks) before the link, and the file is fsynced after it.  ext4 commits its
+one journal in order, and the fsync of an inode whose link count changed commits the
+transaction holding the link.  So a crash leaves either no name, or a name on data that was
+already on disk (tests/robustness/test_power_cut.py).  XFS should behave the same, but on
+XFS that test loses an acknowledged object now and then even with the directory fsync (not
+understood; see the test), so XFS keeps the two-step recipe.  So does ext4 without a journal
+(mkfs -O ^has_journal, as some cloud images ship): there is no journal to order anything.
 
 With fsync on, writeback of a large object starts every WRITEBACK_STEP bytes while it is
 received (sync_file_range without waiting), so the disk works while the network delivers.
@@ -91,6 +92,18 @@ def filesystem_type(fd: int) -> str:
     except OSError:
         pass
     return ""
+
+
+def has_journal(fd: int) -> bool:
+    """True if the file system holding fd has a jbd2 journal (ext3/ext4 list theirs under
+    /proc/fs/jbd2 as DEVICE-8, 8 being the journal's inode).  False when it cannot be told,
+    e.g. for an external journal device: the caller then takes the two-fsync recipe."""
+    dev = os.fstat(fd).st_dev
+    try:
+        device = os.path.basename(os.readlink(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"))
+    except OSError:
+        return False
+    return os.path.isdir(f"/proc/fs/jbd2/{device}-8")
 
 
 def _process_start(pid: int) -> float | None:
@@ -278,6 +291,8 @@ class Store:
             raise StorageError(f"output directory {self.root} is not writable",
                                Status.OUT_OF_RESOURCES)
         self.fs_type = filesystem_type(self._root_fd)
+        if self.fs_type in ONE_COMMIT_FILE_SYSTEMS and not has_journal(self._root_fd):
+            self.fs_type += " without a journal"
         self.one_commit = (self.config.fsync and self.config.sync_directories == "auto"
                            and _sync_file_range is not None
                            and self.fs_type in ONE_COMMIT_FILE_SYSTEMS)

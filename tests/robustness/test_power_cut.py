@@ -10,8 +10,20 @@ answered with success is there bit-exact, every visible file is a complete objec
 sent, and no temporary file survives the restart.
 
 This is the test of storage.sync_directories: "auto" (one journal commit per object on ext4,
-the default) and "always" (file and directory fsync). The normal run cuts the power at 3
-instants on ext4; `--run-slow` at 40 per mode, and at 40 on XFS.
+the default) and "always" (file and directory fsync). Each association sends a study of its
+own into study subdirectories, so a cut can also fall between creating a directory and
+placing a file in it. The normal run cuts the power at 3 instants on ext4 and at 2 on ext4
+without a journal; `--run-slow` at 40 per mode, and at 40 on XFS.
+
+ext4 without a journal (mkfs -O ^has_journal, as the root file system of some cloud images)
+has no log for the shutdown to withhold, and unmounting would write out the metadata buffers
+the cut left dirty.  So the disk is read at the instant of the cut instead: the loop device's
+backing file is copied right after the shutdown, checked with e2fsck -fy as a boot would, and
+mounted in place of the original.  The daemon must see that such an ext4 has no journal and
+take the two-fsync recipe.  This harness finds losses: without the directory fsync it lost 35
+of 85 acknowledged objects in 3 cuts, with storage.fsync off 92.  (The one-commit recipe lost
+none here in 2 runs of 40 cuts, because ext4 without a journal also writes the directory of a
+newly created file on fsync; the daemon does not rely on that.)
 
 XFS (6.18 kernel, loop device, XFS_IOC_GOINGDOWN with NOLOGFLUSH) lost one acknowledged
 object, the last one stored before the cut, in 4 of 8 runs of 40 cuts. 3 of those runs
@@ -40,6 +52,9 @@ from transfer import Sender, check_tree, restart
 SHUTDOWN = 0x8004587D  # _IOR('X', 125, __u32): EXT4_IOC_SHUTDOWN and XFS_IOC_GOINGDOWN
 NOLOGFLUSH = 2  # EXT4_GOING_FLAGS_NOLOGFLUSH, XFS_FSOP_GOING_FLAGS_NOLOGFLUSH
 IMAGE_SIZE = 512 << 20  # sparse; XFS needs at least 300 MB
+NO_JOURNAL = "ext4-nojournal"  # ext4 made with -O ^has_journal
+MKFS = {"ext4": ["mkfs.ext4", "-q"], NO_JOURNAL: ["mkfs.ext4", "-q", "-O", "^has_journal"],
+        "xfs": ["mkfs.xfs", "-q"]}
 
 
 def run(args: list[str]) -> None:
@@ -51,12 +66,13 @@ def run(args: list[str]) -> None:
 
 @contextlib.contextmanager
 def loop_file_system(tmp_path: Path, fs_type: str) -> Iterator[tuple[Path, Path]]:
-    """(image, mountpoint): a fresh `fs_type` on a loop device, unmounted afterwards."""
-    require_tool(f"mkfs.{fs_type}")
+    """(image, mountpoint): a fresh `fs_type` (a key of MKFS) on a loop device, unmounted
+    afterwards."""
+    require_tool(MKFS[fs_type][0])
     image, mountpoint = tmp_path / f"{fs_type}.img", tmp_path / "mnt"
     with open(image, "wb") as f:
         f.truncate(IMAGE_SIZE)
-    run([f"mkfs.{fs_type}", "-q", str(image)])
+    run([*MKFS[fs_type], str(image)])
     mountpoint.mkdir()
     run(["mount", "-o", "loop", str(image), str(mountpoint)])
     try:
@@ -74,6 +90,19 @@ def cut_power(mountpoint: Path) -> None:
         os.close(fd)
 
 
+def remount_after_cut(image: Path, mountpoint: Path, fs_type: str, snapshot: Path | None) -> None:
+    """Mount what the disk held at the cut: the journal recovers it, or (without a journal)
+    the snapshot taken at the cut replaces the image, repaired by e2fsck as a boot would."""
+    unmount(mountpoint)
+    if snapshot is not None:
+        snapshot.replace(image)
+        fsck = subprocess.run(["e2fsck", "-fy", str(image)], capture_output=True, text=True,
+                              timeout=120)
+        if fsck.returncode not in (0, 1):  # 1: errors corrected
+            pytest.fail(f"e2fsck -fy after the cut: exit {fsck.returncode}\n{fsck.stdout}")
+    run(["mount", "-o", "loop", str(image), str(mountpoint)])
+
+
 def power_cuts(tmp_path: Path, fs_type: str, mode: str, count: int,
                seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
@@ -85,16 +114,23 @@ def power_cuts(tmp_path: Path, fs_type: str, mode: str, count: int,
         out = mountpoint / "out"
         settings: dict[str, dict[str, Any]] = {
             "logging": {"level": "info"}, "network": {"dimse_timeout": 10},
-            "storage": {"output_directory": str(out), "sync_directories": mode}}
+            "storage": {"output_directory": str(out), "sync_directories": mode,
+                        "sort": "study-uid"}}
         daemon = restart(tmp_path, settings, "cut")
         one_commit = "one journal commit per object" in daemon.log()
         assert one_commit == (mode == "auto" and fs_type == "ext4"), daemon.log()
+        if fs_type == NO_JOURNAL:
+            assert "(ext4 without a journal)" in daemon.log(), daemon.log()
         settings["network"]["port"] = daemon.port
         for instant in range(count):
             sender = Sender(daemon.port, seed * 1000 + instant)
             sender.start()
             time.sleep(rng.uniform(0.05, 0.8))
             cut_power(mountpoint)
+            snapshot = None
+            if fs_type == NO_JOURNAL:
+                snapshot = image.with_suffix(".cut")
+                run(["cp", "--sparse=always", str(image), str(snapshot)])
             figures["cuts"] += 1
             time.sleep(0.1)  # stores in flight now fail; none may be answered with success
             sender.stop.set()
@@ -103,8 +139,7 @@ def power_cuts(tmp_path: Path, fs_type: str, mode: str, count: int,
             daemon.stop()
             sent.update(sender.sent)
             acked |= sender.acked
-            unmount(mountpoint)
-            run(["mount", "-o", "loop", str(image), str(mountpoint)])  # journal recovery
+            remount_after_cut(image, mountpoint, fs_type, snapshot)
             daemon = restart(tmp_path, settings, f"cut-{instant}")
             assert daemon.staging() == [], f"temporary files after restart: {daemon.staging()}"
             figures["files"] = check_tree(daemon, sent, acked)
@@ -116,7 +151,8 @@ def power_cuts(tmp_path: Path, fs_type: str, mode: str, count: int,
 
 
 @pytest.mark.parametrize(("fs_type", "mode", "count"), [("ext4", "auto", 2),
-                                                        ("ext4", "always", 1)])
+                                                        ("ext4", "always", 1),
+                                                        (NO_JOURNAL, "auto", 2)])
 def test_power_cut_at_random_instants(tmp_path: Path, fs_type: str, mode: str,
                                       count: int) -> None:
     figures = power_cuts(tmp_path, fs_type, mode, count, seed=len(mode) + count)
@@ -125,7 +161,7 @@ def test_power_cut_at_random_instants(tmp_path: Path, fs_type: str, mode: str,
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("fs_type", "mode"), [
-    ("ext4", "auto"), ("ext4", "always"),
+    ("ext4", "auto"), ("ext4", "always"), (NO_JOURNAL, "auto"),
     pytest.param("xfs", "always", marks=pytest.mark.xfail(
         reason="XFS has lost the last acknowledged object in half of the runs (see the "
                "module docstring)", strict=False))])

@@ -23,7 +23,7 @@ from conftest import Daemon, start_daemon
 SIZES = [200, 20_000, 300_000, 2_000_000]
 
 
-def make_object(rng: random.Random, index: int) -> tuple[str, bytes]:
+def make_object(rng: random.Random, index: int, study_uid: str) -> tuple[str, bytes]:
     uid = f"1.2.826.0.1.3680043.9.7.{os.getpid()}.{index}.{rng.randrange(1 << 30)}"
     side = int((rng.choice(SIZES) // 2) ** 0.5) or 1
     pixels = rng.randbytes(side * side * 2)
@@ -32,7 +32,7 @@ def make_object(rng: random.Random, index: int) -> tuple[str, bytes]:
         (0x0008, 0x0018, b"UI", fuzzgen.even(uid.encode())),
         (0x0008, 0x0060, b"CS", b"CT"),
         (0x0010, 0x0010, b"PN", b"Crash^Test"),
-        (0x0020, 0x000D, b"UI", b"1.2.3.4.5.6"),
+        (0x0020, 0x000D, b"UI", fuzzgen.even(study_uid.encode())),
         (0x0020, 0x000E, b"UI", b"1.2.3.4.5.7."),
         (0x0028, 0x0010, b"US", struct.pack("<H", side)),
         (0x0028, 0x0011, b"US", struct.pack("<H", side)),
@@ -42,7 +42,11 @@ def make_object(rng: random.Random, index: int) -> tuple[str, bytes]:
 
 
 class Sender(threading.Thread):
-    """Sends objects until stopped; `sent` has every object, `acked` the successes."""
+    """Sends objects until stopped; `sent` has every object, `acked` the successes.
+
+    Each association sends a study of its own, so that with storage.sort = "study-uid" its
+    first object also creates a directory.
+    """
 
     def __init__(self, port: int, seed: int) -> None:
         super().__init__(daemon=True)
@@ -60,12 +64,13 @@ class Sender(threading.Thread):
             except (OSError, AssertionError, harness.Closed):
                 time.sleep(0.02)
                 continue
+            study_uid = f"1.2.826.0.1.3680043.9.7.{os.getpid()}.0.{self.rng.randrange(1 << 30)}"
             try:
                 for _ in range(self.rng.randint(1, 6)):
                     if self.stop.is_set():
                         break
                     self.index += 1
-                    uid, data = make_object(self.rng, self.index)
+                    uid, data = make_object(self.rng, self.index, study_uid)
                     self.sent[uid] = data
                     command = fuzzgen.command_set(fuzzgen.store_elements(uid.encode(),
                                                                          self.index & 0xFFFF))
