@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench_data import DataSet, DataSpec, ensure_dataset, split_dataset
+from bench_place import ingestd_config, placement
 from bench_proc import (
     Exit,
     MemorySampler,
@@ -45,7 +46,10 @@ BENCH_DIR = Path(__file__).resolve().parent
 STORESCP = "storescp"
 INGESTD = "dicom-ingestd"
 PYNETDICOM = "pynetdicom"  # pynetdicom's own storescp app, the issue's second column
-RECEIVERS = (STORESCP, INGESTD, PYNETDICOM)
+# storescp --ignore with dicom-ingestd's max PDU: receives every object and writes nothing,
+# so its time is what the sender and the wire alone cost (the floor of any receiver).
+FLOOR = "floor"
+RECEIVERS = (STORESCP, INGESTD, PYNETDICOM, FLOOR)
 MB = 1e6  # MB/s and data sizes are decimal megabytes, as in "262 MB"
 MIB = 1024  # RSS: KiB -> MiB
 
@@ -64,6 +68,7 @@ class BenchSet:
     nodelay: bool = True
     target: float = 0.0
     target_rss_mib: float = 0.0
+    floor: bool = True  # run the floor receiver (not for nagle: it would stall as storescp)
 
     def describe(self) -> str:
         senders = "1 sender" if self.senders == 1 else f"{self.senders} parallel senders"
@@ -76,14 +81,14 @@ FULL_SETS = (
     BenchSet("small", DataSpec("small", 2000), target=1.5),
     BenchSet("large", DataSpec("large", 2, frames=500), target=0.7, target_rss_mib=64),
     BenchSet("parallel", DataSpec("ct", 200), senders=4, target=0.7),
-    BenchSet("nagle", DataSpec("ct", 200), nodelay=False, target=0.1),
+    BenchSet("nagle", DataSpec("ct", 200), nodelay=False, target=0.1, floor=False),
 )
 QUICK_SETS = (
     BenchSet("ct", DataSpec("ct", 20)),
     BenchSet("small", DataSpec("small", 100)),
     BenchSet("large", DataSpec("large", 1, frames=40)),
     BenchSet("parallel", DataSpec("ct", 20), senders=4),
-    BenchSet("nagle", DataSpec("ct", 20), nodelay=False),
+    BenchSet("nagle", DataSpec("ct", 20), nodelay=False, floor=False),
 )
 
 
@@ -203,6 +208,7 @@ class Harness:
     ingestd_settings: list[tuple[str, str, object]]
     work: Path
     timeout: float
+    max_pdu: int  # dicom-ingestd's, given to the floor receiver too
 
     @property
     def output(self) -> Path:
@@ -215,6 +221,9 @@ class Harness:
     def receiver_argv(self, receiver: str, port: int) -> list[str]:
         if receiver == STORESCP:
             return [*self.storescp, *self.storescp_args, "-od", str(self.output), str(port)]
+        if receiver == FLOOR:
+            return [*self.storescp, "--ignore", "--max-pdu", str(self.max_pdu),
+                    "-od", str(self.output), str(port)]
         if receiver == PYNETDICOM:
             return [sys.executable, "-m", "pynetdicom", "storescp", "-q", "-ba", "127.0.0.1",
                     "-od", str(self.output), str(port)]
@@ -275,7 +284,8 @@ class Harness:
         finally:
             stopped_by_us = proc.exit is None
             run.receiver_exit = proc.stop()
-        self.check(run, receiver, len(data.files), log_path, stopped_by_us)
+        self.check(run, receiver, 0 if receiver == FLOOR else len(data.files), log_path,
+                   stopped_by_us)
         return run
 
     def check(self, run: Run, receiver: str, expected: int, log_path: Path,
@@ -391,15 +401,27 @@ def _memory(s: Summary | None, shown: bool) -> str:
     return f", {s.hwm_mib:.0f} MiB" if s is not None and shown else ""
 
 
-def issue_table(rows: Sequence[tuple[BenchSet, DataSet, dict[str, list[Run]]]]) -> str:
-    """The issue's table: storescp's time, each receiver's ratio to it, the target, met?"""
+def issue_table(rows: Sequence[tuple[BenchSet, DataSet, dict[str, list[Run]]]],
+                placements: dict[str, float]) -> str:
+    """The issue's table: storescp's time, each receiver's ratio to it, the target, met?
+
+    Then the floors: the floor receiver's ratio (sender and wire alone), and with one
+    sender that time plus the durable placement of every object one after the other, the
+    least any receiver that answers only once an object is durable can take.
+    """
     head = ("| set | storescp median s (min–max) | pynetdicom storescp ratio | dicom-ingestd "
-            "median s (min–max) | dicom-ingestd ratio | target | met |")
+            "median s (min–max) | dicom-ingestd ratio | target | met | floor ratio "
+            "| durable floor ratio |")
     table = [head, "|" + "---|" * (head.count("|") - 1)]
     for bench, _data, results in rows:
         theirs = summarize(results[STORESCP])
         ours = summarize(results[INGESTD])
         pyn = summarize(results[PYNETDICOM])
+        floor = summarize(results[FLOOR])
+        durable_floor = "n/a"
+        if floor is not None and theirs is not None and bench.name in placements \
+                and bench.senders == 1:
+            durable_floor = f"{(floor.median + placements[bench.name]) / theirs.median:.2f}"
 
         target = f"≤ {bench.target:g}×" if bench.target else "–"
         if bench.target_rss_mib:
@@ -414,7 +436,7 @@ def issue_table(rows: Sequence[tuple[BenchSet, DataSet, dict[str, list[Run]]]]) 
         table.append(f"| {bench.name} ({bench.describe()}) | {_timing(theirs)}"
                      f"{_memory(theirs, mem)} | {ratio(pyn, theirs)}{_memory(pyn, mem)} "
                      f"| {_timing(ours)}{_memory(ours, mem)} | {ratio(ours, theirs)} "
-                     f"| {target} | {met} |")
+                     f"| {target} | {met} | {ratio(floor, theirs)} | {durable_floor} |")
     return "\n".join(table)
 
 
@@ -547,7 +569,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     harness = Harness(
         storescp=shlex.split(args.storescp), storescp_args=shlex.split(args.storescp_args),
         storescu=shlex.split(args.storescu), ingestd=shlex.split(args.ingestd),
-        ingestd_settings=args.settings, work=work, timeout=args.timeout)
+        ingestd_settings=args.settings, work=work, timeout=args.timeout,
+        max_pdu=ingestd_config(args.settings, work).network.max_pdu)
     for line in machine_description():
         say(line)
     say(f"storescp: {tool_version(harness.storescp)}; storescu: {tool_version(harness.storescu)}")
@@ -560,12 +583,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     say(f"receivers: storescp {args.storescp_args + ' ' if args.storescp_args else ''}"
         "-od DIR PORT (default options; TCP_NODELAY as the sender's); dicom-ingestd run -c "
         f"CONFIG (defaults except network.port, network.bind_address, "
-        f"storage.output_directory, logging.level = warn{extra})")
+        f"storage.output_directory, logging.level = warn{extra}); floor: storescp --ignore "
+        f"--max-pdu {harness.max_pdu} (not on the nagle set)")
     say(f"mode: {'quick' if args.quick else 'full'}, {args.runs} run(s) per receiver and set, "
         "receivers alternating (ABBA), fresh receiver and empty output directory per run")
     say()
 
     rows: list[tuple[BenchSet, DataSet, dict[str, list[Run]]]] = []
+    placements: dict[str, float] = {}  # set name -> median seconds of durable placement
     failures = 0
     for bench in args.bench_sets:
         data = ensure_dataset(cache, bench.data, log=lambda m: say(f"[data] {m}"))
@@ -577,11 +602,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         for index in range(args.runs):
             order = args.receiver_list if index % 2 == 0 else args.receiver_list[::-1]
             for receiver in order:
+                if receiver == FLOOR and not bench.floor:
+                    continue
                 run = harness.run_once(bench, data, dirs, receiver, index)
                 results[receiver].append(run)
                 report_run(bench, data, run)
                 failures += not run.ok
         print_set_block(bench, data, results)
+        if INGESTD in args.receiver_list and bench.floor:
+            seconds, durability = placement(data.files, args.settings, work, args.runs)
+            placements[bench.name] = seconds
+            say(f"  durable placement alone (dicom-ingestd's storage code, no network, one "
+                f"object after the other; {durability}): {seconds:.3f} s median of "
+                f"{args.runs}, {seconds / len(data.files) * 1000:.3f} ms per object")
         say()
         rows.append((bench, data, results))
     shutil.rmtree(harness.output, ignore_errors=True)
@@ -598,9 +631,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     say(markdown_table(rows))
     say()
     say("Issue 8's table (ratio: median wall time / storescp's median in the same run; "
-        "min–max: the spread over the runs, i.e. the machine's noise):")
+        "min–max: the spread over the runs, i.e. the machine's noise; floor ratio: storescp "
+        "--ignore with dicom-ingestd's max PDU, which receives and writes nothing; durable "
+        "floor ratio, one sender only: the floor's time plus the durable placement of each "
+        "object in turn, the least a receiver answering only after fsync can take):")
     say()
-    say(issue_table(rows))
+    say(issue_table(rows, placements))
     say()
     report_logs(rows)
     say(f"machine load at end: {machine_load()}")

@@ -13,8 +13,15 @@ one journal in order, and the fsync of an inode whose link count changed commits
 transaction holding the link.  So a crash leaves either no name, or a name on data that was
 already on disk (tests/robustness/test_power_cut.py).  XFS should behave the same, but on
 XFS that test loses an acknowledged object now and then even with the directory fsync (not
-understood; see the test), so XFS keeps the two-step recipe.  So does ext4 without a journal
-(mkfs -O ^has_journal, as some cloud images ship): there is no journal to order anything.
+understood; see the test), so XFS keeps the two-step recipe.
+
+ext4 without a journal (mkfs -O ^has_journal, as some cloud images ship) has nothing to order
+writes, but its fsync of a file that was just given a name also writes that name's directory,
+and the directories above it that are new too (ext4_sync_parent: every new directory entry
+marks its inode, and fsync follows the inode's newest name up while the mark is set).  The
+staging name is created first and the final name linked or renamed last, so the fsync after
+it writes the final directory.  The same test checks this on a copy of the disk taken at the
+cut; without a journal the start-up line says so.
 
 With fsync on, writeback of a large object starts every WRITEBACK_STEP bytes while it is
 received (sync_file_range without waiting), so the disk works while the network delivers.
@@ -97,7 +104,7 @@ def filesystem_type(fd: int) -> str:
 def has_journal(fd: int) -> bool:
     """True if the file system holding fd has a jbd2 journal (ext3/ext4 list theirs under
     /proc/fs/jbd2 as DEVICE-8, 8 being the journal's inode).  False when it cannot be told,
-    e.g. for an external journal device: the caller then takes the two-fsync recipe."""
+    e.g. for an external journal device; for the start-up line only."""
     dev = os.fstat(fd).st_dev
     try:
         device = os.path.basename(os.readlink(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"))
@@ -291,19 +298,22 @@ class Store:
             raise StorageError(f"output directory {self.root} is not writable",
                                Status.OUT_OF_RESOURCES)
         self.fs_type = filesystem_type(self._root_fd)
-        if self.fs_type in ONE_COMMIT_FILE_SYSTEMS and not has_journal(self._root_fd):
-            self.fs_type += " without a journal"
         self.one_commit = (self.config.fsync and self.config.sync_directories == "auto"
                            and _sync_file_range is not None
                            and self.fs_type in ONE_COMMIT_FILE_SYSTEMS)
+        if self.fs_type == "ext4" and not has_journal(self._root_fd):
+            self.fs_type = "ext4 without a journal"
 
     @property
     def durability(self) -> str:
         """How success is made durable, for the start-up line."""
         if not self.config.fsync:
             return "no fsync (storage.fsync = false)"
+        if self.one_commit and self.fs_type == "ext4":
+            return "fsync, one journal commit per object (ext4)"
         if self.one_commit:
-            return f"fsync, one journal commit per object ({self.fs_type})"
+            return (f"fsync, one fsync per object ({self.fs_type}, whose fsync of a new file "
+                    "also writes the directories naming it)")
         return f"fsync of file and directory ({self.fs_type or 'unknown file system'})"
 
     def close(self) -> None:

@@ -1,0 +1,71 @@
+"""Durable placement alone: dicom-ingestd's own storage code, without the network.
+
+The sender waits for each response, and dicom-ingestd answers only once the object is
+durable, so with one sender no receiver can be faster than the time the sender and the wire
+take (the floor receiver, storescp --ignore) plus the time the disk takes to make each object
+durable, one after the other.  This measures the second part on the receivers' file system:
+each file of a set goes through `Store.temp_file`, `TempFile.write` (in PDU-sized pieces, as
+received), `TempFile.finish` and `Store.commit`, exactly the worker's calls, timed from the
+creation of the temporary file to the end of the commit (reading the file is not counted).
+"""
+
+import os
+import shutil
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from dicom_ingestd.config.load import config_from_mapping
+from dicom_ingestd.config.schema import Config
+from dicom_ingestd.worker.store import Store
+
+
+def ingestd_config(settings: Sequence[tuple[str, str, object]], output: Path) -> Config:
+    """dicom-ingestd's configuration for the benchmark's --set values, output in `output`."""
+    tables: dict[str, dict[str, object]] = {"storage": {"output_directory": str(output)}}
+    for table, key, value in settings:
+        tables.setdefault(table, {})[key] = value
+    tables["storage"]["output_directory"] = str(output)
+    return config_from_mapping(tables, "bench --set")
+
+
+def place_once(files: Sequence[Path], config: Config) -> float:
+    """Seconds to place `files` one after the other into config's (empty) output directory."""
+    piece = config.network.max_pdu - 6  # a PDV's worth, as the worker receives it
+    store = Store(config.storage)
+    store.open()
+    total = 0.0
+    try:
+        for number, path in enumerate(files):
+            data = memoryview(path.read_bytes())
+            start = time.perf_counter()
+            temp = store.temp_file()
+            for offset in range(0, len(data), piece):
+                temp.write(data[offset:offset + piece])
+            temp.finish(config.storage.fsync)
+            store.commit(temp, [], [f"{number:06d}.dcm"], replace=False, when_taken="error")
+            total += time.perf_counter() - start
+    finally:
+        store.close()
+    return total
+
+
+def placement(files: Sequence[Path], settings: Sequence[tuple[str, str, object]], work: Path,
+              runs: int) -> tuple[float, str]:
+    """(median seconds over `runs`, the start-up line's durability text) for placing `files`
+    under `work`/placement, emptied before each run."""
+    output = work / "placement"
+    config = ingestd_config(settings, output)
+    times = []
+    for _ in range(runs):
+        shutil.rmtree(output, ignore_errors=True)
+        output.mkdir(parents=True)
+        os.sync()  # as before each transfer: no earlier dirty pages flushed meanwhile
+        times.append(place_once(files, config))
+    store = Store(config.storage)
+    store.open()
+    durability = store.durability
+    store.close()
+    shutil.rmtree(output, ignore_errors=True)
+    return statistics.median(times), durability
