@@ -1,12 +1,15 @@
-"""Durable placement alone: dicom-ingestd's own storage code, without the network.
+"""The durability stall alone: dicom-ingestd's own storage code, without the network.
 
 The sender waits for each response, and dicom-ingestd answers only once the object is
 durable, so with one sender no receiver can be faster than the time the sender and the wire
-take (the floor receiver, storescp --ignore) plus the time the disk takes to make each object
-durable, one after the other.  This measures the second part on the receivers' file system:
-each file of a set goes through `Store.temp_file`, `TempFile.write` (in PDU-sized pieces, as
-received), `TempFile.finish` and `Store.commit`, exactly the worker's calls, timed from the
-creation of the temporary file to the end of the commit (reading the file is not counted).
+take (the floor receiver, storescp --ignore) plus, for each object, the time from its last
+byte to its durability: the stall.  This measures the stall on the receivers' file system.
+Each file of a set goes through `Store.temp_file` and `TempFile.write` (in PDU-sized pieces,
+as received; not timed, since that overlaps with the transfer), then `TempFile.finish` and
+`Store.commit`, exactly the worker's calls, which are timed.
+
+Objects of WRITEBACK_STEP bytes or more have their writeback started while they arrive, so
+their stall in a transfer is shorter than here: no floor is derived for them.
 """
 
 import os
@@ -31,7 +34,8 @@ def ingestd_config(settings: Sequence[tuple[str, str, object]], output: Path) ->
 
 
 def place_once(files: Sequence[Path], config: Config) -> float:
-    """Seconds to place `files` one after the other into config's (empty) output directory."""
+    """Seconds of stall (finish and commit) placing `files` one after the other into config's
+    (empty) output directory."""
     piece = config.network.max_pdu - 6  # a PDV's worth, as the worker receives it
     store = Store(config.storage)
     store.open()
@@ -39,10 +43,10 @@ def place_once(files: Sequence[Path], config: Config) -> float:
     try:
         for number, path in enumerate(files):
             data = memoryview(path.read_bytes())
-            start = time.perf_counter()
             temp = store.temp_file()
             for offset in range(0, len(data), piece):
                 temp.write(data[offset:offset + piece])
+            start = time.perf_counter()
             temp.finish(config.storage.fsync)
             store.commit(temp, [], [f"{number:06d}.dcm"], replace=False, when_taken="error")
             total += time.perf_counter() - start
@@ -51,8 +55,8 @@ def place_once(files: Sequence[Path], config: Config) -> float:
     return total
 
 
-def placement(files: Sequence[Path], settings: Sequence[tuple[str, str, object]], work: Path,
-              runs: int) -> tuple[float, str]:
+def stall(files: Sequence[Path], settings: Sequence[tuple[str, str, object]], work: Path,
+          runs: int) -> tuple[float, str]:
     """(median seconds over `runs`, the start-up line's durability text) for placing `files`
     under `work`/placement, emptied before each run."""
     output = work / "placement"
