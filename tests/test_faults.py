@@ -949,7 +949,8 @@ def expect_abort(sock: socket.socket) -> bytes:
 
 
 def _oversized_pdu(assoc: Association, daemon: Daemon) -> None:
-    body = struct.pack(">LBB", 16384 + 1000 - 4, 1, 0x01) + bytes(16384 + 1000 - 6)
+    length = assoc.peer_max_pdu + 1000  # whatever the daemon advertised
+    body = struct.pack(">LBB", length - 4, 1, 0x01) + bytes(length - 6)
     assoc.sock.sendall(_pdu(P_DATA_TF, body))
 
 
@@ -1021,24 +1022,29 @@ def test_unknown_pdu_before_association_is_aborted(daemon: Daemon) -> None:
     assert_serving(daemon)
 
 
-def test_pdu_of_exactly_max_pdu_is_accepted(daemon: Daemon) -> None:
-    """The limit is inclusive: a P-DATA-TF whose length is max_pdu (16384) is valid."""
-    source = data_file("CT_small.dcm")
+@pytest.mark.parametrize("max_pdu", [None, 16384], ids=["default", "storescp-default"])
+def test_pdu_of_exactly_max_pdu_is_accepted(daemon_factory: Callable[..., Daemon],
+                                             tmp_path: Path, max_pdu: int | None) -> None:
+    """The limit is inclusive: a P-DATA-TF whose length is max_pdu is valid (our default,
+    131072, and storescp's, 16384)."""
+    daemon = daemon_factory({"network": {"max_pdu": max_pdu}} if max_pdu else {})
+    limit = max_pdu or 131072
+    source = new_ct_file(tmp_path, 3 * limit)
     ds = dcmread(source)
     data = data_set_bytes(source)
-    assert len(data) > 2 * 16378
+    assert len(data) > 2 * limit
     assoc = associate(daemon.port)
     try:
-        assert assoc.peer_max_pdu == 16384
+        assert assoc.peer_max_pdu == limit
         send_fragments(assoc, 1, c_store_rq(CT_IMAGE.encode(), ds.SOPInstanceUID.encode()),
                        command=True)
-        chunk = 16384 - 6  # PDV item: 4-byte length, context ID, control header
+        chunk = limit - 6  # PDV item: 4-byte length, context ID, control header
         offsets = range(0, len(data), chunk)
         for offset in offsets:
             piece = data[offset:offset + chunk]
             last = offset + chunk >= len(data)
             pdu = p_data(1, piece, 0x02 if last else 0x00)
-            assert last or len(pdu) == 6 + 16384
+            assert last or len(pdu) == 6 + limit
             assoc.sock.sendall(pdu)
         assert read_response(assoc) == SUCCESS
         release(assoc)
