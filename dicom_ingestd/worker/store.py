@@ -11,9 +11,8 @@ journal commit instead of two.  The data is written out (sync_file_range, which 
 allocates its blocks) before the link, and the file is fsynced after it.  ext4 commits its
 one journal in order, and the fsync of an inode whose link count changed commits the
 transaction holding the link.  So a crash leaves either no name, or a name on data that was
-already on disk (tests/robustness/test_power_cut.py).  XFS should behave the same, but on
-XFS that test loses an acknowledged object now and then even with the directory fsync (not
-understood; see the test), so XFS keeps the two-step recipe.
+already on disk (tests/robustness/test_power_cut.py).  Other file systems, XFS included,
+keep the two-step recipe: this argument is about ext4's journal.
 
 ext4 without a journal (mkfs -O ^has_journal, as some cloud images ship) has nothing to order
 writes, but its fsync of a file that was just given a name also writes that name's directory,

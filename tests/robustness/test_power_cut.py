@@ -6,8 +6,13 @@ with NOLOGFLUSH, as xfstests simulates a crash). Whatever was not yet committed 
 in a power failure of the machine. The loop device's backing file plays the disk. The daemon
 is stopped, and the file system is unmounted and mounted again, which recovers its journal.
 Then a new daemon starts on it, and the checks are those of the SIGKILL suite: every object
-answered with success is there bit-exact, every visible file is a complete object that was
-sent, and no temporary file survives the restart.
+answered with success before the cut began is there bit-exact, every visible file is a
+complete object that was sent, and no temporary file survives the restart.
+
+A real power cut is instantaneous and nothing is answered after it.  The shutdown ioctl takes
+milliseconds (XFS: about 10 ms here), and an fsync it overtakes can still return success, so
+a success that arrives while it runs is no promise: it is counted (acked_during_cut), its
+file must still be whole if it is there, but it need not be.
 
 This is the test of storage.sync_directories: "auto" (one journal commit per object on ext4,
 the default) and "always" (file and directory fsync). Each association sends a study of its
@@ -24,12 +29,11 @@ directories of a newly named file (see worker/store.py).  This harness finds los
 "always" minus its directory fsync it lost 35 of 85 acknowledged objects in 3 cuts, with
 storage.fsync off 92; "auto" lost none in 3 runs of 40 cuts (907, 909 and 887 acknowledged).
 
-XFS (6.18 kernel, loop device, XFS_IOC_GOINGDOWN with NOLOGFLUSH) lost one acknowledged
-object, the last one stored before the cut, in 4 of 8 runs of 40 cuts. 3 of those runs
-fsynced the file and then the directory. A script doing the same kind of syscalls without the daemon
-lost none in 100 cuts. Whether the file system or the simulation is at fault is not known, so
-the XFS case is an expected failure that is reported when it passes, and XFS does not get
-the one-commit path.
+XFS seemed to lose the last acknowledged object in about half of the runs of 40 cuts, until
+the success times were recorded: the one lost object had been answered 4 ms after the cut
+began, while the 10 ms shutdown ioctl was still running.  Counting only the successes sent
+before the cut, XFS ("always": file and directory fsync) lost none in 7 runs of 40 cuts.
+XFS keeps the two-fsync recipe: the one-commit argument is about ext4's journal.
 """
 
 import contextlib
@@ -105,7 +109,8 @@ def remount_after_cut(image: Path, mountpoint: Path, fs_type: str, snapshot: Pat
 def power_cuts(tmp_path: Path, fs_type: str, mode: str, count: int,
                seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
-    figures: dict[str, Any] = {"fs": fs_type, "sync_directories": mode, "cuts": 0}
+    figures: dict[str, Any] = {"fs": fs_type, "sync_directories": mode, "cuts": 0,
+                               "acked_during_cut": 0}
     sent: dict[str, bytes] = {}
     acked: set[str] = set()
     started = time.monotonic()
@@ -125,6 +130,7 @@ def power_cuts(tmp_path: Path, fs_type: str, mode: str, count: int,
             sender = Sender(daemon.port, seed * 1000 + instant)
             sender.start()
             time.sleep(rng.uniform(0.05, 0.8))
+            cut_at = time.monotonic()
             cut_power(mountpoint)
             snapshot = None
             if fs_type == NO_JOURNAL:
@@ -137,7 +143,12 @@ def power_cuts(tmp_path: Path, fs_type: str, mode: str, count: int,
             assert not sender.is_alive(), "sender hung"
             daemon.stop()
             sent.update(sender.sent)
-            acked |= sender.acked
+            # A real power cut is instantaneous; the shutdown ioctl is not, and a sync it
+            # overtakes may still report success.  Only successes that arrived before the
+            # cut began are promises; later ones are counted, and must still be whole files.
+            promised = {uid for uid, at in sender.acked_at.items() if at < cut_at}
+            figures["acked_during_cut"] += len(sender.acked) - len(promised)
+            acked |= promised
             remount_after_cut(image, mountpoint, fs_type, snapshot)
             daemon = restart(tmp_path, settings, f"cut-{instant}")
             assert daemon.staging() == [], f"temporary files after restart: {daemon.staging()}"
@@ -161,9 +172,7 @@ def test_power_cut_at_random_instants(tmp_path: Path, fs_type: str, mode: str,
 @pytest.mark.slow
 @pytest.mark.parametrize(("fs_type", "mode"), [
     ("ext4", "auto"), ("ext4", "always"), (NO_JOURNAL, "auto"),
-    pytest.param("xfs", "always", marks=pytest.mark.xfail(
-        reason="XFS has lost the last acknowledged object in half of the runs (see the "
-               "module docstring)", strict=False))])
+    ("xfs", "always")])
 def test_power_cut_at_40_random_instants(tmp_path: Path, fs_type: str, mode: str) -> None:
     figures = power_cuts(tmp_path, fs_type, mode, 40, seed=40 + len(fs_type + mode))
     assert figures["acked"] > 40

@@ -54,6 +54,7 @@ class Sender(threading.Thread):
         self.rng = random.Random(seed)
         self.sent: dict[str, bytes] = {}
         self.acked: set[str] = set()
+        self.acked_at: dict[str, float] = {}  # time.monotonic() when each success arrived
         self.stop = threading.Event()
         self.index = 0
 
@@ -79,6 +80,7 @@ class Sender(threading.Thread):
                     status = harness.read_status(sock)
                     if status == 0:
                         self.acked.add(uid)
+                        self.acked_at[uid] = time.monotonic()
                     elif isinstance(status, str):
                         break
                 else:
