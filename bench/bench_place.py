@@ -26,10 +26,10 @@ from dicom_ingestd.worker.store import Store
 
 def ingestd_config(settings: Sequence[tuple[str, str, object]], output: Path) -> Config:
     """dicom-ingestd's configuration for the benchmark's --set values, output in `output`."""
-    tables: dict[str, dict[str, object]] = {"storage": {"output_directory": str(output)}}
+    tables: dict[str, dict[str, object]] = {}
     for table, key, value in settings:
         tables.setdefault(table, {})[key] = value
-    tables["storage"]["output_directory"] = str(output)
+    tables.setdefault("storage", {})["output_directory"] = str(output)
     return config_from_mapping(tables, "bench --set")
 
 
