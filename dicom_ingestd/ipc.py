@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 MAX_MESSAGE = 512
 _STORED = struct.Struct("!BQ")  # type, size in bytes; then the association key (ASCII)
+_ENDED = struct.Struct("!BB")  # type, 1 if released; then the association key (ASCII)
 _TYPE_STORED = 1
+_TYPE_ENDED = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,20 +31,37 @@ class ObjectStored:
     size: int
 
 
-Message = ObjectStored
+@dataclass(frozen=True, slots=True)
+class AssociationEnded:
+    """A worker's association is over; `released` when it ended with A-RELEASE (a study it
+    was sending is then finished, as far as this association goes)."""
+
+    association: str
+    released: bool
+
+
+Message = ObjectStored | AssociationEnded
+
+
+def _key(association: str) -> bytes:
+    return association.encode("ascii", "replace")[:MAX_MESSAGE - 16]
 
 
 def encode(message: Message) -> bytes:
-    key = message.association.encode("ascii", "replace")[:MAX_MESSAGE - _STORED.size]
-    return _STORED.pack(_TYPE_STORED, message.size) + key
+    if isinstance(message, ObjectStored):
+        return _STORED.pack(_TYPE_STORED, message.size) + _key(message.association)
+    return _ENDED.pack(_TYPE_ENDED, int(message.released)) + _key(message.association)
 
 
 def decode(data: bytes) -> Message | None:
     """The message in `data`, or None for a malformed one."""
-    if len(data) < _STORED.size or data[0] != _TYPE_STORED:
-        return None
-    _, size = _STORED.unpack_from(data)
-    return ObjectStored(data[_STORED.size:].decode("ascii", "replace"), size)
+    if len(data) >= _STORED.size and data[0] == _TYPE_STORED:
+        _, size = _STORED.unpack_from(data)
+        return ObjectStored(data[_STORED.size:].decode("ascii", "replace"), size)
+    if len(data) >= _ENDED.size and data[0] == _TYPE_ENDED:
+        _, released = _ENDED.unpack_from(data)
+        return AssociationEnded(data[_ENDED.size:].decode("ascii", "replace"), bool(released))
+    return None
 
 
 class Channel:

@@ -74,6 +74,7 @@ class Master:
         self._bytes = 0
         self._associations = 0
         self._boot = time.time_ns()  # with a counter: association keys unique across restarts
+        self._released: set[str] = set()  # associations whose worker said they were released
         self._last_error = ""
         self._next_watchdog = 0.0
         self._watcher: ConfigWatcher | None = None
@@ -193,6 +194,8 @@ class Master:
             if isinstance(message, ipc.ObjectStored):
                 self._stored += 1
                 self._bytes += message.size
+            elif message.released:
+                self._released.add(message.association)
         if messages:
             self.events.wake()
 
@@ -270,7 +273,9 @@ class Master:
         worker = self.workers.pop(fd)
         problem = worker.reap()
         self._reports(None)
-        self.events.worker_done(worker.association)  # reads its last records first
+        released = worker.association in self._released and problem is None
+        self._released.discard(worker.association)
+        self.events.worker_done(worker.association, released)  # reads its records first
         try:
             if problem is not None:
                 self._log_worker_failure(worker, problem)

@@ -393,7 +393,7 @@ class EventService:
             if record.association not in self._live:
                 # A worker of an earlier master (or one that ended before its record was
                 # read): its association is over.
-                self.tracker.association_ended(record.association)
+                self.tracker.association_ended(record.association, released=False)
             batch = study.batch
             batch_id = self._open_ids.get(record.study_uid, 0)
             if not batch_id:
@@ -404,11 +404,12 @@ class EventService:
                              "batch %d opened", batch_label(record.study_uid, batch), batch,
                              extra={"journal": {"DICOM_STUDY_UID": record.study_uid,
                                                 "DICOM_BATCH": batch}})
-            self.queue.add_file(batch_id, len(study.files), {
-                "path": stored.path, "sop_class_uid": stored.sop_class_uid,
-                "sop_instance_uid": stored.sop_instance_uid, "series_uid": stored.series_uid,
-                "patient_id": stored.patient_id, "size": stored.size},
-                arrival.calling_ae, arrival.called_ae, arrival.peer, segment)
+            if study.last_added:
+                self.queue.add_file(batch_id, len(study.files), {
+                    "path": stored.path, "sop_class_uid": stored.sop_class_uid,
+                    "sop_instance_uid": stored.sop_instance_uid, "series_uid": stored.series_uid,
+                    "patient_id": stored.patient_id, "size": stored.size},
+                    arrival.calling_ae, arrival.called_ae, arrival.peer, segment)
         if events.exec_on_reception:
             jobs.append(self._reception_job(record, batch, batch_id, segment))
         for complete in closed:
@@ -581,15 +582,16 @@ class EventService:
                 link.answer(record_id)
             link.jobs.clear()
 
-    def worker_done(self, association: str) -> None:
-        """A worker ended: read what it wrote, forget its link, tell the tracker."""
+    def worker_done(self, association: str, released: bool) -> None:
+        """A worker ended (`released`: its association ended with A-RELEASE): read what it
+        wrote, forget its link, tell the tracker."""
         self.consume()
         link = self._link_of.get(association)
         if link is not None:
             self._drop_link(link)
         self._live.discard(association)
         if association:
-            self.tracker.association_ended(association)
+            self.tracker.association_ended(association, released)
 
     def _job_finished(self, job_id: int, final: bool) -> None:
         if not final:
@@ -654,8 +656,11 @@ class EventService:
             except FileNotFoundError:
                 continue
             if inode == current:
+                # Rotated when large or old, and as soon as all of it is settled, so that a
+                # rebuilt database replays as little as possible.
                 size = segments.size(name)
-                if size >= ROTATE_BYTES or (size and now - self._rotated >= ROTATE_AGE):
+                if size and (size >= ROTATE_BYTES or now - self._rotated >= ROTATE_AGE or (
+                        self._offsets.get(name, 0) >= size and self.queue.settled(name))):
                     segments.rotate()
                     self._rotated = now
                 continue

@@ -96,6 +96,9 @@ class Recorder:
                         "master runs again", obj.peer, obj.calling_ae, obj.called_ae,
                         obj.sop_instance_uid)
 
-    def close(self) -> None:
+    def close(self, how: str) -> None:
+        """The association ended (`how`: Outcome.how); tell the master how."""
         if self.writer is not None:
             self.writer.close()
+        if self.channel is not None:
+            self.channel.send(ipc.AssociationEnded(self.association, how == "released"))

@@ -178,7 +178,7 @@ class Session:
         finally:
             self._drop_current()
             if self.recorder is not None:
-                self.recorder.close()
+                self.recorder.close(self.outcome.how)
             with contextlib.suppress(OSError):
                 self.sock.close()
         return self.outcome
