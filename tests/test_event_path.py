@@ -539,3 +539,16 @@ def test_kills_at_random_instants_lose_no_event_and_mix_no_study(
             if sender.poll() is None:
                 sender.kill()
         daemon.stop()
+
+
+def test_single_process_mode_records_events_too(tmp_path: Path, daemon_factory: Any,
+                                                recorder: Recorder) -> None:
+    ledger = Ledger(tmp_path)
+    config = settings(tmp_path, recorder, ledger)
+    config["workers"] = {"process_model": "single"}
+    daemon = daemon_factory(config)
+    files = oversized_study(tmp_path / "a")
+    assert send(daemon.port, tmp_path / "ack", files).wait(60) == 0
+    assert len(recorder.wait(3)) == 3
+    wait_until(lambda: ledger.runs(), 20, "the end-of-study job")
+    assert ledger.runs()[0]["count"] == 3
