@@ -1,42 +1,67 @@
-"""Worker → master reports, one datagram each on a Unix socket pair made before forking.
+"""Worker → master messages: small, typed, fixed in size.
 
-Reports are best-effort observations (the master rebuilds nothing from them that the disk
-does not hold), so a full or closed channel never blocks or fails an association.  The one
-exception is events.exec_sync, where the association must wait for the master: each such
-worker reports over a `SyncLink` of its own instead, reliably, and waits for the answer.
+Nothing the master must act on travels here: a stored object's event record is in the outbox
+(outbox.py), durable before the object is acknowledged.  A message is only a statistic and a
+wake-up ("read the outbox now"), so a full or closed channel never blocks or fails an
+association, and no message grows with what a peer sends.
+
+events.exec_sync adds a `SyncLink` per worker: the worker names the record it waits for and
+the master answers once that object's jobs are finished; the worker waits a bounded time.
 """
 
 import contextlib
-import json
+import select
 import socket
+import struct
+import time
 from dataclasses import dataclass
-from typing import Any
 
-MAX_MESSAGE = 1 << 16
+MAX_MESSAGE = 512
+_STORED = struct.Struct("!BQ")  # type, size in bytes; then the association key (ASCII)
+_ENDED = struct.Struct("!BB")  # type, 1 if released; then the association key (ASCII)
+_TYPE_STORED = 1
+_TYPE_ENDED = 2
 
 
 @dataclass(frozen=True, slots=True)
-class Report:
-    """What a worker tells the master: 'stored' (with object fields) or 'ended'."""
+class ObjectStored:
+    """A worker stored an object (and its event record, when events are on)."""
 
-    kind: str
-    pid: int
-    fields: dict[str, Any]
-
-
-def encode(report: Report) -> bytes:
-    # Not dataclasses.asdict: it deep-copies the fields, once per stored object.
-    return json.dumps({"kind": report.kind, "pid": report.pid, "fields": report.fields},
-                      default=str).encode()
+    association: str
+    size: int
 
 
-def decode(data: bytes) -> Report | None:
-    """The report in `data`, or None for a malformed message."""
-    try:
-        raw = json.loads(data)
-        return Report(str(raw["kind"]), int(raw["pid"]), dict(raw["fields"]))
-    except (ValueError, KeyError, TypeError):
-        return None
+@dataclass(frozen=True, slots=True)
+class AssociationEnded:
+    """A worker's association is over; `released` when it ended with A-RELEASE (a study it
+    was sending is then finished, as far as this association goes)."""
+
+    association: str
+    released: bool
+
+
+Message = ObjectStored | AssociationEnded
+
+
+def _key(association: str) -> bytes:
+    return association.encode("ascii", "replace")[:MAX_MESSAGE - 16]
+
+
+def encode(message: Message) -> bytes:
+    if isinstance(message, ObjectStored):
+        return _STORED.pack(_TYPE_STORED, message.size) + _key(message.association)
+    return _ENDED.pack(_TYPE_ENDED, int(message.released)) + _key(message.association)
+
+
+def decode(data: bytes) -> Message | None:
+    """The message in `data`, or None for a malformed one."""
+    if len(data) >= _STORED.size and data[0] == _TYPE_STORED:
+        _, size = _STORED.unpack_from(data)
+        return ObjectStored(data[_STORED.size:].decode("ascii", "replace"), size)
+    if len(data) >= _ENDED.size and data[0] == _TYPE_ENDED:
+        _, released = _ENDED.unpack_from(data)
+        return AssociationEnded(data[_ENDED.size:].decode("ascii", "replace"), bool(released))
+    return None
 
 
 class Channel:
@@ -49,24 +74,21 @@ class Channel:
         self.writer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         self.reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
 
-    def send(self, report: Report) -> None:
-        data = encode(report)
-        if len(data) > MAX_MESSAGE:
-            return
-        # A full channel loses a statistic, never an object.
+    def send(self, message: Message) -> None:
+        # A full channel loses a statistic and a wake-up (the master polls), never an event.
         with contextlib.suppress(OSError):
-            self.writer.send(data)
+            self.writer.send(encode(message))
 
-    def receive(self) -> list[Report]:
-        reports: list[Report] = []
+    def receive(self) -> list[Message]:
+        messages: list[Message] = []
         while True:
             try:
                 data = self.reader.recv(MAX_MESSAGE)
             except (BlockingIOError, InterruptedError):
-                return reports
-            report = decode(data)
-            if report is not None:
-                reports.append(report)
+                return messages
+            message = decode(data)
+            if message is not None:
+                messages.append(message)
 
     def close(self) -> None:
         self.reader.close()
@@ -74,26 +96,37 @@ class Channel:
 
 
 class SyncLink:
-    """events.exec_sync: one worker's reliable report-and-wait link to the master.
+    """events.exec_sync: one worker's wait-for-my-jobs link to the master.
 
-    A SOCK_SEQPACKET pair made before the worker starts.  The worker sends each "stored"
-    report on it (never lost, unlike the shared channel) and blocks until the master answers
-    that the object's jobs are finished; the master reads `master_end` in its selector.
+    A SOCK_SEQPACKET pair made before the worker starts.  The worker sends the id of a durable
+    outbox record and waits for the master to send the same id back; the master reads
+    `master_end` in its selector.  An answer that comes after its wait timed out is skipped.
     """
-
-    REPLY = b"done"
 
     def __init__(self) -> None:
         self.worker_end, self.master_end = socket.socketpair(socket.AF_UNIX,
                                                              socket.SOCK_SEQPACKET)
 
-    def report_and_wait(self, report: Report) -> bool:
-        """Send `report` and wait for the answer; False if the master is gone."""
+    def wait_for(self, record_id: str, timeout: float) -> str:
+        """Ask for the jobs of `record_id` and wait: 'done', 'gone' (the master closed the
+        link: it stopped or died) or 'timeout'."""
+        wanted = record_id.encode("ascii")
         try:
-            self.worker_end.send(encode(report))
-            return bool(self.worker_end.recv(64))
+            self.worker_end.send(wanted)
+            deadline = time.monotonic() + timeout
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return "timeout"
+                ready, _, _ = select.select([self.worker_end], [], [], remaining)
+                if ready:
+                    answer = self.worker_end.recv(MAX_MESSAGE)
+                    if not answer:
+                        return "gone"
+                    if answer == wanted:
+                        return "done"
         except OSError:
-            return False
+            return "gone"
 
     def close(self) -> None:
         self.worker_end.close()

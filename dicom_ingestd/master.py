@@ -73,6 +73,8 @@ class Master:
         self._stored = 0
         self._bytes = 0
         self._associations = 0
+        self._boot = time.time_ns()  # with a counter: association keys unique across restarts
+        self._released: set[str] = set()  # associations whose worker said they were released
         self._last_error = ""
         self._next_watchdog = 0.0
         self._watcher: ConfigWatcher | None = None
@@ -186,15 +188,16 @@ class Master:
             self.reload()
 
     def _reports(self, _sock: object) -> None:
-        for report in self.channel.receive():
-            self._report(report)
-
-    def _report(self, report: ipc.Report, reply: int | None = None) -> None:
-        """One worker report (from the channel, or from an exec_sync worker's own link)."""
-        if report.kind == "stored":
-            self._stored += 1
-            self._bytes += int(report.fields.get("size", 0))
-            self.events.stored(report, reply)
+        """Workers' datagrams: statistics, and a wake-up to read the outbox now."""
+        messages = self.channel.receive()
+        for message in messages:
+            if isinstance(message, ipc.ObjectStored):
+                self._stored += 1
+                self._bytes += message.size
+            elif message.released:
+                self._released.add(message.association)
+        if messages:
+            self.events.wake()
 
     def _accept(self, listener: object) -> None:
         assert isinstance(listener, socket.socket)
@@ -226,8 +229,10 @@ class Master:
             return
         conn.setblocking(True)
         try:
-            worker = self.spawner.spawn(Assignment(conn, peer, self.config, self.store, over,
-                                                   self.tls_context))
+            worker = self.spawner.spawn(Assignment(
+                conn, peer, self.config, self.store, over, self.tls_context,
+                association=f"{self._boot:x}-{self._associations + 1}",
+                outbox_fd=self.events.outbox_fd))
         except OSError as exc:
             log.error("%s: cannot start a worker: %s", peer, exc.strerror or exc)
             self._last_error = f"cannot start a worker: {exc.strerror or exc}"
@@ -236,7 +241,7 @@ class Master:
         self._associations += 1
         self.workers[worker.fd] = worker
         self.selector.register(worker.fd, selectors.EVENT_READ, self._worker_done)
-        self.events.worker_started(worker.reply, self._report)
+        self.events.worker_started(worker.association, worker.reply)
         if worker.pid:
             log.debug("%s: worker %d started", peer, worker.pid)
 
@@ -267,8 +272,10 @@ class Master:
         self.selector.unregister(fd)
         worker = self.workers.pop(fd)
         problem = worker.reap()
-        self._reports(None)  # its last reports, before the tracker hears it ended
-        self.events.worker_done(worker.reply, worker.association)
+        self._reports(None)
+        released = worker.association in self._released and problem is None
+        self._released.discard(worker.association)
+        self.events.worker_done(worker.association, released)  # reads its records first
         try:
             if problem is not None:
                 self._log_worker_failure(worker, problem)

@@ -13,9 +13,15 @@ association:
   objects of A, ended before X stored its first object.  So a single association sending study
   after study, and a sender opening one association per study, behave as in storescp, while
   parallel associations interleaving studies never complete each other's;
+* an association that did not end with a release (aborted, cut, its worker killed) or that
+  this master does not know (it served an earlier master, or the study was restored after a
+  restart) may still have objects of its study to send -- a sender retries what it could
+  not send -- so with a timeout its study is complete only by the timeout or by that
+  association's own next study: a crash never splits a study into batches;
 * an open study is complete `timeout` seconds after its last object (0: never);
 * a complete study is never reopened: a later object of it opens a new batch (2, 3, ...);
-* only successfully stored objects are fed in, so failed stores never count.
+* only successfully stored objects are fed in, so failed stores never count;
+* the same file arriving again in a batch (a sender's retry) is listed once.
 
 `StudyTracker` only decides.  Its caller persists, renames and runs commands.
 """
@@ -71,6 +77,19 @@ class OpenStudy:
     calling_ae: str = ""  # of the latest object's association (storescp's #a/#c/#r)
     called_ae: str = ""
     peer: str = ""
+    # Whether the latest arrival added a file; False for the same file again (a sender
+    # sending again an object whose response it never got), which is listed once.
+    last_added: bool = True
+    _keys: set[tuple[str, str]] = field(default_factory=set)
+
+    def add(self, file: StoredFile) -> None:
+        if not self._keys and self.files:
+            self._keys = {(f.path, f.sop_instance_uid) for f in self.files}
+        key = (file.path, file.sop_instance_uid)
+        self.last_added = key not in self._keys
+        if self.last_added:
+            self._keys.add(key)
+            self.files.append(file)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +116,7 @@ class _Association:
     first_seen: float
     current: str  # study UID of its latest object
     ended_at: float | None = None
+    lost: bool = False  # ended without a release, or unknown: may still be sending
 
 
 class StudyTracker:
@@ -133,7 +153,7 @@ class StudyTracker:
         if study is None:
             study = OpenStudy(uid, self._previous(uid) + 1, opened=now, last=now)
             self._studies[uid] = study
-        study.files.append(arrival.file)
+        study.add(arrival.file)
         study.associations.add(arrival.association)
         study.last = now
         study.calling_ae, study.called_ae = arrival.calling_ae, arrival.called_ae
@@ -144,18 +164,23 @@ class StudyTracker:
         self._forget_associations()
         return study, closed
 
-    def association_ended(self, key: str) -> None:
-        """An association ended (this alone completes nothing, as in storescp)."""
+    def association_ended(self, key: str, released: bool = True) -> None:
+        """An association ended (this alone completes nothing, as in storescp); without
+        `released` it may still have objects of its study to send (see the docstring)."""
         assoc = self._associations.get(key)
         if assoc is not None and assoc.ended_at is None:
             assoc.ended_at = self._clock()
+            assoc.lost = not released
         self._forget_associations()
 
     def restore(self, study: OpenStudy) -> None:
-        """Adopt a study persisted by an earlier run: its associations are gone, and its
-        timeout counts from now."""
-        study.associations.clear()
-        study.last = self._clock()
+        """Adopt a study persisted by an earlier run: its associations are unknown (lost),
+        and its timeout counts from now."""
+        now = self._clock()
+        key = f"restored {study.study_uid}"
+        self._associations[key] = _Association(now, study.study_uid, now, lost=True)
+        study.associations = {key}
+        study.last = now
         self._studies[study.study_uid] = study
 
     # -- time and stop ---------------------------------------------------------------------
@@ -188,6 +213,8 @@ class StudyTracker:
             assoc = self._associations.get(key)
             if assoc is None:
                 continue  # forgotten: ended long ago
+            if assoc.lost and self.timeout and assoc.current == study.study_uid:
+                return False  # may still send this study: the timeout decides
             if assoc.ended_at is None:
                 if assoc.current == study.study_uid:
                     return False  # still sending this study

@@ -14,11 +14,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dicom_ingestd import ipc
+from dicom_ingestd import ipc, outbox
 from dicom_ingestd.codes import ExitCode
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.events import sync_enabled
-from dicom_ingestd.worker.session import Session, StoredObject
+from dicom_ingestd.worker.recorder import Recorder
+from dicom_ingestd.worker.session import Session
 from dicom_ingestd.worker.store import Store
 
 log = logging.getLogger("dicom_ingestd.master")
@@ -35,33 +36,24 @@ class Assignment:
     store: Store
     reject_over_limit: str  # non-empty: the limit that was hit; answer A-ASSOCIATE-RJ
     tls_context: ssl.SSLContext | None = None  # [tls]: the worker does the handshake
+    association: str = ""  # unique key of the association (outbox records, study tracking)
+    outbox_fd: int = -1  # the outbox directory when [events] are on (outbox.py)
 
 
 def session_for(assignment: Assignment, channel: ipc.Channel,
                 link: ipc.SyncLink | None = None) -> Session:
-    """The association handler, reporting stored objects to the master over `channel`, or
-    with events.exec_sync over its own `link`, waiting after each object (after its C-STORE
-    response, as storescp -xs) until the master says the object's jobs are finished."""
-    pid = os.getpid()
-    # Tells associations apart in the study tracker: a forked worker's pid, or the thread id.
-    association = str(threading.get_native_id())
-
-    def report(obj: StoredObject) -> None:
-        message = ipc.Report("stored", pid, {
-            "path": obj.path, "sop_class_uid": obj.sop_class_uid,
-            "sop_instance_uid": obj.sop_instance_uid, "study_uid": obj.study_uid,
-            "series_uid": obj.series_uid, "patient_id": obj.patient_id,
-            "calling_ae": obj.calling_ae, "called_ae": obj.called_ae, "peer": obj.peer,
-            "size": obj.size, "association": association})
-        if link is None:
-            channel.send(message)
-        else:
-            log.debug("%s: waiting for the jobs of %s (events.exec_sync)", obj.peer,
-                      obj.sop_instance_uid)
-            link.report_and_wait(message)
-
-    return Session(assignment.conn, assignment.peer, assignment.config, assignment.store,
-                   on_stored=report, over_limit=assignment.reject_over_limit,
+    """The association handler.  Each stored object's event record goes to the outbox before
+    its response (worker/recorder.py), and a datagram to the master over `channel`; with
+    events.exec_sync, over its own `link`, the association waits after each object's response
+    (as storescp -xs) until the master says the object's jobs are finished."""
+    config = assignment.config
+    writer = None
+    if assignment.outbox_fd >= 0:
+        writer = outbox.Writer(assignment.outbox_fd, config.storage.fsync)
+    recorder = Recorder(channel, assignment.association, writer, link,
+                        float(config.events.exec_sync_timeout))
+    return Session(assignment.conn, assignment.peer, config, assignment.store,
+                   recorder=recorder, over_limit=assignment.reject_over_limit,
                    tls_context=assignment.tls_context)
 
 
@@ -78,13 +70,7 @@ class Worker:
     rejecting: bool = False
     signalled: set[int] = field(default_factory=set)
     reply: socket.socket | None = None  # master end of the worker's SyncLink (exec_sync)
-
-    @property
-    def association(self) -> str:
-        """The key its reports carry as "association" (see session_for)."""
-        if self.pid:
-            return str(self.pid)
-        return str(self.thread.native_id) if self.thread is not None else ""
+    association: str = ""  # Assignment.association
 
     @property
     def name(self) -> str:
@@ -157,7 +143,8 @@ class ForkSpawner:
         return Worker(assignment.peer, time.monotonic(), os.pidfd_open(pid), assignment.store,
                       pid=pid,
                       rejecting=bool(assignment.reject_over_limit),
-                      reply=link.master_end if link is not None else None)
+                      reply=link.master_end if link is not None else None,
+                      association=assignment.association)
 
 
 class ThreadSpawner:
@@ -181,6 +168,7 @@ class ThreadSpawner:
         thread = threading.Thread(target=run, name=f"assoc {assignment.peer}", daemon=True)
         worker = Worker(assignment.peer, time.monotonic(), done, assignment.store, thread=thread,
                         rejecting=bool(assignment.reject_over_limit),
-                        reply=link.master_end if link is not None else None)
+                        reply=link.master_end if link is not None else None,
+                        association=assignment.association)
         thread.start()
         return worker

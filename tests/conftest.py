@@ -297,6 +297,28 @@ def mounted_tmpfs(mountpoint: Path, options: str) -> Iterator[Path]:
         unmount(mountpoint)
 
 
+@contextlib.contextmanager
+def mounted_ext4(mountpoint: Path, size_mb: int, options: str = "") -> Iterator[Path]:
+    """A fresh ext4 on a loop device at `mountpoint` (created), unmounted afterwards."""
+    require_tool("mkfs.ext4")
+    image = mountpoint.with_name(mountpoint.name + ".img")
+    with open(image, "wb") as f:
+        f.truncate(size_mb << 20)
+    mountpoint.mkdir()
+    for args in (["mkfs.ext4", "-q", str(image)],
+                 ["mount", "-o", ",".join(filter(None, ["loop", options])), str(image),
+                  str(mountpoint)]):
+        result = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            pytest.fail(f"{' '.join(args)} failed (these tests need root and loop devices): "
+                        f"{result.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        unmount(mountpoint)
+        image.unlink()
+
+
 def unmount(mountpoint: Path) -> None:
     """Unmount, lazily when something still holds the file system."""
     if subprocess.run(["umount", str(mountpoint)], capture_output=True,

@@ -2,7 +2,8 @@
 
 config → listener/process model → association policy → storage → study events → jobs: a
 worker (one association) never reaches into the master, the study tracker or the job queue
-(it reports over ipc), pynetdicom stays inside worker/, and only cli.py exits the process.
+(it writes records to the outbox and datagrams over ipc), pynetdicom stays inside worker/,
+and only cli.py exits the process.
 """
 
 import ast
@@ -44,7 +45,7 @@ def test_pynetdicom_only_inside_worker() -> None:
 
 def test_leaf_modules_use_the_standard_library_only() -> None:
     leaves = {"errors.py", "codes.py", "config/schema.py", "config/asconfig.py",
-              "config/dcmtk_uids.py"}
+              "config/dcmtk_uids.py", "outbox.py", "ipc.py"}
     for name in leaves:
         third_party = sorted(u for u in modules()[name]
                              if u.split(".")[0] in ("pydicom", "pynetdicom", "watchdog",

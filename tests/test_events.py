@@ -6,6 +6,7 @@ for deterministic interleaving); every command is a real process, the `recorder`
 which appends its arguments and DICOM_* variables to a JSON-lines file.
 """
 
+import itertools
 import json
 import os
 import signal
@@ -160,7 +161,12 @@ class Clock:
         return self.now
 
 
-def arrive(tracker: StudyTracker, study: str, assoc: str, n: int = 0) -> list[str]:
+_objects = itertools.count(1)
+
+
+def arrive(tracker: StudyTracker, study: str, assoc: str) -> list[str]:
+    """A new object of `study` through `assoc`; the studies it completed."""
+    n = next(_objects)
     _, closed = tracker.arrive(Arrival(study, StoredFile(f"/o/{study}/{n}", "1.2", f"{n}"),
                                        assoc))
     return [f"{c.study_uid}:{c.batch}:{c.reason}:{len(c.files)}" for c in closed]
@@ -214,6 +220,46 @@ def test_tracker_restored_study_closes_on_the_next_study() -> None:
     clock.now += 1
     assert arrive(second, "A", "t") == ["B:1:next-study:1", "C:1:next-study:1"]
     assert [s.batch for s in second.open_studies()] == [2]
+
+
+def test_tracker_an_association_cut_short_leaves_its_study_to_the_timeout() -> None:
+    """A sender whose association was aborted (or whose worker died) retries on a new one:
+    its study is not complete because a later association sent another study."""
+    clock = Clock()
+    tracker = StudyTracker(10, clock)
+    arrive(tracker, "A", "x")
+    tracker.association_ended("x", released=False)
+    clock.now += 1
+    assert arrive(tracker, "B", "y") == []  # released, x would have been done with A
+    assert arrive(tracker, "A", "z") == []  # the retry continues batch 1
+    assert arrive(tracker, "B", "z") == []  # z moves on, but x may still come back
+    clock.now += 10.5
+    assert [(c.study_uid, c.batch, len(c.files)) for c in tracker.expire()] == [
+        ("A", 1, 2), ("B", 1, 2)]
+
+
+def test_tracker_restored_study_waits_for_its_timeout() -> None:
+    clock = Clock()
+    first = StudyTracker(10, clock)
+    arrive(first, "A", "x")
+    (open_study,) = first.open_studies()
+    second = StudyTracker(10, clock)
+    second.restore(open_study)
+    assert arrive(second, "B", "q") == []  # its senders reconnect after the restart
+    assert arrive(second, "A", "r") == []
+    clock.now += 10.5
+    assert [(c.study_uid, len(c.files)) for c in second.expire()] == [("A", 2), ("B", 1)]
+
+
+def test_tracker_lists_an_object_sent_again_once() -> None:
+    tracker = StudyTracker(10, Clock())
+    file = StoredFile("/o/A/1", "1.2", "1")
+    study, _ = tracker.arrive(Arrival("A", file, "x"))
+    assert study.last_added
+    study, _ = tracker.arrive(Arrival("A", file, "y"))  # no response came: sent again
+    assert not study.last_added and len(study.files) == 1
+    study, _ = tracker.arrive(Arrival("A", StoredFile("/o/A/2", "1.2", "1"), "y"))
+    assert study.last_added and len(study.files) == 2  # another file of the same UID
 
 
 # --- end of study through the daemon ---------------------------------------------------------

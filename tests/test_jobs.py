@@ -105,8 +105,8 @@ def test_pending_and_running_jobs_complete_after_a_restart(
     daemon = daemon_factory(settings)
     storescu(daemon.port, *make_study(tmp_path / "a", 3))
     wait_until(lambda: runs.exists() and "start 1" in runs.read_text(), 10, "job 1's start")
-    # A report the master has not read yet when it is SIGKILLed is lost (documented in
-    # dicom-ingestd(8)); this test is about queued and running jobs, so all three are queued.
+    # This test is about queued and running jobs (records not yet read are test_event_path's),
+    # so all three are queued first.
     wait_until(lambda: len(jobs_cli(daemon, "list").stdout.splitlines()) == 5, 10,
                "three jobs queued")
     daemon.proc.send_signal(how)

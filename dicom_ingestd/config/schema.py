@@ -461,6 +461,12 @@ class EventsConfig:
         "(reception, and the end-of-study jobs it triggered) are finished, retries included.",
         storescp=("-xs", "--exec-sync"),
     )
+    exec_sync_timeout: int = setting(
+        600, "With exec_sync, the longest an association waits for one object's jobs; then "
+        "it goes on (the jobs stay queued) and a warning is logged. A stopped or dead master "
+        "ends the wait at once.", minimum=1,
+        default_note="storescp waits for the command without limit.",
+    )
     on_stop: str = setting(
         "persist", "Studies still open when the daemon stops: persist (resume them after the "
         "restart, the timeout counting from the restart) or close (complete them now; their "

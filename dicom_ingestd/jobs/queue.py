@@ -4,18 +4,24 @@ Only the master opens it while the daemon runs (forked workers never touch the i
 connection); the `dicom-ingestd jobs` command opens it from another process to list, show
 and re-queue jobs, which SQLite's locking makes safe.
 
-Writes happen in a transaction begun lazily by the first write and committed by `commit()`,
-which the master calls once per loop iteration: the reports of one wakeup cost one commit.
-With storage.fsync the database is opened with synchronous=FULL (a committed job survives a
-power failure), otherwise NORMAL (it survives a crash of the daemon).
+Every change is a transaction of its own, committed before the master acts on it (starts a
+process, answers a worker): `transaction()` groups the writes of one step (the records of one
+outbox read, one job's start) and rolls all of them back on an error, so the database never
+holds half a step and the caller can rebuild its state from what was committed.  With
+storage.fsync the database is opened with synchronous=FULL (a committed job survives a power
+failure), otherwise NORMAL (it survives a crash of the daemon).
 
 Tables: `jobs` (one row per command to run), `batches` (one row per batch of a study, open or
-closed) and `batch_files` (the objects of each batch, in order of arrival).  Times stored are
-wall-clock seconds (time.time()), because they must mean something after a restart.
+closed, with the unique name of its manifest), `batch_files` (the objects of each batch, in
+order of arrival) and `outbox` (how far each outbox segment has been consumed).  Rows made
+from an outbox record name its segment, so the master can tell when a segment is settled.
+Times stored are wall-clock seconds (time.time()), because they must mean something after a
+restart.
 """
 
 import contextlib
 import json
+import secrets
 import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,7 +30,11 @@ from pathlib import Path
 from typing import Any
 
 DATABASE = "jobs.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# SQLite's primary result codes for a damaged database file (sqlite3.DatabaseError's
+# sqlite_errorcode & 0xFF): the file must be moved aside, not retried.
+SQLITE_CORRUPT = 11
+SQLITE_NOTADB = 26
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -46,7 +56,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished REAL,
     pid INTEGER,
     pid_start TEXT NOT NULL DEFAULT '',
-    result TEXT NOT NULL DEFAULT ''
+    result TEXT NOT NULL DEFAULT '',
+    segment TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, id);
 CREATE INDEX IF NOT EXISTS jobs_by_batch ON jobs (study_uid, batch, id);
@@ -61,6 +72,7 @@ CREATE TABLE IF NOT EXISTS batches (
     calling_ae TEXT NOT NULL DEFAULT '',
     called_ae TEXT NOT NULL DEFAULT '',
     peer TEXT NOT NULL DEFAULT '',
+    manifest TEXT NOT NULL DEFAULT '',
     UNIQUE (study_uid, batch)
 );
 CREATE INDEX IF NOT EXISTS batches_by_state ON batches (state);
@@ -68,9 +80,29 @@ CREATE TABLE IF NOT EXISTS batch_files (
     batch_id INTEGER NOT NULL,
     seq INTEGER NOT NULL,
     file TEXT NOT NULL,
+    segment TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (batch_id, seq)
 );
+CREATE INDEX IF NOT EXISTS batch_files_by_segment ON batch_files (segment);
+CREATE INDEX IF NOT EXISTS jobs_by_segment ON jobs (segment);
+CREATE TABLE IF NOT EXISTS outbox (
+    segment TEXT PRIMARY KEY,
+    offset INTEGER NOT NULL
+);
 """
+# Version 1 databases (before the outbox) gain the new columns in place.
+_MIGRATE_1 = """
+ALTER TABLE jobs ADD COLUMN segment TEXT NOT NULL DEFAULT '';
+ALTER TABLE batches ADD COLUMN manifest TEXT NOT NULL DEFAULT '';
+ALTER TABLE batch_files ADD COLUMN segment TEXT NOT NULL DEFAULT '';
+"""
+
+
+def is_corrupt(exc: BaseException) -> bool:
+    """Whether `exc` says the database file itself is damaged (not full, locked or read-only)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.DatabaseError) and code is not None \
+        and code & 0xFF in (SQLITE_CORRUPT, SQLITE_NOTADB)
 
 
 class JobState(StrEnum):
@@ -131,6 +163,7 @@ class Batch:
     calling_ae: str
     called_ae: str
     peer: str
+    manifest: str  # file name of its manifest in the state directory's manifests/
 
 
 def _job(row: sqlite3.Row) -> Job:
@@ -143,30 +176,60 @@ def _job(row: sqlite3.Row) -> Job:
 
 def _batch(row: sqlite3.Row) -> Batch:
     return Batch(row["id"], row["study_uid"], row["batch"], row["state"], row["opened"],
-                 row["closed"], row["reason"], row["calling_ae"], row["called_ae"], row["peer"])
+                 row["closed"], row["reason"], row["calling_ae"], row["called_ae"], row["peer"],
+                 row["manifest"])
 
 
 class JobQueue:
     """The database in `directory` (created with the directory when `create`)."""
 
     def __init__(self, directory: Path, *, create: bool = True, durable: bool = True,
-                 busy_timeout: float = 2.0) -> None:
+                 busy_timeout: float = 2.0, first_id: int = 0) -> None:
+        """Open (or with `create`, create) the database.  A new database numbers its jobs and
+        batches from `first_id` + 1, so that ids are never reused when a database is rebuilt.
+        Raises sqlite3.DatabaseError (see is_corrupt) for a damaged file."""
         self.directory = directory
         self.path = directory / DATABASE
         if create:
             directory.mkdir(mode=0o750, parents=True, exist_ok=True)
         elif not self.path.exists():
             raise FileNotFoundError(f"no job database at {self.path}")
+        self._depth = 0
         self._db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
-        if create:
-            self._db.executescript(_SCHEMA)
-            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        try:
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+            if create:
+                self._create(first_id)
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _create(self, first_id: int) -> None:
+        with self.transaction():
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            fresh = not self._db.execute(
+                "SELECT 1 FROM sqlite_master WHERE name = 'jobs'").fetchone()
+            if version == 1:
+                for statement in filter(str.strip, _MIGRATE_1.split(";")):
+                    self._write(statement)
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                self._write(statement)
+            if fresh and first_id:
+                for table in ("jobs", "batches"):
+                    self._write("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)",
+                                (table, first_id))
+            self._write(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def check(self) -> str:
+        """'ok', or what SQLite's quick_check found wrong."""
+        rows = self._db.execute("PRAGMA quick_check").fetchall()
+        return "; ".join(str(row[0]) for row in rows[:5])
 
     def close(self) -> None:
-        self.commit()
+        with contextlib.suppress(sqlite3.Error):
+            self.rollback()
         self._db.close()
 
     # -- transactions ----------------------------------------------------------------------
@@ -176,32 +239,50 @@ class JobQueue:
         return self._db.execute(sql, params)
 
     def commit(self) -> None:
-        """Make every write since the last commit durable."""
-        if self._db.in_transaction:
+        """Make every write since the last commit durable (outside `transaction()`)."""
+        if self._db.in_transaction and not self._depth:
             self._db.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
-        """Writes inside are committed together at the end (or rolled back on an error)."""
+        """Writes inside are committed together at the end, or all rolled back when anything
+        (the commit included) fails.  Nested uses join the outermost."""
+        outer = not self._depth
+        self._depth += 1
         try:
             yield
         except BaseException:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
+            self._depth -= 1
+            if outer:
+                with contextlib.suppress(sqlite3.Error):
+                    self.rollback()
             raise
-        self.commit()
+        self._depth -= 1
+        if outer:
+            try:
+                self.commit()
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self.rollback()
+                raise
 
     # -- jobs ------------------------------------------------------------------------------
     def add(self, kind: JobKind, command: Sequence[str], argv: Sequence[str],
             env: dict[str, str], *, max_attempts: int, timeout: float, now: float,
-            study_uid: str = "", batch: int = 0, batch_id: int = 0) -> int:
-        """Queue a job (pending, runnable from `now`); returns its id."""
+            study_uid: str = "", batch: int = 0, batch_id: int = 0, segment: str = "") -> int:
+        """Queue a job (pending, runnable from `now`); returns its id.  `segment`: the outbox
+        segment of the record it was made from (reception jobs)."""
         cursor = self._write(
             "INSERT INTO jobs (kind, state, command, argv, env, study_uid, batch, batch_id, "
-            "max_attempts, timeout, not_before, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            "max_attempts, timeout, not_before, created, segment) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (str(kind), str(JobState.PENDING), json.dumps(list(command)),
              json.dumps(list(argv)), json.dumps(env), study_uid, batch, batch_id,
-             max_attempts, timeout, now, now))
+             max_attempts, timeout, now, now, segment))
         assert cursor.lastrowid is not None
         return cursor.lastrowid
 
@@ -218,16 +299,10 @@ class JobQueue:
         rows = self._db.execute(
             "SELECT * FROM jobs AS j WHERE j.state = 'pending' AND j.not_before <= ? AND ("
             " j.kind = 'reception' OR NOT EXISTS (SELECT 1 FROM jobs AS e"
-            "  WHERE e.study_uid = j.study_uid AND e.batch = j.batch AND e.id < j.id"
+            "  WHERE e.batch_id = j.batch_id AND e.id < j.id"
             "  AND e.state IN ('pending', 'running')))"
             " ORDER BY j.id LIMIT ?", (now, limit)).fetchall()
         return [_job(row) for row in rows]
-
-    def next_not_before(self) -> float | None:
-        """The earliest time a pending job becomes runnable (retry backoff), or None."""
-        row = self._db.execute(
-            "SELECT MIN(not_before) FROM jobs WHERE state = 'pending'").fetchone()
-        return float(row[0]) if row and row[0] is not None else None
 
     def select(self, states: Sequence[str] = (), limit: int = 0) -> list[Job]:
         sql = "SELECT * FROM jobs"
@@ -246,20 +321,23 @@ class JobQueue:
                 self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")}
 
     def started(self, job_id: int, pid: int, pid_start: str, now: float) -> None:
-        self._write("UPDATE jobs SET state = 'running', started = ?, pid = ?, pid_start = ? "
-                    "WHERE id = ?", (now, pid, pid_start, job_id))
+        with self.transaction():
+            self._write("UPDATE jobs SET state = 'running', started = ?, pid = ?, "
+                        "pid_start = ? WHERE id = ?", (now, pid, pid_start, job_id))
 
     def finished(self, job_id: int, state: JobState, result: str, now: float, *,
                  attempts: int, not_before: float | None = None) -> None:
         """Record the end of a run: done, dead, or pending again from `not_before`."""
-        self._write("UPDATE jobs SET state = ?, result = ?, finished = ?, attempts = ?, "
-                    "not_before = COALESCE(?, not_before), pid = NULL WHERE id = ?",
-                    (str(state), result, now, attempts, not_before, job_id))
+        with self.transaction():
+            self._write("UPDATE jobs SET state = ?, result = ?, finished = ?, attempts = ?, "
+                        "not_before = COALESCE(?, not_before), pid = NULL WHERE id = ?",
+                        (str(state), result, now, attempts, not_before, job_id))
 
     def interrupted(self, job_id: int, result: str) -> None:
         """A run the daemon itself cut short (stop, crash): pending again, attempt not counted."""
-        self._write("UPDATE jobs SET state = 'pending', result = ?, pid = NULL WHERE id = ?",
-                    (result, job_id))
+        with self.transaction():
+            self._write("UPDATE jobs SET state = 'pending', result = ?, pid = NULL "
+                        "WHERE id = ?", (result, job_id))
 
     def retry(self, job_id: int, now: float) -> Job:
         """Re-queue a done, dead or waiting job to run now, with a fresh set of attempts.
@@ -282,17 +360,19 @@ class JobQueue:
 
     # -- batches of studies ----------------------------------------------------------------
     def open_batch(self, study_uid: str, batch: int, now: float) -> int:
-        """The id of a study's open batch, created if new."""
-        self._write("INSERT OR IGNORE INTO batches (study_uid, batch, state, opened) "
-                    "VALUES (?, ?, 'open', ?)", (study_uid, batch, now))
+        """The id of a study's open batch, created if new, with a manifest name of its own
+        (random: never the name of another batch, whatever happened to the database)."""
+        self._write("INSERT OR IGNORE INTO batches (study_uid, batch, state, opened, manifest) "
+                    "VALUES (?, ?, 'open', ?, ?)",
+                    (study_uid, batch, now, f"{secrets.token_hex(12)}.json"))
         row = self._db.execute("SELECT id FROM batches WHERE study_uid = ? AND batch = ?",
                                (study_uid, batch)).fetchone()
         return int(row[0])
 
     def add_file(self, batch_id: int, seq: int, file: dict[str, Any], calling_ae: str,
-                 called_ae: str, peer: str) -> None:
-        self._write("INSERT OR REPLACE INTO batch_files (batch_id, seq, file) VALUES (?,?,?)",
-                    (batch_id, seq, json.dumps(file)))
+                 called_ae: str, peer: str, segment: str = "") -> None:
+        self._write("INSERT OR REPLACE INTO batch_files (batch_id, seq, file, segment) "
+                    "VALUES (?,?,?,?)", (batch_id, seq, json.dumps(file), segment))
         self._write("UPDATE batches SET calling_ae = ?, called_ae = ?, peer = ? WHERE id = ?",
                     (calling_ae, called_ae, peer, batch_id))
 
@@ -322,14 +402,41 @@ class JobQueue:
     def running(self) -> list[Job]:
         return self.select([JobState.RUNNING])
 
-    def prune(self, before: float) -> list[int]:
+    def prune(self, before: float) -> list[str]:
         """Forget done jobs and closed batches finished before `before` (batches only once
-        none of their jobs is left); returns the ids of the batches removed."""
-        self._write("DELETE FROM jobs WHERE state = 'done' AND finished < ?", (before,))
-        gone = [int(row[0]) for row in self._db.execute(
-            "SELECT id FROM batches AS b WHERE b.state = 'closed' AND b.closed < ? AND NOT "
-            "EXISTS (SELECT 1 FROM jobs WHERE jobs.batch_id = b.id)", (before,))]
-        for batch_id in gone:
-            self._write("DELETE FROM batch_files WHERE batch_id = ?", (batch_id,))
-            self._write("DELETE FROM batches WHERE id = ?", (batch_id,))
-        return gone
+        none of their jobs is left); returns the manifest names of the batches removed."""
+        with self.transaction():
+            self._write("DELETE FROM jobs WHERE state = 'done' AND finished < ?", (before,))
+            gone = [(int(row[0]), str(row[1])) for row in self._db.execute(
+                "SELECT id, manifest FROM batches AS b WHERE b.state = 'closed' AND b.closed < ? "
+                "AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.batch_id = b.id)", (before,))]
+            for batch_id, _ in gone:
+                self._write("DELETE FROM batch_files WHERE batch_id = ?", (batch_id,))
+                self._write("DELETE FROM batches WHERE id = ?", (batch_id,))
+        return [manifest for _, manifest in gone if manifest]
+
+    # -- the outbox ------------------------------------------------------------------------
+    def offsets(self) -> dict[str, int]:
+        """How far each outbox segment has been consumed."""
+        return {str(row[0]): int(row[1])
+                for row in self._db.execute("SELECT segment, offset FROM outbox")}
+
+    def set_offset(self, segment: str, offset: int) -> None:
+        self._write("INSERT OR REPLACE INTO outbox (segment, offset) VALUES (?, ?)",
+                    (segment, offset))
+
+    def forget_segment(self, segment: str) -> None:
+        with self.transaction():
+            self._write("DELETE FROM outbox WHERE segment = ?", (segment,))
+
+    def settled(self, segment: str) -> bool:
+        """Whether nothing made from the segment's records is still to happen: its reception
+        jobs are finished, and every batch its objects joined is closed with every job of it
+        finished."""
+        row = self._db.execute(
+            "SELECT EXISTS (SELECT 1 FROM jobs WHERE segment = ? AND state IN "
+            " ('pending', 'running')) OR EXISTS (SELECT 1 FROM batch_files AS f JOIN batches "
+            " AS b ON b.id = f.batch_id WHERE f.segment = ? AND (b.state = 'open' OR EXISTS "
+            " (SELECT 1 FROM jobs AS j WHERE j.batch_id = b.id AND j.state IN "
+            " ('pending', 'running'))))", (segment, segment)).fetchone()
+        return not row[0]

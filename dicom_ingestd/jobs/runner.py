@@ -12,6 +12,13 @@ them; after the last failure the job is dead (dead letter).  At most jobs.concur
 a time; pending jobs start in id order.  `stop()` interrupts the runs still going (SIGTERM to
 their groups, SIGKILL after the grace) and returns them to pending, so they run again after
 the restart (at-least-once delivery).
+
+Every change of a job's state is committed before the runner goes on (queue.py).  When the
+database cannot take it (a full or failing state file system), a run whose start cannot be
+recorded is stopped at once and stays pending, an outcome that cannot be recorded is kept and
+written again at every tick, and nothing new starts until the database takes writes again:
+the database never says less than what happened, so a job never runs under an id that a
+rolled-back insert frees for another.
 """
 
 import contextlib
@@ -21,6 +28,7 @@ import select
 import selectors
 import shlex
 import signal
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable
@@ -34,6 +42,7 @@ log = logging.getLogger("dicom_ingestd.jobs")
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL of a job's process group
 MAX_LINE = 8192  # longer output lines are logged in pieces
 POLL_INTERVAL = 1.0  # look for due jobs (retries, `jobs retry`) at least this often
+RECORD_RETRY = 2.0  # seconds between attempts to write outcomes the database refused
 
 
 def process_start(pid: int) -> str:
@@ -96,6 +105,7 @@ class _Run:
     killed: bool = False
     timed_out: bool = False
     interrupted: bool = False  # stopped by us at daemon stop: not the job's failure
+    recorded: bool = True  # its start is in the database (else it is still pending there)
 
 
 class JobRunner:
@@ -122,6 +132,10 @@ class JobRunner:
         self._dirty = True
         self._next_poll = 0.0
         self.launching = True
+        # Outcomes the database refused, written again at each tick (oldest first), with
+        # what to tell on_finished once written.
+        self._unrecorded: list[tuple[Callable[[], None], int, bool | None]] = []
+        self._next_record = 0.0
 
     # -- the loop's hooks --------------------------------------------------------------------
     def poke(self) -> None:
@@ -144,6 +158,8 @@ class JobRunner:
                 moments.append(run.deadline)
         if self.launching:
             moments.append(self._next_poll)
+        if self._unrecorded:
+            moments.append(self._next_record)
         return max(0.0, min(moments) - now) if moments else None
 
     def tick(self) -> None:
@@ -162,8 +178,11 @@ class JobRunner:
                             extra=journal_fields(run.job))
                 self._signal(run, signal.SIGKILL)
                 run.killed = True
+        if self._unrecorded and now >= self._next_record:
+            self._write_unrecorded(now)
         free = self.settings.concurrency - len(self._runs)
-        if self.launching and free > 0 and (self._dirty or now >= self._next_poll):
+        if self.launching and free > 0 and not self._unrecorded \
+                and (self._dirty or now >= self._next_poll):
             self._dirty = False
             self._next_poll = now + POLL_INTERVAL
             for job in self.queue.due(self._wall(), free):
@@ -197,7 +216,17 @@ class JobRunner:
             os.set_blocking(stream.fd, False)
             self.selector.register(stream.fd, selectors.EVENT_READ,
                                    lambda _fd, r=run, s=stream: self._output(r, s))
-        self.queue.started(job.id, popen.pid, process_start(popen.pid), self._wall())
+        try:
+            self.queue.started(job.id, popen.pid, process_start(popen.pid), self._wall())
+        except (OSError, sqlite3.Error) as exc:
+            log.error("job %d: cannot record its start (%s); stopping it: it stays pending "
+                      "and runs once the job database takes writes again", job.id, exc,
+                      extra=journal_fields(job))
+            run.interrupted, run.recorded = True, False
+            self._signal(run, signal.SIGKILL)
+            self._unrecorded.append((lambda: None, job.id, None))  # pause launches
+            self._next_record = now + RECORD_RETRY
+            return
         log.info("job %d (%s%s) started, attempt %d of %d, pid %d: %s", job.id, job.kind,
                  f", study {job.study_uid}" if job.study_uid else "", attempt, job.max_attempts,
                  popen.pid, shown(job.argv),
@@ -273,21 +302,24 @@ class JobRunner:
         self._dirty = True
         job = run.job
         duration = self._clock() - run.started
+        if run.interrupted and not run.recorded:
+            return
         if run.interrupted:
-            self.queue.interrupted(job.id, "interrupted by the daemon's stop; runs again "
-                                   "after the restart")
+            self._record(lambda: self.queue.interrupted(
+                job.id, "interrupted by the daemon's stop; runs again after the restart"),
+                job.id, None)
             log.info("job %d: interrupted (%s) by the daemon's stop after %.1f s; it runs "
                      "again after the restart", job.id, describe_exit(returncode), duration,
                      extra=journal_fields(job, JOB_STATUS=describe_exit(returncode)))
             return
         attempt = job.attempts + 1
         if returncode == 0 and not run.timed_out:
-            self.queue.finished(job.id, JobState.DONE, "exit status 0", self._wall(),
-                                attempts=attempt)
             log.info("job %d finished: exit status 0 after %.2f s", job.id, duration,
                      extra=journal_fields(job, JOB_STATUS="exit status 0",
                                           JOB_DURATION=f"{duration:.3f}", JOB_ATTEMPT=attempt))
-            self._on_finished(job.id, True)
+            wall = self._wall()
+            self._record(lambda: self.queue.finished(job.id, JobState.DONE, "exit status 0",
+                                                     wall, attempts=attempt), job.id, True)
             return
         result = describe_exit(returncode)
         if run.timed_out:
@@ -297,19 +329,58 @@ class JobRunner:
     def _record_failure(self, job: Job, attempt: int, result: str, duration: float) -> None:
         fields = journal_fields(job, JOB_STATUS=result, JOB_DURATION=f"{duration:.3f}",
                                 JOB_ATTEMPT=attempt)
+        wall = self._wall()
         if attempt < job.max_attempts:
             delay = backoff(self.settings, attempt)
-            self.queue.finished(job.id, JobState.PENDING, result, self._wall(),
-                                attempts=attempt, not_before=self._wall() + delay)
             log.warning("job %d failed: %s after %.2f s; retry %d of %d in %g s", job.id,
                         result, duration, attempt, job.max_attempts - 1, delay, extra=fields)
-            self._on_finished(job.id, False)
+            self._record(lambda: self.queue.finished(
+                job.id, JobState.PENDING, result, wall, attempts=attempt,
+                not_before=wall + delay), job.id, False)
         else:
-            self.queue.finished(job.id, JobState.DEAD, result, self._wall(), attempts=attempt)
             log.error("job %d failed: %s after %.2f s; dead after %d attempt(s) (re-queue it "
                       "with: dicom-ingestd jobs retry %d)", job.id, result, duration, attempt,
                       job.id, extra=fields)
-            self._on_finished(job.id, True)
+            self._record(lambda: self.queue.finished(job.id, JobState.DEAD, result, wall,
+                                                     attempts=attempt), job.id, True)
+        self._dirty = True
+
+    def _record(self, write: Callable[[], None], job_id: int, final: bool | None) -> None:
+        """Write an outcome now, or keep it for later if the database refuses it."""
+        if not self._unrecorded:
+            try:
+                write()
+            except (OSError, sqlite3.Error) as exc:
+                log.error("job %d: cannot record its outcome (%s); trying again every %g s, "
+                          "and no job starts until then", job_id, exc, RECORD_RETRY)
+                self._next_record = self._clock() + RECORD_RETRY
+            else:
+                if final is not None:
+                    self._on_finished(job_id, final)
+                return
+        self._unrecorded.append((write, job_id, final))
+
+    def _write_unrecorded(self, now: float) -> None:
+        while self._unrecorded:
+            write, job_id, final = self._unrecorded[0]
+            try:
+                write()
+            except (OSError, sqlite3.Error):
+                self._next_record = now + RECORD_RETRY
+                return
+            self._unrecorded.pop(0)
+            if final is not None:
+                self._on_finished(job_id, final)
+        log.info("the job database takes writes again; jobs start again")
+        self._dirty = True
+
+    def abandon(self) -> None:
+        """The database was replaced (it was damaged): stop every run without recording
+        anything; the new database knows none of these jobs."""
+        for run in self._runs.values():
+            run.interrupted, run.recorded = True, False
+            self._signal(run, signal.SIGKILL)
+        self._unrecorded.clear()
         self._dirty = True
 
     # -- stop and fork -----------------------------------------------------------------------

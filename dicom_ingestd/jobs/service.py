@@ -1,23 +1,38 @@
-"""The master's side of [events] and [jobs]: study tracking, the job queue and its runner.
+"""The master's side of [events] and [jobs]: the outbox consumer, study tracking, the job queue
+and its runner.
 
 The master calls these hooks from its selector loop; each returns quickly and none raises (an
-observer never breaks the master: an internal error is logged and the object, already stored
-and acknowledged, stays on disk).  Only the master uses this module; forked workers call
+internal error is logged, the state is rebuilt from the database, and the records it was
+working on are read again).  Only the master uses this module; forked workers call
 `close_in_child()` and never touch the database.
 
-What happens, in storescp's order (storescp.cc storeSCP: executeOnReception, then
-executeEndOfStudyEvents, which renames, then runs -xcs):
+The event path (outbox.py): a worker makes each stored object's record durable in the outbox
+before it acknowledges the object.  The master consumes the records, in storescp's order
+(storescp.cc storeSCP: executeOnReception, then executeEndOfStudyEvents, which renames, then
+runs -xcs):
 
-1. a worker reports a stored object; the tracker adds it to its study's open batch (persisted
-   at once, so a crash loses no study) and the reception job is queued;
+1. each record adds its object to its study's open batch and queues its reception job; the
+   records of one read, their batches, their jobs and the new outbox offset are one
+   transaction, so a record is acted on exactly once per database;
 2. studies the object completed (another study arriving) are closed: a rename job and an
    end-of-study job are queued; both wait for the earlier jobs of their batch (the reception
    jobs, then the rename), so #p/#f of a reception job never points at a renamed file;
 3. timeouts close studies at the loop's tick;
-4. with events.exec_sync the worker waits until its object's jobs are finished.
+4. with events.exec_sync the worker waits (bounded) until its object's jobs are finished.
 
-State lives in the state directory: jobs.sqlite (see jobs/queue.py) and manifests/N.json, the
-JSON list of a closed batch's objects (DICOM_MANIFEST), written when its first job starts.
+Nothing depends on the master being fast or alive: records written while it is paused, killed
+or restarting are read when it runs again (a worker's datagram only wakes it sooner).  When a
+write to the database fails (a full, read-only or failing state file system), the transaction
+is rolled back, the in-memory state is rebuilt from what was committed and the records are
+read again later.  A damaged database is moved aside (a critical log line names it) and a new
+one is built from the outbox segments still kept: a segment is removed only once everything
+made from its records is settled, so the new database gets every open batch and unfinished
+job back (finished jobs of the kept segments run again: delivery is at least once).
+
+State lives in the state directory: jobs.sqlite (see jobs/queue.py), outbox/ (outbox.py) and
+manifests/NAME.json, the JSON list of a closed batch's objects (DICOM_MANIFEST), written
+atomically from the database before the batch's first job starts.  NAME is random per batch,
+so a manifest is never another batch's, whatever happened to the database.
 """
 
 import contextlib
@@ -36,7 +51,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-from dicom_ingestd import ipc
+from dicom_ingestd import outbox
 from dicom_ingestd.codes import Status
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.errors import StorageError
@@ -51,7 +66,7 @@ from dicom_ingestd.events import (
     tracking_enabled,
 )
 from dicom_ingestd.jobs import rename
-from dicom_ingestd.jobs.queue import DATABASE, Job, JobKind, JobQueue
+from dicom_ingestd.jobs.queue import DATABASE, Job, JobKind, JobQueue, is_corrupt
 from dicom_ingestd.jobs.rename import write_manifest
 from dicom_ingestd.jobs.runner import JobRunner, process_start
 from dicom_ingestd.tracker import (
@@ -70,6 +85,11 @@ log = logging.getLogger("dicom_ingestd.events")
 DEFAULT_STATE_DIRECTORY = ".ingestd-state"
 MANIFESTS = "manifests"
 PRUNE_INTERVAL = 3600.0
+HOUSEKEEPING_INTERVAL = 5.0  # rotate and remove settled outbox segments
+ROTATE_BYTES = 8 << 20  # start a new outbox segment past this size ...
+ROTATE_AGE = 600.0  # ... or when the current one is this old and not empty
+ERROR_LOG_INTERVAL = 30.0  # the same failure is logged again at most this often
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -79,23 +99,7 @@ def state_directory(config: Config) -> Path:
     """jobs.state_directory as an absolute path (relative: to storage.output_directory)."""
     root = Path(config.storage.output_directory)
     path = Path(config.jobs.state_directory or DEFAULT_STATE_DIRECTORY)
-    return (path if path.is_absolute() else root / path).resolve()
-
-
-def _observer(default: Any = None) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
-    """Log and swallow any error of a hook: events must never stop the master."""
-    def wrap(func: Callable[_P, _R]) -> Callable[_P, _R]:
-        @functools.wraps(func)
-        def hook(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-            try:
-                return func(*args, **kwargs)
-            except (OSError, sqlite3.Error) as exc:
-                log.error("events: %s failed: %s", func.__name__, exc)
-            except Exception:
-                log.exception("events: internal error in %s", func.__name__)
-            return default  # type: ignore[no-any-return]
-        return hook
-    return wrap
+    return (path if path.is_absolute() else root / path).absolute()
 
 
 def _iso(wall: float | None) -> str:
@@ -109,18 +113,33 @@ def _file(fields: dict[str, Any]) -> StoredFile:
                       int(fields.get("size", 0) or 0))
 
 
-class _Reply:
-    """A worker's SyncLink (master end) and the jobs its current object waits for."""
+def _observer(func: Callable[_P, None]) -> Callable[_P, None]:
+    """A hook of the master's loop: an unexpected error is logged and the service's state is
+    rebuilt from the database (the first argument is the service)."""
+    @functools.wraps(func)
+    def hook(*args: _P.args, **kwargs: _P.kwargs) -> None:
+        service = args[0]
+        assert isinstance(service, EventService)
+        try:
+            func(*args, **kwargs)
+        except Exception as exc:
+            service._failed(func.__name__, exc)
+    return hook
 
-    def __init__(self, sock: socket.socket, on_report: Callable[..., None]) -> None:
+
+class _Link:
+    """A worker's SyncLink (master end, events.exec_sync) and what it waits for."""
+
+    def __init__(self, sock: socket.socket, association: str) -> None:
         self.sock = sock
-        self.on_report = on_report
-        self.waiting: set[int] | None = None
+        self.association = association
+        self.jobs: dict[str, set[int]] = {}  # record id -> its unfinished jobs
+        self.waiting: dict[str, set[int]] = {}  # record ids asked for -> jobs left
 
-    def answer(self) -> None:
-        self.waiting = None
+    def answer(self, record_id: str) -> None:
+        self.waiting.pop(record_id, None)
         with contextlib.suppress(OSError):
-            self.sock.send(ipc.SyncLink.REPLY, socket.MSG_DONTWAIT)
+            self.sock.send(record_id.encode("ascii", "replace"), socket.MSG_DONTWAIT)
 
 
 class EventService:
@@ -136,36 +155,109 @@ class EventService:
         self.state_dir = state_directory(config)
         self.queue: JobQueue | None = None
         self.runner: JobRunner | None = None
+        self.segments: outbox.Segments | None = None
+        self._state_fd = -1
         self.tracker = StudyTracker(config.events.eostudy_timeout, clock, self._previous_batches)
         self._open_ids: dict[str, int] = {}  # study UID -> batch id of its open batch
-        self._replies: dict[int, _Reply] = {}  # by fd
+        self._offsets: dict[str, int] = {}  # outbox segment -> bytes consumed (committed)
+        self._live: set[str] = set()  # associations of this master's running workers
+        self._links: dict[int, _Link] = {}  # by fd
+        self._link_of: dict[str, _Link] = {}  # by association
         self._next_prune = 0.0
+        self._next_housekeeping = 0.0
+        self._rotated = clock()
+        self._logged: dict[str, float] = {}  # failure text -> when last logged
+        self.stored = 0  # records consumed since start
 
     # -- start -----------------------------------------------------------------------------
     def open(self) -> None:
-        """Open the job database when events are configured or jobs are left from an earlier
-        run; recover the jobs that were running and the studies that were open.
+        """Open the state directory (job database, outbox, manifests) when events are
+        configured or state is left from an earlier run; recover the jobs that were running
+        and the studies that were open; read what the outbox holds.
 
         Raises StorageError when the state directory cannot be used.
         """
         if self.queue is not None:
             return
-        if not events_enabled(self.config.events) and not (self.state_dir / DATABASE).exists():
+        if not events_enabled(self.config.events) and not (self.state_dir / DATABASE).exists() \
+                and not (self.state_dir / outbox.OUTBOX).exists():
             return
         try:
-            queue = JobQueue(self.state_dir, durable=self.config.storage.fsync)
-            (self.state_dir / MANIFESTS).mkdir(mode=0o750, exist_ok=True)
+            fresh = not self.state_dir.exists()
+            self.state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+            self._state_fd = os.open(self.state_dir, _DIR_FLAGS)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(MANIFESTS, 0o750, dir_fd=self._state_fd)
+            self.segments = outbox.Segments(outbox.open_directory(self._state_fd, create=True),
+                                            self.config.storage.fsync)
+            self.segments.ensure_current()
+            queue = self._open_database(first_id=0 if fresh else int(self._wall()))
         except (OSError, sqlite3.Error) as exc:
+            self._close_files()
             raise StorageError(f"state directory {self.state_dir} (jobs.state_directory) is not "
                                f"usable: {exc}", Status.OUT_OF_RESOURCES) from None
         self.queue = queue
         self.runner = JobRunner(queue, self.selector, self.config.jobs, prepare=self._prepare,
                                 on_finished=self._job_finished, clock=self._clock,
                                 wall=self._wall)
-        self._recover()
-        queue.commit()
+        self._recover_running()
+        self._rebuild()
+        self.consume()
+        if not tracking_enabled(self.config.events):
+            self._close_all(CloseReason.DISABLED)
 
-    def _recover(self) -> None:
+    def _open_database(self, first_id: int) -> JobQueue:
+        """The job database; a damaged one is moved aside and replaced by a new one."""
+        durable = self.config.storage.fsync
+        try:
+            queue = JobQueue(self.state_dir, durable=durable, first_id=first_id)
+            problem = queue.check()
+            if problem == "ok":
+                return queue
+            queue.close()
+        except sqlite3.DatabaseError as exc:
+            if not is_corrupt(exc):
+                raise
+            problem = str(exc)
+        self._move_aside(problem)
+        return JobQueue(self.state_dir, durable=durable, first_id=int(self._wall()))
+
+    def _move_aside(self, problem: str) -> str:
+        """Rename a damaged database (and its WAL) out of the way; returns the new name."""
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        moved = f"{DATABASE}.damaged-{stamp}-{os.getpid()}"
+        os.rename(DATABASE, moved, src_dir_fd=self._state_fd, dst_dir_fd=self._state_fd)
+        for suffix in ("-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(DATABASE + suffix, moved + suffix, src_dir_fd=self._state_fd,
+                          dst_dir_fd=self._state_fd)
+        if self.config.storage.fsync:
+            os.fsync(self._state_fd)
+        kept = len(self.segments.names()) if self.segments is not None else 0
+        log.critical("job database %s is damaged (%s); moved it to %s and built a new one "
+                     "from the %d outbox segment(s) kept; jobs and study batches recorded only "
+                     "in the damaged file are not rebuilt (inspect it with sqlite3)",
+                     self.state_dir / DATABASE, problem, self.state_dir / moved, kept,
+                     extra={"journal": {"DICOM_DAMAGED_DATABASE": str(self.state_dir / moved)}})
+        return moved
+
+    def _replace_database(self, exc: BaseException) -> None:
+        """The database turned out damaged while serving: move it aside, start a new one and
+        read the outbox into it again."""
+        assert self.queue is not None and self.runner is not None
+        self.runner.abandon()
+        self.queue.close()
+        self.queue = None
+        self._release_waits()
+        self._move_aside(str(exc))
+        queue = JobQueue(self.state_dir, durable=self.config.storage.fsync,
+                         first_id=int(self._wall()))
+        self.queue = self.runner.queue = queue
+        self._offsets = {}
+        self._rebuild()
+        self.consume()
+
+    def _recover_running(self) -> None:
         assert self.queue is not None
         for job in self.queue.running():
             if job.pid and job.pid_start and process_start(job.pid) == job.pid_start:
@@ -177,6 +269,19 @@ class EventService:
                                    "again")
             log.warning("job %d (%s) was running when the daemon ended; it runs again",
                         job.id, job.kind, extra={"journal": {"JOB_ID": job.id}})
+        pending = self.queue.counts().get("pending", 0)
+        if pending:
+            log.info("%d job(s) pending in %s", pending, self.queue.path)
+
+    def _rebuild(self, quiet: bool = False) -> None:
+        """The in-memory state (open studies, outbox offsets) from the database."""
+        assert self.queue is not None
+        self.tracker = StudyTracker(self.config.events.eostudy_timeout, self._clock,
+                                    self._previous_batches)
+        self._open_ids = {}
+        self._offsets = self.queue.offsets()
+        for link in self._links.values():
+            link.jobs.clear()
         for batch in self.queue.open_batches():
             files = [_file(f) for f in self.queue.batch_files(batch.id)]
             now = self._clock()
@@ -185,90 +290,155 @@ class EventService:
                               peer=batch.peer)
             self.tracker.restore(study)
             self._open_ids[batch.study_uid] = batch.id
-            log.info("%s: open with %d object(s) before the restart; tracking it again",
-                     batch_label(batch.study_uid, batch.batch), len(files),
-                     extra={"journal": {"DICOM_STUDY_UID": batch.study_uid}})
-        pending = self.queue.counts().get("pending", 0)
-        if pending:
-            log.info("%d job(s) pending in %s", pending, self.queue.path)
-        if not tracking_enabled(self.config.events):
-            self._close_all(CloseReason.DISABLED)
+            if not quiet:
+                log.info("%s: open with %d object(s) before the restart; tracking it again",
+                         batch_label(batch.study_uid, batch.batch), len(files),
+                         extra={"journal": {"DICOM_STUDY_UID": batch.study_uid}})
 
-    # -- reports ---------------------------------------------------------------------------
-    @_observer()
-    def stored(self, report: ipc.Report, reply: int | None = None) -> None:
-        """A worker stored an object: track it, queue its jobs (and those of the studies it
-        completed); with a `reply` link, answer when those jobs are finished."""
-        jobs: list[int] = []
-        try:
-            if self.queue is not None:
-                jobs = self._stored(report.fields, report.pid)
-        finally:
-            waiter = self._replies.get(reply) if reply is not None else None
-            if waiter is not None:
-                waiter.waiting = set(jobs)
-                if not jobs:
-                    waiter.answer()
-        if self.runner is not None and jobs:
-            self.runner.poke()
+    # -- failures ----------------------------------------------------------------------------
+    def _failed(self, what: str, exc: BaseException) -> None:
+        """A step failed and was rolled back: log it (not in a loop), rebuild the in-memory
+        state from the database; a damaged database is replaced."""
+        if self.queue is not None and is_corrupt(exc):
+            try:
+                self._replace_database(exc)
+            except Exception as again:
+                self._log_failure(f"cannot replace the damaged job database: {again}")
+            return
+        if isinstance(exc, (OSError, sqlite3.Error)):
+            self._log_failure(f"{what} failed: {exc}; retrying (the outbox keeps every record)")
+        else:
+            log.exception("events: internal error in %s", what)
+        if self.queue is not None:
+            try:
+                self._rebuild(quiet=True)
+            except (OSError, sqlite3.Error) as again:
+                self._log_failure(f"cannot read the job database: {again}")
 
-    def _stored(self, f: dict[str, Any], pid: int) -> list[int]:
+    def _log_failure(self, text: str) -> None:
+        now = self._clock()
+        if now - self._logged.get(text, -ERROR_LOG_INTERVAL) >= ERROR_LOG_INTERVAL:
+            self._logged[text] = now
+            if len(self._logged) > 100:
+                self._logged = {text: now}
+            log.error("events: %s", text)
+
+    # -- the outbox --------------------------------------------------------------------------
+    @property
+    def outbox_fd(self) -> int:
+        """The outbox directory for new workers, or -1 when no event is configured."""
+        if self.segments is None or not events_enabled(self.config.events):
+            return -1
+        return self.segments.fd
+
+    def wake(self) -> None:
+        """A worker wrote a record: read the outbox now rather than at the next tick."""
+        self.consume()
+
+    @_observer
+    def consume(self, final: frozenset[str] = frozenset()) -> None:
+        """Act on every record written since the last call (see the module docstring);
+        segments in `final` have no writer left, so their torn tail is skipped."""
+        if self.queue is None or self.segments is None:
+            return
+        for name in self.segments.names():
+            while True:
+                offset = self._offsets.get(name, 0)
+                chunk = self.segments.read(name, offset, final=name in final)
+                if chunk.end == offset:
+                    break
+                if chunk.damaged:
+                    log.warning("outbox segment %s: skipped %d damaged byte(s) after offset %d "
+                                "(a record torn by a killed writer or a crash; it was never "
+                                "acknowledged)", name, chunk.damaged, offset)
+                made: list[tuple[_Link, str, set[int]]] = []
+                with self.queue.transaction():
+                    for record in chunk.records:
+                        jobs = self._arrive(record, name)
+                        link = self._link_of.get(record.association)
+                        if link is not None:
+                            made.append((link, record.id, set(jobs)))
+                    self.queue.set_offset(name, chunk.end)
+                self._offsets[name] = chunk.end
+                self.stored += len(chunk.records)
+                for link, record_id, made_jobs in made:
+                    link.jobs[record_id] = made_jobs
+                    if record_id in link.waiting:
+                        self._wait(link, record_id)
+                if self.runner is not None:
+                    self.runner.poke()
+
+    def _arrive(self, record: outbox.ObjectRecord, segment: str) -> list[int]:
+        """One record: its batch, its reception job, the studies it completed."""
         assert self.queue is not None
+        try:
+            os.lstat(record.path)
+        except FileNotFoundError:
+            # Withdrawn after its record was written (the record could not be made durable,
+            # so the object was refused), or renamed and read again after a rebuild.
+            log.info("outbox record %s: %s is gone; no events for it", record.id, record.path)
+            return []
+        except OSError:
+            pass  # cannot tell: act on it (at least once)
         events = self.config.events
-        study_uid = str(f.get("study_uid", ""))
         jobs: list[int] = []
         batch = batch_id = 0
         closed: list[ClosedStudy] = []
-        if tracking_enabled(events) and study_uid:
-            stored = _file(f)
-            arrival = Arrival(study_uid, stored, str(f.get("association") or pid),
-                              str(f.get("calling_ae", "")), str(f.get("called_ae", "")),
-                              str(f.get("peer", "")))
+        if tracking_enabled(events) and record.study_uid:
+            stored = StoredFile(record.path, record.sop_class_uid, record.sop_instance_uid,
+                                record.series_uid, record.patient_id, record.size)
+            arrival = Arrival(record.study_uid, stored, record.association, record.calling_ae,
+                              record.called_ae, record.peer)
             study, closed = self.tracker.arrive(arrival)
+            if record.association not in self._live:
+                # A worker of an earlier master (or one that ended before its record was
+                # read): its association is over.
+                self.tracker.association_ended(record.association, released=False)
             batch = study.batch
-            batch_id = self._open_ids.get(study_uid, 0)
+            batch_id = self._open_ids.get(record.study_uid, 0)
             if not batch_id:
-                batch_id = self.queue.open_batch(study_uid, batch, self._wall())
-                self._open_ids[study_uid] = batch_id
+                batch_id = self.queue.open_batch(record.study_uid, batch, self._wall())
+                self._open_ids[record.study_uid] = batch_id
                 if batch > 1:
                     log.info("%s: an object of the study arrived after it was complete; "
-                             "batch %d opened", batch_label(study_uid, batch), batch,
-                             extra={"journal": {"DICOM_STUDY_UID": study_uid,
+                             "batch %d opened", batch_label(record.study_uid, batch), batch,
+                             extra={"journal": {"DICOM_STUDY_UID": record.study_uid,
                                                 "DICOM_BATCH": batch}})
-            self.queue.add_file(batch_id, len(study.files), {
-                "path": stored.path, "sop_class_uid": stored.sop_class_uid,
-                "sop_instance_uid": stored.sop_instance_uid, "series_uid": stored.series_uid,
-                "patient_id": stored.patient_id, "size": stored.size},
-                arrival.calling_ae, arrival.called_ae, arrival.peer)
+            if study.last_added:
+                self.queue.add_file(batch_id, len(study.files), {
+                    "path": stored.path, "sop_class_uid": stored.sop_class_uid,
+                    "sop_instance_uid": stored.sop_instance_uid, "series_uid": stored.series_uid,
+                    "patient_id": stored.patient_id, "size": stored.size},
+                    arrival.calling_ae, arrival.called_ae, arrival.peer, segment)
         if events.exec_on_reception:
-            jobs.append(self._reception_job(f, batch, batch_id))
+            jobs.append(self._reception_job(record, batch, batch_id, segment))
         for complete in closed:
             jobs += self._closed(complete)
         return jobs
 
-    def _reception_job(self, f: dict[str, Any], batch: int, batch_id: int) -> int:
+    def _reception_job(self, record: outbox.ObjectRecord, batch: int, batch_id: int,
+                       segment: str) -> int:
         assert self.queue is not None
         events, settings = self.config.events, self.config.jobs
-        path = str(f.get("path", ""))
-        directory, _, name = path.rpartition("/")
-        host = peer_host(str(f.get("peer", "")))
-        values = placeholder_values(directory or ".", str(f.get("calling_ae", "")),
-                                    str(f.get("called_ae", "")), host, filename=name)
+        directory, _, name = record.path.rpartition("/")
+        host = peer_host(record.peer)
+        values = placeholder_values(directory or ".", record.calling_ae, record.called_ae, host,
+                                    filename=name)
         env = environment({
             "DICOM_EVENT": "reception", "DICOM_OUTPUT_DIR": directory or ".",
-            "DICOM_FILE": path, "DICOM_FILENAME": name,
-            "DICOM_SOP_CLASS_UID": f.get("sop_class_uid"),
-            "DICOM_SOP_INSTANCE_UID": f.get("sop_instance_uid"),
-            "DICOM_STUDY_UID": f.get("study_uid"), "DICOM_SERIES_UID": f.get("series_uid"),
-            "DICOM_PATIENT_ID": f.get("patient_id"), "DICOM_CALLING_AE": f.get("calling_ae"),
-            "DICOM_CALLED_AE": f.get("called_ae"), "DICOM_PEER": host,
+            "DICOM_FILE": record.path, "DICOM_FILENAME": name,
+            "DICOM_SOP_CLASS_UID": record.sop_class_uid,
+            "DICOM_SOP_INSTANCE_UID": record.sop_instance_uid,
+            "DICOM_STUDY_UID": record.study_uid, "DICOM_SERIES_UID": record.series_uid,
+            "DICOM_PATIENT_ID": record.patient_id, "DICOM_CALLING_AE": record.calling_ae,
+            "DICOM_CALLED_AE": record.called_ae, "DICOM_PEER": host,
             "DICOM_BATCH": batch or None})
         env.update(environment_for(values))  # what the shell form's references expand to
         return self.queue.add(
             JobKind.RECEPTION, events.exec_on_reception,
             build_argv(events.exec_on_reception, values, shell=events.shell), env,
             max_attempts=1 + settings.retries, timeout=settings.timeout, now=self._wall(),
-            study_uid=str(f.get("study_uid", "")), batch=batch, batch_id=batch_id)
+            study_uid=record.study_uid, batch=batch, batch_id=batch_id, segment=segment)
 
     def _closed(self, study: ClosedStudy) -> list[int]:
         """Record a complete batch and queue its rename and end-of-study jobs."""
@@ -308,9 +478,11 @@ class EventService:
         return jobs
 
     def _close_all(self, reason: CloseReason) -> list[int]:
+        assert self.queue is not None
         jobs: list[int] = []
-        for study in self.tracker.close_all(reason):
-            jobs += self._closed(study)
+        with self.queue.transaction():
+            for study in self.tracker.close_all(reason):
+                jobs += self._closed(study)
         return jobs
 
     def _previous_batches(self, study_uid: str) -> int:
@@ -318,7 +490,11 @@ class EventService:
 
     # -- manifests ---------------------------------------------------------------------------
     def _manifest_path(self, batch_id: int) -> Path:
-        return self.state_dir / MANIFESTS / f"{batch_id}.json"
+        assert self.queue is not None
+        batch = self.queue.batch(batch_id)
+        if batch is None:
+            raise OSError(f"batch {batch_id} is no longer in the job database")
+        return self.state_dir / MANIFESTS / (batch.manifest or f"{batch_id}.json")
 
     def _prepare(self, job: Job) -> dict[str, str]:
         """Extra variables of a run: the batch's manifest (written on first use)."""
@@ -341,7 +517,7 @@ class EventService:
         assert self.queue is not None
         batch = self.queue.batch(batch_id)
         if batch is None:
-            raise OSError(f"batch {batch_id} is no longer in the database")
+            raise OSError(f"batch {batch_id} is no longer in the job database")
         files = self.queue.batch_files(batch_id)
         for entry in files:
             entry["rename_prefix"] = rename_prefix(str(entry.get("sop_class_uid", "")))
@@ -355,66 +531,82 @@ class EventService:
         }, self.config.storage.fsync)
 
     # -- workers -----------------------------------------------------------------------------
-    def worker_started(self, reply: socket.socket | None,
-                       on_report: Callable[[ipc.Report, int | None], None]) -> None:
-        """Watch a new worker's SyncLink (events.exec_sync), if it has one."""
+    def worker_started(self, association: str, reply: socket.socket | None) -> None:
+        """A new worker: its association is live; watch its SyncLink (events.exec_sync)."""
+        self._live.add(association)
         if reply is None:
             return
         reply.setblocking(False)
-        self._replies[reply.fileno()] = _Reply(reply, on_report)
-        self.selector.register(reply, selectors.EVENT_READ, self._reply_readable)
+        link = _Link(reply, association)
+        self._links[reply.fileno()] = link
+        self._link_of[association] = link
+        self.selector.register(reply, selectors.EVENT_READ, self._link_readable)
 
-    def _reply_readable(self, sock: object) -> None:
+    def _link_readable(self, sock: object) -> None:
         assert isinstance(sock, socket.socket)
-        self._drain_reply(sock.fileno())
-
-    def _drain_reply(self, fd: int) -> None:
-        entry = self._replies.get(fd)
-        if entry is None:
+        link = self._links.get(sock.fileno())
+        if link is None:
             return
         while True:
             try:
-                data = entry.sock.recv(ipc.MAX_MESSAGE)
+                data = link.sock.recv(outbox.MAX_RECORD)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 data = b""
             if not data:
-                self._drop_reply(fd)
+                self._drop_link(link)
                 return
-            report = ipc.decode(data)
-            if report is not None:
-                entry.on_report(report, fd)
+            record_id = data.decode("ascii", "replace")
+            self.consume()  # the record is durable before the worker asks
+            link.waiting[record_id] = set()
+            self._wait(link, record_id)
 
-    def _drop_reply(self, fd: int) -> None:
-        entry = self._replies.pop(fd, None)
-        if entry is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self.selector.unregister(entry.sock)
-            entry.sock.close()
+    def _wait(self, link: _Link, record_id: str) -> None:
+        jobs = link.jobs.pop(record_id, None)
+        if not jobs or self.queue is None:
+            link.answer(record_id)  # no job, or a record the master could not act on yet
+            return
+        link.waiting[record_id] = jobs
 
-    @_observer()
-    def worker_done(self, reply: socket.socket | None, association: str) -> None:
-        """A worker ended: read what its link still holds, forget it, tell the tracker."""
-        if reply is not None and reply.fileno() >= 0:
-            fd = reply.fileno()
-            self._drain_reply(fd)
-            self._drop_reply(fd)
+    def _drop_link(self, link: _Link) -> None:
+        self._links.pop(link.sock.fileno(), None)
+        self._link_of.pop(link.association, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(link.sock)
+        link.sock.close()
+
+    def _release_waits(self) -> None:
+        for link in self._links.values():
+            for record_id in list(link.waiting):
+                link.answer(record_id)
+            link.jobs.clear()
+
+    def worker_done(self, association: str, released: bool) -> None:
+        """A worker ended (`released`: its association ended with A-RELEASE): read what it
+        wrote, forget its link, tell the tracker."""
+        self.consume()
+        link = self._link_of.get(association)
+        if link is not None:
+            self._drop_link(link)
+        self._live.discard(association)
         if association:
-            self.tracker.association_ended(association)
+            self.tracker.association_ended(association, released)
 
     def _job_finished(self, job_id: int, final: bool) -> None:
         if not final:
             return
-        for entry in self._replies.values():
-            if entry.waiting is not None and job_id in entry.waiting:
-                entry.waiting.discard(job_id)
-                if not entry.waiting:
-                    entry.answer()
+        for link in self._links.values():
+            for jobs in link.jobs.values():  # made, not yet asked for
+                jobs.discard(job_id)
+            for record_id, jobs in list(link.waiting.items()):
+                jobs.discard(job_id)
+                if not jobs:
+                    link.answer(record_id)
 
     # -- the loop ----------------------------------------------------------------------------
     def timeout(self) -> float:
-        """Seconds until the next tick is needed (at most 1 s)."""
+        """Seconds until the next tick is needed (at most 1 s: the outbox is polled)."""
         moments = [1.0]
         deadline = self.tracker.next_deadline()
         if deadline is not None:
@@ -425,32 +617,70 @@ class EventService:
                 moments.append(wait)
         return max(0.0, min(moments))
 
-    @_observer()
+    @_observer
     def tick(self) -> None:
-        """Close timed-out studies, supervise and start jobs, commit the loop's writes."""
+        """Read the outbox, close timed-out studies, supervise and start jobs, housekeeping."""
         if self.queue is None or self.runner is None:
             return
-        try:
-            if self.tracker.next_deadline() is not None:
+        self.consume()
+        if self.tracker.next_deadline() is not None:
+            expired: list[int] = []
+            with self.queue.transaction():
                 for study in self.tracker.expire():
-                    self._closed(study)
-                    self.runner.poke()
-            self.runner.tick()
-            now = self._clock()
-            if now >= self._next_prune:
-                self._next_prune = now + PRUNE_INTERVAL
-                self._prune()
-        finally:
-            self.queue.commit()
+                    expired += self._closed(study)
+            if expired:
+                self.runner.poke()
+        self.runner.tick()
+        now = self._clock()
+        if now >= self._next_housekeeping:
+            self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
+            self._housekeep(now)
+        if now >= self._next_prune:
+            self._next_prune = now + PRUNE_INTERVAL
+            self._prune()
+
+    def _housekeep(self, now: float) -> None:
+        """Rotate the outbox's current segment; remove segments that are settled."""
+        assert self.segments is not None and self.queue is not None
+        try:
+            self._rotate_and_remove(self.segments, now)
+        except OSError as exc:
+            self._log_failure(f"outbox housekeeping in {self.state_dir}: {exc}")
+
+    def _rotate_and_remove(self, segments: outbox.Segments, now: float) -> None:
+        assert self.queue is not None
+        current = segments.current_inode()
+        for name in segments.names():
+            try:
+                inode = os.stat(name, dir_fd=segments.fd, follow_symlinks=False).st_ino
+            except FileNotFoundError:
+                continue
+            if inode == current:
+                # Rotated when large or old, and as soon as all of it is settled, so that a
+                # rebuilt database replays as little as possible.
+                size = segments.size(name)
+                if size and (size >= ROTATE_BYTES or now - self._rotated >= ROTATE_AGE or (
+                        self._offsets.get(name, 0) >= size and self.queue.settled(name))):
+                    segments.rotate()
+                    self._rotated = now
+                continue
+            with segments.exclusive(name) as alone:
+                if not alone:
+                    continue
+                self.consume(final=frozenset({name}))
+                if self._offsets.get(name, 0) >= segments.size(name) \
+                        and self.queue.settled(name):
+                    segments.remove(name)
+                    self._offsets.pop(name, None)
+                    self.queue.forget_segment(name)
 
     def _prune(self) -> None:
         assert self.queue is not None
         keep = self.config.jobs.keep_done_days * 86400
-        for batch_id in self.queue.prune(self._wall() - keep):
+        for manifest in self.queue.prune(self._wall() - keep):
             with contextlib.suppress(OSError):
-                self._manifest_path(batch_id).unlink()
+                os.unlink(self.state_dir / MANIFESTS / manifest)
 
-    @_observer(default=False)
     def reload(self, config: Config) -> bool:
         """Apply a new configuration: new jobs and studies follow it; queued jobs keep the
         command they were queued with.  jobs.state_directory needs a restart."""
@@ -468,18 +698,22 @@ class EventService:
                 return False
         if tracking_enabled(old.events) and not tracking_enabled(config.events) \
                 and self.queue is not None:
-            self._close_all(CloseReason.DISABLED)
-            self.queue.commit()
+            try:
+                self._close_all(CloseReason.DISABLED)
+            except (OSError, sqlite3.Error) as exc:
+                self._failed("closing the open studies", exc)
         return True
 
     # -- stop and fork -----------------------------------------------------------------------
-    @_observer()
     def shutdown(self) -> None:
-        """At the daemon's stop (no worker left): close or keep the open studies, interrupt
-        running jobs (they run again after the restart), close the database."""
+        """At the daemon's stop (no worker left): read the outbox, close or keep the open
+        studies, interrupt running jobs (they run again after the restart), close the
+        database."""
         if self.queue is None or self.runner is None:
+            self._close_files()
             return
         try:
+            self.consume()
             open_studies = self.tracker.open_studies()
             if open_studies and self.config.events.on_stop == "close":
                 queued = self._close_all(CloseReason.STOP)
@@ -489,23 +723,39 @@ class EventService:
                 log.info("%d study batch(es) still open are kept in %s and resume after the "
                          "restart (events.on_stop = persist)", len(open_studies),
                          self.queue.path)
-            self.queue.commit()
             self.runner.stop()
             pending = self.queue.counts().get("pending", 0)
             if pending:
                 log.info("%d job(s) pending in %s run after the restart", pending,
                          self.queue.path)
+        except (OSError, sqlite3.Error) as exc:
+            log.error("events: at stop: %s (the outbox keeps every record for the restart)",
+                      exc)
         finally:
-            for fd in list(self._replies):
-                self._drop_reply(fd)
+            for link in list(self._links.values()):
+                self._drop_link(link)
             self.queue.close()
             self.queue = None
+            self._close_files()
+
+    def _close_files(self) -> None:
+        if self.segments is not None:
+            self.segments.close()
+            os.close(self.segments.fd)
+            self.segments = None
+        if self._state_fd >= 0:
+            os.close(self._state_fd)
+            self._state_fd = -1
 
     def close_in_child(self) -> None:
-        """In a forked worker: close the master's job and link descriptors (the database
-        connection is left alone: a worker never touches it)."""
+        """In a forked worker: close the master's job, link and reader descriptors (the
+        database connection is left alone: a worker never touches it); the outbox directory
+        stays open for the worker's records."""
         if self.runner is not None:
             self.runner.close_in_child()
-        for entry in self._replies.values():
+        for link in self._links.values():
             with contextlib.suppress(OSError):
-                entry.sock.close()
+                link.sock.close()
+        if self.segments is not None:
+            self.segments.close()
+

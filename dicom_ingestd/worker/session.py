@@ -12,7 +12,6 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -40,30 +39,14 @@ from dicom_ingestd.worker.pdu import (
     encode_p_data,
     encode_release_rp,
 )
-from dicom_ingestd.worker.store import Store, TempFile
+from dicom_ingestd.worker.recorder import Recorder, StoredObject
+from dicom_ingestd.worker.store import Placed, Store, TempFile
 
 log = logging.getLogger("dicom_ingestd.association")
 
 HEAD_BYTES = 1 << 16  # identifying attributes sit in the first few KiB of a data set
 MAX_ASSOCIATE_RQ = 1 << 17  # 128 contexts of long UIDs fit in ~40 KiB; more is abuse
 VERIFICATION = "1.2.840.10008.1.1"
-
-
-@dataclass(frozen=True, slots=True)
-class StoredObject:
-    """A successfully stored object, as reported to observers (study tracking, jobs)."""
-
-    path: str
-    sop_class_uid: str
-    sop_instance_uid: str
-    study_uid: str
-    series_uid: str
-    patient_id: str
-    patient_name: str
-    calling_ae: str
-    called_ae: str
-    peer: str
-    size: int
 
 
 @dataclass(slots=True)
@@ -110,7 +93,7 @@ class Session:
     """Serve one association on `sock`, then close it.  `run()` never raises."""
 
     def __init__(self, sock: socket.socket, peer: str, config: Config, store: Store,
-                 on_stored: Callable[[StoredObject], None] | None = None,
+                 recorder: Recorder | None = None,
                  over_limit: str = "", tls_context: ssl.SSLContext | None = None) -> None:
         self.sock = sock
         self.tls_context = tls_context  # set: handshake first ([tls] enabled)
@@ -119,7 +102,7 @@ class Session:
         self.peer = peer
         self.config = config
         self.store = store
-        self.on_stored = on_stored
+        self.recorder = recorder
         self.layout = Layout(config.storage, store.study_directory)
         self._rewrite = encode.wanted(config.storage)  # storescp's output options (encode.py)
         net = config.network
@@ -194,6 +177,8 @@ class Session:
             self.outcome.how = "aborted"
         finally:
             self._drop_current()
+            if self.recorder is not None:
+                self.recorder.close(self.outcome.how)
             with contextlib.suppress(OSError):
                 self.sock.close()
         return self.outcome
@@ -455,9 +440,12 @@ class Session:
         status, why = current.status, current.why
         ident: Identity | None = None
         path = ""
+        stored: StoredObject | None = None
         if current.temp is not None and status == Status.SUCCESS:
             try:
-                path, ident = self._place(current)
+                placed, ident = self._place(current)
+                path = placed.path
+                stored = self._record(command, ident, placed, current.bytes)
             except StorageError as exc:
                 status, why = exc.status, str(exc)
         if status == Status.SUCCESS:
@@ -484,18 +472,33 @@ class Session:
             else:
                 log.error("%s: C-STORE of %s failed with %s: %s", self._who(),
                           command.sop_instance_uid, status_name(status), why, extra=extra)
-        if status == Status.SUCCESS and ident is not None and self.on_stored is not None:
-            self.on_stored(StoredObject(path, command.sop_class_uid, command.sop_instance_uid,
-                                        ident.study_uid, ident.series_uid, ident.patient_id,
-                                        ident.patient_name, self.calling_ae, self.called_ae,
-                                        self.peer, current.bytes))
+        if stored is not None and self.recorder is not None:
+            self.recorder.after_response(stored)
         if current.temp is not None and self._spare is None:
             with contextlib.suppress(StorageError):  # the next C-STORE will report it
                 self._spare = self.store.temp_file()
         if self.config.testing.sleep_after:
             time.sleep(self.config.testing.sleep_after)
 
-    def _place(self, current: _Store) -> tuple[str, Identity]:
+    def _record(self, command: dimse.Command, ident: Identity, placed: Placed,
+                size: int) -> StoredObject | None:
+        """The object's durable event record, before its response (recorder.py); when it
+        cannot be made, the object just placed is withdrawn and StorageError raised."""
+        if self.recorder is None:
+            return None
+        stored = StoredObject(placed.path, command.sop_class_uid, command.sop_instance_uid,
+                              ident.study_uid, ident.series_uid, ident.patient_id,
+                              ident.patient_name, self.calling_ae, self.called_ae, self.peer,
+                              size)
+        try:
+            self.recorder.record(stored)
+        except StorageError:
+            if not placed.kept_existing:
+                self.store.withdraw(placed)
+            raise
+        return stored
+
+    def _place(self, current: _Store) -> tuple[Placed, Identity]:
         """fsync, verify and move the received object into place; raise StorageError."""
         temp = current.temp
         assert temp is not None
@@ -544,7 +547,7 @@ class Session:
         if placed.kept_existing:
             log.info("%s: %s exists, kept the first copy (storage.duplicates = keep-first)",
                      self._who(), placed.path)
-        return placed.path, ident
+        return placed, ident
 
 
 def resolve_peer(peer: str) -> str:

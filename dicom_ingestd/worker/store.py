@@ -259,6 +259,8 @@ class Placed:
 
     path: str
     kept_existing: bool = False
+    directories: tuple[str, ...] = ()  # below the root, and the file's name there
+    name: str = ""
 
 
 class Store:
@@ -470,7 +472,27 @@ class Store:
             status = (Status.DUPLICATE_SOP_INSTANCE if when_taken == "reject"
                       else Status.PROCESSING_FAILURE)
             raise StorageError(f"{existing} exists", status)
-        return Placed(os.path.join(self._root, *directories, placed))
+        return Placed(os.path.join(self._root, *directories, placed),
+                      directories=tuple(directories), name=placed)
+
+    def withdraw(self, placed: Placed) -> None:
+        """Remove a file `commit` just placed, when what must accompany its success (its
+        event record) could not be made; best effort, never through symlinks."""
+        if not placed.name:
+            return
+        fd = os.dup(self._root_fd)
+        try:
+            for part in placed.directories:
+                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = child
+            os.unlink(placed.name, dir_fd=fd)
+            if self.config.fsync:
+                os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     def _link_first_free(self, temp: TempFile, candidates: Sequence[str],
                          dir_fd: int) -> str | None:
