@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dicom_ingestd import ipc
+from dicom_ingestd import ipc, telemetry
 from dicom_ingestd.codes import ExitCode
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.events import sync_enabled
@@ -35,6 +35,7 @@ class Assignment:
     store: Store
     reject_over_limit: str  # non-empty: the limit that was hit; answer A-ASSOCIATE-RJ
     tls_context: ssl.SSLContext | None = None  # [tls]: the worker does the handshake
+    counters: telemetry.Channel | None = None  # per-association figures for the master
 
 
 def session_for(assignment: Assignment, channel: ipc.Channel,
@@ -62,7 +63,9 @@ def session_for(assignment: Assignment, channel: ipc.Channel,
 
     return Session(assignment.conn, assignment.peer, assignment.config, assignment.store,
                    on_stored=report, over_limit=assignment.reject_over_limit,
-                   tls_context=assignment.tls_context)
+                   tls_context=assignment.tls_context,
+                   reporter=telemetry.Reporter(assignment.counters.send, pid)
+                   if assignment.counters is not None else None)
 
 
 @dataclass(eq=False)

@@ -19,6 +19,7 @@ from datetime import datetime
 from dicom_ingestd.codes import Status, status_name
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.errors import StorageError
+from dicom_ingestd.telemetry import Reporter
 from dicom_ingestd.worker import acceptor, dimse, encode, header, tls
 from dicom_ingestd.worker.identify import Identity, UnreadableDataSet, identify, identify_prefix
 from dicom_ingestd.worker.layout import Layout
@@ -111,8 +112,10 @@ class Session:
 
     def __init__(self, sock: socket.socket, peer: str, config: Config, store: Store,
                  on_stored: Callable[[StoredObject], None] | None = None,
-                 over_limit: str = "", tls_context: ssl.SSLContext | None = None) -> None:
+                 over_limit: str = "", tls_context: ssl.SSLContext | None = None,
+                 reporter: Reporter | None = None) -> None:
         self.sock = sock
+        self.reporter = reporter  # counters for the master (telemetry)
         self.tls_context = tls_context  # set: handshake first ([tls] enabled)
         self.tls_peer: tls.Peer | None = None
         self.over_limit = over_limit  # non-empty: reject as transient, local limit exceeded
@@ -140,8 +143,9 @@ class Session:
         return f"{self.peer} {self.calling_ae}->{self.called_ae}"
 
     def _fields(self, **more: object) -> dict[str, object]:
-        fields: dict[str, object] = {"DICOM_PEER": self.peer, "DICOM_CALLING_AE": self.calling_ae,
-                  "DICOM_CALLED_AE": self.called_ae}
+        fields: dict[str, object] = {**peer_fields(self.peer),
+                                     "DICOM_CALLING_AE": self.calling_ae,
+                                     "DICOM_CALLED_AE": self.called_ae}
         if self.tls_peer is not None:
             fields["DICOM_TLS_SUBJECT"] = self.tls_peer.subject or "-"
         fields.update({k: v for k, v in more.items() if v not in (None, "")})
@@ -196,6 +200,8 @@ class Session:
             self._drop_current()
             with contextlib.suppress(OSError):
                 self.sock.close()
+            if self.reporter is not None:
+                self.reporter.ended(self.outcome.how, self.peer, self.calling_ae)
         return self.outcome
 
     def _configure_socket(self) -> None:
@@ -455,9 +461,12 @@ class Session:
         status, why = current.status, current.why
         ident: Identity | None = None
         path = ""
+        commit: float | None = None  # seconds from the last byte to durable in place
         if current.temp is not None and status == Status.SUCCESS:
+            started = time.monotonic()
             try:
                 path, ident = self._place(current)
+                commit = time.monotonic() - started
             except StorageError as exc:
                 status, why = exc.status, str(exc)
         if status == Status.SUCCESS:
@@ -465,6 +474,8 @@ class Session:
             self.outcome.bytes_stored += current.bytes
         else:
             self.outcome.failed += 1
+        if self.reporter is not None:
+            self.reporter.store(status, current.bytes, commit, why, self.peer, self.calling_ae)
         try:
             self._respond(current.context.context_id, dimse.C_STORE_RSP, command.message_id,
                           status, command.sop_class_uid, command.sop_instance_uid,
@@ -562,9 +573,37 @@ def resolve_peer(peer: str) -> str:
 
 
 def peer_name(address: object) -> str:
-    """'host:port' for an IPv4/IPv6 peer address tuple, for logs."""
+    """'host:port' for an IPv4/IPv6 peer address tuple, for logs ('[v6]:port' for IPv6).
+
+    An IPv4-mapped IPv6 address (a dual-stack socket's view of an IPv4 peer) is written as
+    the plain IPv4 address, as storescp and every IPv4 tool write it: `journalctl
+    DICOM_PEER=10.1.2.3` and #r then find and show the address an administrator knows.
+    """
     if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+        host, port = str(address[0]), address[1]
+        if host.lower().startswith("::ffff:") and "." in host:
+            host = host[7:]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return str(address) or "local"
 
+
+def split_peer(peer: str) -> tuple[str, str]:
+    """(address or host name, port) of a peer_name() (or resolve_peer()) string; the port is
+    "" when there is none (a Unix socket, "local")."""
+    if peer.startswith("["):
+        host, _, rest = peer[1:].partition("]")
+        return host, rest.lstrip(":")
+    host, sep, port = peer.rpartition(":")
+    if sep and port.isdigit() and ":" not in host:
+        return host, port
+    return peer, ""
+
+
+def peer_fields(peer: str) -> dict[str, object]:
+    """The journal fields of a peer: DICOM_PEER is the address alone (what an administrator
+    filters on), DICOM_PEER_PORT the port."""
+    host, port = split_peer(peer)
+    fields: dict[str, object] = {"DICOM_PEER": host}
+    if port:
+        fields["DICOM_PEER_PORT"] = port
+    return fields
