@@ -71,7 +71,9 @@ class Stats:
     # -- what happened -------------------------------------------------------------------
     def association_ended(self, outcome: str, calling_ae: str) -> None:
         """One association (or refused connection) ended with `outcome`."""
-        ae = calling_ae.strip() or NO_AE
+        ae = calling_ae.strip()
+        if ae in ("", "?"):  # the session's "?" before an A-ASSOCIATE-RQ
+            ae = NO_AE
         if (outcome, ae) not in self.associations and ae not in (NO_AE, OTHER_AE) and \
                 len({a for _, a in self.associations}) >= MAX_CALLING_AES:
             ae = OTHER_AE
