@@ -272,9 +272,15 @@ def _status_document(args: argparse.Namespace) -> "dict[str, object] | int":
     try:
         config = load_config(args.config)
     except ConfigError as exc:
+        # The running daemon still answers (through systemd's runtime directory) while the
+        # file is broken; say what is wrong with the file either way.
         for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        return ExitCode.CONFIG
+            print(f"warning: {problem}", file=sys.stderr)
+        link = control.runtime_link() or control.PACKAGED_RUNTIME_LINK
+        try:
+            return control.request(link, "status", timeout=10.0)
+        except control.ControlError:
+            return ExitCode.CONFIG
     path = status_doc.output_directory(config) / STAGING_DIR / control.SOCKET_NAME
     try:
         return control.request(path, "status", timeout=10.0)

@@ -331,6 +331,12 @@ def test_packaged_config_is_valid_and_sets_only_the_service_settings(tmp_path: P
         assert pointer in text, pointer
 
 
+def test_preinst_carries_the_conffile_for_the_upgrade_from_0_1() -> None:
+    preinst = (DEBIAN / "dicom-ingestd.preinst").read_text()
+    embedded = preinst.split("<<'END_OF_CONFFILE'\n", 1)[1].split("END_OF_CONFFILE\n", 1)[0]
+    assert embedded == packaged_config_text()
+
+
 def test_packaged_reference_says_what_the_conffile_says(tmp_path: Path) -> None:
     reference = packaged_reference_text()
     assert len(reference.splitlines()) > 300  # every key, commented
