@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from dicom_ingestd.codes import Status, status_name
 from dicom_ingestd.config.schema import Config
@@ -133,6 +134,8 @@ class Session:
         self.contexts: dict[int, acceptor.AcceptedContext] = {}
         self.outcome = Outcome()
         self._command = bytearray()
+        self._rejected = ""  # the rejected presentation contexts, for the peer-abort line
+        self._any_command = False
         self._current: _Store | None = None
         # The next object's temporary file, created while the peer prepares that object:
         # creating an inode costs 0.1-0.5 ms of kernel time on ext4, off the critical path.
@@ -284,6 +287,12 @@ class Session:
                  self._who(), len(acceptance.contexts), len(request.proposed),
                  request.max_pdu, f", profile {profile}" if profile else "",
                  self._tls_note(), extra=self._fields(DICOM_OUTCOME="accepted"))
+        if acceptance.rejected:
+            # Always said (not only with verbose_pc): a sender whose data fits no accepted
+            # context aborts right after this, and this line is then the only clue.
+            self._rejected = rejected_summary(acceptance.rejected)
+            log.info("%s: %d context(s) rejected: %s", self._who(), len(acceptance.rejected),
+                     self._rejected, extra=self._fields())
         pc_level = logging.INFO if self.config.logging.verbose_pc else logging.DEBUG
         if log.isEnabledFor(pc_level):
             for cx in acceptance.contexts.values():
@@ -320,9 +329,20 @@ class Session:
                 reason = body[3] if len(body) >= 4 else -1
                 self.outcome.how = "aborted-by-peer"
                 self._discard_spare()
-                log.warning("%s: association aborted by the peer (source %d, reason %d)%s",
+                hint = ""
+                if not self._any_command and self.contexts:
+                    # Typically a sender whose data (a compressed file) fits none of the
+                    # accepted contexts: say what was accepted, and what was not.
+                    from pydicom.uid import UID
+
+                    accepted = sorted({UID(cx.transfer_syntax).name
+                                       for cx in self.contexts.values()})
+                    hint = (f"; before any request: its data may fit none of the accepted "
+                            f"transfer syntaxes ({', '.join(accepted[:5])})"
+                            + (f"; rejected: {self._rejected}" if self._rejected else ""))
+                log.warning("%s: association aborted by the peer (source %d, reason %d)%s%s",
                             self._who(), source, reason,
-                            "; partial object discarded" if self._current else "",
+                            "; partial object discarded" if self._current else "", hint,
                             extra=self._fields(DICOM_OUTCOME="aborted"))
                 return
             elif pdu_type in PDU_NAMES:
@@ -389,6 +409,7 @@ class Session:
             self._finish_store(current)
 
     def _dispatch(self, context_id: int, data: bytes) -> None:
+        self._any_command = True
         try:
             command = dimse.decode_command(
                 data, fix_uid_padding=self.config.association.uid_padding)
@@ -556,6 +577,25 @@ class Session:
             log.info("%s: %s exists, kept the first copy (storage.duplicates = keep-first)",
                      self._who(), placed.path)
         return placed.path, ident
+
+
+_CONTEXT_RESULTS = {1: "rejected by us", 2: "no reason given",
+                    3: "abstract syntax not supported", 4: "transfer syntaxes not supported"}
+
+
+def rejected_summary(rejected: list[Any], most: int = 3) -> str:
+    """'CT Image Storage with JPEG Baseline (8-bit) (transfer syntaxes not supported), ...'
+    for the first `most` rejected presentation contexts."""
+    from pydicom.uid import UID
+
+    parts = []
+    for cx in rejected[:most]:
+        syntaxes = ", ".join(UID(ts).name for ts in cx.transfer_syntax) or "-"
+        parts.append(f"{UID(cx.abstract_syntax).name} with {syntaxes} "
+                     f"({_CONTEXT_RESULTS.get(cx.result, f'result {cx.result}')})")
+    if len(rejected) > most:
+        parts.append(f"{len(rejected) - most} more")
+    return "; ".join(parts)
 
 
 def resolve_peer(peer: str) -> str:
