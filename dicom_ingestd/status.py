@@ -18,6 +18,7 @@ from dicom_ingestd.config.schema import Config
 from dicom_ingestd.jobs.queue import DATABASE as JOB_DATABASE
 from dicom_ingestd.jobs.queue import JobQueue
 from dicom_ingestd.jobs.service import state_directory
+from dicom_ingestd.log import escape_controls
 from dicom_ingestd.stats import FILE_NAME, Stats, status_class
 from dicom_ingestd.telemetry import COMMIT_BUCKETS
 from dicom_ingestd.worker.store import STAGING_DIR
@@ -167,7 +168,12 @@ def commit_quantile(commit: dict[str, Any], q: float) -> float | None:
 
 
 def render(doc: dict[str, Any]) -> str:
-    """The status as lines of text."""
+    """The status as lines of text (values from the network, such as calling AE titles,
+    with their control characters escaped: they reach a terminal)."""
+    return "".join(escape_controls(line) + "\n" for line in _render(doc).splitlines())
+
+
+def _render(doc: dict[str, Any]) -> str:
     lines = []
     d = doc["daemon"]
     if d.get("running"):
