@@ -188,7 +188,7 @@ def _render(doc: dict[str, Any]) -> str:
     if reload:
         text = f"last reload: {when(reload['time'])} ({reload['source']}), {reload['outcome']}"
         if reload["problems"]:
-            text += ": " + "; ".join(reload["problems"])
+            text += ": " + escape_controls("; ".join(reload["problems"]))
         lines.append(text)
     c = doc["counters"]
     lines.append(f"counting since {when(c['since'])}")
@@ -196,7 +196,7 @@ def _render(doc: dict[str, Any]) -> str:
     by_ae: dict[str, dict[str, int]] = {}
     for row in c["associations"]:
         by_outcome[row["outcome"]] = by_outcome.get(row["outcome"], 0) + row["count"]
-        by_ae.setdefault(row["calling_ae"], {})[row["outcome"]] = row["count"]
+        by_ae.setdefault(escape_controls(row["calling_ae"]), {})[row["outcome"]] = row["count"]
     active = f"{d['active_associations']} active; " if d.get("running") else ""
     lines.append("associations: " + active + (", ".join(
         f"{n} {o}" for o, n in sorted(by_outcome.items())) or "none yet"))
@@ -215,7 +215,8 @@ def _render(doc: dict[str, Any]) -> str:
                      f"{p99 * 1000:g} ms ({sum(commit['counts'])} objects)")
     lines.append(f"last successful store: {when(c['last_success'])}")
     error = c["last_error"]
-    lines.append(f"last error: {when(error['time'])}: {error['text']}" if error["text"]
+    lines.append(f"last error: {when(error['time'])}: {escape_controls(error['text'])}"
+                 if error["text"]
                  else "last error: none")
     jobs = doc["jobs"]
     if jobs is None:
