@@ -218,7 +218,9 @@ class Master:
     def _monitor(self, now: float) -> None:
         """Periodic: save the counters, refresh free space and job counts, write the
         metrics file, drop silent control connections."""
-        self.stats.save()
+        if self.stats.dirty and self.store.has_free_space():
+            # Below storage.min_free_space the reserve is for objects: the counters wait.
+            self.stats.save()
         self.control.expire()
         if self._control_moved:
             self._control_moved = False
@@ -503,7 +505,8 @@ class Master:
             self._watcher.stop()
         self.events.shutdown()  # open studies closed or kept; running jobs re-queued
         self._telemetry(None)
-        self.stats.save(force=True)
+        if self.store.has_free_space():
+            self.stats.save(force=True)
         if self.config.monitoring.metrics_file:
             self._write_metrics(self.config.monitoring.metrics_file)
         self.control.close()
