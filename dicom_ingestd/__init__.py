@@ -1,3 +1,3 @@
 """dicom-ingestd: a durable DICOM C-STORE receiver daemon."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,5 +1,5 @@
-"""The command line: run, check-config, config show, config from-storescp, config
-from-asconfig, jobs.
+"""The command line: run, check-config, reload, status, metrics, config show,
+config from-storescp, config from-asconfig, jobs.
 
 The only module that exits the process; everything below it raises.
 """
@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from dicom_ingestd import __version__
@@ -26,6 +27,7 @@ from dicom_ingestd.errors import ConfigError, StorageError, TranslationError
 
 if TYPE_CHECKING:
     from dicom_ingestd.jobs.queue import JobQueue
+    from dicom_ingestd.systemd import Notifier
 
 DEFAULT_CONFIG = "/etc/ingestd.toml"
 log = logging.getLogger("dicom_ingestd")
@@ -39,13 +41,49 @@ def _print_problems(exc: ConfigError) -> None:
         print(prefix + problem, file=sys.stderr)
 
 
+def _not_started(code: ExitCode, why: str, listeners: "list[socket.socket] | None" = None,
+                 notifier: "Notifier | None" = None) -> int:
+    """Start-up failed: answer the connections that triggered a socket-activated start.
+
+    Each waiting connection is closed unanswered (the sender sees the connection end, and
+    retries), so that systemd does not start us again at once for the same connection; a
+    new connection starts a new attempt, which succeeds once the cause is fixed.  STATUS=
+    says why, for `systemctl status`.
+    """
+    from dicom_ingestd import systemd
+
+    if notifier is None:
+        notifier = systemd.Notifier()
+    notifier.status(f"not started: {why} (exit status {int(code)}; "
+                    "journalctl -u dicom-ingestd -p err)")
+    if listeners is None:
+        listeners = [s.sock for s in systemd.listen_fds()]
+    closed = 0
+    for sock in listeners:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            sock.setblocking(False)
+            while True:
+                try:
+                    conn, _ = sock.accept()
+                except OSError:
+                    break
+                conn.close()
+                closed += 1
+        sock.close()
+    if closed:
+        prefix = "<4>" if logsetup.stderr_is_journal() else ""
+        print(f"{prefix}closed {closed} waiting connection(s) unanswered: {why}",
+              file=sys.stderr)
+    return code
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Serve in the foreground until SIGTERM/SIGINT."""
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         _print_problems(exc)
-        return ExitCode.CONFIG
+        return _not_started(ExitCode.CONFIG, f"invalid configuration {args.config}")
     logsetup.setup(config.logging)
     from dicom_ingestd.tls import build_context
     try:
@@ -53,24 +91,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         tls_context = build_context(config.tls, args.config)
     except ConfigError as exc:
         _print_problems(exc)
-        return ExitCode.CONFIG
+        return _not_started(ExitCode.CONFIG, f"invalid configuration {args.config}")
+    if config.storage.group_write:
+        # Directories the daemon creates become group-writable (mkdir asks for 0777 and the
+        # umask decides), so the group's consumers may move and delete received files.
+        os.umask(os.umask(0) & ~0o070)
     # Heavy imports only when serving; the master imports the worker code before forking so
     # that workers start warm.
     from dicom_ingestd import systemd
     from dicom_ingestd.access import AccessPolicy
     from dicom_ingestd.master import Master
     from dicom_ingestd.sockets import create_listener
-    from dicom_ingestd.worker.session import Session, peer_name
+    from dicom_ingestd.worker.session import Session, peer_fields, peer_name, split_peer
     from dicom_ingestd.worker.store import Store
 
-    notifier = systemd.Notifier()
-    inherited = systemd.listen_fds()
     store = Store(config.storage)
     try:
         store.open()
     except StorageError as exc:
         log.critical("%s", exc)
-        return ExitCode.CANTCREAT
+        return _not_started(ExitCode.CANTCREAT, str(exc))
+    if config.storage.group_write:
+        with contextlib.suppress(OSError):  # systemd's StateDirectoryMode= resets it
+            os.chmod(store.root, os.stat(store.root).st_mode & 0o7777 | 0o070)
+    notifier = systemd.Notifier()
+    inherited = systemd.listen_fds()
     removed = store.remove_leftovers()
     if removed:
         log.warning("removed %d partial object(s) left by an earlier crash in %s",
@@ -106,16 +151,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         except OSError:
             peer = "socket"
         refusal = AccessPolicy(config.access.allow, config.access.deny).check(
-            peer.rsplit(":", 1)[0].strip("[]"))
+            split_peer(peer)[0])
         if refusal:
             log.warning("%s: connection refused by access control: %s", peer, refusal,
-                        extra={"journal": {"DICOM_PEER": peer, "DICOM_OUTCOME": "refused"}})
+                        extra={"journal": {**peer_fields(peer), "DICOM_OUTCOME": "refused"}})
             conn.close()
             return ExitCode.OK
         notifier.ready(f"serving one association from {peer}")
         # systemctl stop: leave through Session.run's cleanup, so no partial file remains.
         signal.signal(signal.SIGTERM, _exit_on_signal)
-        Session(conn, peer, config, store, tls_context=tls_context).run()
+        # No master to count for us: the counters file is updated under a lock.
+        from dicom_ingestd.stats import FILE_NAME, add_to_file
+        from dicom_ingestd.telemetry import Reporter
+
+        counters = store.staging / FILE_NAME
+        reporter = Reporter(lambda report: add_to_file(counters, report), os.getpid())
+        Session(conn, peer, config, store, tls_context=tls_context, reporter=reporter).run()
         notifier.stopping()
         return ExitCode.OK
 
@@ -132,7 +183,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                         tls_context=tls_context)
     except StorageError as exc:  # the state directory of [jobs]
         log.critical("%s", exc)
-        return ExitCode.CANTCREAT
+        return _not_started(ExitCode.CANTCREAT, str(exc), listeners, notifier)
     master.serve()
     return ExitCode.OK
 
@@ -152,6 +203,117 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             print(problem, file=sys.stderr)
         return ExitCode.CONFIG
     print(f"{args.config}: OK")
+    return ExitCode.OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Ask the running daemon to reload its configuration; exit 0 only if it applied it.
+
+    systemd's ExecReload= runs this as the service user, in the service's sandbox, and waits
+    for it: `systemctl reload` fails when the daemon rejected the file.  The daemon itself
+    validates (its user, its sandbox, its directories) and answers with the outcome of this
+    very request.
+    """
+    from dicom_ingestd import control
+
+    prefix = "<3>" if logsetup.stderr_is_journal() else ""
+    # The daemon is found through systemd's runtime directory (ExecReload=), else through
+    # the configuration; with a file too broken to say where, the packaged unit's link.
+    path = control.runtime_link() or _control_path(args.config)
+    if path is None:
+        if not control.PACKAGED_RUNTIME_LINK.exists():
+            try:
+                load_config(args.config)
+            except ConfigError as exc:
+                _print_problems(exc)
+            print(f"{prefix}reload not done: no running daemon found, and it would be "
+                  "rejected", file=sys.stderr)
+            return ExitCode.CONFIG
+        path = control.PACKAGED_RUNTIME_LINK
+    try:
+        answer = control.request(path, "reload", timeout=args.timeout)
+    except control.ControlError as exc:
+        print(f"{prefix}dicom-ingestd reload: {exc}", file=sys.stderr)
+        return ExitCode.UNAVAILABLE
+    outcome = answer.get("reload") or {}
+    if outcome.get("outcome") == "applied":
+        applied = ", ".join(outcome.get("applied") or []) or "no change"
+        print(f"reload applied ({applied})")
+        for key in outcome.get("restart_needed") or []:
+            print(f"{key} changed: takes effect after a restart")
+        return ExitCode.OK
+    for problem in outcome.get("problems") or [str(answer.get("error", "no answer"))]:
+        print(f"{prefix}{problem}", file=sys.stderr)
+    print(f"{prefix}reload rejected: the running daemon keeps its configuration",
+          file=sys.stderr)
+    return ExitCode.CONFIG
+
+
+def _control_path(config_path: str) -> "Path | None":
+    """The control socket of the daemon serving `config_path`, or None for a file that
+    cannot be read."""
+    from dicom_ingestd import control
+    from dicom_ingestd.status import output_directory
+    from dicom_ingestd.worker.store import STAGING_DIR
+
+    try:
+        config = load_config(config_path)
+    except ConfigError:
+        return None
+    return output_directory(config) / STAGING_DIR / control.SOCKET_NAME
+
+
+def _status_document(args: argparse.Namespace) -> "dict[str, object] | int":
+    """The running daemon's status, or the one on disk when no daemon answers."""
+    from dicom_ingestd import control
+    from dicom_ingestd import status as status_doc
+    from dicom_ingestd.worker.store import STAGING_DIR
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        # The running daemon still answers (through systemd's runtime directory) while the
+        # file is broken; say what is wrong with the file either way.
+        for problem in exc.problems:
+            print(f"warning: {problem}", file=sys.stderr)
+        link = control.runtime_link() or control.PACKAGED_RUNTIME_LINK
+        try:
+            return control.request(link, "status", timeout=10.0)
+        except control.ControlError:
+            return ExitCode.CONFIG
+    path = status_doc.output_directory(config) / STAGING_DIR / control.SOCKET_NAME
+    try:
+        return control.request(path, "status", timeout=10.0)
+    except control.ControlError as exc:
+        doc = status_doc.offline(config, args.config)
+        doc["daemon"] = {"running": False, "why": str(exc)}
+        return doc
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """The daemon's state and counters, as text or JSON."""
+    import json
+
+    from dicom_ingestd import status as status_doc
+
+    doc = _status_document(args)
+    if isinstance(doc, int):
+        return doc
+    if args.json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        sys.stdout.write(status_doc.render(doc))
+    return ExitCode.OK
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    """The status as Prometheus metrics (text exposition format)."""
+    from dicom_ingestd.metrics import exposition
+
+    doc = _status_document(args)
+    if isinstance(doc, int):
+        return doc
+    sys.stdout.buffer.write(exposition(doc))
     return ExitCode.OK
 
 
@@ -348,6 +510,35 @@ def build_parser() -> argparse.ArgumentParser:
                            f"{int(ExitCode.CONFIG)} otherwise, printing each problem.")
     with_config(check)
     check.set_defaults(func=cmd_check_config)
+
+    reload = sub.add_parser("reload", help="make the running daemon reload its configuration",
+                            description="Ask the running daemon (over its control socket) "
+                            "to reload the configuration file and wait for the outcome: exit "
+                            f"0 when applied, {int(ExitCode.CONFIG)} when rejected (the "
+                            "daemon keeps its configuration), "
+                            f"{int(ExitCode.UNAVAILABLE)} when no daemon answers. "
+                            "ExecReload= of dicom-ingestd.service.")
+    with_config(reload)
+    reload.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="how long to wait for the daemon's answer (default 60)")
+    reload.set_defaults(func=cmd_reload)
+
+    status = sub.add_parser("status", help="show the daemon's state and counters",
+                            description="Show version, configuration and last reload, uptime, "
+                            "associations by outcome and calling AE, objects by DIMSE status, "
+                            "bytes, commit latency, jobs by state, free space, the last store "
+                            "and the last error: from the running daemon, or from what it "
+                            "saved on disk when it is not running.")
+    with_config(status)
+    status.add_argument("--json", action="store_true", help="print one JSON document")
+    status.set_defaults(func=cmd_status)
+
+    metrics = sub.add_parser("metrics", help="print the metrics in the Prometheus format",
+                             description="Print what status shows as Prometheus metrics "
+                             "(text exposition format), e.g. for a node_exporter textfile; "
+                             "see also monitoring.metrics_file.")
+    with_config(metrics)
+    metrics.set_defaults(func=cmd_metrics)
 
     config = sub.add_parser("config", help="show or translate configuration",
                             description="Show the effective configuration or translate a "

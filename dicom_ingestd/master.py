@@ -17,22 +17,28 @@ import socket
 import ssl
 import time
 from collections import Counter
+from datetime import datetime
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
-from dicom_ingestd import ipc
+from dicom_ingestd import __version__, ipc, telemetry
 from dicom_ingestd import log as logsetup
+from dicom_ingestd import status as status_doc
 from dicom_ingestd.access import AccessPolicy, normalize
 from dicom_ingestd.config.load import diff_configs, load_config
 from dicom_ingestd.config.schema import Config
+from dicom_ingestd.control import SOCKET_NAME, ControlServer
 from dicom_ingestd.errors import ConfigError, StorageError
 from dicom_ingestd.jobs.service import EventService
 from dicom_ingestd.sockets import describe
+from dicom_ingestd.stats import FILE_NAME as STATS_FILE
+from dicom_ingestd.stats import NO_AE, Stats
 from dicom_ingestd.systemd import Notifier
 from dicom_ingestd.tls import build_context
 from dicom_ingestd.watch import ConfigWatcher
 from dicom_ingestd.worker import acceptor
-from dicom_ingestd.worker.session import peer_name
+from dicom_ingestd.worker.session import peer_fields, peer_name, split_peer
 from dicom_ingestd.worker.store import Store
 from dicom_ingestd.workers import Assignment, ForkSpawner, ThreadSpawner, Worker
 
@@ -42,6 +48,7 @@ log = logging.getLogger("dicom_ingestd.master")
 # of those at once (a flood) further connections are closed without an answer.
 MAX_REJECTING = 16
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for workers at the stop deadline
+REFRESH_INTERVAL = 5.0  # seconds between two looks at the free space and the job counts
 
 
 class State(Enum):
@@ -75,8 +82,20 @@ class Master:
         self._associations = 0
         self._boot = time.time_ns()  # with a counter: association keys unique across restarts
         self._released: set[str] = set()  # associations whose worker said they were released
-        self._last_error = ""
         self._next_watchdog = 0.0
+        # -- monitoring (stats.py, status.py, control.py, metrics.py) ----------------------
+        self.stats = Stats.load(store.staging / STATS_FILE)
+        self.telemetry = telemetry.Channel()  # workers' AssociationReports
+        self.control = ControlServer(store.staging / SOCKET_NAME, self.selector,
+                                     {"status": self._status_request,
+                                      "reload": self._reload_request})
+        self._started = time.time()
+        self._last_reload: dict[str, Any] | None = None
+        self._disk: dict[str, Any] = {}
+        self._jobs: dict[str, int] | None = None
+        self._next_refresh = 0.0
+        self._next_metrics = 0.0
+        self._control_moved = False
         self._watcher: ConfigWatcher | None = None
         self._retired: list[Store] = []
         if watch_config and config_path:
@@ -104,6 +123,8 @@ class Master:
         if self._watcher is not None:
             self._watcher.close_in_child()
         self.events.close_in_child()
+        self.telemetry.close_reader()
+        self.control.close_in_child()
 
     def _install_signals(self) -> None:
         for sock in (self._wakeup_r, self._wakeup_w):
@@ -126,9 +147,13 @@ class Master:
         if self._watcher is not None:
             self.selector.register(self._watcher.fileno(), selectors.EVENT_READ,
                                    self._config_changed)
+        self.selector.register(self.telemetry.reader, selectors.EVENT_READ, self._telemetry)
+        self.control.open()
+        self._refresh(time.monotonic())
         tls = self.config.tls
-        log.info("dicom-ingestd ready: listening on %s%s as %s, process model %s, storing "
-                 "under %s (%s)", ", ".join(describe(s) for s in self.listeners) or "nothing",
+        log.info("dicom-ingestd %s ready: pid %d, listening on %s%s as %s, process model %s, "
+                 "storing under %s (%s)", __version__, os.getpid(),
+                 ", ".join(describe(s) for s in self.listeners) or "nothing",
                  f" (TLS, profile {tls.profile}, peer certificates: {tls.peer_certificate})"
                  if self.tls_context is not None else "",
                  self.config.network.aetitle, self.config.workers.process_model,
@@ -155,16 +180,112 @@ class Master:
         if self.state is State.STOPPING:
             self._enforce_stop_deadline(now)
         self.events.tick()
+        self._monitor(now)
         self.notifier.status(self._status())
 
+    # -- monitoring ------------------------------------------------------------------------
     def _status(self) -> str:
-        text = (f"{len(self.workers)} active association(s); {self._stored} object(s), "
-                f"{self._bytes / 1e6:.1f} MB stored since start")
+        """The STATUS= line: what `systemctl status` shows; problems first."""
+        stats = self.stats
+        text = f"{len(self.workers)} active association(s); {stats.stored} object(s) stored"
+        if stats.failed:
+            text += f", {stats.failed} failed"
+        text += f" since {_short_time(stats.since)}"
+        problems = []
+        reload = self._last_reload
+        if reload is not None and reload["outcome"] == "rejected":
+            first = reload["problems"][0] if reload["problems"] else "?"
+            problems.append(f"RELOAD REJECTED at {_short_time(reload['time'])} "
+                            f"(running configuration kept): {first}")
+        dead = (self._jobs or {}).get("dead", 0)
+        if dead:
+            problems.append(f"{dead} DEAD JOB(S) (dicom-ingestd jobs list --state dead)")
+        for name in self._disk.get("low", []):
+            entry = self._disk[name]
+            problems.append(f"LOW DISK SPACE on {name} {entry['path']}: "
+                            f"{status_doc.size(entry['free_bytes'])} free")
+        if stats.last_error:
+            problems.append(f"last error {_short_time(stats.last_error_time)}: "
+                            f"{stats.last_error[:200]}")
+        if problems:
+            text = "; ".join([*problems, text])
         if self.state is State.STOPPING:
             text = "stopping: " + text
-        if self._last_error:
-            text += f"; last error: {self._last_error}"
         return text
+
+    def _telemetry(self, _sock: object) -> None:
+        for report in self.telemetry.receive():
+            self.stats.merge(report)
+
+    def _monitor(self, now: float) -> None:
+        """Periodic: save the counters, refresh free space and job counts, write the
+        metrics file, drop silent control connections."""
+        if self.stats.dirty and self.store.has_free_space():
+            # Below storage.min_free_space the reserve is for objects: the counters wait.
+            self.stats.save()
+        self.control.expire()
+        if self._control_moved:
+            self._control_moved = False
+            self.control.close()
+            self.control = ControlServer(self.store.staging / SOCKET_NAME, self.selector,
+                                         {"status": self._status_request,
+                                          "reload": self._reload_request})
+            self.control.open()
+        if now >= self._next_refresh:
+            self._refresh(now)
+        metrics_file = self.config.monitoring.metrics_file
+        if metrics_file and now >= self._next_metrics:
+            self._next_metrics = now + self.config.monitoring.metrics_interval
+            self._write_metrics(metrics_file)
+
+    def _refresh(self, now: float) -> None:
+        self._next_refresh = now + REFRESH_INTERVAL
+        before = set(self._disk.get("low", []))
+        self._disk = status_doc.disk(self.config)
+        low = set(self._disk["low"])
+        for name in sorted(low - before):
+            entry = self._disk[name]
+            log.warning("free space low on the %s file system (%s): %s free, warning below "
+                        "%s (storage.min_free_space + monitoring.low_space_margin); objects "
+                        "are refused below %s", name, entry["path"],
+                        status_doc.size(entry["free_bytes"]),
+                        status_doc.size(self._disk["warning_below"]),
+                        status_doc.size(self._disk["refusing_below"])
+                        if self._disk["refusing_below"] else "nothing (min_free_space = 0)")
+        for name in sorted(before - low):
+            log.info("free space on the %s file system is above the warning threshold again",
+                     name)
+        self._jobs = status_doc.job_counts(self.config, live=True)
+
+    def _daemon_status(self) -> dict[str, Any]:
+        return {"running": True, "pid": os.getpid(), "state": self.state.value,
+                "started": self._started, "uptime_seconds": time.time() - self._started,
+                "active_associations": len(self.workers), "last_reload": self._last_reload,
+                "control_socket": str(self.control.path)}
+
+    def _document(self) -> dict[str, Any]:
+        return status_doc.document(self.config, self.config_path or "", self.stats,
+                                   self._daemon_status(), live=True)
+
+    def _status_request(self, _request: dict[str, Any]) -> dict[str, Any]:
+        return self._document()
+
+    def _reload_request(self, _request: dict[str, Any]) -> dict[str, Any]:
+        """`dicom-ingestd reload` (systemctl reload): reload now, answer with the outcome."""
+        log.info("reload requested by dicom-ingestd reload: reloading %s", self.config_path)
+        self.reload("dicom-ingestd reload")
+        return {"reload": self._last_reload}
+
+    def _write_metrics(self, path: str) -> None:
+        from dicom_ingestd.metrics import write_textfile
+
+        try:
+            write_textfile(Path(path), self._document())
+        except OSError as exc:
+            message = f"cannot write monitoring.metrics_file {path}: {exc.strerror or exc}"
+            if self.stats.last_error != message:
+                log.error("%s", message)
+                self.stats.error(message)
 
     # -- events ----------------------------------------------------------------------------
     def _signals(self, _sock: object) -> None:
@@ -178,14 +299,14 @@ class Master:
                 self._begin_stop()
             elif signum == signal.SIGHUP:
                 log.info("received SIGHUP: reloading %s", self.config_path)
-                self.reload()
+                self.reload("SIGHUP")
             # SIGCHLD only wakes us; pidfds tell which worker ended.
 
     def _config_changed(self, _fd: object) -> None:
         assert self._watcher is not None
         if self._watcher.drain() and self.state is State.RUNNING:
             log.info("%s changed on disk: reloading", self.config_path)
-            self.reload()
+            self.reload("file changed")
 
     def _reports(self, _sock: object) -> None:
         """Workers' datagrams: statistics, and a wake-up to read the outbox now."""
@@ -208,7 +329,7 @@ class Master:
                 return
             except OSError as exc:
                 log.error("accept on %s failed: %s", describe(listener), exc.strerror or exc)
-                self._last_error = f"accept failed: {exc.strerror or exc}"
+                self.stats.error(f"accept failed: {exc.strerror or exc}")
                 return
             self._admit(conn, address)
 
@@ -218,24 +339,26 @@ class Master:
         refusal = self.access.check(host) if host else None
         if refusal:
             log.warning("%s: connection refused by access control: %s", peer, refusal,
-                        extra={"journal": {"DICOM_PEER": peer, "DICOM_OUTCOME": "refused"}})
+                        extra={"journal": {**peer_fields(peer), "DICOM_OUTCOME": "refused"}})
             conn.close()
+            self.stats.association_ended("refused", NO_AE)
             return
         over = self._over_limit(host)
         if over and sum(w.rejecting for w in self.workers.values()) >= MAX_REJECTING:
             log.warning("%s: %s and %d rejections already in progress; closing the "
                         "connection unanswered", peer, over, MAX_REJECTING)
             conn.close()
+            self.stats.association_ended("dropped", NO_AE)
             return
         conn.setblocking(True)
         try:
             worker = self.spawner.spawn(Assignment(
                 conn, peer, self.config, self.store, over, self.tls_context,
                 association=f"{self._boot:x}-{self._associations + 1}",
-                outbox_fd=self.events.outbox_fd))
+                outbox_fd=self.events.outbox_fd, counters=self.telemetry))
         except OSError as exc:
             log.error("%s: cannot start a worker: %s", peer, exc.strerror or exc)
-            self._last_error = f"cannot start a worker: {exc.strerror or exc}"
+            self.stats.error(f"cannot start a worker: {exc.strerror or exc}")
             conn.close()
             return
         self._associations += 1
@@ -253,8 +376,7 @@ class Master:
                    f"{limits.max_associations})"
         if limits.max_associations_per_peer and host:
             key = str(normalize(host))
-            same = Counter(str(normalize(w.peer.rsplit(":", 1)[0].strip("[]")))
-                           for w in serving)[key]
+            same = Counter(str(normalize(split_peer(w.peer)[0])) for w in serving)[key]
             if same >= limits.max_associations_per_peer:
                 return f"{same} associations in progress from {key} " \
                        f"(workers.max_associations_per_peer = " \
@@ -291,14 +413,20 @@ class Master:
         hint = " (out of memory?)" if "SIGKILL" in problem and not worker.signalled else ""
         log.log(level, "%s: worker %d %s%s; %d partial object(s) removed; other "
                 "associations are unaffected", worker.peer, worker.pid, problem, hint, removed,
-                extra={"journal": {"DICOM_PEER": worker.peer}})
-        self._last_error = f"worker {worker.pid} ({worker.peer}) {problem}"
+                extra={"journal": peer_fields(worker.peer)})
+        self.stats.error(f"worker {worker.pid} ({worker.peer}) {problem}")
 
     # -- reload ----------------------------------------------------------------------------
-    def reload(self) -> bool:
-        """Re-read the configuration; apply it to new associations, or keep the old one."""
+    def reload(self, source: str = "SIGHUP") -> bool:
+        """Re-read the configuration; apply it to new associations, or keep the old one.
+
+        The outcome is kept for `status`, STATUS= and the answer to `dicom-ingestd reload`.
+        """
         if not self.config_path:
             log.warning("reload requested, but no configuration file is in use")
+            self._last_reload = {"time": time.time(), "source": source,
+                                 "outcome": "rejected",
+                                 "problems": ["no configuration file is in use"]}
             return False
         self.notifier.reloading()
         try:
@@ -317,7 +445,9 @@ class Master:
             problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
             for problem in problems:
                 log.error("reload rejected, keeping the running configuration: %s", problem)
-            self._last_error = f"reload rejected: {problems[0]}"
+            self._last_reload = {"time": time.time(), "source": source,
+                                 "outcome": "rejected", "problems": problems}
+            self.stats.error(f"reload rejected: {problems[0]}")
             self.notifier.ready(self._status())
             return False
         changed = diff_configs(self.config, new)
@@ -335,10 +465,17 @@ class Master:
         self.access = access
         self.events.reload(new)
         logsetup.setup(new.logging)
-        self._last_error = ""
         applied = [key for key, reloadable in changed if reloadable]
         log.info("reload: configuration applied to new associations (%s)",
                  ", ".join(applied) or "no change")
+        self._last_reload = {"time": time.time(), "source": source, "outcome": "applied",
+                             "problems": [], "applied": applied, "restart_needed": later}
+        if self.stats.path != self.store.staging / STATS_FILE:
+            # A new output directory: the counters and the control socket move with it.
+            self.stats.path = self.store.staging / STATS_FILE
+            self.stats.dirty = True
+            self._control_moved = True  # in _monitor: this reload may be answering on it
+        self._refresh(time.monotonic())
         self.notifier.ready(self._status())
         return True
 
@@ -374,6 +511,20 @@ class Master:
         if self._watcher is not None:
             self._watcher.stop()
         self.events.shutdown()  # open studies closed or kept; running jobs re-queued
+        self._telemetry(None)
+        if self.store.has_free_space():
+            self.stats.save(force=True)
+        if self.config.monitoring.metrics_file:
+            self._write_metrics(self.config.monitoring.metrics_file)
+        self.control.close()
         removed = self.store.remove_leftovers(os.getpid())
         log.info("stopped after %d association(s), %d object(s) stored%s", self._associations,
                  self._stored, f"; {removed} partial object(s) removed" if removed else "")
+
+
+def _short_time(wall: float) -> str:
+    """HH:MM:SS today, else the date too (STATUS= is one short line)."""
+    moment = datetime.fromtimestamp(wall)
+    if moment.date() == datetime.now().date():
+        return moment.strftime("%H:%M:%S")
+    return moment.strftime("%Y-%m-%d %H:%M")

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dicom_ingestd import ipc, outbox
+from dicom_ingestd import ipc, outbox, telemetry
 from dicom_ingestd.codes import ExitCode
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.events import sync_enabled
@@ -38,6 +38,7 @@ class Assignment:
     tls_context: ssl.SSLContext | None = None  # [tls]: the worker does the handshake
     association: str = ""  # unique key of the association (outbox records, study tracking)
     outbox_fd: int = -1  # the outbox directory when [events] are on (outbox.py)
+    counters: telemetry.Channel | None = None  # per-association figures for the master
 
 
 def session_for(assignment: Assignment, channel: ipc.Channel,
@@ -54,7 +55,9 @@ def session_for(assignment: Assignment, channel: ipc.Channel,
                         float(config.events.exec_sync_timeout))
     return Session(assignment.conn, assignment.peer, config, assignment.store,
                    recorder=recorder, over_limit=assignment.reject_over_limit,
-                   tls_context=assignment.tls_context)
+                   tls_context=assignment.tls_context,
+                   reporter=telemetry.Reporter(assignment.counters.send, os.getpid())
+                   if assignment.counters is not None else None)
 
 
 @dataclass(eq=False)

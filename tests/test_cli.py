@@ -7,6 +7,7 @@ stores for the same command line (same names, same transfer syntax, same bytes).
 """
 
 import argparse
+import json
 import signal
 import socket
 import subprocess
@@ -249,3 +250,109 @@ def test_run_on_a_port_in_use_exits_69(tmp_path: Path) -> None:
         result = cli("run", "-c", str(config), timeout=20)
     assert result.returncode == 69, result.stderr
     assert str(port) in result.stderr
+
+
+# --- status, metrics, reload ---------------------------------------------------------------------
+def _daemon_config(tmp_path: Path, **tables: dict[str, object]) -> tuple[Path, Path, int]:
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    port = free_port()
+    settings: dict[str, dict[str, object]] = {
+        "network": {"port": port, "bind_address": "127.0.0.1"},
+        "storage": {"output_directory": str(out)}}
+    for table, keys in tables.items():
+        settings.setdefault(table, {}).update(keys)
+    config = tmp_path / "d.toml"
+    config.write_text(tomli_w.dumps(settings))
+    return config, out, port
+
+
+def test_status_and_metrics_without_a_daemon_read_the_disk(tmp_path: Path) -> None:
+    config, _, _ = _daemon_config(tmp_path)
+    text = cli("status", "-c", str(config))
+    assert text.returncode == 0, text.stderr
+    assert "not running" in text.stdout and "jobs: none" in text.stdout
+    doc = json.loads(cli("status", "--json", "-c", str(config)).stdout)
+    assert doc["daemon"]["running"] is False and doc["version"] == __version__
+    assert doc["counters"]["stored"] == 0 and doc["jobs"] is None
+    assert doc["disk"]["output"]["free_bytes"] > 0
+    metrics = cli("metrics", "-c", str(config)).stdout
+    assert "dicom_ingestd_up 0.0" in metrics
+    assert "# TYPE dicom_ingestd_store_commit_seconds histogram" in metrics
+
+
+def test_reload_without_a_daemon_exits_69(tmp_path: Path) -> None:
+    config, _, _ = _daemon_config(tmp_path)
+    result = cli("reload", "-c", str(config))
+    assert result.returncode == 69, result.stderr
+    assert "no daemon is running" in result.stderr
+
+
+def test_status_counts_what_the_daemon_did_and_keeps_it_across_restarts(
+        tmp_path: Path) -> None:
+    config, _, port = _daemon_config(tmp_path, storage={"duplicates": "reject"},
+                                       monitoring={"low_space_margin": 0})
+    ct = data_file("CT_small.dcm")
+    with running([sys.executable, "-m", "dicom_ingestd", "run", "-c", str(config)], port,
+                 tmp_path / "d.log"):
+        storescu(port, ct, extra=["-aet", "CT01"], timeout=60)
+        storescu(port, ct, extra=["-aet", "CT01"], timeout=60, check=False)  # 0x0111
+        live = json.loads(cli("status", "--json", "-c", str(config)).stdout)
+        reloaded = cli("reload", "-c", str(config))
+    assert reloaded.returncode == 0 and "reload applied" in reloaded.stdout, reloaded.stderr
+    daemon = live["daemon"]
+    assert daemon["running"] and daemon["active_associations"] == 0
+    counters = live["counters"]
+    assert counters["objects"] == {"0x0000": 1, "0x0111": 1}, counters
+    assert counters["stored"] == 1 and counters["failed"] == 1
+    assert counters["bytes_stored"] > 0 and counters["last_success"] > 0
+    assert "0x0111" in counters["last_error"]["text"]
+    # (running()'s port probe is a connection closed before any A-ASSOCIATE-RQ.)
+    assert {(r["outcome"], r["calling_ae"], r["count"]) for r in counters["associations"]} \
+        == {("released", "CT01", 2), ("closed", "-", 1)}
+    assert sum(counters["commit_seconds"]["counts"]) == 1
+    # Stopped: the same counters from the disk; started again: they go on from there.
+    offline = json.loads(cli("status", "--json", "-c", str(config)).stdout)
+    assert offline["daemon"]["running"] is False
+    assert offline["counters"]["objects"] == counters["objects"]
+    assert offline["counters"]["since"] == counters["since"]
+    with running([sys.executable, "-m", "dicom_ingestd", "run", "-c", str(config)], port,
+                 tmp_path / "d2.log"):
+        text = cli("status", "-c", str(config)).stdout
+        metrics = cli("metrics", "-c", str(config)).stdout
+    assert "1 stored" in text and "0x0111" in text and "CT01: 2 released" in text, text
+    assert 'dicom_ingestd_objects_total{result="failure",status="0x0111"} 1.0' in metrics
+    assert 'dicom_ingestd_associations_total{calling_ae="CT01",outcome="released"} 2.0' \
+        in metrics
+    assert "dicom_ingestd_up 1.0" in metrics
+
+
+def test_run_with_an_invalid_file_closes_the_connection_that_started_it(
+        tmp_path: Path) -> None:
+    """Socket activation of a daemon that cannot start: the connection waiting on the
+    inherited socket is closed (not left to start it again and again)."""
+    require_tool("systemd-socket-activate")
+    config = tmp_path / "bad.toml"
+    config.write_text("[storage]\nsort = 'sideways'\n")
+    port = free_port()
+    proc = subprocess.Popen(["systemd-socket-activate", "-l", f"127.0.0.1:{port}",
+                             sys.executable, "-m", "dicom_ingestd", "run", "-c", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 10
+        while not port_open(port):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        # port_open's probe itself started the daemon, which closed it; a real peer too:
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+            sock.settimeout(20)
+            assert sock.recv(1) == b""  # closed unanswered
+        # It exits by itself (78) once every waiting connection is closed.
+        output = proc.communicate(timeout=30)[0].decode()
+        assert proc.returncode == 78, output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    assert "storage.sort = 'sideways'" in output
+    assert "waiting connection(s) unanswered" in output, output

@@ -76,7 +76,13 @@ def run(args: list[str], *, timeout: float = 120,
 
 
 def packaged_config_text() -> str:
-    """etc/ingestd.toml as debian/rules turns it into the packaged /etc/ingestd.toml."""
+    """The packaged /etc/ingestd.toml (a short conffile)."""
+    return (DEBIAN / "ingestd.toml").read_text()
+
+
+def packaged_reference_text() -> str:
+    """etc/ingestd.toml as debian/rules turns it into the complete reference,
+    /usr/share/doc/dicom-ingestd/examples/ingestd.toml."""
     result = run(["sed", "-f", str(DEBIAN / "ingestd.toml.sed"), str(REPO / "etc/ingestd.toml")])
     assert result.returncode == 0, result.stderr
     return result.stdout
@@ -138,9 +144,12 @@ def test_service_runs_the_daemon_as_documented() -> None:
     s = unit_settings(SERVICE)
     assert s["Service.Type"] == ["notify"]
     assert s["Service.ExecStart"] == [f"/usr/bin/dicom-ingestd run -c {DEFAULT_CONFIG}"]
-    assert s["Service.ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert s["Service.ExecReload"] == [f"/usr/bin/dicom-ingestd reload -c {DEFAULT_CONFIG}"]
     assert s["Service.Restart"] == ["on-failure"]
-    assert str(int(ExitCode.CONFIG)) in s["Service.RestartPreventExitStatus"][0].split()
+    assert {str(int(ExitCode.CONFIG)), str(int(ExitCode.CANTCREAT))} <= set(
+        s["Service.RestartPreventExitStatus"][0].split())
+    # A failed start must never leave the socket in service-start-limit-hit.
+    assert s["Unit.StartLimitIntervalSec"] == ["0"]
     assert s["Service.KillMode"] == ["mixed"]
     assert s["Service.User"] == ["dicom-ingestd"]
     assert "dicom-ingestd.socket" in s["Unit.Requires"][0].split()
@@ -174,7 +183,7 @@ def test_state_directories_are_the_packaged_output_and_job_directories() -> None
 def test_both_services_have_the_same_sandbox() -> None:
     main, accept = unit_settings(SERVICE), unit_settings(ACCEPT_SERVICE)
     # Lifecycle settings differ on purpose; everything else must match.
-    lifecycle = {"Type", "ExecStart", "ExecReload", "WatchdogSec", "Restart",
+    lifecycle = {"Type", "ExecStart", "ExecReload", "WatchdogSec", "Restart", "RestartSec",
                  "RestartPreventExitStatus", "TimeoutStopSec", "KillMode", "NotifyAccess",
                  "RuntimeDirectory", "RuntimeDirectoryMode"}
     def sandbox(s: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -262,7 +271,8 @@ def _man_section(text: str, name: str) -> str:
 def test_every_cli_command_and_option_is_in_dicom_ingestd_8() -> None:
     text = MAN8.read_text()
     commands = _commands(build_parser())
-    assert {"run", "check-config", "config show", "config from-storescp"} <= set(commands)
+    assert {"run", "check-config", "config show", "config from-storescp", "reload", "status",
+            "metrics"} <= set(commands)
     synopsis = _man_section(text, "SYNOPSIS").replace("\n.B ", " ")
     described = _man_section(text, "COMMANDS")
     for command in commands:
@@ -280,6 +290,7 @@ def test_every_exit_code_is_in_dicom_ingestd_8() -> None:
     for code in (ExitCode.OK, ExitCode.USAGE, ExitCode.UNAVAILABLE, ExitCode.CANTCREAT,
                  ExitCode.CONFIG):
         assert f".B {int(code)}\n" in described, code
+    assert ".B 2\n" not in described  # argparse's 2 is never used (EX_USAGE instead)
 
 
 def test_storescp_table_of_dicom_ingestd_8_follows_the_schema() -> None:
@@ -312,6 +323,26 @@ def test_packaged_config_is_valid_and_sets_only_the_service_settings(tmp_path: P
     uncommented = [line for line in text.splitlines() if line and not line.startswith(("#", "["))]
     assert uncommented == ["port = 104", f'output_directory = "{PACKAGED_OUTPUT}"',
                            f'state_directory = "{PACKAGED_STATE}"']
+    # Short, so that a new version's documentation never changes it (no conffile prompt),
+    # and pointing at the documentation and the complete reference.
+    assert len(text.splitlines()) <= 40
+    for pointer in ("man 5 ingestd.toml", "/usr/share/doc/dicom-ingestd/examples/ingestd.toml",
+                    "systemctl reload dicom-ingestd"):
+        assert pointer in text, pointer
+
+
+def test_preinst_carries_the_conffile_for_the_upgrade_from_0_1() -> None:
+    preinst = (DEBIAN / "dicom-ingestd.preinst").read_text()
+    embedded = preinst.split("<<'END_OF_CONFFILE'\n", 1)[1].split("END_OF_CONFFILE\n", 1)[0]
+    assert embedded == packaged_config_text()
+
+
+def test_packaged_reference_says_what_the_conffile_says(tmp_path: Path) -> None:
+    reference = packaged_reference_text()
+    assert len(reference.splitlines()) > 300  # every key, commented
+    assert load_config_text(reference, tmp_path) == load_config_text(packaged_config_text(),
+                                                                     tmp_path)
+    assert "/etc/ingestd.toml" in reference.split("[network]")[0]
 
 
 def test_changelog_version_is_the_package_version() -> None:
@@ -356,6 +387,7 @@ def test_deb_build_and_lintian(tmp_path: Path) -> None:
                        "python3:any (>= 3.11~)"):
         assert dependency in depends
     assert "pydicom" not in depends and "pynetdicom" not in depends
+    assert "python3-prometheus-client" in depends and "debconf" in depends
     files = run(["dpkg-deb", "-c", str(deb)]).stdout
     for path in ("./etc/ingestd.toml", "./usr/bin/dicom-ingestd",
                  "./lib/systemd/system/dicom-ingestd.service",
@@ -365,14 +397,27 @@ def test_deb_build_and_lintian(tmp_path: Path) -> None:
                  "./usr/share/man/man5/ingestd.toml.5.gz",
                  "./usr/lib/dicom-ingestd/dicom_ingestd/cli.py",
                  "./usr/lib/dicom-ingestd/vendor/pydicom/__init__.py",
-                 "./usr/lib/dicom-ingestd/vendor/pynetdicom/__init__.py"):
+                 "./usr/lib/dicom-ingestd/vendor/pynetdicom/__init__.py",
+                 "./usr/share/doc/dicom-ingestd/examples/ingestd.toml",
+                 "./usr/share/doc/dicom-ingestd/NEWS.Debian.gz",
+                 "./usr/share/doc/dicom-ingestd/README.Debian"):
         assert f" {path}\n" in files, path
+    # The developers' README (and the documents it links to) is not shipped.
+    assert "./usr/share/doc/dicom-ingestd/README.md" not in files
     control = tmp_path / "control"
     run(["dpkg-deb", "-e", str(deb), str(control)])
     assert (control / "conffiles").read_text().split() == ["/etc/ingestd.toml"]
+    assert "dicom-ingestd/purge-received-objects" in (control / "templates").read_text()
     root = tmp_path / "installed"
     run(["dpkg-deb", "-x", str(deb), str(root)])
     assert (root / "etc/ingestd.toml").read_text() == packaged_config_text()
+    assert (root / "usr/share/doc/dicom-ingestd/examples/ingestd.toml").read_text() == \
+        packaged_reference_text()
+    # Shipped documents link only to documents that are shipped too.
+    doc = root / "usr/share/doc/dicom-ingestd"
+    for page in doc.rglob("*.md"):
+        for target in re.findall(r"\]\(([^)#:]+)\)", page.read_text()):
+            assert (page.parent / target).exists(), f"{page.name} links to {target}"
     units = sorted((root / "lib/systemd/system").iterdir())
     verified = verify_units(unit_root(tmp_path / "verify", units), [u.name.replace("@.", "@0.")
                                                                    for u in units])

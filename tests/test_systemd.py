@@ -417,3 +417,58 @@ def test_journal_prefix_always_without_journal(runs: list[Run], tmp_path: Path) 
     assert run.stop() == 0
     lines = [line for line in run.log().splitlines() if line]
     assert lines and all(line.startswith("<6>[") for line in lines), lines
+
+
+# -- peers in logs and journal fields --------------------------------------------------------
+@pytest.mark.parametrize(("address", "name", "fields"), [
+    (("::ffff:10.1.2.3", 52274, 0, 0), "10.1.2.3:52274",
+     {"DICOM_PEER": "10.1.2.3", "DICOM_PEER_PORT": "52274"}),
+    (("10.1.2.3", 104), "10.1.2.3:104", {"DICOM_PEER": "10.1.2.3", "DICOM_PEER_PORT": "104"}),
+    (("2001:db8::1", 4242, 0, 0), "[2001:db8::1]:4242",
+     {"DICOM_PEER": "2001:db8::1", "DICOM_PEER_PORT": "4242"}),
+    (("::ffff:0:1", 7, 0, 0), "[::ffff:0:1]:7", {"DICOM_PEER": "::ffff:0:1",
+                                                 "DICOM_PEER_PORT": "7"}),
+    ("", "local", {"DICOM_PEER": "local"}),
+])
+def test_peer_names_and_journal_fields(address: object, name: str,
+                                       fields: dict[str, str]) -> None:
+    from dicom_ingestd.events import peer_host
+    from dicom_ingestd.worker.session import peer_fields, peer_name
+
+    assert peer_name(address) == name
+    assert peer_fields(name) == fields
+    assert peer_host(name) == fields["DICOM_PEER"]  # #r
+
+
+def test_dual_stack_peer_is_logged_as_plain_ipv4(runs: list[Run], tmp_path: Path) -> None:
+    config, out, port = make_config(tmp_path, network={"ip_version": "dual",
+                                                       "bind_address": "::"})
+    run = start(runs, daemon_argv(config), config, out, port, tmp_path / "d.log")
+    run.wait_log("ready")
+    storescu(port, ct_copy(tmp_path / "in", "a"), timeout=60)
+    log = run.wait_log("association released")
+    assert "::ffff:" not in log and " 127.0.0.1:" in log, log
+
+
+# -- STATUS= and reload outcomes -------------------------------------------------------------
+def test_status_line_shows_failures_and_a_rejected_reload(runs: list[Run], tmp_path: Path,
+                                                          notify: NotifySocket) -> None:
+    config, out, port = make_config(tmp_path, storage={"min_free_space": 10**17})
+    env = base_env()
+    env.update(NOTIFY_SOCKET=str(notify.path))
+    run = start(runs, daemon_argv(config), config, out, port, tmp_path / "d.log", env)
+    notify.wait_for(lambda m: m.fields.get("READY") == "1", 20, "READY=1")
+    storescu(port, ct_copy(tmp_path / "in", "a"), timeout=60, check=False)
+    failed = notify.wait_for(lambda m: "1 failed" in m.fields.get("STATUS", ""), 10,
+                             "STATUS counting the refused object")
+    status = failed.fields["STATUS"]
+    assert "0xA700" in status and "LOW DISK SPACE" in status, status
+    config.write_text(config.read_text().replace("[storage]", "[storage]\nsort = 'x'"))
+    result = subprocess.run([sys.executable, "-m", "dicom_ingestd", "reload", "-c", str(config)],
+                            capture_output=True, text=True, timeout=60, env=base_env())
+    assert result.returncode == 78, result.stderr
+    assert "storage.sort = 'x'" in result.stderr
+    rejected = notify.wait_for(lambda m: m.fields.get("STATUS", "").startswith(
+        "RELOAD REJECTED"), 10, "STATUS with the rejected reload")
+    assert "storage.sort" in rejected.fields["STATUS"]
+    assert run.proc.poll() is None

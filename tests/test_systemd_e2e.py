@@ -13,6 +13,10 @@ Needs root, systemd-nspawn (systemd-container), debootstrap, nsenter and the pac
 tools; the first run also needs a Debian mirror (about 2 minutes), later runs about a
 minute.  Anything missing fails the run with the reason: nothing here is skipped.
 Run alone:  scripts/test tests/test_systemd_e2e.py   (or .venv/bin/python -m pytest -v ...)
+
+Three packages are built: the current one, one laid out as 0.1.x was (the whole generated
+reference as the conffile) to upgrade from, and a later one whose reference file differs,
+to upgrade to without a terminal.
 """
 
 import contextlib
@@ -21,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -51,6 +56,9 @@ OUTPUT = "/var/lib/dicom-ingestd/incoming"
 STATE = "/var/lib/dicom-ingestd/state"
 AET = "E2ESCU"
 STUDY_SIZE = 3
+OLD_VERSION = "0.1.9"  # laid out as 0.1.x: the whole reference as /etc/ingestd.toml
+NEXT_VERSION = f"{__version__}+e2e1"  # only the reference file differs
+DEB = f"{DATA}/dicom-ingestd_{__version__}_all.deb"
 
 
 # -- preconditions ---------------------------------------------------------------------------
@@ -164,7 +172,20 @@ class Container:
         return sorted(listing.splitlines())
 
     def staging(self) -> list[str]:
-        return self.out(f"find {OUTPUT}/.ingestd-tmp -type f 2>/dev/null; true").splitlines()
+        """Partial objects (the staging directory also holds the counters and the control
+        socket)."""
+        return self.out(f"find {OUTPUT}/.ingestd-tmp -name '*.part' 2>/dev/null; true"
+                        ).splitlines()
+
+    def status(self) -> dict[str, Any]:
+        return json.loads(self.out("dicom-ingestd status --json"))
+
+    def status_text(self) -> str:
+        return self.show("dicom-ingestd", "StatusText")
+
+    def echo(self, timeout: int = 10) -> subprocess.CompletedProcess[str]:
+        return self.sh(f"echoscu -to {timeout} -ta {timeout} -aet ECHO 127.0.0.1 104",
+                       check=False, timeout=timeout + 20)
 
     def store(self, *files: str, aet: str = AET, check: bool = True) -> str:
         result = self.sh(f"TCP_NODELAY=1 storescu -aet {aet} -aec STORESCP 127.0.0.1 104 "
@@ -172,18 +193,44 @@ class Container:
         return result.stdout + result.stderr
 
 
+# The configuration is edited as TOML (python3-tomli-w is a dependency of the package):
+# keys set or, with None, removed.
+_SET_KEYS = """
+import json, os, tomllib, tomli_w
+path = "/etc/ingestd.toml"
+with open(path, "rb") as fh:
+    data = tomllib.load(fh)
+for table, keys in json.loads(os.environ["CHANGES"]).items():
+    for key, value in keys.items():
+        if value is None:
+            data.get(table, {}).pop(key, None)
+        else:
+            data.setdefault(table, {})[key] = value
+with open(path + ".new", "w") as fh:
+    fh.write(tomli_w.dumps(data))
+os.replace(path + ".new", path)
+"""
+
+
+def set_keys(box: "Container", changes: dict[str, dict[str, Any]]) -> None:
+    box.sh(f"CHANGES={shlex.quote(json.dumps(changes))} python3 -c {shlex.quote(_SET_KEYS)}")
+
+
 @contextlib.contextmanager
-def edited_config(box: Container, *sed: str) -> Iterator[None]:
-    """/etc/ingestd.toml edited with sed expressions (each must change a line) for the body
-    of the with statement; the original is put back afterwards, whatever happens."""
+def edited_config(box: "Container", changes: dict[str, dict[str, Any]]) -> Iterator[None]:
+    """/etc/ingestd.toml with `changes` for the body of the with statement; the original is
+    put back afterwards, whatever happens."""
     box.sh("cp -p /etc/ingestd.toml /root/ingestd.toml.orig")
     try:
-        for expression in sed:
-            box.sh(f"cp /etc/ingestd.toml /root/before && sed -i -e '{expression}' "
-                   "/etc/ingestd.toml && ! cmp -s /root/before /etc/ingestd.toml")
+        set_keys(box, changes)
         yield
     finally:
         box.sh("cp -p /root/ingestd.toml.orig /etc/ingestd.toml")
+
+
+def reload_ok(box: "Container") -> None:
+    """systemctl reload, which now fails when the daemon rejects the file."""
+    box.sh("systemctl reload dicom-ingestd")
 
 
 def find_leader(process: subprocess.Popen[bytes], timeout: float = 15) -> int:
@@ -211,18 +258,60 @@ def terminate(process: subprocess.Popen[bytes]) -> None:
         process.wait(10)
 
 
+def build_variant(data: Path, version: str, edit: Callable[[Path], None]) -> Path:
+    """The package built from a copy of the sources with another version and `edit`."""
+    tree = data / f"src-{version}"
+    files = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others",
+                            "--exclude-standard"], capture_output=True, check=True).stdout
+    for name in files.decode().split("\0"):
+        if name and (REPO / name).is_file():
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, tree / name)
+    init = tree / "dicom_ingestd/__init__.py"
+    init.write_text(re.sub(r'__version__ = ".*"', f'__version__ = "{version}"',
+                           init.read_text()))
+    changelog = tree / "packaging/debian/changelog"
+    changelog.write_text(
+        f"dicom-ingestd ({version}) bookworm; urgency=medium\n\n  * End-to-end test "
+        f"build.\n\n -- e2e <e2e@example.org>  Sun, 06 Dec 2026 12:00:00 +0000\n\n"
+        + changelog.read_text())
+    edit(tree)
+    out = data / f"deb-{version}"
+    build = subprocess.run([str(tree / "packaging/build-deb"), "-o", str(out)],
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, f"build of {version} failed:\n{build.stdout}\n{build.stderr}"
+    shutil.rmtree(tree)
+    return Path(build.stdout.strip().splitlines()[-1])
+
+
+def _as_0_1(tree: Path) -> None:
+    """Before 0.2.0 the conffile was the whole generated reference."""
+    reference = subprocess.run(["sed", "-f", "packaging/debian/ingestd.toml.sed",
+                                "etc/ingestd.toml"], cwd=tree, capture_output=True,
+                               text=True, check=True).stdout
+    (tree / "packaging/debian/ingestd.toml").write_text(reference)
+
+
+def _changed_reference(tree: Path) -> None:
+    reference = tree / "etc/ingestd.toml"
+    reference.write_text(reference.read_text() + "# A documentation change.\n")
+
+
 @pytest.fixture(scope="module")
 def host_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The .deb and the DICOM objects to send, in a directory the container sees as DATA."""
+    """The .debs and the DICOM objects to send, in a directory the container sees as DATA."""
     require_host()
     data = tmp_path_factory.mktemp("e2e-data")
     started = time.monotonic()
     build = subprocess.run([str(REPO / "packaging/build-deb"), "-o", str(data)],
                            capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, f"packaging/build-deb failed:\n{build.stdout}\n{build.stderr}"
-    print(f"built the .deb in {time.monotonic() - started:.0f} s")
+    shutil.copy(build_variant(data, OLD_VERSION, _as_0_1), data / "old.deb")
+    shutil.copy(build_variant(data, NEXT_VERSION, _changed_reference), data / "next.deb")
+    print(f"built three .debs in {time.monotonic() - started:.0f} s")
     study = generate_uid()
-    for group, count in (("study", STUDY_SIZE), ("later", 2), ("slow", 1), ("accept", 1)):
+    for group, count in (("study", STUDY_SIZE), ("later", 2), ("slow", 1), ("accept", 1),
+                         ("more", 3), ("drain", 4)):
         (data / group).mkdir()
         for index in range(count):
             ds = dcmread(data_file("CT_small.dcm"))
@@ -270,8 +359,9 @@ def container(host_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 # -- the tests, in order ---------------------------------------------------------------------
-def test_install_enables_and_starts_only_the_socket(container: Container) -> None:
-    out = container.out(f"dpkg -i {DATA}/dicom-ingestd_{__version__}_all.deb 2>&1")
+def test_install_of_a_0_1_package_enables_and_starts_only_the_socket(
+        container: Container) -> None:
+    out = container.out(f"dpkg -i {DATA}/old.deb 2>&1")
     assert "dicom-ingestd" in out
     assert container.out("systemctl is-enabled dicom-ingestd.socket") == "enabled"
     assert container.out("systemctl is-active dicom-ingestd.socket") == "active"
@@ -281,6 +371,28 @@ def test_install_enables_and_starts_only_the_socket(container: Container) -> Non
     assert container.out("getent passwd dicom-ingestd").endswith(":/usr/sbin/nologin")
     assert container.out(f"stat -c '%U:%G %a' /var/lib/dicom-ingestd {OUTPUT} {STATE}") == \
         "\n".join(["dicom-ingestd:dicom-ingestd 750"] * 3)
+    assert container.out("dicom-ingestd check-config") == "/etc/ingestd.toml: OK"
+    assert len(container.out("cat /etc/ingestd.toml").splitlines()) > 300
+    # The administrator edits the long file, as one did with 0.1.0.
+    container.sh("sed -i 's/^#filename_extension = \"\"$/filename_extension = \".dcm\"/' "
+                 "/etc/ingestd.toml && grep -qx 'filename_extension = \".dcm\"' "
+                 "/etc/ingestd.toml")
+
+
+def test_upgrade_from_0_1_without_a_terminal_keeps_the_edited_conffile(
+        container: Container) -> None:
+    """0.1.x's conffile was the whole reference: an edited one would make dpkg ask, and an
+    upgrade without a terminal failed ("end of file on stdin at conffile prompt")."""
+    before = container.out("cat /etc/ingestd.toml")
+    result = container.sh(f"dpkg -i {DEB} < /dev/null 2>&1", check=False)
+    assert result.returncode == 0, result.stdout
+    assert "kept your edited /etc/ingestd.toml" in result.stdout
+    assert container.out("dpkg-query -W -f '${Version} ${Status}' dicom-ingestd") == \
+        f"{__version__} install ok installed"
+    assert container.out("cat /etc/ingestd.toml") == before
+    short = container.out("cat /etc/ingestd.toml.dpkg-dist")
+    assert "man 5 ingestd.toml" in short and len(short.splitlines()) < 40
+    container.sh("rm /etc/ingestd.toml.dpkg-dist")
     assert container.out("dicom-ingestd check-config") == "/etc/ingestd.toml: OK"
     exposure = container.out("systemd-analyze security --no-pager dicom-ingestd.service "
                              "| tail -1", check=False)
@@ -292,17 +404,22 @@ def test_a_connection_starts_the_service_and_the_study_is_stored(container: Cont
     assert container.out("systemctl is-active dicom-ingestd.service") == "active"
     files = container.files()
     assert len(files) == STUDY_SIZE, files
+    assert all(name.endswith(".dcm") for name in files), files
     owners = container.out("stat -c '%U:%G %a' " + " ".join(files)).splitlines()
     assert owners == ["dicom-ingestd:dicom-ingestd 640"] * STUDY_SIZE
     assert container.staging() == []
+    # The group may list the staging directory: a consumer's find does not stop there.
+    assert container.out(f"stat -c '%a' {OUTPUT}/.ingestd-tmp") == "750"
 
 
 def test_status_shows_the_daemons_status_line(container: Container) -> None:
-    container.wait_for(lambda: f"{STUDY_SIZE} object(s)" in container.show(
-        "dicom-ingestd", "StatusText"), "STATUS= counts the stored objects")
+    container.wait_for(lambda: f"{STUDY_SIZE} object(s) stored" in container.status_text(),
+                       "STATUS= counts the stored objects")
     status = container.out("systemctl status --no-pager dicom-ingestd", check=False)
-    assert re.search(rf'Status: "0 active association\(s\); {STUDY_SIZE} object\(s\)', status), \
-        status
+    assert re.search(rf'Status: "0 active association\(s\); {STUDY_SIZE} object\(s\) stored '
+                     r'since ', status), status
+    assert "ready: pid" in container.journal("-u dicom-ingestd") and \
+        f"dicom-ingestd {__version__} ready" in container.journal("-u dicom-ingestd")
 
 
 def test_journal_has_the_association_with_priorities_and_fields(container: Container) -> None:
@@ -322,7 +439,16 @@ def test_journal_has_the_association_with_priorities_and_fields(container: Conta
         assert record["DICOM_CALLED_AE"] == "STORESCP"
         assert record["DICOM_FILE"].startswith(OUTPUT)
         assert record["_SYSTEMD_UNIT"] == "dicom-ingestd.service"
+        # The socket is dual-stack ([::]:104): the IPv4 peer is written as IPv4, the
+        # address alone, the port apart.
+        assert record["DICOM_PEER"] == "127.0.0.1"
+        assert record["DICOM_PEER_PORT"].isdigit()
+        assert record["MESSAGE"].startswith(f"127.0.0.1:{record['DICOM_PEER_PORT']} ")
     assert len({r["DICOM_STUDY_UID"] for r in stored}) == 1
+    # What the README and the manual advertise: filtering on the address.
+    by_peer = container.journal("DICOM_PEER=127.0.0.1")
+    assert by_peer.count(": stored ") == STUDY_SIZE, by_peer
+    assert "::ffff:" not in container.journal("-u dicom-ingestd")
     # Info lines are not warnings.
     assert "association accepted" not in container.journal("-u dicom-ingestd -p warning")
 
@@ -331,60 +457,178 @@ def test_reload_applies_an_edited_configuration_in_the_same_process(
         container: Container) -> None:
     pid = container.show("dicom-ingestd", "MainPID")
     # Kept for the rest of the run: later tests check that it survives an upgrade.
-    container.sh("sed -i 's/^#filename_extension = \"\"$/filename_extension = \".dcm\"/' "
-                 "/etc/ingestd.toml && grep -qx 'filename_extension = \".dcm\"' "
-                 "/etc/ingestd.toml")
+    set_keys(container, {"storage": {"filename_extension": ".dicom"}})
     # The watcher (inotify on /etc, inside the sandbox) notices the edit by itself ...
     container.wait_for(lambda: "changed on disk: reloading" in container.journal(
         "-u dicom-ingestd"), "the configuration watcher reloads")
     container.wait_for(lambda: "storage.filename_extension" in container.journal(
         "-u dicom-ingestd --grep 'reload: configuration applied'"), "the reload is logged")
-    # ... and systemctl reload (SIGHUP; RELOADING=1, then READY=1) works as well.
-    container.sh("systemctl reload dicom-ingestd")
+    # ... and systemctl reload (dicom-ingestd reload, in the sandbox) works as well.
+    result = container.sh("systemctl reload dicom-ingestd")
+    assert result.returncode == 0
     assert container.show("dicom-ingestd", "ActiveState") == "active"
     before = set(container.files())
     container.store(f"{DATA}/later/*.dcm")
     new = sorted(set(container.files()) - before)
-    assert len(new) == 2 and all(name.endswith(".dcm") for name in new), new
+    assert len(new) == 2 and all(name.endswith(".dicom") for name in new), new
     assert container.show("dicom-ingestd", "MainPID") == pid
-    assert container.out("systemctl is-active dicom-ingestd") == "active"
+    reload = container.status()["daemon"]["last_reload"]
+    assert (reload["outcome"], reload["source"]) == ("applied", "dicom-ingestd reload")
 
 
-def test_an_invalid_configuration_is_rejected_and_logged_as_an_error(
-        container: Container) -> None:
+def test_reload_of_an_invalid_file_fails_and_says_why(container: Container) -> None:
     pid = container.show("dicom-ingestd", "MainPID")
-    with edited_config(container, 's/^#sort = "none"$/sort = "sideways"/'):
-        container.sh("systemctl reload dicom-ingestd")
+    with edited_config(container, {"storage": {"sort": "sideways"}}):
+        result = container.sh("systemctl reload dicom-ingestd", check=False)
+        assert result.returncode != 0, "systemctl reload succeeded for a rejected file"
         container.wait_for(lambda: "reload rejected" in container.journal(
             "-u dicom-ingestd -p err"), "the rejected reload is logged at priority err")
-    assert "association accepted" not in container.journal("-u dicom-ingestd -p warning")
+        assert "storage.sort = 'sideways'" in container.journal("-u dicom-ingestd -p err")
+        status = container.status_text()
+        assert status.startswith("RELOAD REJECTED") and "storage.sort" in status, status
+        assert "RELOAD REJECTED" in container.out("systemctl status --no-pager dicom-ingestd",
+                                                  check=False)
+        reload = container.status()["daemon"]["last_reload"]
+        assert reload["outcome"] == "rejected" and "storage.sort" in reload["problems"][0]
     assert container.show("dicom-ingestd", "MainPID") == pid
     assert container.out("systemctl is-active dicom-ingestd") == "active"
-    container.sh("systemctl reload dicom-ingestd")
+    assert "association accepted" not in container.journal("-u dicom-ingestd -p warning")
+    reload_ok(container)
+    assert "RELOAD REJECTED" not in container.status_text()
+
+
+def test_reload_to_a_directory_the_sandbox_cannot_write_fails(container: Container) -> None:
+    """The man page's storescp recipe without its ReadWritePaths= step: check-config (as
+    root, outside the sandbox) cannot know; the reload (as the service) fails."""
+    container.sh("mkdir -p /srv/dicom && chown dicom-ingestd: /srv/dicom")
+    with edited_config(container, {"storage": {"output_directory": "/srv/dicom"}}):
+        assert container.out("dicom-ingestd check-config") == "/etc/ingestd.toml: OK"
+        result = container.sh("systemctl reload dicom-ingestd", check=False)
+        assert result.returncode != 0
+        errors = container.journal("-u dicom-ingestd -p err --since=-1min")
+        assert "/srv/dicom" in errors and ("not writable" in errors or
+                                           "Read-only file system" in errors), errors
+        assert "RELOAD REJECTED" in container.status_text()
+    reload_ok(container)
+
+
+def test_restart_with_an_invalid_file_fails_and_recovers_once_fixed(
+        container: Container) -> None:
+    with edited_config(container, {"storage": {"sort": "sideways"}}):
+        result = container.sh("systemctl restart dicom-ingestd", check=False)
+        assert result.returncode != 0
+        assert container.show("dicom-ingestd", "ExecMainStatus") == "78"
+        assert "storage.sort = 'sideways'" in container.journal("-u dicom-ingestd -p err")
+        # Senders keep trying: each connection starts the service, which fails and closes
+        # it.  More than the default start limit (5 in 10 s) must not stop the socket.
+        for _ in range(8):
+            assert container.echo(timeout=5).returncode != 0
+        assert container.out("systemctl is-active dicom-ingestd.socket") == "active"
+        assert container.show("dicom-ingestd.socket", "Result") == "success"
+        assert container.show("dicom-ingestd", "NRestarts") == "0"
+        assert "closed 1 waiting connection(s) unanswered" in container.journal(
+            "-u dicom-ingestd")
+    # Fixed: the next connection starts the service, no reset-failed needed.
+    assert container.echo().returncode == 0
+    assert container.out("systemctl is-active dicom-ingestd") == "active"
+
+
+def test_restart_with_an_unusable_output_directory_does_not_loop(container: Container) -> None:
+    with edited_config(container, {"storage": {"output_directory": "/srv/missing"}}):
+        result = container.sh("systemctl restart dicom-ingestd", check=False)
+        assert result.returncode != 0
+        assert container.show("dicom-ingestd", "ExecMainStatus") == "73"
+        time.sleep(3)  # RestartSec=2: a restart loop would have begun
+        assert container.show("dicom-ingestd", "NRestarts") == "0"
+        assert container.echo(timeout=5).returncode != 0
+        assert container.out("systemctl is-active dicom-ingestd.socket") == "active"
+    assert container.echo().returncode == 0
 
 
 def test_an_end_of_study_job_runs_and_its_output_is_in_the_journal(
         container: Container) -> None:
-    with edited_config(
-            container,
-            's|^#exec_on_eostudy = \\[\\]$|'
-            'exec_on_eostudy = ["/bin/echo", "E2E-STUDY-DONE", "#p"]|',
-            "s/^#eostudy_timeout = 60$/eostudy_timeout = 2/"):
-        container.sh("dicom-ingestd check-config && systemctl reload dicom-ingestd")
+    with edited_config(container, {"events": {
+            "exec_on_eostudy": ["/bin/echo", "E2E-STUDY-DONE", "#p", "#r"],
+            "eostudy_timeout": 2}}):
+        container.sh("dicom-ingestd check-config")
+        reload_ok(container)
         container.store(f"{DATA}/study/*.dcm")
         container.wait_for(lambda: "E2E-STUDY-DONE" in container.journal(
             "-u dicom-ingestd --grep E2E-STUDY-DONE"), "the end-of-study job's output")
         verbose = container.journal("-u dicom-ingestd -o verbose --grep E2E-STUDY-DONE")
         assert "JOB_ID=" in verbose and "DICOM_STUDY_UID=" in verbose, verbose
-    container.sh("systemctl reload dicom-ingestd")
+        # #r is the plain IPv4 address, as storescp's scripts expect.
+        assert re.search(r"E2E-STUDY-DONE \S+ 127\.0\.0\.1$", container.journal(
+            "-u dicom-ingestd --grep E2E-STUDY-DONE"), re.M)
+    reload_ok(container)
+
+
+def test_status_and_metrics_after_a_refused_store_and_a_dead_job(container: Container) -> None:
+    metrics_file = "/var/lib/dicom-ingestd/dicom-ingestd.prom"
+    settings: dict[str, dict[str, Any]] = {
+        "monitoring": {"metrics_file": metrics_file, "metrics_interval": 1}}
+    # Refused: the output file system has less than storage.min_free_space.
+    with edited_config(container, {**settings, "storage": {"min_free_space": 10**17}}):
+        reload_ok(container)
+        container.store(f"{DATA}/more/0.dcm", check=False)
+        refused = container.wait_for(lambda: container.journal(
+            "-u dicom-ingestd -p err --grep 'failed with'"), "the refused store is logged")
+        assert "min_free_space" in refused, refused
+    # A dead job: a reception command that fails, without retries.
+    with edited_config(container, {**settings, "events": {"exec_on_reception": ["/bin/false"]},
+                                   "jobs": {"retries": 0}}):
+        reload_ok(container)
+        container.store(f"{DATA}/more/1.dcm")
+        container.wait_for(lambda: (container.status()["jobs"] or {}).get("dead"),
+                           "the job is dead")
+        # Low disk space: a margin above min_free_space larger than the disk.
+        set_keys(container, {"monitoring": {"low_space_margin": 10**17}})
+        reload_ok(container)
+        status = container.status()
+        line = container.wait_for(lambda: "DEAD JOB" in container.status_text()
+                                  and container.status_text(), "STATUS= names the dead job")
+        assert "LOW DISK SPACE on output" in line, line
+        assert "free space low on the output file system" in container.journal(
+            "-u dicom-ingestd -p warning")
+        counters = status["counters"]
+        assert counters["objects"]["0xA700"] >= 1 and counters["stored"] >= 8, counters
+        assert "0xA700" in counters["last_error"]["text"] or \
+            "min_free_space" in counters["last_error"]["text"], counters["last_error"]
+        assert status["jobs"]["dead"] >= 1
+        assert status["disk"]["low"] == ["output"] or "output" in status["disk"]["low"]
+        assert status["daemon"]["running"] and status["version"] == __version__
+        outcomes = {(r["outcome"], r["calling_ae"]) for r in status["counters"]["associations"]}
+        assert ("released", AET) in outcomes
+        assert sum(status["counters"]["commit_seconds"]["counts"]) >= counters["stored"] - 1
+        text = container.out("dicom-ingestd status")
+        assert "0xA700" in text and "dead" in text and "LOW" in text, text
+        metrics = container.out("dicom-ingestd metrics")
+        assert re.search(r'^dicom_ingestd_objects_total\{result="failure",status="0xA700"\} '
+                         r"[1-9]", metrics, re.M), metrics
+        assert re.search(r'^dicom_ingestd_jobs\{state="dead"\} [1-9]', metrics, re.M)
+        assert re.search(rf'^dicom_ingestd_associations_total\{{calling_ae="{AET}",'
+                         r'outcome="released"\} [1-9]', metrics, re.M)
+        assert re.search(r'^dicom_ingestd_store_commit_seconds_bucket\{le="\+Inf"\} [1-9]',
+                         metrics, re.M)
+        assert "dicom_ingestd_free_space_low 1.0" in metrics
+        textfile = container.wait_for(lambda: container.out(
+            f"cat {metrics_file} 2>/dev/null; true"), "the metrics file is written")
+        assert "dicom_ingestd_jobs{state=\"dead\"}" in textfile
+        assert container.out(f"stat -c %a {metrics_file}") == "644"
+    reload_ok(container)
+    # Counters survive a restart.
+    container.sh("systemctl restart dicom-ingestd")
+    after = container.status()["counters"]
+    assert after["objects"]["0xA700"] == counters["objects"]["0xA700"]
+    assert after["stored"] >= counters["stored"] and after["since"] == counters["since"]
+    container.sh(f"rm -f {metrics_file}")
 
 
 def test_stop_during_a_transfer_leaves_no_partial_file(container: Container) -> None:
-    with edited_config(container, "s/^#sleep_during = 0$/sleep_during = 60/",
-                       "s/^#stop_timeout = 30$/stop_timeout = 2/"):
-        container.sh("dicom-ingestd check-config && systemctl reload dicom-ingestd")
-        container.wait_for(lambda: "testing.sleep_during" in container.journal(
-            "-u dicom-ingestd --grep 'reload: configuration applied'"), "the reload is logged")
+    with edited_config(container, {"testing": {"sleep_during": 60},
+                                   "workers": {"stop_timeout": 2}}):
+        container.sh("dicom-ingestd check-config")
+        reload_ok(container)
         before = container.files()
         sender = container.spawn(
             f"storescu -aet SLOW -aec STORESCP 127.0.0.1 104 {DATA}/slow/0.dcm")
@@ -407,18 +651,55 @@ def test_stop_during_a_transfer_leaves_no_partial_file(container: Container) -> 
     assert "stop timeout reached" in log and "partial object(s) removed" in log, log
 
 
-def test_upgrade_restarts_the_running_service(container: Container) -> None:
+def test_restart_gap_while_an_association_drains(container: Container) -> None:
+    """What a sender sees while the service restarts under a running association: the socket
+    stays open, so a new connection waits in its queue (never refused) until the new master
+    accepts it; the wait is the old association's drain plus the start-up."""
+    with edited_config(container, {"testing": {"sleep_after": 1}}):
+        container.sh("systemctl start dicom-ingestd")
+        reload_ok(container)
+        sender = container.spawn(
+            f"storescu -aet DRAIN -aec STORESCP 127.0.0.1 104 {DATA}/drain/*.dcm")
+        try:
+            container.wait_for(lambda: "DRAIN->STORESCP: stored" in container.journal(
+                "-u dicom-ingestd --since=-1min"), "the draining association stores")
+            restart = container.spawn("systemctl restart dicom-ingestd")
+            time.sleep(0.3)
+            started = time.monotonic()
+            echo = container.echo(timeout=60)
+            waited = time.monotonic() - started
+            restart.wait(60)
+            sent = sender.wait(60)
+        finally:
+            sender.kill()
+    assert echo.returncode == 0, echo.stdout + echo.stderr
+    assert sent == 0, "the draining association was cut short"
+    print(f"restart gap: a new association waited {waited:.2f} s while an association of "
+          f"4 objects x 1 s drained (the socket kept it queued)")
+    assert waited < 4 + 5
+
+
+def test_upgrade_with_a_changed_reference_and_no_terminal(container: Container) -> None:
     container.sh("echoscu -aet ECHO 127.0.0.1 104")
     old = container.show("dicom-ingestd", "MainPID")
-    assert old != "0"
-    container.sh(f"dpkg -i --force-confold {DATA}/dicom-ingestd_{__version__}_all.deb")
-    # The restart of the service (propagated from the socket's) may still be under way.
+    socket_since = container.show("dicom-ingestd.socket", "ActiveEnterTimestampMonotonic")
+    config = container.out("cat /etc/ingestd.toml")
+    result = container.sh(f"dpkg -i {DATA}/next.deb < /dev/null 2>&1", check=False)
+    assert result.returncode == 0, result.stdout
+    assert "conffile" not in result.stdout.lower(), result.stdout
+    assert "A documentation change." in container.out(
+        "cat /usr/share/doc/dicom-ingestd/examples/ingestd.toml")
+    # The restart of the service may still be under way.
     container.wait_for(lambda: container.out("systemctl is-active dicom-ingestd.socket "
                                              "dicom-ingestd", check=False) == "active\nactive",
                        "the socket and the service are active after the upgrade")
     new = container.show("dicom-ingestd", "MainPID")
     assert new not in ("0", old), "the service was not restarted with the new package"
-    assert "filename_extension = \".dcm\"" in container.out("cat /etc/ingestd.toml")
+    # The socket kept listening through the upgrade.
+    assert container.show("dicom-ingestd.socket", "ActiveEnterTimestampMonotonic") == \
+        socket_since
+    assert container.out("cat /etc/ingestd.toml") == config
+    assert container.status()["version"] == NEXT_VERSION
     container.sh("echoscu -aet ECHO 127.0.0.1 104")
     assert container.out("systemctl list-units --failed --plain --no-legend") == ""
 
@@ -428,24 +709,36 @@ def test_per_connection_socket_serves_each_connection_in_its_own_process(
     container.sh("systemctl disable --now dicom-ingestd.socket && "
                  "systemctl enable --now dicom-ingestd-accept.socket")
     assert container.out("systemctl is-active dicom-ingestd", check=False) == "inactive"
+    stored = container.status()["counters"]["stored"]
     before = set(container.files())
     container.store(f"{DATA}/accept/0.dcm", aet="ACCEPT")
     new = sorted(set(container.files()) - before)
-    assert len(new) == 1 and new[0].endswith(".dcm"), new
+    assert len(new) == 1 and new[0].endswith(".dicom"), new
     log = container.wait_for(lambda: container.journal(
         "DICOM_CALLING_AE=ACCEPT -o json --output-fields=_SYSTEMD_UNIT,MESSAGE"),
         "the per-connection instance logged the association")
     assert re.search(r'"_SYSTEMD_UNIT":"dicom-ingestd-accept@[^"]+\.service"', log), log
+    # Where the manual sends an administrator for both modes' lines.
+    assert "ACCEPT->STORESCP: stored" in container.journal("-t dicom-ingestd")
+    # Counted without a master.
+    assert container.status()["counters"]["stored"] == stored + 1
     assert container.out("systemctl list-units --failed --plain --no-legend") == ""
     container.sh("systemctl disable --now dicom-ingestd-accept.socket && "
                  "systemctl enable --now dicom-ingestd.socket")
 
 
-def test_purge_removes_the_state_directory_and_the_units(container: Container) -> None:
+def test_purge_keeps_received_objects_without_a_yes(container: Container) -> None:
+    files = container.files()
+    assert len(files) >= 10
+    sums = container.out(f"find {OUTPUT} -path '*/.ingestd-tmp' -prune -o -type f "
+                         "-exec sha256sum {} + | sort")
     result = container.sh("apt-get purge -y dicom-ingestd 2>&1", timeout=120)
-    assert "removing /var/lib/dicom-ingestd" in result.stdout, result.stdout
+    assert f"KEEPING the {len(files)} received object(s) in {OUTPUT}" in result.stdout, \
+        result.stdout
+    assert container.out(f"find {OUTPUT} -path '*/.ingestd-tmp' -prune -o -type f "
+                         "-exec sha256sum {} + | sort") == sums
     leftovers = container.out(
-        "ls -d /var/lib/dicom-ingestd /etc/ingestd.toml /usr/lib/dicom-ingestd "
+        f"ls -d {STATE} {OUTPUT}/.ingestd-tmp /etc/ingestd.toml /usr/lib/dicom-ingestd "
         "/lib/systemd/system/dicom-ingestd* /etc/systemd/system/*/dicom-ingestd* "
         "/usr/lib/sysusers.d/dicom-ingestd.conf 2>/dev/null; true")
     assert leftovers == ""
@@ -454,3 +747,13 @@ def test_purge_removes_the_state_directory_and_the_units(container: Container) -
     assert container.sh("echoscu 127.0.0.1 104", check=False).returncode != 0
     # Debian practice: the system user stays (files it owns may remain elsewhere).
     assert container.out("getent passwd dicom-ingestd").startswith("dicom-ingestd:")
+
+
+def test_purge_deletes_received_objects_when_confirmed(container: Container) -> None:
+    container.sh(f"dpkg -i {DEB} < /dev/null")
+    assert container.files()  # the kept objects are still there
+    container.sh("echo 'dicom-ingestd dicom-ingestd/purge-received-objects boolean true' "
+                 "| debconf-set-selections")
+    result = container.sh("apt-get purge -y dicom-ingestd 2>&1", timeout=120)
+    assert "as confirmed" in result.stdout, result.stdout
+    assert container.out("ls -d /var/lib/dicom-ingestd 2>/dev/null; true") == ""

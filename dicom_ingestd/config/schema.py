@@ -273,6 +273,13 @@ class StorageConfig:
         ".", "Existing directory that receives the objects.",
         storescp=("-od", "--output-directory"),
     )
+    group_write: bool = setting(
+        False, "Let the members of the daemon's group move and delete received files: "
+        "directories are created group-writable (and the output directory made so at "
+        "start), so a consumer in the group can take files away. Off: the group can read "
+        "files and list directories only (the daemon's umask decides, 0027 under systemd).",
+        reload=False,
+    )
     bit_preserving: bool = setting(
         False, "Write the data set exactly as received (storescp +B). The default does that "
         "too (every encoding key below at \"received\"); true also makes any key that would "
@@ -698,6 +705,30 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MonitoringConfig:
+    """[monitoring]: what the daemon tells monitoring beyond the journal.  Counters
+    (associations by outcome and calling AE, objects by DIMSE status, bytes, commit latency,
+    the last store and the last error) survive restarts; dicom-ingestd status shows them with
+    the jobs by state and the free space, and dicom-ingestd metrics prints them in the
+    Prometheus text format."""
+
+    low_space_margin: int = setting(
+        2147483648, "Warn (journal, STATUS=, status, metrics) while the output or state file "
+        "system has fewer free bytes than storage.min_free_space plus this margin, i.e. "
+        "before objects are refused; 0: no warning.", minimum=0,
+    )
+    metrics_file: str = setting(
+        "", "Write the metrics (Prometheus text format) to this file every metrics_interval "
+        "seconds and at stop, for node_exporter's textfile collector, e.g. "
+        "\"/var/lib/prometheus/node-exporter/dicom-ingestd.prom\" (under systemd, allow "
+        "the directory with ReadWritePaths=). Empty: no file.",
+    )
+    metrics_interval: int = setting(
+        15, "Seconds between two writes of metrics_file.", minimum=1, maximum=3600,
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole daemon configuration: one typed, validated, immutable object."""
 
@@ -711,6 +742,7 @@ class Config:
     access: AccessConfig = field(default_factory=AccessConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     testing: TestingConfig = field(default_factory=TestingConfig)
 
 

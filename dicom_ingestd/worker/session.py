@@ -14,10 +14,12 @@ import struct
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from dicom_ingestd.codes import Status, status_name
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.errors import StorageError
+from dicom_ingestd.telemetry import Reporter
 from dicom_ingestd.worker import acceptor, dimse, encode, header, tls
 from dicom_ingestd.worker.identify import Identity, UnreadableDataSet, identify, identify_prefix
 from dicom_ingestd.worker.layout import Layout
@@ -94,8 +96,10 @@ class Session:
 
     def __init__(self, sock: socket.socket, peer: str, config: Config, store: Store,
                  recorder: Recorder | None = None,
-                 over_limit: str = "", tls_context: ssl.SSLContext | None = None) -> None:
+                 over_limit: str = "", tls_context: ssl.SSLContext | None = None,
+                 reporter: Reporter | None = None) -> None:
         self.sock = sock
+        self.reporter = reporter  # counters for the master (telemetry)
         self.tls_context = tls_context  # set: handshake first ([tls] enabled)
         self.tls_peer: tls.Peer | None = None
         self.over_limit = over_limit  # non-empty: reject as transient, local limit exceeded
@@ -113,6 +117,8 @@ class Session:
         self.contexts: dict[int, acceptor.AcceptedContext] = {}
         self.outcome = Outcome()
         self._command = bytearray()
+        self._rejected = ""  # the rejected presentation contexts, for the peer-abort line
+        self._any_command = False
         self._current: _Store | None = None
         # The next object's temporary file, created while the peer prepares that object:
         # creating an inode costs 0.1-0.5 ms of kernel time on ext4, off the critical path.
@@ -123,8 +129,9 @@ class Session:
         return f"{self.peer} {self.calling_ae}->{self.called_ae}"
 
     def _fields(self, **more: object) -> dict[str, object]:
-        fields: dict[str, object] = {"DICOM_PEER": self.peer, "DICOM_CALLING_AE": self.calling_ae,
-                  "DICOM_CALLED_AE": self.called_ae}
+        fields: dict[str, object] = {**peer_fields(self.peer),
+                                     "DICOM_CALLING_AE": self.calling_ae,
+                                     "DICOM_CALLED_AE": self.called_ae}
         if self.tls_peer is not None:
             fields["DICOM_TLS_SUBJECT"] = self.tls_peer.subject or "-"
         fields.update({k: v for k, v in more.items() if v not in (None, "")})
@@ -181,6 +188,8 @@ class Session:
                 self.recorder.close(self.outcome.how)
             with contextlib.suppress(OSError):
                 self.sock.close()
+            if self.reporter is not None:
+                self.reporter.ended(self.outcome.how, self.peer, self.calling_ae)
         return self.outcome
 
     def _configure_socket(self) -> None:
@@ -263,6 +272,12 @@ class Session:
                  self._who(), len(acceptance.contexts), len(request.proposed),
                  request.max_pdu, f", profile {profile}" if profile else "",
                  self._tls_note(), extra=self._fields(DICOM_OUTCOME="accepted"))
+        if acceptance.rejected:
+            # Always said (not only with verbose_pc): a sender whose data fits no accepted
+            # context aborts right after this, and this line is then the only clue.
+            self._rejected = rejected_summary(acceptance.rejected)
+            log.info("%s: %d context(s) rejected: %s", self._who(), len(acceptance.rejected),
+                     self._rejected, extra=self._fields())
         pc_level = logging.INFO if self.config.logging.verbose_pc else logging.DEBUG
         if log.isEnabledFor(pc_level):
             for cx in acceptance.contexts.values():
@@ -299,9 +314,20 @@ class Session:
                 reason = body[3] if len(body) >= 4 else -1
                 self.outcome.how = "aborted-by-peer"
                 self._discard_spare()
-                log.warning("%s: association aborted by the peer (source %d, reason %d)%s",
+                hint = ""
+                if not self._any_command and self.contexts:
+                    # Typically a sender whose data (a compressed file) fits none of the
+                    # accepted contexts: say what was accepted, and what was not.
+                    from pydicom.uid import UID
+
+                    accepted = sorted({UID(cx.transfer_syntax).name
+                                       for cx in self.contexts.values()})
+                    hint = (f"; before any request: its data may fit none of the accepted "
+                            f"transfer syntaxes ({', '.join(accepted[:5])})"
+                            + (f"; rejected: {self._rejected}" if self._rejected else ""))
+                log.warning("%s: association aborted by the peer (source %d, reason %d)%s%s",
                             self._who(), source, reason,
-                            "; partial object discarded" if self._current else "",
+                            "; partial object discarded" if self._current else "", hint,
                             extra=self._fields(DICOM_OUTCOME="aborted"))
                 return
             elif pdu_type in PDU_NAMES:
@@ -368,6 +394,7 @@ class Session:
             self._finish_store(current)
 
     def _dispatch(self, context_id: int, data: bytes) -> None:
+        self._any_command = True
         try:
             command = dimse.decode_command(
                 data, fix_uid_padding=self.config.association.uid_padding)
@@ -441,10 +468,13 @@ class Session:
         ident: Identity | None = None
         path = ""
         stored: StoredObject | None = None
+        commit: float | None = None  # seconds from the last byte to durable in place
         if current.temp is not None and status == Status.SUCCESS:
+            started = time.monotonic()
             try:
                 placed, ident = self._place(current)
                 path = placed.path
+                commit = time.monotonic() - started
                 stored = self._record(command, ident, placed, current.bytes)
             except StorageError as exc:
                 status, why = exc.status, str(exc)
@@ -453,6 +483,8 @@ class Session:
             self.outcome.bytes_stored += current.bytes
         else:
             self.outcome.failed += 1
+        if self.reporter is not None:
+            self.reporter.store(status, current.bytes, commit, why, self.peer, self.calling_ae)
         try:
             self._respond(current.context.context_id, dimse.C_STORE_RSP, command.message_id,
                           status, command.sop_class_uid, command.sop_instance_uid,
@@ -550,6 +582,25 @@ class Session:
         return placed, ident
 
 
+_CONTEXT_RESULTS = {1: "rejected by us", 2: "no reason given",
+                    3: "abstract syntax not supported", 4: "transfer syntaxes not supported"}
+
+
+def rejected_summary(rejected: list[Any], most: int = 3) -> str:
+    """'CT Image Storage with JPEG Baseline (8-bit) (transfer syntaxes not supported), ...'
+    for the first `most` rejected presentation contexts."""
+    from pydicom.uid import UID
+
+    parts = []
+    for cx in rejected[:most]:
+        syntaxes = ", ".join(UID(ts).name for ts in cx.transfer_syntax) or "-"
+        parts.append(f"{UID(cx.abstract_syntax).name} with {syntaxes} "
+                     f"({_CONTEXT_RESULTS.get(cx.result, f'result {cx.result}')})")
+    if len(rejected) > most:
+        parts.append(f"{len(rejected) - most} more")
+    return "; ".join(parts)
+
+
 def resolve_peer(peer: str) -> str:
     """'host.name:port' for an 'address:port' peer, as storescp names peers without -dhl.
 
@@ -565,9 +616,37 @@ def resolve_peer(peer: str) -> str:
 
 
 def peer_name(address: object) -> str:
-    """'host:port' for an IPv4/IPv6 peer address tuple, for logs."""
+    """'host:port' for an IPv4/IPv6 peer address tuple, for logs ('[v6]:port' for IPv6).
+
+    An IPv4-mapped IPv6 address (a dual-stack socket's view of an IPv4 peer) is written as
+    the plain IPv4 address, as storescp and every IPv4 tool write it: `journalctl
+    DICOM_PEER=10.1.2.3` and #r then find and show the address an administrator knows.
+    """
     if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+        host, port = str(address[0]), address[1]
+        if host.lower().startswith("::ffff:") and "." in host:
+            host = host[7:]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return str(address) or "local"
 
+
+def split_peer(peer: str) -> tuple[str, str]:
+    """(address or host name, port) of a peer_name() (or resolve_peer()) string; the port is
+    "" when there is none (a Unix socket, "local")."""
+    if peer.startswith("["):
+        host, _, rest = peer[1:].partition("]")
+        return host, rest.lstrip(":")
+    host, sep, port = peer.rpartition(":")
+    if sep and port.isdigit() and ":" not in host:
+        return host, port
+    return peer, ""
+
+
+def peer_fields(peer: str) -> dict[str, object]:
+    """The journal fields of a peer: DICOM_PEER is the address alone (what an administrator
+    filters on), DICOM_PEER_PORT the port."""
+    host, port = split_peer(peer)
+    fields: dict[str, object] = {"DICOM_PEER": host}
+    if port:
+        fields["DICOM_PEER_PORT"] = port
+    return fields

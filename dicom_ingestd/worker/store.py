@@ -287,7 +287,9 @@ class Store:
             raise StorageError(f"output directory {self.root} is not usable: "
                                f"{exc.strerror}", Status.OUT_OF_RESOURCES) from None
         try:
-            os.mkdir(STAGING_DIR, 0o700, dir_fd=self._root_fd)
+            # Group-readable (as received files are), so that a consumer's `find` does not
+            # stop at it; only the daemon writes there.
+            os.mkdir(STAGING_DIR, 0o750, dir_fd=self._root_fd)
         except FileExistsError:
             pass
         except OSError as exc:
@@ -298,6 +300,9 @@ class Store:
         except OSError as exc:
             raise StorageError(f"{self.staging} is not a directory we own: {exc.strerror}",
                                Status.OUT_OF_RESOURCES) from None
+        with contextlib.suppress(OSError):  # made 0700 by earlier versions
+            if os.fstat(self._staging_fd).st_mode & 0o777 == 0o700:
+                os.fchmod(self._staging_fd, 0o750)
         if not os.access(self.root, os.W_OK):
             raise StorageError(f"output directory {self.root} is not writable",
                                Status.OUT_OF_RESOURCES)
@@ -400,7 +405,7 @@ class Store:
         fd = os.dup(self._root_fd)
         for part in parts:
             try:
-                os.mkdir(part, 0o755, dir_fd=fd)
+                os.mkdir(part, 0o777, dir_fd=fd)  # the umask decides (storage.group_write)
                 if fsync:
                     os.fsync(fd)
             except FileExistsError:

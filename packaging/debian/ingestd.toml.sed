@@ -1,10 +1,12 @@
-# The packaged /etc/ingestd.toml is etc/ingestd.toml with the settings of the system
-# service uncommented; debian/rules checks that each substitution happened, and
-# tests/test_packaging.py that the result is valid and differs from the defaults only there.
+# /usr/share/doc/dicom-ingestd/examples/ingestd.toml, the complete reference, is
+# etc/ingestd.toml with the settings of the packaged /etc/ingestd.toml (debian/ingestd.toml)
+# uncommented; debian/rules checks that each substitution happened, and
+# tests/test_packaging.py that the result is valid and says what the conffile says.
 /^# Reference: man 5 ingestd.toml$/a\
 #\
-# Debian: network.port, storage.output_directory and jobs.state_directory are\
-# set below for the system service; see dicom-ingestd(8), section SYSTEMD.
+# Debian: this is the complete reference; the file dicom-ingestd reads is\
+# /etc/ingestd.toml, which sets only network.port, storage.output_directory and\
+# jobs.state_directory (uncommented below). Copy the keys you need there.
 s|^#port = 104$|port = 104|
 /^port = 104$/i\
 # Under systemd the port is ListenStream= of dicom-ingestd.socket; change it there\
