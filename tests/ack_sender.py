@@ -34,10 +34,12 @@ def main() -> int:
     parser.add_argument("files", nargs="+")
     parser.add_argument("--deadline", type=float, default=60.0)
     parser.add_argument("--per-association", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=10.0,
+                        help="pynetdicom's ACSE, DIMSE and network timeouts")
     args = parser.parse_args()
     datasets = [dcmread(path) for path in args.files]
     ae = AE(ae_title="ACKSENDER")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = args.timeout
     for uid in sorted({str(ds.SOPClassUID) for ds in datasets})[:_CONTEXTS]:
         ae.add_requested_context(uid)
     pending = list(datasets)

@@ -47,8 +47,9 @@ os.close(fd)
 
 
 def send(port: int, ledger: Path, files: list[Path], *, deadline: float = 60.0,
-         per_association: int = 0) -> "subprocess.Popen[bytes]":
-    args = [sys.executable, str(SENDER), str(port), str(ledger), "--deadline", str(deadline)]
+         per_association: int = 0, timeout: float = 10.0) -> "subprocess.Popen[bytes]":
+    args = [sys.executable, str(SENDER), str(port), str(ledger), "--deadline", str(deadline),
+            "--timeout", str(timeout)]
     if per_association:
         args += ["--per-association", str(per_association)]
     return subprocess.Popen([*args, *map(str, files)], cwd=REPO, stdout=subprocess.DEVNULL,
@@ -453,7 +454,7 @@ def test_kills_at_random_instants_lose_no_event_and_mix_no_study(
 
     rng = random.Random(int(os.environ.get("EVENT_PATH_SEED", time.time())))
     ledger = Ledger(tmp_path)
-    config = settings(tmp_path, recorder, ledger, eostudy_timeout=3)
+    config = settings(tmp_path, recorder, ledger, eostudy_timeout=5)
     out = tmp_path / "out"
     config["storage"] = {"output_directory": str(out)}
     def children(pid: int) -> list[int]:
@@ -477,8 +478,10 @@ def test_kills_at_random_instants_lose_no_event_and_mix_no_study(
         for files in round_work:
             ledgers.append(tmp_path / f"ack{len(ledgers)}")
             work.append(files)
+            # A sender that notices a broken association within 2 s, as DCMTK's do at once
+            # (pynetdicom waits for its timeout when the peer vanishes mid-response).
             senders.append(send(daemon.port, ledgers[-1], files, deadline=240,
-                                per_association=25))
+                                per_association=25, timeout=2))
 
     another_round()
     kills = master_kills = 0
@@ -552,3 +555,24 @@ def test_single_process_mode_records_events_too(tmp_path: Path, daemon_factory: 
     assert len(recorder.wait(3)) == 3
     wait_until(lambda: ledger.runs(), 20, "the end-of-study job")
     assert ledger.runs()[0]["count"] == 3
+
+
+def test_an_object_sent_again_after_its_study_is_complete_opens_no_batch(
+        tmp_path: Path, daemon_factory: Any, recorder: Recorder) -> None:
+    """A sender that never got a response sends the object again, maybe after the study
+    was complete: its batch's jobs have it; no second manifest lists it."""
+    ledger = Ledger(tmp_path)
+    daemon = daemon_factory(settings(tmp_path, recorder, ledger, eostudy_timeout=1))
+    files = make_study(tmp_path / "a", 3)
+    assert send(daemon.port, tmp_path / "ack", files).wait(60) == 0
+    wait_until(lambda: ledger.runs(), 20, "the end-of-study job")
+    assert send(daemon.port, tmp_path / "ack-again", files[1:2]).wait(60) == 0
+    daemon.wait_log("was sent again after the study was complete")
+    recorder.wait(4)  # its reception job runs again: at least once
+    late = make_study(tmp_path / "a", 1, study_uid=str(dcmread(files[0]).StudyInstanceUID),
+                      name="late")
+    assert send(daemon.port, tmp_path / "ack-late", late).wait(60) == 0
+    wait_until(lambda: len(ledger.runs()) == 2, 20, "batch 2's end-of-study job")
+    first, second = ledger.runs()
+    assert (first["batch"], second["batch"]) == (1, 2)
+    assert [o[0] for o in second["objects"]] == [sop(late[0])]

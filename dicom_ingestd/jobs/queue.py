@@ -81,9 +81,12 @@ CREATE TABLE IF NOT EXISTS batch_files (
     seq INTEGER NOT NULL,
     file TEXT NOT NULL,
     segment TEXT NOT NULL DEFAULT '',
+    sop TEXT NOT NULL DEFAULT '',
+    path TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (batch_id, seq)
 );
 CREATE INDEX IF NOT EXISTS batch_files_by_segment ON batch_files (segment);
+CREATE INDEX IF NOT EXISTS batch_files_by_sop ON batch_files (sop);
 CREATE INDEX IF NOT EXISTS jobs_by_segment ON jobs (segment);
 CREATE TABLE IF NOT EXISTS outbox (
     segment TEXT PRIMARY KEY,
@@ -95,6 +98,9 @@ _MIGRATE_1 = """
 ALTER TABLE jobs ADD COLUMN segment TEXT NOT NULL DEFAULT '';
 ALTER TABLE batches ADD COLUMN manifest TEXT NOT NULL DEFAULT '';
 ALTER TABLE batch_files ADD COLUMN segment TEXT NOT NULL DEFAULT '';
+ALTER TABLE batch_files ADD COLUMN sop TEXT NOT NULL DEFAULT '';
+ALTER TABLE batch_files ADD COLUMN path TEXT NOT NULL DEFAULT '';
+UPDATE batches SET manifest = id || '.json' WHERE manifest = '';
 """
 
 
@@ -371,8 +377,10 @@ class JobQueue:
 
     def add_file(self, batch_id: int, seq: int, file: dict[str, Any], calling_ae: str,
                  called_ae: str, peer: str, segment: str = "") -> None:
-        self._write("INSERT OR REPLACE INTO batch_files (batch_id, seq, file, segment) "
-                    "VALUES (?,?,?,?)", (batch_id, seq, json.dumps(file), segment))
+        self._write("INSERT OR REPLACE INTO batch_files (batch_id, seq, file, segment, sop, "
+                    "path) VALUES (?,?,?,?,?,?)",
+                    (batch_id, seq, json.dumps(file), segment,
+                     str(file.get("sop_instance_uid", "")), str(file.get("path", ""))))
         self._write("UPDATE batches SET calling_ae = ?, called_ae = ?, peer = ? WHERE id = ?",
                     (calling_ae, called_ae, peer, batch_id))
 
@@ -385,6 +393,15 @@ class JobQueue:
         row = self._db.execute("SELECT MAX(batch) FROM batches WHERE study_uid = ? AND "
                                "state = 'closed'", (study_uid,)).fetchone()
         return int(row[0] or 0)
+
+    def delivered(self, study_uid: str, sop_instance_uid: str, path: str) -> int:
+        """The batch number of a closed batch of the study that already lists this file of
+        this SOP instance, or 0."""
+        row = self._db.execute(
+            "SELECT b.batch FROM batch_files AS f JOIN batches AS b ON b.id = f.batch_id "
+            "WHERE f.sop = ? AND f.path = ? AND b.study_uid = ? AND b.state = 'closed' "
+            "LIMIT 1", (sop_instance_uid, path, study_uid)).fetchone()
+        return int(row[0]) if row else 0
 
     def batch(self, batch_id: int) -> Batch | None:
         row = self._db.execute("SELECT * FROM batches WHERE id = ?", (batch_id,)).fetchone()

@@ -384,7 +384,19 @@ class EventService:
         jobs: list[int] = []
         batch = batch_id = 0
         closed: list[ClosedStudy] = []
+        delivered = 0
         if tracking_enabled(events) and record.study_uid:
+            delivered = self.queue.delivered(record.study_uid, record.sop_instance_uid,
+                                             record.path)
+            if delivered:
+                # Sent again (its response never reached the sender) after its batch was
+                # complete: that batch's jobs have it already; it opens no new batch.
+                log.info("%s: %s was sent again after the study was complete; it stays in "
+                         "that batch", batch_label(record.study_uid, delivered),
+                         record.sop_instance_uid,
+                         extra={"journal": {"DICOM_STUDY_UID": record.study_uid,
+                                            "DICOM_SOP_INSTANCE_UID": record.sop_instance_uid}})
+        if tracking_enabled(events) and record.study_uid and not delivered:
             stored = StoredFile(record.path, record.sop_class_uid, record.sop_instance_uid,
                                 record.series_uid, record.patient_id, record.size)
             arrival = Arrival(record.study_uid, stored, record.association, record.calling_ae,
