@@ -26,6 +26,7 @@ from dicom_ingestd.config.load import dump_config, load_config
 from dicom_ingestd.errors import ConfigError, StorageError, TranslationError
 
 if TYPE_CHECKING:
+    from dicom_ingestd.config.schema import Config
     from dicom_ingestd.jobs.queue import JobQueue
     from dicom_ingestd.systemd import Notifier
 
@@ -139,11 +140,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     if connected:
         # systemd Accept=yes (or inetd): exactly one association on an accepted socket.
-        events = config.events
-        if events.exec_on_reception or events.exec_on_eostudy or events.rename_on_eostudy:
-            log.critical("[events] needs the master: a per-connection instance (systemd "
-                         "Accept=yes or inetd) cannot track studies or run jobs; use "
-                         "dicom-ingestd.socket (Accept=no)")
+        problem = per_connection_problem(config, args.config)
+        if problem:
+            log.critical("%s", problem)
             return ExitCode.CONFIG
         conn = connected[0]
         try:
@@ -192,15 +191,40 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(0)
 
 
+def per_connection_problem(config: "Config", path: str) -> str:
+    """Why `config` cannot serve per connection (systemd Accept=yes, inetd), or ''.
+
+    [events] needs the master: it consumes the outbox, tracks studies and runs the jobs.  A
+    per-connection instance that stored objects with nobody to act on their records would
+    break "no success without its events", so it refuses the configuration instead; the
+    accept socket runs `check-config --per-connection` before it starts listening.
+    """
+    from dicom_ingestd.events import events_enabled
+    if not events_enabled(config.events):
+        return ""
+    keys = [key for key, value in (("exec_on_reception", config.events.exec_on_reception),
+                                   ("exec_on_eostudy", config.events.exec_on_eostudy),
+                                   ("rename_on_eostudy", config.events.rename_on_eostudy))
+            if value]
+    return (f"{path}: events.{', events.'.join(keys)}: [events] needs the master, which a "
+            "per-connection instance (systemd Accept=yes, inetd) does not have; use "
+            "dicom-ingestd.socket (Accept=no) or remove [events]")
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate the configuration; print each problem; exit 0 when valid."""
     from dicom_ingestd.tls import build_context
     try:
         # [tls] files too: a missing key or a wrong password is found before a restart.
-        build_context(load_config(args.config).tls, args.config)
+        config = load_config(args.config)
+        build_context(config.tls, args.config)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
+        return ExitCode.CONFIG
+    problem = per_connection_problem(config, args.config) if args.per_connection else ""
+    if problem:
+        print(problem, file=sys.stderr)
         return ExitCode.CONFIG
     print(f"{args.config}: OK")
     return ExitCode.OK
@@ -509,6 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Validate the configuration; exit 0 when it is valid, "
                            f"{int(ExitCode.CONFIG)} otherwise, printing each problem.")
     with_config(check)
+    check.add_argument("--per-connection", action="store_true",
+                       help="also check what a per-connection instance (systemd Accept=yes, "
+                       "inetd) cannot do: [events] needs the master")
     check.set_defaults(func=cmd_check_config)
 
     reload = sub.add_parser("reload", help="make the running daemon reload its configuration",

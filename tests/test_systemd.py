@@ -209,6 +209,26 @@ def test_socket_activation_accept_yes_one_process_per_connection(
     assert run.proc.poll() is None  # systemd-socket-activate itself keeps listening
 
 
+def test_accept_yes_with_events_is_refused_up_front_and_stores_nothing(
+        runs: list[Run], tmp_path: Path) -> None:
+    """[events] needs the master: check-config --per-connection (the accept socket's
+    ExecStartPre) says so, and a connection that meets it anyway stores nothing."""
+    run = activate(runs, tmp_path, ["--accept"], events={"exec_on_reception": ["/bin/true"]})
+    checked = subprocess.run([sys.executable, "-m", "dicom_ingestd", "check-config",
+                              "--per-connection", "-c", str(run.config_path)], capture_output=True,
+                             text=True, timeout=30, cwd=REPO)
+    assert checked.returncode == 78
+    assert "events.exec_on_reception: [events] needs the master" in checked.stderr
+    plain = subprocess.run([sys.executable, "-m", "dicom_ingestd", "check-config", "-c",
+                            str(run.config_path)], capture_output=True, text=True, timeout=30,
+                           cwd=REPO)
+    assert plain.returncode == 0, plain.stderr
+    result = storescu(run.port, ct_copy(tmp_path / "in", "a"), timeout=60, check=False)
+    assert result.returncode != 0
+    run.wait_log("[events] needs the master")
+    assert run.files() == []
+
+
 def test_inetd_mode_accepted_connection_on_stdin_stdout(runs: list[Run],
                                                         tmp_path: Path) -> None:
     # inetd "nowait": the accepted connection is fd 0 and fd 1; the daemon logs to stderr.
