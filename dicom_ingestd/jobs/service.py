@@ -51,7 +51,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-from dicom_ingestd import outbox
+from dicom_ingestd import ipc, outbox
 from dicom_ingestd.codes import Status
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.errors import StorageError
@@ -561,7 +561,7 @@ class EventService:
             return
         while True:
             try:
-                data = link.sock.recv(outbox.MAX_RECORD)
+                data = link.sock.recv(ipc.MAX_MESSAGE)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
