@@ -299,7 +299,9 @@ class Harness:
                             .relative_to(self.output).parts)
             for name in filenames:
                 if in_hidden or name.startswith("."):
-                    hidden += 1
+                    # The daemon's own state (counters, outbox, job database) lives there
+                    # too; only a partial object left behind is a problem.
+                    hidden += name.endswith(".part")
                 else:
                     visible += 1
                     empty += os.path.getsize(os.path.join(root, name)) == 0
@@ -310,7 +312,7 @@ class Harness:
         if empty:
             run.problems.append(f"{empty} received files are empty")
         if hidden:
-            run.problems.append(f"{hidden} files left in hidden (staging) directories")
+            run.problems.append(f"{hidden} partial objects left in the staging directory")
         code = run.receiver_exit.code if run.receiver_exit else None
         # storescp (and pynetdicom's) have no SIGTERM handler, so they die of the signal; we
         # must exit 0.

@@ -88,6 +88,8 @@ PRUNE_INTERVAL = 3600.0
 HOUSEKEEPING_INTERVAL = 5.0  # rotate and remove settled outbox segments
 ROTATE_BYTES = 8 << 20  # start a new outbox segment past this size ...
 ROTATE_AGE = 600.0  # ... or when the current one is this old and not empty
+CONSUME_INTERVAL = 0.05  # a wake-up is acted on within this (records of many objects at once)
+POLL_INTERVAL = 1.0  # the outbox is read at least this often (lost wake-ups, orphan workers)
 ERROR_LOG_INTERVAL = 30.0  # the same failure is logged again at most this often
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -168,6 +170,8 @@ class EventService:
         self._rotated = clock()
         self._logged: dict[str, float] = {}  # failure text -> when last logged
         self.stored = 0  # records consumed since start
+        self._wanted = False  # a worker woke us: consume within CONSUME_INTERVAL
+        self._consumed_at = 0.0
 
     # -- start -----------------------------------------------------------------------------
     def open(self) -> None:
@@ -332,8 +336,10 @@ class EventService:
         return self.segments.fd
 
     def wake(self) -> None:
-        """A worker wrote a record: read the outbox now rather than at the next tick."""
-        self.consume()
+        """A worker wrote a record: read the outbox soon (within CONSUME_INTERVAL) rather
+        than at the next poll.  Records are durable already: waiting a little lets one
+        transaction (one fsync of the database) take the records of many objects."""
+        self._wanted = True
 
     @_observer
     def consume(self, final: frozenset[str] = frozenset()) -> None:
@@ -341,6 +347,8 @@ class EventService:
         segments in `final` have no writer left, so their torn tail is skipped."""
         if self.queue is None or self.segments is None:
             return
+        self._wanted = False
+        self._consumed_at = self._clock()
         for name in self.segments.names():
             while True:
                 offset = self._offsets.get(name, 0)
@@ -619,7 +627,10 @@ class EventService:
     # -- the loop ----------------------------------------------------------------------------
     def timeout(self) -> float:
         """Seconds until the next tick is needed (at most 1 s: the outbox is polled)."""
-        moments = [1.0]
+        now = self._clock()
+        moments = [self._consumed_at + POLL_INTERVAL - now]
+        if self._wanted:
+            moments.append(self._consumed_at + CONSUME_INTERVAL - now)
         deadline = self.tracker.next_deadline()
         if deadline is not None:
             moments.append(deadline - self._clock())
@@ -634,8 +645,12 @@ class EventService:
         """Read the outbox, close timed-out studies, supervise and start jobs, housekeeping."""
         if self.queue is None or self.runner is None:
             return
-        self.consume()
-        if self.tracker.next_deadline() is not None:
+        now = self._clock()
+        deadline = self.tracker.next_deadline()
+        if now >= self._consumed_at + (CONSUME_INTERVAL if self._wanted else POLL_INTERVAL) \
+                or (deadline is not None and now >= deadline):
+            self.consume()  # before a timeout: a record already written may extend the study
+        if deadline is not None and now >= deadline:
             expired: list[int] = []
             with self.queue.transaction():
                 for study in self.tracker.expire():
