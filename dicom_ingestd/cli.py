@@ -450,8 +450,10 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
             study = job.study_uid + (f" #{job.batch}" if job.batch > 1 else "")
             updated = job.finished or job.started or job.created
             result = job.result or "-"
-            print(f"{job.id:>6}  {job.state:<8} {job.kind:<9} {job.attempts:>4}  "
-                  f"{_when(updated):<19}  {study or '-':<28} {result} / {job.display}")
+            # Values from the network reach the administrator's terminal: escaped.
+            print(logsetup.escape_controls(
+                f"{job.id:>6}  {job.state:<8} {job.kind:<9} {job.attempts:>4}  "
+                f"{_when(updated):<19}  {study or '-':<28} {result} / {job.display}"))
         counts = queue.counts()
         print(", ".join(f"{counts.get(s, 0)} {s}" for s in ("pending", "running", "done",
                                                            "dead")))
@@ -480,9 +482,9 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
             ("pid", str(job.pid or "-")), ("result", job.result or "-"),
         ]
         for name, value in rows:
-            print(f"{name + ':':<10} {value}")
+            print(logsetup.escape_controls(f"{name + ':':<10} {value}"))
         for key, value in sorted(job.env.items()):
-            print(f"{'env:':<10} {key}={value}")
+            print(logsetup.escape_controls(f"{'env:':<10} {key}={value}"))
     return ExitCode.OK
 
 

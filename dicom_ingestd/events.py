@@ -149,8 +149,14 @@ def peer_host(peer: str) -> str:
 
 
 def environment(values: Mapping[str, object]) -> dict[str, str]:
-    """DICOM_* variables from `values` (None and NUL dropped, everything else as str)."""
-    return {key: _clean(str(value)) for key, value in values.items() if value is not None}
+    """DICOM_* variables from `values` (None and NUL dropped, everything else as str).
+
+    A value longer than MAX_FILES_VARIABLE (64 KiB) is left out: one variable may not exceed
+    128 KiB, or the job could never start (E2BIG); the object itself, and at end of study the
+    manifest, hold every value."""
+    found = {key: _clean(str(value)) for key, value in values.items() if value is not None}
+    return {key: value for key, value in found.items()
+            if len(value.encode("utf-8", "surrogateescape")) <= MAX_FILES_VARIABLE}
 
 
 def files_variable(paths: Sequence[str]) -> str | None:

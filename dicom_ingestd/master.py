@@ -364,7 +364,7 @@ class Master:
         self._associations += 1
         self.workers[worker.fd] = worker
         self.selector.register(worker.fd, selectors.EVENT_READ, self._worker_done)
-        self.events.worker_started(worker.association, worker.reply)
+        self.events.worker_started(worker.association, worker.reply, self.config)
         if worker.pid:
             log.debug("%s: worker %d started", peer, worker.pid)
 

@@ -26,9 +26,11 @@ that finds its segment unlinked after taking its lock opens `current` again.
 """
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
+import stat
 import time
 import zlib
 from collections.abc import Iterator
@@ -133,8 +135,13 @@ class Writer:
 
     def _open(self) -> int:
         for _ in range(5):
-            fd = os.open(CURRENT, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         dir_fd=self._dir_fd)
+            # O_NONBLOCK: a FIFO planted as `current` must not hold the association.
+            fd = os.open(CURRENT, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+                         | os.O_NONBLOCK, dir_fd=self._dir_fd)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                os.close(fd)
+                raise OSError(errno.EINVAL, "the outbox's current segment is not a regular file")
             fcntl.flock(fd, fcntl.LOCK_SH)
             if os.fstat(fd).st_nlink > 0:
                 return fd
@@ -182,8 +189,18 @@ class Segments:
 
     # -- listing and reading -----------------------------------------------------------------
     def names(self) -> list[str]:
-        """Segment names, oldest first (names start with their creation time)."""
-        return sorted(name for name in os.listdir(self.fd) if name.endswith(SEGMENT_SUFFIX))
+        """Segment names, oldest first (names start with their creation time); only regular
+        files (anything else planted there is in `strays`)."""
+        return sorted(entry.name for entry in os.scandir(self.fd)
+                      if entry.name.endswith(SEGMENT_SUFFIX)
+                      and entry.is_file(follow_symlinks=False))
+
+    def strays(self) -> list[str]:
+        """Entries that are neither segments nor ours (for a warning)."""
+        ours = {CURRENT, CURRENT + ".new"}
+        return sorted(entry.name for entry in os.scandir(self.fd)
+                      if entry.name not in ours and not (entry.name.endswith(SEGMENT_SUFFIX)
+                                                         and entry.is_file(follow_symlinks=False)))
 
     def size(self, name: str) -> int:
         return os.stat(name, dir_fd=self.fd, follow_symlinks=False).st_size
@@ -193,7 +210,11 @@ class Segments:
         can append any more) an incomplete last line is skipped as damage."""
         fd = self._readers.get(name)
         if fd is None:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                         dir_fd=self.fd)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise OSError(errno.EINVAL, f"outbox segment {name} is not a regular file")
             self._readers[name] = fd
         data = os.pread(fd, _CHUNK, offset)
         records: list[ObjectRecord] = []
@@ -227,11 +248,17 @@ class Segments:
             return None
 
     def ensure_current(self) -> None:
-        """Make sure `current` exists and also has a segment name (at start-up)."""
-        inode = self.current_inode()
-        if inode is None:
+        """Make sure `current` is a regular file with a segment name as well (at start-up and
+        at every housekeeping: an administrator may have removed either)."""
+        try:
+            st = os.stat(CURRENT, dir_fd=self.fd, follow_symlinks=False)
+        except FileNotFoundError:
             self.rotate()
             return
+        if not stat.S_ISREG(st.st_mode):
+            self.rotate()  # replaces what was planted there (a directory stays: an error)
+            return
+        inode = st.st_ino
         named = {os.stat(n, dir_fd=self.fd, follow_symlinks=False).st_ino for n in self.names()}
         if inode not in named:  # a segment name was removed by hand: keep its records
             os.link(CURRENT, self._new_name(), src_dir_fd=self.fd, dst_dir_fd=self.fd,

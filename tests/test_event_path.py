@@ -28,6 +28,7 @@ from conftest import (
     mounted_tmpfs,
     start_daemon,
     wait_until,
+    write_config,
 )
 from pydicom import dcmread
 
@@ -576,3 +577,94 @@ def test_an_object_sent_again_after_its_study_is_complete_opens_no_batch(
     first, second = ledger.runs()
     assert (first["batch"], second["batch"]) == (1, 2)
     assert [o[0] for o in second["objects"]] == [sop(late[0])]
+
+
+# --- found by attacking the event path from outside ------------------------------------------
+
+def master_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_job_database_refusing_writes_never_spins_the_master(
+        tmp_path: Path, daemon_factory: Any) -> None:
+    with mounted_ext4(tmp_path / "state-fs", 32, "errors=remount-ro") as mount:
+        config = settings(tmp_path)
+        config["events"]["exec_on_reception"] = ["/bin/false"]
+        config["jobs"].update(state_directory=str(mount / "state"), retries=50)
+        daemon = daemon_factory(config)
+        assert send(daemon.port, tmp_path / "ack", make_study(tmp_path / "a", 1)).wait(60) == 0
+        daemon.wait_log("job ")
+        device = Path(subprocess.run(["findmnt", "-n", "-o", "SOURCE", str(mount)],
+                                     capture_output=True, text=True, check=True).stdout.strip())
+        Path(f"/sys/fs/ext4/{device.name}/trigger_fs_error").write_text("1")
+        time.sleep(1)
+        before = master_cpu(daemon.proc.pid)
+        time.sleep(4)
+        used = master_cpu(daemon.proc.pid) - before
+        assert used < 0.5, f"the master used {used:.2f} CPU-seconds in 4 s"
+        assert "takes writes again" not in daemon.log()
+        echoscu(daemon.port)
+        assert daemon.stop() == 0
+
+
+def test_things_planted_in_the_outbox_neither_block_nor_stop_the_event_path(
+        tmp_path: Path, daemon_factory: Any, recorder: Recorder) -> None:
+    daemon = daemon_factory(settings(tmp_path, recorder))
+    box = daemon.out / ".ingestd-state" / "outbox"
+    (box / "00000000000000000001-1.seg").mkdir()
+    os.mkfifo(box / "00000000000000000002-1.seg")
+    first = make_study(tmp_path / "a", 2)
+    assert send(daemon.port, tmp_path / "ack1", first).wait(60) == 0
+    recorder.wait(2)
+    # `current` removed by hand: stores are refused until housekeeping puts it back.
+    (box / "current").unlink()
+    later = make_study(tmp_path / "b", 1)
+    wait_until(lambda: send(daemon.port, tmp_path / "ack2", later).wait(60) == 0
+               and "0000" in statuses(tmp_path / "ack2").values(), 20,
+               "stores accepted again")
+    # A FIFO planted as `current` never holds an association.
+    (box / "current").unlink()
+    os.mkfifo(box / "current")
+    fifo = make_study(tmp_path / "c", 1)
+    started = time.monotonic()
+    send(daemon.port, tmp_path / "ack3", fifo, deadline=5).wait(30)
+    assert time.monotonic() - started < 20
+    wait_until(lambda: len(recorder.records()) >= 3, 20, "the jobs of every acknowledged one")
+    acked = {*acknowledged(tmp_path / "ack1"), *acknowledged(tmp_path / "ack2"),
+             *acknowledged(tmp_path / "ack3")}
+    wait_until(lambda: set(received(recorder)) >= acked, 20, "every acknowledged object's job")
+    assert "not a segment" in daemon.log() or "not a regular file" in daemon.log()
+    echoscu(daemon.port)
+
+
+def test_values_too_long_for_one_variable_still_let_the_job_run(
+        tmp_path: Path, daemon_factory: Any, recorder: Recorder) -> None:
+    daemon = daemon_factory(settings(tmp_path, recorder))
+    files = make_study(tmp_path / "a", 1)
+    ds = dcmread(files[0])
+    ds.PatientID = "P" * 200_000
+    ds.save_as(files[0])
+    assert send(daemon.port, tmp_path / "ack", files).wait(60) == 0
+    (record,) = recorder.wait(1)
+    assert "DICOM_PATIENT_ID" not in record["env"]  # left out; the object holds it
+    assert record["env"]["DICOM_SOP_INSTANCE_UID"] == sop(files[0])
+
+
+def test_a_reload_turning_events_off_keeps_them_for_running_associations(
+        tmp_path: Path, daemon_factory: Any, recorder: Recorder) -> None:
+    config = settings(tmp_path, recorder)
+    daemon = daemon_factory(config)
+    files = make_study(tmp_path / "a", 60)
+    sender = send(daemon.port, tmp_path / "ack", files)
+    wait_until(lambda: len(acknowledged(tmp_path / "ack")) >= 5, 30, "a few stores")
+    off = {k: dict(v) for k, v in config.items()}
+    off["events"] = {}
+    off["network"] = {"port": daemon.port, "bind_address": "127.0.0.1"}
+    off["storage"] = {"output_directory": str(daemon.out)}
+    off["logging"] = {"level": "debug"}
+    write_config(daemon.config_path, off)
+    daemon.proc.send_signal(signal.SIGHUP)
+    assert sender.wait(60) == 0
+    wait_until(lambda: set(received(recorder)) >= set(acknowledged(tmp_path / "ack")), 20,
+               "the jobs of every object of the association that began before the reload")

@@ -470,8 +470,8 @@ class EventsConfig:
     )
     exec_sync_timeout: int = setting(
         600, "With exec_sync, the longest an association waits for one object's jobs; then "
-        "it goes on (the jobs stay queued) and a warning is logged. A stopped or dead master "
-        "ends the wait at once.", minimum=1,
+        "it goes on (the jobs stay queued) and a warning is logged. A master that exits "
+        "ends the wait at once; a paused one does not.", minimum=1,
         default_note="storescp waits for the command without limit.",
     )
     on_stop: str = setting(

@@ -111,9 +111,10 @@ class _Run:
 class JobRunner:
     """Starts due jobs, watches them, records their outcome in `queue`.
 
-    `prepare(job)` returns extra environment variables for a run (it may raise OSError: the
-    run then fails).  `on_finished(job_id, final)` is called after every run; `final` means
-    the job is done or dead (it will not run again by itself).
+    `prepare(job)` returns extra environment variables for a run; it raises OSError when the
+    state storage fails (the job waits, no attempt counted) and LookupError when the job
+    cannot run at all (the run fails).  `on_finished(job_id, final)` is called after every
+    run; `final` means the job is done or dead (it will not run again by itself).
     """
 
     def __init__(self, queue: JobQueue, selector: selectors.BaseSelector, settings: JobsConfig,
@@ -136,6 +137,7 @@ class JobRunner:
         # what to tell on_finished once written.
         self._unrecorded: list[tuple[Callable[[], None], int, bool | None]] = []
         self._next_record = 0.0
+        self._hold_until = 0.0  # no job starts before (the state storage failed us)
 
     # -- the loop's hooks --------------------------------------------------------------------
     def poke(self) -> None:
@@ -149,17 +151,19 @@ class JobRunner:
         """Seconds until this runner needs a tick (None: no need before the next event)."""
         now = self._clock()
         moments: list[float] = []
-        if self.launching and self._dirty and len(self._runs) < self.settings.concurrency:
+        held = now < self._hold_until or bool(self._unrecorded)
+        if self.launching and self._dirty and not held \
+                and len(self._runs) < self.settings.concurrency:
             return 0.0
         for run in self._runs.values():
             if run.term_at is not None:
                 moments.append(run.term_at + KILL_GRACE)
             elif run.deadline is not None:
                 moments.append(run.deadline)
-        if self.launching:
-            moments.append(self._next_poll)
         if self._unrecorded:
-            moments.append(self._next_record)
+            moments.append(self._next_record)  # nothing starts before that
+        elif self.launching:
+            moments.append(max(self._next_poll, self._hold_until))
         return max(0.0, min(moments) - now) if moments else None
 
     def tick(self) -> None:
@@ -181,7 +185,7 @@ class JobRunner:
         if self._unrecorded and now >= self._next_record:
             self._write_unrecorded(now)
         free = self.settings.concurrency - len(self._runs)
-        if self.launching and free > 0 and not self._unrecorded \
+        if self.launching and free > 0 and not self._unrecorded and now >= self._hold_until \
                 and (self._dirty or now >= self._next_poll):
             self._dirty = False
             self._next_poll = now + POLL_INTERVAL
@@ -198,6 +202,16 @@ class JobRunner:
                    DICOM_JOB_ATTEMPT=str(attempt))
         try:
             env.update(self._prepare(job))
+        except OSError as exc:
+            # The state directory (its manifest) failed us, not the job: no attempt counts.
+            log.error("job %d: cannot prepare its run (%s); it stays pending and no job "
+                      "starts for %g s", job.id, exc, RECORD_RETRY, extra=journal_fields(job))
+            self._hold_until = self._clock() + RECORD_RETRY
+            return
+        except (LookupError, ValueError) as exc:  # its batch is gone: the job cannot run
+            self._record_failure(job, attempt, f"cannot start: {exc}", 0.0)
+            return
+        try:
             popen = subprocess.Popen(job.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=env, close_fds=True,
                                      start_new_session=True)
@@ -220,12 +234,11 @@ class JobRunner:
             self.queue.started(job.id, popen.pid, process_start(popen.pid), self._wall())
         except (OSError, sqlite3.Error) as exc:
             log.error("job %d: cannot record its start (%s); stopping it: it stays pending "
-                      "and runs once the job database takes writes again", job.id, exc,
+                      "and no job starts for %g s", job.id, exc, RECORD_RETRY,
                       extra=journal_fields(job))
             run.interrupted, run.recorded = True, False
             self._signal(run, signal.SIGKILL)
-            self._unrecorded.append((lambda: None, job.id, None))  # pause launches
-            self._next_record = now + RECORD_RETRY
+            self._hold_until = now + RECORD_RETRY
             return
         log.info("job %d (%s%s) started, attempt %d of %d, pid %d: %s", job.id, job.kind,
                  f", study {job.study_uid}" if job.study_uid else "", attempt, job.max_attempts,

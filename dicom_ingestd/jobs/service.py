@@ -163,6 +163,7 @@ class EventService:
         self._open_ids: dict[str, int] = {}  # study UID -> batch id of its open batch
         self._offsets: dict[str, int] = {}  # outbox segment -> bytes consumed (committed)
         self._live: set[str] = set()  # associations of this master's running workers
+        self._configs: dict[str, Config] = {}  # the configuration each one runs under
         self._links: dict[int, _Link] = {}  # by fd
         self._link_of: dict[str, _Link] = {}  # by association
         self._next_prune = 0.0
@@ -195,7 +196,7 @@ class EventService:
             self.segments = outbox.Segments(outbox.open_directory(self._state_fd, create=True),
                                             self.config.storage.fsync)
             self.segments.ensure_current()
-            queue = self._open_database(first_id=0 if fresh else int(self._wall()))
+            queue = self._open_database(first_id=0 if fresh else int(self._wall() * 1000))
         except (OSError, sqlite3.Error) as exc:
             self._close_files()
             raise StorageError(f"state directory {self.state_dir} (jobs.state_directory) is not "
@@ -224,7 +225,7 @@ class EventService:
                 raise
             problem = str(exc)
         self._move_aside(problem)
-        return JobQueue(self.state_dir, durable=durable, first_id=int(self._wall()))
+        return JobQueue(self.state_dir, durable=durable, first_id=int(self._wall() * 1000))
 
     def _move_aside(self, problem: str) -> str:
         """Rename a damaged database (and its WAL) out of the way; returns the new name."""
@@ -255,7 +256,7 @@ class EventService:
         self._release_waits()
         self._move_aside(str(exc))
         queue = JobQueue(self.state_dir, durable=self.config.storage.fsync,
-                         first_id=int(self._wall()))
+                         first_id=int(self._wall() * 1000))
         self.queue = self.runner.queue = queue
         self._offsets = {}
         self._rebuild()
@@ -350,31 +351,47 @@ class EventService:
         self._wanted = False
         self._consumed_at = self._clock()
         for name in self.segments.names():
-            while True:
-                offset = self._offsets.get(name, 0)
-                chunk = self.segments.read(name, offset, final=name in final)
-                if chunk.end == offset:
-                    break
-                if chunk.damaged:
-                    log.warning("outbox segment %s: skipped %d damaged byte(s) after offset %d "
-                                "(a record torn by a killed writer or a crash; it was never "
-                                "acknowledged)", name, chunk.damaged, offset)
-                made: list[tuple[_Link, str, set[int]]] = []
-                with self.queue.transaction():
-                    for record in chunk.records:
-                        jobs = self._arrive(record, name)
-                        link = self._link_of.get(record.association)
-                        if link is not None:
-                            made.append((link, record.id, set(jobs)))
-                    self.queue.set_offset(name, chunk.end)
-                self._offsets[name] = chunk.end
-                self.stored += len(chunk.records)
-                for link, record_id, made_jobs in made:
-                    link.jobs[record_id] = made_jobs
-                    if record_id in link.waiting:
-                        self._wait(link, record_id)
-                if self.runner is not None:
-                    self.runner.poke()
+            try:
+                self._consume_segment(name, name in final)
+            except OSError as exc:  # this segment only: the others are still read
+                self._log_failure(f"cannot read outbox segment {name}: {exc}")
+
+    def _consume_segment(self, name: str, final: bool) -> None:
+        assert self.queue is not None and self.segments is not None
+        offset = self._offsets.get(name, 0)
+        size = self.segments.size(name)
+        if size < offset:
+            log.error("outbox segment %s shrank from %d to %d bytes (truncated by hand?): the "
+                      "records that were there are gone", name, offset, size)
+            with self.queue.transaction():
+                self.queue.set_offset(name, size)
+            self._offsets[name] = size
+        while True:
+            offset = self._offsets.get(name, 0)
+            chunk = self.segments.read(name, offset, final=final)
+            if chunk.end == offset:
+                break
+            if chunk.damaged:
+                log.warning("outbox segment %s: skipped %d damaged byte(s) after offset %d "
+                            "(a record torn by a killed writer or a crash, which "
+                            "was never acknowledged, or bytes written there by hand)", name,
+                            chunk.damaged, offset)
+            made: list[tuple[_Link, str, set[int]]] = []
+            with self.queue.transaction():
+                for record in chunk.records:
+                    jobs = self._arrive(record, name)
+                    link = self._link_of.get(record.association)
+                    if link is not None:
+                        made.append((link, record.id, set(jobs)))
+                self.queue.set_offset(name, chunk.end)
+            self._offsets[name] = chunk.end
+            self.stored += len(chunk.records)
+            for link, record_id, made_jobs in made:
+                link.jobs[record_id] = made_jobs
+                if record_id in link.waiting:
+                    self._wait(link, record_id)
+            if self.runner is not None:
+                self.runner.poke()
 
     def _arrive(self, record: outbox.ObjectRecord, segment: str) -> list[int]:
         """One record: its batch, its reception job, the studies it completed."""
@@ -388,7 +405,10 @@ class EventService:
             return []
         except OSError:
             pass  # cannot tell: act on it (at least once)
-        events = self.config.events
+        # A running association finishes under the configuration it started with (a reload
+        # turning [events] off must not drop the records it goes on writing).
+        config = self._configs.get(record.association, self.config)
+        events = config.events
         jobs: list[int] = []
         batch = batch_id = 0
         closed: list[ClosedStudy] = []
@@ -431,15 +451,15 @@ class EventService:
                     "patient_id": stored.patient_id, "size": stored.size},
                     arrival.calling_ae, arrival.called_ae, arrival.peer, segment)
         if events.exec_on_reception:
-            jobs.append(self._reception_job(record, batch, batch_id, segment))
+            jobs.append(self._reception_job(config, record, batch, batch_id, segment))
         for complete in closed:
             jobs += self._closed(complete)
         return jobs
 
-    def _reception_job(self, record: outbox.ObjectRecord, batch: int, batch_id: int,
-                       segment: str) -> int:
+    def _reception_job(self, config: Config, record: outbox.ObjectRecord, batch: int,
+                       batch_id: int, segment: str) -> int:
         assert self.queue is not None
-        events, settings = self.config.events, self.config.jobs
+        events, settings = config.events, config.jobs
         directory, _, name = record.path.rpartition("/")
         host = peer_host(record.peer)
         values = placeholder_values(directory or ".", record.calling_ae, record.called_ae, host,
@@ -513,7 +533,7 @@ class EventService:
         assert self.queue is not None
         batch = self.queue.batch(batch_id)
         if batch is None:
-            raise OSError(f"batch {batch_id} is no longer in the job database")
+            raise LookupError(f"batch {batch_id} is no longer in the job database")
         return self.state_dir / MANIFESTS / (batch.manifest or f"{batch_id}.json")
 
     def _prepare(self, job: Job) -> dict[str, str]:
@@ -537,7 +557,7 @@ class EventService:
         assert self.queue is not None
         batch = self.queue.batch(batch_id)
         if batch is None:
-            raise OSError(f"batch {batch_id} is no longer in the job database")
+            raise LookupError(f"batch {batch_id} is no longer in the job database")
         files = self.queue.batch_files(batch_id)
         for entry in files:
             entry["rename_prefix"] = rename_prefix(str(entry.get("sop_class_uid", "")))
@@ -551,9 +571,12 @@ class EventService:
         }, self.config.storage.fsync)
 
     # -- workers -----------------------------------------------------------------------------
-    def worker_started(self, association: str, reply: socket.socket | None) -> None:
-        """A new worker: its association is live; watch its SyncLink (events.exec_sync)."""
+    def worker_started(self, association: str, reply: socket.socket | None,
+                       config: Config) -> None:
+        """A new worker, serving under `config`: its association is live (its records follow
+        `config`'s [events], whatever a reload says meanwhile); watch its SyncLink."""
         self._live.add(association)
+        self._configs[association] = config
         if reply is None:
             return
         reply.setblocking(False)
@@ -610,6 +633,7 @@ class EventService:
         if link is not None:
             self._drop_link(link)
         self._live.discard(association)
+        self._configs.pop(association, None)
         if association:
             self.tracker.association_ended(association, released)
 
@@ -676,6 +700,11 @@ class EventService:
 
     def _rotate_and_remove(self, segments: outbox.Segments, now: float) -> None:
         assert self.queue is not None
+        segments.ensure_current()  # `current` or its segment name removed by hand
+        strays = segments.strays()
+        if strays:
+            self._log_failure(f"outbox {self.state_dir / outbox.OUTBOX}: ignoring what is not "
+                              f"a segment: {', '.join(strays[:5])}")
         current = segments.current_inode()
         for name in segments.names():
             try:
