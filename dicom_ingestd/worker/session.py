@@ -350,6 +350,14 @@ class Session:
                 raise ProtocolError(f"PDV for presentation context {context_id}, "
                                     "which was not accepted")
             payload = item_length - 2
+            if payload % 2:
+                # PS3.7 Annex F: every fragment is even.  storescp aborts the association
+                # ("DIMSE: Odd Fragment Length") and keeps nothing; so do we.
+                kind = "command" if control & 0x01 else "data set"
+                raise _Abort(0, 0, f"odd fragment length {payload} in a {kind} PDV "
+                             "(PS3.7 Annex F; storescp aborts too: \"DIMSE: Odd Fragment "
+                             "Length\")" + ("; the partial object was discarded"
+                                            if self._current else ""))
             if control & 0x01:
                 self._command_fragment(context_id, control, payload)
             else:
