@@ -330,6 +330,17 @@ class StorageConfig:
         "deflated data set re-encoded with transfer_syntax = received (storescp +cl).",
         storescp=("+cl", "--compression-level"), minimum=0, maximum=9,
     )
+    max_decoded_size: int = setting(
+        512 << 20, "Largest data set, in bytes after inflation, that is decoded rather than "
+        "streamed: a data set the keys above re-encode (held in memory, about twice this "
+        "size at the peak), and the part of a deflated data set inflated to find its "
+        "identifying attributes (in a 64 KiB buffer: this bounds CPU time, not memory). A "
+        "larger one is refused with 0xA700 (out of resources) and one log line. Objects "
+        "stored as received are never limited: they stream to disk whatever their size.",
+        minimum=1 << 16,
+        default_note="storescp has no limit: without +B it inflates and holds every data "
+        "set in memory (a 1 MB deflated upload can inflate to gigabytes).",
+    )
     new_vrs: bool = setting(
         True, "Write the post-1993 VRs UN, UT, UC, UR, OF, OD, OL, OV, SV, UV (storescp +u); "
         "false writes them as OB in explicit VR transfer syntaxes (storescp -u).",

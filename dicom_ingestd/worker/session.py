@@ -20,7 +20,13 @@ from dicom_ingestd.codes import Status, status_name
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.errors import StorageError
 from dicom_ingestd.worker import acceptor, dimse, encode, header, tls
-from dicom_ingestd.worker.identify import Identity, UnreadableDataSet, identify, identify_prefix
+from dicom_ingestd.worker.identify import (
+    DataSetTooLarge,
+    Identity,
+    UnreadableDataSet,
+    identify,
+    identify_prefix,
+)
 from dicom_ingestd.worker.layout import Layout
 from dicom_ingestd.worker.naming import MissingStudyUID
 from dicom_ingestd.worker.pdu import (
@@ -513,11 +519,21 @@ class Session:
             temp.finish(self.config.storage.fsync and not self._rewrite)
             ident = identify_prefix(bytes(current.head), current.context.transfer_syntax,
                                     complete=current.bytes <= len(current.head),
-                                    fix_uid_padding=fix) \
-                or identify(temp.path, fix_uid_padding=fix)
+                                    fix_uid_padding=fix)
+            if ident is None:  # bounded: a streaming walk of the file (identify.py)
+                with temp.open_read() as staged:
+                    ident = identify(staged, fix_uid_padding=fix, max_decoded_size=self
+                                     .config.storage.max_decoded_size)
         except StorageError:
             temp.discard()
             raise
+        except OSError as exc:
+            temp.discard()
+            raise StorageError(f"cannot read {temp.path}: {exc.strerror or exc}",
+                               Status.OUT_OF_RESOURCES) from None
+        except DataSetTooLarge as exc:
+            temp.discard()
+            raise StorageError(f"refused: {exc}", Status.OUT_OF_RESOURCES) from None
         except UnreadableDataSet as exc:
             temp.discard()
             raise StorageError(f"cannot parse the data set ({exc})",

@@ -39,6 +39,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from dicom_ingestd.codes import Status
 from dicom_ingestd.config.schema import StorageConfig
@@ -181,6 +182,14 @@ class TempFile:
     def path(self) -> Path:
         # Built on demand: pathlib costs ~15 us a join, and the path is rarely needed.
         return self._staging / self.name
+
+    def open_read(self) -> BinaryIO:
+        """The file for reading, opened relative to the staging directory's descriptor
+        without following a symlink (never by path: the staging directory may have been
+        replaced since start-up).  Call after finish()."""
+        fd = os.open(self.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=self._staging_fd)
+        return open(fd, "rb")
 
     def write(self, data: bytes | memoryview) -> None:
         """Append data; after the first failure, further data is dropped and the error kept.

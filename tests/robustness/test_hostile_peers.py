@@ -11,18 +11,22 @@ disk, and the RSS or CPU figure where the case is about resources.
 - UIDs that differ only in white space: distinct files.
 """
 
+import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
 import fuzzgen
 import harness
 import pytest
-from conftest import free_port, require_tool
+from conftest import Daemon, free_port, require_tool
 from conftest import testdata as bundled
 
 DEFLATED_LE = "1.2.840.10008.1.2.1.99"
@@ -123,3 +127,275 @@ def test_every_odd_fragment_is_aborted_and_nothing_is_stored(daemon_factory: Any
     finally:
         sock.close()
     assert len(daemon.files()) == 1
+
+
+# --- deflate bombs ---------------------------------------------------------------------------
+
+GIB = 1 << 30
+DEFLATED_CONTEXTS = [(1, fuzzgen.CT_IMAGE, [DEFLATED_LE]), (3, fuzzgen.VERIFICATION,
+                                                            [fuzzgen.EXPLICIT_LE])]
+
+
+def _raw_deflate(data: bytes, final: bool) -> bytes:
+    """`data` as raw deflate blocks ending on a byte boundary (a full flush: no reference to
+    what came before), so that such pieces concatenate into one valid stream."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return compressor.compress(data) + compressor.flush(zlib.Z_FINISH if final
+                                                        else zlib.Z_FULL_FLUSH)
+
+
+_ZEROS_MIB = _raw_deflate(bytes(1 << 20), final=False)  # ~1 KiB each
+
+
+def deflate_bomb(uid: bytes, inflated: int, *, identifiers_first: bool) -> bytes:
+    """A deflated explicit VR LE data set of `inflated` bytes, most of them one zero value.
+
+    With `identifiers_first`, the identifying attributes come first and the zeros are the
+    pixel data (found in the first 64 KiB); otherwise the zeros are a value before them
+    (0008,0001), so finding them means inflating it all."""
+    elements = fuzzgen.data_elements(uid, __import__("random").Random(uid))[:-1]
+    ids = fuzzgen.encode_data_set(elements, implicit_vr=False)
+    mib = max(1, (inflated - len(ids)) >> 20)
+    if identifiers_first:
+        head, tail = ids + struct.pack("<HH2sxxL", 0x7FE0, 0x0010, b"OB", mib << 20), b""
+    else:
+        head, tail = struct.pack("<HH2sxxL", 0x0008, 0x0001, b"UN", mib << 20), ids
+    # PS3.5 A.5: a deflated data set of odd length gets one trailing NUL.
+    return fuzzgen.even(_raw_deflate(head, False) + _ZEROS_MIB * mib + _raw_deflate(tail, True))
+
+
+class Sampler:
+    """Samples VmHWM (peak RSS) and CPU time of the master and its workers every 10 ms."""
+
+    def __init__(self, master: int) -> None:
+        self.master = master
+        self.ignore = harness.children(master)  # the configuration watcher
+        self.peak_kib: dict[int, int] = {}
+        self.cpu: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self.sample()
+        self.sample()
+
+    def sample(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        for pid in (harness.children(self.master) - self.ignore) | {self.master}:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                if line.startswith("VmHWM:"):
+                    self.peak_kib[pid] = max(self.peak_kib.get(pid, 0), int(line.split()[1]))
+            self.cpu[pid] = (int(stat[11]) + int(stat[12])) / tick
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def workers_seen(self) -> bool:
+        return any(pid != self.master for pid in self.peak_kib)
+
+    def worker_peak_mib(self) -> float:
+        workers = [kib for pid, kib in self.peak_kib.items() if pid != self.master]
+        return max(workers, default=0) / 1024
+
+    def worker_cpu(self) -> float:
+        return max((s for pid, s in self.cpu.items() if pid != self.master), default=0.0)
+
+    def master_peak_mib(self) -> float:
+        return self.peak_kib.get(self.master, 0) / 1024
+
+    def peak_mib(self, single: bool) -> float:
+        """The figure that matters: the master in single-process mode, else the workers'."""
+        peak = self.master_peak_mib() if single else self.worker_peak_mib()
+        assert peak > 0, "nothing sampled"
+        return peak
+
+
+def send_bomb(port: int, uid: bytes, data: bytes, sampler: Sampler,
+              single: bool = False) -> int | str:
+    """Store one deflated object; the association stays open until its worker was sampled
+    (VmHWM keeps the peak), then is released."""
+    sock = harness.connect(port, timeout=120)
+    try:
+        sock.sendall(fuzzgen.associate_rq(DEFLATED_CONTEXTS))
+        pdu_type, body = harness.read_pdu(sock)
+        assert pdu_type == 0x02, (pdu_type, body)
+        assert DEFLATED_LE.encode() in body, "deflated transfer syntax not accepted"
+        raw_store(sock, uid, data)
+        status = harness.read_status(sock)
+        assert single or harness.poll(sampler.workers_seen, 5), "worker never sampled"
+        sock.sendall(fuzzgen.pdu(0x05, bytes(4)))
+        return status
+    finally:
+        sock.close()
+
+
+def bomb_daemon(daemon_factory: Any, **storage: Any) -> tuple[Daemon, int]:
+    single = storage.pop("single", False)
+    settings: dict[str, dict[str, Any]] = {
+        "negotiation": {"preferred_transfer_syntax": "deflated"},
+        "logging": {"level": "info"}, "storage": dict(storage)}
+    if single:
+        settings["workers"] = {"process_model": "single"}
+    daemon = daemon_factory(settings)
+    time.sleep(0.3)  # the master's RSS after start-up, before any association
+    return daemon, harness.rss_kib(daemon.proc.pid) // 1024
+
+
+def report(label: str, sampler: Sampler, base_mib: int) -> str:
+    line = (f"{label}: master RSS at start {base_mib} MiB; peak worker RSS "
+            f"{sampler.worker_peak_mib():.0f} MiB, worker CPU {sampler.worker_cpu():.2f} s; "
+            f"peak master RSS {sampler.master_peak_mib():.0f} MiB")
+    print(line, file=sys.stderr)
+    return line
+
+
+@pytest.mark.parametrize("single", [False, True], ids=["fork", "single"])
+def test_deflate_bomb_stored_as_received_in_bounded_memory(daemon_factory: Any,
+                                                           single: bool) -> None:
+    """1 MB that inflates to 1 GiB, identifying attributes first: stored as received (the
+    bytes the peer sent), identified from 64 KiB of inflated head."""
+    daemon, base = bomb_daemon(daemon_factory, single=single)
+    uid = b"1.2.826.0.1.3680043.9.7.16.2"
+    data = deflate_bomb(uid, GIB, identifiers_first=True)
+    assert len(data) < 1_200_000
+    sampler = Sampler(daemon.proc.pid)
+    try:
+        assert send_bomb(daemon.port, uid, data, sampler, single) == 0
+    finally:
+        sampler.stop()
+    report("deflate bomb stored as received", sampler, base)
+    (stored,) = daemon.files()
+    assert stored.stat().st_size < len(data) + 1024  # as received, meta header added
+    assert stored.read_bytes().endswith(data)
+    daemon.wait_log(f"stored {uid.decode()}")
+    peak = sampler.peak_mib(single)
+    assert peak < base + 40, report("deflate bomb stored as received", sampler, base)
+
+
+@pytest.mark.parametrize("single", [False, True], ids=["fork", "single"])
+def test_deflate_bomb_hiding_its_identifiers_is_refused_at_the_limit(daemon_factory: Any,
+                                                                    single: bool) -> None:
+    """The identifying attributes behind 1 GiB of inflated zeros: the walk inflates and
+    discards up to storage.max_decoded_size (512 MiB by default), then refuses with 0xA700
+    and one line; memory stays flat, CPU is bounded by the limit."""
+    daemon, base = bomb_daemon(daemon_factory, single=single)
+    uid = b"1.2.826.0.1.3680043.9.7.16.3"
+    data = deflate_bomb(uid, GIB, identifiers_first=False)
+    sampler = Sampler(daemon.proc.pid)
+    try:
+        assert send_bomb(daemon.port, uid, data, sampler, single) == 0xA700
+    finally:
+        sampler.stop()
+    line = report("deflate bomb, identifiers behind 1 GiB", sampler, base)
+    log = daemon.wait_log("failed with 0xA700")
+    assert log.count("inflates to more than 536870912 bytes before its identifying "
+                     "attributes (storage.max_decoded_size)") == 1, log
+    assert daemon.files() == []
+    assert harness.poll(lambda: daemon.staging() == [], 10)
+    peak = sampler.peak_mib(single)
+    assert peak < base + 40, line
+    if not single:
+        assert sampler.worker_cpu() < 5.0, line
+
+
+def test_deflate_bomb_within_a_raised_limit_is_walked_in_bounded_memory(
+        daemon_factory: Any) -> None:
+    """With storage.max_decoded_size above 1 GiB the same object is identified by inflating
+    all of it, 64 KiB at a time, and stored as received."""
+    daemon, base = bomb_daemon(daemon_factory, max_decoded_size=2 * GIB)
+    uid = b"1.2.826.0.1.3680043.9.7.16.4"
+    data = deflate_bomb(uid, GIB, identifiers_first=False)
+    sampler = Sampler(daemon.proc.pid)
+    try:
+        assert send_bomb(daemon.port, uid, data, sampler) == 0
+    finally:
+        sampler.stop()
+    line = report("deflate bomb walked whole (limit 2 GiB)", sampler, base)
+    assert len(daemon.files()) == 1
+    assert sampler.peak_mib(False) < base + 40, line
+
+
+@pytest.mark.parametrize("single", [False, True], ids=["fork", "single"])
+def test_deflate_bomb_is_not_re_encoded(daemon_factory: Any, single: bool) -> None:
+    """storage.transfer_syntax = little-explicit (storescp +te) re-encodes in memory: the
+    inflated size is measured first, in 64 KiB pieces, and the bomb refused (0xA700, one
+    line); no 1 GiB file, no 1 GiB of memory."""
+    daemon, base = bomb_daemon(daemon_factory, single=single,
+                               transfer_syntax="little-explicit")
+    uid = b"1.2.826.0.1.3680043.9.7.16.5"
+    data = deflate_bomb(uid, GIB, identifiers_first=True)
+    sampler = Sampler(daemon.proc.pid)
+    try:
+        assert send_bomb(daemon.port, uid, data, sampler, single) == 0xA700
+    finally:
+        sampler.stop()
+    line = report("deflate bomb with +te", sampler, base)
+    log = daemon.wait_log("failed with 0xA700")
+    assert log.count("the deflated data set inflates to more than 536870912 bytes") == 1
+    assert daemon.files() == []
+    assert harness.poll(lambda: daemon.staging() == [], 10)
+    peak = sampler.peak_mib(single)
+    assert peak < base + 40, line
+
+
+def _large_ct(uid: bytes, pixel_bytes: int) -> bytes:
+    elements = fuzzgen.data_elements(uid, __import__("random").Random(uid))[:-1]
+    return fuzzgen.encode_data_set(elements, implicit_vr=False) + \
+        struct.pack("<HH2sxxL", 0x7FE0, 0x0010, b"OW", pixel_bytes) + bytes(pixel_bytes)
+
+
+def _re_encoding_peak(daemon_factory: Any, limit: int, size: int) -> tuple[int | str, float,
+                                                                             int, Daemon]:
+    daemon = daemon_factory({"storage": {"transfer_syntax": "big-explicit",
+                                         "max_decoded_size": limit},
+                             "logging": {"level": "info"}})
+    time.sleep(0.3)
+    base = harness.rss_kib(daemon.proc.pid) // 1024
+    uid = b"1.2.826.0.1.3680043.9.7.16.6"
+    data = _large_ct(uid, size)
+    sampler = Sampler(daemon.proc.pid)
+    sock = harness.associate(daemon.port)
+    try:
+        raw_store(sock, uid, data)
+        status = harness.read_status(sock)
+        assert harness.poll(sampler.workers_seen, 5)
+        sock.sendall(fuzzgen.pdu(0x05, bytes(4)))
+    finally:
+        sock.close()
+        sampler.stop()
+    report(f"re-encoding (+tb) a {size >> 20} MiB data set, limit {limit >> 20} MiB", sampler,
+           base)
+    return status, sampler.peak_mib(False), base, daemon
+
+
+def test_re_encoding_memory_is_bounded_by_max_decoded_size(daemon_factory: Any) -> None:
+    """Re-encoding holds the data set in memory: at most storage.max_decoded_size of it
+    (about twice that at the peak); a larger one is refused before a byte of it is read."""
+    limit = 64 << 20
+    status, peak, base, daemon = _re_encoding_peak(daemon_factory, limit, 60 << 20)
+    assert status == 0 and len(daemon.files()) == 1
+    assert peak < base + 3 * (limit >> 20), (peak, base)
+    status, peak, base, daemon = _re_encoding_peak(daemon_factory, limit, 70 << 20)
+    assert status == 0xA700 and daemon.files() == []
+    log = daemon.wait_log("failed with 0xA700")
+    assert "re-encoding holds the data set in memory, and its 73400" in log
+    assert "exceed storage.max_decoded_size (67108864)" in log
+    assert peak < base + 40, (peak, base)
+
+
+@pytest.mark.slow
+def test_worst_worker_rss_at_the_default_limit(daemon_factory: Any) -> None:
+    """The worst case per worker with the defaults and an output option: a data set just
+    under 512 MiB re-encoded (figure in the README)."""
+    status, peak, base, _daemon = _re_encoding_peak(daemon_factory, 512 << 20,
+                                                    (512 << 20) - (1 << 20))
+    assert status == 0
+    assert peak < base + 3 * 512, (peak, base)
