@@ -399,3 +399,75 @@ def test_worst_worker_rss_at_the_default_limit(daemon_factory: Any) -> None:
                                                     (512 << 20) - (1 << 20))
     assert status == 0
     assert peak < base + 3 * 512, (peak, base)
+
+
+# --- UIDs that differ only in white space ----------------------------------------------------
+
+WHITE_SPACE_UIDS = [b"1.2.826.0.1.3680043.9.7.16.85.1", b"1.2.826.0.1.3680043.9.7.16.85. 1",
+                    b"1.2.826.0.1.3680043.9.7.16.85.\t1", b"1.2.826.0.1.3680043.9.7.16.85.1\n"]
+
+
+def _patient_object(uid: bytes, patient: int) -> bytes:
+    elements = fuzzgen.data_elements(uid, __import__("random").Random(patient))
+    elements[4] = (0x0010, 0x0010, b"PN", fuzzgen.even(f"Patient^{patient}".encode(), b" "))
+    elements[5] = (0x0010, 0x0020, b"LO", fuzzgen.even(f"P{patient}".encode(), b" "))
+    return fuzzgen.encode_data_set(elements, implicit_vr=False)
+
+
+def _store_four(port: int) -> list[int | str]:
+    statuses: list[int | str] = []
+    sock = harness.associate(port)
+    try:
+        for patient, uid in enumerate(WHITE_SPACE_UIDS, start=1):
+            raw_store(sock, uid, _patient_object(uid, patient))
+            statuses.append(harness.read_status(sock))
+        sock.sendall(fuzzgen.pdu(0x05, bytes(4)))
+        assert harness.read_pdu(sock)[0] == 0x06
+    finally:
+        sock.close()
+    return statuses
+
+
+def _patients_on_disk(files: list[Path]) -> list[str]:
+    return sorted(f"P{p}" for f in files for p in range(1, 5)
+                  if fuzzgen.even(f"P{p}".encode(), b" ") in f.read_bytes())
+
+
+@pytest.mark.parametrize("duplicates", ["overwrite", "keep-first", "reject", "keep-both"])
+def test_uids_differing_in_white_space_never_share_a_file(daemon_factory: Any,
+                                                          duplicates: str) -> None:
+    """Four patients' objects whose SOP Instance UIDs differ only in white space: four
+    files, whatever storage.duplicates says; the plain UID keeps storescp's name, the
+    others get a distinct one (a hash suffix)."""
+    daemon = daemon_factory({"storage": {"duplicates": duplicates, "sort": "study-uid"},
+                             "logging": {"level": "info"}})
+    assert _store_four(daemon.port) == [0, 0, 0, 0]
+    files = daemon.files()
+    assert len(files) == 4, [f.name for f in files]
+    assert _patients_on_disk(files) == ["P1", "P2", "P3", "P4"]
+    names = sorted(f.name for f in files)
+    assert "CT.1.2.826.0.1.3680043.9.7.16.85.1" in names
+    assert all(n.startswith("CT.1.2.826.0.1.3680043.9.7.16.85._") or
+               n.startswith("CT.1.2.826.0.1.3680043.9.7.16.85.1") for n in names), names
+    log = daemon.wait_log("association released")
+    assert log.count("stored 1.2.826.0.1.3680043.9.7.16.85.") == 4
+
+
+def test_storescp_lets_them_overwrite_each_other(tmp_path: Path) -> None:
+    """The comparison (README): storescp names all four CT.1.2.826...85.1, so three
+    acknowledged objects are gone; the last one stays."""
+    require_tool("storescp")
+    out = tmp_path / "storescp"
+    out.mkdir()
+    port = free_port()
+    reference = subprocess.Popen(["storescp", "-od", str(out), str(port)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        assert _store_four(port) == [0, 0, 0, 0]
+    finally:
+        reference.terminate()
+        reference.wait(10)
+    files = sorted(out.iterdir())
+    assert [f.name for f in files] == ["CT.1.2.826.0.1.3680043.9.7.16.85.1"]
+    assert _patients_on_disk(files) == ["P4"]
