@@ -91,13 +91,26 @@ class NetworkConfig:
         storescp=("-ta", "--acse-timeout"), minimum=1,
     )
     dimse_timeout: int = setting(
-        0,
-        "Seconds to wait for the next DIMSE message; 0 means unlimited (socket_timeout applies).",
+        60,
+        "Seconds an association may stay idle waiting for the next DIMSE message (command); "
+        "then it is aborted. 0 means unlimited (socket_timeout applies).",
         storescp=("-td", "--dimse-timeout"), minimum=0,
+        default_note="storescp waits forever by default. Every idle association holds a "
+        "worker and its descriptors, so a peer that connects and never sends could hold "
+        "them all; 60 s is as long as the socket timeout, and a sender that pauses longer "
+        "between objects simply associates again.",
     )
     socket_timeout: int = setting(
         60, "Seconds a single network read or write may block; a stalled peer is dropped. 0: none.",
         storescp=("-ts", "--socket-timeout"), minimum=0,
+    )
+    min_transfer_rate: int = setting(
+        1024, "Bytes per second a peer must average while a message (a command and its data "
+        "set) is on its way, measured over each stretch of socket_timeout seconds (at most "
+        "60) spent waiting for it; a slower peer is aborted. Without it, a peer sending one "
+        "byte before each socket_timeout, or one tiny PDU at a time, would hold its worker "
+        "indefinitely. 0: no minimum.", minimum=0,
+        default_note="Not a storescp option: storescp bounds each read only (-ts).",
     )
     disable_host_lookup: bool = setting(
         True, "Do not resolve the peer's address to a host name (used in logs and #r).",
@@ -534,9 +547,14 @@ class WorkersConfig:
         default_note="storescp runs a single process unless --fork is given.",
     )
     max_associations: int = setting(
-        0, "Most associations served at once; one more is answered with A-ASSOCIATE-RJ "
-        "(transient, local limit exceeded). 0: unlimited.",
+        100, "Most associations served at once; one more is answered with A-ASSOCIATE-RJ "
+        "(transient, local limit exceeded), and beyond 16 such answers in progress further "
+        "connections are closed at once. 0: unlimited.",
         storescp=("--max-associations",), minimum=0,
+        default_note="storescp --fork has no limit. Each association costs a process and "
+        "descriptors (the master keeps two per worker): unlimited, a flood of silent "
+        "connections exhausts the descriptor limit and delays everyone. 100 parallel "
+        "associations is far more than PACS traffic needs; raise it with LimitNOFILE=.",
     )
     max_associations_per_peer: int = setting(
         0, "Most associations served at once for one peer address (same rejection). "

@@ -8,7 +8,7 @@ starts a new directory whenever the study changes, and per association is what s
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import cast, overload
 
 from pydicom.uid import generate_uid
@@ -59,10 +59,13 @@ class Layout:
     """Computes targets for one association under one storage configuration."""
 
     def __init__(self, config: StorageConfig,
-                 current_study: Callable[[str, str, Callable[[], str]], str] | None = None
+                 current_study: Callable[[str, str, Callable[[int], str]], str] | None = None
                  ) -> None:
-        """`current_study(key, study_uid, new_name)` shares the "current study directory"
-        between associations (Store.study_directory); without it the state is ours alone."""
+        """`current_study(key, study_uid, new_name)` shares the study directories of
+        conc-studies and patientname sorting between associations (Store.study_directory:
+        one directory per study, never two studies in one); `new_name(n)` is the name for
+        the object's time plus n milliseconds.  Without it the state is ours alone, as in
+        one storescp process."""
         self.config = config
         self._current_study = current_study
         self._study_uid: str | None = None
@@ -77,10 +80,11 @@ class Layout:
             return [naming.study_subdirectory(mode, self.config.sort_prefix,
                                               study_uid=ident.study_uid,
                                               patient_name=ident.patient_name_raw, when=now)]
-        def new_name() -> str:
+        def new_name(later: int = 0) -> str:
             return naming.study_subdirectory(mode, self.config.sort_prefix,
                                              study_uid=ident.study_uid,
-                                             patient_name=ident.patient_name_raw, when=now)
+                                             patient_name=ident.patient_name_raw,
+                                             when=now + timedelta(milliseconds=later))
 
         if self._current_study is not None:
             # Raises MissingStudyUID first, as storescp refuses such objects in every mode.

@@ -7,6 +7,7 @@ placed and its directory fsynced; only then is the success response sent.
 """
 
 import contextlib
+import functools
 import logging
 import socket
 import ssl
@@ -52,6 +53,7 @@ log = logging.getLogger("dicom_ingestd.association")
 
 HEAD_BYTES = 1 << 16  # identifying attributes sit in the first few KiB of a data set
 MAX_ASSOCIATE_RQ = 1 << 17  # 128 contexts of long UIDs fit in ~40 KiB; more is abuse
+MAX_SMALL_PDU = 64  # A-RELEASE-RQ and A-ABORT bodies are 4 bytes; longer ones are not read
 VERIFICATION = "1.2.840.10008.1.1"
 
 
@@ -126,10 +128,12 @@ class Session:
         self.config = config
         self.store = store
         self.on_stored = on_stored
-        self.layout = Layout(config.storage, store.study_directory)
+        self.layout = Layout(config.storage, functools.partial(
+            store.study_directory, idle=float(config.events.eostudy_timeout)))
         self._rewrite = encode.wanted(config.storage)  # storescp's output options (encode.py)
         net = config.network
-        self.channel = Channel(sock, float(net.socket_timeout) or None, net.tcp_nodelay)
+        self.channel = Channel(sock, float(net.socket_timeout) or None, net.tcp_nodelay,
+                               net.min_transfer_rate)
         self.calling_ae = "?"
         self.called_ae = "?"
         self.peer_max_pdu = 0
@@ -297,15 +301,26 @@ class Session:
     # -- data transfer ---------------------------------------------------------------------
     def _serve(self) -> None:
         dimse_timeout = self.config.network.dimse_timeout
+        acse_timeout = self.config.network.acse_timeout
         while True:
             deadline = None
-            if dimse_timeout and self._current is None and not self._command:
-                deadline = time.monotonic() + dimse_timeout
+            if self._current is None and not self._command:
+                # Idle between messages: the DIMSE timeout bounds the wait.
+                self.channel.disarm()
+                if dimse_timeout:
+                    deadline = time.monotonic() + dimse_timeout
+            else:  # inside a message: the peer must keep up network.min_transfer_rate
+                self.channel.arm()
             pdu_type, length = self.channel.read_pdu_header(deadline)
+            self.channel.arm()  # whatever the PDU, its body is on its way
             if pdu_type == P_DATA_TF:
                 self._p_data(length)
             elif pdu_type == A_RELEASE_RQ:
-                self.channel.skip(length)
+                # Its body is 4 reserved bytes (PS3.8 9.3.6): a longer one is not read (a
+                # length of 4 GiB fed one byte at a time held a worker for ever).
+                if length > MAX_SMALL_PDU:
+                    raise ProtocolError(f"A-RELEASE-RQ of {length} bytes (4 expected)")
+                self.channel.read_exact(length, time.monotonic() + acse_timeout)
                 if self._current:
                     log.warning("%s: release requested during a C-STORE; partial object "
                                 "discarded", self._who(), extra=self._fields())
@@ -315,7 +330,10 @@ class Session:
                 self._log_end("released")
                 return
             elif pdu_type == A_ABORT:
-                body = self.channel.read_exact(length) if length <= 64 else b""
+                body = b""
+                if length <= MAX_SMALL_PDU:  # the peer is leaving: a short wait at most
+                    with contextlib.suppress(PeerTimeout):
+                        body = self.channel.read_exact(length, time.monotonic() + acse_timeout)
                 source = body[2] if len(body) >= 4 else -1
                 reason = body[3] if len(body) >= 4 else -1
                 self.outcome.how = "aborted-by-peer"
@@ -563,6 +581,10 @@ class Session:
             raise StorageError("no Study Instance UID to sort by (storage.sort = "
                                f"{self.config.storage.sort})", Status.CANNOT_UNDERSTAND) \
                 from None
+        except OSError as exc:  # the shared study directory state (Store.study_directory)
+            temp.discard()
+            raise StorageError(f"cannot choose the study directory: {exc.strerror or exc}",
+                               Status.OUT_OF_RESOURCES) from None
         placed = self.store.commit(temp, target.directories, target.candidates,
                                    replace=target.replace, when_taken=target.when_taken)
         if placed.kept_existing:

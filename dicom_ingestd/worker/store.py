@@ -31,15 +31,17 @@ received (sync_file_range without waiting), so the disk works while the network 
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import itertools
 import json
 import os
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from dicom_ingestd.codes import Status
 from dicom_ingestd.config.schema import StorageConfig
@@ -47,6 +49,9 @@ from dicom_ingestd.errors import StorageError
 
 STAGING_DIR = ".ingestd-tmp"
 SORT_STATE = "sort-state.json"
+SORT_STATE_VERSION = 2
+SORT_STATE_STUDIES = 256  # studies remembered without events.eostudy_timeout
+SORT_NAME_TRIES = 1000  # milliseconds tried after a taken study directory name
 TEMP_SUFFIX = ".part"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _counter = itertools.count()
@@ -149,6 +154,27 @@ def _writer_alive(name: str, mtime: float) -> bool:
     except OSError:
         return False
     return b"dicom_ingestd" in cmdline or b"dicom-ingestd" in cmdline
+
+
+def _read_sort_state(fd: int, key: str) -> dict[str, Any]:
+    """The sort state in the open file, or a fresh one (another key, or unreadable: a crash
+    while it was written leaves it empty, which forgets directories but mixes nothing, since
+    new ones are only ever created)."""
+    size = os.fstat(fd).st_size
+    try:
+        state = json.loads(os.pread(fd, size, 0) or b"{}")
+    except ValueError:
+        state = {}
+    if not isinstance(state, dict) or state.get("version") != SORT_STATE_VERSION or \
+            state.get("key") != key or not isinstance(state.get("studies"), dict):
+        return {"version": SORT_STATE_VERSION, "key": key, "studies": {}}
+    return state
+
+
+def _write_sort_state(fd: int, state: dict[str, Any]) -> None:
+    data = json.dumps(state, separators=(",", ":")).encode()
+    os.pwrite(fd, data, 0)
+    os.ftruncate(fd, len(data))
 
 
 def _is_safe(part: str) -> bool:
@@ -369,31 +395,68 @@ class Store:
         except OSError as exc:
             raise _resource_error(exc, f"cannot create a file in {self.staging}") from None
 
-    def study_directory(self, key: str, study_uid: str, new_name: Callable[[], str]) -> str:
-        """The directory for the current study under storescp's "concurrent studies" rule.
+    def study_directory(self, key: str, study_uid: str, new_name: Callable[[int], str], *,
+                        idle: float = 0.0) -> str:
+        """The directory of a study under storescp's "current study" sorting (-ss, -sp),
+        shared by every association, worker and daemon using this output directory.
 
-        storescp keeps one "current study" per process: the next object of the same study
-        goes to the same directory, an object of another study starts a new one.  The state
-        lives in a small file in the staging directory, under an exclusive lock, so forked
-        workers and threads share it as storescp's single process does.  `key` identifies
-        the sorting configuration (a change of it starts a new directory).
+        storescp keeps one "current study" per process and starts a new directory whenever
+        the study changes, so parallel associations (or forked workers) spread one study
+        over many directories, and two studies named in the same millisecond share one.
+        Here a small state file in the staging directory, under an exclusive lock, maps each
+        study UID to its directory: an object of a known study goes to that study's
+        directory; an object of another study gets a new one, created here under the lock,
+        named `new_name(0)` (the time of its first object) or, when that name is taken on
+        disk or by another study, `new_name(1)`, `new_name(2)`, ... (one millisecond later
+        each).  A study not seen for `idle` seconds (events.eostudy_timeout: the study is
+        complete) is forgotten, so its next object starts a new directory; without `idle`
+        the SORT_STATE_STUDIES most recently seen studies are remembered.  `key` identifies
+        the sorting configuration (a change of it forgets everything).
+
+        Raises OSError when the state file or the directory cannot be written.
         """
         fd = os.open(SORT_STATE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600,
                      dir_fd=self._staging_fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                state = json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
-            except ValueError:
-                state = {}
-            if state.get("key") == key and state.get("study") == study_uid and state.get("dir"):
-                return str(state["dir"])
-            name = new_name()
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps({"key": key, "study": study_uid, "dir": name}).encode(), 0)
+            state = _read_sort_state(fd, key)
+            studies: dict[str, list[Any]] = state["studies"]
+            now = time.time()
+            if idle:
+                for uid in [u for u, (_d, used) in studies.items() if now - used > idle]:
+                    del studies[uid]
+            entry = studies.get(study_uid)
+            if entry is not None:
+                if now - entry[1] >= 1.0:  # refreshed once a second at most
+                    entry[1] = now
+                    _write_sort_state(fd, state)
+                return str(entry[0])
+            taken = {str(d) for d, _used in studies.values()}
+            name = self._new_study_directory(new_name, taken)
+            studies[study_uid] = [name, now]
+            if len(studies) > SORT_STATE_STUDIES:
+                for uid in sorted(studies, key=lambda u: studies[u][1])[
+                        :len(studies) - SORT_STATE_STUDIES]:
+                    del studies[uid]
+            _write_sort_state(fd, state)
             return name
         finally:
             os.close(fd)  # releases the lock
+
+    def _new_study_directory(self, new_name: Callable[[int], str], taken: set[str]) -> str:
+        for step in range(SORT_NAME_TRIES):
+            name = new_name(step)
+            if name in taken or not _is_safe(name):
+                continue
+            try:
+                os.mkdir(name, 0o755, dir_fd=self._root_fd)
+            except FileExistsError:  # another study's (or anything else): never shared
+                continue
+            if self.config.fsync:
+                os.fsync(self._root_fd)
+            return name
+        raise OSError(errno.EEXIST, f"no free study directory name after {SORT_NAME_TRIES} "
+                      f"tries from {new_name(0)}")
 
     def has_free_space(self) -> bool:
         """False when the reserve storage.min_free_space is not available."""

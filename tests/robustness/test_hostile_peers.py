@@ -471,3 +471,218 @@ def test_storescp_lets_them_overwrite_each_other(tmp_path: Path) -> None:
     files = sorted(out.iterdir())
     assert [f.name for f in files] == ["CT.1.2.826.0.1.3680043.9.7.16.85.1"]
     assert _patients_on_disk(files) == ["P4"]
+
+
+# --- trickling and idle peers ------------------------------------------------------------------
+
+TRICKLE = {"network": {"acse_timeout": 3, "dimse_timeout": 3, "socket_timeout": 3},
+           "logging": {"level": "info"}}
+
+
+def _trickle(sock: socket.socket, chunks: list[bytes], every: float, limit: float) -> float:
+    """Send `chunks` one per `every` seconds until the daemon ends the association; the
+    seconds that took (AssertionError after `limit`)."""
+    started = time.monotonic()
+    sock.settimeout(every)
+    for chunk in chunks:
+        if time.monotonic() - started > limit:
+            break
+        try:
+            sock.sendall(chunk)
+        except OSError:
+            return time.monotonic() - started
+        try:
+            data = sock.recv(1 << 16)
+        except TimeoutError:
+            continue
+        except OSError:
+            return time.monotonic() - started
+        assert data[:1] in (b"\x07", b""), data[:16]  # an A-ABORT, or the close
+        return time.monotonic() - started
+    raise AssertionError(f"still associated after {time.monotonic() - started:.0f} s")
+
+
+def test_release_request_claiming_4_gib_is_refused_at_once(daemon_factory: Any) -> None:
+    """The issue's peer: an A-RELEASE-RQ whose length claims 4 GiB, then one byte at a
+    time.  Its body is 4 bytes; a longer one is a protocol error, answered with A-ABORT
+    before a byte of it is read."""
+    daemon = daemon_factory(TRICKLE)
+    sock = harness.associate(daemon.port)
+    try:
+        took = _trickle(sock, [struct.pack(">BBL", 0x05, 0, 0xFFFFFFFF)] + [b"\0"] * 20,
+                        every=1.0, limit=20)
+    finally:
+        sock.close()
+    assert took < 1.0, took
+    daemon.wait_log("A-RELEASE-RQ of 4294967295 bytes (4 expected)")
+    harness.wait_until_no_workers(daemon.proc.pid, timeout=10)
+
+
+@pytest.mark.parametrize("how", ["bytes-inside-a-pdu", "tiny-pdus", "command-bytes"])
+def test_trickling_peer_is_dropped_by_the_minimum_rate(daemon_factory: Any, how: str) -> None:
+    """One byte (or one 14-byte PDU) a second, each well inside socket_timeout (3 s): the
+    per-read timeout never fires.  network.min_transfer_rate (1024 bytes/s by default,
+    measured over each socket_timeout of waiting) ends it within two windows."""
+    settings = {k: dict(v) for k, v in TRICKLE.items()}
+    if how == "command-bytes":  # between messages: even without a DIMSE timeout
+        settings["network"]["dimse_timeout"] = 0
+    daemon = daemon_factory(settings)
+    uid = b"1.2.826.0.1.3680043.9.7.16.7"
+    command = fuzzgen.command_set(fuzzgen.store_elements(uid))
+    sock = harness.associate(daemon.port)
+    watch = harness.WorkerWatch(daemon.proc.pid, harness.children(daemon.proc.pid))
+    try:
+        if how == "bytes-inside-a-pdu":
+            sock.sendall(fuzzgen.fragments(1, command, command=True)
+                         + struct.pack(">BBL", 0x04, 0, 1006) + struct.pack(">LBB", 1002, 1, 2))
+            chunks = [b"\0"] * 60
+        elif how == "tiny-pdus":
+            sock.sendall(fuzzgen.fragments(1, command, command=True))
+            chunks = [fuzzgen.p_data(1, 0x00, b"\0\0")] * 60
+        else:
+            chunks = [bytes([b]) for b in fuzzgen.p_data(1, 0x03, command)] * 2
+        took = _trickle(sock, chunks, every=1.0, limit=30)
+    finally:
+        sock.close()
+        watch.stop()
+    assert 2.5 < took < 8.0, took
+    log = daemon.wait_log("less than network.min_transfer_rate (1024 bytes/s)")
+    assert "dropping the association" in log
+    assert watch.longest < 10, watch.longest
+    assert daemon.files() == []
+    assert harness.poll(lambda: daemon.staging() == [], 10)
+
+
+def test_slow_but_steady_sender_is_served(daemon_factory: Any) -> None:
+    """The minimum rate must not catch a sender on a slow link: 4 KiB/s for 6 s."""
+    daemon = daemon_factory(TRICKLE)
+    uid = b"1.2.826.0.1.3680043.9.7.16.8"
+    data = _large_ct(uid, 24 << 10)
+    sock = harness.associate(daemon.port)
+    try:
+        command = fuzzgen.command_set(fuzzgen.store_elements(uid))
+        stream = fuzzgen.fragments(1, command, command=True) + \
+            fuzzgen.fragments(1, data, command=False)
+        for offset in range(0, len(stream), 1024):
+            sock.sendall(stream[offset:offset + 1024])
+            time.sleep(0.25)
+        assert harness.read_status(sock) == 0
+    finally:
+        sock.close()
+    assert len(daemon.files()) == 1
+
+
+@pytest.mark.slow
+def test_trickling_peer_with_the_default_timeouts(daemon_factory: Any) -> None:
+    """The issue's figures with the defaults (socket_timeout 60): one byte every 50 s inside
+    a PDU is dropped after the first 60 s window, not after 200 s or never."""
+    daemon = daemon_factory({"logging": {"level": "info"}})
+    uid = b"1.2.826.0.1.3680043.9.7.16.9"
+    command = fuzzgen.command_set(fuzzgen.store_elements(uid))
+    sock = harness.associate(daemon.port)
+    try:
+        sock.sendall(fuzzgen.fragments(1, command, command=True)
+                     + struct.pack(">BBL", 0x04, 0, 1006) + struct.pack(">LBB", 1002, 1, 2))
+        took = _trickle(sock, [b"\0"] * 10, every=50.0, limit=300)
+    finally:
+        sock.close()
+    assert 55 < took < 125, took
+    daemon.wait_log("less than network.min_transfer_rate")
+
+
+def test_defaults_bound_idle_peers_and_associations() -> None:
+    from dicom_ingestd.config.schema import Config
+
+    config = Config()
+    assert config.network.dimse_timeout == 60
+    assert config.network.min_transfer_rate == 1024
+    assert config.workers.max_associations == 100
+
+
+# --- descriptor exhaustion -------------------------------------------------------------------
+
+
+def _master_cpu(pid: int) -> float:
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _silent_connections(port: int, count: int, source: str = "127.0.0.1"
+                        ) -> list[socket.socket]:
+    socks = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.bind((source, 0))
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", port))  # EINPROGRESS: the kernel completes it
+        socks.append(sock)
+    return socks
+
+
+def test_out_of_descriptors_the_master_pauses_instead_of_spinning(daemon_factory: Any) -> None:
+    """The issue's flood, made to exhaust the master: a descriptor limit of 64 and no
+    association limit.  accept() fails with EMFILE while silent connections wait; the
+    master stops watching its listeners, backs off (0.1 s doubling to 2 s) and logs one
+    line per 10 s, instead of 497,271 lines and 16.6 CPU-seconds.  When the silent peers
+    are dropped (acse_timeout), it accepts again and a storescu is served."""
+    daemon = daemon_factory({"network": {"acse_timeout": 6, "socket_timeout": 6},
+                             "workers": {"max_associations": 0},
+                             "logging": {"level": "info"}})
+    pid = daemon.proc.pid
+    __import__("resource").prlimit(pid, __import__("resource").RLIMIT_NOFILE, (64, 64))
+    cpu_before = _master_cpu(pid)
+    socks = _silent_connections(daemon.port, 150)
+    try:
+        daemon.wait_log("Too many open files; not accepting connections for", timeout=10)
+        time.sleep(4)  # exhausted: the backlog stays full while the silent peers wait
+        cpu = _master_cpu(pid) - cpu_before
+        log = daemon.log()
+        lines = [line for line in log.splitlines() if "Too many open files" in line]
+        assert 1 <= len(lines) <= 2, lines
+        assert "not accepting connections for" in lines[0]
+        assert "open descriptors, limit 64" in lines[0]
+        assert cpu < 1.5, f"master used {cpu:.2f} s of CPU in ~5 s of exhaustion"
+    finally:
+        for sock in socks:
+            sock.close()
+    # The silent peers time out (acse_timeout): descriptors come back, accepting resumes.
+    harness.wait_until_no_workers(pid, timeout=30)
+    assert harness.poll(lambda: harness.fd_count(pid) < 40, 10), harness.fd_count(pid)
+    from conftest import storescu
+    storescu(daemon.port, bundled("CT_small.dcm"), timeout=60)
+    assert len(daemon.files()) == 1
+    assert not harness.bug_lines(daemon.log()), harness.bug_lines(daemon.log())
+
+
+def test_flood_of_silent_connections_under_the_default_limits(daemon_factory: Any) -> None:
+    """1,100 silent connections against the default limits (max_associations 100) with the
+    usual soft limit of 1024 descriptors: the master never runs out of descriptors, logs a
+    bounded number of lines, uses little CPU, and a sender from another address that comes
+    after the flood's first wave is served."""
+    daemon = daemon_factory({"network": {"acse_timeout": 4, "socket_timeout": 4},
+                             "storage": {"fsync": False}, "logging": {"level": "info"}})
+    pid = daemon.proc.pid
+    __import__("resource").prlimit(pid, __import__("resource").RLIMIT_NOFILE, (1024, 1024))
+    baseline = harness.Resources.of(pid)
+    cpu_before = _master_cpu(pid)
+    socks = _silent_connections(daemon.port, 1100, source="127.0.0.3")
+    try:
+        time.sleep(3)
+        fds = harness.fd_count(pid)
+        cpu = _master_cpu(pid) - cpu_before
+    finally:
+        for sock in socks:
+            sock.close()
+    after = harness.settle(pid, baseline, timeout=60)  # workers reaped, not only exited
+    assert after.fds <= baseline.fds, (after, baseline)
+    from conftest import storescu
+    storescu(daemon.port, bundled("CT_small.dcm"), timeout=60)
+    log = daemon.log()
+    assert "Too many open files" not in log
+    assert fds < 400, fds
+    closing = [line for line in log.splitlines() if "closing the connection unanswered" in line]
+    assert 1 <= len(closing) <= 3, len(closing)
+    assert cpu < 15, cpu
+    print(f"flood of 1100: master fds {fds}, master CPU {cpu:.2f} s in the first 3 s, "
+          f"{len(closing)} flood line(s)", file=sys.stderr)
+    assert len(daemon.files()) == 1

@@ -1,0 +1,140 @@
+"""storescp's "current study" sorting (-ss conc-studies, -sp patientname) across parallel
+associations (issue 16): each study in one directory, never two studies in one directory,
+however many associations and worker processes store at once.
+
+storescp keeps its current study per process; run per association (its --fork, or our
+workers before this), interleaved studies were spread over dozens of directories, and two
+studies named in the same millisecond shared one.  The decision is now made under a lock in
+a state file of the staging directory (Store.study_directory), and a new study's directory
+is created there, under the lock, with a name nothing else has.
+"""
+
+import subprocess
+import threading
+import time
+from collections import defaultdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import make_study, run_tool
+from pydicom import dcmread
+
+from dicom_ingestd.config.load import config_from_mapping
+from dicom_ingestd.worker.naming import study_subdirectory
+from dicom_ingestd.worker.store import Store
+
+
+def _interleave(a: list[Path], b: list[Path]) -> list[Path]:
+    return [path for pair in zip(a, b, strict=True) for path in pair]
+
+
+def _tree(out: Path) -> tuple[dict[str, set[str]], dict[str, set[str]], int]:
+    """(study UID -> directories, directory -> study UIDs, files) of the output tree."""
+    dirs_of: dict[str, set[str]] = defaultdict(set)
+    studies_in: dict[str, set[str]] = defaultdict(set)
+    count = 0
+    for path in out.rglob("*"):
+        if not path.is_file() or ".ingestd-tmp" in path.parts:
+            continue
+        study = str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+        directory = str(path.parent.relative_to(out))
+        dirs_of[study].add(directory)
+        studies_in[directory].add(study)
+        count += 1
+    return dirs_of, studies_in, count
+
+
+@pytest.mark.parametrize("process_model", ["fork", "single"])
+@pytest.mark.parametrize("sort", ["conc-studies", "patientname"])
+def test_parallel_associations_keep_each_study_in_one_directory(
+        tmp_path: Path, daemon_factory: Any, sort: str, process_model: str) -> None:
+    """Three storescu processes at once, each alternating between two of three studies
+    (three patients), so every study arrives on two associations in parallel."""
+    studies = [make_study(tmp_path / f"s{i}", 24, name=f"s{i}", patient=f"Patient^{i}")
+               for i in range(3)]
+    daemon = daemon_factory({"storage": {"sort": sort, "sort_prefix": "ST", "fsync": False},
+                             "workers": {"process_model": process_model},
+                             "logging": {"level": "info"}})
+    halves = [(s[:12], s[12:]) for s in studies]
+    batches = [_interleave(halves[i][0], halves[(i + 1) % 3][1]) for i in range(3)]
+    results: list[subprocess.CompletedProcess[str]] = []
+
+    def send(files: list[Path]) -> None:
+        results.append(run_tool(["storescu", "127.0.0.1", str(daemon.port),
+                                 *map(str, files)], timeout=120))
+
+    threads = [threading.Thread(target=send, args=(batch,)) for batch in batches]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [r.returncode for r in results] == [0, 0, 0], [r.stderr for r in results]
+    dirs_of, studies_in, count = _tree(daemon.out)
+    assert count == 72
+    assert len(dirs_of) == 3
+    assert all(len(dirs) == 1 for dirs in dirs_of.values()), dict(dirs_of)
+    assert all(len(uids) == 1 for uids in studies_in.values()), dict(studies_in)
+    if sort == "patientname":
+        assert sorted(d.rsplit("_", 2)[0] for d in studies_in) == \
+            ["Patient_0", "Patient_1", "Patient_2"]
+    else:
+        assert all(d.startswith("ST_") for d in studies_in)
+
+
+def _store(tmp_path: Path) -> Store:
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    config = config_from_mapping({"storage": {"output_directory": str(out),
+                                              "sort": "conc-studies"}})
+    store = Store(config.storage)
+    store.open()
+    return store
+
+
+def _names(when: datetime) -> Any:
+    def new_name(later: int = 0) -> str:
+        from datetime import timedelta
+        return study_subdirectory("conc-studies", "", study_uid="1",
+                                  patient_name=None, when=when + timedelta(milliseconds=later))
+    return new_name
+
+
+def test_two_studies_in_one_millisecond_get_two_directories(tmp_path: Path) -> None:
+    """The same millisecond for two studies, and a directory of that name already on disk
+    (a study from before a restart): three distinct directories, each created once."""
+    store = _store(tmp_path)
+    when = datetime(2026, 12, 1, 10, 0, 0, 5000)
+    (store.root / "20261201_100000005").mkdir()
+    first = store.study_directory("k", "1.2.1", _names(when))
+    second = store.study_directory("k", "1.2.2", _names(when))
+    assert (first, second) == ("20261201_100000006", "20261201_100000007")
+    assert store.study_directory("k", "1.2.1", _names(when)) == first
+    assert store.study_directory("k", "1.2.2", _names(when)) == second
+    store.close()
+
+
+def test_a_study_idle_past_the_end_of_study_timeout_starts_a_new_directory(
+        tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    first = store.study_directory("k", "1.2.1", _names(datetime(2026, 12, 1, 10)), idle=1.0)
+    assert store.study_directory("k", "1.2.1", _names(datetime(2026, 12, 1, 10)),
+                                 idle=1.0) == first
+    time.sleep(1.5)
+    later = store.study_directory("k", "1.2.1", _names(datetime(2026, 12, 1, 10)), idle=1.0)
+    assert later != first  # the study was complete: as storescp, a new directory
+    store.close()
+
+
+def test_the_state_survives_a_torn_write_without_mixing(tmp_path: Path) -> None:
+    """A crash while the state file is written leaves it unreadable: studies start new
+    directories, and the names on disk are still never reused."""
+    store = _store(tmp_path)
+    when = datetime(2026, 12, 1, 10)
+    first = store.study_directory("k", "1.2.1", _names(when))
+    (store.staging / "sort-state.json").write_text('{"version": 2, "key": "k", "stud')
+    again = store.study_directory("k", "1.2.1", _names(when))
+    other = store.study_directory("k", "1.2.2", _names(when))
+    assert len({first, again, other}) == 3
+    store.close()
