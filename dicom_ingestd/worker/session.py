@@ -47,7 +47,7 @@ from dicom_ingestd.worker.pdu import (
     encode_p_data,
     encode_release_rp,
 )
-from dicom_ingestd.worker.store import Store, TempFile
+from dicom_ingestd.worker.store import Store, TempFile, sort_holder
 
 log = logging.getLogger("dicom_ingestd.association")
 
@@ -129,7 +129,8 @@ class Session:
         self.store = store
         self.on_stored = on_stored
         self.layout = Layout(config.storage, functools.partial(
-            store.study_directory, idle=float(config.events.eostudy_timeout)))
+            store.study_directory, idle=float(config.events.eostudy_timeout)),
+            store.release_studies, sort_holder())
         self._rewrite = encode.wanted(config.storage)  # storescp's output options (encode.py)
         net = config.network
         self.channel = Channel(sock, float(net.socket_timeout) or None, net.tcp_nodelay,
@@ -206,6 +207,8 @@ class Session:
             self._drop_current()
             with contextlib.suppress(OSError):
                 self.sock.close()
+            with contextlib.suppress(OSError):  # a process that died is noticed without it
+                self.layout.finish()
         return self.outcome
 
     def _configure_socket(self) -> None:

@@ -38,7 +38,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -49,7 +49,7 @@ from dicom_ingestd.errors import StorageError
 
 STAGING_DIR = ".ingestd-tmp"
 SORT_STATE = "sort-state.json"
-SORT_STATE_VERSION = 2
+SORT_STATE_VERSION = 3
 SORT_STATE_STUDIES = 256  # studies remembered without events.eostudy_timeout
 SORT_NAME_TRIES = 1000  # milliseconds tried after a taken study directory name
 TEMP_SUFFIX = ".part"
@@ -165,10 +165,37 @@ def _read_sort_state(fd: int, key: str) -> dict[str, Any]:
         state = json.loads(os.pread(fd, size, 0) or b"{}")
     except ValueError:
         state = {}
+    fresh = {"version": SORT_STATE_VERSION, "key": key, "studies": {}}
     if not isinstance(state, dict) or state.get("version") != SORT_STATE_VERSION or \
             state.get("key") != key or not isinstance(state.get("studies"), dict):
-        return {"version": SORT_STATE_VERSION, "key": key, "studies": {}}
+        return fresh
+    for entry in state["studies"].values():
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+                and isinstance(entry[1], (int, float)) and isinstance(entry[2], list)
+                and all(isinstance(h, str) for h in entry[2])):
+            return fresh
     return state
+
+
+def sort_holder() -> str:
+    """A new association's name in the sort state: pid, process start, a serial."""
+    return f"{os.getpid()}:{_start_ticks(os.getpid())}:{next(_counter)}"
+
+
+def _start_ticks(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return ""
+
+
+def _holder_alive(holder: str) -> bool:
+    """Is the holder's process still the one that named it?  (Its association may be
+    over, but then it released its studies, unless the process died first.)"""
+    pid, _, rest = holder.partition(":")
+    ticks = rest.partition(":")[0]
+    return pid.isdigit() and bool(ticks) and _start_ticks(int(pid)) == ticks
 
 
 def _write_sort_state(fd: int, state: dict[str, Any]) -> None:
@@ -395,51 +422,77 @@ class Store:
         except OSError as exc:
             raise _resource_error(exc, f"cannot create a file in {self.staging}") from None
 
-    def study_directory(self, key: str, study_uid: str, new_name: Callable[[int], str], *,
-                        idle: float = 0.0) -> str:
+    def study_directory(self, key: str, study_uid: str, new_name: Callable[[int], str],
+                        holder: str, *, idle: float = 0.0) -> str:
         """The directory of a study under storescp's "current study" sorting (-ss, -sp),
         shared by every association, worker and daemon using this output directory.
 
-        storescp keeps one "current study" per process and starts a new directory whenever
-        the study changes, so parallel associations (or forked workers) spread one study
-        over many directories, and two studies named in the same millisecond share one.
-        Here a small state file in the staging directory, under an exclusive lock, maps each
-        study UID to its directory: an object of a known study goes to that study's
-        directory; an object of another study gets a new one, created here under the lock,
-        named `new_name(0)` (the time of its first object) or, when that name is taken on
-        disk or by another study, `new_name(1)`, `new_name(2)`, ... (one millisecond later
-        each).  A study not seen for `idle` seconds (events.eostudy_timeout: the study is
-        complete) is forgotten, so its next object starts a new directory; without `idle`
-        the SORT_STATE_STUDIES most recently seen studies are remembered.  `key` identifies
-        the sorting configuration (a change of it forgets everything).
+        storescp keeps one "current study" per process: an object of another study than the
+        last one starts a new directory.  Run per association (storescp --fork, or our
+        workers before issue 16), parallel associations spread one study over many
+        directories, and two studies named in the same millisecond share one.  Here a state
+        file in the staging directory, under an exclusive lock, maps each open study to its
+        directory and to the running associations (`holder`s) that stored objects of it:
 
-        Raises OSError when the state file or the directory cannot be written.
+        * an object of an open study goes to that study's directory;
+        * an object of any other study gets a new directory, created here under the lock,
+          named `new_name(0)` (the time of its first object) or, when that name is taken on
+          disk or by another study, `new_name(1)`, `new_name(2)`, ... (a millisecond later
+          each), so two studies never share one;
+        * it also closes, as storescp's change of study does, every other open study that no
+          running association has stored objects of (release_studies, or its process gone);
+        * a study with no object for `idle` seconds (events.eostudy_timeout, then complete)
+          is closed whatever holds it.
+
+        Used one association at a time this is storescp's rule; used by many at once, each
+        study stays in one directory.  `key` identifies the sorting configuration (a change
+        of it closes every study).  Raises OSError when the state file or the directory
+        cannot be written.
         """
+        with self._sort_state(key) as state:
+            studies: dict[str, list[Any]] = state["studies"]
+            now = time.time()
+            for uid, (_dir, used, holders) in list(studies.items()):
+                holders[:] = [h for h in holders if h == holder or _holder_alive(h)]
+                if idle and now - used > idle:
+                    del studies[uid]
+            entry = studies.get(study_uid)
+            if entry is None:
+                taken = {str(d) for d, _used, _holders in studies.values()}
+                entry = studies[study_uid] = [self._new_study_directory(new_name, taken),
+                                              now, []]
+            for uid in [u for u, (_d, _u, holders) in studies.items()
+                        if u != study_uid and not holders]:
+                del studies[uid]  # storescp: a change of study ends the last one
+            if now - entry[1] >= 1.0:  # a second's precision is enough for `idle`
+                entry[1] = now
+            if holder not in entry[2]:
+                entry[2].append(holder)
+            if len(studies) > SORT_STATE_STUDIES:
+                for uid in sorted(studies, key=lambda u: studies[u][1])[
+                        :len(studies) - SORT_STATE_STUDIES]:
+                    del studies[uid]
+            return str(entry[0])
+
+    def release_studies(self, key: str, holder: str) -> None:
+        """An association ends: it holds its studies open no more (see study_directory)."""
+        with self._sort_state(key) as state:
+            for _dir, _used, holders in state["studies"].values():
+                if holder in holders:
+                    holders.remove(holder)
+
+    @contextlib.contextmanager
+    def _sort_state(self, key: str) -> Iterator[dict[str, Any]]:
+        """The sort state, locked; written back when the block ends without an error."""
         fd = os.open(SORT_STATE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600,
                      dir_fd=self._staging_fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             state = _read_sort_state(fd, key)
-            studies: dict[str, list[Any]] = state["studies"]
-            now = time.time()
-            if idle:
-                for uid in [u for u, (_d, used) in studies.items() if now - used > idle]:
-                    del studies[uid]
-            entry = studies.get(study_uid)
-            if entry is not None:
-                if now - entry[1] >= 1.0:  # refreshed once a second at most
-                    entry[1] = now
-                    _write_sort_state(fd, state)
-                return str(entry[0])
-            taken = {str(d) for d, _used in studies.values()}
-            name = self._new_study_directory(new_name, taken)
-            studies[study_uid] = [name, now]
-            if len(studies) > SORT_STATE_STUDIES:
-                for uid in sorted(studies, key=lambda u: studies[u][1])[
-                        :len(studies) - SORT_STATE_STUDIES]:
-                    del studies[uid]
-            _write_sort_state(fd, state)
-            return name
+            before = json.dumps(state)
+            yield state
+            if json.dumps(state) != before:  # most objects change nothing
+                _write_sort_state(fd, state)
         finally:
             os.close(fd)  # releases the lock
 
