@@ -76,10 +76,14 @@ _R = TypeVar("_R")
 
 
 def state_directory(config: Config) -> Path:
-    """jobs.state_directory as an absolute path (relative: to storage.output_directory)."""
-    root = Path(config.storage.output_directory)
+    """jobs.state_directory as an absolute path (relative: to storage.output_directory).
+
+    A relative one is not resolved below the output directory: open() refuses it when a
+    symlink leads there (rename.open_directory), rather than keeping the job database and
+    manifests wherever the link points."""
+    root = Path(config.storage.output_directory).resolve()
     path = Path(config.jobs.state_directory or DEFAULT_STATE_DIRECTORY)
-    return (path if path.is_absolute() else root / path).resolve()
+    return path.resolve() if path.is_absolute() else Path(os.path.normpath(root / path))
 
 
 def _observer(default: Any = None) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
@@ -153,6 +157,7 @@ class EventService:
         if not events_enabled(self.config.events) and not (self.state_dir / DATABASE).exists():
             return
         try:
+            os.close(rename.open_directory(self.state_dir, create=True))  # no symlink on the way
             queue = JobQueue(self.state_dir, durable=self.config.storage.fsync)
             (self.state_dir / MANIFESTS).mkdir(mode=0o750, exist_ok=True)
         except (OSError, sqlite3.Error) as exc:

@@ -37,6 +37,7 @@ import itertools
 import json
 import os
 import random
+import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -202,6 +203,19 @@ def _write_sort_state(fd: int, state: dict[str, Any]) -> None:
     data = json.dumps(state, separators=(",", ":")).encode()
     os.pwrite(fd, data, 0)
     os.ftruncate(fd, len(data))
+
+
+def _not_a_regular_file(dir_fd: int, name: str) -> str:
+    """"" when the entry `name` is a regular file, else what it is (never followed)."""
+    try:
+        mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    if stat.S_ISREG(mode):
+        return ""
+    kinds = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
+             (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+    return next((kind for test, kind in kinds if test(mode)), "a device node")
 
 
 def _is_safe(part: str) -> bool:
@@ -583,6 +597,9 @@ class Store:
                 raise
             raise _resource_error(exc, f"cannot store {'/'.join([*directories, candidates[0]])}") \
                 from None
+        # What holds the name we did not take: only a regular file can be the object
+        # (keep-first's "kept", reject's "duplicate"); a symlink, directory or FIFO is not.
+        not_an_object = _not_a_regular_file(dir_fd, candidates[0]) if placed is None else ""
         os.close(dir_fd)
         if replace:
             temp.close()  # renamed: no staging name left to remove
@@ -590,6 +607,10 @@ class Store:
             temp.discard()
         if placed is None:
             existing = os.path.join(self._root, *directories, candidates[0])
+            if not_an_object:
+                raise StorageError(f"{existing} exists and is {not_an_object}, not a stored "
+                                   "object: the object was not stored (nothing replaced)",
+                                   Status.PROCESSING_FAILURE)
             if when_taken == "keep":
                 return Placed(existing, kept_existing=True)
             status = (Status.DUPLICATE_SOP_INSTANCE if when_taken == "reject"
