@@ -429,7 +429,11 @@ class EventsConfig:
     (the object's directory; at end of study the study's directory), #f (the object's file
     name; reception only), #a (calling AE title), #c (called AE title) and #r (peer IP
     address) are replaced by their values, so a value from the network is always part of one
-    argument and never reaches a shell.  Commands also get DICOM_* environment variables:
+    argument and never reaches a shell.  It can still look like an option: a calling AE
+    title such as -rf is one argument "-rf", which a program parsing options takes for one.
+    Put "--" before the placeholders (["/usr/local/bin/forward", "--", "#p/#f", "#a"]) for a
+    program that follows that convention (getopt, argparse and most tools do), or pass the
+    values as DICOM_* variables instead.  Commands also get DICOM_* environment variables:
     DICOM_EVENT, DICOM_OUTPUT_DIR, DICOM_FILE, DICOM_FILENAME, DICOM_STUDY_UID,
     DICOM_SERIES_UID, DICOM_SOP_INSTANCE_UID, DICOM_SOP_CLASS_UID, DICOM_PATIENT_ID,
     DICOM_CALLING_AE, DICOM_CALLED_AE, DICOM_PEER, DICOM_JOB_ID, DICOM_JOB_ATTEMPT; at end of
@@ -446,14 +450,15 @@ class EventsConfig:
     exec_on_reception: list[str] = field(
         default_factory=list,
         metadata={DOC: "Command run for each object stored, e.g. [\"/usr/local/bin/forward\", "
-                       "\"#p/#f\"]; empty: none. Objects whose store failed never run it.",
+                       "\"--\", \"#p/#f\", \"#a\"]; empty: none. Objects whose store failed "
+                       "never run it.",
                   STORESCP: ("-xcr", "--exec-on-reception"), RELOAD: True, DEFAULT_NOTE: ""},
     )
     exec_on_eostudy: list[str] = field(
         default_factory=list,
         metadata={DOC: "Command run once per complete study (after rename_on_eostudy); #p is "
-                       "the study's directory, DICOM_MANIFEST a JSON file listing its objects. "
-                       "Empty: none.",
+                       "the study's directory, DICOM_MANIFEST a JSON file listing its objects, "
+                       "e.g. [\"/usr/local/bin/archive\", \"--\", \"#p\"]. Empty: none.",
                   STORESCP: ("-xcs", "--exec-on-eostudy"), RELOAD: True, DEFAULT_NOTE: ""},
     )
     shell: bool = setting(
@@ -462,7 +467,7 @@ class EventsConfig:
         "placeholder becomes a quoted reference to the variable holding its value "
         "(\"${DICOM_OUTPUT_DIR}\" for #p, DICOM_FILENAME #f, DICOM_CALLING_AE #a, "
         "DICOM_CALLED_AE #c, DICOM_PEER #r), so the shell never parses a value as code. "
-        "Write placeholders unquoted (cmd #p/#f).",
+        "Write placeholders unquoted (cmd -- #p/#f #a).",
         storescp=("-xcr", "--exec-on-reception", "-xcs", "--exec-on-eostudy"),
         default_note="storescp always runs commands through /bin/sh, pasting values "
         "unquoted into the command line.",

@@ -642,6 +642,8 @@ def test_out_of_descriptors_the_master_pauses_instead_of_spinning(daemon_factory
         assert "not accepting connections for" in lines[0]
         assert "open descriptors, limit 64" in lines[0]
         assert cpu < 1.5, f"master used {cpu:.2f} s of CPU in ~5 s of exhaustion"
+        print(f"descriptor exhaustion: master CPU {cpu:.2f} s in ~5 s, {len(lines)} line(s)",
+              file=sys.stderr)
     finally:
         for sock in socks:
             sock.close()
@@ -686,3 +688,29 @@ def test_flood_of_silent_connections_under_the_default_limits(daemon_factory: An
     print(f"flood of 1100: master fds {fds}, master CPU {cpu:.2f} s in the first 3 s, "
           f"{len(closing)} flood line(s)", file=sys.stderr)
     assert len(daemon.files()) == 1
+
+
+# --- a value that starts with "-" ------------------------------------------------------------
+
+
+def test_a_calling_ae_title_like_an_option_after_double_dash(daemon_factory: Any,
+                                                            tmp_path: Path) -> None:
+    """A calling AE title "-rf" reaches an argv command as one argument; without "--" an
+    option parser takes it for options, after "--" it is a value (the documented form)."""
+    record = tmp_path / "args.txt"
+    script = tmp_path / "tool.py"
+    script.write_text(
+        "import argparse, sys\n"
+        "p = argparse.ArgumentParser()\n"
+        "p.add_argument('-r', action='store_true')\n"
+        "p.add_argument('-f', action='store_true')\n"
+        "p.add_argument('values', nargs='*')\n"
+        "a = p.parse_args()\n"
+        f"open({str(record)!r}, 'a').write(repr((a.r, a.f, a.values)) + '\\n')\n")
+    daemon = daemon_factory({"events": {"exec_on_reception": [
+        sys.executable, str(script), "#a", "--", "#a"]}, "logging": {"level": "info"}})
+    from conftest import storescu
+    storescu(daemon.port, bundled("CT_small.dcm"), extra=["-aet", "-rf"])
+    assert harness.poll(record.exists, 15)
+    # Before "--": parsed as the options -r -f; after it: the value itself.
+    assert record.read_text().strip() == "(True, True, ['-rf'])"
