@@ -562,8 +562,12 @@ class WorkersConfig:
         "associations is far more than PACS traffic needs; raise it with LimitNOFILE=.",
     )
     max_associations_per_peer: int = setting(
-        0, "Most associations served at once for one peer address (same rejection). "
+        32, "Most associations served at once for one peer address (same rejection). "
         "0: unlimited.", minimum=0,
+        default_note="Not a storescp option. One address flooding the port (a scanner, a "
+        "sender gone wrong) then holds at most a third of max_associations, and other "
+        "senders are still served; a router that opens more parallel associations needs "
+        "it raised.",
     )
     stop_timeout: int = setting(
         30, "Seconds running associations may take to finish on stop, before they are "

@@ -597,6 +597,7 @@ def test_defaults_bound_idle_peers_and_associations() -> None:
     assert config.network.dimse_timeout == 60
     assert config.network.min_transfer_rate == 1024
     assert config.workers.max_associations == 100
+    assert config.workers.max_associations_per_peer == 32
 
 
 # --- descriptor exhaustion -------------------------------------------------------------------
@@ -657,19 +658,25 @@ def test_out_of_descriptors_the_master_pauses_instead_of_spinning(daemon_factory
 
 
 def test_flood_of_silent_connections_under_the_default_limits(daemon_factory: Any) -> None:
-    """1,100 silent connections against the default limits (max_associations 100) with the
-    usual soft limit of 1024 descriptors: the master never runs out of descriptors, logs a
-    bounded number of lines, uses little CPU, and a sender from another address that comes
-    after the flood's first wave is served."""
+    """1,100 silent connections from one address against the default limits
+    (max_associations 100, 32 per peer) with the usual soft limit of 1024 descriptors: the
+    master never runs out of descriptors, logs a bounded number of lines and uses little
+    CPU; a sender from another address is served during the flood, and after it."""
     daemon = daemon_factory({"network": {"acse_timeout": 4, "socket_timeout": 4},
-                             "storage": {"fsync": False}, "logging": {"level": "info"}})
+                             "storage": {"fsync": False, "filenames": "unique"},
+                             "logging": {"level": "info"}})
     pid = daemon.proc.pid
     __import__("resource").prlimit(pid, __import__("resource").RLIMIT_NOFILE, (1024, 1024))
     baseline = harness.Resources.of(pid)
     cpu_before = _master_cpu(pid)
     socks = _silent_connections(daemon.port, 1100, source="127.0.0.3")
     try:
-        time.sleep(3)
+        time.sleep(1)
+        # During the flood, a sender from another address is served (the flood's address
+        # holds at most workers.max_associations_per_peer = 32 of the 100).
+        from conftest import storescu as send
+        send(daemon.port, bundled("CT_small.dcm"), timeout=30)
+        time.sleep(1)
         fds = harness.fd_count(pid)
         cpu = _master_cpu(pid) - cpu_before
     finally:
@@ -685,9 +692,10 @@ def test_flood_of_silent_connections_under_the_default_limits(daemon_factory: An
     closing = [line for line in log.splitlines() if "closing the connection unanswered" in line]
     assert 1 <= len(closing) <= 3, len(closing)
     assert cpu < 15, cpu
-    print(f"flood of 1100: master fds {fds}, master CPU {cpu:.2f} s in the first 3 s, "
+    print(f"flood of 1100: master fds {fds}, master CPU {cpu:.2f} s in the first 2 s, "
           f"{len(closing)} flood line(s)", file=sys.stderr)
-    assert len(daemon.files()) == 1
+    assert len(daemon.files()) == 2
+    assert "from 127.0.0.3 (workers.max_associations_per_peer = 32)" in log
 
 
 # --- a value that starts with "-" ------------------------------------------------------------
