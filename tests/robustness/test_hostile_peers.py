@@ -627,7 +627,8 @@ def test_out_of_descriptors_the_master_pauses_instead_of_spinning(daemon_factory
     line per 10 s, instead of 497,271 lines and 16.6 CPU-seconds.  When the silent peers
     are dropped (acse_timeout), it accepts again and a storescu is served."""
     daemon = daemon_factory({"network": {"acse_timeout": 6, "socket_timeout": 6},
-                             "workers": {"max_associations": 0},
+                             "workers": {"max_associations": 0,
+                                         "max_associations_per_peer": 0},
                              "logging": {"level": "info"}})
     pid = daemon.proc.pid
     __import__("resource").prlimit(pid, __import__("resource").RLIMIT_NOFILE, (64, 64))
