@@ -9,8 +9,10 @@ worker, because an A-ASSOCIATE-RJ is only meaningful after reading the request.
 """
 
 import contextlib
+import errno
 import logging
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -47,8 +49,24 @@ log = logging.getLogger("dicom_ingestd.master")
 # Connections over the limit are answered by a short-lived rejecting worker; past this many
 # of those at once (a flood) further connections are closed without an answer.
 MAX_REJECTING = 16
+# accept() failing for want of descriptors or memory: pause accepting (see _pause_accepting).
+ACCEPT_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_BACKOFF_MIN = 0.1
+ACCEPT_BACKOFF_MAX = 2.0
+ACCEPT_LOG_INTERVAL = 10.0
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for workers at the stop deadline
 REFRESH_INTERVAL = 5.0  # seconds between two looks at the free space and the job counts
+
+
+def _open_descriptors() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1
+    except OSError:  # EMFILE itself, or no /proc
+        return -1
+
+
+def _descriptor_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 class State(Enum):
@@ -96,6 +114,12 @@ class Master:
         self._next_refresh = 0.0
         self._next_metrics = 0.0
         self._control_moved = False
+        self._accept_backoff = 0.0  # seconds of the last accept pause (0: not pausing)
+        self._accept_paused_until = 0.0
+        self._accept_next_log = 0.0
+        self._accept_pauses = 0
+        self._closed_unanswered = 0
+        self._next_flood_log = 0.0
         self._watcher: ConfigWatcher | None = None
         self._retired: list[Store] = []
         if watch_config and config_path:
@@ -167,12 +191,15 @@ class Master:
 
     def _timeout(self) -> float:
         timeout = 1.0
+        if self._accept_paused_until:
+            timeout = min(timeout, max(0.0, self._accept_paused_until - time.monotonic()))
         if self.notifier.watchdog_interval:
             timeout = min(timeout, max(0.0, self._next_watchdog - time.monotonic()))
         return min(timeout, self.events.timeout())
 
     def _tick(self) -> None:
         now = time.monotonic()
+        self._resume_accepting(now)
         if self.notifier.watchdog_interval and now >= self._next_watchdog:
             # Pinged from the loop itself: a master stuck anywhere stops the pings.
             self.notifier.watchdog()
@@ -328,10 +355,56 @@ class Master:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.error("accept on %s failed: %s", describe(listener), exc.strerror or exc)
-                self.stats.error(f"accept failed: {exc.strerror or exc}")
+                if exc.errno in ACCEPT_EXHAUSTED:
+                    self._pause_accepting(listener, exc)
+                else:
+                    log.error("accept on %s failed: %s", describe(listener),
+                              exc.strerror or exc)
+                    self.stats.error(f"accept failed: {exc.strerror or exc}")
                 return
             self._admit(conn, address)
+            if self._accept_paused_until:  # _admit ran out of descriptors
+                return
+            self._accept_backoff = 0.0
+
+    def _pause_accepting(self, where: socket.socket, exc: OSError) -> None:
+        """Out of descriptors (or kernel memory): stop watching the listeners for a while.
+
+        The listeners stay readable while connections wait in the backlog, so retrying at
+        once would spin (storescp-style daemons log hundreds of thousands of lines).  The
+        pause doubles up to ACCEPT_BACKOFF_MAX while accept keeps failing; the waiting
+        connections stay in the kernel's backlog meanwhile.  One line per pause, at most one
+        per ACCEPT_LOG_INTERVAL (with the count of the pauses not logged).
+        """
+        self._accept_backoff = min(max(self._accept_backoff * 2, ACCEPT_BACKOFF_MIN),
+                                   ACCEPT_BACKOFF_MAX)
+        now = time.monotonic()
+        self._accept_paused_until = now + self._accept_backoff
+        for sock in self.listeners:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(sock)
+        self._accept_pauses += 1
+        if now >= self._accept_next_log:
+            what = f"accept on {describe(where)}" if where in self.listeners else \
+                "starting a worker"
+            log.error("%s failed: %s; not accepting connections for %.1f s "
+                      "(%d open descriptors, limit %d; %d pause(s) since the last line)",
+                      what, exc.strerror or exc, self._accept_backoff,
+                      _open_descriptors(), _descriptor_limit(), self._accept_pauses)
+            self._accept_next_log = now + ACCEPT_LOG_INTERVAL
+            self._accept_pauses = 0
+        self.stats.error(f"accept failed: {exc.strerror or exc}")
+
+    def _resume_accepting(self, now: float) -> None:
+        """After a pause: watch the listeners again (the next failure pauses longer)."""
+        if not self._accept_paused_until or now < self._accept_paused_until:
+            return
+        self._accept_paused_until = 0.0
+        if self.state is not State.RUNNING:
+            return
+        for sock in self.listeners:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.register(sock, selectors.EVENT_READ, self._accept)
 
     def _admit(self, conn: socket.socket, address: object) -> None:
         peer = peer_name(address)
@@ -345,10 +418,18 @@ class Master:
             return
         over = self._over_limit(host)
         if over and sum(w.rejecting for w in self.workers.values()) >= MAX_REJECTING:
-            log.warning("%s: %s and %d rejections already in progress; closing the "
-                        "connection unanswered", peer, over, MAX_REJECTING)
+            # A flood: one line per ACCEPT_LOG_INTERVAL, counting the connections closed.
             conn.close()
             self.stats.association_ended("dropped", NO_AE)
+            self._closed_unanswered += 1
+            now = time.monotonic()
+            if now >= self._next_flood_log:
+                log.warning("%s: %s and %d rejections already in progress; closing the "
+                            "connection unanswered (%d connection(s) closed this way since "
+                            "the last such line)", peer, over, MAX_REJECTING,
+                            self._closed_unanswered)
+                self._next_flood_log = now + ACCEPT_LOG_INTERVAL
+                self._closed_unanswered = 0
             return
         conn.setblocking(True)
         try:
@@ -357,9 +438,12 @@ class Master:
                 association=f"{self._boot:x}-{self._associations + 1}",
                 outbox_fd=self.events.outbox_fd, counters=self.telemetry))
         except OSError as exc:
+            conn.close()
+            if exc.errno in ACCEPT_EXHAUSTED:  # the accept succeeded, the fork or pidfd not
+                self._pause_accepting(conn, exc)
+                return
             log.error("%s: cannot start a worker: %s", peer, exc.strerror or exc)
             self.stats.error(f"cannot start a worker: {exc.strerror or exc}")
-            conn.close()
             return
         self._associations += 1
         self.workers[worker.fd] = worker

@@ -4,6 +4,13 @@ watchdog's Observer runs threads, and the master must stay thread-free because i
 workers; so the observer lives in a child process forked before any worker, watching the
 file's directory (editors save by writing a new file and renaming it over the old one).
 Changes are debounced and announced as one byte on a pipe the master selects on.
+
+Only finished writes count: a file renamed into place, a writer closing the file
+(IN_CLOSE_WRITE), or the file deleted.  Creating or modifying it does not, because the
+writer may not be done: an announcement 0.3 s after "modified" applied a half-written (or
+just truncated, `: > file`) configuration.  What a finished write leaves may still be empty
+or cut short; the loader refuses that (config/load.py), and the master keeps the running
+configuration and logs why.
 """
 
 import inspect
@@ -19,7 +26,7 @@ log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 10.0
 DEBOUNCE = 0.3  # seconds of quiet after the last event before announcing a change
-_CHANGES = frozenset({"created", "modified", "moved", "deleted", "closed"})
+_CHANGES = frozenset({"moved", "deleted", "closed"})  # finished writes only (see above)
 
 
 class ConfigWatcher:
@@ -120,8 +127,7 @@ def _watch(path: Path, out_fd: int, parent: int) -> None:
     # (Debian 12 has 2.2) have no filter and the handler drops them.
     kwargs: dict[str, Any] = {}
     if "event_filter" in inspect.signature(observer.schedule).parameters:
-        kwargs["event_filter"] = [events.FileCreatedEvent, events.FileModifiedEvent,
-                                  events.FileMovedEvent, events.FileDeletedEvent,
+        kwargs["event_filter"] = [events.FileMovedEvent, events.FileDeletedEvent,
                                   events.FileClosedEvent]
     observer.schedule(Handler(), str(path.parent), recursive=False, **kwargs)
     observer.start()

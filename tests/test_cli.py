@@ -149,7 +149,7 @@ def test_check_config_of_a_missing_file_exits_78(tmp_path: Path) -> None:
 
 def test_config_show_of_an_empty_file_is_the_defaults_and_loads_back(tmp_path: Path) -> None:
     empty = tmp_path / "empty.toml"
-    empty.write_text("")
+    empty.write_text("# comments only (an empty file is refused: test_reload_safety.py)\n")
     shown = cli("config", "show", "-c", str(empty))
     assert shown.returncode == 0, shown.stderr
     assert config_from_mapping(tomllib.loads(shown.stdout)) == Config()

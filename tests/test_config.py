@@ -56,9 +56,9 @@ def only_problem(tmp_path: Path, text: str) -> tuple[str, str]:
 # --- loading: the happy path -------------------------------------------------------------------
 
 
-def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+def test_file_of_comments_only_gives_defaults(tmp_path: Path) -> None:
     path = tmp_path / "empty.toml"
-    path.write_text("")
+    path.write_text("# nothing but a comment; an empty file is refused (test_reload_safety)\n")
     assert load_config(path) == Config()
 
 

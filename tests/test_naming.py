@@ -351,17 +351,32 @@ def test_study_subdirectory_modes() -> None:
     assert sub("patientname", "", None) == "ANONYMOUS_20240102_030405678"
 
 
-def test_study_uid_is_cleaned_like_dcmtk() -> None:
+def test_study_uid_loses_only_its_padding() -> None:
+    """storescp drops every white-space character and keeps the first of several values;
+    distinct values would then share a directory.  Only padding goes here: a value that is
+    not a plain UID keeps its difference as a hash suffix (issue 16)."""
     def sub(uid: str) -> str:
         return study_subdirectory("study-uid", "S", study_uid=uid, patient_name=None, when=WHEN)
 
-    assert sub("1.2.3\0") == "S_1.2.3"
-    assert sub(" 1.2. 3 ") == "S_1.2.3"
-    assert sub("1.2.3\\4.5.6") == "S_1.2.3"  # first value only
+    assert sub("1.2.3\0") == sub("1.2.3 ") == sub("1.2.3\0\0") == "S_1.2.3"
+    variants = [" 1.2.3", "1.2. 3", "1.2.\t3", "1.2.3\n", "1.2.3\\4.5.6", "1.2.3\\7"]
+    names = {sub(v) for v in variants}
+    assert len(names) == len(variants) and "S_1.2.3" not in names, names
+    assert all(n.startswith("S_") and len(n) < 60 for n in names), names
+
+
+@pytest.mark.parametrize("uid", ["1.2.3.85.1", "1.2.3.85. 1", "1.2.3.85.\t1", "1.2.3.85.1\n",
+                                 " 1.2.3.85.1", "1.2.3.85.1\\2"])
+def test_sop_instance_uids_differing_in_white_space_name_distinct_files(uid: str) -> None:
+    others = {"1.2.3.85.1", "1.2.3.85. 1", "1.2.3.85.\t1", "1.2.3.85.1\n", " 1.2.3.85.1",
+              "1.2.3.85.1\\2"} - {uid}
+    name = default_filename(CT, uid)
+    assert name not in {default_filename(CT, other) for other in others}
+    assert (name == "CT.1.2.3.85.1") == (uid == "1.2.3.85.1")
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("uid", [None, "", "   ", "\0\0", "\\1.2.3"])
+@pytest.mark.parametrize("uid", [None, "", "   ", "\0\0", "\0 \0 "])
 def test_missing_study_uid_is_refused_in_every_mode(mode: SortMode, uid: str | None) -> None:
     with pytest.raises(MissingStudyUID) as caught:
         study_subdirectory(mode, "P", study_uid=uid, patient_name="X", when=WHEN)

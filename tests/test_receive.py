@@ -205,9 +205,26 @@ def bundled_files() -> tuple[Path, ...]:
             continue
         if not dcmtk_can_read(path):
             continue
+        if odd_data_set(path):
+            continue  # storescp and we abort these (test_hostile_peers.py); see even_copy()
         chosen.append(path)
     assert len(chosen) > 40, "pydicom's bundled test files changed; revisit the filter"
     return tuple(chosen)
+
+
+def odd_data_set(path: Path) -> bool:
+    """Is the data set after the file meta of odd length?  (image_dfl.dcm's deflated stream
+    is not padded to even length, as PS3.5 A.5 asks.)"""
+    data = path.read_bytes()
+    return (len(data) - 144 - struct.unpack_from("<L", data, 140)[0]) % 2 == 1
+
+
+def even_copy(path: Path, folder: Path) -> Path:
+    """A copy whose odd data set has the trailing NUL PS3.5 asks for (deflated streams)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    copy = folder / path.name
+    copy.write_bytes(path.read_bytes() + (b"\x00" if odd_data_set(path) else b""))
+    return copy
 
 
 # --- pynetdicom as the peer ----------------------------------------------------------------------
@@ -501,18 +518,20 @@ def send_raw_and_check(daemon: Daemon, files: tuple[Path, ...] | list[Path]) -> 
 
 
 def test_raw_data_sets_of_every_bundled_file_are_stored_unchanged(
-        ingestd: Callable[..., Daemon]) -> None:
+        ingestd: Callable[..., Daemon], tmp_path: Path) -> None:
     """A peer that sends the file's own data set bytes: the stored data set is those bytes,
     for uncompressed, deflated, encapsulated and big endian transfer syntaxes alike."""
     daemon = ingestd({"negotiation": {"preferred_transfer_syntax": "all"},
                       "storage": {"filenames": "unique"}})
-    send_raw_and_check(daemon, bundled_files())
+    deflated = even_copy(data_file("image_dfl.dcm"), tmp_path / "even")
+    send_raw_and_check(daemon, (*bundled_files(), deflated))
 
 
-def test_bit_preserving_stores_the_sent_bytes(ingestd: Callable[..., Daemon]) -> None:
+def test_bit_preserving_stores_the_sent_bytes(ingestd: Callable[..., Daemon],
+                                              tmp_path: Path) -> None:
     daemon = ingestd({"storage": {"bit_preserving": True, "filenames": "unique"},
                       "negotiation": {"preferred_transfer_syntax": "all"}})
-    send_raw_and_check(daemon, [data_file(name) for name in (
+    send_raw_and_check(daemon, [even_copy(data_file(name), tmp_path / "even") for name in (
         "CT_small.dcm", "MR_small_padded.dcm", "MR_small_bigendian.dcm", "image_dfl.dcm",
         "MR_small_RLE.dcm", "JPEG2000.dcm")])
 

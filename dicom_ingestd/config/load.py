@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import ipaddress
+import os
 import re
 import tomllib
 import typing
@@ -45,17 +46,40 @@ __all__ = ["config_from_mapping", "diff_configs", "dump_config", "load_config"]
 _Problem = tuple[str, object, str]
 
 
+# What each configuration file held when it last loaded, by absolute path: a reload compares
+# the new content with it (see load_config).  Only the master reloads; in any other process
+# this holds the one load of the file.
+_LOADED: dict[str, tuple[bytes, bool]] = {}  # path -> (content, storage.output_directory set)
+
+
+def _under_systemd() -> bool:
+    """Run by systemd as a service (INVOCATION_ID is set for every unit's processes)."""
+    return bool(os.environ.get("INVOCATION_ID"))
+
+
 def load_config(path: str | Path) -> Config:
     """Read and validate the TOML file at `path`.
 
     Returns the complete `Config` (keys absent from the file keep their schema defaults).
     Raises `ConfigError` when the file is missing or unreadable, is not UTF-8, is not valid
-    TOML (the problem names line and column), or fails validation (every problem listed).
+    TOML (the problem names line and column), or fails validation (every problem listed);
+    and, because a configuration that loses its keys silently opens the daemon up (no AE
+    title restriction, output into the working directory), when it looks cut short:
+
+    * it is empty (or white space only): a file being written, or truncated, far more
+      often than an intent (a file of comments only, as etc/ingestd.toml, is fine);
+    * its content is a proper prefix of what this path held at its last load (a reload of
+      a file cut short; to drop the end of the file on purpose, change anything else too);
+    * storage.output_directory is missing though this path set it at its last load, or
+      the daemon runs under systemd: a daemon never falls back to its working directory
+      for received objects by omission.
     """
     source = str(path)
+    key = os.path.abspath(path)
     try:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            raw = fh.read()
+        data = tomllib.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError([f"{source}: cannot read: no such file"]) from None
     except OSError as exc:
@@ -68,7 +92,37 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError([f"{source}:{line}: not UTF-8 text (byte 0x{bad:02x})"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([_syntax_problem(source, exc)]) from None
-    return config_from_mapping(data, source)
+    storage = data.get("storage")
+    has_output = isinstance(storage, Mapping) and "output_directory" in storage
+    problems = list(_truncation_problems(source, raw, has_output, _LOADED.get(key)))
+    if problems:
+        raise ConfigError(problems)
+    config = config_from_mapping(data, source)
+    _LOADED[key] = (raw, has_output)
+    return config
+
+
+def _truncation_problems(source: str, raw: bytes, has_output: bool,
+                         previous: tuple[bytes, bool] | None) -> Iterator[str]:
+    if not raw.strip():
+        yield (f"{source}: the file is empty: refused, as an empty configuration file is "
+               "almost always one being written or cut short (write at least "
+               "storage.output_directory)")
+        return
+    if previous is not None:
+        before, had_output = previous
+        if len(raw) < len(before) and before.startswith(raw):
+            yield (f"{source}: looks cut short: its {len(raw)} bytes are the first "
+                   f"{len(raw)} of the {len(before)} it held at the last load; refused (to "
+                   "drop the end of the file on purpose, change anything else too)")
+        if had_output and not has_output:
+            yield (f"{source}: storage.output_directory is no longer set, though the file "
+                   "set it at the last load: refused, as the objects would go to the "
+                   f"working directory ({os.getcwd()})")
+            return
+    if not has_output and _under_systemd():
+        yield (f"{source}: storage.output_directory is not set: under systemd the daemon "
+               f"does not fall back to its working directory ({os.getcwd()}); set it")
 
 
 def config_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:

@@ -91,13 +91,26 @@ class NetworkConfig:
         storescp=("-ta", "--acse-timeout"), minimum=1,
     )
     dimse_timeout: int = setting(
-        0,
-        "Seconds to wait for the next DIMSE message; 0 means unlimited (socket_timeout applies).",
+        60,
+        "Seconds an association may stay idle waiting for the next DIMSE message (command); "
+        "then it is aborted. 0 means unlimited (socket_timeout applies).",
         storescp=("-td", "--dimse-timeout"), minimum=0,
+        default_note="storescp waits forever by default. Every idle association holds a "
+        "worker and its descriptors, so a peer that connects and never sends could hold "
+        "them all; 60 s is as long as the socket timeout, and a sender that pauses longer "
+        "between objects simply associates again.",
     )
     socket_timeout: int = setting(
         60, "Seconds a single network read or write may block; a stalled peer is dropped. 0: none.",
         storescp=("-ts", "--socket-timeout"), minimum=0,
+    )
+    min_transfer_rate: int = setting(
+        1024, "Bytes per second a peer must average while a message (a command and its data "
+        "set) is on its way, measured over each stretch of socket_timeout seconds (at most "
+        "60) spent waiting for it; a slower peer is aborted. Without it, a peer sending one "
+        "byte before each socket_timeout, or one tiny PDU at a time, would hold its worker "
+        "indefinitely. 0: no minimum.", minimum=0,
+        default_note="Not a storescp option: storescp bounds each read only (-ts).",
     )
     disable_host_lookup: bool = setting(
         True, "Do not resolve the peer's address to a host name (used in logs and #r).",
@@ -337,6 +350,17 @@ class StorageConfig:
         "deflated data set re-encoded with transfer_syntax = received (storescp +cl).",
         storescp=("+cl", "--compression-level"), minimum=0, maximum=9,
     )
+    max_decoded_size: int = setting(
+        512 << 20, "Largest data set, in bytes after inflation, that is decoded rather than "
+        "streamed: a data set the keys above re-encode (held in memory, about twice this "
+        "size at the peak), and the part of a deflated data set inflated to find its "
+        "identifying attributes (in a 64 KiB buffer: this bounds CPU time, not memory). A "
+        "larger one is refused with 0xA700 (out of resources) and one log line. Objects "
+        "stored as received are never limited: they stream to disk whatever their size.",
+        minimum=1 << 16,
+        default_note="storescp has no limit: without +B it inflates and holds every data "
+        "set in memory (a 1 MB deflated upload can inflate to gigabytes).",
+    )
     new_vrs: bool = setting(
         True, "Write the post-1993 VRs UN, UT, UC, UR, OF, OD, OL, OV, SV, UV (storescp +u); "
         "false writes them as OB in explicit VR transfer syntaxes (storescp -u).",
@@ -412,7 +436,11 @@ class EventsConfig:
     (the object's directory; at end of study the study's directory), #f (the object's file
     name; reception only), #a (calling AE title), #c (called AE title) and #r (peer IP
     address) are replaced by their values, so a value from the network is always part of one
-    argument and never reaches a shell.  Commands also get DICOM_* environment variables:
+    argument and never reaches a shell.  It can still look like an option: a calling AE
+    title such as -rf is one argument "-rf", which a program parsing options takes for one.
+    Put "--" before the placeholders (["/usr/local/bin/forward", "--", "#p/#f", "#a"]) for a
+    program that follows that convention (getopt, argparse and most tools do), or pass the
+    values as DICOM_* variables instead.  Commands also get DICOM_* environment variables:
     DICOM_EVENT, DICOM_OUTPUT_DIR, DICOM_FILE, DICOM_FILENAME, DICOM_STUDY_UID,
     DICOM_SERIES_UID, DICOM_SOP_INSTANCE_UID, DICOM_SOP_CLASS_UID, DICOM_PATIENT_ID,
     DICOM_CALLING_AE, DICOM_CALLED_AE, DICOM_PEER, DICOM_JOB_ID, DICOM_JOB_ATTEMPT; at end of
@@ -429,14 +457,15 @@ class EventsConfig:
     exec_on_reception: list[str] = field(
         default_factory=list,
         metadata={DOC: "Command run for each object stored, e.g. [\"/usr/local/bin/forward\", "
-                       "\"#p/#f\"]; empty: none. Objects whose store failed never run it.",
+                       "\"--\", \"#p/#f\", \"#a\"]; empty: none. Objects whose store failed "
+                       "never run it.",
                   STORESCP: ("-xcr", "--exec-on-reception"), RELOAD: True, DEFAULT_NOTE: ""},
     )
     exec_on_eostudy: list[str] = field(
         default_factory=list,
         metadata={DOC: "Command run once per complete study (after rename_on_eostudy); #p is "
-                       "the study's directory, DICOM_MANIFEST a JSON file listing its objects. "
-                       "Empty: none.",
+                       "the study's directory, DICOM_MANIFEST a JSON file listing its objects, "
+                       "e.g. [\"/usr/local/bin/archive\", \"--\", \"#p\"]. Empty: none.",
                   STORESCP: ("-xcs", "--exec-on-eostudy"), RELOAD: True, DEFAULT_NOTE: ""},
     )
     shell: bool = setting(
@@ -445,7 +474,7 @@ class EventsConfig:
         "placeholder becomes a quoted reference to the variable holding its value "
         "(\"${DICOM_OUTPUT_DIR}\" for #p, DICOM_FILENAME #f, DICOM_CALLING_AE #a, "
         "DICOM_CALLED_AE #c, DICOM_PEER #r), so the shell never parses a value as code. "
-        "Write placeholders unquoted (cmd #p/#f).",
+        "Write placeholders unquoted (cmd -- #p/#f #a).",
         storescp=("-xcr", "--exec-on-reception", "-xcs", "--exec-on-eostudy"),
         default_note="storescp always runs commands through /bin/sh, pasting values "
         "unquoted into the command line.",
@@ -536,13 +565,22 @@ class WorkersConfig:
         default_note="storescp runs a single process unless --fork is given.",
     )
     max_associations: int = setting(
-        0, "Most associations served at once; one more is answered with A-ASSOCIATE-RJ "
-        "(transient, local limit exceeded). 0: unlimited.",
+        100, "Most associations served at once; one more is answered with A-ASSOCIATE-RJ "
+        "(transient, local limit exceeded), and beyond 16 such answers in progress further "
+        "connections are closed at once. 0: unlimited.",
         storescp=("--max-associations",), minimum=0,
+        default_note="storescp --fork has no limit. Each association costs a process and "
+        "descriptors (the master keeps two per worker): unlimited, a flood of silent "
+        "connections exhausts the descriptor limit and delays everyone. 100 parallel "
+        "associations is far more than PACS traffic needs; raise it with LimitNOFILE=.",
     )
     max_associations_per_peer: int = setting(
-        0, "Most associations served at once for one peer address (same rejection). "
+        32, "Most associations served at once for one peer address (same rejection). "
         "0: unlimited.", minimum=0,
+        default_note="Not a storescp option. One address flooding the port (a scanner, a "
+        "sender gone wrong) then holds at most a third of max_associations, and other "
+        "senders are still served; a router that opens more parallel associations needs "
+        "it raised.",
     )
     stop_timeout: int = setting(
         30, "Seconds running associations may take to finish on stop, before they are "

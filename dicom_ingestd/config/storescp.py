@@ -38,7 +38,10 @@ translation time; see the "+ac" section below.
 
 Where our defaults differ from storescp's (logging.level, network.disable_host_lookup,
 network.max_pdu), the translation sets storescp's value explicitly; network.port,
-storage.output_directory and logging.level are always written.
+storage.output_directory and logging.level are always written.  Not so the limits that keep
+hostile or stuck peers from holding workers forever (network.dimse_timeout,
+workers.max_associations, network.min_transfer_rate): storescp has none by default, and a
+command line without -td or --max-associations gets ours.
 """
 
 import dataclasses
@@ -1078,7 +1081,6 @@ _STORESCP_DEFAULTS: dict[str, Any] = {
     "network.aetitle": "STORESCP",
     "network.max_pdu": 16384,
     "network.acse_timeout": 30,
-    "network.dimse_timeout": 0,
     "network.socket_timeout": 60,
     "network.disable_host_lookup": False,  # storescp resolves peer names unless -dhl
     "negotiation.preferred_transfer_syntax": "uncompressed",

@@ -98,10 +98,14 @@ _R = TypeVar("_R")
 
 
 def state_directory(config: Config) -> Path:
-    """jobs.state_directory as an absolute path (relative: to storage.output_directory)."""
-    root = Path(config.storage.output_directory)
+    """jobs.state_directory as an absolute path (relative: to storage.output_directory).
+
+    A relative one is not resolved below the output directory: open() refuses it when a
+    symlink leads there (rename.open_directory), rather than keeping the job database and
+    manifests wherever the link points."""
+    root = Path(config.storage.output_directory).resolve()
     path = Path(config.jobs.state_directory or DEFAULT_STATE_DIRECTORY)
-    return (path if path.is_absolute() else root / path).absolute()
+    return path.resolve() if path.is_absolute() else Path(os.path.normpath(root / path))
 
 
 def _iso(wall: float | None) -> str:
@@ -189,8 +193,9 @@ class EventService:
             return
         try:
             fresh = not self.state_dir.exists()
-            self.state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
-            self._state_fd = os.open(self.state_dir, _DIR_FLAGS)
+            # No symlink on the way (rename.open_directory): the job database and manifests
+            # stay where the configuration says.
+            self._state_fd = rename.open_directory(self.state_dir, create=True)
             with contextlib.suppress(FileExistsError):
                 os.mkdir(MANIFESTS, 0o750, dir_fd=self._state_fd)
             self.segments = outbox.Segments(outbox.open_directory(self._state_fd, create=True),

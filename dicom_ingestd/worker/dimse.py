@@ -11,6 +11,7 @@ C-ECHO-RSP) are five or six fixed elements, encoded here directly for the same r
 import struct
 from dataclasses import dataclass
 from io import BytesIO
+from typing import Any
 
 from pydicom import config as pydicom_config
 from pydicom.filereader import read_dataset
@@ -57,10 +58,14 @@ class Command:
 
 
 def _clean_uid(value: object, fix_padding: bool) -> str:
+    """A UID without its padding: trailing NULs and spaces, and with storescp -up
+    (fix_padding) leading spaces too.  Other white space stays part of the value, so UIDs
+    that differ in it never name one file (naming.py)."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
     text = "" if value is None else str(value)
-    # UIDs are padded to even length with NUL; storescp -up also strips space padding.
-    text = text.rstrip("\x00")
-    return text.rstrip(" ").rstrip("\x00") if fix_padding else text
+    text = text.rstrip("\x00 ")
+    return text.lstrip(" \x00") if fix_padding else text
 
 
 _ELEMENT_HEADER = struct.Struct("<HHL")
@@ -109,14 +114,11 @@ def _decode_plain(data: bytes, fix_uid_padding: bool) -> Command | None:
     if _COMMAND_FIELD not in numbers:
         return None
     message_id = numbers.get(_MESSAGE_ID, numbers.get(_MESSAGE_ID_BEING_RESPONDED_TO, 0))
-    # As pydicom decodes them: UI without trailing NULs and spaces, then outer whitespace (its
-    # UID class strips), AE without outer spaces.
+    # UIDs without their padding only (_clean_uid), AE without outer spaces.
     return Command(numbers[_COMMAND_FIELD], message_id & 0xFFFF,
                    numbers.get(_DATA_SET_TYPE, NO_DATA_SET) != NO_DATA_SET,
-                   _clean_uid(texts.get(_AFFECTED_SOP_CLASS, "").rstrip("\x00 ").strip(),
-                              fix_uid_padding),
-                   _clean_uid(texts.get(_AFFECTED_SOP_INSTANCE, "").rstrip("\x00 ").strip(),
-                              fix_uid_padding),
+                   _clean_uid(texts.get(_AFFECTED_SOP_CLASS, ""), fix_uid_padding),
+                   _clean_uid(texts.get(_AFFECTED_SOP_INSTANCE, ""), fix_uid_padding),
                    texts.get(_MOVE_ORIGINATOR_AE, "").strip())
 
 
@@ -137,13 +139,22 @@ def _decode_with_pydicom(data: bytes, fix_uid_padding: bool) -> Command:
     try:
         message_id = int(ds.get("MessageID", ds.get("MessageIDBeingRespondedTo", 0)) or 0)
         data_set_type = int(ds.get("CommandDataSetType", NO_DATA_SET))
-        sop_class = _clean_uid(ds.get("AffectedSOPClassUID"), fix_uid_padding)
-        sop_instance = _clean_uid(ds.get("AffectedSOPInstanceUID"), fix_uid_padding)
+        # The raw values: pydicom's UID class would strip outer white space.
+        sop_class = _clean_uid(_raw_value(ds, 0x00000002), fix_uid_padding)
+        sop_instance = _clean_uid(_raw_value(ds, 0x00001000), fix_uid_padding)
         originator = str(ds.get("MoveOriginatorApplicationEntityTitle", "") or "").strip()
     except Exception as exc:
         raise CommandError(f"bad element in command set ({exc})") from None
     return Command(field, message_id & 0xFFFF, data_set_type != NO_DATA_SET, sop_class,
                    sop_instance, originator)
+
+
+def _raw_value(ds: Any, tag: int) -> bytes | None:
+    element = ds.get_item(tag)
+    if element is None:
+        return None
+    value = element.value
+    return value if isinstance(value, bytes) else str(value).encode("latin-1", "replace")
 
 
 def _element(element: int, value: bytes) -> bytes:

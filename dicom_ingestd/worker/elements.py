@@ -52,6 +52,10 @@ class DataSetError(Exception):
     """The data set cannot be parsed (truncated, or a structure we cannot follow)."""
 
 
+class DataSetTooLarge(DataSetError):
+    """The data set (once inflated) is larger than the caller allows in memory."""
+
+
 @dataclass(slots=True)
 class Item:
     """A sequence item; `undefined` records the length form it was received in."""
@@ -272,13 +276,40 @@ class _Parser:
             pos += length
 
 
-def parse(data: Value, transfer_syntax: str) -> list[Element]:
+def inflated_size(data: Value, stop_after: int) -> int:
+    """How many bytes a raw deflate stream inflates to, counted in 64 KiB pieces; counting
+    stops once past `stop_after`.  Raises zlib.error."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    size = 0
+    pending: Value = data
+    while pending and size <= stop_after:
+        size += len(inflater.decompress(pending, 1 << 16))
+        pending = inflater.unconsumed_tail
+        if inflater.eof:
+            return size
+    if size <= stop_after:
+        size += len(inflater.flush())  # output still held back for want of output space
+    return size
+
+
+def parse(data: Value, transfer_syntax: str, max_size: int | None = None) -> list[Element]:
     """The elements of a data set encoded in `transfer_syntax` (a deflated one is inflated).
 
-    Values are views into `data`, which must stay unchanged while the tree is used.
+    Values are views into `data`, which must stay unchanged while the tree is used.  With
+    `max_size`, a data set larger than that (a deflated one: once inflated; inflation stops
+    there) raises DataSetTooLarge.
     """
+    if max_size is not None and len(data) > max_size:
+        raise DataSetTooLarge(f"the data set has {len(data)} bytes, more than {max_size}")
     if transfer_syntax == DEFLATED:
         try:
+            if max_size is not None:
+                # Measured first, in 64 KiB pieces: a deflate bomb is refused without
+                # ever holding more than that.
+                size = inflated_size(data, max_size)
+                if size > max_size:
+                    raise DataSetTooLarge(f"the deflated data set inflates to more than "
+                                          f"{max_size} bytes")
             data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data)
         except zlib.error as exc:
             raise DataSetError(f"cannot inflate the data set: {exc}") from None

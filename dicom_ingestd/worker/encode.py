@@ -11,6 +11,7 @@ The staging file always starts with our File Meta Information, so the identifica
 checks before this step are the same in every mode.
 """
 
+import os
 import struct
 from collections.abc import Callable
 
@@ -30,7 +31,8 @@ _COPY_CHUNK = 1 << 20
 
 
 def reencodes(storage: StorageConfig) -> bool:
-    """True when objects are re-encoded (the whole data set is then held in memory)."""
+    """True when objects are re-encoded (the whole data set is then held in memory, up to
+    storage.max_decoded_size bytes after inflation; a larger one is refused)."""
     return bool(storage.reencoding_keys())
 
 
@@ -73,7 +75,7 @@ def rewrite(storage: StorageConfig, store: Store, temp: TempFile, received_ts: s
 def _copy_data_set(store: Store, temp: TempFile) -> TempFile:
     """file_format = "dataset" without re-encoding: the received bytes after the meta."""
     new = store.temp_file()
-    with open(temp.path, "rb") as source:
+    with temp.open_read() as source:
         head = source.read(1 << 16)
         offset = _meta_length(head)
         source.seek(offset)
@@ -84,7 +86,15 @@ def _copy_data_set(store: Store, temp: TempFile) -> TempFile:
 
 def _reencode(storage: StorageConfig, store: Store, temp: TempFile, received_ts: str,
               file_meta: Callable[[str], bytes]) -> TempFile:
-    with open(temp.path, "rb") as source:
+    limit = storage.max_decoded_size
+    with temp.open_read() as source:
+        offset = _meta_length(source.read(1 << 16))
+        size = source.seek(0, os.SEEK_END) - offset
+        if size > limit:  # checked before a byte is read into memory
+            raise StorageError(f"refused: re-encoding holds the data set in memory, and its "
+                               f"{size} bytes exceed storage.max_decoded_size ({limit})",
+                               Status.OUT_OF_RESOURCES)
+        source.seek(0)
         data = source.read()
     target = TRANSFER_SYNTAXES.get(storage.transfer_syntax, received_ts)
     if target != received_ts and received_ts not in elements.UNCOMPRESSED:
@@ -93,7 +103,10 @@ def _reencode(storage: StorageConfig, store: Store, temp: TempFile, received_ts:
                            f"\"{storage.transfer_syntax}\"): no conversion of compressed "
                            "pixel data", Status.OUT_OF_RESOURCES)
     try:
-        tree = elements.parse(memoryview(data)[_meta_length(data):], received_ts)
+        tree = elements.parse(memoryview(data)[offset:], received_ts, max_size=limit)
+    except elements.DataSetTooLarge as exc:
+        raise StorageError(f"refused: {exc} (storage.max_decoded_size: re-encoding holds the "
+                           "data set in memory)", Status.OUT_OF_RESOURCES) from None
     except elements.DataSetError as exc:
         raise StorageError(f"cannot parse the data set to re-encode it ({exc})",
                            Status.CANNOT_UNDERSTAND) from None

@@ -8,7 +8,7 @@ starts a new directory whenever the study changes, and per association is what s
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import cast, overload
 
 from pydicom.uid import generate_uid
@@ -59,14 +59,30 @@ class Layout:
     """Computes targets for one association under one storage configuration."""
 
     def __init__(self, config: StorageConfig,
-                 current_study: Callable[[str, str, Callable[[], str]], str] | None = None
-                 ) -> None:
-        """`current_study(key, study_uid, new_name)` shares the "current study directory"
-        between associations (Store.study_directory); without it the state is ours alone."""
+                 current_study: Callable[[str, str, Callable[[int], str], str], str]
+                 | None = None,
+                 release: Callable[[str, str], None] | None = None,
+                 holder: str = "") -> None:
+        """`current_study(key, study_uid, new_name, holder)` shares the study directories
+        of conc-studies and patientname sorting between associations
+        (Store.study_directory: one directory per study, never two studies in one);
+        `new_name(n)` is the name for the object's time plus n milliseconds, `holder` names
+        this association, and `release(key, holder)` is called by finish().  Without them
+        the state is ours alone, as in one storescp process."""
         self.config = config
         self._current_study = current_study
+        self._release = release
+        self._holder = holder
+        self._key = f"{config.sort}:{config.sort_prefix}"
+        self._holding = False
         self._study_uid: str | None = None
         self._study_dir = ""
+
+    def finish(self) -> None:
+        """The association is over: its studies are no longer held open by it."""
+        if self._holding and self._release is not None:
+            self._holding = False
+            self._release(self._key, self._holder)
 
     def _subdirectory(self, ident: Identity, now: datetime) -> list[str]:
         sort = self.config.sort
@@ -77,17 +93,18 @@ class Layout:
             return [naming.study_subdirectory(mode, self.config.sort_prefix,
                                               study_uid=ident.study_uid,
                                               patient_name=ident.patient_name_raw, when=now)]
-        def new_name() -> str:
+        def new_name(later: int = 0) -> str:
             return naming.study_subdirectory(mode, self.config.sort_prefix,
                                              study_uid=ident.study_uid,
-                                             patient_name=ident.patient_name_raw, when=now)
+                                             patient_name=ident.patient_name_raw,
+                                             when=now + timedelta(milliseconds=later))
 
         if self._current_study is not None:
             # Raises MissingStudyUID first, as storescp refuses such objects in every mode.
             naming.study_subdirectory("study-uid", "", study_uid=ident.study_uid,
                                       patient_name=None, when=now)
-            key = f"{mode}:{self.config.sort_prefix}"
-            return [self._current_study(key, ident.study_uid, new_name)]
+            self._holding = True
+            return [self._current_study(self._key, ident.study_uid, new_name, self._holder)]
         if ident.study_uid != self._study_uid or not self._study_dir:
             self._study_uid = ident.study_uid
             self._study_dir = new_name()

@@ -24,7 +24,9 @@ unchecked, so a peer can send ``../x`` or ``a/b`` (DCMTK issue #1021).  Later DC
 backports only turn ``/`` into ``_``, which still lets through ``..``, hidden names, control
 characters and option-like names.  Here every value that came from the network passes through
 :func:`safe_component`, and every public name builder returns exactly one safe path component.
-Values DCMTK would accept as UIDs come out unchanged.
+Values DCMTK would accept as UIDs come out unchanged.  Where storescp cleans a UID further
+(white space, a second value) and so lets distinct objects share one file, we do not: see
+:func:`_clean_uid`.
 
 Everything is pure: no clock (times are parameters), no filesystem, except
 :func:`ensure_under`, which has to resolve symlinks.
@@ -317,18 +319,26 @@ _C_WHITESPACE: Final = " \t\n\v\f\r"
 _DROP_WHITESPACE: Final = str.maketrans("", "", _C_WHITESPACE)
 
 
-def _clean_uid(value: str, *, first_value: bool) -> str:
-    """A UI value as DCMTK hands it to storescp, so well-formed-but-padded UIDs name alike.
-
-    dcmdata removes every whitespace character from a UI (dcvrui.cc makeMachineByteString)
-    and the NUL padding at its end; findAndGetOFString() then yields only the first of
-    several backslash-separated values (dcbytstr.cc getStringPart).  Embedded NULs are *not*
-    treated as terminators (DCMTK's C strings silently cut there); safe_component replaces
-    them instead, so "1.2\\0junk" cannot overwrite "1.2".
-    """
-    if first_value:
-        value = value.split("\\", 1)[0]
+def _class_uid(value: str) -> str:
+    """A SOP Class UID as DCMTK looks it up: without any white space or NUL padding
+    (dcvrui.cc makeMachineByteString).  Only for the modality table: a class UID chooses a
+    code, never a name of its own."""
     return value.translate(_DROP_WHITESPACE).rstrip("\0")
+
+
+def _clean_uid(value: str) -> str:
+    """A UID from the network as it names a file or directory: without its padding only.
+
+    Trailing NULs (PS3.5's UI padding) and trailing spaces (many senders pad with one) are
+    padding; nothing else is removed.  storescp goes further, as DCMTK's input correction
+    drops every white-space character from a UI (dcvrui.cc) and findAndGetOFString() keeps
+    only the first of several backslash-separated values, so "1.2.3.85.1", "1.2.3.85. 1",
+    "1.2.3.85.\\t1" and "1.2.3.85.1\\n" all name "CT.1.2.3.85.1" there and overwrite each
+    other.  Here they are four values: a valid UID names its file unchanged, any other value
+    goes through safe_component, whose hash suffix keeps it apart from every other value.
+    Embedded NULs are not terminators either ("1.2\\0junk" cannot overwrite "1.2").
+    """
+    return value.rstrip("\0 ")
 
 
 # POSIX portable filename character set (POSIX.1-2017, 3.282).  An allow-list rather than a
@@ -399,7 +409,7 @@ def modality_prefix(sop_class_uid: str, *, default: str = UNKNOWN_MODALITY) -> s
     padding), so ``"1.2.840.10008.5.1.4.1.1.2\\0"`` is still ``CT``.  ``default`` is returned
     as given, unsanitised (it is ours, not the peer's).
     """
-    return MODALITIES.get(_clean_uid(sop_class_uid, first_value=False), default)
+    return MODALITIES.get(_class_uid(sop_class_uid), default)
 
 
 def _modality(sop_class_uid: str) -> str:
@@ -418,7 +428,7 @@ def default_filename(sop_class_uid: str, sop_instance_uid: str, extension: str =
     (not the data set's).  ``extension`` is appended verbatim as ``-fe`` does: pass ``.dcm``,
     not ``dcm``.  The result is always a single component of at most :data:`NAME_MAX` bytes.
     """
-    instance = safe_component(_clean_uid(sop_instance_uid, first_value=False))
+    instance = safe_component(_clean_uid(sop_instance_uid))
     return _one_component(f"{_modality(sop_class_uid)}.{instance}{extension}")
 
 
@@ -428,7 +438,7 @@ def unique_filename(sop_class_uid: str, new_uid: str, extension: str = "") -> st
     storescp generates ``new_uid`` per object with dcmGenerateUniqueIdentifier (its own UID
     root); the caller generates it here, e.g. with ``pydicom.uid.generate_uid()``.
     """
-    uid = safe_component(_clean_uid(new_uid, first_value=False))
+    uid = safe_component(_clean_uid(new_uid))
     return _one_component(f"{_modality(sop_class_uid)}.X.{uid}{extension}")
 
 
@@ -576,7 +586,8 @@ def study_subdirectory(
     """The study subdirectory storescp ``-ss``/``-su``/``-sp`` creates (storescp.cc 1830-1865).
 
     * ``"conc-studies"`` (``-ss PFX``): ``PFX_YYYYMMDD_HHMMSSmmm``
-    * ``"study-uid"`` (``-su PFX``): ``PFX_<StudyInstanceUID>`` (first value, cleaned)
+    * ``"study-uid"`` (``-su PFX``): ``PFX_<StudyInstanceUID>`` (without its padding; a
+      value that is not a plain UID gets a hash suffix, see _clean_uid)
     * ``"patientname"`` (``-sp``): ``<patient_name_component()>_YYYYMMDD_HHMMSSmmm``; ``prefix``
       is ignored, as ``-sp`` takes none
 
@@ -586,7 +597,7 @@ def study_subdirectory(
     sanitised like network data.  Raises :class:`MissingStudyUID` (whatever the mode) when
     ``study_uid`` is None or empty after cleaning, and ValueError for an unknown ``mode``.
     """
-    study = _clean_uid(study_uid, first_value=True) if study_uid is not None else ""
+    study = _clean_uid(study_uid) if study_uid is not None else ""
     if not study:
         raise MissingStudyUID("StudyInstanceUID absent or empty in data set")
     date, time = _date_time_digits(when)

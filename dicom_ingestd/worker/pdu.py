@@ -44,6 +44,7 @@ ABORT_INVALID_PARAMETER = 0x06
 _HEADER = struct.Struct(">BxL")
 _PDV_HEADER = struct.Struct(">LBB")
 _BUFFER_SIZE = 1 << 18  # larger than the largest PDU we advertise, so a PDU header never wraps
+RATE_WINDOW = 60.0  # seconds: the longest stretch over which the minimum rate is measured
 
 
 class PeerClosed(IngestError):
@@ -71,7 +72,8 @@ class Channel:
     after use, and a sender with Nagle on otherwise stalls ~40 ms per object on our delayed ACK.
     """
 
-    def __init__(self, sock: socket.socket, io_timeout: float | None, quickack: bool) -> None:
+    def __init__(self, sock: socket.socket, io_timeout: float | None, quickack: bool,
+                 min_rate: int = 0) -> None:
         self.sock = sock
         self.io_timeout = io_timeout
         self.quickack = quickack and hasattr(socket, "TCP_QUICKACK")
@@ -81,6 +83,32 @@ class Channel:
         self._end = 0
         self._timeout: float | None = -1.0  # never a real value: the first call sets it
         self._timed_sock: socket.socket | None = None
+        # The minimum transfer rate (network.min_transfer_rate) while armed: each `window`
+        # seconds spent blocked in recv must bring min_rate * window bytes.  Only time spent
+        # waiting for the peer counts, so our own disk stalls never count against it.
+        self.min_rate = min_rate
+        self.window = min(io_timeout or RATE_WINDOW, RATE_WINDOW)
+        self._armed = False
+        self._waited = 0.0
+        self._received = 0
+
+    def arm(self) -> None:
+        """A message is on its way: from now on, the peer must keep up the minimum rate."""
+        if self.min_rate and not self._armed:
+            self._armed, self._waited, self._received = True, 0.0, 0
+
+    def disarm(self) -> None:
+        """Between messages: the DIMSE timeout applies instead."""
+        self._armed = False
+
+    def _check_rate(self) -> None:
+        """At the end of a window: enough bytes, or PeerTimeout.  Starts the next window."""
+        needed = int(self.min_rate * self.window)
+        if self._received < needed:
+            raise PeerTimeout(
+                f"the peer sent {self._received} bytes in {self.window:.0f} s of a message, "
+                f"less than network.min_transfer_rate ({self.min_rate} bytes/s)")
+        self._waited, self._received = 0.0, 0
 
     def _set_timeout(self, timeout: float | None) -> None:
         # settimeout() costs an ioctl each call; most calls repeat the previous value.
@@ -97,24 +125,41 @@ class Channel:
             remaining = self._end - self._start
             self._buf[:remaining] = self._view[self._start:self._end]
             self._start, self._end = 0, remaining
-        timeout = self.io_timeout
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise PeerTimeout("timed out waiting for the peer")
-            timeout = left if timeout is None else min(timeout, left)
-        self._set_timeout(timeout)
-        if self.quickack:
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-        try:
-            n = self.sock.recv_into(self._view[self._end:])
-        except TimeoutError:
-            raise PeerTimeout("timed out waiting for the peer") from None
-        except OSError as exc:
-            raise PeerClosed(f"connection lost: {exc.strerror or exc}") from None
-        if n == 0:
-            raise PeerClosed("peer closed the connection")
-        self._end += n
+        while True:
+            timeout = self.io_timeout
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise PeerTimeout("timed out waiting for the peer")
+                timeout = left if timeout is None else min(timeout, left)
+            window_ends = False
+            if self._armed:
+                left = self.window - self._waited
+                if timeout is None or left < timeout:
+                    timeout, window_ends = max(left, 0.001), True
+            self._set_timeout(timeout)
+            if self.quickack:
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            started = time.monotonic()
+            try:
+                n = self.sock.recv_into(self._view[self._end:])
+            except TimeoutError:
+                if not window_ends:
+                    raise PeerTimeout("timed out waiting for the peer") from None
+                self._waited = self.window
+                self._check_rate()  # raises, or the next window begins: wait on
+                continue
+            except OSError as exc:
+                raise PeerClosed(f"connection lost: {exc.strerror or exc}") from None
+            if n == 0:
+                raise PeerClosed("peer closed the connection")
+            self._end += n
+            if self._armed:
+                self._waited += time.monotonic() - started
+                self._received += n
+                if self._waited >= self.window:
+                    self._check_rate()
+            return
 
     def read_exact(self, n: int, deadline: float | None = None) -> bytes:
         """Return exactly n bytes (n must not exceed the buffer size)."""
@@ -144,7 +189,13 @@ class Channel:
         self.stream(n, lambda _chunk: None)
 
     def read_pdu_header(self, deadline: float | None = None) -> tuple[int, int]:
-        """Wait (until `deadline`) for the next PDU and return (type, length)."""
+        """Wait (until `deadline`) for the next PDU and return (type, length).
+
+        Once its first byte is here, the rest is on its way: the minimum rate applies (arm).
+        """
+        if self._end == self._start:
+            self._fill(deadline)
+        self.arm()
         pdu_type, length = _HEADER.unpack(self.read_exact(_HEADER.size, deadline))
         return pdu_type, length
 

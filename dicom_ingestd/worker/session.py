@@ -7,6 +7,7 @@ placed and its directory fsynced; only then is the success response sent.
 """
 
 import contextlib
+import functools
 import logging
 import socket
 import ssl
@@ -21,7 +22,13 @@ from dicom_ingestd.config.schema import Config
 from dicom_ingestd.errors import StorageError
 from dicom_ingestd.telemetry import Reporter
 from dicom_ingestd.worker import acceptor, dimse, encode, header, tls
-from dicom_ingestd.worker.identify import Identity, UnreadableDataSet, identify, identify_prefix
+from dicom_ingestd.worker.identify import (
+    DataSetTooLarge,
+    Identity,
+    UnreadableDataSet,
+    identify,
+    identify_prefix,
+)
 from dicom_ingestd.worker.layout import Layout
 from dicom_ingestd.worker.naming import MissingStudyUID
 from dicom_ingestd.worker.pdu import (
@@ -42,12 +49,13 @@ from dicom_ingestd.worker.pdu import (
     encode_release_rp,
 )
 from dicom_ingestd.worker.recorder import Recorder, StoredObject
-from dicom_ingestd.worker.store import Placed, Store, TempFile
+from dicom_ingestd.worker.store import Placed, Store, TempFile, sort_holder
 
 log = logging.getLogger("dicom_ingestd.association")
 
 HEAD_BYTES = 1 << 16  # identifying attributes sit in the first few KiB of a data set
 MAX_ASSOCIATE_RQ = 1 << 17  # 128 contexts of long UIDs fit in ~40 KiB; more is abuse
+MAX_SMALL_PDU = 64  # A-RELEASE-RQ and A-ABORT bodies are 4 bytes; longer ones are not read
 VERIFICATION = "1.2.840.10008.1.1"
 
 
@@ -107,10 +115,13 @@ class Session:
         self.config = config
         self.store = store
         self.recorder = recorder
-        self.layout = Layout(config.storage, store.study_directory)
+        self.layout = Layout(config.storage, functools.partial(
+            store.study_directory, idle=float(config.events.eostudy_timeout)),
+            store.release_studies, sort_holder())
         self._rewrite = encode.wanted(config.storage)  # storescp's output options (encode.py)
         net = config.network
-        self.channel = Channel(sock, float(net.socket_timeout) or None, net.tcp_nodelay)
+        self.channel = Channel(sock, float(net.socket_timeout) or None, net.tcp_nodelay,
+                               net.min_transfer_rate)
         self.calling_ae = "?"
         self.called_ae = "?"
         self.peer_max_pdu = 0
@@ -190,6 +201,8 @@ class Session:
                 self.sock.close()
             if self.reporter is not None:
                 self.reporter.ended(self.outcome.how, self.peer, self.calling_ae)
+            with contextlib.suppress(OSError):  # a process that died is noticed without it
+                self.layout.finish()
         return self.outcome
 
     def _configure_socket(self) -> None:
@@ -291,15 +304,26 @@ class Session:
     # -- data transfer ---------------------------------------------------------------------
     def _serve(self) -> None:
         dimse_timeout = self.config.network.dimse_timeout
+        acse_timeout = self.config.network.acse_timeout
         while True:
             deadline = None
-            if dimse_timeout and self._current is None and not self._command:
-                deadline = time.monotonic() + dimse_timeout
+            if self._current is None and not self._command:
+                # Idle between messages: the DIMSE timeout bounds the wait.
+                self.channel.disarm()
+                if dimse_timeout:
+                    deadline = time.monotonic() + dimse_timeout
+            else:  # inside a message: the peer must keep up network.min_transfer_rate
+                self.channel.arm()
             pdu_type, length = self.channel.read_pdu_header(deadline)
+            self.channel.arm()  # whatever the PDU, its body is on its way
             if pdu_type == P_DATA_TF:
                 self._p_data(length)
             elif pdu_type == A_RELEASE_RQ:
-                self.channel.skip(length)
+                # Its body is 4 reserved bytes (PS3.8 9.3.6): a longer one is not read (a
+                # length of 4 GiB fed one byte at a time held a worker for ever).
+                if length > MAX_SMALL_PDU:
+                    raise ProtocolError(f"A-RELEASE-RQ of {length} bytes (4 expected)")
+                self.channel.read_exact(length, time.monotonic() + acse_timeout)
                 if self._current:
                     log.warning("%s: release requested during a C-STORE; partial object "
                                 "discarded", self._who(), extra=self._fields())
@@ -309,7 +333,10 @@ class Session:
                 self._log_end("released")
                 return
             elif pdu_type == A_ABORT:
-                body = self.channel.read_exact(length) if length <= 64 else b""
+                body = b""
+                if length <= MAX_SMALL_PDU:  # the peer is leaving: a short wait at most
+                    with contextlib.suppress(PeerTimeout):
+                        body = self.channel.read_exact(length, time.monotonic() + acse_timeout)
                 source = body[2] if len(body) >= 4 else -1
                 reason = body[3] if len(body) >= 4 else -1
                 self.outcome.how = "aborted-by-peer"
@@ -361,6 +388,14 @@ class Session:
                 raise ProtocolError(f"PDV for presentation context {context_id}, "
                                     "which was not accepted")
             payload = item_length - 2
+            if payload % 2:
+                # PS3.7 Annex F: every fragment is even.  storescp aborts the association
+                # ("DIMSE: Odd Fragment Length") and keeps nothing; so do we.
+                kind = "command" if control & 0x01 else "data set"
+                raise _Abort(0, 0, f"odd fragment length {payload} in a {kind} PDV "
+                             "(PS3.7 Annex F; storescp aborts too: \"DIMSE: Odd Fragment "
+                             "Length\")" + ("; the partial object was discarded"
+                                            if self._current else ""))
             if control & 0x01:
                 self._command_fragment(context_id, control, payload)
             else:
@@ -540,11 +575,21 @@ class Session:
             temp.finish(self.config.storage.fsync and not self._rewrite)
             ident = identify_prefix(bytes(current.head), current.context.transfer_syntax,
                                     complete=current.bytes <= len(current.head),
-                                    fix_uid_padding=fix) \
-                or identify(temp.path, fix_uid_padding=fix)
+                                    fix_uid_padding=fix)
+            if ident is None:  # bounded: a streaming walk of the file (identify.py)
+                with temp.open_read() as staged:
+                    ident = identify(staged, fix_uid_padding=fix, max_decoded_size=self
+                                     .config.storage.max_decoded_size)
         except StorageError:
             temp.discard()
             raise
+        except OSError as exc:
+            temp.discard()
+            raise StorageError(f"cannot read {temp.path}: {exc.strerror or exc}",
+                               Status.OUT_OF_RESOURCES) from None
+        except DataSetTooLarge as exc:
+            temp.discard()
+            raise StorageError(f"refused: {exc}", Status.OUT_OF_RESOURCES) from None
         except UnreadableDataSet as exc:
             temp.discard()
             raise StorageError(f"cannot parse the data set ({exc})",
@@ -574,6 +619,10 @@ class Session:
             raise StorageError("no Study Instance UID to sort by (storage.sort = "
                                f"{self.config.storage.sort})", Status.CANNOT_UNDERSTAND) \
                 from None
+        except OSError as exc:  # the shared study directory state (Store.study_directory)
+            temp.discard()
+            raise StorageError(f"cannot choose the study directory: {exc.strerror or exc}",
+                               Status.OUT_OF_RESOURCES) from None
         placed = self.store.commit(temp, target.directories, target.candidates,
                                    replace=target.replace, when_taken=target.when_taken)
         if placed.kept_existing:

@@ -31,14 +31,18 @@ received (sync_file_range without waiting), so the disk works while the network 
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import itertools
 import json
 import os
 import random
-from collections.abc import Callable, Sequence
+import stat
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from dicom_ingestd.codes import Status
 from dicom_ingestd.config.schema import StorageConfig
@@ -46,6 +50,9 @@ from dicom_ingestd.errors import StorageError
 
 STAGING_DIR = ".ingestd-tmp"
 SORT_STATE = "sort-state.json"
+SORT_STATE_VERSION = 3
+SORT_STATE_STUDIES = 256  # studies remembered without events.eostudy_timeout
+SORT_NAME_TRIES = 1000  # milliseconds tried after a taken study directory name
 TEMP_SUFFIX = ".part"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _counter = itertools.count()
@@ -150,6 +157,67 @@ def _writer_alive(name: str, mtime: float) -> bool:
     return b"dicom_ingestd" in cmdline or b"dicom-ingestd" in cmdline
 
 
+def _read_sort_state(fd: int, key: str) -> dict[str, Any]:
+    """The sort state in the open file, or a fresh one (another key, or unreadable: a crash
+    while it was written leaves it empty, which forgets directories but mixes nothing, since
+    new ones are only ever created)."""
+    size = os.fstat(fd).st_size
+    try:
+        state = json.loads(os.pread(fd, size, 0) or b"{}")
+    except ValueError:
+        state = {}
+    fresh = {"version": SORT_STATE_VERSION, "key": key, "studies": {}}
+    if not isinstance(state, dict) or state.get("version") != SORT_STATE_VERSION or \
+            state.get("key") != key or not isinstance(state.get("studies"), dict):
+        return fresh
+    for entry in state["studies"].values():
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+                and isinstance(entry[1], (int, float)) and isinstance(entry[2], list)
+                and all(isinstance(h, str) for h in entry[2])):
+            return fresh
+    return state
+
+
+def sort_holder() -> str:
+    """A new association's name in the sort state: pid, process start, a serial."""
+    return f"{os.getpid()}:{_start_ticks(os.getpid())}:{next(_counter)}"
+
+
+def _start_ticks(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return ""
+
+
+def _holder_alive(holder: str) -> bool:
+    """Is the holder's process still the one that named it?  (Its association may be
+    over, but then it released its studies, unless the process died first.)"""
+    pid, _, rest = holder.partition(":")
+    ticks = rest.partition(":")[0]
+    return pid.isdigit() and bool(ticks) and _start_ticks(int(pid)) == ticks
+
+
+def _write_sort_state(fd: int, state: dict[str, Any]) -> None:
+    data = json.dumps(state, separators=(",", ":")).encode()
+    os.pwrite(fd, data, 0)
+    os.ftruncate(fd, len(data))
+
+
+def _not_a_regular_file(dir_fd: int, name: str) -> str:
+    """"" when the entry `name` is a regular file, else what it is (never followed)."""
+    try:
+        mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    if stat.S_ISREG(mode):
+        return ""
+    kinds = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
+             (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+    return next((kind for test, kind in kinds if test(mode)), "a device node")
+
+
 def _is_safe(part: str) -> bool:
     return part not in ("", ".", "..") and "/" not in part and "\x00" not in part
 
@@ -181,6 +249,14 @@ class TempFile:
     def path(self) -> Path:
         # Built on demand: pathlib costs ~15 us a join, and the path is rarely needed.
         return self._staging / self.name
+
+    def open_read(self) -> BinaryIO:
+        """The file for reading, opened relative to the staging directory's descriptor
+        without following a symlink (never by path: the staging directory may have been
+        replaced since start-up).  Call after finish()."""
+        fd = os.open(self.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=self._staging_fd)
+        return open(fd, "rb")
 
     def write(self, data: bytes | memoryview) -> None:
         """Append data; after the first failure, further data is dropped and the error kept.
@@ -367,31 +443,94 @@ class Store:
         except OSError as exc:
             raise _resource_error(exc, f"cannot create a file in {self.staging}") from None
 
-    def study_directory(self, key: str, study_uid: str, new_name: Callable[[], str]) -> str:
-        """The directory for the current study under storescp's "concurrent studies" rule.
+    def study_directory(self, key: str, study_uid: str, new_name: Callable[[int], str],
+                        holder: str, *, idle: float = 0.0) -> str:
+        """The directory of a study under storescp's "current study" sorting (-ss, -sp),
+        shared by every association, worker and daemon using this output directory.
 
-        storescp keeps one "current study" per process: the next object of the same study
-        goes to the same directory, an object of another study starts a new one.  The state
-        lives in a small file in the staging directory, under an exclusive lock, so forked
-        workers and threads share it as storescp's single process does.  `key` identifies
-        the sorting configuration (a change of it starts a new directory).
+        storescp keeps one "current study" per process: an object of another study than the
+        last one starts a new directory.  Run per association (storescp --fork, or our
+        workers before issue 16), parallel associations spread one study over many
+        directories, and two studies named in the same millisecond share one.  Here a state
+        file in the staging directory, under an exclusive lock, maps each open study to its
+        directory and to the running associations (`holder`s) that stored objects of it:
+
+        * an object of an open study goes to that study's directory;
+        * an object of any other study gets a new directory, created here under the lock,
+          named `new_name(0)` (the time of its first object) or, when that name is taken on
+          disk or by another study, `new_name(1)`, `new_name(2)`, ... (a millisecond later
+          each), so two studies never share one;
+        * it also closes, as storescp's change of study does, every other open study that no
+          running association has stored objects of (release_studies, or its process gone);
+        * a study with no object for `idle` seconds (events.eostudy_timeout, then complete)
+          is closed whatever holds it.
+
+        Used one association at a time this is storescp's rule; used by many at once, each
+        study stays in one directory.  `key` identifies the sorting configuration (a change
+        of it closes every study).  Raises OSError when the state file or the directory
+        cannot be written.
         """
+        with self._sort_state(key) as state:
+            studies: dict[str, list[Any]] = state["studies"]
+            now = time.time()
+            for uid, (_dir, used, holders) in list(studies.items()):
+                holders[:] = [h for h in holders if h == holder or _holder_alive(h)]
+                if idle and now - used > idle:
+                    del studies[uid]
+            entry = studies.get(study_uid)
+            if entry is None:
+                taken = {str(d) for d, _used, _holders in studies.values()}
+                entry = studies[study_uid] = [self._new_study_directory(new_name, taken),
+                                              now, []]
+            for uid in [u for u, (_d, _u, holders) in studies.items()
+                        if u != study_uid and not holders]:
+                del studies[uid]  # storescp: a change of study ends the last one
+            if now - entry[1] >= 1.0:  # a second's precision is enough for `idle`
+                entry[1] = now
+            if holder not in entry[2]:
+                entry[2].append(holder)
+            if len(studies) > SORT_STATE_STUDIES:
+                for uid in sorted(studies, key=lambda u: studies[u][1])[
+                        :len(studies) - SORT_STATE_STUDIES]:
+                    del studies[uid]
+            return str(entry[0])
+
+    def release_studies(self, key: str, holder: str) -> None:
+        """An association ends: it holds its studies open no more (see study_directory)."""
+        with self._sort_state(key) as state:
+            for _dir, _used, holders in state["studies"].values():
+                if holder in holders:
+                    holders.remove(holder)
+
+    @contextlib.contextmanager
+    def _sort_state(self, key: str) -> Iterator[dict[str, Any]]:
+        """The sort state, locked; written back when the block ends without an error."""
         fd = os.open(SORT_STATE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600,
                      dir_fd=self._staging_fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                state = json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
-            except ValueError:
-                state = {}
-            if state.get("key") == key and state.get("study") == study_uid and state.get("dir"):
-                return str(state["dir"])
-            name = new_name()
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps({"key": key, "study": study_uid, "dir": name}).encode(), 0)
-            return name
+            state = _read_sort_state(fd, key)
+            before = json.dumps(state)
+            yield state
+            if json.dumps(state) != before:  # most objects change nothing
+                _write_sort_state(fd, state)
         finally:
             os.close(fd)  # releases the lock
+
+    def _new_study_directory(self, new_name: Callable[[int], str], taken: set[str]) -> str:
+        for step in range(SORT_NAME_TRIES):
+            name = new_name(step)
+            if name in taken or not _is_safe(name):
+                continue
+            try:
+                os.mkdir(name, 0o755, dir_fd=self._root_fd)
+            except FileExistsError:  # another study's (or anything else): never shared
+                continue
+            if self.config.fsync:
+                os.fsync(self._root_fd)
+            return name
+        raise OSError(errno.EEXIST, f"no free study directory name after {SORT_NAME_TRIES} "
+                      f"tries from {new_name(0)}")
 
     def has_free_space(self) -> bool:
         """False when the reserve storage.min_free_space is not available."""
@@ -465,6 +604,9 @@ class Store:
                 raise
             raise _resource_error(exc, f"cannot store {'/'.join([*directories, candidates[0]])}") \
                 from None
+        # What holds the name we did not take: only a regular file can be the object
+        # (keep-first's "kept", reject's "duplicate"); a symlink, directory or FIFO is not.
+        not_an_object = _not_a_regular_file(dir_fd, candidates[0]) if placed is None else ""
         os.close(dir_fd)
         if replace:
             temp.close()  # renamed: no staging name left to remove
@@ -472,6 +614,10 @@ class Store:
             temp.discard()
         if placed is None:
             existing = os.path.join(self._root, *directories, candidates[0])
+            if not_an_object:
+                raise StorageError(f"{existing} exists and is {not_an_object}, not a stored "
+                                   "object: the object was not stored (nothing replaced)",
+                                   Status.PROCESSING_FAILURE)
             if when_taken == "keep":
                 return Placed(existing, kept_existing=True)
             status = (Status.DUPLICATE_SOP_INSTANCE if when_taken == "reject"

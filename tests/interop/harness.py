@@ -59,6 +59,8 @@ ACCEPTED_ABSTRACT_SYNTAXES = frozenset((VERIFICATION_SOP_CLASS, *STORAGE_SOP_CLA
 TOOL_TIMEOUT = 120.0
 
 PASS, FAIL, NOT_SENT, SKIP = "pass", "fail", "not sent", "skip"
+# Sent as a data set of odd length (PS3.7 Annex F): aborted, as DCMTK storescp aborts it.
+REFUSED = "refused"
 BATCH = "batch"  # the cell key of "every file in one invocation"
 
 
@@ -361,6 +363,22 @@ class Harness:
         negotiated = assoc.transfer_syntax(message.context_id) or ""
         cell.negotiated = negotiated
         stored = self._stored_files(run)
+        if message.data_set is not None and len(message.data_set) % 2:
+            # storescp aborts such an association ("DIMSE: Odd Fragment Length"); so must we.
+            if stored or not re.search(rf"{who}: aborting association: odd fragment length",
+                                       run.log):
+                cell.fail(f"a data set of odd length ({len(message.data_set)} bytes) was not "
+                          "aborted as storescp aborts it")
+                return cell
+            refused = Cell(sender.key, syntax.key, REFUSED, negotiated, seconds=run.seconds,
+                           associations=cell.associations)
+            why = f"; {syntax.file_name}'s deflated stream lacks the padding NUL of " \
+                "PS3.5 A.5" if syntax.key == "deflated" else ""
+            refused.reason = (f"{sender.label} sent the data set with an odd length "
+                              f"({len(message.data_set)} bytes{why}): the association is "
+                              "aborted and nothing stored, as DCMTK storescp does "
+                              "(\"DIMSE: Odd Fragment Length\")")
+            return refused
         if len(stored) != 1:
             cell.fail(f"{len(stored)} files stored, expected 1: {[p.name for p in stored]}")
             return cell
@@ -405,7 +423,8 @@ class Harness:
             return cell
         directory = self.daemon.out.parent / f"batch-{sender.key}"
         directory.mkdir(exist_ok=True)
-        given = [s for s in SYNTAXES if s.key not in sender.unreadable]
+        given = [s for s in SYNTAXES if s.key not in sender.unreadable
+                 and self.store(sender, s).outcome != REFUSED]  # it would abort the batch
         for number, syntax in enumerate(given, 1):
             link = directory / f"{number:02d}-{syntax.file_name}"
             if not link.exists():

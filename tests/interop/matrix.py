@@ -24,6 +24,7 @@ from .harness import (
     FAIL,
     NOT_SENT,
     PASS,
+    REFUSED,
     SKIP,
     Cell,
     Harness,
@@ -75,7 +76,7 @@ def _short(cell: Cell, file_syntax: str | None, notes: list[str]) -> str:
 
     if cell.outcome == FAIL:
         return f"**FAIL** {note('; '.join(cell.problems))}"
-    if cell.outcome in (SKIP, NOT_SENT):
+    if cell.outcome in (SKIP, NOT_SENT, REFUSED):
         return f"{cell.outcome} {note(cell.reason)}"
     if cell.syntax == BATCH:
         sent, _of, given = cell.sent_as.split()[:3]
@@ -108,7 +109,7 @@ def render_table(harness: Harness) -> str:
     lines.append("| " + " | ".join(row) + " |")
     row = ["C-ECHO"] + [_short(harness.echo(s), None, notes) for s in SENDERS]
     lines.append("| " + " | ".join(row) + " |")
-    counts = {outcome: 0 for outcome in (PASS, FAIL, NOT_SENT, SKIP)}
+    counts = {outcome: 0 for outcome in (PASS, FAIL, NOT_SENT, SKIP, REFUSED)}
     for cell in harness.cells.values():
         counts[cell.outcome] += 1
     lines += ["", "Totals: " + ", ".join(f"{n} {outcome}" for outcome, n in counts.items())
@@ -131,7 +132,7 @@ def render_table(harness: Harness) -> str:
 def detail_line(sender: Sender, what: str, cell: Cell) -> str:
     if cell.outcome == FAIL:
         detail = "; ".join(cell.problems)
-    elif cell.outcome in (SKIP, NOT_SENT):
+    elif cell.outcome in (SKIP, NOT_SENT, REFUSED):
         detail = cell.reason
     else:
         detail = cell.sent_as or "C-ECHO-RSP 0x0000"
