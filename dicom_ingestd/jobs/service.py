@@ -656,6 +656,8 @@ class EventService:
     # -- the loop ----------------------------------------------------------------------------
     def timeout(self) -> float:
         """Seconds until the next tick is needed (at most 1 s: the outbox is polled)."""
+        if self.queue is None:
+            return 1.0  # no events: nothing to poll
         now = self._clock()
         moments = [self._consumed_at + POLL_INTERVAL - now]
         if self._wanted:
