@@ -213,3 +213,17 @@ def test_backoff_grows_and_is_capped_by_the_queues_timestamps(tmp_path: Path,
     for failures in (1, 2, 3):  # the next run waits for not_before, and not much longer
         wait = runs[failures] - seen[failures][1]
         assert -0.05 <= wait < 1.5, (failures, wait, runs, seen)
+
+
+@pytest.mark.parametrize(("durable", "expected"), [(True, 2), (False, 1)])
+def test_the_queue_syncs_its_commits_when_storage_fsync_is_on(tmp_path: Path, durable: bool,
+                                                              expected: int) -> None:
+    """With storage.fsync the job database commits with synchronous = FULL (2): a committed
+    job survives a power cut.  Checked on the connection the queue uses, not by a power cut
+    (the outbox would hide a lost tail of the database until its segment is removed)."""
+    queue = JobQueue(tmp_path / "state", durable=durable)
+    try:
+        assert queue._db.execute("PRAGMA synchronous").fetchone()[0] == expected
+        assert queue._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        queue.close()
