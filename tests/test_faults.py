@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon, echoscu, mounted_tmpfs, require_tool, storescu
+from conftest import Daemon, echoscu, make_study, mounted_tmpfs, require_tool, storescu
 from conftest import testdata as data_file
 from pydicom import dcmread
 from pydicom.filereader import read_dataset
@@ -1097,4 +1097,36 @@ def test_truncated_associate_rq_then_silence_times_out(daemon_factory: Any) -> N
         assert time.monotonic() - started < 10
     finally:
         sock.close()
+    assert_serving(daemon)
+
+
+# --- symlinks planted in the output directory ----------------------------------------------
+
+
+def test_planted_symlinks_are_never_followed(tmp_path: Path, daemon_factory: Any) -> None:
+    """A study directory and a file name replaced by symlinks to a directory outside: nothing
+    is ever written through them (directories are opened with O_NOFOLLOW, names are linked,
+    never opened)."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "victim"
+    victim.write_bytes(b"not yours")
+    daemon = daemon_factory({"storage": {"sort": "study-uid", "sort_prefix": "ST_"}})
+    study_uid = "1.2.826.0.1.3680043.2.1545.22.1"
+    files = make_study(tmp_path / "study", 3, study_uid=study_uid)
+    storescu(daemon.port, files[0])
+    study_dir = daemon.out / f"ST__{study_uid}"  # storescp joins prefix and UID with "_"
+    first = next(study_dir.iterdir())
+    # The file name the next copy of the first object would take, as a symlink to a victim.
+    first.unlink()
+    first.symlink_to(victim)
+    storescu(daemon.port, files[0], check=False)
+    assert victim.read_bytes() == b"not yours"
+    # The study directory itself, as a symlink to the outside directory.
+    study_dir.rename(tmp_path / "moved")
+    study_dir.symlink_to(outside, target_is_directory=True)
+    result = storescu(daemon.port, files[1], check=False)
+    assert sorted(p.name for p in outside.iterdir()) == ["victim"], result.stdout + result.stderr
+    assert victim.read_bytes() == b"not yours"
+    assert study_dir.is_symlink()
     assert_serving(daemon)

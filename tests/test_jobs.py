@@ -5,6 +5,7 @@ systemctl-restart-like stop (SIGTERM, then start) and a SIGKILL of the master.
 Every job is a real process; reception jobs are queued by real storescu transfers.
 """
 
+import contextlib
 import logging
 import os
 import selectors
@@ -172,3 +173,57 @@ def test_job_output_lines_carry_journal_fields(tmp_path: Path) -> None:
     assert f"job {job_id} stdout: partial" in lines  # a last line without newline
     assert any(m.startswith(f"job {job_id} finished: exit status 0") for m in lines)
     queue.close()
+
+
+def test_backoff_grows_and_is_capped_by_the_queues_timestamps(tmp_path: Path,
+                                                             daemon_factory: Any) -> None:
+    """Back-off measured from the job database and the runs themselves, not the log: after
+    failure k the job is pending until `finished` + min(1 * 2^(k-1), 2) s, and no run starts
+    before that instant."""
+    import sqlite3
+
+    starts = tmp_path / "starts"
+    command = ["/bin/sh", "-c",
+               f'date +%s.%N >> {starts}; [ "$DICOM_JOB_ATTEMPT" -ge 4 ]']
+    daemon = daemon_factory(jobs_settings(tmp_path, command, retries=3, retry_backoff=1,
+                                          retry_backoff_max=2))
+    storescu(daemon.port, *make_study(tmp_path / "a", 1))
+    database = tmp_path / "state" / "jobs.sqlite"
+    wait_until(database.exists, 10, "the job database")
+    seen: dict[int, tuple[float, float]] = {}  # failures -> (finished, not_before)
+    deadline = time.monotonic() + 30
+    state = ""
+    while state != "done" and time.monotonic() < deadline:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True,
+                                                timeout=5)) as db:
+            row = db.execute("SELECT state, attempts, finished, not_before FROM jobs "
+                             "WHERE id = 1").fetchone()
+        if row is not None:
+            state, attempts, finished, not_before = row
+            if state == "pending" and attempts:
+                seen[attempts] = (finished, not_before)
+        time.sleep(0.05)
+    assert state == "done", f"job 1 is {state!r} after 30 s"
+    assert sorted(seen) == [1, 2, 3], seen
+    for failures, expected in ((1, 1.0), (2, 2.0), (3, 2.0)):
+        finished, not_before = seen[failures]
+        assert not_before - finished == pytest.approx(expected, abs=0.01), (failures, seen)
+    runs = [float(line) for line in starts.read_text().split()]
+    assert len(runs) == 4, runs
+    for failures in (1, 2, 3):  # the next run waits for not_before, and not much longer
+        wait = runs[failures] - seen[failures][1]
+        assert -0.05 <= wait < 1.5, (failures, wait, runs, seen)
+
+
+@pytest.mark.parametrize(("durable", "expected"), [(True, 2), (False, 1)])
+def test_the_queue_syncs_its_commits_when_storage_fsync_is_on(tmp_path: Path, durable: bool,
+                                                              expected: int) -> None:
+    """With storage.fsync the job database commits with synchronous = FULL (2): a committed
+    job survives a power cut.  Checked on the connection the queue uses, not by a power cut
+    (the outbox would hide a lost tail of the database until its segment is removed)."""
+    queue = JobQueue(tmp_path / "state", durable=durable)
+    try:
+        assert queue._db.execute("PRAGMA synchronous").fetchone()[0] == expected
+        assert queue._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        queue.close()

@@ -1071,3 +1071,39 @@ def test_host_lookup_names_the_peer_when_enabled(daemon_factory: Any) -> None:
     echoscu(d.port, ["-aet", "NAMED"])
     log = d.wait_log("C-ECHO")
     assert re.search(r"localhost:\d+ NAMED->ANY-SCP: association accepted", log), log
+
+
+# --- storescp -pm (negotiation.promiscuous), against the daemon ----------------------------
+
+
+@pytest.mark.parametrize("promiscuous", [True, False])
+def test_promiscuous_mode_stores_a_private_sop_class(ingestd: Callable[..., Daemon],
+                                                     promiscuous: bool) -> None:
+    """A private SOP class DCMTK cannot name: accepted and stored with -pm, refused without,
+    while a known class is negotiated alike in both modes."""
+    private = "1.2.826.0.1.3680043.2.1545.22.7"
+    daemon = ingestd({"negotiation": {"promiscuous": promiscuous}})
+    ds = dcmread(data_file("CT_small.dcm"))
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = private
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ae = AE(ae_title="PMTEST")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(private, [EXPLICIT_LE])
+    ae.add_requested_context(CT_IMAGE, [EXPLICIT_LE])
+    assoc = ae.associate("127.0.0.1", daemon.port)
+    assert assoc.is_established
+    try:
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+        assert CT_IMAGE in accepted
+        assert (private in accepted) == promiscuous, accepted
+        if promiscuous:
+            status = assoc.send_c_store(ds)
+            assert int(status.Status) == 0x0000
+    finally:
+        assoc.release()
+    stored = [p for p in daemon.out.rglob("*") if ds.SOPInstanceUID in p.name]
+    if promiscuous:
+        assert len(stored) == 1, stored
+        assert dcmread(stored[0]).SOPClassUID == private
+    else:
+        assert stored == []

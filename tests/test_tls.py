@@ -351,3 +351,59 @@ def test_reload_rereads_the_key_and_keeps_the_running_context_on_error(
     line = line_with(daemon.wait_log("reload rejected"), "reload rejected")
     assert f"tls.private_key = '{key}': {key} is readable by every user" in line
     echoscu(daemon.port, client(certs, certs.client))  # the running context still serves
+
+
+# -- the TLS settings, negotiated for real (Python's ssl as the client) -----------------------
+def handshake(port: int, certs: Certificates, *, maximum: ssl.TLSVersion | None = None,
+              ciphers: str = "") -> tuple[str, str]:
+    """(protocol version, cipher suite) the daemon agrees to with this client; raises
+    ssl.SSLError when it refuses."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.load_verify_locations(str(certs.ca.cert))
+    context.load_cert_chain(str(certs.client.cert), str(certs.client.key))
+    if maximum is not None:
+        context.maximum_version = maximum
+    if ciphers:
+        context.set_ciphers(ciphers)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            context.wrap_socket(raw) as tls:
+        version, cipher = tls.version(), tls.cipher()
+        assert version is not None and cipher is not None
+        return version, cipher[0]
+
+
+def test_minimum_version_13_refuses_a_tls12_client(daemon_factory: Any,
+                                                    certs: Certificates) -> None:
+    daemon = daemon_factory({"tls": tls_table(certs, minimum_version="1.3")})
+    assert handshake(daemon.port, certs)[0] == "TLSv1.3"
+    with pytest.raises(ssl.SSLError):
+        handshake(daemon.port, certs, maximum=ssl.TLSVersion.TLSv1_2)
+    echoscu(daemon.port, client(certs, certs.client))  # and it still serves
+
+
+def test_default_minimum_version_12_serves_a_tls12_client(required: Daemon,
+                                                          certs: Certificates) -> None:
+    assert handshake(required.port, certs, maximum=ssl.TLSVersion.TLSv1_2)[0] == "TLSv1.2"
+    assert handshake(required.port, certs)[0] == "TLSv1.3"
+
+
+def test_a_profile_without_tls13_negotiates_tls12(daemon_factory: Any,
+                                                  certs: Certificates) -> None:
+    daemon = daemon_factory({"tls": tls_table(certs, profile="bcp195-ex")})
+    assert handshake(daemon.port, certs)[0] == "TLSv1.2"
+
+
+@pytest.mark.parametrize("profile", ["bcp195-nd", "bcp195"])
+def test_the_servers_cipher_order_decides(daemon_factory: Any, certs: Certificates,
+                                          profile: str) -> None:
+    """The client lists the profile's TLS 1.2 suites in reverse; the daemon picks its own
+    first (OP_CIPHER_SERVER_PREFERENCE, as storescp and BCP 195 do)."""
+    from dicom_ingestd.tls import PROFILES
+
+    suites = PROFILES[profile][0]
+    daemon = daemon_factory({"tls": tls_table(certs, profile=profile)})
+    for offered in (suites[::-1], suites[1:][::-1]):
+        version, cipher = handshake(daemon.port, certs, maximum=ssl.TLSVersion.TLSv1_2,
+                                    ciphers=":".join(offered))
+        assert (version, cipher) == ("TLSv1.2", offered[-1]), offered

@@ -121,39 +121,45 @@ def power_cuts(tmp_path: Path, fs_type: str, mode: str, count: int,
             "storage": {"output_directory": str(out), "sync_directories": mode,
                         "sort": "study-uid"}}
         daemon = restart(tmp_path, settings, "cut")
-        one_sync = ("one journal commit per object (ext4)" in daemon.log()
-                    or "one fsync per object (ext4 without a journal" in daemon.log())
-        assert one_sync == (mode == "auto" and fs_type != "xfs"), daemon.log()
-        assert ("without a journal" in daemon.log()) == (fs_type == NO_JOURNAL), daemon.log()
-        settings["network"]["port"] = daemon.port
-        for instant in range(count):
-            sender = Sender(daemon.port, seed * 1000 + instant)
-            sender.start()
-            time.sleep(rng.uniform(0.05, 0.8))
-            cut_at = time.monotonic()
-            cut_power(mountpoint)
-            snapshot = None
-            if fs_type == NO_JOURNAL:
-                snapshot = image.with_suffix(".cut")
-                run(["cp", "--sparse=always", str(image), str(snapshot)])
-            figures["cuts"] += 1
-            time.sleep(0.1)  # stores in flight now fail; none may be answered with success
-            sender.stop.set()
-            sender.join(60)
-            assert not sender.is_alive(), "sender hung"
-            daemon.stop()
-            sent.update(sender.sent)
-            # A real power cut is instantaneous; the shutdown ioctl is not, and a sync it
-            # overtakes may still report success.  Only successes that arrived before the
-            # cut began are promises; later ones are counted, and must still be whole files.
-            promised = {uid for uid, at in sender.acked_at.items() if at < cut_at}
-            figures["acked_during_cut"] += len(sender.acked) - len(promised)
-            acked |= promised
-            remount_after_cut(image, mountpoint, fs_type, snapshot)
-            daemon = restart(tmp_path, settings, f"cut-{instant}")
-            assert daemon.staging() == [], f"temporary files after restart: {daemon.staging()}"
-            figures["files"] = check_tree(daemon, sent, acked)
-        daemon.stop()
+        daemons = [daemon]
+        try:
+            one_sync = ("one journal commit per object (ext4)" in daemon.log()
+                        or "one fsync per object (ext4 without a journal" in daemon.log())
+            assert one_sync == (mode == "auto" and fs_type != "xfs"), daemon.log()
+            assert ("without a journal" in daemon.log()) == (fs_type == NO_JOURNAL), daemon.log()
+            settings["network"]["port"] = daemon.port
+            for instant in range(count):
+                sender = Sender(daemon.port, seed * 1000 + instant)
+                sender.start()
+                time.sleep(rng.uniform(0.05, 0.8))
+                cut_at = time.monotonic()
+                cut_power(mountpoint)
+                snapshot = None
+                if fs_type == NO_JOURNAL:
+                    snapshot = image.with_suffix(".cut")
+                    run(["cp", "--sparse=always", str(image), str(snapshot)])
+                figures["cuts"] += 1
+                time.sleep(0.1)  # stores in flight fail now (successes after cut_at: see below)
+                sender.stop.set()
+                sender.join(60)
+                assert not sender.is_alive(), "sender hung"
+                daemon.stop()
+                sent.update(sender.sent)
+                # A real power cut is instantaneous; the shutdown ioctl is not, and a sync it
+                # overtakes may still report success.  Only successes that arrived before the
+                # cut began are promises; later ones are counted, and must still be whole files.
+                promised = {uid for uid, at in sender.acked_at.items() if at < cut_at}
+                figures["acked_during_cut"] += len(sender.acked) - len(promised)
+                acked |= promised
+                remount_after_cut(image, mountpoint, fs_type, snapshot)
+                daemon = restart(tmp_path, settings, f"cut-{instant}")
+                daemons.append(daemon)
+                assert daemon.staging() == [], \
+                    f"temporary files after restart: {daemon.staging()}"
+                figures["files"] = check_tree(daemon, sent, acked)
+        finally:  # a failed check must not leave a daemon holding the mount
+            for each in daemons:
+                each.stop()
     figures["sent"], figures["acked"] = len(sent), len(acked)
     figures["seconds"] = round(time.monotonic() - started)
     print(f"power cuts: {figures}", file=sys.stderr)
