@@ -9,8 +9,8 @@ a state file of the staging directory (Store.study_directory), and a new study's
 is created there, under the lock, with a name nothing else has.
 """
 
+import multiprocessing
 import subprocess
-import threading
 import time
 from collections import defaultdict
 from datetime import datetime
@@ -46,16 +46,36 @@ def _tree(out: Path) -> tuple[dict[str, set[str]], dict[str, set[str]], int]:
     return dirs_of, studies_in, count
 
 
+def _send_held(port: int, files: list[Path], started: Any, done: Any, out: Any) -> None:
+    """One association, held open across both barriers (a process of its own: pynetdicom
+    associations in threads of one process now and then never see a response)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    ae = AE(ae_title="SORTSCU")
+    ae.add_requested_context(CTImageStorage)
+    ae.dimse_timeout = 60
+    assoc = ae.associate("127.0.0.1", port)
+    statuses: list[int] = []
+    try:
+        started.wait(60)
+        for path in files:
+            status = assoc.send_c_store(dcmread(path))
+            statuses.append(int(status.Status) if "Status" in status else -1)
+        done.wait(120)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        out.put(statuses)
+
+
 @pytest.mark.parametrize("process_model", ["fork", "single"])
 @pytest.mark.parametrize("sort", ["conc-studies", "patientname"])
 def test_parallel_associations_keep_each_study_in_one_directory(
         tmp_path: Path, daemon_factory: Any, sort: str, process_model: str) -> None:
-    """Three associations open at once (pynetdicom peers in threads), each alternating
-    between two of three studies (three patients), so that every study arrives on two
-    associations in parallel; only then are they released."""
-    from pynetdicom import AE
-    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
-
+    """Three associations open at once (pynetdicom peers, each in its own process), each
+    alternating between two of three studies (three patients), so that every study arrives
+    on two associations in parallel; only then are they released."""
     studies = [make_study(tmp_path / f"s{i}", 24, name=f"s{i}", patient=f"Patient^{i}")
                for i in range(3)]
     daemon = daemon_factory({"storage": {"sort": sort, "sort_prefix": "ST", "fsync": False},
@@ -63,29 +83,15 @@ def test_parallel_associations_keep_each_study_in_one_directory(
                              "logging": {"level": "info"}})
     halves = [(s[:12], s[12:]) for s in studies]
     batches = [_interleave(halves[i][0], halves[(i + 1) % 3][1]) for i in range(3)]
-    started = threading.Barrier(3, timeout=60)
-    done = threading.Barrier(3, timeout=120)
-    statuses: list[int] = []
-
-    def send(files: list[Path]) -> None:
-        ae = AE(ae_title="SORTSCU")
-        ae.add_requested_context(CTImageStorage)
-        assoc = ae.associate("127.0.0.1", daemon.port)
-        try:
-            assert assoc.is_established
-            started.wait()
-            for path in files:
-                statuses.append(int(assoc.send_c_store(dcmread(path)).Status))
-            done.wait()
-        finally:
-            if assoc.is_established:
-                assoc.release()
-
-    threads = [threading.Thread(target=send, args=(batch,)) for batch in batches]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    context = multiprocessing.get_context("fork")
+    started, done, out = context.Barrier(3), context.Barrier(3), context.Queue()
+    senders = [context.Process(target=_send_held, args=(daemon.port, batch, started, done, out))
+               for batch in batches]
+    for sender in senders:
+        sender.start()
+    statuses = [status for _ in senders for status in out.get(timeout=300)]
+    for sender in senders:
+        sender.join(30)
     assert statuses == [0] * 72
     dirs_of, studies_in, count = _tree(daemon.out)
     assert count == 72
