@@ -200,7 +200,15 @@ def legit_sender(daemon: Daemon, results: dict[str, Any]) -> Any:
 
 def baseline_of(daemon: Daemon) -> harness.Resources:
     echoscu(daemon.port, timeout=30)  # warm up: the first worker, lazy imports
-    return harness.settle(daemon.proc.pid, harness.Resources.of(daemon.proc.pid))
+    # The echo's worker may have exited but not yet been reaped (its pidfd still open in
+    # the master): the baseline is the settled state, the fewest descriptors seen.
+    pid = daemon.proc.pid
+    harness.wait_until_no_workers(pid, timeout=15)
+    samples = []
+    for _ in range(10):
+        samples.append(harness.Resources.of(pid))
+        time.sleep(0.05)
+    return min(samples, key=lambda r: r.fds)
 
 
 def released(daemon: Daemon, baseline: harness.Resources) -> None:
