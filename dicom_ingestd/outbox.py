@@ -50,11 +50,9 @@ class RecordTooLarge(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class ObjectRecord:
-    """One acknowledged object, as the master needs it for batches and jobs."""
+class StoredObject:
+    """A successfully stored object, as the event path sees it (the worker's view)."""
 
-    id: str  # unique among all records ever written to this outbox
-    association: str  # the association that stored it (the study tracker's key)
     path: str  # absolute path of the stored file
     sop_class_uid: str
     sop_instance_uid: str
@@ -66,7 +64,21 @@ class ObjectRecord:
     called_ae: str
     peer: str
     size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectRecord(StoredObject):
+    """A stored object's durable record: the object, and what the master needs besides."""
+
+    id: str  # unique among all records ever written to this outbox
+    association: str  # the association that stored it (the study tracker's key)
     stored_at: float  # wall-clock seconds
+
+    @classmethod
+    def of(cls, obj: StoredObject, record_id: str, association: str,
+           stored_at: float) -> "ObjectRecord":
+        values = {f.name: getattr(obj, f.name) for f in fields(StoredObject)}
+        return cls(**values, id=record_id, association=association, stored_at=stored_at)
 
 
 _FIELDS = tuple(f.name for f in fields(ObjectRecord))

@@ -12,30 +12,13 @@ import itertools
 import logging
 import os
 import time
-from dataclasses import dataclass
 
 from dicom_ingestd import ipc, outbox
 from dicom_ingestd.codes import Status
 from dicom_ingestd.errors import StorageError
+from dicom_ingestd.outbox import StoredObject
 
 log = logging.getLogger("dicom_ingestd.association")
-
-
-@dataclass(frozen=True, slots=True)
-class StoredObject:
-    """A successfully stored object, as the event path sees it."""
-
-    path: str
-    sop_class_uid: str
-    sop_instance_uid: str
-    study_uid: str
-    series_uid: str
-    patient_id: str
-    patient_name: str
-    calling_ae: str
-    called_ae: str
-    peer: str
-    size: int
 
 
 class Recorder:
@@ -60,11 +43,7 @@ class Recorder:
         """Make the object's event record durable; raise StorageError when that fails."""
         if self.writer is not None:
             self._last = f"{self.association}-{next(self._numbers)}"
-            record = outbox.ObjectRecord(
-                self._last, self.association, obj.path, obj.sop_class_uid,
-                obj.sop_instance_uid, obj.study_uid, obj.series_uid, obj.patient_id,
-                obj.patient_name, obj.calling_ae, obj.called_ae, obj.peer, obj.size,
-                time.time())
+            record = outbox.ObjectRecord.of(obj, self._last, self.association, time.time())
             try:
                 self.writer.append(record)
             except outbox.RecordTooLarge as exc:

@@ -20,6 +20,7 @@ from typing import Any
 from dicom_ingestd.codes import Status, status_name
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.errors import StorageError
+from dicom_ingestd.outbox import StoredObject
 from dicom_ingestd.telemetry import Reporter
 from dicom_ingestd.worker import acceptor, dimse, encode, header, tls
 from dicom_ingestd.worker.identify import (
@@ -48,7 +49,7 @@ from dicom_ingestd.worker.pdu import (
     encode_p_data,
     encode_release_rp,
 )
-from dicom_ingestd.worker.recorder import Recorder, StoredObject
+from dicom_ingestd.worker.recorder import Recorder
 from dicom_ingestd.worker.store import Placed, Store, TempFile, sort_holder
 
 log = logging.getLogger("dicom_ingestd.association")
