@@ -164,7 +164,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         from dicom_ingestd.telemetry import Reporter
 
         counters = store.staging / FILE_NAME
-        reporter = Reporter(lambda report: add_to_file(counters, report), os.getpid())
+        reporter = Reporter(lambda report: add_to_file(counters, report, store.staging_fd),
+                            os.getpid())
         Session(conn, peer, config, store, tls_context=tls_context, reporter=reporter).run()
         notifier.stopping()
         return ExitCode.OK

@@ -102,7 +102,7 @@ class Master:
         self._released: set[str] = set()  # associations whose worker said they were released
         self._next_watchdog = 0.0
         # -- monitoring (stats.py, status.py, control.py, metrics.py) ----------------------
-        self.stats = Stats.load(store.staging / STATS_FILE)
+        self.stats = Stats.load(store.staging / STATS_FILE, store.staging_fd)
         self.telemetry = telemetry.Channel()  # workers' AssociationReports
         self.control = ControlServer(store.staging / SOCKET_NAME, self.selector,
                                      {"status": self._status_request,
@@ -249,7 +249,7 @@ class Master:
         metrics file, drop silent control connections."""
         if self.stats.dirty and self.store.has_free_space():
             # Below storage.min_free_space the reserve is for objects: the counters wait.
-            self.stats.save()
+            self.stats.save(dir_fd=self.store.staging_fd)
         self.control.expire()
         if self._control_moved:
             self._control_moved = False
@@ -597,7 +597,7 @@ class Master:
         self.events.shutdown()  # open studies closed or kept; running jobs re-queued
         self._telemetry(None)
         if self.store.has_free_space():
-            self.stats.save(force=True)
+            self.stats.save(force=True, dir_fd=self.store.staging_fd)
         if self.config.monitoring.metrics_file:
             self._write_metrics(self.config.monitoring.metrics_file)
         self.control.close()

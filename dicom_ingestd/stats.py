@@ -161,18 +161,24 @@ class Stats:
 
     # -- the file ------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: Path) -> "Stats":
-        """The counters saved at `path`; new ones (since now) when there are none."""
+    def load(cls, path: Path, dir_fd: int | None = None) -> "Stats":
+        """The counters saved at `path` (its name under `dir_fd`, the staging directory's
+        descriptor, when given); new ones (since now) when there are none."""
         try:
-            return cls.from_dict(json.loads(path.read_bytes()), path)
+            return cls.from_dict(json.loads(_read(path, dir_fd)), path)
         except FileNotFoundError:
             return cls(path=path)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("counters in %s are unreadable (%s); counting from zero", path, exc)
             return cls(path=path)
 
-    def save(self, force: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
-        """Write the file if something changed (and, unless `force`, a second has passed)."""
+    def save(self, force: bool = False, clock: Callable[[], float] = time.monotonic,
+             dir_fd: int | None = None) -> None:
+        """Write the file if something changed (and, unless `force`, a second has passed).
+
+        With `dir_fd` (the staging directory's descriptor) the file is written relative to
+        it: never by path, as the staging directory may have been replaced since start-up,
+        by a symlink to anywhere."""
         if self.path is None or not self.dirty:
             return
         now = clock()
@@ -180,38 +186,50 @@ class Stats:
             return
         self._next_save = now + SAVE_INTERVAL
         try:
-            write_atomically(self.path, json.dumps(self.to_dict()).encode())
+            write_atomically(self.path, json.dumps(self.to_dict()).encode(), dir_fd)
             self.dirty = False
         except OSError as exc:  # a full or read-only disk: keep counting in memory
             log.debug("cannot save the counters to %s: %s", self.path, exc.strerror or exc)
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace `path` with `data`: a crash leaves the old file or the new one, whole."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}")
+def _read(path: Path, dir_fd: int | None) -> bytes:
+    fd = os.open(path if dir_fd is None else path.name,
+                 os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dir_fd)
+    with os.fdopen(fd, "rb") as file:
+        return file.read()
+
+
+def write_atomically(path: Path, data: bytes, dir_fd: int | None = None) -> None:
+    """Replace `path` (its name under `dir_fd`, when given) with `data`: a crash leaves the
+    old file or the new one, whole."""
+    target = path if dir_fd is None else Path(path.name)
+    temp = target.with_name(f".{path.name}.{os.getpid()}")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
-                 0o640)
+                 0o640, dir_fd=dir_fd)
     try:
         os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(temp, path)
+    os.replace(temp, target, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
-def add_to_file(path: Path, report: AssociationReport) -> None:
-    """A per-connection instance's association, added to the counters in `path` under a lock
-    (there is no master to keep them); errors are logged at debug and ignored."""
+def add_to_file(path: Path, report: AssociationReport, dir_fd: int | None = None) -> None:
+    """A per-connection instance's association, added to the counters in `path` (its name
+    under `dir_fd`, when given) under a lock (there is no master to keep them); errors are
+    logged at debug and ignored."""
     try:
-        fd = os.open(path.with_name(LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        fd = os.open(LOCK_NAME if dir_fd is not None else path.with_name(LOCK_NAME),
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640,
+                     dir_fd=dir_fd)
     except OSError as exc:
         log.debug("cannot count the association in %s: %s", path, exc.strerror or exc)
         return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        stats = Stats.load(path)
+        stats = Stats.load(path, dir_fd)
         stats.merge(report)
-        stats.save(force=True)
+        stats.save(force=True, dir_fd=dir_fd)
     finally:
         with contextlib.suppress(OSError):
             os.close(fd)

@@ -390,6 +390,12 @@ class Store:
             self.fs_type = "ext4 without a journal"
 
     @property
+    def staging_fd(self) -> int:
+        """The staging directory's descriptor (open from `open()` to `close()`): the daemon's
+        own files there are reached through it, never by path."""
+        return self._staging_fd
+
+    @property
     def durability(self) -> str:
         """How success is made durable, for the start-up line."""
         if not self.config.fsync:
