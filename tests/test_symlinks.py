@@ -164,7 +164,9 @@ def test_a_symlinked_state_directory_is_refused_at_start(tmp_path: Path) -> None
 def test_staging_reads_do_not_follow_a_replaced_staging_directory(
         tmp_path: Path, daemon_factory: Any) -> None:
     """Re-encoding reads the received file back: through the staging directory's
-    descriptor, so a .ingestd-tmp replaced by a symlink after start-up changes nothing."""
+    descriptor, so a .ingestd-tmp replaced by a symlink after start-up changes nothing; nor
+    do the daemon's own files there (the counters, saved at most once a second and at stop:
+    the daemon is stopped before looking)."""
     daemon = daemon_factory({"storage": {"transfer_syntax": "big-explicit"}})
     staging = daemon.out / ".ingestd-tmp"
     os.rename(staging, tmp_path / "old-staging")
@@ -172,6 +174,8 @@ def test_staging_reads_do_not_follow_a_replaced_staging_directory(
     decoy.mkdir()
     staging.symlink_to(decoy)
     storescu(daemon.port, bundled("CT_small.dcm"))
+    assert daemon.stop() == 0
     assert list(decoy.iterdir()) == []
+    assert (tmp_path / "old-staging" / "stats.json").is_file()
     [stored] = [p for p in daemon.out.iterdir() if p.name.startswith("CT.")]
     assert dcmread(stored).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.2"
