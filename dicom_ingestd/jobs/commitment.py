@@ -89,7 +89,9 @@ class Commitments:
         self._wanted = True  # look at the spool at the first tick
         self._next_look = 0.0
         self._next_prune = 0.0
-        self._given_up: set[str] = set()  # UNDELIVERED notes that came before their report
+        # Notes that came before their request was evaluated (the worker sees the report
+        # file before the transaction that queues its job commits): request ID -> delivered.
+        self._early: dict[str, bool] = {}
         self._manifests: dict[str, dict[str, str]] = {}  # name -> original path -> path
 
     def close(self) -> None:
@@ -125,8 +127,10 @@ class Commitments:
         delivered = message.step is ipc.CommitmentStep.DELIVERED
         held = queue.held_commitments(request_id=message.request_id)
         if not held:
-            if not delivered:
-                self._given_up.add(message.request_id)
+            if not queue.commitment_known(message.request_id):
+                self._early[message.request_id] = delivered
+                if len(self._early) > 1000:  # notes of requests that never come: bounded
+                    self._early.pop(next(iter(self._early)))
             return False
         for request_id, job_id in held:
             queue.release_commitment(request_id, job_id, self._wall(), delivered)
@@ -194,10 +198,9 @@ class Commitments:
                               request.called_ae, request.association, int(event_type),
                               committed, failed)
         spool.write_report(report, results)
-        held = request.association in live \
-            and config.storage_commitment.same_association_wait > 0 \
-            and request.request_id not in self._given_up
-        self._given_up.discard(request.request_id)
+        early = self._early.pop(request.request_id, None)
+        held = early is not False and request.association in live \
+            and config.storage_commitment.same_association_wait > 0
         wall = self._wall()
         env = {"DICOM_TRANSACTION_UID": request.transaction_uid,
                "DICOM_CALLING_AE": request.calling_ae, "DICOM_CALLED_AE": request.called_ae,
@@ -213,6 +216,8 @@ class Commitments:
             queue.add_commitment(request.request_id, request.transaction_uid,
                                  request.calling_ae, request.association, request.received,
                                  job, committed, failed, held)
+            if early:  # already answered on the requesting association
+                queue.release_commitment(request.request_id, job, wall, delivered=True)
         spool.remove(spool.requests, name)
         fields = {"DICOM_TRANSACTION_UID": request.transaction_uid,
                   "DICOM_CALLING_AE": request.calling_ae, "JOB_ID": job,
