@@ -179,6 +179,29 @@ def test_all_present_report_on_a_new_association(daemon_factory: Any, report_scp
     wait_until(lambda: [j["state"] for j in jobs(daemon)] == ["done"], 10, "job done")
 
 
+def test_an_object_stored_just_before_the_request_counts(daemon_factory: Any,
+                                                        report_scp: ReportSCP,
+                                                        tmp_path: Path) -> None:
+    # Store and request on one association, back to back, ten times: each request is
+    # evaluated only after the records written before it (the master reads the outbox again
+    # after it finds the request), whatever the timing of the worker's wake-ups.
+    daemon = daemon_factory(settings(report_scp.port))
+    ae = AE(ae_title=MODALITY)
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(StorageCommitmentPushModel)
+    assoc = ae.associate("127.0.0.1", daemon.port, ae_title="STORESCP")
+    assert assoc.is_established
+    for index, path in enumerate(make_study(tmp_path / "s", 10)):
+        ds = dcmread(path)
+        assert assoc.send_c_store(ds).Status == 0
+        status, _ = assoc.send_n_action(
+            action(str(generate_uid()), references((CT, str(ds.SOPInstanceUID)))), 1,
+            StorageCommitmentPushModel, WELL_KNOWN)
+        assert status.Status == 0, index
+    assoc.release()
+    assert [event for event, _ in report_scp.wait(10)] == [1] * 10
+
+
 def test_report_on_the_requesting_association(daemon_factory: Any, report_scp: ReportSCP,
                                               tmp_path: Path) -> None:
     daemon = daemon_factory(settings(report_scp.port, same_association_wait=10))
