@@ -201,6 +201,11 @@ def per_connection_problem(config: "Config", path: str) -> str:
     accept socket runs `check-config --per-connection` before it starts listening.
     """
     from dicom_ingestd.events import events_enabled
+    if config.storage_commitment.enabled and not events_enabled(config.events):
+        # The same reason: the master evaluates requests and delivers the reports.
+        return (f"{path}: storage_commitment.enabled: storage commitment needs the master, "
+                "which a per-connection instance (systemd Accept=yes, inetd) does not have; "
+                "use dicom-ingestd.socket (Accept=no)")
     if not events_enabled(config.events):
         return ""
     keys = [key for key, value in (("exec_on_reception", config.events.exec_on_reception),

@@ -342,6 +342,8 @@ class Master:
             if isinstance(message, ipc.ObjectStored):
                 self._stored += 1
                 self._bytes += message.size
+            elif isinstance(message, ipc.CommitmentNote):
+                self.events.commitment_note(message)
             elif message.released:
                 self._released.add(message.association)
         if messages:

@@ -178,6 +178,14 @@ def _supported(preference: str) -> tuple[PresentationContext, ...]:
     return tuple(contexts)
 
 
+@functools.lru_cache(maxsize=1)
+def _commitment_context() -> PresentationContext:
+    uid, syntaxes = negotiation.commitment_context()
+    context = build_context(uid, list(syntaxes))
+    context.scu_role, context.scp_role = True, False  # the requestor is SCU, never SCP
+    return context
+
+
 def warm_up(config: Config) -> None:
     """Build the acceptor contexts now, in the master, so every forked worker inherits them
     (building ~200 contexts costs ~40 ms, once per association otherwise)."""
@@ -198,6 +206,8 @@ def accept(request: Request, primitive: A_ASSOCIATE, config: Config) -> Acceptan
         for abstract_syntax, transfer_syntaxes in negotiation.promiscuous_contexts_for(
                 request.proposed, preference):
             supported.append(build_context(abstract_syntax, list(transfer_syntaxes)))
+    if config.storage_commitment.enabled:
+        supported.append(_commitment_context())
     roles: dict[UID, tuple[bool | None, bool | None]] = {}
     for item in primitive.user_information:
         if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid:

@@ -18,11 +18,13 @@ from datetime import datetime
 from typing import Any
 
 from dicom_ingestd.codes import Status, status_name
+from dicom_ingestd.commitment.dataset import SOP_CLASS as COMMITMENT
+from dicom_ingestd.commitment.dataset import SOP_INSTANCE as COMMITMENT_INSTANCE
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.errors import StorageError
 from dicom_ingestd.outbox import StoredObject
 from dicom_ingestd.telemetry import Reporter
-from dicom_ingestd.worker import acceptor, dimse, encode, header, tls
+from dicom_ingestd.worker import acceptor, commitment, dimse, encode, header, tls
 from dicom_ingestd.worker.identify import (
     DataSetTooLarge,
     Identity,
@@ -131,7 +133,8 @@ class Session:
         self._command = bytearray()
         self._rejected = ""  # the rejected presentation contexts, for the peer-abort line
         self._any_command = False
-        self._current: _Store | None = None
+        self._current: _Store | commitment.Action | None = None
+        self._commitment: commitment.CommitmentSCP | None = None  # at its first N-ACTION
         # The next object's temporary file, created while the peer prepares that object:
         # creating an inode costs 0.1-0.5 ms of kernel time on ext4, off the critical path.
         self._spare: TempFile | None = None
@@ -196,6 +199,8 @@ class Session:
             self.outcome.how = "aborted"
         finally:
             self._drop_current()
+            if self._commitment is not None:
+                self._commitment.close()
             if self.recorder is not None:
                 self.recorder.close(self.outcome.how)
             with contextlib.suppress(OSError):
@@ -224,7 +229,7 @@ class Session:
             self.channel.send(data)
 
     def _drop_current(self) -> None:
-        if self._current and self._current.temp:
+        if isinstance(self._current, _Store) and self._current.temp:
             self._current.temp.discard()
         self._current = None
         self._discard_spare()
@@ -421,13 +426,16 @@ class Session:
         if context_id != current.context.context_id:
             raise ProtocolError("data set fragment on another presentation context")
         current.bytes += payload
-        if current.temp is not None:
+        if isinstance(current, commitment.Action) or current.temp is not None:
             self.channel.stream(payload, current.write)
         else:
             self.channel.skip(payload)
         if control & 0x02:
             self._current = None
-            self._finish_store(current)
+            if isinstance(current, commitment.Action):
+                self._finish_action(current)
+            else:
+                self._finish_store(current)
 
     def _dispatch(self, context_id: int, data: bytes) -> None:
         self._any_command = True
@@ -444,15 +452,54 @@ class Session:
                           VERIFICATION)
         elif command.field == dimse.C_STORE_RQ and command.has_data_set:
             self._begin_store(command, context)
+        elif command.field == dimse.N_ACTION_RQ and context.abstract_syntax == COMMITMENT:
+            action = self._commitment_scp().begin(command, context)
+            if command.has_data_set:
+                self._current = action
+            else:
+                self._finish_action(action)
+        elif command.field == dimse.N_EVENT_REPORT_RSP and self._commitment is not None \
+                and self._commitment.answered(command, self._who(), self._fields):
+            pass
         else:
             raise _Abort(0, 0, f"cannot handle {command.name} on context {context_id} "
                          f"({context.abstract_syntax})")
 
     def _respond(self, context_id: int, field: int, message_id: int, status: int,
-                 sop_class: str, sop_instance: str = "", comment: str = "") -> None:
+                 sop_class: str, sop_instance: str = "", comment: str = "",
+                 action_type: int | None = None) -> None:
         command = dimse.encode_response(field, message_id, status, sop_class, sop_instance,
-                                        comment)
+                                        comment, action_type=action_type)
         self.channel.send(encode_p_data(context_id, command, self.peer_max_pdu))
+
+    # -- N-ACTION (storage commitment, worker/commitment.py) ---------------------------------
+    def _commitment_scp(self) -> commitment.CommitmentSCP:
+        if self._commitment is None:
+            recorder = self.recorder
+            self._commitment = commitment.CommitmentSCP(
+                self.config, recorder.outbox_fd if recorder is not None else -1,
+                recorder.association if recorder is not None else "",
+                recorder.note if recorder is not None else None)
+        return self._commitment
+
+    def _finish_action(self, action: commitment.Action) -> None:
+        scp = self._commitment_scp()
+        answer = scp.answer(action, self.calling_ae, self.called_ae, self.peer)
+        command = action.command
+        self._respond(action.context.context_id, dimse.N_ACTION_RSP, command.message_id,
+                      answer.status, COMMITMENT, COMMITMENT_INSTANCE, answer.why,
+                      action_type=command.action_type)
+        extra = self._fields(DICOM_TRANSACTION_UID=answer.transaction_uid,
+                             DICOM_STATUS=f"0x{answer.status:04X}",
+                             DICOM_COMMITMENT_COUNT=answer.count or None)
+        if answer.status != commitment.SUCCESS:
+            log.warning("%s: storage commitment request refused with 0x%04X: %s; nothing "
+                        "recorded", self._who(), answer.status, answer.why, extra=extra)
+            return
+        log.info("%s: storage commitment request received: transaction %s, %d object(s) "
+                 "(request %s)", self._who(), answer.transaction_uid, answer.count,
+                 answer.request_id, extra=extra)
+        scp.report_here(answer, action.context, self.channel, self.peer_max_pdu, self._who())
 
     # -- C-STORE -------------------------------------------------------------------------
     def _begin_store(self, command: dimse.Command, context: acceptor.AcceptedContext) -> None:
