@@ -102,8 +102,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dicom_ingestd import systemd
     from dicom_ingestd.access import AccessPolicy
     from dicom_ingestd.master import Master
+    from dicom_ingestd.peer import Peer
+    from dicom_ingestd.proxy_reader import Dropped, ProxyPolicy, log_dropped, read_peer
     from dicom_ingestd.sockets import create_listener
-    from dicom_ingestd.worker.session import Session, peer_fields, peer_name, split_peer
+    from dicom_ingestd.worker.session import Session
     from dicom_ingestd.worker.store import Store
 
     store = Store(config.storage)
@@ -146,14 +148,20 @@ def cmd_run(args: argparse.Namespace) -> int:
             return ExitCode.CONFIG
         conn = connected[0]
         try:
-            peer = peer_name(conn.getpeername())
+            tcp_peer = Peer.from_address(conn.getpeername())
         except OSError:
-            peer = "socket"
-        refusal = AccessPolicy(config.access.allow, config.access.deny).check(
-            split_peer(peer)[0])
+            tcp_peer = Peer("socket")
+        try:
+            # network.proxy_protocol: the header first (blocking, within acse_timeout).
+            peer = read_peer(conn, tcp_peer, ProxyPolicy.from_config(config.network))
+        except Dropped as exc:
+            log_dropped(tcp_peer, exc)
+            conn.close()
+            return ExitCode.OK
+        refusal = AccessPolicy(config.access.allow, config.access.deny).check_peer(peer)
         if refusal:
             log.warning("%s: connection refused by access control: %s", peer, refusal,
-                        extra={"journal": {**peer_fields(peer), "DICOM_OUTCOME": "refused"}})
+                        extra={"journal": {**peer.fields(), "DICOM_OUTCOME": "refused"}})
             conn.close()
             return ExitCode.OK
         notifier.ready(f"serving one association from {peer}")
