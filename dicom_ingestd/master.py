@@ -186,11 +186,11 @@ class Master:
         self.control.open()
         self._refresh(time.monotonic())
         tls = self.config.tls
-        log.info("dicom-ingestd %s ready: pid %d, listening on %s%s as %s, process model %s, "
+        log.info("dicom-ingestd %s ready: pid %d, listening on %s%s%s as %s, process model %s, "
                  "storing under %s (%s)", __version__, os.getpid(),
                  ", ".join(describe(s) for s in self.listeners) or "nothing",
                  f" (TLS, profile {tls.profile}, peer certificates: {tls.peer_certificate})"
-                 if self.tls_context is not None else "",
+                 if self.tls_context is not None else "", self.proxy_policy.describe(),
                  self.config.network.aetitle, self.config.workers.process_model,
                  self.store.root, self.store.durability)
         self.notifier.ready(self._status())

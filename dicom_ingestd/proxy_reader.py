@@ -71,6 +71,13 @@ class ProxyPolicy:
     def enabled(self) -> bool:
         return bool(self.versions)
 
+    def describe(self) -> str:
+        """' behind a proxy (PROXY protocol v2 from 10.0.0.5/32)' for the ready line."""
+        if not self.enabled:
+            return ""
+        return f" behind a proxy (PROXY protocol {self.setting} from " \
+               f"{', '.join(map(str, self.trusted))})"
+
     def check_trusted(self, tcp_peer: Peer) -> None:
         """Raise Dropped("refused") unless `tcp_peer` is one of the trusted proxies."""
         key = tcp_peer.key

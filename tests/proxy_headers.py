@@ -2,8 +2,12 @@
 independently of dicom_ingestd.proxy, so that the parser is checked against another reading).
 """
 
+import contextlib
 import ipaddress
+import socket
 import struct
+import threading
+from collections.abc import Callable
 
 SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 
@@ -40,3 +44,64 @@ def v2_raw(version_command: int, family: int, payload: bytes) -> bytes:
 
 def tlv(kind: int, value: bytes) -> bytes:
     return struct.pack(">BH", kind, len(value)) + value
+
+
+class Relay:
+    """A minimal PROXY protocol proxy on loopback, for tests: each connection to `port` is
+    relayed to `target` from `source` (an address of 127/8), after the header
+    `header(client_address)` returns; then bytes are copied both ways."""
+
+    def __init__(self, target: int, header: Callable[[tuple[str, int]], bytes],
+                 source: str = "127.0.0.1") -> None:
+        self.target = target
+        self.header = header
+        self.source = source
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self._threads: list[threading.Thread] = []
+        self._closing = False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self._closing:
+            try:
+                client, address = self.server.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target), timeout=10,
+                                                    source_address=(self.source, 0))
+                upstream.settimeout(None)
+                upstream.sendall(self.header(address))
+            except OSError:
+                client.close()
+                continue
+            for a, b in ((client, upstream), (upstream, client)):
+                thread = threading.Thread(target=self._pipe, args=(a, b), daemon=True)
+                thread.start()
+                self._threads.append(thread)
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._closing = True
+        self.server.close()
+
+
+def carrying(source: str, port: int = 0) -> Callable[[tuple[str, int]], bytes]:
+    """A Relay header function: v2, carrying `source` (and the client's own port, or
+    `port`), to 10.0.0.100:104."""
+    def header(client: tuple[str, int]) -> bytes:
+        return v2(source, "10.0.0.100" if ":" not in source else "2001:db8::100",
+                  port or client[1], 104)
+    return header
