@@ -188,6 +188,7 @@ def test_untrusted_address_is_refused_unread_with_one_line(
         sock.sendall(v2("192.0.2.7", "10.0.0.100", 1, 104) + healthcheck.associate_rq("X"))
         data, _ = recv_until_closed(sock, 5)
     assert data == b""
+    daemon.wait_log("not one of network.trusted_proxies")
     lines = log_lines(daemon, "not one of network.trusted_proxies")
     assert len(lines) == 1 and "127.0.0.2:" in lines[0] and "192.0.2.7" not in lines[0], lines
     # A relay from an untrusted address is refused the same way.
