@@ -362,6 +362,32 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def cmd_haproxy_check(args: argparse.Namespace) -> int:
+    """Print the HAProxy tcp-check rules of the DICOM health check for this configuration."""
+    from dicom_ingestd.healthcheck import haproxy_rules
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return ExitCode.CONFIG
+    allowed = config.association.allowed_calling_aetitles
+    calling = args.calling_ae or (allowed[0] if allowed else "HEALTHCHECK")
+    if not 1 <= len(calling) <= 16 or not calling.isascii() or not calling.isprintable() \
+            or "\\" in calling:
+        print(f"dicom-ingestd: --calling-ae {calling!r}: an AE title is 1 to 16 printable "
+              "ASCII characters, no backslash", file=sys.stderr)
+        return ExitCode.USAGE
+    if allowed and calling not in allowed:
+        print(f"dicom-ingestd: calling AE title {calling!r} is not in "
+              "association.allowed_calling_aetitles: the check would be rejected",
+              file=sys.stderr)
+        return ExitCode.USAGE
+    sys.stdout.write(haproxy_rules(config.network.aetitle, calling))
+    return ExitCode.OK
+
+
 def cmd_from_storescp(args: argparse.Namespace) -> int:
     """Translate a storescp command line into TOML on stdout."""
     from dicom_ingestd.config.storescp import translate
@@ -587,6 +613,17 @@ def build_parser() -> argparse.ArgumentParser:
                                  "filled in, as TOML.")
     with_config(show)
     show.set_defaults(func=cmd_config_show)
+    check = config_sub.add_parser(
+        "haproxy-check", help="print HAProxy tcp-check rules that speak DICOM",
+        description="Print the HAProxy backend rules (option tcp-check, then tcp-check "
+        "lines) of a health check that runs a Verification association with this "
+        "configuration's AE title: A-ASSOCIATE-RQ, C-ECHO, A-RELEASE. See "
+        "docs/scale-out.md.")
+    with_config(check)
+    check.add_argument("--calling-ae", metavar="TITLE", default="",
+                       help="the check's calling AE title (default HEALTHCHECK, or the first "
+                       "of association.allowed_calling_aetitles)")
+    check.set_defaults(func=cmd_haproxy_check)
     translate = config_sub.add_parser(
         "from-storescp", help="translate a storescp command line into TOML",
         description="Translate storescp options and port (and @command files) into an "
