@@ -117,11 +117,27 @@ class Checks:
     timeout_ms: int = 1000
 
 
+# docs/scale-out.md's balancing methods: spread, or keep each sender on one instance (by
+# address, or by calling AE title: bytes 26-41 of the A-ASSOCIATE-RQ) for end-of-study events.
+# The tcp-request lines go to the frontend: the request must be in before the backend picks.
+BALANCE = {
+    "leastconn": ("balance leastconn",),
+    "source": ("balance source", "hash-type consistent"),
+    "source-stick": ("balance leastconn", "stick-table type ip size 100k expire 30m",
+                     "stick on src"),
+    "calling-ae": ("balance leastconn", "stick-table type binary len 16 size 100k expire 30m",
+                   "stick on req.payload(26,16)", "tcp-request inspect-delay 5s",
+                   "tcp-request content accept if { req.len ge 42 }"),
+}
+
+
 def haproxy_config(port: int, servers: list[tuple[str, int]], stats_socket: Path,
                    checks: Checks, balance: str = "leastconn",
                    called_ae: str = "STORESCP") -> str:
     """The balancer of docs/scale-out.md, on loopback."""
-    rules = "".join(f"    {line}\n" for line in haproxy_rules(called_ae).splitlines())
+    lines = [*BALANCE[balance], *haproxy_rules(called_ae).splitlines()]
+    inspect = "".join(f"    {line}\n" for line in lines if line.startswith("tcp-request"))
+    rules = "".join(f"    {line}\n" for line in lines if not line.startswith("tcp-request"))
     server_lines = "".join(
         f"    server {name} 127.0.0.1:{server_port} send-proxy-v2 check "
         f"inter {checks.inter_ms} fall {checks.fall} rise {checks.rise}\n"
@@ -145,10 +161,9 @@ defaults
 
 frontend dicom
     bind 127.0.0.1:{port}
-    default_backend ingest
+{inspect}    default_backend ingest
 
 backend ingest
-    balance {balance}
 {rules}{server_lines}"""
 
 

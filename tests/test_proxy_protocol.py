@@ -11,15 +11,18 @@ import ipaddress
 import random
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 from proxy_headers import SIGNATURE, tlv, v1, v1_unknown, v2, v2_local, v2_raw
 
-from dicom_ingestd import proxy
+from dicom_ingestd import healthcheck, proxy
 from dicom_ingestd.access import AccessPolicy
 from dicom_ingestd.config.load import load_config
 from dicom_ingestd.config.schema import Config
@@ -445,3 +448,34 @@ def test_config_proxy_protocol_choices(tmp_path: Path) -> None:
     policy = ProxyPolicy.from_config(load_config(path).network)
     assert policy.versions == ANY and policy.enabled
     assert policy.describe() == " behind a proxy (PROXY protocol any from 10.0.0.5/32, fd00::/8)"
+
+
+# -- the health check's HAProxy rules ----------------------------------------------------------
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dicom_ingestd", *args], capture_output=True,
+                          text=True, timeout=60, cwd=REPO)
+
+
+def test_config_haproxy_check_prints_the_rules_for_the_configuration(tmp_path: Path) -> None:
+    path = tmp_path / "ingestd.toml"
+    path.write_text('[network]\naetitle = "PACS_IN"\n')
+    result = cli("config", "haproxy-check", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == healthcheck.haproxy_rules("PACS_IN", "HEALTHCHECK")
+    assert b"PACS_IN".hex() in result.stdout  # the called AE title in the RQ
+    path.write_text('[association]\nallowed_calling_aetitles = ["CT1", "MONITOR"]\n')
+    assert cli("config", "haproxy-check", "-c", str(path)).stdout == \
+        healthcheck.haproxy_rules("STORESCP", "CT1")
+    assert cli("config", "haproxy-check", "-c", str(path), "--calling-ae", "MONITOR").stdout \
+        == healthcheck.haproxy_rules("STORESCP", "MONITOR")
+    refused = cli("config", "haproxy-check", "-c", str(path), "--calling-ae", "OTHER")
+    assert refused.returncode == 64 and refused.stdout == ""
+    assert "'OTHER' is not in association.allowed_calling_aetitles" in refused.stderr
+    too_long = cli("config", "haproxy-check", "-c", str(path), "--calling-ae", "X" * 17)
+    assert too_long.returncode == 64 and "1 to 16 printable ASCII" in too_long.stderr
+
+
+def test_the_documented_haproxy_backend_has_the_rules_of_the_default_configuration() -> None:
+    doc = (REPO / "docs" / "scale-out.md").read_text()
+    for line in healthcheck.haproxy_rules("STORESCP").splitlines():
+        assert f"    {line}\n" in doc, line

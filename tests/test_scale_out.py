@@ -9,6 +9,7 @@ trust (network.trusted_proxies).
 """
 
 import collections
+import contextlib
 import re
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from ack_sender import acknowledged
 from conftest import free_port, require_tool
 from haproxy_pool import Checks, HAProxy, Instance, make_instances
 from pydicom import dcmread
-from test_process_model import ct_copies, wait_until
+from test_process_model import associate, ct_copies, ct_dataset, held, store_ok, wait_until
 
 ALLOWED = "127.0.0.2"
 DENIED = "127.0.0.3"
@@ -29,13 +30,14 @@ SENDERS = 8
 PER_SENDER = 40
 
 
-@pytest.fixture
-def pool(tmp_path: Path) -> Iterator[tuple[list[Instance], HAProxy]]:
+@contextlib.contextmanager
+def started_pool(directory: Path, allow: str, balance: str = "leastconn") \
+        -> Iterator[tuple[list[Instance], HAProxy]]:
     require_tool("haproxy")
-    instances = make_instances(tmp_path, [free_port() for _ in range(3)],
-                               access={"allow": [f"{ALLOWED}/32"]})
-    balancer = HAProxy(tmp_path, free_port(), instances,
-                       Checks(inter_ms=300, fall=2, rise=2, timeout_ms=1000))
+    instances = make_instances(directory, [free_port() for _ in range(3)],
+                               access={"allow": [allow]})
+    balancer = HAProxy(directory, free_port(), instances,
+                       Checks(inter_ms=300, fall=2, rise=2, timeout_ms=1000), balance)
     try:
         for instance in instances:
             instance.start()
@@ -47,6 +49,12 @@ def pool(tmp_path: Path) -> Iterator[tuple[list[Instance], HAProxy]]:
         balancer.stop()
         for instance in instances:
             instance.stop()
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> Iterator[tuple[list[Instance], HAProxy]]:
+    with started_pool(tmp_path, f"{ALLOWED}/32") as started:
+        yield started
 
 
 def sender(port: int, ledger: Path, files: list[Path], bind: str,
@@ -174,3 +182,52 @@ def test_health_check_speaks_dicom(pool: tuple[list[Instance], HAProxy]) -> None
         log = instance.log()
         assert not re.search(r" INFO .*\(proxy health check\)", log)
         assert "refused" not in log
+
+
+@pytest.mark.parametrize("balance", ["source", "source-stick", "calling-ae"])
+def test_study_affinity_keeps_each_sender_on_one_instance(tmp_path: Path,
+                                                          balance: str) -> None:
+    """docs/scale-out.md's affinity methods: every association of a sender (an address with
+    `balance source` or `stick on src`, a calling AE title with `stick on
+    req.payload(26,16)`) reaches the same instance; when that instance dies only its senders
+    move, to one instance each."""
+    if balance.startswith("source"):
+        senders = [(f"127.0.0.{n}", "MODALITY") for n in range(2, 8)]
+    else:
+        senders = [("127.0.0.2", f"MODALITY{n}") for n in range(6)]
+    with started_pool(tmp_path, "127.0.0.0/8", balance) as (instances, balancer):
+        def homes(since: dict[str, int]) -> dict[tuple[str, str], set[str]]:
+            """Per sender, the instances that accepted its associations since `since`."""
+            found: dict[tuple[str, str], set[str]] = collections.defaultdict(set)
+            for instance in instances:
+                log = instance.log()[since.get(instance.name, 0):]
+                for bind, title in senders:
+                    if re.search(rf"{re.escape(bind)}:\d+ via 127\.0\.0\.1:\d+ "
+                                 rf"{title}->STORESCP: association accepted", log):
+                        found[(bind, title)].add(instance.name)
+            return found
+
+        def send_round() -> None:
+            for bind, title in senders:
+                for _ in range(3):
+                    assoc = associate(balancer.port, bind=bind, title=title)
+                    with held(assoc):
+                        store_ok(assoc, ct_dataset())
+                        assoc.release()
+
+        send_round()
+        before = homes({})
+        assert all(len(before[sender]) == 1 for sender in senders), before
+        victim_name = next(iter(before[senders[0]]))
+        victim = next(i for i in instances if i.name == victim_name)
+        marks = {i.name: len(i.log()) for i in instances}
+        victim.kill()
+        balancer.wait_state(victim.name, "DOWN", 30)
+        send_round()
+        after = homes(marks)
+        for sender in senders:
+            assert len(after[sender]) == 1, after
+            if before[sender] == {victim.name}:
+                assert after[sender] != {victim.name}
+            else:  # consistent hashing, or their stick entry: the others stay put
+                assert after[sender] == before[sender], (sender, before, after)
