@@ -350,13 +350,20 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def cmd_config_show(args: argparse.Namespace) -> int:
-    """Print the effective configuration (defaults filled in) as TOML."""
+def _config_or_problems(path: str) -> "Config | None":
+    """The configuration, or None after printing its problems on stderr."""
     try:
-        config = load_config(args.config)
+        return load_config(path)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
+        return None
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    """Print the effective configuration (defaults filled in) as TOML."""
+    config = _config_or_problems(args.config)
+    if config is None:
         return ExitCode.CONFIG
     sys.stdout.write(dump_config(config))
     return ExitCode.OK
@@ -366,11 +373,8 @@ def cmd_haproxy_check(args: argparse.Namespace) -> int:
     """Print the HAProxy tcp-check rules of the DICOM health check for this configuration."""
     from dicom_ingestd.healthcheck import haproxy_rules
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
+    config = _config_or_problems(args.config)
+    if config is None:
         return ExitCode.CONFIG
     allowed = config.association.allowed_calling_aetitles
     calling = args.calling_ae or (allowed[0] if allowed else "HEALTHCHECK")
