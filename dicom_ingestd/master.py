@@ -3,9 +3,13 @@
 Single-threaded while it forks (process_model = fork): one selector waits on the listeners,
 the signal wakeup socket, the worker report channel, the config watcher and one pidfd per
 worker.  Signal handlers do nothing but wake the loop (the signal number arrives on the wakeup
-socket); the loop does the work.  The master never reads a byte from a peer: access control
-uses the peer address, and even an over-limit association is answered by a short-lived
-worker, because an A-ASSOCIATE-RJ is only meaningful after reading the request.
+socket); the loop does the work.  The master never reads a DICOM byte: access control uses
+the peer address, and even an over-limit association is answered by a short-lived worker,
+because an A-ASSOCIATE-RJ is only meaningful after reading the request.
+
+A connection goes accept -> [its PROXY protocol header, when network.proxy_protocol is on:
+proxy_reader.PendingHeaders, the only bytes the master reads] -> admission (access control
+and limits, for the peer the header carried) -> a worker.
 """
 
 import contextlib
@@ -27,12 +31,14 @@ from typing import Any
 from dicom_ingestd import __version__, ipc, telemetry
 from dicom_ingestd import log as logsetup
 from dicom_ingestd import status as status_doc
-from dicom_ingestd.access import AccessPolicy, normalize
+from dicom_ingestd.access import AccessPolicy
 from dicom_ingestd.config.load import diff_configs, load_config
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.control import SOCKET_NAME, ControlServer
 from dicom_ingestd.errors import ConfigError, StorageError
 from dicom_ingestd.jobs.service import EventService
+from dicom_ingestd.peer import Peer
+from dicom_ingestd.proxy_reader import PendingHeaders, ProxyPolicy
 from dicom_ingestd.sockets import describe
 from dicom_ingestd.stats import FILE_NAME as STATS_FILE
 from dicom_ingestd.stats import NO_AE, Stats
@@ -40,7 +46,6 @@ from dicom_ingestd.systemd import Notifier
 from dicom_ingestd.tls import build_context
 from dicom_ingestd.watch import ConfigWatcher
 from dicom_ingestd.worker import acceptor
-from dicom_ingestd.worker.session import peer_fields, peer_name, split_peer
 from dicom_ingestd.worker.store import Store
 from dicom_ingestd.workers import Assignment, ForkSpawner, ThreadSpawner, Worker
 
@@ -89,10 +94,15 @@ class Master:
         self.listeners = listeners
         self.notifier = notifier
         self.access = AccessPolicy(config.access.allow, config.access.deny)
+        self.proxy_policy = ProxyPolicy.from_config(config.network)
         self.state = State.RUNNING
         self.workers: dict[int, Worker] = {}  # by done-fd
         self.channel = ipc.Channel()
         self.selector = selectors.DefaultSelector()
+        # network.proxy_protocol: connections waiting for their header, then _admit.
+        self.pending = PendingHeaders(self.selector, self._admit,
+                                      lambda outcome: self.stats.association_ended(outcome,
+                                                                                   NO_AE))
         self._wakeup_r, self._wakeup_w = socket.socketpair()
         self._stop_deadline = 0.0
         self._stored = 0
@@ -137,6 +147,7 @@ class Master:
     def _close_in_child(self) -> None:
         """In a forked worker: drop every master resource but the report channel's writer."""
         self.selector.close()
+        self.pending.close_in_child()
         for sock in self.listeners:
             sock.close()
         self._wakeup_r.close()
@@ -175,11 +186,11 @@ class Master:
         self.control.open()
         self._refresh(time.monotonic())
         tls = self.config.tls
-        log.info("dicom-ingestd %s ready: pid %d, listening on %s%s as %s, process model %s, "
+        log.info("dicom-ingestd %s ready: pid %d, listening on %s%s%s as %s, process model %s, "
                  "storing under %s (%s)", __version__, os.getpid(),
                  ", ".join(describe(s) for s in self.listeners) or "nothing",
                  f" (TLS, profile {tls.profile}, peer certificates: {tls.peer_certificate})"
-                 if self.tls_context is not None else "",
+                 if self.tls_context is not None else "", self.proxy_policy.describe(),
                  self.config.network.aetitle, self.config.workers.process_model,
                  self.store.root, self.store.durability)
         self.notifier.ready(self._status())
@@ -195,11 +206,15 @@ class Master:
             timeout = min(timeout, max(0.0, self._accept_paused_until - time.monotonic()))
         if self.notifier.watchdog_interval:
             timeout = min(timeout, max(0.0, self._next_watchdog - time.monotonic()))
+        pending = self.pending.timeout()
+        if pending is not None:
+            timeout = min(timeout, pending)
         return min(timeout, self.events.timeout())
 
     def _tick(self) -> None:
         now = time.monotonic()
         self._resume_accepting(now)
+        self.pending.expire()
         if self.notifier.watchdog_interval and now >= self._next_watchdog:
             # Pinged from the loop itself: a master stuck anywhere stops the pings.
             self.notifier.watchdog()
@@ -364,7 +379,11 @@ class Master:
                               exc.strerror or exc)
                     self.stats.error(f"accept failed: {exc.strerror or exc}")
                 return
-            self._admit(conn, address)
+            peer = Peer.from_address(address)
+            if self.proxy_policy.enabled:
+                self.pending.take(conn, peer, self.proxy_policy)  # then _admit
+            else:
+                self._admit(conn, peer)
             if self._accept_paused_until:  # _admit ran out of descriptors
                 return
             self._accept_backoff = 0.0
@@ -408,17 +427,17 @@ class Master:
             with contextlib.suppress(KeyError, ValueError):
                 self.selector.register(sock, selectors.EVENT_READ, self._accept)
 
-    def _admit(self, conn: socket.socket, address: object) -> None:
-        peer = peer_name(address)
-        host = address[0] if isinstance(address, tuple) else ""
-        refusal = self.access.check(host) if host else None
+    def _admit(self, conn: socket.socket, peer: Peer) -> None:
+        """Access control and the limits for `peer` (behind a proxy: the address its header
+        carried; the proxy's own health checks pass both), then a worker."""
+        refusal = self.access.check_peer(peer)
         if refusal:
             log.warning("%s: connection refused by access control: %s", peer, refusal,
-                        extra={"journal": {**peer_fields(peer), "DICOM_OUTCOME": "refused"}})
+                        extra={"journal": {**peer.fields(), "DICOM_OUTCOME": "refused"}})
             conn.close()
             self.stats.association_ended("refused", NO_AE)
             return
-        over = self._over_limit(host)
+        over = self._over_limit(peer)
         if over and sum(w.rejecting for w in self.workers.values()) >= MAX_REJECTING:
             # A flood: one line per ACCEPT_LOG_INTERVAL, counting the connections closed.
             conn.close()
@@ -454,15 +473,15 @@ class Master:
         if worker.pid:
             log.debug("%s: worker %d started", peer, worker.pid)
 
-    def _over_limit(self, host: str) -> str:
+    def _over_limit(self, peer: Peer) -> str:
         limits = self.config.workers
         serving = [w for w in self.workers.values() if not w.rejecting]
         if limits.max_associations and len(serving) >= limits.max_associations:
             return f"{len(serving)} associations in progress (workers.max_associations = " \
                    f"{limits.max_associations})"
-        if limits.max_associations_per_peer and host:
-            key = str(normalize(host))
-            same = Counter(str(normalize(split_peer(w.peer)[0])) for w in serving)[key]
+        key = peer.key
+        if limits.max_associations_per_peer and key and not peer.health_check:
+            same = Counter(w.peer.key for w in serving if not w.peer.health_check)[key]
             if same >= limits.max_associations_per_peer:
                 return f"{same} associations in progress from {key} " \
                        f"(workers.max_associations_per_peer = " \
@@ -499,7 +518,7 @@ class Master:
         hint = " (out of memory?)" if "SIGKILL" in problem and not worker.signalled else ""
         log.log(level, "%s: worker %d %s%s; %d partial object(s) removed; other "
                 "associations are unaffected", worker.peer, worker.pid, problem, hint, removed,
-                extra={"journal": peer_fields(worker.peer)})
+                extra={"journal": worker.peer.fields()})
         self.stats.error(f"worker {worker.pid} ({worker.peer}) {problem}")
 
     # -- reload ----------------------------------------------------------------------------
@@ -549,6 +568,7 @@ class Master:
         self.tls_context = tls_context
         acceptor.warm_up(new)
         self.access = access
+        self.proxy_policy = ProxyPolicy.from_config(new.network)
         self.events.reload(new)
         logsetup.setup(new.logging)
         applied = [key for key, reloadable in changed if reloadable]
@@ -569,6 +589,7 @@ class Master:
     def _begin_stop(self) -> None:
         self.state = State.STOPPING
         self.notifier.stopping()
+        self.pending.close()
         for sock in self.listeners:
             with contextlib.suppress(KeyError, ValueError):
                 self.selector.unregister(sock)

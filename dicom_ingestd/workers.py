@@ -18,6 +18,7 @@ from dicom_ingestd import ipc, outbox, telemetry
 from dicom_ingestd.codes import ExitCode
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.events import sync_enabled
+from dicom_ingestd.peer import Peer
 from dicom_ingestd.worker.recorder import Recorder
 from dicom_ingestd.worker.session import Session
 from dicom_ingestd.worker.store import Store
@@ -31,7 +32,7 @@ class Assignment:
     """Everything one worker needs; nothing else of the master's state reaches it."""
 
     conn: socket.socket
-    peer: str
+    peer: Peer  # the client; behind a PROXY protocol balancer, the address it carried
     config: Config
     store: Store
     reject_over_limit: str  # non-empty: the limit that was hit; answer A-ASSOCIATE-RJ
@@ -64,7 +65,7 @@ def session_for(assignment: Assignment, channel: ipc.Channel,
 class Worker:
     """A running worker as the master sees it."""
 
-    peer: str
+    peer: Peer
     started: float
     fd: int  # readable when the worker has finished
     store: Store  # the output directory it writes to (reload may have replaced ours)
@@ -168,7 +169,7 @@ class ThreadSpawner:
                     link.worker_end.close()
                 os.eventfd_write(done, 1)
 
-        thread = threading.Thread(target=run, name=f"assoc {assignment.peer}", daemon=True)
+        thread = threading.Thread(target=run, name=f"assoc {assignment.peer.name}", daemon=True)
         worker = Worker(assignment.peer, time.monotonic(), done, assignment.store, thread=thread,
                         rejecting=bool(assignment.reject_over_limit),
                         reply=link.master_end if link is not None else None,

@@ -350,7 +350,7 @@ def _non_default(f: dataclasses.Field[Any]) -> Any:
     if isinstance(default, dict):  # tls.subject_aetitles
         return {"CN=ct1,O=Hospital": ["CT01"]}
     if isinstance(default, list):
-        if f.name in ("allow", "deny"):
+        if f.name in ("allow", "deny", "trusted_proxies"):
             return ["10.0.0.0/8", "fd00::/8"]
         if f.name == "allowed_subjects":
             return ["CN=mr1,O=Hospital"]

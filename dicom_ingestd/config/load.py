@@ -439,6 +439,12 @@ def _cross_checks(sections: Mapping[str, Any]) -> Iterator[_Problem]:
         yield ("events.rename_on_eostudy", True,
                "requires storage.sort other than none (as storescp -rns requires -ss, -su or "
                "-sp): files are renamed within their study's directory")
+    network = sections.get("network")  # absent when [network] is not a table (reported)
+    if network is not None and network.proxy_protocol != "off" and \
+            not network.trusted_proxies:
+        yield ("network.proxy_protocol", network.proxy_protocol,
+               "needs network.trusted_proxies, the addresses of the load balancers that "
+               "send the header (every other address is refused)")
     yield from _encoding_checks(sections["storage"], sections["negotiation"])
     yield from _tls_checks(sections["tls"])
     tls = sections["tls"]
@@ -563,6 +569,7 @@ _VALUE_CHECKS: dict[str, Callable[[str, Any], Iterator[_Problem]]] = {
     "jobs.state_directory": _check_no_nul,
     "access.allow": _check_networks,
     "access.deny": _check_networks,
+    "network.trusted_proxies": _check_networks,
     "network.aetitle": _check_aetitle,
     "association.allowed_calling_aetitles": _check_aetitle_list,
     "storage_commitment.allowed_calling_aetitles": _check_aetitle_list,

@@ -122,6 +122,24 @@ class NetworkConfig:
         True, "Set TCP_NODELAY and TCP_QUICKACK on accepted sockets (removes delayed-ACK stalls).",
         default_note="Not a storescp option; DCMTK leaves Nagle on unless TCP_NODELAY=1 is set.",
     )
+    proxy_protocol: str = setting(
+        "off", "Behind a load balancer: connections from trusted_proxies must start with a "
+        "PROXY protocol header (HAProxy's specification: v1 text, v2 binary, or any of "
+        "the two), read before anything else (before TLS too), within acse_timeout; the "
+        "address it carries is the peer for access control, the per-peer limit, logs, #r "
+        "and job variables, and the proxy's address is logged with it. A LOCAL header "
+        "(the balancer's health check) is answered without access control and without "
+        "counting as an association of a peer. A connection from any other address is "
+        "closed unread; a malformed, truncated or slow header is dropped. off: no header "
+        "is expected (and one is never guessed). See docs/scale-out.md.",
+        choices=("off", "v1", "v2", "any"),
+    )
+    trusted_proxies: list[str] = field(
+        default_factory=list,
+        metadata={DOC: "Addresses or networks (CIDR) of the load balancers that send the "
+                       "PROXY protocol header; required when proxy_protocol is not off.",
+                  STORESCP: (), RELOAD: True, DEFAULT_NOTE: ""},
+    )
 
 
 ROLE_CHOICES = ("scu", "scp", "both")
