@@ -122,6 +122,24 @@ class Daemon:
                 self.proc.wait(5)
         return int(self.proc.returncode)
 
+    def reconfigure(self, table: str, values: dict[str, Any]) -> None:
+        """Replace the [table] of the running daemon's configuration and reload it through
+        the control socket (`dicom-ingestd reload`'s request): back once the master has
+        applied it, so the next association runs with it."""
+        import tomllib
+
+        from dicom_ingestd import control
+
+        settings = tomllib.loads(self.config_path.read_text())
+        settings[table] = values
+        staged = self.config_path.with_suffix(".new")
+        write_config(staged, settings)
+        staged.replace(self.config_path)  # whole: the file watcher may reload it at once
+        answer = control.request(self.out / ".ingestd-tmp" / control.SOCKET_NAME, "reload",
+                                 timeout=30)
+        outcome = answer.get("reload") or {}
+        assert outcome.get("outcome") == "applied", (answer, self.log()[-3000:])
+
     def files(self) -> list[Path]:
         """Every regular file under the output directory, staging area excluded."""
         return sorted(p for p in self.out.rglob("*")
