@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,6 +227,55 @@ def storescu(port: int, *files: Path | str, extra: list[str] | None = None,
 def echoscu(port: int, extra: list[str] | None = None, check: bool = True,
             **kw: Any) -> subprocess.CompletedProcess[str]:
     return run_tool(["echoscu", *(extra or []), "127.0.0.1", str(port)], check=check, **kw)
+
+
+# --- DCMTK storescp as the reference (differential tests) ------------------------------------
+
+
+def _listening(port: int) -> bool:
+    """True once a socket listens on ``port`` (read from /proc, so storescp sees no probe)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    return True
+    return False
+
+
+@contextlib.contextmanager
+def storescp(options: Sequence[str], outdir: Path) -> Iterator[int]:
+    """Run a real storescp with ``options`` on a free port; always terminated on exit.
+
+    storescp 3.6.7 has no bind-address option, so it listens on every interface for the
+    test's short life; every connection the tests make goes to 127.0.0.1.
+    """
+    require_tool("storescp")
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        for _ in range(3):  # a free port can be taken between probe and bind: retry
+            port = free_port()
+            proc = subprocess.Popen(
+                ["storescp", *options, "-od", str(outdir), "--aetitle", "STORESCP", str(port)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and proc.poll() is None and not _listening(port):
+                time.sleep(0.01)
+            if proc.poll() is None and _listening(port):
+                yield port
+                return
+            proc.kill()
+            proc.wait()
+        pytest.fail(f"storescp {' '.join(options)} did not start")
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 # --- events and jobs (test_events.py, test_jobs.py) --------------------------------------------

@@ -10,7 +10,6 @@
     installed DCMTK lists is proposed to both.
 """
 
-import contextlib
 import itertools
 import random
 import re
@@ -22,7 +21,7 @@ from typing import cast
 
 import dcmtk_facts
 import pytest
-from conftest import Daemon, free_port, require_tool, start_daemon
+from conftest import Daemon, require_tool, start_daemon, storescp
 from pydicom import dcmread
 from pydicom import uid as pydicom_uid
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -204,52 +203,6 @@ def test_promiscuous_contexts_for() -> None:
 
 # -- helpers for servers -------------------------------------------------------------------------
 
-
-
-def _listening(port: int) -> bool:
-    """True once a socket listens on ``port`` (read from /proc, so storescp sees no probe)."""
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError), open(table) as f:
-            for line in f.readlines()[1:]:
-                fields = line.split()
-                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                    return True
-    return False
-
-
-@contextlib.contextmanager
-def storescp(options: Sequence[str], outdir: Path) -> Iterator[int]:
-    """Run a real storescp with ``options`` on a free port; always terminated on exit.
-
-    storescp 3.6.7 has no bind-address option, so it listens on every interface for the
-    test's short life; every connection the tests make goes to 127.0.0.1.
-    """
-    require_tool("storescp")
-    proc: subprocess.Popen[bytes] | None = None
-    try:
-        for _ in range(3):  # a free port can be taken between probe and bind: retry
-            port = free_port()
-            proc = subprocess.Popen(
-                ["storescp", *options, "-od", str(outdir), "--aetitle", "STORESCP", str(port)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and proc.poll() is None and not _listening(port):
-                time.sleep(0.01)
-            if proc.poll() is None and _listening(port):
-                yield port
-                return
-            proc.kill()
-            proc.wait()
-        pytest.fail(f"storescp {' '.join(options)} did not start")
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 @pytest.fixture(scope="module")

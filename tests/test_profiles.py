@@ -306,7 +306,13 @@ def test_translation_refuses_what_storescp_refuses(shipped_cfg: Path, extra: lis
     from dicom_ingestd.errors import TranslationError
     with pytest.raises(TranslationError, match=f"conflicts with {re.escape(extra[0])}"):
         translate(["-xf", str(shipped_cfg), "Default", *extra, "11112"])
-    translate(["-xf", str(shipped_cfg), "Default", "+x=", "11112"])  # allowed, as by storescp
+    # +x= (the default preference) is allowed, as by storescp, and changes nothing.
+    with_default = translate(["-xf", str(shipped_cfg), "Default", "+x=", "11112"])
+    without = translate(["-xf", str(shipped_cfg), "Default", "11112"])
+    loaded = config_from_mapping(tomllib.loads(with_default.toml()))
+    assert loaded == config_from_mapping(tomllib.loads(without.toml()))
+    assert (loaded.negotiation.profile, loaded.negotiation.preferred_transfer_syntax) == \
+        ("Default", "uncompressed")
 
 
 # --- (c) differential against storescp -xf ----------------------------------------------------
