@@ -49,7 +49,7 @@ class Sender(threading.Thread):
     first object also creates a directory.
     """
 
-    def __init__(self, port: int, seed: int, *, hold_after: int = 0) -> None:
+    def __init__(self, port: int, seed: int, *, hold_after: int | None = None) -> None:
         super().__init__(daemon=True)
         self.port = port
         self.rng = random.Random(seed)
@@ -58,7 +58,7 @@ class Sender(threading.Thread):
         self.acked_at: dict[str, float] = {}  # time.monotonic() when each success arrived
         self.stop = threading.Event()
         self.index = 0
-        # hold_after N: after N successes, at the next one that is the first of its
+        # hold_after N (None: never): after N successes, at the next one that is the first of its
         # association (its study's directory has just been made), send nothing more (the
         # association stays open) and set `held`: a fault can strike right after it.
         self.hold_after = hold_after
@@ -87,7 +87,7 @@ class Sender(threading.Thread):
                     if status == 0:
                         self.acked.add(uid)
                         self.acked_at[uid] = time.monotonic()
-                        if self.hold_after and number == 0 and \
+                        if self.hold_after is not None and number == 0 and \
                                 len(self.acked) > self.hold_after:
                             self.held.set()
                             self.stop.wait()
