@@ -926,6 +926,23 @@ def test_leftover_of_a_pid_now_used_by_another_process_is_removed(
     assert "removed 1 partial object(s) left by an earlier crash" in daemon.log()
 
 
+def test_leftover_of_a_pid_now_used_by_a_younger_daemon_is_removed(
+        tmp_path: Path, daemon_factory: Any) -> None:
+    """The crashed worker's pid now belongs to a dicom-ingestd process after all -- one that
+    started after the file was last written, so it cannot be its writer: a leftover."""
+    other = daemon_factory({"storage": {"output_directory": str(tmp_path / "other")}})
+    out = tmp_path / "out"
+    staging = out / STAGING
+    staging.mkdir(parents=True)
+    leftover = staging / f"{other.proc.pid}-0-0123abcd.part"
+    leftover.write_bytes(b"\0" * 4096)
+    old = time.time() - 3600
+    os.utime(leftover, (old, old))
+    daemon = daemon_factory({"storage": {"output_directory": str(out)}})
+    assert daemon.staging() == [], (
+        f"leftover {leftover.name} kept at start-up; log:\n{daemon.log()[:2000]}")
+
+
 def test_idle_daemon_with_debug_log_next_to_its_config_stays_quiet(daemon: Daemon) -> None:
     """conftest's layout: config and log file in one directory, logging.level = debug.
 
