@@ -290,6 +290,12 @@ os.close(fd)
 '''
 
 
+def complete_lines(path: Path) -> list[str]:
+    """The lines of a file other processes append to, without a last one still being
+    written (a reader can see part of an append: only a newline ends a line)."""
+    return path.read_text().split("\n")[:-1]
+
+
 @dataclass
 class Recorder:
     """A command that appends its arguments and DICOM_* variables to a JSON-lines file."""
@@ -304,7 +310,7 @@ class Recorder:
         import json
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        return [json.loads(line) for line in complete_lines(self.path) if line]
 
     def wait(self, count: int, timeout: float = 15.0) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout

@@ -24,6 +24,7 @@ from conftest import (
     REPO,
     Daemon,
     Recorder,
+    complete_lines,
     echoscu,
     make_study,
     mounted_ext4,
@@ -81,7 +82,7 @@ class Ledger:
     def runs(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        return [json.loads(line) for line in complete_lines(self.path) if line]
 
 
 def settings(tmp_path: Path, recorder: Recorder | None = None, ledger: Ledger | None = None,
