@@ -8,7 +8,9 @@ itself in test_scale_out.py.
 """
 
 import ipaddress
+import logging
 import random
+import selectors
 import socket
 import struct
 import subprocess
@@ -23,7 +25,7 @@ from conftest import REPO
 from proxy_headers import SIGNATURE, tlv, v1, v1_unknown, v2, v2_local, v2_raw
 
 from dicom_ingestd import healthcheck, proxy
-from dicom_ingestd.access import AccessPolicy
+from dicom_ingestd.access import AccessPolicy, parse_network, parse_networks
 from dicom_ingestd.config.load import load_config
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.errors import ConfigError
@@ -39,7 +41,15 @@ from dicom_ingestd.proxy import (
     VersionNotAccepted,
     parse,
 )
-from dicom_ingestd.proxy_reader import Dropped, HeaderReader, ProxyPolicy, peer_of, read_peer
+from dicom_ingestd.proxy_reader import (
+    MAX_PENDING,
+    Dropped,
+    HeaderReader,
+    PendingHeaders,
+    ProxyPolicy,
+    peer_of,
+    read_peer,
+)
 
 ANY = proxy.VERSIONS["any"]
 V1 = proxy.VERSIONS["v1"]
@@ -374,6 +384,64 @@ def test_proxy_off_reads_nothing(pair: tuple[socket.socket, socket.socket]) -> N
     assert read_peer(conn, tcp_peer, ProxyPolicy.from_config(Config().network)) is tcp_peer
 
 
+# -- the master's stage: read first, and a fair share of MAX_PENDING -----------------------------
+def test_pending_stage_reads_first_and_makes_room_fairly(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """One source holding every slot costs the others nothing: a connection whose header
+    is in never waits (so never meets the cap), and one that must wait pushes out the
+    oldest connection of the source holding the most; the line names that source."""
+    selector = selectors.DefaultSelector()
+    admitted: list[tuple[socket.socket, Peer]] = []
+    dropped: list[str] = []
+    stage = PendingHeaders(selector, lambda conn, peer: admitted.append((conn, peer)),
+                           dropped.append)
+    policy = ProxyPolicy(V2, (ipaddress.ip_network("127.0.0.0/8"),), 30.0, "v2")
+    ends: list[socket.socket] = []
+
+    def connect(source: str, sent: bytes = b"") -> tuple[socket.socket, socket.socket]:
+        proxy_end, daemon_end = socket.socketpair()
+        ends.extend((proxy_end, daemon_end))
+        proxy_end.sendall(sent)
+        stage.take(daemon_end, Peer(source, 40000 + len(ends)), policy)
+        return proxy_end, daemon_end
+
+    def closed(proxy_end: socket.socket) -> bool:
+        proxy_end.setblocking(False)
+        try:
+            return proxy_end.recv(1) == b""
+        except BlockingIOError:
+            return False
+
+    try:
+        hogs = [connect("127.0.0.3")[0] for _ in range(MAX_PENDING)]
+        assert len(stage) == MAX_PENDING and not dropped
+        header = v2("192.0.2.7", "10.0.0.100", 5555, 104)
+        _, complete = connect("127.0.0.2", header + A_ASSOCIATE_RQ_START)
+        assert admitted[0][0] is complete and admitted[0][1].name == "192.0.2.7:5555"
+        assert len(stage) == MAX_PENDING and not dropped  # nobody paid for it
+
+        caplog.set_level(logging.WARNING, "dicom_ingestd.proxy")
+        slow, _ = connect("127.0.0.2", header[:10])  # must wait: room is made
+        assert dropped == ["dropped"] and closed(hogs[0])
+        assert not any(closed(hog) for hog in hogs[1:])
+        assert "proxy 127.0.0.3 holds 128 of the 128 connections waiting for their PROXY " \
+               "protocol header, the most: closing its oldest (127.0.0.3:" in caplog.text
+        for index in range(1, 6):  # the heaviest source only ever pushes out its own
+            connect("127.0.0.3")
+            assert closed(hogs[index]) and len(stage) == MAX_PENDING
+        assert caplog.text.count("closing its oldest") == 1  # one line per interval
+        slow.sendall(header[10:])
+        for key, _ in selector.select(1):
+            key.data(key.fileobj)
+        assert [peer.name for _, peer in admitted] == ["192.0.2.7:5555", "192.0.2.7:5555"]
+        assert len(stage) == MAX_PENDING - 1 and len(dropped) == 6
+    finally:
+        stage.close()
+        for end in ends:
+            end.close()
+        selector.close()
+
+
 # -- the peer a header makes -------------------------------------------------------------------
 def test_carried_peer_local_and_unknown() -> None:
     proxy_peer = Peer("10.0.0.5", 41000)
@@ -384,23 +452,27 @@ def test_carried_peer_local_and_unknown() -> None:
     assert str(carried) == "192.0.2.7:5555 via 10.0.0.5:41000"
     assert carried.fields() == {"DICOM_PEER": "192.0.2.7", "DICOM_PEER_PORT": "5555",
                                 "DICOM_PROXY": "10.0.0.5:41000"}
-    assert not carried.health_check
+    assert not carried.verification_only
 
     six = peer_of(proxy_peer, parse(v1("2001:db8::7", "2001:db8::1", 5555, 104), V1)
                   or pytest.fail())
     assert six.name == "[2001:db8::7]:5555" and six.fields()["DICOM_PEER"] == "2001:db8::7"
 
-    local = peer_of(proxy_peer, parse(v2_local(), V2) or pytest.fail())
-    assert local.health_check and local.name == "10.0.0.5:41000"
-    assert str(local) == "10.0.0.5:41000 (proxy health check)"
+    # LOCAL: the proxy's own connection, whose peer is the proxy (keyed by its address),
+    # whatever address block the header carries.
+    for header in (v2_local(), v2_local(v2("192.0.2.7", "10.0.0.100", 1, 104)[16:], 0x11)):
+        local = peer_of(proxy_peer, parse(header, V2) or pytest.fail())
+        assert local.verification_only and local.via is Via.PROXY_LOCAL
+        assert local.name == "10.0.0.5:41000" and local.key == "10.0.0.5"
+        assert str(local) == "10.0.0.5:41000 (proxy's own connection, LOCAL)"
 
     unknown = peer_of(proxy_peer, parse(v1_unknown(), V1) or pytest.fail())
-    assert not unknown.health_check and unknown.key == "10.0.0.5"  # the proxy stands in
+    assert not unknown.verification_only and unknown.key == "10.0.0.5"  # the proxy stands in
     assert unknown.via is Via.PROXY_UNKNOWN
     assert str(unknown) == "10.0.0.5:41000 (proxy, client address unknown)"
 
 
-def test_access_control_sees_the_carried_address_and_spares_health_checks() -> None:
+def test_access_control_sees_the_carried_address_and_spares_local_connections() -> None:
     policy = AccessPolicy(["192.0.2.0/24"], ["192.0.2.99"])
     proxy_peer = Peer("10.0.0.5", 41000)
     assert policy.check_peer(proxy_peer) == "10.0.0.5 is not in access.allow"
@@ -408,8 +480,58 @@ def test_access_control_sees_the_carried_address_and_spares_health_checks() -> N
     assert policy.check_peer(proxy_peer.relayed((ip("192.0.2.99"), 1))) == \
         "192.0.2.99 matches access.deny 192.0.2.99/32"
     assert policy.check_peer(proxy_peer.relayed((ip("::ffff:192.0.2.99"), 1))) is not None
+    # LOCAL may only verify (Peer.verification_only): admitted by trusted_proxies alone.
     assert policy.check_peer(proxy_peer.relayed(None, local=True)) is None
+    # UNKNOWN (and v2 unspecified): the proxy's address is the peer's, and it is checked.
     assert policy.check_peer(proxy_peer.relayed(None)) == "10.0.0.5 is not in access.allow"
+    for header, versions in ((v1_unknown(), V1), (v2_raw(0x21, 0x00, b""), V2),
+                             (v2_raw(0x21, 0x31, bytes(216)), V2)):
+        unknown = peer_of(proxy_peer, parse(header, versions) or pytest.fail())
+        assert unknown.via is Via.PROXY_UNKNOWN and unknown.key == "10.0.0.5"
+        assert policy.check_peer(unknown) == "10.0.0.5 is not in access.allow"
+        assert AccessPolicy(["10.0.0.5"], []).check_peer(unknown) is None
+
+
+@pytest.mark.parametrize(("entry", "network"), [
+    ("::ffff:192.0.2.99", "192.0.2.99/32"), ("::FFFF:c000:263", "192.0.2.99/32"),
+    ("::ffff:192.0.2.0/120", "192.0.2.0/24"), ("::ffff:0.0.0.0/96", "0.0.0.0/0"),
+    (" 192.0.2.0/24 ", "192.0.2.0/24"), ("2001:db8::/32", "2001:db8::/32"),
+    ("::ffff:0:0/95", "::fffe:0:0/95")])
+def test_ipv4_mapped_networks_are_ipv4(entry: str, network: str) -> None:
+    """Peers are compared as IPv4 (a dual-stack socket's ::ffff:a.b.c.d included): an entry
+    written in the mapped form is the IPv4 network, or it would never match."""
+    assert str(parse_network(entry)) == network
+
+
+def test_ipv4_mapped_entries_match_in_access_control_and_trusted_proxies() -> None:
+    policy = AccessPolicy(["::ffff:192.0.2.0/120"], ["::ffff:192.0.2.99"])
+    assert policy.check("192.0.2.7") is None
+    assert policy.check("::ffff:192.0.2.7") is None
+    assert policy.check("192.0.2.99") == "192.0.2.99 matches access.deny 192.0.2.99/32"
+    assert policy.check("198.51.100.1") == "198.51.100.1 is not in access.allow"
+    trusted = ProxyPolicy(V2, tuple(parse_networks(["::ffff:127.0.0.2"])), 1.0, "v2")
+    for address in (("127.0.0.2", 1), ("::ffff:127.0.0.2", 1, 0, 0)):
+        trusted.check_trusted(Peer.from_address(address))
+    with pytest.raises(Dropped, match=r"not one of network\.trusted_proxies"):
+        trusted.check_trusted(Peer.from_address(("127.0.0.3", 1)))
+
+
+def test_a_trusted_network_of_every_address_is_warned_about(tmp_path: Path) -> None:
+    path = tmp_path / "ingestd.toml"
+    path.write_text('[network]\nproxy_protocol = "v2"\n'
+                    'trusted_proxies = ["10.0.0.5", "0.0.0.0/0", "::/0", "::ffff:0:0/96"]\n')
+    warnings = ProxyPolicy.from_config(load_config(path).network).warnings()
+    assert [w.split(" trusts")[0] for w in warnings] == [
+        "network.trusted_proxies: 0.0.0.0/0", "network.trusted_proxies: ::/0",
+        "network.trusted_proxies: 0.0.0.0/0"]
+    assert "any host that reaches the port may send a PROXY protocol header" in warnings[0]
+    result = cli("check-config", "-c", str(path))
+    assert result.returncode == 0 and result.stdout == f"{path}: OK\n"
+    assert result.stderr.splitlines() == [f"{path}: warning: {w}" for w in warnings]
+    path.write_text('[network]\nproxy_protocol = "off"\ntrusted_proxies = ["0.0.0.0/0"]\n')
+    assert ProxyPolicy.from_config(load_config(path).network).warnings() == []
+    path.write_text('[network]\nproxy_protocol = "v1"\ntrusted_proxies = ["10.0.0.0/8"]\n')
+    assert cli("check-config", "-c", str(path)).stderr == ""
 
 
 # -- configuration -----------------------------------------------------------------------------
