@@ -23,6 +23,14 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 from proxy_headers import SIGNATURE, tlv, v1, v1_unknown, v2, v2_local, v2_raw
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
+)
+from pynetdicom.presentation import build_context
 
 from dicom_ingestd import healthcheck, proxy
 from dicom_ingestd.access import AccessPolicy, parse_network, parse_networks
@@ -50,6 +58,7 @@ from dicom_ingestd.proxy_reader import (
     peer_of,
     read_peer,
 )
+from dicom_ingestd.worker import acceptor
 
 ANY = proxy.VERSIONS["any"]
 V1 = proxy.VERSIONS["v1"]
@@ -534,6 +543,70 @@ def test_a_trusted_network_of_every_address_is_warned_about(tmp_path: Path) -> N
     assert cli("check-config", "-c", str(path)).stderr == ""
 
 
+# -- what a LOCAL connection may negotiate -----------------------------------------------------
+def associate_rq(*contexts: tuple[int, str, str]) -> bytes:
+    """An A-ASSOCIATE-RQ proposing (context ID, abstract syntax, transfer syntax)s, with an
+    SCP/SCU role selection item for each SOP class."""
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = "SENDER"
+    primitive.called_ae_title = "STORESCP"
+    proposed = []
+    for context_id, abstract_syntax, transfer_syntax in contexts:
+        context = build_context(abstract_syntax, [transfer_syntax])
+        context.context_id = context_id
+        proposed.append(context)
+    primitive.presentation_context_definition_list = proposed
+    length = MaximumLengthNotification()
+    length.maximum_length_received = 16384
+    implementation = ImplementationClassUIDNotification()
+    implementation.implementation_class_uid = "1.2.3.4"
+    roles = []
+    for _, abstract_syntax, _ in contexts:
+        role = SCP_SCU_RoleSelectionNegotiation()
+        role.sop_class_uid = abstract_syntax
+        role.scu_role, role.scp_role = True, True
+        roles.append(role)
+    primitive.user_information = [length, implementation, *roles]
+    rq = A_ASSOCIATE_RQ()
+    rq.from_primitive(primitive)
+    return bytes(rq.encode())
+
+
+@pytest.mark.parametrize("negotiation", [
+    "", '[negotiation]\nprofile = "P"\n[negotiation.transfer_syntaxes]\n'
+        'Explicit = ["ExplicitVRLittleEndian"]\n[negotiation.profiles.P.contexts]\n'
+        'Verification = "Explicit"\nCTImageStorage = "Explicit"\n'
+        '[negotiation.profiles.P.roles]\nCTImageStorage = "both"\n'],
+    ids=["preference", "profile"])
+def test_a_local_connection_negotiates_verification_alone(tmp_path: Path,
+                                                          negotiation: str) -> None:
+    """Whatever the configuration accepts, a LOCAL connection (verification_only) gets
+    Verification, and every other context "user rejection" (1), with no role reply."""
+    path = tmp_path / "ingestd.toml"
+    path.write_text(negotiation or '[storage_commitment]\nenabled = true\n')
+    config = load_config(path)
+    explicit = "1.2.840.10008.1.2.1"
+    pdu = associate_rq((1, "1.2.840.10008.5.1.4.1.1.2", explicit),
+                       (3, "1.2.840.10008.1.1", explicit),
+                       (5, "1.2.840.10008.1.20.1", explicit))
+    request, primitive, _ = acceptor.decode_request(pdu)
+    everyone = acceptor.accept(request, primitive, config)
+    assert 1 in everyone.contexts and 3 in everyone.contexts  # what a sender gets
+    local = acceptor.accept(request, primitive, config, verification_only=True)
+    assert [(cx.context_id, cx.abstract_syntax) for cx in local.contexts.values()] == \
+        [(3, "1.2.840.10008.1.1")]
+    assert sorted((cx.context_id, cx.result) for cx in local.rejected) == [(1, 1), (5, 1)]
+    answer = A_ASSOCIATE_AC()
+    answer.decode(local.pdu)
+    results = {cx.context_id: cx.result for cx in answer.to_primitive()
+               .presentation_context_definition_results_list}
+    assert results[1] == 1 and results[3] == 0
+    roles = [item for item in answer.to_primitive().user_information
+             if isinstance(item, SCP_SCU_RoleSelectionNegotiation)]
+    assert all(str(role.sop_class_uid) == "1.2.840.10008.1.1" for role in roles), roles
+
+
 # -- configuration -----------------------------------------------------------------------------
 def config_problems(tmp_path: Path, text: str) -> list[str]:
     path = tmp_path / "ingestd.toml"
@@ -595,6 +668,56 @@ def test_config_haproxy_check_prints_the_rules_for_the_configuration(tmp_path: P
     assert "'OTHER' is not in association.allowed_calling_aetitles" in refused.stderr
     too_long = cli("config", "haproxy-check", "-c", str(path), "--calling-ae", "X" * 17)
     assert too_long.returncode == 64 and "1 to 16 printable ASCII" in too_long.stderr
+
+
+EXPLICIT_ONLY = ('[negotiation]\nprofile = "P"\n[negotiation.transfer_syntaxes]\n'
+                 'Explicit = ["ExplicitVRLittleEndian"]\n[negotiation.profiles.P.contexts]\n'
+                 '{verification}CTImageStorage = "Explicit"\n')
+
+
+def test_config_haproxy_check_proposes_what_the_negotiation_accepts(tmp_path: Path) -> None:
+    """Under a profile that accepts Verification with Explicit VR Little Endian only, a
+    check proposing Implicit VR Little Endian could never pass: the check proposes what the
+    configuration accepts (test_proxy_daemon.py runs the printed check), or, when it accepts
+    Verification with nothing, exits 78 and prints nothing."""
+    path = tmp_path / "ingestd.toml"
+    path.write_text(EXPLICIT_ONLY.format(verification='Verification = "Explicit"\n'))
+    result = cli("config", "haproxy-check", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    explicit = b"1.2.840.10008.1.2.1"
+    assert result.stdout == (
+        "# Verification with Explicit VR Little Endian, which this configuration accepts "
+        "(Implicit VR Little Endian it does not): run this again after changing "
+        "[negotiation]\n" + healthcheck.haproxy_rules("STORESCP", "HEALTHCHECK", explicit))
+    assert healthcheck.accepted(explicit) != healthcheck.ACCEPTED
+
+    path.write_text(EXPLICIT_ONLY.format(verification=""))
+    refused = cli("config", "haproxy-check", "-c", str(path))
+    assert refused.returncode == 78 and refused.stdout == ""
+    assert refused.stderr == (
+        f"dicom-ingestd: {path}: Verification (1.2.840.10008.1.1) is accepted with none of "
+        "Implicit VR Little Endian, Explicit VR Little Endian, Explicit VR Big Endian "
+        "(negotiation.profile = 'P'): a check could never pass; accept Verification in the "
+        "negotiation\n")
+
+    path.write_text("[association]\nrefuse = true\n")
+    refused = cli("config", "haproxy-check", "-c", str(path))
+    assert refused.returncode == 78 and refused.stdout == ""
+    assert "would be rejected (refusing every association (association.refuse))" in \
+        refused.stderr
+
+
+def test_config_haproxy_check_says_check_ssl_with_tls(tmp_path: Path) -> None:
+    path = tmp_path / "ingestd.toml"
+    path.write_text('[tls]\nenabled = true\nprivate_key = "/etc/k.pem"\n'
+                    'certificate = "/etc/c.pem"\npeer_certificate = "ignore"\n')
+    result = cli("config", "haproxy-check", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    comments = [line for line in result.stdout.splitlines() if line.startswith("#")]
+    assert comments[0] == "# [tls] is enabled: the check must speak TLS too; add to " \
+                          "default-server"
+    assert "#   check-ssl verify required ca-file" in comments[1]
+    assert result.stdout.endswith(healthcheck.haproxy_rules("STORESCP"))
 
 
 def test_the_documented_haproxy_backend_has_the_rules_of_the_default_configuration() -> None:

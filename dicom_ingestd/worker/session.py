@@ -319,11 +319,11 @@ class Session:
             self._quiet = False
             self._rejected = rejected_summary(acceptance.rejected)
             if self.peer.verification_only:
-                log.warning("%s: %d context(s) rejected: %s: a PROXY protocol LOCAL "
-                            "connection is the proxy's own and may only use Verification "
-                            "(HAProxy also relays clients it accepted on a Unix socket as "
-                            "LOCAL: carry their addresses with accept-proxy on that bind "
-                            "and send-proxy-v2 towards it)", self._who(),
+                log.warning("%s: %d context(s) rejected: a PROXY protocol LOCAL connection "
+                            "is the proxy's own and may only use Verification (HAProxy "
+                            "also relays the clients of a Unix-socket frontend as LOCAL: "
+                            "carry their addresses with accept-proxy on that bind and "
+                            "send-proxy-v2 towards it); rejected: %s", self._who(),
                             len(acceptance.rejected), self._rejected, extra=self._fields())
             else:
                 log.log(self._info, "%s: %d context(s) rejected: %s", self._who(),
