@@ -343,6 +343,9 @@ def test_pending_headers_are_capped_fairly(daemon_factory: Factory,
                                              "trusted_proxies": ["127.0.0.1", "127.0.0.3"]}))
     silent = [connect_from("127.0.0.3", daemon.port) for _ in range(MAX_PENDING + 5)]
     try:
+        # Accepted after the silent ones (the backlog is in order): the stage is full.
+        health_check(daemon.port, v2_local())
+        assert_still_serving(daemon, relays)
         line = daemon.wait_log(f"proxy 127.0.0.3 holds {MAX_PENDING} of the {MAX_PENDING} "
                                "connections waiting for their PROXY protocol header, the "
                                "most: closing its oldest (127.0.0.3:")
@@ -353,8 +356,6 @@ def test_pending_headers_are_capped_fairly(daemon_factory: Factory,
             with contextlib.suppress(ConnectionResetError):
                 closed += sock.recv(1) == b""
         assert closed == 5  # the oldest ones
-        health_check(daemon.port, v2_local())
-        assert_still_serving(daemon, relays)
         # One that must wait (its header split) takes a slot from 127.0.0.3, not its own.
         with socket.create_connection(("127.0.0.1", daemon.port)) as slow:
             slow.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
