@@ -429,7 +429,7 @@ class Master:
 
     def _admit(self, conn: socket.socket, peer: Peer) -> None:
         """Access control and the limits for `peer` (behind a proxy: the address its header
-        carried; the proxy's own health checks pass both), then a worker."""
+        carried, or the proxy's when it carried none), then a worker."""
         refusal = self.access.check_peer(peer)
         if refusal:
             log.warning("%s: connection refused by access control: %s", peer, refusal,
@@ -479,9 +479,9 @@ class Master:
         if limits.max_associations and len(serving) >= limits.max_associations:
             return f"{len(serving)} associations in progress (workers.max_associations = " \
                    f"{limits.max_associations})"
-        key = peer.key
-        if limits.max_associations_per_peer and key and not peer.health_check:
-            same = Counter(w.peer.key for w in serving if not w.peer.health_check)[key]
+        key = peer.key  # the proxy's own for its LOCAL and UNKNOWN connections
+        if limits.max_associations_per_peer and key:
+            same = Counter(w.peer.key for w in serving)[key]
             if same >= limits.max_associations_per_peer:
                 return f"{same} associations in progress from {key} " \
                        f"(workers.max_associations_per_peer = " \

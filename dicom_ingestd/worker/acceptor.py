@@ -33,9 +33,14 @@ from dicom_ingestd.worker import negotiation, profile
 from dicom_ingestd.worker.pdu import A_ASSOCIATE_RJ, encode_pdu
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+VERIFICATION = "1.2.840.10008.1.1"
 # A fixed UUID-derived UID (PS3.5 B.2): ours, registered to nobody else.
 IMPLEMENTATION_CLASS_UID = "2.25.58257340867816946478277521733648859219"
 IMPLEMENTATION_VERSION = ("INGESTD_" + __version__.replace(".", ""))[:16]
+
+# Presentation context results, PS3.8 9.3.3.2.
+CONTEXT_ACCEPTED = 0
+CONTEXT_USER_REJECTION = 1
 
 # A-ASSOCIATE-RJ result / source / reason values, PS3.8 9.3.4.
 REJECTED_PERMANENT = 1
@@ -168,6 +173,13 @@ def screen(request: Request, primitive: A_ASSOCIATE, version: int, config: Confi
     return None
 
 
+def answer(pdu: bytes, config: Config) -> Rejection | Acceptance:
+    """What `config` answers to the A-ASSOCIATE-RQ `pdu` from a peer that may use every
+    service (the screening, then the negotiation); for `config haproxy-check`."""
+    request, primitive, version = decode_request(pdu)
+    return screen(request, primitive, version, config) or accept(request, primitive, config)
+
+
 @functools.lru_cache(maxsize=8)
 def _supported(preference: str) -> tuple[PresentationContext, ...]:
     """Our acceptor contexts for a preference (built once per process: ~200 SOP classes)."""
@@ -192,14 +204,18 @@ def warm_up(config: Config) -> None:
     _supported(config.negotiation.preferred_transfer_syntax)
 
 
-def accept(request: Request, primitive: A_ASSOCIATE, config: Config) -> Acceptance:
+def accept(request: Request, primitive: A_ASSOCIATE, config: Config,
+           verification_only: bool = False) -> Acceptance:
     """Negotiate the presentation contexts and encode the A-ASSOCIATE-AC.
 
     With negotiation.profile set the profile alone decides (`worker.profile`, storescp -xf);
     otherwise storescp's preference list (and promiscuous mode) does, through pynetdicom.
+    `verification_only` (the proxy's own LOCAL connection): whatever the configuration
+    accepts, every context but Verification is rejected (result 1, user rejection), with
+    no role or extended negotiation reply for it.
     """
     if config.negotiation.profile:
-        return _accept_by_profile(request, primitive, config)
+        return _accept_by_profile(request, primitive, config, verification_only)
     preference = config.negotiation.preferred_transfer_syntax
     supported = list(_supported(preference))
     if config.negotiation.promiscuous:
@@ -213,6 +229,9 @@ def accept(request: Request, primitive: A_ASSOCIATE, config: Config) -> Acceptan
         if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid:
             roles[item.sop_class_uid] = (item.scu_role, item.scp_role)
     results, role_replies = negotiate_as_acceptor(request.proposed, supported, roles or None)
+    if verification_only:
+        _reject_all_but_verification(results)
+        role_replies = [r for r in role_replies if str(r.sop_class_uid) == VERIFICATION]
     ac = _encode_ac(primitive, config, results, [*role_replies])
 
     accepted = {
@@ -222,6 +241,12 @@ def accept(request: Request, primitive: A_ASSOCIATE, config: Config) -> Acceptan
     }
     rejected = [cx for cx in results if cx.result != 0x00]
     return Acceptance(accepted, rejected, ac.encode())
+
+
+def _reject_all_but_verification(results: list[PresentationContext]) -> None:
+    for cx in results:
+        if cx.result == CONTEXT_ACCEPTED and str(cx.abstract_syntax) != VERIFICATION:
+            cx.result = CONTEXT_USER_REJECTION
 
 
 def _encode_ac(primitive: A_ASSOCIATE, config: Config, results: list[PresentationContext],
@@ -246,7 +271,8 @@ def _encode_ac(primitive: A_ASSOCIATE, config: Config, results: list[Presentatio
     return ac
 
 
-def _accept_by_profile(request: Request, primitive: A_ASSOCIATE, config: Config) -> Acceptance:
+def _accept_by_profile(request: Request, primitive: A_ASSOCIATE, config: Config,
+                       verification_only: bool) -> Acceptance:
     """storescp -xf: the profile's contexts, role replies and extended negotiation replies."""
     chosen = config.negotiation.profiles[config.negotiation.profile]
     requested_roles: dict[str, tuple[bool, bool]] = {}
@@ -268,6 +294,9 @@ def _accept_by_profile(request: Request, primitive: A_ASSOCIATE, config: Config)
         cx.transfer_syntax = [UID(item.transfer_syntax, validation_mode=pydicom_config.IGNORE)]
         cx.result = item.result
         results.append(cx)
+        if verification_only and item.abstract_syntax != VERIFICATION:
+            cx.result = CONTEXT_USER_REJECTION
+            continue
         if item.role is not None:
             # Built as the PDU sub-item: pynetdicom's primitive refuses both flags 0, which
             # DCMTK sends (peer proposes scu only, we allow scp only).
@@ -277,6 +306,8 @@ def _accept_by_profile(request: Request, primitive: A_ASSOCIATE, config: Config)
             role_items.append(role)
     extended = []
     for uid, data in answer.extended_negotiation:
+        if verification_only and uid != VERIFICATION:
+            continue
         extneg = SOPClassExtendedNegotiation()
         extneg.sop_class_uid = UID(uid, validation_mode=pydicom_config.IGNORE)
         extneg.service_class_application_information = data
@@ -288,9 +319,9 @@ def _accept_by_profile(request: Request, primitive: A_ASSOCIATE, config: Config)
     # length, 52H implementation UID, 54H roles, 55H implementation version, 56H extended.
     user_information.user_data[2:2] = role_items
     accepted = {
-        item.context_id: AcceptedContext(item.context_id, item.abstract_syntax,
-                                         item.transfer_syntax)
-        for item in answer.contexts if item.result == profile.ACCEPTED
+        cx.context_id: AcceptedContext(cx.context_id, str(cx.abstract_syntax),
+                                       str(cx.transfer_syntax[0]))
+        for cx in results if cx.result == profile.ACCEPTED and cx.context_id is not None
     }
     rejected = [cx for cx in results if cx.result != profile.ACCEPTED]
     return Acceptance(accepted, rejected, ac.encode())
