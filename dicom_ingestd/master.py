@@ -35,7 +35,7 @@ from dicom_ingestd.config.schema import Config
 from dicom_ingestd.control import SOCKET_NAME, ControlServer
 from dicom_ingestd.errors import ConfigError, StorageError
 from dicom_ingestd.jobs.service import EventService
-from dicom_ingestd.pool import WorkerPool
+from dicom_ingestd.pool import TRIM_INTERVAL, WorkerPool
 from dicom_ingestd.sockets import describe
 from dicom_ingestd.stats import FILE_NAME as STATS_FILE
 from dicom_ingestd.stats import NO_AE, Stats
@@ -187,14 +187,21 @@ class Master:
         self.selector.register(self.telemetry.reader, selectors.EVENT_READ, self._telemetry)
         self.control.open()
         self._refresh(time.monotonic())
+        model = self.config.workers.process_model
+        if self.pool is not None:
+            try:
+                self.pool.fill()  # ready means ready to hand a connection over at once
+            except OSError as exc:
+                log.warning("cannot fork the spare workers (%s); workers are forked as "
+                            "connections arrive", exc.strerror or exc)
+            model += f" ({self.pool.idle} spare workers)"
         tls = self.config.tls
         log.info("dicom-ingestd %s ready: pid %d, listening on %s%s as %s, process model %s, "
                  "storing under %s (%s)", __version__, os.getpid(),
                  ", ".join(describe(s) for s in self.listeners) or "nothing",
                  f" (TLS, profile {tls.profile}, peer certificates: {tls.peer_certificate})"
                  if self.tls_context is not None else "",
-                 self.config.network.aetitle, self.config.workers.process_model,
-                 self.store.root, self.store.durability)
+                 self.config.network.aetitle, model, self.store.root, self.store.durability)
         self.notifier.ready(self._status())
         while self.state is State.RUNNING or self.running or (self.pool and self.pool.processes):
             for key, _ in self.selector.select(self._timeout()):
@@ -211,9 +218,12 @@ class Master:
 
     def _timeout(self) -> float:
         timeout = 1.0
-        if self.pool is not None and self.state is State.RUNNING \
-                and self.pool.idle < self.config.workers.spare_workers:
-            timeout = 0.0  # a spare to fork (one per turn, in _tick)
+        if self.pool is not None and self.state is State.RUNNING:
+            spares = self.config.workers.spare_workers
+            if self.pool.idle < spares:
+                timeout = 0.0  # a spare to fork (one per turn, in _tick)
+            elif self.pool.idle > spares:
+                timeout = TRIM_INTERVAL  # a surplus to retire once quiet
         if self._accept_paused_until:
             timeout = min(timeout, max(0.0, self._accept_paused_until - time.monotonic()))
         if self.notifier.watchdog_interval:
@@ -230,7 +240,7 @@ class Master:
         if self.state is State.STOPPING:
             self._enforce_stop_deadline(now)
         elif self.pool is not None:
-            self.pool.maintain()
+            self.pool.maintain(now)
         self.events.tick()
         if now >= self._next_monitor:
             self._next_monitor = now + MONITOR_INTERVAL

@@ -43,7 +43,10 @@ from dicom_ingestd.workers import Assignment, OnFinished, Running, describe_exit
 
 log = logging.getLogger("dicom_ingestd.master")
 
-HANDOFF_TRIES = 3  # workers tried for one connection before giving up on it
+HANDOFF_TRIES = 3  # fresh workers tried for one connection before giving up on it
+# Idle workers beyond workers.spare_workers (left by a burst) retire one per TRIM_INTERVAL
+# once no association has started for that long.
+TRIM_INTERVAL = 0.5
 
 
 class State(Enum):
@@ -83,7 +86,10 @@ class WorkerPool:
         self._idle: list[Worker] = []  # the most recently used last: it is taken first
         self.generation: Generation | None = None
         self.stopping = False
-        self.forks = 0  # workers forked since start (status, tests)
+        self.forks = 0  # workers forked since start
+        self._last_start = 0.0
+        self._next_trim = 0.0
+        self._name = warm.own_name()
 
     # -- what the master asks ----------------------------------------------------------------
     def configure(self, generation: Generation) -> None:
@@ -107,6 +113,7 @@ class WorkerPool:
         is idle); raises OSError when no worker can be had (fork or pidfd_open failed)."""
         generation = self.generation
         assert generation is not None and assignment.config is generation.config
+        self._last_start = time.monotonic()
         link = ipc.SyncLink() if sync_enabled(generation.config.events) else None
         running = Running(assignment.peer, assignment.association, generation.store,
                           time.monotonic(), rejecting=bool(assignment.reject_over_limit),
@@ -122,19 +129,32 @@ class WorkerPool:
             raise
         return running
 
-    def maintain(self) -> None:
+    def fill(self) -> None:
+        """Fork every missing spare now (at start, before the daemon says it is ready)."""
+        generation = self.generation
+        assert generation is not None
+        while self.idle < generation.config.workers.spare_workers:
+            self._idle.insert(0, self._fork(generation))
+
+    def maintain(self, now: float) -> None:
         """Fork one spare when fewer than workers.spare_workers are idle (called from the
-        master's tick: one fork per loop turn keeps accepting responsive in a burst)."""
+        master's tick: one fork per loop turn keeps accepting responsive in a burst); retire
+        one surplus idle worker when quiet."""
         generation = self.generation
         if self.stopping or generation is None:
             return
-        if self.idle < generation.config.workers.spare_workers:
+        spares = generation.config.workers.spare_workers
+        if self.idle < spares:
             try:
                 self._idle.insert(0, self._fork(generation))
             except OSError as exc:
                 # Out of processes, memory or descriptors: the next accept forks on demand
                 # and reports it; no line per loop turn here.
                 log.debug("cannot fork a spare worker: %s", exc.strerror or exc)
+        elif self.idle > spares and now >= max(self._next_trim,
+                                               self._last_start + TRIM_INTERVAL):
+            self._next_trim = now + TRIM_INTERVAL
+            self._retire(self._idle[0])  # the one idle longest
 
     def stop(self) -> None:
         """No more spares; idle workers retire now, busy ones when their association ends."""
@@ -159,28 +179,29 @@ class WorkerPool:
                 sock.close()
 
     # -- hand-off ----------------------------------------------------------------------------
-    def _take(self) -> Worker:
-        generation = self.generation
-        assert generation is not None
-        if self._idle:
-            return self._idle.pop()  # configure() keeps only the current generation idle
-        return self._fork(generation)  # none idle: on the critical path, as before the pool
-
     def _hand_over(self, running: Running, pending: list[socket.socket],
                    message: handoff.Assignment) -> None:
         """Send `message` with `pending` attached to a worker; on success the worker is BUSY
-        with `running`.  A worker whose channel is broken (it died) is left to its pidfd."""
-        for attempt in range(HANDOFF_TRIES):
-            worker = self._take()
+        with `running`.  A worker whose channel is broken (it died while idle, its exit not
+        reaped yet) is left to its pidfd and the next one tried: every idle one, then up to
+        HANDOFF_TRIES fresh forks (forked on the critical path, as before the pool)."""
+        generation = self.generation
+        assert generation is not None
+        fresh = 0
+        while True:
+            if self._idle:  # configure() keeps only the current generation idle
+                worker = self._idle.pop()
+            else:
+                worker = self._fork(generation)
+                fresh += 1
             assert worker.control is not None
             try:
                 handoff.send(worker.control, message, [s.fileno() for s in pending])
             except OSError as exc:
-                # It died while idle (its exit is not reaped yet); never hand it anything.
                 log.debug("worker %d cannot take a connection (%s); trying another",
                           worker.pid, exc.strerror or exc)
                 self._retire(worker)
-                if attempt == HANDOFF_TRIES - 1:
+                if fresh >= HANDOFF_TRIES:
                     raise
                 continue
             worker.state = State.BUSY
@@ -195,10 +216,13 @@ class WorkerPool:
         # Objects that exist now are never collected in the child: a collection there would
         # write to every one of them and copy the master's heap page by page.
         gc.freeze()
+        # Named before the fork, so that no moment shows a worker under the master's name.
+        warm.set_name(warm.IDLE_NAME)
         try:
             pid = os.fork()
         except OSError:
             gc.unfreeze()
+            warm.set_name(self._name)
             master_end.close()
             worker_end.close()
             raise
@@ -217,6 +241,7 @@ class WorkerPool:
                         handler.flush()
                 os._exit(code)
         gc.unfreeze()
+        warm.set_name(self._name)
         worker_end.close()
         try:
             pidfd = os.pidfd_open(pid)

@@ -84,6 +84,15 @@ def set_name(name: bytes) -> None:
             _LIBC.prctl(_PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
 
 
+def own_name() -> bytes:
+    """This process's name (what set_name changes)."""
+    try:
+        with open("/proc/self/comm", "rb") as comm:
+            return comm.read().rstrip(b"\n")
+    except OSError:
+        return b"dicom-ingestd"
+
+
 def judge(outcome: Outcome, generation: Generation, served: int, baseline: Hygiene) -> Verdict:
     """May this worker serve another association after `outcome`?"""
     if outcome.how != "released":
@@ -122,7 +131,6 @@ def serve(control: socket.socket, generation: Generation, channel: ipc.Channel,
           counters: telemetry.Channel) -> ExitCode:
     """Serve assignments from `control` until told (or allowed) no more; the exit code."""
     reset_signals()
-    set_name(IDLE_NAME)
     baseline = Hygiene.now()
     served = 0
     while True:
@@ -143,11 +151,13 @@ def serve(control: socket.socket, generation: Generation, channel: ipc.Channel,
             return ExitCode.SOFTWARE
         conn = socket.socket(fileno=fds[0])
         link = ipc.SyncWait(socket.socket(fileno=fds[1])) if len(fds) > 1 else None
+        # Named busy first: a worker still named idle has not taken its connection (its
+        # death loses nothing, the master hands the connection on).
+        set_name(BUSY_NAME)
         try:
             handoff.send(control, handoff.Taken(message.association))
         except OSError:  # the master is gone: it can no longer count or consume this one
             return ExitCode.OK
-        set_name(BUSY_NAME)
         assignment = Assignment(conn, message.peer, generation.config, generation.store,
                                 message.over_limit, generation.tls_context,
                                 message.association, generation.outbox_fd, counters)
