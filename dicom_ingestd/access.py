@@ -28,6 +28,8 @@ class AccessPolicy:
 
     def check(self, address: str) -> str | None:
         """None when the peer may connect, else the reason it may not."""
+        if not self.allow and not self.deny:
+            return None  # no policy: nothing to parse for each connection
         try:
             ip = normalize(address)
         except ValueError:

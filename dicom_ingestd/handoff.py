@@ -66,6 +66,8 @@ _TAKEN = struct.Struct(f"!B{KEY_BYTES}s")
 _FINISHED = struct.Struct(f"!BBxxI{KEY_BYTES}s{OUTCOME_BYTES}s")
 MAX_MESSAGE = max(_ASSIGNMENT.size, _TAKEN.size, _FINISHED.size)
 MAX_FDS = 2
+_TRUNCATED = int(socket.MSG_CTRUNC | socket.MSG_TRUNC)
+_ANCILLARY = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 
 
 def _text(value: str, size: int) -> bytes:
@@ -164,15 +166,14 @@ def receive(sock: socket.socket) -> tuple[Message | None, list[int], bool]:
     came with a malformed or truncated message are closed, never returned half.
     """
     fds = array.array("i")
-    data, ancillary, flags, _ = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(
-        MAX_FDS * fds.itemsize))
+    data, ancillary, flags, _ = sock.recvmsg(MAX_MESSAGE, _ANCILLARY)
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
     if not data and not fds:
         return None, [], True
     message = decode(data)
-    if message is None or flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+    if message is None or flags & _TRUNCATED:
         for fd in fds:
             with contextlib.suppress(OSError):
                 socket.close(fd)

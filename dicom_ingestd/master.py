@@ -20,7 +20,6 @@ import signal
 import socket
 import ssl
 import time
-from collections import Counter
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
@@ -101,8 +100,7 @@ class Master:
         self.selector = selectors.DefaultSelector()
         self._wakeup_r, self._wakeup_w = socket.socketpair()
         self._stop_deadline = 0.0
-        self._stored = 0
-        self._bytes = 0
+        self._stored_before = 0  # the counters' stored objects when serving began
         self._associations = 0
         self._boot = time.time_ns()  # with a counter: association keys unique across restarts
         self._generation = 0  # configuration generation: one more at each applied reload
@@ -171,6 +169,7 @@ class Master:
 
     # -- the loop --------------------------------------------------------------------------
     def serve(self) -> None:
+        self._stored_before = self.stats.stored
         acceptor.warm_up(self.config)
         self._new_generation()
         if self._watcher is not None:
@@ -377,12 +376,7 @@ class Master:
 
     def _reports(self, _sock: object) -> None:
         """Workers' datagrams: statistics, and a wake-up to read the outbox now."""
-        messages = self.channel.receive()
-        for message in messages:
-            if isinstance(message, ipc.ObjectStored):
-                self._stored += 1
-                self._bytes += message.size
-        if messages:
+        if self.channel.receive():
             self.events.wake()
 
     def _accept(self, listener: object) -> None:
@@ -462,7 +456,7 @@ class Master:
             conn.close()
             self.stats.association_ended("refused", NO_AE)
             return None
-        over = self._over_limit(host)
+        over = self._over_limit(self._peer_key(host))
         if over and sum(r.rejecting for r in self.running.values()) >= MAX_REJECTING:
             # A flood: one line per ACCEPT_LOG_INTERVAL, counting the connections closed.
             conn.close()
@@ -496,19 +490,29 @@ class Master:
             self.stats.error(f"cannot start a worker: {exc.strerror or exc}")
             return
         self._associations += 1
+        host, port = split_peer(peer)
+        running.peer_key = self._peer_key(host if port else "")
         self.running[running.association] = running
         self.events.worker_started(running.association, running.reply, self.config)
         log.debug("%s: association %s handed to %s", peer, running.association, running.name)
 
-    def _over_limit(self, host: str) -> str:
+    def _peer_key(self, host: str) -> str:
+        """The peer's address as workers.max_associations_per_peer counts it."""
+        if not host or not self.config.workers.max_associations_per_peer:
+            return ""
+        try:
+            return str(normalize(host))
+        except ValueError:
+            return host
+
+    def _over_limit(self, key: str) -> str:
         limits = self.config.workers
         serving = [r for r in self.running.values() if not r.rejecting]
         if limits.max_associations and len(serving) >= limits.max_associations:
             return f"{len(serving)} associations in progress (workers.max_associations = " \
                    f"{limits.max_associations})"
-        if limits.max_associations_per_peer and host:
-            key = str(normalize(host))
-            same = Counter(str(normalize(split_peer(r.peer)[0])) for r in serving)[key]
+        if limits.max_associations_per_peer and key:
+            same = sum(r.peer_key == key for r in serving)
             if same >= limits.max_associations_per_peer:
                 return f"{same} associations in progress from {key} " \
                        f"(workers.max_associations_per_peer = " \
@@ -654,7 +658,8 @@ class Master:
         self.control.close()
         removed = self.store.remove_leftovers(os.getpid())
         log.info("stopped after %d association(s), %d object(s) stored%s", self._associations,
-                 self._stored, f"; {removed} partial object(s) removed" if removed else "")
+                 self.stats.stored - self._stored_before,
+                 f"; {removed} partial object(s) removed" if removed else "")
 
 
 def _short_time(wall: float) -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from dicom_ingestd import ipc, outbox, telemetry
 from dicom_ingestd.config.schema import Config
-from dicom_ingestd.events import sync_enabled
+from dicom_ingestd.events import events_enabled, sync_enabled
 from dicom_ingestd.worker.recorder import Recorder
 from dicom_ingestd.worker.session import Session
 from dicom_ingestd.worker.store import Store
@@ -54,7 +54,10 @@ def session_for(assignment: Assignment, channel: ipc.Channel,
     writer = None
     if assignment.outbox_fd >= 0:
         writer = outbox.Writer(assignment.outbox_fd, config.storage.fsync)
-    recorder = Recorder(channel, assignment.association, writer, link,
+    # The datagrams only wake the master's outbox consumer: without [events] they would cost
+    # the master two wake-ups per association for nothing.
+    recorder = Recorder(channel if events_enabled(config.events) else None,
+                        assignment.association, writer, link,
                         float(config.events.exec_sync_timeout))
     return Session(assignment.conn, assignment.peer, config, assignment.store,
                    recorder=recorder, over_limit=assignment.reject_over_limit,
@@ -73,6 +76,7 @@ class Running:
     started: float
     rejecting: bool = False
     reply: socket.socket | None = None  # master end of its SyncLink (events.exec_sync)
+    peer_key: str = ""  # its normalised address (workers.max_associations_per_peer)
     pid: int = 0  # the worker process serving it; 0 for a thread
     pidfd: int = -1
     thread: str = ""  # the thread's name (process_model = single)
