@@ -34,7 +34,7 @@ from dicom_ingestd.config.schema import Config
 from dicom_ingestd.control import SOCKET_NAME, ControlServer
 from dicom_ingestd.errors import ConfigError, StorageError
 from dicom_ingestd.jobs.service import EventService
-from dicom_ingestd.pool import TRIM_INTERVAL, WorkerPool
+from dicom_ingestd.pool import WorkerPool
 from dicom_ingestd.sockets import describe
 from dicom_ingestd.stats import FILE_NAME as STATS_FILE
 from dicom_ingestd.stats import NO_AE, Stats
@@ -218,11 +218,7 @@ class Master:
     def _timeout(self) -> float:
         timeout = 1.0
         if self.pool is not None and self.state is State.RUNNING:
-            spares = self.config.workers.spare_workers
-            if self.pool.idle < spares:
-                timeout = 0.0  # a spare to fork (one per turn, in _tick)
-            elif self.pool.idle > spares:
-                timeout = TRIM_INTERVAL  # a surplus to retire once quiet
+            timeout = self.pool.next_maintenance(time.monotonic())  # in _tick
         if self._accept_paused_until:
             timeout = min(timeout, max(0.0, self._accept_paused_until - time.monotonic()))
         if self.notifier.watchdog_interval:

@@ -47,6 +47,10 @@ HANDOFF_TRIES = 3  # fresh workers tried for one connection before giving up on 
 # Idle workers beyond workers.spare_workers (left by a burst) retire one per TRIM_INTERVAL
 # once no association has started for that long.
 TRIM_INTERVAL = 0.5
+# A spare that cannot be forked (out of processes, memory or descriptors) is tried again
+# after this pause, doubling to FORK_BACKOFF_MAX while it keeps failing.
+FORK_BACKOFF_MIN = 0.1
+FORK_BACKOFF_MAX = 2.0
 
 
 class State(Enum):
@@ -89,6 +93,8 @@ class WorkerPool:
         self.forks = 0  # workers forked since start
         self._last_start = 0.0
         self._next_trim = 0.0
+        self._fork_backoff = 0.0
+        self._next_fork = 0.0
         self._name = warm.own_name()
 
     # -- what the master asks ----------------------------------------------------------------
@@ -145,16 +151,36 @@ class WorkerPool:
             return
         spares = generation.config.workers.spare_workers
         if self.idle < spares:
+            if now < self._next_fork:
+                return
             try:
                 self._idle.insert(0, self._fork(generation))
+                self._fork_backoff = 0.0
             except OSError as exc:
                 # Out of processes, memory or descriptors: the next accept forks on demand
-                # and reports it; no line per loop turn here.
-                log.debug("cannot fork a spare worker: %s", exc.strerror or exc)
+                # and reports it; here only a pause, no line per try.
+                self._fork_backoff = min(max(2 * self._fork_backoff, FORK_BACKOFF_MIN),
+                                         FORK_BACKOFF_MAX)
+                self._next_fork = now + self._fork_backoff
+                log.debug("cannot fork a spare worker: %s; next try in %.1f s",
+                          exc.strerror or exc, self._fork_backoff)
         elif self.idle > spares and now >= max(self._next_trim,
                                                self._last_start + TRIM_INTERVAL):
             self._next_trim = now + TRIM_INTERVAL
             self._retire(self._idle[0])  # the one idle longest
+
+    def next_maintenance(self, now: float) -> float:
+        """Seconds until maintain() has something to do (at most 1)."""
+        generation = self.generation
+        if self.stopping or generation is None:
+            return 1.0
+        spares = generation.config.workers.spare_workers
+        if self.idle < spares:
+            return max(0.0, self._next_fork - now)
+        if self.idle > spares:
+            return max(0.0, min(1.0, max(self._next_trim, self._last_start + TRIM_INTERVAL)
+                                - now))
+        return 1.0
 
     def stop(self) -> None:
         """No more spares; idle workers retire now, busy ones when their association ends."""
