@@ -108,15 +108,32 @@ class Resources:
 
 
 def settle(pid: int, baseline: Resources, timeout: float = HANG) -> Resources:
-    """Wait until the master has no more children and descriptors than at the baseline."""
+    """Wait until the master has no more children and descriptors than at the baseline,
+    with its idle workers settled (pool_settled)."""
     deadline = time.monotonic() + timeout
     while True:
         now = Resources.of(pid)
         if now.children <= baseline.children and now.fds <= baseline.fds:
-            return now
+            pool_settled(pid, max(0.0, deadline - time.monotonic()))
+            return Resources.of(pid)
         if time.monotonic() > deadline:
             return now
         time.sleep(0.1)
+
+
+def pool_settled(pid: int, timeout: float) -> None:
+    """Wait until the master's idle workers are the same ones for a second: a spare taken by
+    the last association is replaced, a surplus left by a burst retires one per half second
+    of quiet (pool.TRIM_INTERVAL)."""
+    deadline = time.monotonic() + timeout
+    previous, since = idle_workers(pid), time.monotonic()
+    while time.monotonic() - since < 1.0:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"idle workers still changing after {timeout} s")
+        time.sleep(0.1)
+        now = idle_workers(pid)
+        if now != previous:
+            previous, since = now, time.monotonic()
 
 
 def poll(condition: Any, timeout: float = 10.0, *, want: Any = True) -> bool:
@@ -138,15 +155,7 @@ def wait_until_no_workers(pid: int, timeout: float = HANG) -> None:
     left by a burst retires one per half second of quiet, pool.TRIM_INTERVAL)."""
     if not poll(lambda: len(children(pid)) <= 1, timeout):
         raise AssertionError(f"workers still running after {timeout} s: {children(pid)}")
-    deadline = time.monotonic() + timeout
-    previous, since = idle_workers(pid), time.monotonic()
-    while time.monotonic() - since < 1.0:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"idle workers still changing after {timeout} s")
-        time.sleep(0.1)
-        now = idle_workers(pid)
-        if now != previous:
-            previous, since = now, time.monotonic()
+    pool_settled(pid, timeout)
 
 
 class WorkerWatch:
