@@ -61,6 +61,7 @@ REFRESH_INTERVAL = 5.0  # seconds between two looks at the free space and the jo
 # The loop turns several times per association (accept, the worker's answers, its reports):
 # the periodic work (counters, STATUS=, control connections, metrics) runs at most this often.
 MONITOR_INTERVAL = 0.25
+PEER_KEYS = 4096  # peer addresses whose normalised form is remembered
 
 
 def _open_descriptors() -> int:
@@ -104,6 +105,7 @@ class Master:
         self._associations = 0
         self._boot = time.time_ns()  # with a counter: association keys unique across restarts
         self._generation = 0  # configuration generation: one more at each applied reload
+        self._peer_keys: dict[str, str] = {}  # address -> normalised (parsed once, not twice)
         self._next_watchdog = 0.0
         self._next_monitor = 0.0
         # -- monitoring (stats.py, status.py, control.py, metrics.py) ----------------------
@@ -496,10 +498,16 @@ class Master:
         """The peer's address as workers.max_associations_per_peer counts it."""
         if not host or not self.config.workers.max_associations_per_peer:
             return ""
-        try:
-            return str(normalize(host))
-        except ValueError:
-            return host
+        key = self._peer_keys.get(host)
+        if key is None:
+            try:
+                key = str(normalize(host))
+            except ValueError:
+                key = host
+            if len(self._peer_keys) >= PEER_KEYS:
+                self._peer_keys.clear()
+            self._peer_keys[host] = key
+        return key
 
     def _over_limit(self, key: str) -> str:
         limits = self.config.workers
