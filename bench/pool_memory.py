@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from assoc_client import associate_rq, read_pdu
-from bench_proc import Receiver, free_port, pss_kib, process_tree, wait_idle
+from bench_proc import Receiver, free_port, process_tree, pss_kib, wait_idle
 from run import default_ingestd, write_ingestd_config
 
 CT_IMAGE = b"1.2.840.10008.5.1.4.1.1.2"
