@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A minimal C-STORE SCU: one association per object, over raw sockets, no threads.
 
-    python bench/assoc_client.py HOST PORT DIRECTORY
+    python bench/assoc_client.py [--phases] HOST PORT DIRECTORY
 
 Sends every DICOM file of DIRECTORY (sorted by name) in an association of its own: connect,
 A-ASSOCIATE-RQ with one presentation context (the file's SOP class, Explicit VR Little
@@ -11,11 +11,16 @@ client's own cost per association is a few system calls: what is measured is the
 association set-up and its handling of one object.  TCP_NODELAY is set.
 
 Prints one line per failure (``E: ...``, as DCMTK does) and exits 1 on the first failure;
-prints ``associations N, seconds S`` and exits 0 otherwise.  Stdlib only: it runs with any
-Python, without the project installed.
+prints ``associations N, seconds S`` and exits 0 otherwise.  With ``--phases`` it also prints
+where an association's time goes, as the sender sees it: the median microseconds from
+connect() to the A-ASSOCIATE-AC, from the C-STORE-RQ to its response, from the A-RELEASE-RQ
+to its RP, and the close.  Stdlib only: it runs with any Python, without the project
+installed.
 """
 
+import itertools
 import socket
+import statistics
 import struct
 import sys
 import time
@@ -184,38 +189,57 @@ def _status(command: bytes) -> int:
     raise Failure("C-STORE-RSP without a status")
 
 
-def send_one(host: str, port: int, dicom: DicomFile, rq: bytes) -> None:
+PHASES = ("associate", "store", "release", "close")
+
+
+def send_one(host: str, port: int, dicom: DicomFile, rq: bytes) -> list[float]:
+    """One association; the seconds each of PHASES took."""
+    marks = [time.perf_counter()]
     with socket.create_connection((host, port)) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(rq)
         pdu_type, body = read_pdu(sock)
         if pdu_type != 0x02:
             raise Failure(f"association not accepted (PDU type 0x{pdu_type:02X})")
-        sock.sendall(dicom.store_pdus(parse_ac(body)))
+        max_pdu = parse_ac(body)
+        marks.append(time.perf_counter())
+        sock.sendall(dicom.store_pdus(max_pdu))
         status = response_status(sock)
         if status != 0:
             raise Failure(f"C-STORE of {dicom.sop_instance.decode()} answered 0x{status:04X}")
+        marks.append(time.perf_counter())
         sock.sendall(RELEASE_RQ)
         pdu_type, _ = read_pdu(sock)
         if pdu_type != 0x06:
             raise Failure(f"expected A-RELEASE-RP, got PDU type 0x{pdu_type:02X}")
+        marks.append(time.perf_counter())
+    marks.append(time.perf_counter())
+    return [b - a for a, b in itertools.pairwise(marks)]
 
 
 def main(argv: list[str]) -> int:
+    phases = "--phases" in argv
+    argv = [a for a in argv if a != "--phases"]
     if len(argv) != 4:
         print(__doc__, file=sys.stderr)
         return 2
     host, port, directory = argv[1], int(argv[2]), Path(argv[3])
     files = [DicomFile(p) for p in sorted(directory.iterdir()) if p.is_file()]
     requests = {f.sop_class: associate_rq(f.sop_class, b"BENCHSCU", b"STORESCP") for f in files}
+    times: list[list[float]] = []
     started = time.perf_counter()
     for number, dicom in enumerate(files, 1):
         try:
-            send_one(host, port, dicom, requests[dicom.sop_class])
+            times.append(send_one(host, port, dicom, requests[dicom.sop_class]))
         except (Failure, OSError) as exc:
             print(f"E: association {number} ({dicom.sop_instance.decode()}): {exc}", flush=True)
             return 1
     print(f"associations {len(files)}, seconds {time.perf_counter() - started:.3f}", flush=True)
+    if phases and times:
+        medians = [statistics.median(t[k] for t in times) * 1e6 for k in range(len(PHASES))]
+        named = zip(PHASES, medians, strict=True)
+        print("median us: " + ", ".join(f"{name} {value:.0f}" for name, value in named),
+              flush=True)
     return 0
 
 
