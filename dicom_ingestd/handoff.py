@@ -38,7 +38,6 @@ class Verdict(IntEnum):
     DESCRIPTORS = 5  # a descriptor more or less than when it was warm
     THREADS = 6  # a thread is still running
     MEMORY = 7  # grew beyond warm.MEMORY_GROWTH since it was warm
-    BROKEN = 8  # the association code failed (an exception outside Session.run)
 
     def describe(self) -> str:
         return _VERDICT_TEXT[self]
@@ -53,7 +52,6 @@ _VERDICT_TEXT = {
     Verdict.DESCRIPTORS: "its open descriptors differ from when it was warm",
     Verdict.THREADS: "a thread is still running in it",
     Verdict.MEMORY: "its memory grew too much",
-    Verdict.BROKEN: "its association code failed",
 }
 
 KEY_BYTES = 64  # association keys: "<boot time hex>-<counter>", ~25 characters

@@ -18,12 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tls_certs
 from conftest import (
     BUSY_WORKER,
     IDLE_WORKER,
     Daemon,
     child_pids,
+    echoscu,
     process_name,
+    require_tool,
     storescu,
     wait_until,
     workers_of,
@@ -122,6 +125,22 @@ def test_failed_store_ends_its_worker(daemon_factory: Factory) -> None:
         failing.release()
     pid = served_by(daemon, "FAILER")
     wait_until(lambda: not alive(pid), 5, "the failed association's worker gone")
+
+
+def test_tls_association_ends_its_worker(daemon_factory: Factory,
+                                        tmp_path_factory: pytest.TempPathFactory) -> None:
+    require_tool("openssl")
+    certs = tls_certs.make(tmp_path_factory.mktemp("certs"))
+    daemon = daemon_factory(settings(workers={"spare_workers": 1}, tls={
+        "enabled": True, "private_key": str(certs.server.key),
+        "certificate": str(certs.server.cert), "ca_files": [str(certs.ca.cert)]}))
+    tls_client = ["+tls", str(certs.client.key), str(certs.client.cert),
+                  "+cf", str(certs.ca.cert)]
+    echoscu(daemon.port, [*tls_client, "-aet", "TLSONE"])
+    first = served_by(daemon, "TLSONE")
+    wait_until(lambda: not alive(first), 5, "the TLS association's worker gone")
+    echoscu(daemon.port, [*tls_client, "-aet", "TLSTWO"])
+    assert served_by(daemon, "TLSTWO") != first
 
 
 def test_rejected_association_ends_its_worker(daemon_factory: Factory) -> None:
