@@ -3,6 +3,8 @@
 import ipaddress
 from collections.abc import Sequence
 
+from dicom_ingestd.peer import Peer
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -40,3 +42,11 @@ class AccessPolicy:
         if self.allow and not any(ip.version == n.version and ip in n for n in self.allow):
             return f"{ip} is not in access.allow"
         return None
+
+    def check_peer(self, peer: Peer) -> str | None:
+        """check() for a connection's peer: behind a proxy, the address its header carried.
+        The proxy's own health checks are not a peer's (the proxy is trusted by
+        network.trusted_proxies), nor is a Unix socket's peer."""
+        if not peer.key or peer.health_check:
+            return None
+        return self.check(peer.key)

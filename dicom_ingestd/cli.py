@@ -102,8 +102,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dicom_ingestd import systemd
     from dicom_ingestd.access import AccessPolicy
     from dicom_ingestd.master import Master
+    from dicom_ingestd.peer import Peer
+    from dicom_ingestd.proxy_reader import Dropped, ProxyPolicy, log_dropped, read_peer
     from dicom_ingestd.sockets import create_listener
-    from dicom_ingestd.worker.session import Session, peer_fields, peer_name, split_peer
+    from dicom_ingestd.worker.session import Session
     from dicom_ingestd.worker.store import Store
 
     store = Store(config.storage)
@@ -146,14 +148,20 @@ def cmd_run(args: argparse.Namespace) -> int:
             return ExitCode.CONFIG
         conn = connected[0]
         try:
-            peer = peer_name(conn.getpeername())
+            tcp_peer = Peer.from_address(conn.getpeername())
         except OSError:
-            peer = "socket"
-        refusal = AccessPolicy(config.access.allow, config.access.deny).check(
-            split_peer(peer)[0])
+            tcp_peer = Peer("socket")
+        try:
+            # network.proxy_protocol: the header first (blocking, within acse_timeout).
+            peer = read_peer(conn, tcp_peer, ProxyPolicy.from_config(config.network))
+        except Dropped as exc:
+            log_dropped(tcp_peer, exc)
+            conn.close()
+            return ExitCode.OK
+        refusal = AccessPolicy(config.access.allow, config.access.deny).check_peer(peer)
         if refusal:
             log.warning("%s: connection refused by access control: %s", peer, refusal,
-                        extra={"journal": {**peer_fields(peer), "DICOM_OUTCOME": "refused"}})
+                        extra={"journal": {**peer.fields(), "DICOM_OUTCOME": "refused"}})
             conn.close()
             return ExitCode.OK
         notifier.ready(f"serving one association from {peer}")
@@ -201,6 +209,11 @@ def per_connection_problem(config: "Config", path: str) -> str:
     accept socket runs `check-config --per-connection` before it starts listening.
     """
     from dicom_ingestd.events import events_enabled
+    if config.storage_commitment.enabled and not events_enabled(config.events):
+        # The same reason: the master evaluates requests and delivers the reports.
+        return (f"{path}: storage_commitment.enabled: storage commitment needs the master, "
+                "which a per-connection instance (systemd Accept=yes, inetd) does not have; "
+                "use dicom-ingestd.socket (Accept=no)")
     if not events_enabled(config.events):
         return ""
     keys = [key for key, value in (("exec_on_reception", config.events.exec_on_reception),
@@ -342,15 +355,45 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def cmd_config_show(args: argparse.Namespace) -> int:
-    """Print the effective configuration (defaults filled in) as TOML."""
+def _config_or_problems(path: str) -> "Config | None":
+    """The configuration, or None after printing its problems on stderr."""
     try:
-        config = load_config(args.config)
+        return load_config(path)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
+        return None
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    """Print the effective configuration (defaults filled in) as TOML."""
+    config = _config_or_problems(args.config)
+    if config is None:
         return ExitCode.CONFIG
     sys.stdout.write(dump_config(config))
+    return ExitCode.OK
+
+
+def cmd_haproxy_check(args: argparse.Namespace) -> int:
+    """Print the HAProxy tcp-check rules of the DICOM health check for this configuration."""
+    from dicom_ingestd.healthcheck import haproxy_rules
+
+    config = _config_or_problems(args.config)
+    if config is None:
+        return ExitCode.CONFIG
+    allowed = config.association.allowed_calling_aetitles
+    calling = args.calling_ae or (allowed[0] if allowed else "HEALTHCHECK")
+    if not 1 <= len(calling) <= 16 or not calling.isascii() or not calling.isprintable() \
+            or "\\" in calling:
+        print(f"dicom-ingestd: --calling-ae {calling!r}: an AE title is 1 to 16 printable "
+              "ASCII characters, no backslash", file=sys.stderr)
+        return ExitCode.USAGE
+    if allowed and calling not in allowed:
+        print(f"dicom-ingestd: calling AE title {calling!r} is not in "
+              "association.allowed_calling_aetitles: the check would be rejected",
+              file=sys.stderr)
+        return ExitCode.USAGE
+    sys.stdout.write(haproxy_rules(config.network.aetitle, calling))
     return ExitCode.OK
 
 
@@ -579,6 +622,17 @@ def build_parser() -> argparse.ArgumentParser:
                                  "filled in, as TOML.")
     with_config(show)
     show.set_defaults(func=cmd_config_show)
+    check = config_sub.add_parser(
+        "haproxy-check", help="print HAProxy tcp-check rules that speak DICOM",
+        description="Print the HAProxy backend rules (option tcp-check, then tcp-check "
+        "lines) of a health check that runs a Verification association with this "
+        "configuration's AE title: A-ASSOCIATE-RQ, C-ECHO, A-RELEASE. See "
+        "docs/scale-out.md.")
+    with_config(check)
+    check.add_argument("--calling-ae", metavar="TITLE", default="",
+                       help="the check's calling AE title (default HEALTHCHECK, or the first "
+                       "of association.allowed_calling_aetitles)")
+    check.set_defaults(func=cmd_haproxy_check)
     translate = config_sub.add_parser(
         "from-storescp", help="translate a storescp command line into TOML",
         description="Translate storescp options and port (and @command files) into an "

@@ -9,8 +9,9 @@ dies before taking it loses nothing: the master hands the connection to another 
 `Finished` when the association is over, saying whether it can serve another.
 
 Every message is a fixed-size struct whose first byte is its type; text fields are ASCII of
-bounded length (peer names and association keys are ours, made from addresses and counters),
-so nothing a peer sends can grow or shape a message.  A leaf module: stdlib only.
+bounded length (peer addresses, as accept() or a trusted proxy's header gave them, and
+association keys made from counters), so nothing a peer sends can grow or shape a message.
+A leaf module: stdlib only.
 """
 
 import array
@@ -19,6 +20,8 @@ import socket
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+
+from dicom_ingestd.peer import Peer, Via
 
 
 class Kind(IntEnum):
@@ -55,11 +58,16 @@ _VERDICT_TEXT = {
 }
 
 KEY_BYTES = 64  # association keys: "<boot time hex>-<counter>", ~25 characters
+HOST_BYTES = 64  # an IPv6 address with a zone is at most 45 characters
 PEER_BYTES = 128  # "[IPv6 address]:port" is at most 54 characters
 REASON_BYTES = 256  # the limit that was hit, for the A-ASSOCIATE-RJ log line
 OUTCOME_BYTES = 16  # Outcome.how: released, aborted-by-peer, tls-refused ...
+_VIAS = tuple(Via)
 
-_ASSIGNMENT = struct.Struct(f"!BxxxI{KEY_BYTES}s{PEER_BYTES}s{REASON_BYTES}s")
+# type, generation, peer port (-1: none), how the peer was learnt (index in _VIAS),
+# association key, peer host, proxy ("address:port" or empty), the limit hit
+_ASSIGNMENT = struct.Struct(f"!BxxxIiBxxx{KEY_BYTES}s{HOST_BYTES}s{PEER_BYTES}s"
+                            f"{REASON_BYTES}s")
 _TAKEN = struct.Struct(f"!B{KEY_BYTES}s")
 _FINISHED = struct.Struct(f"!BBxxI{KEY_BYTES}s{OUTCOME_BYTES}s")
 MAX_MESSAGE = max(_ASSIGNMENT.size, _TAKEN.size, _FINISHED.size)
@@ -87,12 +95,15 @@ class Assignment:
 
     generation: int
     association: str
-    peer: str
+    peer: Peer
     over_limit: str = ""
 
     def encode(self) -> bytes:
+        peer = self.peer
         return _ASSIGNMENT.pack(Kind.ASSIGNMENT, self.generation,
-                                _text(self.association, KEY_BYTES), _text(self.peer, PEER_BYTES),
+                                -1 if peer.port is None else peer.port, _VIAS.index(peer.via),
+                                _text(self.association, KEY_BYTES), _text(peer.host, HOST_BYTES),
+                                _text(peer.proxy, PEER_BYTES),
                                 _text(self.over_limit, REASON_BYTES))
 
 
@@ -129,8 +140,11 @@ def decode(data: bytes) -> Message | None:
     """The message in `data`, or None for anything malformed."""
     try:
         if len(data) == _ASSIGNMENT.size and data[0] == Kind.ASSIGNMENT:
-            _, generation, key, peer, reason = _ASSIGNMENT.unpack(data)
-            return Assignment(generation, _untext(key), _untext(peer), _untext(reason))
+            _, generation, port, via, key, host, proxy, reason = _ASSIGNMENT.unpack(data)
+            if via >= len(_VIAS):
+                return None
+            peer = Peer(_untext(host), None if port < 0 else port, _VIAS[via], _untext(proxy))
+            return Assignment(generation, _untext(key), peer, _untext(reason))
         if len(data) == _TAKEN.size and data[0] == Kind.TAKEN:
             return Taken(_untext(_TAKEN.unpack(data)[1]))
         if len(data) == _FINISHED.size and data[0] == Kind.FINISHED:

@@ -15,12 +15,15 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
+from enum import IntEnum
 
 MAX_MESSAGE = 512
 _STORED = struct.Struct("!BQ")  # type, size in bytes; then the association key (ASCII)
 _ENDED = struct.Struct("!BB")  # type, 1 if released; then the association key (ASCII)
+_NOTE = struct.Struct("!BB")  # type, CommitmentStep; then "association request-id" (ASCII)
 _TYPE_STORED = 1
 _TYPE_ENDED = 2
+_TYPE_NOTE = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +43,26 @@ class AssociationEnded:
     released: bool
 
 
-Message = ObjectStored | AssociationEnded
+class CommitmentStep(IntEnum):
+    """What a worker did with a storage commitment request (commitment spool)."""
+
+    REQUESTED = 1  # a request file is durable: evaluate it now
+    DELIVERED = 2  # its report was answered with success on the requesting association
+    UNDELIVERED = 3  # it will not be: deliver it on a new association now
+
+
+@dataclass(frozen=True, slots=True)
+class CommitmentNote:
+    """A wake-up about a storage commitment request.  Losing one costs time, never a report:
+    the master also polls the spool, and releases a report's job when its association ends
+    (a lost DELIVERED note means the report is delivered once more)."""
+
+    association: str
+    request_id: str
+    step: CommitmentStep
+
+
+Message = ObjectStored | AssociationEnded | CommitmentNote
 
 
 def _key(association: str) -> bytes:
@@ -50,6 +72,9 @@ def _key(association: str) -> bytes:
 def encode(message: Message) -> bytes:
     if isinstance(message, ObjectStored):
         return _STORED.pack(_TYPE_STORED, message.size) + _key(message.association)
+    if isinstance(message, CommitmentNote):
+        return _NOTE.pack(_TYPE_NOTE, message.step) + _key(
+            f"{message.association} {message.request_id}")
     return _ENDED.pack(_TYPE_ENDED, int(message.released)) + _key(message.association)
 
 
@@ -61,6 +86,11 @@ def decode(data: bytes) -> Message | None:
     if len(data) >= _ENDED.size and data[0] == _TYPE_ENDED:
         _, released = _ENDED.unpack_from(data)
         return AssociationEnded(data[_ENDED.size:].decode("ascii", "replace"), bool(released))
+    if len(data) >= _NOTE.size and data[0] == _TYPE_NOTE:
+        _, step = _NOTE.unpack_from(data)
+        association, _, request_id = data[_NOTE.size:].decode("ascii", "replace").partition(" ")
+        if step in iter(CommitmentStep) and request_id:
+            return CommitmentNote(association, request_id, CommitmentStep(step))
     return None
 
 

@@ -4,10 +4,13 @@ Single-threaded while it forks (process_model = fork): one selector waits on the
 the signal wakeup socket, the worker report channel, the config watcher and the warm workers'
 control sockets and pidfds (pool.py).  Signal handlers do nothing but wake the loop (the
 signal number arrives on the wakeup socket); the loop does the work.  The master never reads
-a byte from a peer: a connection goes accept -> admit (access control, association limits, by
-the peer address) -> dispatch (to a warm worker, or a thread); even an over-limit association
-is answered by a worker, because an A-ASSOCIATE-RJ is only meaningful after reading the
-request.
+a DICOM byte: access control uses the peer address, and even an over-limit association is
+answered by a worker, because an A-ASSOCIATE-RJ is only meaningful after reading the request.
+
+A connection goes accept -> [its PROXY protocol header, when network.proxy_protocol is on:
+proxy_reader.PendingHeaders, the only bytes the master reads] -> admission (access control
+and limits, for the peer the header carried: _admit) -> dispatch (to an idle warm worker,
+pool.py, or a thread: _dispatch).
 """
 
 import contextlib
@@ -28,13 +31,15 @@ from typing import Any
 from dicom_ingestd import __version__, ipc, telemetry, warm
 from dicom_ingestd import log as logsetup
 from dicom_ingestd import status as status_doc
-from dicom_ingestd.access import AccessPolicy, normalize
+from dicom_ingestd.access import AccessPolicy
 from dicom_ingestd.config.load import diff_configs, load_config
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.control import SOCKET_NAME, ControlServer
 from dicom_ingestd.errors import ConfigError, StorageError
 from dicom_ingestd.jobs.service import EventService
+from dicom_ingestd.peer import Peer
 from dicom_ingestd.pool import WorkerPool
+from dicom_ingestd.proxy_reader import PendingHeaders, ProxyPolicy
 from dicom_ingestd.sockets import describe
 from dicom_ingestd.stats import FILE_NAME as STATS_FILE
 from dicom_ingestd.stats import NO_AE, Stats
@@ -42,7 +47,6 @@ from dicom_ingestd.systemd import Notifier
 from dicom_ingestd.tls import build_context
 from dicom_ingestd.watch import ConfigWatcher
 from dicom_ingestd.worker import acceptor
-from dicom_ingestd.worker.session import peer_fields, peer_name, split_peer
 from dicom_ingestd.worker.store import Store
 from dicom_ingestd.workers import Assignment, Running, ThreadRunner
 
@@ -61,7 +65,6 @@ REFRESH_INTERVAL = 5.0  # seconds between two looks at the free space and the jo
 # The loop turns several times per association (accept, the worker's answers, its reports):
 # the periodic work (counters, STATUS=, control connections, metrics) runs at most this often.
 MONITOR_INTERVAL = 0.25
-PEER_KEYS = 4096  # peer addresses whose normalised form is remembered
 
 
 def _open_descriptors() -> int:
@@ -95,17 +98,21 @@ class Master:
         self.listeners = listeners
         self.notifier = notifier
         self.access = AccessPolicy(config.access.allow, config.access.deny)
+        self.proxy_policy = ProxyPolicy.from_config(config.network)
         self.state = State.RUNNING
         self.running: dict[str, Running] = {}  # associations in progress, by key
         self.channel = ipc.Channel()
         self.selector = selectors.DefaultSelector()
+        # network.proxy_protocol: connections waiting for their header, then _admit.
+        self.pending = PendingHeaders(self.selector, self._admit,
+                                      lambda outcome: self.stats.association_ended(outcome,
+                                                                                   NO_AE))
         self._wakeup_r, self._wakeup_w = socket.socketpair()
         self._stop_deadline = 0.0
         self._stored_before = 0  # the counters' stored objects when serving began
         self._associations = 0
         self._boot = time.time_ns()  # with a counter: association keys unique across restarts
         self._generation = 0  # configuration generation: one more at each applied reload
-        self._peer_keys: dict[str, str] = {}  # address -> normalised (parsed once, not twice)
         self._next_watchdog = 0.0
         self._next_monitor = 0.0
         # -- monitoring (stats.py, status.py, control.py, metrics.py) ----------------------
@@ -147,6 +154,7 @@ class Master:
     def _close_in_child(self) -> None:
         """In a forked worker: drop every master resource but the report channel's writer."""
         self.selector.close()
+        self.pending.close_in_child()
         for sock in self.listeners:
             sock.close()
         self._wakeup_r.close()
@@ -197,11 +205,11 @@ class Master:
                             "connections arrive", exc.strerror or exc)
             model += f" ({self.pool.idle} spare workers)"
         tls = self.config.tls
-        log.info("dicom-ingestd %s ready: pid %d, listening on %s%s as %s, process model %s, "
+        log.info("dicom-ingestd %s ready: pid %d, listening on %s%s%s as %s, process model %s, "
                  "storing under %s (%s)", __version__, os.getpid(),
                  ", ".join(describe(s) for s in self.listeners) or "nothing",
                  f" (TLS, profile {tls.profile}, peer certificates: {tls.peer_certificate})"
-                 if self.tls_context is not None else "",
+                 if self.tls_context is not None else "", self.proxy_policy.describe(),
                  self.config.network.aetitle, model, self.store.root, self.store.durability)
         self.notifier.ready(self._status())
         while self.state is State.RUNNING or self.running or (self.pool and self.pool.processes):
@@ -225,11 +233,15 @@ class Master:
             timeout = min(timeout, max(0.0, self._accept_paused_until - time.monotonic()))
         if self.notifier.watchdog_interval:
             timeout = min(timeout, max(0.0, self._next_watchdog - time.monotonic()))
+        pending = self.pending.timeout()
+        if pending is not None:
+            timeout = min(timeout, pending)
         return min(timeout, self.events.timeout())
 
     def _tick(self) -> None:
         now = time.monotonic()
         self._resume_accepting(now)
+        self.pending.expire()
         if self.notifier.watchdog_interval and now >= self._next_watchdog:
             # Pinged from the loop itself: a master stuck anywhere stops the pings.
             self.notifier.watchdog()
@@ -374,7 +386,11 @@ class Master:
 
     def _reports(self, _sock: object) -> None:
         """Workers' datagrams: statistics, and a wake-up to read the outbox now."""
-        if self.channel.receive():
+        messages = self.channel.receive()
+        for message in messages:
+            if isinstance(message, ipc.CommitmentNote):
+                self.events.commitment_note(message)
+        if messages:
             self.events.wake()
 
     def _accept(self, listener: object) -> None:
@@ -392,10 +408,11 @@ class Master:
                               exc.strerror or exc)
                     self.stats.error(f"accept failed: {exc.strerror or exc}")
                 return
-            peer = peer_name(address)
-            over = self._admit(conn, peer)
-            if over is not None:
-                self._dispatch(conn, peer, over)
+            peer = Peer.from_address(address)
+            if self.proxy_policy.enabled:
+                self.pending.take(conn, peer, self.proxy_policy)  # then _admit
+            else:
+                self._admit(conn, peer)
             if self._accept_paused_until:  # _dispatch ran out of descriptors
                 return
             self._accept_backoff = 0.0
@@ -439,22 +456,19 @@ class Master:
             with contextlib.suppress(KeyError, ValueError):
                 self.selector.register(sock, selectors.EVENT_READ, self._accept)
 
-    def _admit(self, conn: socket.socket, peer: str) -> str | None:
-        """Access control and the association limits, by the peer's address alone.
-
-        None: refused or dropped (the connection is closed); "" admitted; otherwise admitted
-        to be answered A-ASSOCIATE-RJ for the limit it names.
-        """
-        host, port = split_peer(peer)
-        host = host if port else ""  # a Unix socket (tests) has no address to judge
-        refusal = self.access.check(host) if host else None
+    def _admit(self, conn: socket.socket, peer: Peer) -> None:
+        """Access control and the limits for `peer` (behind a proxy: the address its header
+        carried; the proxy's own health checks pass both), then _dispatch.  Even an
+        over-limit association goes to a worker: it answers A-ASSOCIATE-RJ."""
+        refusal = self.access.check_peer(peer)
         if refusal:
             log.warning("%s: connection refused by access control: %s", peer, refusal,
-                        extra={"journal": {**peer_fields(peer), "DICOM_OUTCOME": "refused"}})
+                        extra={"journal": {**peer.fields(), "DICOM_OUTCOME": "refused"}})
             conn.close()
             self.stats.association_ended("refused", NO_AE)
-            return None
-        over = self._over_limit(self._peer_key(host))
+            return
+        key = peer.key if not peer.health_check else ""
+        over = self._over_limit(key)
         if over and sum(r.rejecting for r in self.running.values()) >= MAX_REJECTING:
             # A flood: one line per ACCEPT_LOG_INTERVAL, counting the connections closed.
             conn.close()
@@ -468,11 +482,12 @@ class Master:
                             self._closed_unanswered)
                 self._next_flood_log = now + ACCEPT_LOG_INTERVAL
                 self._closed_unanswered = 0
-            return None
-        return over
+            return
+        self._dispatch(conn, peer, key, over)
 
-    def _dispatch(self, conn: socket.socket, peer: str, over: str) -> None:
-        """Hand an admitted connection to a worker (a warm process, or a thread)."""
+    def _dispatch(self, conn: socket.socket, peer: Peer, key: str, over: str) -> None:
+        """Hand an admitted connection to a worker (a warm process, or a thread); `key` is
+        what the per-peer limit counts, `over` the limit to answer with A-ASSOCIATE-RJ."""
         conn.setblocking(True)
         try:
             running = self.runner.start(Assignment(
@@ -488,28 +503,14 @@ class Master:
             self.stats.error(f"cannot start a worker: {exc.strerror or exc}")
             return
         self._associations += 1
-        host, port = split_peer(peer)
-        running.peer_key = self._peer_key(host if port else "")
+        running.peer_key = key
         self.running[running.association] = running
         self.events.worker_started(running.association, running.reply, self.config)
         log.debug("%s: association %s handed to %s", peer, running.association, running.name)
 
-    def _peer_key(self, host: str) -> str:
-        """The peer's address as workers.max_associations_per_peer counts it."""
-        if not host or not self.config.workers.max_associations_per_peer:
-            return ""
-        key = self._peer_keys.get(host)
-        if key is None:
-            try:
-                key = str(normalize(host))
-            except ValueError:
-                key = host
-            if len(self._peer_keys) >= PEER_KEYS:
-                self._peer_keys.clear()
-            self._peer_keys[host] = key
-        return key
-
     def _over_limit(self, key: str) -> str:
+        """The limit a new association from `key` (Peer.key; "" for none to count) would
+        pass, or ""."""
         limits = self.config.workers
         serving = [r for r in self.running.values() if not r.rejecting]
         if limits.max_associations and len(serving) >= limits.max_associations:
@@ -550,7 +551,7 @@ class Master:
         hint = " (out of memory?)" if "SIGKILL" in problem and not running.signalled else ""
         log.log(level, "%s: worker %d %s%s; %d partial object(s) removed; other "
                 "associations are unaffected", running.peer, running.pid, problem, hint,
-                removed, extra={"journal": peer_fields(running.peer)})
+                removed, extra={"journal": running.peer.fields()})
         self.stats.error(f"worker {running.pid} ({running.peer}) {problem}")
 
     # -- reload ----------------------------------------------------------------------------
@@ -600,6 +601,7 @@ class Master:
         self.tls_context = tls_context
         acceptor.warm_up(new)
         self.access = access
+        self.proxy_policy = ProxyPolicy.from_config(new.network)
         self.events.reload(new)
         logsetup.setup(new.logging)
         self._new_generation()  # after everything a new worker inherits is in place
@@ -621,6 +623,7 @@ class Master:
     def _begin_stop(self) -> None:
         self.state = State.STOPPING
         self.notifier.stopping()
+        self.pending.close()
         for sock in self.listeners:
             with contextlib.suppress(KeyError, ValueError):
                 self.selector.unregister(sock)

@@ -145,6 +145,11 @@ class Writer:
         self._fsync = fsync
         self._fd = -1
 
+    @property
+    def directory_fd(self) -> int:
+        """The outbox directory (storage commitment's spool is beside it)."""
+        return self._dir_fd
+
     def _open(self) -> int:
         for _ in range(5):
             # O_NONBLOCK: a FIFO planted as `current` must not hold the association.

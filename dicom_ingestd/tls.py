@@ -430,3 +430,43 @@ def _key_problem(config: TLSConfig, exc: ssl.SSLError, encrypted: bool) -> _Prob
     return _Problem("private_key", config.private_key,
                     f"cannot load it as a {config.file_format.upper()} private key "
                     f"({_reason(exc)})")
+
+
+def client_context(config: TLSConfig) -> ssl.SSLContext:
+    """A client context from [tls] for associations we open (storage commitment reports):
+    the profile's versions and suites, the peer's certificate verified against ca_files and
+    ca_directories (its host name is not matched: DICOM peers are configured by address),
+    our certificate presented when one is configured.  Raises ssl.SSLError or OSError."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_REQUIRED
+    suites, tls13 = PROFILES[config.profile]
+    context.minimum_version = (ssl.TLSVersion.TLSv1_3 if config.minimum_version == "1.3"
+                               else ssl.TLSVersion.TLSv1_2)
+    if not tls13:
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(":".join(dict.fromkeys(
+        (*suites, *(openssl_cipher(s) for s in config.cipher_suites)))))
+    der = config.file_format == "der"
+    try:
+        for ca_file in config.ca_files:
+            data = _read("ca_files", ca_file)
+            context.load_verify_locations(cadata=data if der else data.decode("ascii",
+                                                                              "replace"))
+        for directory in config.ca_directories:
+            _load_directory(context, directory, der)
+        if config.certificate and config.private_key:
+            key = _read("private_key", config.private_key, secret=True)
+            certificate = _read("certificate", config.certificate)
+            if der:
+                key = _pem(key, _der_key_label(key))
+                certificate = ssl.DER_cert_to_PEM_cert(certificate).encode("ascii")
+            password = b""
+            if config.key_password_file:
+                raw = _read("key_password_file", config.key_password_file, secret=True)
+                password = raw.split(b"\n", 1)[0].removesuffix(b"\r")
+            with _memory_file(certificate) as cert_path, _memory_file(key) as key_path:
+                context.load_cert_chain(cert_path, key_path, password=lambda: password)
+    except _Problem as problem:
+        raise OSError(f"tls.{problem.key} = {problem.value!r}: {problem}") from None
+    return context

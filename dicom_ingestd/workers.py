@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 from dicom_ingestd import ipc, outbox, telemetry
 from dicom_ingestd.config.schema import Config
-from dicom_ingestd.events import events_enabled, sync_enabled
+from dicom_ingestd.events import sync_enabled
+from dicom_ingestd.peer import Peer
 from dicom_ingestd.worker.recorder import Recorder
 from dicom_ingestd.worker.session import Session
 from dicom_ingestd.worker.store import Store
@@ -34,7 +35,7 @@ class Assignment:
     """Everything one association needs; nothing else of the master's state reaches it."""
 
     conn: socket.socket
-    peer: str
+    peer: Peer  # the client; behind a PROXY protocol balancer, the address it carried
     config: Config
     store: Store
     reject_over_limit: str  # non-empty: the limit that was hit; answer A-ASSOCIATE-RJ
@@ -54,9 +55,10 @@ def session_for(assignment: Assignment, channel: ipc.Channel,
     writer = None
     if assignment.outbox_fd >= 0:
         writer = outbox.Writer(assignment.outbox_fd, config.storage.fsync)
-    # The datagrams only wake the master's outbox consumer: without [events] they would cost
-    # the master two wake-ups per association for nothing.
-    recorder = Recorder(channel if events_enabled(config.events) else None,
+    # The datagrams only wake the master's outbox consumer (and tell it about storage
+    # commitment requests): without an outbox they would cost the master two wake-ups per
+    # association for nothing.
+    recorder = Recorder(channel if assignment.outbox_fd >= 0 else None,
                         assignment.association, writer, link,
                         float(config.events.exec_sync_timeout))
     return Session(assignment.conn, assignment.peer, config, assignment.store,
@@ -70,7 +72,7 @@ def session_for(assignment: Assignment, channel: ipc.Channel,
 class Running:
     """An association in progress, as the master sees it."""
 
-    peer: str
+    peer: Peer
     association: str
     store: Store  # the output directory it writes to (reload may have replaced ours)
     started: float
@@ -134,7 +136,7 @@ class ThreadRunner:
                     link.worker_end.close()
                 os.eventfd_write(done, 1)
 
-        thread = threading.Thread(target=run, name=f"assoc {assignment.peer}", daemon=True)
+        thread = threading.Thread(target=run, name=f"assoc {assignment.peer.name}", daemon=True)
         running = Running(assignment.peer, assignment.association, assignment.store,
                           time.monotonic(), rejecting=bool(assignment.reject_over_limit),
                           reply=link.master_end if link is not None else None,

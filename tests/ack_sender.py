@@ -1,11 +1,13 @@
 """A sender that writes down what it was told: pynetdicom's Storage SCU as a subprocess.
 
-    python ack_sender.py PORT LEDGER [--deadline SECONDS] [--per-association N] FILE...
+    python ack_sender.py PORT LEDGER [--deadline SECONDS] [--per-association N]
+                         [--bind ADDRESS] FILE...
 
 Sends the files in order, N per association (default: all), and appends one line per C-STORE
 response to LEDGER: "<status hex> <SOP Instance UID>".  Like a modality, it retries an object
 whose association broke (aborted, refused, timed out) on a new association until the deadline;
-an object answered with any status is not sent again.  The ledger is flushed per line, so a
+an object answered with any status is not sent again.  --bind sends from that local address
+(e.g. 127.0.0.2: a sender of its own on loopback).  The ledger is flushed per line, so a
 test knows exactly which objects were acknowledged, whatever happened to the receiver.
 """
 
@@ -36,6 +38,7 @@ def main() -> int:
     parser.add_argument("--per-association", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=10.0,
                         help="pynetdicom's ACSE, DIMSE and network timeouts")
+    parser.add_argument("--bind", default="", help="local address to connect from")
     args = parser.parse_args()
     datasets = [dcmread(path) for path in args.files]
     ae = AE(ae_title="ACKSENDER")
@@ -46,7 +49,8 @@ def main() -> int:
     deadline = time.monotonic() + args.deadline
     with open(args.ledger, "a", buffering=1) as ledger:
         while pending and time.monotonic() < deadline:
-            assoc = ae.associate("127.0.0.1", args.port)
+            assoc = ae.associate("127.0.0.1", args.port,
+                                 bind_address=(args.bind, 0) if args.bind else None)
             if not assoc.is_established:
                 time.sleep(0.2)
                 continue

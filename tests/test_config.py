@@ -28,8 +28,10 @@ from dicom_ingestd.config.schema import (
     CHOICES,
     MAXIMUM,
     MINIMUM,
+    WHOLE_TABLE,
     Config,
     NegotiationProfile,
+    RemoteAE,
     keys,
     tables,
 )
@@ -343,10 +345,12 @@ def _non_default(f: dataclasses.Field[Any]) -> Any:
             {"1.2.840.10008.5.1.4.1.1.2": b"\x02\x00\x03"})}
     if f.name == "profile":
         return "P"
+    if f.name == "aetitles":  # [remote_aes]
+        return {"CT01": RemoteAE("10.1.2.3", 104), "MR01": RemoteAE("mr01", 2762, False)}
     if isinstance(default, dict):  # tls.subject_aetitles
         return {"CN=ct1,O=Hospital": ["CT01"]}
     if isinstance(default, list):
-        if f.name in ("allow", "deny"):
+        if f.name in ("allow", "deny", "trusted_proxies"):
             return ["10.0.0.0/8", "fd00::/8"]
         if f.name == "allowed_subjects":
             return ["CN=mr1,O=Hospital"]
@@ -397,9 +401,12 @@ def test_dump_load_round_trip(tmp_path: Path, config: Config) -> None:
 def test_dump_lists_every_key_in_declaration_order() -> None:
     document = tomllib.loads(dump_config(Config()))
     assert list(document) == [table for table, _ in tables()]
+    # A table that is one key ([remote_aes]: every key an AE title) is empty by default.
+    whole = {name for name, f in keys() if f.metadata.get(WHOLE_TABLE)}
     assert [f"{t}.{k}" for t, section in document.items() for k in section] == [
-        name for name, _ in keys()
+        name for name, _ in keys() if name not in whole
     ]
+    assert whole == {"remote_aes.aetitles"} and document["remote_aes"] == {}
 
 
 def test_diff_configs_reports_changed_keys_and_reloadability() -> None:
@@ -460,16 +467,21 @@ def _table_blocks(text: str, header: str) -> dict[str, str]:
 def test_every_key_is_in_the_example_config_under_its_table() -> None:
     blocks = _table_blocks(docs.example_toml(), r"^\[(?P<table>\w+)\]$")
     assert list(blocks) == [table for table, _ in tables()]
-    for name, _ in keys():
+    for name, f in keys():
         table, key = name.split(".")
+        if f.metadata.get(WHOLE_TABLE):  # its entries are the table's keys: an example
+            assert re.search(rf"^#  \[{table}\.\w+\]$", blocks[table], re.M), name
+            continue
         assert re.search(rf"^#{key} = ", blocks[table], re.M), name
 
 
 def test_every_key_is_in_the_man_page_under_its_table() -> None:
     blocks = _table_blocks(docs.man_page(), r"^\.SS \[(?P<table>\w+)\]$")
     assert list(blocks) == [table for table, _ in tables()]
-    for name, _ in keys():
+    for name, f in keys():
         table, key = name.split(".")
+        if f.metadata.get(WHOLE_TABLE):
+            key = f"[{table}.\\fR\\fITITLE\\fR\\fB]"
         assert f"\n.TP\n\\fB{key}\\fR (" in blocks[table], name
 
 

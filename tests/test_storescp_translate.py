@@ -24,10 +24,10 @@ from dicom_ingestd.config.storescp import (
     OPTIONS,
     Kind,
     Translation,
-    _split_command_file,
     find_option,
     translate,
 )
+from dicom_ingestd.config.storescp.command_line import split_command_file
 from dicom_ingestd.errors import TranslationError
 
 PORT = "11104"
@@ -546,7 +546,7 @@ def test_command_file_option_and_value_split_across_the_boundary(tmp_path: Path)
     ("back\\slash", ["back\\slash"]),  # no escapes
 ])
 def test_command_file_splitting(content: str, words: list[str]) -> None:
-    assert _split_command_file(content) == words
+    assert split_command_file(content) == words
 
 
 def test_empty_quoted_value_in_command_file(tmp_path: Path) -> None:

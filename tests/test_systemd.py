@@ -453,11 +453,12 @@ def test_journal_prefix_always_without_journal(runs: list[Run], tmp_path: Path) 
 def test_peer_names_and_journal_fields(address: object, name: str,
                                        fields: dict[str, str]) -> None:
     from dicom_ingestd.events import peer_host
-    from dicom_ingestd.worker.session import peer_fields, peer_name
+    from dicom_ingestd.peer import Peer
 
-    assert peer_name(address) == name
-    assert peer_fields(name) == fields
-    assert peer_host(name) == fields["DICOM_PEER"]  # #r
+    peer = Peer.from_address(address)
+    assert peer.name == str(peer) == name
+    assert peer.fields() == fields
+    assert peer_host(peer.name) == fields["DICOM_PEER"]  # #r
 
 
 def test_dual_stack_peer_is_logged_as_plain_ipv4(runs: list[Run], tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ from dicom_ingestd.config.schema import (
     MINIMUM,
     RELOAD,
     STORESCP,
+    WHOLE_TABLE,
     tables,
 )
 
@@ -203,7 +204,8 @@ def example_toml() -> str:
             if key.example:
                 out += _comment("Written as tables of their own, for example:")
                 out += [f"#  {line}".rstrip() for line in key.example.splitlines()]
-            out.append(f"#{key.name} = {key.toml_default}")
+            if not key.meta.get(WHOLE_TABLE):  # its entries are the table's own keys
+                out.append(f"#{key.name} = {key.toml_default}")
     return "\n".join(out) + "\n"
 
 
@@ -226,7 +228,10 @@ def _roff_literal(text: str) -> str:
 
 
 def _man_key(key: _Key) -> list[str]:
-    lines = [".TP", f"\\fB{_roff_literal(key.name)}\\fR ({key.type_name})", _roff(key.doc)]
+    name = f"\\fB{_roff_literal(key.name)}\\fR"
+    if key.meta.get(WHOLE_TABLE):  # its entries are the table's own keys
+        name = f"\\fB[{_roff_literal(key.table)}.\\fR\\fITITLE\\fR\\fB]\\fR"
+    lines = [".TP", f"{name} ({key.type_name})", _roff(key.doc)]
     facts = [f"Default: \\fB{_roff_literal(key.toml_default)}\\fR."]
     if key.allowed:
         allowed = key.allowed
@@ -375,6 +380,10 @@ def storescp_table_md() -> str:
         *notes,
         "",
         "## Settings storescp has no option for",
+        "",
+        "`dicom-ingestd config from-storescp` leaves these at their defaults.  Among them,",
+        "`[storage_commitment]` and `[remote_aes]`: storescp has no Storage Commitment",
+        "service, so no storescp command line turns it on.",
         "",
         "| config key | values | default | meaning |",
         "|---|---|---|---|",

@@ -33,7 +33,9 @@ from dicom_ingestd.config.schema import (
     MAXIMUM,
     MINIMUM,
     RELOAD,
+    WHOLE_TABLE,
     Config,
+    RemoteAE,
     keys,
     tables,
 )
@@ -153,6 +155,13 @@ def config_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Co
         if not isinstance(raw, Mapping):
             continue  # reported above
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        whole = next((f for f in fields.values() if f.metadata.get(WHOLE_TABLE)), None)
+        if whole is not None:
+            # Every key of the table is an entry (an AE title, ...), parsed as one value.
+            parsed, found = _STRUCTURED[f"{table}.{whole.name}"](table, raw, raw)
+            problems.extend(_line(source, p) for p in found)
+            sections[table] = cls(**{whole.name: parsed})
+            continue
         hints = _hints(cls)
         problems.extend(
             f"{source}: unknown key {table}.{key}{_did_you_mean(table, key)}"
@@ -200,6 +209,8 @@ def dump_config(config: Config) -> str:
     negotiation = document["negotiation"]
     negotiation["transfer_syntaxes"], negotiation["profiles"] = profile_tables.to_toml(
         config.negotiation.transfer_syntaxes, config.negotiation.profiles)
+    document["remote_aes"] = {title: dataclasses.asdict(remote)
+                              for title, remote in config.remote_aes.aetitles.items()}
     return tomli_w.dumps(document)
 
 
@@ -428,8 +439,20 @@ def _cross_checks(sections: Mapping[str, Any]) -> Iterator[_Problem]:
         yield ("events.rename_on_eostudy", True,
                "requires storage.sort other than none (as storescp -rns requires -ss, -su or "
                "-sp): files are renamed within their study's directory")
+    network = sections.get("network")  # absent when [network] is not a table (reported)
+    if network is not None and network.proxy_protocol != "off" and \
+            not network.trusted_proxies:
+        yield ("network.proxy_protocol", network.proxy_protocol,
+               "needs network.trusted_proxies, the addresses of the load balancers that "
+               "send the header (every other address is refused)")
     yield from _encoding_checks(sections["storage"], sections["negotiation"])
     yield from _tls_checks(sections["tls"])
+    tls = sections["tls"]
+    for title, remote in sections["remote_aes"].aetitles.items():
+        if remote.tls and not (tls.ca_files or tls.ca_directories):
+            yield (f"remote_aes.{title}.tls", True,
+                   "needs tls.ca_files or tls.ca_directories to verify the peer's "
+                   "certificate against")
 
 
 def _tls_checks(tls: Any) -> Iterator[_Problem]:
@@ -490,6 +513,45 @@ def _check_even(full: str, value: int) -> Iterator[_Problem]:
         yield full, value, "must be even (DCMTK refuses to write odd padding)"
 
 
+_REMOTE_AE_KEYS = {"host": str, "port": int, "tls": bool}
+
+
+def _parse_remote_aes(table: str, value: Any, raw: Mapping[str, Any]) \
+        -> tuple[dict[str, RemoteAE], list[_Problem]]:
+    """[remote_aes]: AE title -> {host, port, tls}."""
+    entries: dict[str, RemoteAE] = {}
+    problems: list[_Problem] = []
+    for title, entry in value.items():
+        label = f"{table}.{title}"
+        if _bad_ae_title(title):
+            problems.append((label, title, f"each key must be an AE title: {_AE_RULE}"))
+            continue
+        if not isinstance(entry, Mapping):
+            problems.append((label, entry, "must be a table with host, port and optionally "
+                                           "tls ([remote_aes.TITLE])"))
+            continue
+        bad = False
+        for key in entry:
+            if key not in _REMOTE_AE_KEYS:
+                problems.append((f"{label}.{key}", entry[key], "unknown key; a remote AE has "
+                                                               "host, port and tls"))
+                bad = True
+        host, port, tls = entry.get("host"), entry.get("port"), entry.get("tls", False)
+        if not isinstance(host, str) or not host.strip() or "\0" in host or "/" in host:
+            problems.append((f"{label}.host", host, "must be a host name or address"))
+            bad = True
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            problems.append((f"{label}.port", port, "must be an integer from 1 to 65535"))
+            bad = True
+        if not isinstance(tls, bool):
+            problems.append((f"{label}.tls", tls, "must be true or false"))
+            bad = True
+        if not bad:
+            assert isinstance(host, str) and isinstance(port, int)
+            entries[title] = RemoteAE(host.strip(), port, tls)
+    return entries, problems
+
+
 # Keys whose value is a table of their own, validated by their parser: (key, value, the raw
 # table the key is in) -> (validated value, problems).
 _STRUCTURED: dict[str, Callable[[str, Any, Mapping[str, Any]], tuple[Any, list[_Problem]]]] = {
@@ -498,6 +560,7 @@ _STRUCTURED: dict[str, Callable[[str, Any, Mapping[str, Any]], tuple[Any, list[_
     "negotiation.profiles":
         lambda full, value, raw: profile_tables.parse_profiles(
             full, value, raw.get("transfer_syntaxes", {})),
+    "remote_aes.aetitles": _parse_remote_aes,
 }
 
 _VALUE_CHECKS: dict[str, Callable[[str, Any], Iterator[_Problem]]] = {
@@ -506,8 +569,10 @@ _VALUE_CHECKS: dict[str, Callable[[str, Any], Iterator[_Problem]]] = {
     "jobs.state_directory": _check_no_nul,
     "access.allow": _check_networks,
     "access.deny": _check_networks,
+    "network.trusted_proxies": _check_networks,
     "network.aetitle": _check_aetitle,
     "association.allowed_calling_aetitles": _check_aetitle_list,
+    "storage_commitment.allowed_calling_aetitles": _check_aetitle_list,
     "storage.output_directory": _check_directory,
     "storage.filename_extension": _check_name_part,
     "storage.file_padding": _check_even,

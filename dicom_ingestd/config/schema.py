@@ -19,6 +19,7 @@ MAXIMUM = "maximum"
 RELOAD = "reload"  # False: needs a restart; a reload reports the change instead of applying it
 DEFAULT_NOTE = "default_note"  # why our default differs from storescp's, when it does
 EXAMPLE = "example"  # structured keys (tables): a TOML example for the documentation
+WHOLE_TABLE = "whole_table"  # the key is its whole table (every key of it an entry)
 
 
 def setting(
@@ -120,6 +121,24 @@ class NetworkConfig:
     tcp_nodelay: bool = setting(
         True, "Set TCP_NODELAY and TCP_QUICKACK on accepted sockets (removes delayed-ACK stalls).",
         default_note="Not a storescp option; DCMTK leaves Nagle on unless TCP_NODELAY=1 is set.",
+    )
+    proxy_protocol: str = setting(
+        "off", "Behind a load balancer: connections from trusted_proxies must start with a "
+        "PROXY protocol header (HAProxy's specification: v1 text, v2 binary, or any of "
+        "the two), read before anything else (before TLS too), within acse_timeout; the "
+        "address it carries is the peer for access control, the per-peer limit, logs, #r "
+        "and job variables, and the proxy's address is logged with it. A LOCAL header "
+        "(the balancer's health check) is answered without access control and without "
+        "counting as an association of a peer. A connection from any other address is "
+        "closed unread; a malformed, truncated or slow header is dropped. off: no header "
+        "is expected (and one is never guessed). See docs/scale-out.md.",
+        choices=("off", "v1", "v2", "any"),
+    )
+    trusted_proxies: list[str] = field(
+        default_factory=list,
+        metadata={DOC: "Addresses or networks (CIDR) of the load balancers that send the "
+                       "PROXY protocol header; required when proxy_protocol is not off.",
+                  STORESCP: (), RELOAD: True, DEFAULT_NOTE: ""},
     )
 
 
@@ -553,6 +572,115 @@ class JobsConfig:
     )
 
 
+STORAGE_COMMITMENT_OBJECTS_FROM = ("any", "requester")
+
+
+@dataclass(frozen=True, slots=True)
+class StorageCommitmentConfig:
+    """[storage_commitment]: the Storage Commitment Push Model SCP (SOP class
+    1.2.840.10008.1.20.1): a sender asks, with an N-ACTION naming SOP instances, whether this
+    daemon takes responsibility for them, and is told in an N-EVENT-REPORT which ones it
+    committed (event type 1: all of them; 2: a Failed SOP Sequence with a reason per object:
+    0x0112 never stored here or no longer where it was filed, 0x0119 stored with another SOP
+    class, 0x0131 a transaction UID already used).  Committed means: this daemon stored that
+    SOP instance with that SOP class and made its file and its durable record safe before
+    answering the C-STORE, and the file is still where it was filed (or where the rename at
+    end of study put it).  Objects received before a restart count; objects received while
+    neither this table nor [events] was enabled are unknown.  Each request is recorded
+    durably before its N-ACTION response, and evaluated only after every object record
+    written before it was read.  The report goes back on the requesting association when the
+    sender keeps it open (waiting up to same_association_wait seconds); otherwise, or when that
+    fails, it is a job (kind commitment: retries with backoff, timeout and dead letter as
+    [jobs], at least once, kept across restarts) that opens an association to the calling AE
+    title's address in [remote_aes], proposing the SCP role for the SOP class.  Access
+    control, [association] AE title checks and [tls] apply to these associations as to
+    stores.  storescp has no such service, so no storescp option maps here.
+    """
+
+    enabled: bool = setting(
+        False, "Accept the Storage Commitment Push Model SOP class and serve N-ACTION "
+        "requests (needs the state directory of [jobs], as [events] do). With "
+        "negotiation.profile set, the profile must list the SOP class too.",
+        default_note="storescp has no storage commitment.",
+    )
+    allowed_calling_aetitles: list[str] = field(
+        default_factory=list,
+        metadata={DOC: "Calling AE titles that may request storage commitment; empty: any "
+                       "calling AE title [association] admits. Others are answered 0x0124 "
+                       "(refused: not authorized) and nothing is recorded.",
+                  STORESCP: (), RELOAD: True, DEFAULT_NOTE: ""},
+    )
+    objects_from: str = setting(
+        "any", "Which stored objects a request may be committed for: any (whichever calling "
+        "AE title sent them: a router or another modality may have sent what a modality "
+        "asks about) or requester (only objects sent with the requesting calling AE title; "
+        "others fail with 0x0112, as if never stored).",
+        choices=STORAGE_COMMITMENT_OBJECTS_FROM,
+    )
+    max_references: int = setting(
+        50000, "Most SOP instances one N-ACTION may reference. The request's data set is held "
+        "in memory while it is read, at most 160 bytes per reference plus 64 KiB (8 MiB at "
+        "the default); a larger one is read and discarded without being kept, the request is "
+        "answered 0x0213 (resource limitation) and nothing is recorded.",
+        minimum=1, maximum=1000000,
+    )
+    same_association_wait: int = setting(
+        10, "Seconds the requesting association waits, after the N-ACTION response, for the "
+        "report to be ready (usually well under a second) and then sends it there if the "
+        "sender has sent nothing else meanwhile. 0, a sender that goes on or releases, or a "
+        "report that is not answered: the report is delivered on a new association.",
+        minimum=0, maximum=600,
+    )
+    delivery_retries: int = setting(
+        20, "Further attempts to deliver a report on a new association (peer down, "
+        "association rejected, role refused, failure status) before its job is "
+        "dead-lettered; the waits between attempts are those of jobs.retry_backoff and "
+        "jobs.retry_backoff_max (with their defaults, 20 retries span about two and a half hours).",
+        minimum=0, maximum=1000,
+    )
+    keep_days: int = setting(
+        30, "Days stored objects stay known to storage commitment (and transaction UIDs "
+        "are remembered) after they were received; a request for an older object fails "
+        "with 0x0112 and the sender can send it again.", minimum=1,
+    )
+
+
+_REMOTE_AES_EXAMPLE = """[remote_aes.CT01]
+host = "10.1.2.3"
+port = 104
+
+[remote_aes.MR01]
+host = "mr01.example.org"
+port = 2762
+tls = true"""
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteAE:
+    """One [remote_aes.TITLE] table: where a DICOM application entity listens."""
+
+    host: str
+    port: int
+    tls: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteAEsConfig:
+    """[remote_aes]: the addresses of other application entities, by AE title, for the
+    associations this daemon opens itself (storage commitment reports).  Each entry is a
+    table [remote_aes.TITLE] with host (name or address), port and tls (true: DICOM over
+    TLS, verifying the peer's certificate against tls.ca_files and tls.ca_directories and
+    presenting tls.certificate when one is set; the host name is not matched)."""
+
+    aetitles: dict[str, RemoteAE] = field(
+        default_factory=dict,
+        metadata={DOC: "Remote application entities, one table per AE title (the whole "
+                       "[remote_aes] table: every key is an AE title).",
+                  STORESCP: (), RELOAD: True, DEFAULT_NOTE: "", EXAMPLE: _REMOTE_AES_EXAMPLE,
+                  WHOLE_TABLE: True},
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class WorkersConfig:
     """[workers]: the process model and the limits on parallel associations."""
@@ -795,6 +923,9 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
+    storage_commitment: StorageCommitmentConfig = field(
+        default_factory=StorageCommitmentConfig)
+    remote_aes: RemoteAEsConfig = field(default_factory=RemoteAEsConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)

@@ -13,7 +13,9 @@ failure), otherwise NORMAL (it survives a crash of the daemon).
 
 Tables: `jobs` (one row per command to run), `batches` (one row per batch of a study, open or
 closed, with the unique name of its manifest), `batch_files` (the objects of each batch, in
-order of arrival) and `outbox` (how far each outbox segment has been consumed).  Rows made
+order of arrival), `outbox` (how far each outbox segment has been consumed), and for storage
+commitment `stored_objects` (every object stored, by SOP instance and file) and
+`commitments` (each request, its transaction UID and its report's delivery job).  Rows made
 from an outbox record name its segment, so the master can tell when a segment is settled.
 Times stored are wall-clock seconds (time.time()), because they must mean something after a
 restart.
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 DATABASE = "jobs.sqlite"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # SQLite's primary result codes for a damaged database file (sqlite3.DatabaseError's
 # sqlite_errorcode & 0xFF): the file must be moved aside, not retried.
 SQLITE_CORRUPT = 11
@@ -92,6 +94,27 @@ CREATE TABLE IF NOT EXISTS outbox (
     segment TEXT PRIMARY KEY,
     offset INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS stored_objects (
+    sop TEXT NOT NULL,
+    path TEXT NOT NULL,
+    sop_class TEXT NOT NULL,
+    calling_ae TEXT NOT NULL,
+    stored REAL NOT NULL,
+    PRIMARY KEY (sop, path)
+);
+CREATE INDEX IF NOT EXISTS stored_objects_by_time ON stored_objects (stored);
+CREATE TABLE IF NOT EXISTS commitments (
+    request_id TEXT PRIMARY KEY,
+    transaction_uid TEXT NOT NULL,
+    calling_ae TEXT NOT NULL,
+    association TEXT NOT NULL,
+    received REAL NOT NULL,
+    job_id INTEGER NOT NULL,
+    committed INTEGER NOT NULL,
+    failed INTEGER NOT NULL,
+    held INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS commitments_by_transaction ON commitments (transaction_uid);
 """
 # Version 1 databases (before the outbox) gain the new columns in place.
 _MIGRATE_1 = """
@@ -124,6 +147,11 @@ class JobKind(StrEnum):
     RECEPTION = "reception"  # events.exec_on_reception, one per stored object
     RENAME = "rename"  # events.rename_on_eostudy, one per complete batch
     EOSTUDY = "eostudy"  # events.exec_on_eostudy, one per complete batch
+    COMMITMENT = "commitment"  # a storage commitment report to deliver (no command of ours)
+
+
+# Kinds that never wait for the earlier jobs of their batch (they have none).
+_UNORDERED = (JobKind.RECEPTION, JobKind.COMMITMENT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,16 +307,17 @@ class JobQueue:
     # -- jobs ------------------------------------------------------------------------------
     def add(self, kind: JobKind, command: Sequence[str], argv: Sequence[str],
             env: dict[str, str], *, max_attempts: int, timeout: float, now: float,
-            study_uid: str = "", batch: int = 0, batch_id: int = 0, segment: str = "") -> int:
-        """Queue a job (pending, runnable from `now`); returns its id.  `segment`: the outbox
-        segment of the record it was made from (reception jobs)."""
+            study_uid: str = "", batch: int = 0, batch_id: int = 0, segment: str = "",
+            not_before: float | None = None) -> int:
+        """Queue a job (pending, runnable from `now`, or from `not_before`); returns its id.
+        `segment`: the outbox segment of the record it was made from (reception jobs)."""
         cursor = self._write(
             "INSERT INTO jobs (kind, state, command, argv, env, study_uid, batch, batch_id, "
             "max_attempts, timeout, not_before, created, segment) "
             "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (str(kind), str(JobState.PENDING), json.dumps(list(command)),
              json.dumps(list(argv)), json.dumps(env), study_uid, batch, batch_id,
-             max_attempts, timeout, now, now, segment))
+             max_attempts, timeout, now if not_before is None else not_before, now, segment))
         assert cursor.lastrowid is not None
         return cursor.lastrowid
 
@@ -304,10 +333,10 @@ class JobQueue:
         """
         rows = self._db.execute(
             "SELECT * FROM jobs AS j WHERE j.state = 'pending' AND j.not_before <= ? AND ("
-            " j.kind = 'reception' OR NOT EXISTS (SELECT 1 FROM jobs AS e"
-            "  WHERE e.batch_id = j.batch_id AND e.id < j.id"
+            f" j.kind IN ({','.join('?' * len(_UNORDERED))}) OR NOT EXISTS (SELECT 1 FROM jobs"
+            "  AS e WHERE e.batch_id = j.batch_id AND e.id < j.id"
             "  AND e.state IN ('pending', 'running')))"
-            " ORDER BY j.id LIMIT ?", (now, limit)).fetchall()
+            " ORDER BY j.id LIMIT ?", (now, *map(str, _UNORDERED), limit)).fetchall()
         return [_job(row) for row in rows]
 
     def select(self, states: Sequence[str] = (), limit: int = 0) -> list[Job]:
@@ -431,6 +460,91 @@ class JobQueue:
                 self._write("DELETE FROM batch_files WHERE batch_id = ?", (batch_id,))
                 self._write("DELETE FROM batches WHERE id = ?", (batch_id,))
         return [manifest for _, manifest in gone if manifest]
+
+    # -- storage commitment ----------------------------------------------------------------
+    def remember_object(self, sop: str, path: str, sop_class: str, calling_ae: str,
+                        stored: float) -> None:
+        self._write("INSERT OR REPLACE INTO stored_objects (sop, path, sop_class, calling_ae, "
+                    "stored) VALUES (?,?,?,?,?)", (sop, path, sop_class, calling_ae, stored))
+
+    def stored_objects(self, sops: Sequence[str]) -> dict[str, list[tuple[str, str, str]]]:
+        """(path, SOP class, calling AE) of every file stored for each SOP instance."""
+        found: dict[str, list[tuple[str, str, str]]] = {}
+        unique = list(dict.fromkeys(sops))
+        for start in range(0, len(unique), 500):  # SQLite's bound on parameters
+            part = unique[start:start + 500]
+            for row in self._db.execute(
+                    "SELECT sop, path, sop_class, calling_ae FROM stored_objects WHERE sop IN "
+                    f"({','.join('?' * len(part))}) ORDER BY stored DESC", part):
+                found.setdefault(row[0], []).append((row[1], row[2], row[3]))
+        return found
+
+    def moved_object(self, sop: str, old: str, new: str) -> None:
+        """A stored file was renamed (rename on end of study)."""
+        self._write("UPDATE OR REPLACE stored_objects SET path = ? WHERE sop = ? AND path = ?",
+                    (new, sop, old))
+
+    def manifest_of_file(self, sop: str, path: str) -> str:
+        """The manifest name of a batch listing this file of this SOP instance, or ''."""
+        row = self._db.execute(
+            "SELECT b.manifest FROM batch_files AS f JOIN batches AS b ON b.id = f.batch_id "
+            "WHERE f.sop = ? AND f.path = ? ORDER BY b.id DESC LIMIT 1", (sop, path)).fetchone()
+        return str(row[0]) if row else ""
+
+    def transaction_known(self, transaction_uid: str) -> bool:
+        return self._db.execute("SELECT 1 FROM commitments WHERE transaction_uid = ? LIMIT 1",
+                                (transaction_uid,)).fetchone() is not None
+
+    def commitment_known(self, request_id: str) -> bool:
+        return self._db.execute("SELECT 1 FROM commitments WHERE request_id = ?",
+                                (request_id,)).fetchone() is not None
+
+    def add_commitment(self, request_id: str, transaction_uid: str, calling_ae: str,
+                       association: str, received: float, job_id: int, committed: int,
+                       failed: int, held: bool) -> None:
+        self._write("INSERT INTO commitments (request_id, transaction_uid, calling_ae, "
+                    "association, received, job_id, committed, failed, held) "
+                    "VALUES (?,?,?,?,?,?,?,?,?)",
+                    (request_id, transaction_uid, calling_ae, association, received, job_id,
+                     committed, failed, int(held)))
+
+    def held_commitments(self, association: str | None = None,
+                         request_id: str | None = None) -> list[tuple[str, int]]:
+        """(request ID, job ID) of reports held for their requesting association."""
+        sql = "SELECT request_id, job_id FROM commitments WHERE held = 1"
+        params: list[Any] = []
+        if association is not None:
+            sql += " AND association = ?"
+            params.append(association)
+        if request_id is not None:
+            sql += " AND request_id = ?"
+            params.append(request_id)
+        return [(str(row[0]), int(row[1])) for row in self._db.execute(sql, params)]
+
+    def release_commitment(self, request_id: str, job_id: int, now: float,
+                           delivered: bool) -> bool:
+        """End a report's hold: its job runs from `now`, or with `delivered` is done (it was
+        answered on the requesting association).  False when the job is no longer waiting."""
+        with self.transaction():
+            self._write("UPDATE commitments SET held = 0 WHERE request_id = ?", (request_id,))
+            if delivered:
+                cursor = self._write(
+                    "UPDATE jobs SET state = 'done', finished = ?, result = 'delivered on "
+                    "the requesting association' WHERE id = ? AND state = 'pending' AND "
+                    "attempts = 0", (now, job_id))
+            else:
+                cursor = self._write("UPDATE jobs SET not_before = ? WHERE id = ? AND state = "
+                                     "'pending' AND not_before > ?", (now, job_id, now))
+        return cursor.rowcount > 0
+
+    def prune_commitments(self, before: float) -> int:
+        """Forget objects stored and requests received before `before` (requests only once
+        their job is finished and gone); returns the objects forgotten."""
+        with self.transaction():
+            gone = self._write("DELETE FROM stored_objects WHERE stored < ?", (before,)).rowcount
+            self._write("DELETE FROM commitments WHERE received < ? AND NOT EXISTS (SELECT 1 "
+                        "FROM jobs WHERE jobs.id = commitments.job_id)", (before,))
+        return int(gone)
 
     # -- the outbox ------------------------------------------------------------------------
     def offsets(self) -> dict[str, int]:

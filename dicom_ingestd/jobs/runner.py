@@ -82,6 +82,9 @@ def journal_fields(job: Job, **more: object) -> dict[str, object]:
                                  "JOB_COMMAND": job.display}
     if job.study_uid:
         fields["DICOM_STUDY_UID"] = job.study_uid
+    transaction = job.env.get("DICOM_TRANSACTION_UID")  # storage commitment reports
+    if transaction:
+        fields["DICOM_TRANSACTION_UID"] = transaction
     fields.update({k: v for k, v in more.items() if v is not None})
     return {"journal": fields}
 

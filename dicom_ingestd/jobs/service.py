@@ -53,6 +53,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from dicom_ingestd import ipc, outbox
 from dicom_ingestd.codes import Status
+from dicom_ingestd.commitment.spool import Spool
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.errors import StorageError
 from dicom_ingestd.events import (
@@ -66,6 +67,7 @@ from dicom_ingestd.events import (
     tracking_enabled,
 )
 from dicom_ingestd.jobs import rename
+from dicom_ingestd.jobs.commitment import Commitments, records_wanted
 from dicom_ingestd.jobs.queue import DATABASE, Job, JobKind, JobQueue, is_corrupt
 from dicom_ingestd.jobs.rename import write_manifest
 from dicom_ingestd.jobs.runner import JobRunner, process_start
@@ -162,6 +164,7 @@ class EventService:
         self.queue: JobQueue | None = None
         self.runner: JobRunner | None = None
         self.segments: outbox.Segments | None = None
+        self.commitments: Commitments | None = None  # storage commitment (jobs/commitment.py)
         self._state_fd = -1
         self.tracker = StudyTracker(config.events.eostudy_timeout, clock, self._previous_batches)
         self._open_ids: dict[str, int] = {}  # study UID -> batch id of its open batch
@@ -188,7 +191,8 @@ class EventService:
         """
         if self.queue is not None:
             return
-        if not events_enabled(self.config.events) and not (self.state_dir / DATABASE).exists() \
+        if not self._records_wanted(self.config) \
+                and not (self.state_dir / DATABASE).exists() \
                 and not (self.state_dir / outbox.OUTBOX).exists():
             return
         try:
@@ -201,6 +205,9 @@ class EventService:
             self.segments = outbox.Segments(outbox.open_directory(self._state_fd, create=True),
                                             self.config.storage.fsync)
             self.segments.ensure_current()
+            self.commitments = Commitments(
+                Spool.open(self._state_fd, self.config.storage.fsync, create=True),
+                self.state_dir, self.state_dir / MANIFESTS, clock=self._clock, wall=self._wall)
             queue = self._open_database(first_id=0 if fresh else int(self._wall() * 1000))
         except (OSError, sqlite3.Error) as exc:
             self._close_files()
@@ -213,6 +220,9 @@ class EventService:
         self._recover_running()
         self._rebuild()
         self.consume()
+        assert self.commitments is not None
+        # No association runs yet: reports held for one of an earlier run go out now.
+        self.commitments.association_ended(queue, None)
         if not tracking_enabled(self.config.events):
             self._close_all(CloseReason.DISABLED)
 
@@ -334,10 +344,15 @@ class EventService:
             log.error("events: %s", text)
 
     # -- the outbox --------------------------------------------------------------------------
+    @staticmethod
+    def _records_wanted(config: Config) -> bool:
+        """Whether workers write outbox records: [events], or storage commitment."""
+        return events_enabled(config.events) or records_wanted(config)
+
     @property
     def outbox_fd(self) -> int:
-        """The outbox directory for new workers, or -1 when no event is configured."""
-        if self.segments is None or not events_enabled(self.config.events):
+        """The outbox directory for new workers, or -1 when no record is wanted."""
+        if self.segments is None or not self._records_wanted(self.config):
             return -1
         return self.segments.fd
 
@@ -414,6 +429,9 @@ class EventService:
         # turning [events] off must not drop the records it goes on writing).
         config = self._configs.get(record.association, self.config)
         events = config.events
+        if self.commitments is not None and (records_wanted(config)
+                                             or records_wanted(self.config)):
+            self.commitments.remember(self.queue, record)
         jobs: list[int] = []
         batch = batch_id = 0
         closed: list[ClosedStudy] = []
@@ -542,7 +560,11 @@ class EventService:
         return self.state_dir / MANIFESTS / (batch.manifest or f"{batch_id}.json")
 
     def _prepare(self, job: Job) -> dict[str, str]:
-        """Extra variables of a run: the batch's manifest (written on first use)."""
+        """Extra variables of a run: the batch's manifest (written on first use); a
+        storage commitment report's delivery settings."""
+        if job.kind is JobKind.COMMITMENT:
+            assert self.commitments is not None
+            return self.commitments.prepare(job, self.config)
         if not job.batch_id or job.kind is JobKind.RECEPTION:
             return {}
         path = self._manifest_path(job.batch_id)
@@ -641,10 +663,26 @@ class EventService:
         self._configs.pop(association, None)
         if association:
             self.tracker.association_ended(association, released)
+            if self.commitments is not None and self.queue is not None and self.runner \
+                    and self.commitments.association_ended(self.queue, association):
+                self.runner.poke()
+
+    @_observer
+    def commitment_note(self, message: ipc.CommitmentNote) -> None:
+        """A worker's note about a storage commitment request (ipc.CommitmentNote)."""
+        if self.commitments is not None and self.queue is not None and self.runner \
+                and self.commitments.note(self.queue, message):
+            self.runner.poke()
 
     def _job_finished(self, job_id: int, final: bool) -> None:
         if not final:
             return
+        if self.commitments is not None and self.queue is not None:
+            job = self.queue.get(job_id)
+            if job is not None and job.kind is JobKind.RENAME and job.batch_id:
+                with contextlib.suppress(LookupError):
+                    self.commitments.job_finished(self.queue, job,
+                                                  self._manifest_path(job.batch_id))
         for link in self._links.values():
             for jobs in link.jobs.values():  # made, not yet asked for
                 jobs.discard(job_id)
@@ -669,6 +707,10 @@ class EventService:
             wait = self.runner.timeout()
             if wait is not None:
                 moments.append(wait)
+        if self.commitments is not None:
+            wait = self.commitments.due()
+            if wait is not None:
+                moments.append(wait)
         return max(0.0, min(moments))
 
     @_observer
@@ -688,6 +730,9 @@ class EventService:
                     expired += self._closed(study)
             if expired:
                 self.runner.poke()
+        if self.commitments is not None and self.commitments.tick(
+                self.queue, self.config, self._live, self.consume):
+            self.runner.poke()
         self.runner.tick()
         now = self._clock()
         if now >= self._next_housekeeping:
@@ -753,7 +798,7 @@ class EventService:
         if self.runner is not None:
             self.runner.settings = config.jobs
             self.runner.poke()
-        if self.queue is None and events_enabled(config.events):
+        if self.queue is None and self._records_wanted(config):
             try:
                 self.open()
             except StorageError as exc:
@@ -802,8 +847,13 @@ class EventService:
             self._close_files()
 
     def _close_files(self) -> None:
+        if self.commitments is not None:
+            self.commitments.close()
+            self.commitments = None
         if self.segments is not None:
             self.segments.close()
+        if self.commitments is not None:
+            self.commitments.close()
             os.close(self.segments.fd)
             self.segments = None
         if self._state_fd >= 0:
@@ -821,4 +871,6 @@ class EventService:
                 link.sock.close()
         if self.segments is not None:
             self.segments.close()
+        if self.commitments is not None:
+            self.commitments.close()
 

@@ -306,6 +306,14 @@ def _supported_syntaxes(preference: str) -> dict[str, tuple[str, ...]]:
             for cx in _supported(preference)}
 
 
+@functools.lru_cache(maxsize=1)
+def _commitment_context() -> PresentationContext:
+    uid, syntaxes = negotiation.commitment_context()
+    context = build_context(uid, list(syntaxes))
+    context.scu_role, context.scp_role = True, False  # the requestor is SCU, never SCP
+    return context
+
+
 def warm_up(config: Config) -> None:
     """Build the acceptor contexts now, in the master, so every forked worker inherits them
     (building ~200 contexts costs ~40 ms, once per association otherwise)."""
@@ -321,7 +329,8 @@ def accept(request: Request, primitive: A_ASSOCIATE | PlainRequest,
     for a plain request here.
     """
     if isinstance(primitive, PlainRequest):
-        if not config.negotiation.profile and not config.negotiation.promiscuous:
+        if not config.negotiation.profile and not config.negotiation.promiscuous \
+                and not _proposes_commitment(request, config):
             return _accept_plain(request, primitive, config)
         request, primitive, _ = decode_with_pynetdicom(primitive.pdu)
     if config.negotiation.profile:
@@ -332,6 +341,8 @@ def accept(request: Request, primitive: A_ASSOCIATE | PlainRequest,
         for abstract_syntax, transfer_syntaxes in negotiation.promiscuous_contexts_for(
                 request.proposed, preference):
             supported.append(build_context(abstract_syntax, list(transfer_syntaxes)))
+    if config.storage_commitment.enabled:
+        supported.append(_commitment_context())
     roles: dict[UID, tuple[bool | None, bool | None]] = {}
     for item in primitive.user_information:
         if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid:
@@ -346,6 +357,14 @@ def accept(request: Request, primitive: A_ASSOCIATE | PlainRequest,
         for cx in results if cx.result == 0x00 and cx.context_id is not None
     }
     return Acceptance(accepted, _rejected(results), ac.encode())
+
+
+def _proposes_commitment(request: Request, config: Config) -> bool:
+    """Storage commitment's context has roles of its own: pynetdicom negotiates it."""
+    if not config.storage_commitment.enabled:
+        return False
+    uid = negotiation.commitment_context()[0]
+    return any(cx.abstract_syntax == uid for cx in request.proposed)
 
 
 def _rejected(results: list[PresentationContext]) -> list[ProposedContext]:

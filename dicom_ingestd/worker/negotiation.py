@@ -62,6 +62,9 @@ from pynetdicom.presentation import AllStoragePresentationContexts, build_contex
 from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
+from dicom_ingestd.commitment.dataset import SOP_CLASS as COMMITMENT_UID
+from dicom_ingestd.commitment.dataset import TRANSFER_SYNTAXES as COMMITMENT_SYNTAXES
+
 __all__ = [
     "DCMTK_STORAGE_SOP_CLASSES",
     "DEFAULT_PREFERENCE",
@@ -102,6 +105,8 @@ HEVC_M10P51: Final = "1.2.840.10008.1.2.4.108"
 RLE_LOSSLESS: Final = "1.2.840.10008.1.2.5"
 
 VERIFICATION_SOP_CLASS: Final = "1.2.840.10008.1.1"
+COMMITMENT_SOP_CLASS: Final = COMMITMENT_UID
+COMMITMENT_TRANSFER_SYNTAXES: Final = COMMITMENT_SYNTAXES
 
 # Every option that prefers one (compressed or deflated) syntax falls back to the three
 # uncompressed ones in this fixed order, little endian first whatever the host.
@@ -429,6 +434,14 @@ def acceptor_contexts(
     del promiscuous  # see docstring: the static table is the same in both modes
     syntaxes = preference_list(preference)
     return [(VERIFICATION_SOP_CLASS, syntaxes)] + [(uid, syntaxes) for uid in STORAGE_SOP_CLASSES]
+
+
+def commitment_context() -> tuple[str, tuple[str, ...]]:
+    """The Storage Commitment Push Model context we accept with [storage_commitment]:
+    explicit, then implicit VR little endian (its data sets are read by our own reader,
+    commitment/dataset.py, which knows these two only).  The requestor may act as SCU only:
+    we never send N-ACTION (role selection, PS3.7 D.3.3.4)."""
+    return COMMITMENT_SOP_CLASS, COMMITMENT_TRANSFER_SYNTAXES
 
 
 def choose_transfer_syntax(

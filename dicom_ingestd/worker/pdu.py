@@ -10,6 +10,7 @@ encoded by pynetdicom, see `acceptor.py`.
 
 import select
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Callable
@@ -162,6 +163,16 @@ class Channel:
                     self._check_rate()
             return
 
+    def pending(self) -> bool:
+        """Whether the peer has sent bytes not read yet (buffered here, in TLS, or in the
+        socket), without blocking."""
+        if self._end > self._start:
+            return True
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return True
+        readable, _, _ = select.select([self.sock], [], [], 0)
+        return bool(readable)
+
     def read_exact(self, n: int, deadline: float | None = None) -> bytes:
         """Return exactly n bytes (n must not exceed the buffer size)."""
         while self._end - self._start < n:
@@ -236,18 +247,21 @@ def encode_pdu(pdu_type: int, body: bytes) -> bytes:
     return _HEADER.pack(pdu_type, len(body)) + body
 
 
-def encode_p_data(context_id: int, command: bytes, max_pdu: int) -> bytes:
-    """A command set as one or more P-DATA-TF PDUs, each within the peer's maximum length.
+def encode_p_data(context_id: int, command: bytes, max_pdu: int, *,
+                  is_command: bool = True) -> bytes:
+    """A command set (or with `is_command` False a data set) as one or more P-DATA-TF PDUs,
+    each within the peer's maximum length.
 
     `max_pdu` is the peer's Maximum Length Received (0 means unlimited).
     """
     limit = max_pdu if max_pdu else len(command) + 6
     chunk = max(limit - 6, 1)  # PDV item: 4-byte length, context ID, control header
+    kind = 0x01 if is_command else 0x00
     out = bytearray()
     for offset in range(0, len(command), chunk):
         piece = command[offset:offset + chunk]
         last = offset + chunk >= len(command)
-        pdv = _PDV_HEADER.pack(len(piece) + 2, context_id, 0x03 if last else 0x01) + piece
+        pdv = _PDV_HEADER.pack(len(piece) + 2, context_id, kind | (0x02 if last else 0)) + piece
         out += encode_pdu(P_DATA_TF, pdv)
     return bytes(out)
 

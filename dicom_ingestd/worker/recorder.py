@@ -39,6 +39,16 @@ class Recorder:
         self._numbers = itertools.count(1)
         self._last = ""  # id of the latest record, for after_response
 
+    @property
+    def outbox_fd(self) -> int:
+        """The outbox directory, or -1 when the master keeps none."""
+        return self.writer.directory_fd if self.writer is not None else -1
+
+    def note(self, message: ipc.CommitmentNote) -> None:
+        """Tell the master about a storage commitment request (a wake-up, see ipc)."""
+        if self.channel is not None:
+            self.channel.send(message)
+
     def record(self, obj: StoredObject) -> None:
         """Make the object's event record durable; raise StorageError when that fails."""
         if self.writer is not None:
@@ -47,12 +57,12 @@ class Recorder:
             try:
                 self.writer.append(record)
             except outbox.RecordTooLarge as exc:
-                raise StorageError(f"cannot record the object for [events]: {exc}",
+                raise StorageError(f"cannot record the object's event record: {exc}",
                                    Status.OUT_OF_RESOURCES) from None
             except OSError as exc:
                 reason = os.strerror(exc.errno) if exc.errno else str(exc)
-                raise StorageError(f"cannot record the object for [events] in the state "
-                                   f"directory's outbox: {reason}",
+                raise StorageError(f"cannot record the object in the state directory's "
+                                   f"outbox: {reason}",
                                    Status.OUT_OF_RESOURCES) from None
         if self.channel is not None:
             self.channel.send(ipc.ObjectStored(self.association, obj.size))

@@ -18,11 +18,14 @@ from datetime import datetime
 from typing import Any
 
 from dicom_ingestd.codes import Status, status_name
+from dicom_ingestd.commitment.dataset import SOP_CLASS as COMMITMENT
+from dicom_ingestd.commitment.dataset import SOP_INSTANCE as COMMITMENT_INSTANCE
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.errors import StorageError
 from dicom_ingestd.outbox import StoredObject
+from dicom_ingestd.peer import Peer, resolve
 from dicom_ingestd.telemetry import Reporter
-from dicom_ingestd.worker import acceptor, dimse, encode, header, tls
+from dicom_ingestd.worker import acceptor, commitment, dimse, encode, header, tls
 from dicom_ingestd.worker.identify import (
     DataSetTooLarge,
     Identity,
@@ -104,7 +107,7 @@ class _Store:
 class Session:
     """Serve one association on `sock`, then close it.  `run()` never raises."""
 
-    def __init__(self, sock: socket.socket, peer: str, config: Config, store: Store,
+    def __init__(self, sock: socket.socket, peer: Peer, config: Config, store: Store,
                  recorder: Recorder | None = None,
                  over_limit: str = "", tls_context: ssl.SSLContext | None = None,
                  reporter: Reporter | None = None) -> None:
@@ -114,6 +117,9 @@ class Session:
         self.tls_peer: tls.Peer | None = None
         self.over_limit = over_limit  # non-empty: reject as transient, local limit exceeded
         self.peer = peer
+        # The proxy's health checks (PROXY protocol LOCAL) come every few seconds: their
+        # lines are debug, their outcome is counted as "health-check".
+        self._info = logging.DEBUG if peer.health_check else logging.INFO
         self.config = config
         self.store = store
         self.recorder = recorder
@@ -132,7 +138,8 @@ class Session:
         self._command = bytearray()
         self._rejected = ""  # the rejected presentation contexts, for the peer-abort line
         self._any_command = False
-        self._current: _Store | None = None
+        self._current: _Store | commitment.Action | None = None
+        self._commitment: commitment.CommitmentSCP | None = None  # at its first N-ACTION
         # The next object's temporary file, created while the peer prepares that object:
         # creating an inode costs 0.1-0.5 ms of kernel time on ext4, off the critical path.
         self._spare: TempFile | None = None
@@ -142,7 +149,7 @@ class Session:
         return f"{self.peer} {self.calling_ae}->{self.called_ae}"
 
     def _fields(self, **more: object) -> dict[str, object]:
-        fields: dict[str, object] = {**peer_fields(self.peer),
+        fields: dict[str, object] = {**self.peer.fields(),
                                      "DICOM_CALLING_AE": self.calling_ae,
                                      "DICOM_CALLED_AE": self.called_ae}
         if self.tls_peer is not None:
@@ -154,7 +161,7 @@ class Session:
     def run(self) -> Outcome:
         try:
             if not self.config.network.disable_host_lookup:
-                self.peer = resolve_peer(self.peer)
+                self.peer = resolve(self.peer)
             self._configure_socket()
             if self.tls_context is not None:
                 self.sock, self.tls_peer = tls.handshake(
@@ -197,12 +204,17 @@ class Session:
             self.outcome.how = "aborted"
         finally:
             self._drop_current()
+            if self._commitment is not None:
+                self._commitment.close()
             if self.recorder is not None:
                 self.recorder.close(self.outcome.how)
             with contextlib.suppress(OSError):
                 self.sock.close()
             if self.reporter is not None:
-                self.reporter.ended(self.outcome.how, self.peer, self.calling_ae)
+                how = self.outcome.how
+                if self.peer.health_check and how == "released":
+                    how = "health-check"
+                self.reporter.ended(how, self.peer.name, self.calling_ae)
             with contextlib.suppress(OSError):  # a process that died is noticed without it
                 self.layout.finish()
         return self.outcome
@@ -225,7 +237,7 @@ class Session:
             self.channel.send(data)
 
     def _drop_current(self) -> None:
-        if self._current and self._current.temp:
+        if isinstance(self._current, _Store) and self._current.temp:
             self._current.temp.discard()
         self._current = None
         self._discard_spare()
@@ -256,9 +268,9 @@ class Session:
             raise ProtocolError(str(exc)) from None
         self.calling_ae, self.called_ae = request.calling_ae, request.called_ae
         self.peer_max_pdu = request.max_pdu
-        log.info("%s: association requested (%d contexts, implementation %s %s)",
-                 self._who(), len(request.proposed), request.implementation_class_uid or "-",
-                 request.implementation_version or "-", extra=self._fields())
+        log.log(self._info, "%s: association requested (%d contexts, implementation %s %s)",
+                self._who(), len(request.proposed), request.implementation_class_uid or "-",
+                request.implementation_version or "-", extra=self._fields())
         rejection = acceptor.screen(request, primitive, version, self.config)
         if rejection is None and self.tls_peer is not None:
             titles = tls.allowed_calling_aetitles(self.config.tls, self.tls_peer.subject)
@@ -283,16 +295,16 @@ class Session:
         self.contexts = acceptance.contexts
         self.channel.send(acceptance.pdu)
         profile = self.config.negotiation.profile
-        log.info("%s: association accepted (%d of %d contexts, max PDU %d%s)%s",
-                 self._who(), len(acceptance.contexts), len(request.proposed),
-                 request.max_pdu, f", profile {profile}" if profile else "",
-                 self._tls_note(), extra=self._fields(DICOM_OUTCOME="accepted"))
+        log.log(self._info, "%s: association accepted (%d of %d contexts, max PDU %d%s)%s",
+                self._who(), len(acceptance.contexts), len(request.proposed),
+                request.max_pdu, f", profile {profile}" if profile else "",
+                self._tls_note(), extra=self._fields(DICOM_OUTCOME="accepted"))
         if acceptance.rejected:
             # Always said (not only with verbose_pc): a sender whose data fits no accepted
             # context aborts right after this, and this line is then the only clue.
             self._rejected = rejected_summary(acceptance.rejected)
-            log.info("%s: %d context(s) rejected: %s", self._who(), len(acceptance.rejected),
-                     self._rejected, extra=self._fields())
+            log.log(self._info, "%s: %d context(s) rejected: %s", self._who(),
+                    len(acceptance.rejected), self._rejected, extra=self._fields())
         pc_level = logging.INFO if self.config.logging.verbose_pc else logging.DEBUG
         if log.isEnabledFor(pc_level):
             for cx in acceptance.contexts.values():
@@ -368,8 +380,9 @@ class Session:
 
     def _log_end(self, how: str) -> None:
         o = self.outcome
-        log.info("%s: association %s: %d stored, %d failed, %d bytes", self._who(), how,
-                 o.stored, o.failed, o.bytes_stored, extra=self._fields(DICOM_OUTCOME=how))
+        log.log(self._info, "%s: association %s: %d stored, %d failed, %d bytes",
+                self._who(), how, o.stored, o.failed, o.bytes_stored,
+                extra=self._fields(DICOM_OUTCOME=how))
 
     def _p_data(self, length: int) -> None:
         max_pdu = self.config.network.max_pdu
@@ -422,13 +435,16 @@ class Session:
         if context_id != current.context.context_id:
             raise ProtocolError("data set fragment on another presentation context")
         current.bytes += payload
-        if current.temp is not None:
+        if isinstance(current, commitment.Action) or current.temp is not None:
             self.channel.stream(payload, current.write)
         else:
             self.channel.skip(payload)
         if control & 0x02:
             self._current = None
-            self._finish_store(current)
+            if isinstance(current, commitment.Action):
+                self._finish_action(current)
+            else:
+                self._finish_store(current)
 
     def _dispatch(self, context_id: int, data: bytes) -> None:
         self._any_command = True
@@ -439,21 +455,60 @@ class Session:
             raise ProtocolError(str(exc)) from None
         context = self.contexts[context_id]
         if command.field == dimse.C_ECHO_RQ and context.abstract_syntax == VERIFICATION:
-            log.info("%s: C-ECHO (message %d)", self._who(), command.message_id,
-                     extra=self._fields(DICOM_STATUS="0x0000"))
+            log.log(self._info, "%s: C-ECHO (message %d)", self._who(), command.message_id,
+                    extra=self._fields(DICOM_STATUS="0x0000"))
             self._respond(context_id, dimse.C_ECHO_RSP, command.message_id, Status.SUCCESS,
                           VERIFICATION)
         elif command.field == dimse.C_STORE_RQ and command.has_data_set:
             self._begin_store(command, context)
+        elif command.field == dimse.N_ACTION_RQ and context.abstract_syntax == COMMITMENT:
+            action = self._commitment_scp().begin(command, context)
+            if command.has_data_set:
+                self._current = action
+            else:
+                self._finish_action(action)
+        elif command.field == dimse.N_EVENT_REPORT_RSP and self._commitment is not None \
+                and self._commitment.answered(command, self._who(), self._fields):
+            pass
         else:
             raise _Abort(0, 0, f"cannot handle {command.name} on context {context_id} "
                          f"({context.abstract_syntax})")
 
     def _respond(self, context_id: int, field: int, message_id: int, status: int,
-                 sop_class: str, sop_instance: str = "", comment: str = "") -> None:
+                 sop_class: str, sop_instance: str = "", comment: str = "",
+                 action_type: int | None = None) -> None:
         command = dimse.encode_response(field, message_id, status, sop_class, sop_instance,
-                                        comment)
+                                        comment, action_type=action_type)
         self.channel.send(encode_p_data(context_id, command, self.peer_max_pdu))
+
+    # -- N-ACTION (storage commitment, worker/commitment.py) ---------------------------------
+    def _commitment_scp(self) -> commitment.CommitmentSCP:
+        if self._commitment is None:
+            recorder = self.recorder
+            self._commitment = commitment.CommitmentSCP(
+                self.config, recorder.outbox_fd if recorder is not None else -1,
+                recorder.association if recorder is not None else "",
+                recorder.note if recorder is not None else None)
+        return self._commitment
+
+    def _finish_action(self, action: commitment.Action) -> None:
+        scp = self._commitment_scp()
+        answer = scp.answer(action, self.calling_ae, self.called_ae, self.peer.name)
+        command = action.command
+        self._respond(action.context.context_id, dimse.N_ACTION_RSP, command.message_id,
+                      answer.status, COMMITMENT, COMMITMENT_INSTANCE, answer.why,
+                      action_type=command.action_type)
+        extra = self._fields(DICOM_TRANSACTION_UID=answer.transaction_uid,
+                             DICOM_STATUS=f"0x{answer.status:04X}",
+                             DICOM_COMMITMENT_COUNT=answer.count or None)
+        if answer.status != commitment.SUCCESS:
+            log.warning("%s: storage commitment request refused with 0x%04X: %s; nothing "
+                        "recorded", self._who(), answer.status, answer.why, extra=extra)
+            return
+        log.info("%s: storage commitment request received: transaction %s, %d object(s) "
+                 "(request %s)", self._who(), answer.transaction_uid, answer.count,
+                 answer.request_id, extra=extra)
+        scp.report_here(answer, action.context, self.channel, self.peer_max_pdu, self._who())
 
     # -- C-STORE -------------------------------------------------------------------------
     def _begin_store(self, command: dimse.Command, context: acceptor.AcceptedContext) -> None:
@@ -521,7 +576,8 @@ class Session:
         else:
             self.outcome.failed += 1
         if self.reporter is not None:
-            self.reporter.store(status, current.bytes, commit, why, self.peer, self.calling_ae)
+            self.reporter.store(status, current.bytes, commit, why, self.peer.name,
+                                self.calling_ae)
         try:
             self._respond(current.context.context_id, dimse.C_STORE_RSP, command.message_id,
                           status, command.sop_class_uid, command.sop_instance_uid,
@@ -567,8 +623,8 @@ class Session:
             return None
         stored = StoredObject(placed.path, command.sop_class_uid, command.sop_instance_uid,
                               ident.study_uid, ident.series_uid, ident.patient_id,
-                              ident.patient_name, self.calling_ae, self.called_ae, self.peer,
-                              size)
+                              ident.patient_name, self.calling_ae, self.called_ae,
+                              self.peer.name, size)
         try:
             self.recorder.record(stored)
         except StorageError:
@@ -660,54 +716,3 @@ def rejected_summary(rejected: list[Any], most: int = 3) -> str:
     if len(rejected) > most:
         parts.append(f"{len(rejected) - most} more")
     return "; ".join(parts)
-
-
-def resolve_peer(peer: str) -> str:
-    """'host.name:port' for an 'address:port' peer, as storescp names peers without -dhl.
-
-    Runs in the association's own worker, so a slow resolver delays only that peer.
-    """
-    address, _, port = peer.rpartition(":")
-    address = address.strip("[]")
-    try:
-        name = socket.gethostbyaddr(address)[0]
-    except (OSError, UnicodeError):
-        return peer
-    return f"{name}:{port}"
-
-
-def peer_name(address: object) -> str:
-    """'host:port' for an IPv4/IPv6 peer address tuple, for logs ('[v6]:port' for IPv6).
-
-    An IPv4-mapped IPv6 address (a dual-stack socket's view of an IPv4 peer) is written as
-    the plain IPv4 address, as storescp and every IPv4 tool write it: `journalctl
-    DICOM_PEER=10.1.2.3` and #r then find and show the address an administrator knows.
-    """
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = str(address[0]), address[1]
-        if host.lower().startswith("::ffff:") and "." in host:
-            host = host[7:]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return str(address) or "local"
-
-
-def split_peer(peer: str) -> tuple[str, str]:
-    """(address or host name, port) of a peer_name() (or resolve_peer()) string; the port is
-    "" when there is none (a Unix socket, "local")."""
-    if peer.startswith("["):
-        host, _, rest = peer[1:].partition("]")
-        return host, rest.lstrip(":")
-    host, sep, port = peer.rpartition(":")
-    if sep and port.isdigit() and ":" not in host:
-        return host, port
-    return peer, ""
-
-
-def peer_fields(peer: str) -> dict[str, object]:
-    """The journal fields of a peer: DICOM_PEER is the address alone (what an administrator
-    filters on), DICOM_PEER_PORT the port."""
-    host, port = split_peer(peer)
-    fields: dict[str, object] = {"DICOM_PEER": host}
-    if port:
-        fields["DICOM_PEER_PORT"] = port
-    return fields

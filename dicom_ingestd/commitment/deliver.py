@@ -1,0 +1,268 @@
+"""Deliver one storage commitment report on a new association (PS3.4 J.3.3.1.2).
+
+The job's own process (deliver_job.py): open an association to the requester's address
+(DICOM_DELIVERY, from [remote_aes] and [network] when the run started), proposing the Storage
+Commitment Push Model SOP class with the SCP role for us (SCP/SCU role selection, PS3.7
+D.3.3.4: the peer accepts an association where the SCP role is proposed, PS3.4 J.3.3.1.3),
+send the N-EVENT-REPORT-RQ, wait for its response, release.  One line on stdout when the
+report was answered with success (exit 0); one line on stderr saying why not (exit 1: the job
+is retried with backoff, then dead-lettered).
+
+The association requestor is ours, as the acceptor is: A-ASSOCIATE-RQ encoded and the
+A-ASSOCIATE-AC read here (PS3.8 9.3), PDUs through worker/pdu.py's Channel, command sets by
+worker/dimse.py.
+"""
+
+import contextlib
+import json
+import os
+import socket
+import ssl
+import struct
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dicom_ingestd.commitment.dataset import (
+    SOP_CLASS,
+    SOP_INSTANCE,
+    TRANSFER_SYNTAXES,
+    encode_event_information,
+)
+from dicom_ingestd.commitment.spool import read_report_file
+from dicom_ingestd.config.schema import TLSConfig
+from dicom_ingestd.tls import client_context
+from dicom_ingestd.worker import dimse
+from dicom_ingestd.worker.acceptor import (
+    APPLICATION_CONTEXT,
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION,
+)
+from dicom_ingestd.worker.pdu import (
+    A_ABORT,
+    A_ASSOCIATE_AC,
+    A_ASSOCIATE_RJ,
+    P_DATA_TF,
+    Channel,
+    PeerClosed,
+    PeerTimeout,
+    encode_abort,
+    encode_p_data,
+    encode_pdu,
+)
+
+CONTEXT_ID = 1
+MESSAGE_ID = 1
+MAX_AC = 1 << 16
+
+
+class DeliveryError(Exception):
+    """The report was not delivered; the text says why (one line)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str
+    port: int
+    tls: bool
+    calling_ae: str  # ours
+    called_ae: str  # the requester's
+    acse_timeout: float
+    dimse_timeout: float
+    max_pdu: int
+    tls_config: dict[str, Any]
+
+
+# -- A-ASSOCIATE ---------------------------------------------------------------------------
+def _item(item_type: int, body: bytes) -> bytes:
+    return struct.pack(">BxH", item_type, len(body)) + body
+
+
+def _ae(title: str) -> bytes:
+    return title.encode("ascii", "replace")[:16].ljust(16)
+
+
+def associate_rq(settings: Settings) -> bytes:
+    """The A-ASSOCIATE-RQ: one context (our transfer syntaxes), the SCP role proposed."""
+    uid = SOP_CLASS.encode("ascii")
+    context = struct.pack(">B3x", CONTEXT_ID) + _item(0x30, uid) + b"".join(
+        _item(0x40, ts.encode("ascii")) for ts in TRANSFER_SYNTAXES)
+    role = struct.pack(">H", len(uid)) + uid + bytes((0, 1))  # SCU role no, SCP role yes
+    user = (_item(0x51, struct.pack(">L", settings.max_pdu))
+            + _item(0x52, IMPLEMENTATION_CLASS_UID.encode("ascii"))
+            + _item(0x54, role)
+            + _item(0x55, IMPLEMENTATION_VERSION.encode("ascii")))
+    body = (struct.pack(">H2x", 1) + _ae(settings.called_ae) + _ae(settings.calling_ae)
+            + bytes(32) + _item(0x10, APPLICATION_CONTEXT.encode("ascii"))
+            + _item(0x20, context) + _item(0x50, user))
+    return encode_pdu(0x01, body)
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    transfer_syntax: str
+    max_pdu: int
+
+
+def read_ac(body: bytes) -> Accepted:
+    """Our context's outcome in an A-ASSOCIATE-AC body; DeliveryError when it cannot
+    serve (context refused, SCP role not granted)."""
+    pos, result, syntax, max_pdu, scp_role = 68, -1, "", 0, None
+    while pos + 4 <= len(body):
+        item_type, length = struct.unpack_from(">BxH", body, pos)
+        value = body[pos + 4:pos + 4 + length]
+        pos += 4 + length
+        if item_type == 0x21 and len(value) >= 4 and value[0] == CONTEXT_ID:
+            result = value[2]
+            if len(value) >= 8:
+                syntax = value[8:].decode("ascii", "replace").rstrip("\0 ")
+        elif item_type == 0x50:
+            sub = 0
+            while sub + 4 <= len(value):
+                sub_type, sub_length = struct.unpack_from(">BxH", value, sub)
+                data = value[sub + 4:sub + 4 + sub_length]
+                sub += 4 + sub_length
+                if sub_type == 0x51 and len(data) == 4:
+                    max_pdu = struct.unpack(">L", data)[0]
+                elif sub_type == 0x54 and len(data) >= 2:
+                    uid_length = struct.unpack_from(">H", data)[0]
+                    uid = data[2:2 + uid_length].decode("ascii", "replace").rstrip("\0 ")
+                    if uid == SOP_CLASS and len(data) >= 4 + uid_length:
+                        scp_role = data[3 + uid_length]
+    if result != 0:
+        reasons = {1: "rejected by the user", 2: "no reason", 3: "abstract syntax not "
+                   "supported", 4: "transfer syntaxes not supported"}
+        raise DeliveryError("the peer refused the Storage Commitment context ("
+                            f"{reasons.get(result, f'result {result}')})")
+    if syntax not in TRANSFER_SYNTAXES:
+        raise DeliveryError(f"the peer accepted transfer syntax {syntax!r}, which was not "
+                            "proposed")
+    if scp_role != 1:
+        raise DeliveryError("the peer did not accept the SCP role for Storage Commitment "
+                            "(SCP/SCU role selection): it cannot receive the report on an "
+                            "association we open")
+    return Accepted(syntax, max_pdu)
+
+
+# -- the run -------------------------------------------------------------------------------
+def _connect(settings: Settings) -> socket.socket:
+    try:
+        sock = socket.create_connection((settings.host, settings.port),
+                                        timeout=settings.acse_timeout)
+    except OSError as exc:
+        raise DeliveryError(f"cannot connect to {settings.host}:{settings.port}: "
+                            f"{exc.strerror or exc}") from None
+    if settings.tls:
+        context = client_context(TLSConfig(**settings.tls_config))
+        try:
+            sock = context.wrap_socket(sock)
+        except (ssl.SSLError, OSError) as exc:
+            sock.close()
+            raise DeliveryError(f"TLS handshake with {settings.host}:{settings.port} "
+                                f"failed: {exc}") from None
+    return sock
+
+
+def _read_pdu(channel: Channel, timeout: float) -> tuple[int, bytes]:
+    deadline = time.monotonic() + timeout
+    pdu_type, length = channel.read_pdu_header(deadline)
+    if length > MAX_AC and pdu_type != P_DATA_TF:
+        raise DeliveryError(f"PDU of {length} bytes from the peer")
+    return pdu_type, channel.read_exact(length, deadline)
+
+
+def _read_command(channel: Channel, timeout: float) -> dimse.Command:
+    """The next command set (PDVs of P-DATA-TF PDUs)."""
+    command = bytearray()
+    while True:
+        pdu_type, body = _read_pdu(channel, timeout)
+        if pdu_type == A_ABORT:
+            raise DeliveryError("the peer aborted the association")
+        if pdu_type != P_DATA_TF:
+            raise DeliveryError(f"unexpected PDU type 0x{pdu_type:02X} from the peer")
+        pos = 0
+        while pos + 6 <= len(body):
+            length, _context, control = struct.unpack_from(">LBB", body, pos)
+            command += body[pos + 6:pos + 4 + length]
+            pos += 4 + length
+            if control & 0x01 and control & 0x02:
+                return dimse.decode_command(bytes(command))
+
+
+def deliver(settings: Settings, report_path: str) -> str:
+    """Send the report; the line to print.  Raises DeliveryError."""
+    try:
+        report, results = read_report_file(report_path)
+    except (OSError, ValueError) as exc:
+        raise DeliveryError(f"cannot read the report {report_path}: {exc}") from None
+    where = f"{settings.called_ae}@{settings.host}:{settings.port}"
+    sock = _connect(settings)
+    channel = Channel(sock, settings.dimse_timeout, False)
+    try:
+        channel.send(associate_rq(settings))
+        pdu_type, body = _read_pdu(channel, settings.acse_timeout)
+        if pdu_type == A_ASSOCIATE_RJ:
+            raise DeliveryError(f"{where} rejected the association (result {body[1]}, source "
+                                f"{body[2]}, reason {body[3]})" if len(body) >= 4 else
+                                f"{where} rejected the association")
+        if pdu_type != A_ASSOCIATE_AC:
+            raise DeliveryError(f"{where} answered the A-ASSOCIATE-RQ with PDU type "
+                                f"0x{pdu_type:02X}")
+        try:
+            accepted = read_ac(body)
+        except DeliveryError as exc:
+            channel.send(encode_pdu(0x05, bytes(4)))  # release what we cannot use
+            raise DeliveryError(f"{where}: {exc}") from None
+        event_type, data = encode_event_information(report.transaction_uid, results,
+                                                    accepted.transfer_syntax)
+        command = dimse.encode_event_report(MESSAGE_ID, SOP_CLASS, SOP_INSTANCE, event_type)
+        channel.send(encode_p_data(CONTEXT_ID, command, accepted.max_pdu))
+        channel.send(encode_p_data(CONTEXT_ID, data, accepted.max_pdu, is_command=False))
+        answer = _read_command(channel, settings.dimse_timeout)
+        if answer.field != dimse.N_EVENT_REPORT_RSP or answer.message_id != MESSAGE_ID:
+            raise DeliveryError(f"{where} answered with {answer.name} (message "
+                                f"{answer.message_id}) instead of N-EVENT-REPORT-RSP")
+        if answer.status != 0:
+            status = "none" if answer.status is None else f"0x{answer.status:04X}"
+            raise DeliveryError(f"{where} answered the report with status {status}")
+        channel.send(encode_pdu(0x05, bytes(4)))  # A-RELEASE-RQ
+        # Delivered whatever comes now (A-RELEASE-RP, or the peer just closing): the
+        # response said so.
+        with contextlib.suppress(PeerClosed, PeerTimeout, DeliveryError):
+            _read_pdu(channel, settings.acse_timeout)
+    except (PeerClosed, PeerTimeout, dimse.CommandError) as exc:
+        with_abort(channel)
+        raise DeliveryError(f"{where}: {exc}") from None
+    except DeliveryError:
+        with_abort(channel)
+        raise
+    finally:
+        sock.close()
+    return (f"storage commitment report of transaction {report.transaction_uid} sent to "
+            f"{where}: {report.committed} committed, {report.failed} failed (event type "
+            f"{int(event_type)})")
+
+
+def with_abort(channel: Channel) -> None:
+    with contextlib.suppress(PeerClosed, PeerTimeout):
+        channel.send(encode_abort(0, 0))
+
+
+def main(argv: Sequence[str]) -> int:
+    if len(argv) != 1:
+        print("usage: deliver_job.py REPORT", file=sys.stderr)
+        return 2
+    try:
+        settings = Settings(**json.loads(os.environ["DICOM_DELIVERY"]))
+        path = os.path.join(os.environ["DICOM_COMMITMENT_REPORTS"], os.path.basename(argv[0]))
+    except (KeyError, TypeError, ValueError) as exc:
+        print(f"no delivery settings in the environment ({exc})", file=sys.stderr)
+        return 2
+    try:
+        print(deliver(settings, path), flush=True)
+    except DeliveryError as exc:
+        print(f"report not delivered: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0

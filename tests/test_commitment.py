@@ -1,0 +1,510 @@
+"""Storage Commitment Push Model SCP ([storage_commitment], [remote_aes]) against real peers:
+pynetdicom as the modality (N-ACTION on one association; the N-EVENT-REPORT on that
+association, or on a new one where it is the SCP of the SOP class) and Orthanc from Debian.
+
+What a sender sees (statuses, reports), what is logged, what the job queue holds, and that
+the daemon goes on serving after every bad request.
+"""
+
+import contextlib
+import json
+import sqlite3
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE, build_role, evt
+from pynetdicom.sop_class import CTImageStorage, StorageCommitmentPushModel, Verification
+
+from tests.conftest import Daemon, free_port, make_study, require_tool, wait_until
+
+WELL_KNOWN = "1.2.840.10008.1.20.1.1"
+CT = "1.2.840.10008.5.1.4.1.1.2"
+MR = "1.2.840.10008.5.1.4.1.1.4"
+MODALITY = "MODALITY"
+
+
+class ReportSCP:
+    """A modality's side that receives reports on associations the daemon opens."""
+
+    def __init__(self, port: int, *, accept_role: bool = True) -> None:
+        self.port = port
+        self.reports: list[tuple[int, Dataset]] = []
+        self.accept_role = accept_role
+        self.server: Any = None
+
+    def start(self) -> "ReportSCP":
+        ae = AE(ae_title=MODALITY)
+        ae.add_supported_context(StorageCommitmentPushModel, scu_role=True,
+                                 scp_role=self.accept_role)
+        ae.add_supported_context(Verification)
+
+        def on_report(event: Any) -> tuple[int, None]:
+            self.reports.append((event.event_type, event.event_information))
+            return 0x0000, None
+
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+    def wait(self, count: int = 1, timeout: float = 30.0) -> list[tuple[int, Dataset]]:
+        wait_until(lambda: len(self.reports) >= count, timeout, f"{count} report(s)")
+        return self.reports
+
+
+@pytest.fixture
+def report_scp() -> Any:
+    scp = ReportSCP(free_port()).start()
+    yield scp
+    scp.stop()
+
+
+def settings(scp_port: int, **commitment: Any) -> dict[str, dict[str, Any]]:
+    """Reports on a new association (to `scp_port`) unless same_association_wait is given:
+    pynetdicom answers a report on the requesting association while it waits for anything
+    else there (a C-ECHO response), so the tests choose the path they test."""
+    commitment.setdefault("same_association_wait", 0)
+    return {"storage_commitment": {"enabled": True, **commitment},
+            "remote_aes": {MODALITY: {"host": "127.0.0.1", "port": scp_port}},
+            "jobs": {"retry_backoff": 1, "retry_backoff_max": 1}}
+
+
+def references(*items: tuple[str, str]) -> list[Dataset]:
+    out = []
+    for sop_class, sop_instance in items:
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = sop_class
+        ref.ReferencedSOPInstanceUID = sop_instance
+        out.append(ref)
+    return out
+
+
+def action(transaction: str | None, refs: list[Dataset] | None) -> Dataset:
+    ds = Dataset()
+    if transaction is not None:
+        ds.TransactionUID = transaction
+    if refs is not None:
+        ds.ReferencedSOPSequence = refs
+    return ds
+
+
+def store(port: int, files: list[Path], calling: str = MODALITY) -> list[tuple[str, str]]:
+    """C-STORE `files`; their (SOP class, SOP instance)."""
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(MR)
+    assoc = ae.associate("127.0.0.1", port, ae_title="STORESCP")
+    assert assoc.is_established
+    stored = []
+    for path in files:
+        ds = dcmread(path)
+        assert assoc.send_c_store(ds).Status == 0
+        stored.append((str(ds.SOPClassUID), str(ds.SOPInstanceUID)))
+    assoc.release()
+    return stored
+
+
+def request(port: int, dataset: Dataset | None, *, calling: str = MODALITY,
+            keep_open: float = 0.0, action_type: int = 1,
+            roles: list[Any] | None = None) -> tuple[int, list[tuple[int, Dataset]]]:
+    """Send one N-ACTION; (its status, the reports received on this association while it
+    stays open for `keep_open` seconds)."""
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(StorageCommitmentPushModel)
+    ae.add_requested_context(Verification)
+    reports: list[tuple[int, Dataset]] = []
+
+    def on_report(event: Any) -> tuple[int, None]:
+        reports.append((event.event_type, event.event_information))
+        return 0x0000, None
+
+    assoc = ae.associate("127.0.0.1", port, ae_title="STORESCP", ext_neg=roles,
+                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+    assert assoc.is_established
+    status, _ = assoc.send_n_action(dataset, action_type, StorageCommitmentPushModel,
+                                    WELL_KNOWN)
+    code = int(status.Status) if "Status" in status else -1
+    deadline = time.monotonic() + keep_open
+    while time.monotonic() < deadline and not reports:
+        time.sleep(0.05)
+    # The association goes on serving after whatever came before.
+    assert assoc.send_c_echo().Status == 0
+    assoc.release()
+    return code, reports
+
+
+def uids(sequence: Any) -> list[tuple[str, str, int]]:
+    return [(str(item.ReferencedSOPClassUID), str(item.ReferencedSOPInstanceUID),
+             int(item.get("FailureReason", 0))) for item in sequence or []]
+
+
+def jobs(daemon: Daemon) -> list[dict[str, Any]]:
+    """The job database's rows (read as `dicom-ingestd jobs` does, from another process)."""
+    path = daemon.out / ".ingestd-state" / "jobs.sqlite"
+    if not path.exists():
+        return []
+    with contextlib.closing(sqlite3.connect(path, timeout=5)) as db:
+        db.row_factory = sqlite3.Row
+        return [dict(row) for row in db.execute("SELECT * FROM jobs ORDER BY id")]
+
+
+# -- the cases ------------------------------------------------------------------------------
+def test_all_present_report_on_a_new_association(daemon_factory: Any, report_scp: ReportSCP,
+                                                 tmp_path: Path) -> None:
+    daemon = daemon_factory(settings(report_scp.port))
+    stored = store(daemon.port, make_study(tmp_path / "study", 3))
+    transaction = str(generate_uid())
+    status, here = request(daemon.port, action(transaction, references(*stored)))
+    assert status == 0 and here == []
+    event_type, info = report_scp.wait()[0]
+    assert event_type == 1
+    assert info.TransactionUID == transaction
+    assert uids(info.ReferencedSOPSequence) == [(c, i, 0) for c, i in stored]
+    assert "FailedSOPSequence" not in info
+    log = daemon.wait_log("3 committed, 0 failed (event type 1)")
+    assert f"storage commitment request received: transaction {transaction}, 3 object(s)" \
+        in log
+    assert f"storage commitment of transaction {transaction} from {MODALITY}" in log
+    wait_until(lambda: [j["state"] for j in jobs(daemon)] == ["done"], 10, "job done")
+
+
+def test_an_object_stored_just_before_the_request_counts(daemon_factory: Any,
+                                                        report_scp: ReportSCP,
+                                                        tmp_path: Path) -> None:
+    # Store and request on one association, back to back, ten times: each request is
+    # evaluated only after the records written before it (the master reads the outbox again
+    # after it finds the request), whatever the timing of the worker's wake-ups.
+    daemon = daemon_factory(settings(report_scp.port))
+    ae = AE(ae_title=MODALITY)
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(StorageCommitmentPushModel)
+    assoc = ae.associate("127.0.0.1", daemon.port, ae_title="STORESCP")
+    assert assoc.is_established
+    for index, path in enumerate(make_study(tmp_path / "s", 10)):
+        ds = dcmread(path)
+        assert assoc.send_c_store(ds).Status == 0
+        status, _ = assoc.send_n_action(
+            action(str(generate_uid()), references((CT, str(ds.SOPInstanceUID)))), 1,
+            StorageCommitmentPushModel, WELL_KNOWN)
+        assert status.Status == 0, index
+    assoc.release()
+    assert [event for event, _ in report_scp.wait(10)] == [1] * 10
+
+
+def test_report_on_the_requesting_association(daemon_factory: Any, report_scp: ReportSCP,
+                                              tmp_path: Path) -> None:
+    daemon = daemon_factory(settings(report_scp.port, same_association_wait=10))
+    stored = store(daemon.port, make_study(tmp_path / "study", 2))
+    transaction = str(generate_uid())
+    status, here = request(daemon.port, action(transaction, references(*stored)),
+                           keep_open=15)
+    assert status == 0
+    assert [t for t, _ in here] == [1]
+    assert uids(here[0][1].ReferencedSOPSequence) == [(c, i, 0) for c, i in stored]
+    daemon.wait_log("on the requesting association: 2 committed, 0 failed")
+    wait_until(lambda: [j["result"] for j in jobs(daemon)] ==
+               ["delivered on the requesting association"], 10, "job done")
+    time.sleep(1.5)  # a second delivery would go out within the runner's poll
+    assert report_scp.reports == []
+
+
+def test_never_sent_and_wrong_sop_class_fail_with_their_reasons(
+        daemon_factory: Any, report_scp: ReportSCP, tmp_path: Path) -> None:
+    daemon = daemon_factory(settings(report_scp.port))
+    (ct_class, ct_instance), = store(daemon.port, make_study(tmp_path / "s", 1))
+    never = str(generate_uid())
+    refs = references((ct_class, ct_instance), (CT, never), (MR, ct_instance))
+    status, _ = request(daemon.port, action(str(generate_uid()), refs))
+    assert status == 0
+    event_type, info = report_scp.wait()[0]
+    assert event_type == 2
+    assert uids(info.ReferencedSOPSequence) == [(ct_class, ct_instance, 0)]
+    assert uids(info.FailedSOPSequence) == [(CT, never, 0x0112), (MR, ct_instance, 0x0119)]
+    daemon.wait_log("1 committed, 2 failed (event type 2)")
+
+
+def test_objects_stored_before_a_restart_count(daemon_factory: Any, report_scp: ReportSCP,
+                                               tmp_path: Path) -> None:
+    config = settings(report_scp.port)
+    daemon = daemon_factory(config)
+    stored = store(daemon.port, make_study(tmp_path / "s", 2))
+    assert daemon.stop() == 0
+    again = daemon_factory({**config, "network": {"port": daemon.port},
+                            "storage": {"output_directory": str(daemon.out)}})
+    status, _ = request(again.port, action(str(generate_uid()), references(*stored)))
+    assert status == 0
+    event_type, info = report_scp.wait()[0]
+    assert event_type == 1 and len(info.ReferencedSOPSequence) == 2
+
+
+def test_a_file_gone_from_where_it_was_filed_is_not_committed(
+        daemon_factory: Any, report_scp: ReportSCP, tmp_path: Path) -> None:
+    daemon = daemon_factory(settings(report_scp.port))
+    stored = store(daemon.port, make_study(tmp_path / "s", 2))
+    victim = next(p for p in daemon.files() if p.name.endswith(stored[0][1]))
+    victim.unlink()
+    request(daemon.port, action(str(generate_uid()), references(*stored)))
+    _, info = report_scp.wait()[0]
+    assert uids(info.FailedSOPSequence) == [(*stored[0], 0x0112)]
+    assert uids(info.ReferencedSOPSequence) == [(*stored[1], 0)]
+
+
+def test_renamed_at_end_of_study_still_counts(daemon_factory: Any, report_scp: ReportSCP,
+                                              tmp_path: Path) -> None:
+    config = settings(report_scp.port)
+    config["events"] = {"rename_on_eostudy": True, "eostudy_timeout": 1}
+    config["storage"] = {"sort": "study-uid"}
+    daemon = daemon_factory(config)
+    stored = store(daemon.port, make_study(tmp_path / "s", 2))
+    wait_until(lambda: sorted(p.name for p in daemon.files() if ".ingestd-state" not in p.parts)
+               == ["CT000001", "CT000002"], 20, "renamed")
+    request(daemon.port, action(str(generate_uid()), references(*stored)))
+    event_type, info = report_scp.wait()[0]
+    assert event_type == 1 and len(info.ReferencedSOPSequence) == 2
+
+
+def test_the_report_waits_for_its_target(daemon_factory: Any, tmp_path: Path) -> None:
+    port = free_port()
+    daemon = daemon_factory(settings(port))
+    stored = store(daemon.port, make_study(tmp_path / "s", 1))
+    transaction = str(generate_uid())
+    status, _ = request(daemon.port, action(transaction, references(*stored)))
+    assert status == 0
+    log = daemon.wait_log("report not delivered: ", timeout=20)
+    assert f"cannot connect to 127.0.0.1:{port}" in log
+    daemon.wait_log("retry 1 of 20")
+    scp = ReportSCP(port).start()
+    try:
+        event_type, info = scp.wait(timeout=30)[0]
+        assert event_type == 1 and info.TransactionUID == transaction
+    finally:
+        scp.stop()
+    wait_until(lambda: [j["state"] for j in jobs(daemon)] == ["done"], 10, "job done")
+
+
+def test_a_target_refusing_the_scp_role_dead_letters_the_report(daemon_factory: Any,
+                                                                tmp_path: Path) -> None:
+    scp = ReportSCP(free_port(), accept_role=False).start()
+    try:
+        daemon = daemon_factory(settings(scp.port, delivery_retries=1))
+        stored = store(daemon.port, make_study(tmp_path / "s", 1))
+        request(daemon.port, action(str(generate_uid()), references(*stored)))
+        log = daemon.wait_log("dead after 2 attempt(s)", timeout=30)
+        assert "refused the Storage Commitment context" in log or "SCP role" in log
+        assert scp.reports == []
+        assert [j["state"] for j in jobs(daemon)] == ["dead"]
+    finally:
+        scp.stop()
+
+
+def test_an_address_added_by_reload_serves_the_next_retry(daemon_factory: Any,
+                                                          report_scp: ReportSCP,
+                                                          tmp_path: Path) -> None:
+    config = settings(report_scp.port)
+    config["remote_aes"] = {}
+    daemon = daemon_factory(config)
+    stored = store(daemon.port, make_study(tmp_path / "s", 1))
+    request(daemon.port, action(str(generate_uid()), references(*stored)))
+    daemon.wait_log(f"no address for AE title '{MODALITY}'")
+    text = daemon.config_path.read_text() + (
+        f'\n[remote_aes.{MODALITY}]\nhost = "127.0.0.1"\nport = {report_scp.port}\n')
+    daemon.config_path.write_text(text)
+    assert report_scp.wait(timeout=30)[0][0] == 1
+
+
+@pytest.mark.parametrize("dataset, why", [
+    (action(None, references((CT, "1.2.3"))), "no Transaction UID"),
+    (action("", references((CT, "1.2.3"))), "no Transaction UID"),
+    (action("1.2.3", None), "no Referenced SOP Sequence"),
+    (action("1.2.3", []), "is empty"),
+    (action("1.2.3", references((CT, ""))), "no valid Referenced SOP Class UID"),
+    (None, "no Action Information"),
+], ids=["no-transaction", "empty-transaction", "no-sequence", "empty-sequence",
+        "item-without-instance", "no-data-set"])
+def test_a_malformed_request_is_refused_and_nothing_is_done(
+        daemon_factory: Any, report_scp: ReportSCP, dataset: Dataset | None, why: str) -> None:
+    daemon = daemon_factory(settings(report_scp.port))
+    status, _ = request(daemon.port, dataset)
+    assert status == 0x0115
+    log = daemon.wait_log("storage commitment request refused with 0x0115")
+    assert why in log and "nothing recorded" in log
+    assert "Traceback" not in log
+    time.sleep(1.5)  # the master looks at the spool every second
+    assert jobs(daemon) == [] and report_scp.reports == []
+    spool = daemon.out / ".ingestd-state" / "commitment" / "requests"
+    assert list(spool.iterdir()) == []
+
+
+def test_wrong_action_type_and_unauthorised_caller(daemon_factory: Any,
+                                                   report_scp: ReportSCP) -> None:
+    daemon = daemon_factory(settings(report_scp.port, allowed_calling_aetitles=["CT01"]))
+    dataset = action(str(generate_uid()), references((CT, "1.2.3")))
+    assert request(daemon.port, dataset, calling=MODALITY)[0] == 0x0124
+    assert request(daemon.port, dataset, calling="CT01", action_type=2)[0] == 0x0123
+    daemon.wait_log("may not request storage commitment")
+    assert jobs(daemon) == []
+
+
+def test_a_reused_transaction_uid_fails_every_reference_with_0131(
+        daemon_factory: Any, report_scp: ReportSCP, tmp_path: Path) -> None:
+    daemon = daemon_factory(settings(report_scp.port))
+    stored = store(daemon.port, make_study(tmp_path / "s", 1))
+    transaction = str(generate_uid())
+    assert request(daemon.port, action(transaction, references(*stored)))[0] == 0
+    report_scp.wait(1)
+    assert request(daemon.port, action(transaction, references(*stored)))[0] == 0
+    event_type, info = report_scp.wait(2)[1]
+    assert event_type == 2 and info.TransactionUID == transaction
+    assert uids(info.FailedSOPSequence) == [(*stored[0], 0x0131)]
+    daemon.wait_log("transaction UID used before: 0x0131 for each")
+
+
+def test_a_requester_refusing_the_scu_role_gets_no_context(daemon_factory: Any,
+                                                           report_scp: ReportSCP) -> None:
+    daemon = daemon_factory(settings(report_scp.port))
+    ae = AE(ae_title=MODALITY)
+    ae.add_requested_context(StorageCommitmentPushModel)
+    ae.add_requested_context(Verification)
+    role = build_role(StorageCommitmentPushModel, scu_role=False, scp_role=True)
+    assoc = ae.associate("127.0.0.1", daemon.port, ae_title="STORESCP", ext_neg=[role])
+    assert assoc.is_established
+    accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+    assert StorageCommitmentPushModel not in accepted
+    assert assoc.send_c_echo().Status == 0
+    assoc.release()
+    # Proposing both roles: the requester is SCU, and may request.
+    both = build_role(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+    status, _ = request(daemon.port, action(str(generate_uid()), references((CT, "1.2.3"))),
+                        roles=[both])
+    assert status == 0
+
+
+def test_disabled_means_no_context(daemon_factory: Any) -> None:
+    daemon = daemon_factory({})
+    ae = AE(ae_title=MODALITY)
+    ae.add_requested_context(StorageCommitmentPushModel)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", daemon.port, ae_title="STORESCP")
+    assert StorageCommitmentPushModel not in {str(cx.abstract_syntax)
+                                              for cx in assoc.accepted_contexts}
+    assoc.release()
+
+
+def test_a_huge_reference_sequence_is_refused_with_bounded_memory(
+        daemon_factory: Any, report_scp: ReportSCP, tmp_path: Path) -> None:
+    daemon = daemon_factory(settings(report_scp.port, max_references=2000))
+    stored = store(daemon.port, make_study(tmp_path / "s", 1))
+    at_limit = references(*stored, *[(CT, f"1.2.3.{n}") for n in range(1999)])
+    assert request(daemon.port, action(str(generate_uid()), at_limit))[0] == 0
+    _, info = report_scp.wait()[0]
+    assert len(info.FailedSOPSequence) == 1999 and len(info.ReferencedSOPSequence) == 1
+    # 50 times the limit: read and dropped beyond its bytes, refused, nothing recorded.
+    huge = references(*[(CT, f"1.2.3.{n}") for n in range(100000)])
+    assert request(daemon.port, action(str(generate_uid()), huge))[0] == 0x0213
+    log = daemon.wait_log("refused with 0x0213")
+    assert "exceeds" in log and "storage_commitment.max_references = 2000" in log
+    # Just over the limit in count, within the byte bound: refused the same way.
+    over = references(*[(CT, f"1.{n}") for n in range(2001)])
+    assert request(daemon.port, action(str(generate_uid()), over))[0] == 0x0213
+    time.sleep(1.5)
+    assert len(jobs(daemon)) == 1
+
+
+def test_requests_work_with_events_on_as_well(daemon_factory: Any, report_scp: ReportSCP,
+                                              tmp_path: Path) -> None:
+    config = settings(report_scp.port, same_association_wait=10)
+    config["events"] = {"exec_on_reception": ["/bin/true"]}
+    daemon = daemon_factory(config)
+    stored = store(daemon.port, make_study(tmp_path / "s", 2))
+    status, here = request(daemon.port, action(str(generate_uid()), references(*stored)),
+                           keep_open=15)
+    assert status == 0 and [t for t, _ in here] == [1]
+
+
+# -- Orthanc as the requester ---------------------------------------------------------------
+def _orthanc(tmp_path: Path, dicom_port: int, http_port: int, daemon_port: int) -> Any:
+    require_tool("Orthanc")
+    storage = tmp_path / "orthanc-db"
+    config = {
+        "Name": "commitment-test", "StorageDirectory": str(storage),
+        "IndexDirectory": str(storage), "HttpPort": http_port, "DicomPort": dicom_port,
+        "DicomAet": MODALITY, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+        "DicomModalities": {"ingestd": {"AET": "STORESCP", "Host": "127.0.0.1",
+                                        "Port": daemon_port}},
+        "Plugins": [], "LogExportedResources": False, "StorageCommitmentReportsSize": 100,
+    }
+    path = tmp_path / "orthanc.json"
+    path.write_text(json.dumps(config))
+    log = open(tmp_path / "orthanc.log", "wb")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(["/usr/sbin/Orthanc", str(path)], stdout=log,
+                            stderr=subprocess.STDOUT)
+    return proc
+
+
+def _rest(http_port: int, path: str, body: Any = None) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    with urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{http_port}{path}", data=data,
+            method="GET" if data is None else "POST"), timeout=30) as response:
+        return json.loads(response.read() or b"null")
+
+
+def test_orthanc_requests_commitment_of_what_it_sent(daemon_factory: Any,
+                                                     tmp_path: Path) -> None:
+    dicom_port, http_port = free_port(), free_port()
+    daemon = daemon_factory(settings(dicom_port))
+    orthanc = _orthanc(tmp_path, dicom_port, http_port, daemon.port)
+    try:
+        wait_until(lambda: _alive(http_port), 30, "Orthanc's REST API")
+        ids = [_upload(http_port, path) for path in make_study(tmp_path / "s", 3)]
+        _rest(http_port, "/modalities/ingestd/store", {"Resources": ids, "Synchronous": True})
+        instances = [_rest(http_port, f"/instances/{i}/tags?simplify") for i in ids]
+        refs = [{"SOPClassUID": t["SOPClassUID"], "SOPInstanceUID": t["SOPInstanceUID"]}
+                for t in instances]
+        refs.append({"SOPClassUID": CT, "SOPInstanceUID": str(generate_uid())})
+        answer = _rest(http_port, "/modalities/ingestd/storage-commitment",
+                       {"DicomInstances": refs})
+        transaction = answer["ID"]
+
+        def report() -> Any:
+            return _rest(http_port, f"/storage-commitment/{transaction}")
+
+        wait_until(lambda: report()["Status"] != "Pending", 30, "Orthanc's report")
+        outcome = report()
+        assert outcome["Status"] == "Failure"  # one reference was never sent
+        assert sorted(s["SOPInstanceUID"] for s in outcome["Success"]) == \
+            sorted(r["SOPInstanceUID"] for r in refs[:3])
+        assert [f["SOPInstanceUID"] for f in outcome["Failures"]] == [refs[3]["SOPInstanceUID"]]
+        assert [f["FailureReason"] for f in outcome["Failures"]] == [0x0112]
+        daemon.wait_log(f"storage commitment report of transaction {transaction} sent to "
+                        f"{MODALITY}@127.0.0.1:{dicom_port}: 3 committed, 1 failed")
+    finally:
+        orthanc.terminate()
+        orthanc.wait(20)
+
+
+def _alive(http_port: int) -> bool:
+    try:
+        _rest(http_port, "/system")
+    except OSError:
+        return False
+    return True
+
+
+def _upload(http_port: int, path: Path) -> str:
+    with urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{http_port}/instances", data=path.read_bytes(),
+            method="POST"), timeout=30) as response:
+        return str(json.loads(response.read())["ID"])
+
