@@ -47,6 +47,8 @@ class AccessPolicy:
         """check() for a connection's peer: behind a proxy, the address its header carried.
         The proxy's own health checks are not a peer's (the proxy is trusted by
         network.trusted_proxies), nor is a Unix socket's peer."""
+        if not self.allow and not self.deny:
+            return None  # no policy: no address to parse for each connection
         if not peer.key or peer.health_check:
             return None
         return self.check(peer.key)

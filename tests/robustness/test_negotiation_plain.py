@@ -42,6 +42,7 @@ CONFIGS = [
     _config(association={"allowed_calling_aetitles": ["STORESCU"],
                          "reject_without_implementation_uid": True}),
     _config(negotiation={"promiscuous": True}),
+    _config(storage_commitment={"enabled": True}),
 ]
 
 
@@ -53,7 +54,8 @@ def _uid(uid: str, rng: random.Random) -> bytes:
 def sender_like(rng: random.Random) -> bytes:
     """An A-ASSOCIATE-RQ as real senders build them, with the variations they show."""
     classes = [negotiation.VERIFICATION_SOP_CLASS, *negotiation.STORAGE_SOP_CLASSES,
-               "1.2.3.999", "1.2.840.10008.5.1.4.1.1.9999"]
+               "1.2.3.999", "1.2.840.10008.5.1.4.1.1.9999",
+               negotiation.commitment_context()[0]]
     items = [fuzzgen.item(0x10, _uid("1.2.840.10008.3.1.1.1", rng))]
     for number in range(rng.choice([1, 1, 2, 3, 10, 64, 128])):
         syntaxes = rng.sample(SYNTAXES, rng.randint(1, 4))
