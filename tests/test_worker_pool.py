@@ -33,7 +33,9 @@ from conftest import (
 )
 from test_process_model import (
     Factory,
+    _rejections,
     alive,
+    assert_rejected_local_limit,
     associate,
     config_of,
     ct_copies,
@@ -147,7 +149,8 @@ def test_rejected_association_ends_its_worker(daemon_factory: Factory) -> None:
     daemon = daemon_factory(settings(association={"allowed_calling_aetitles": ["ONLYME"]}))
     assoc = associate(daemon.port, title="NOTYOU")
     with held(assoc):
-        assert assoc.is_rejected
+        rejection = _rejections.get(assoc)  # as received (test_process_model's note)
+        assert rejection is not None and rejection.reason_diagnostic == 3, rejection
     pid = served_by(daemon, "NOTYOU")
     wait_until(lambda: not alive(pid), 5, "the rejecting worker gone")
 
@@ -265,7 +268,7 @@ def test_max_associations_rejects_with_spares_idle(daemon_factory: Factory) -> N
         assert first.is_established
         second = associate(daemon.port, title="EXTRA")
         with held(second):
-            assert second.is_rejected
+            assert_rejected_local_limit(second)
         first.release()
     assert "workers.max_associations = 1" in daemon.wait_log("association rejected")
 
