@@ -45,6 +45,8 @@ class AccessPolicy:
 
     def check(self, address: str) -> str | None:
         """None when the peer may connect, else the reason it may not."""
+        if not self.allow and not self.deny:
+            return None  # no policy: nothing to parse for each connection
         try:
             ip = normalize(address)
         except ValueError:
@@ -61,6 +63,8 @@ class AccessPolicy:
         (UNKNOWN: the proxy's).  The proxy's own LOCAL connections pass: the proxy is
         admitted by network.trusted_proxies, and Verification is all such a connection may
         use (Peer.verification_only); so does a Unix socket's peer."""
+        if not self.allow and not self.deny:
+            return None  # no policy: no address to parse for each connection
         if not peer.key or peer.verification_only:
             return None
         return self.check(peer.key)

@@ -408,6 +408,41 @@ def receivers() -> Iterator[list[Any]]:
         receiver.stop()
 
 
+# warm.py's process names: a worker waiting for a connection, and one serving an association.
+IDLE_WORKER = "ingestd-idle"
+BUSY_WORKER = "ingestd-assoc"
+
+
+def child_pids(pid: int) -> set[int]:
+    """The pids of pid's children (zombies included until reaped)."""
+    result: set[int] = set()
+    with contextlib.suppress(FileNotFoundError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(FileNotFoundError):
+                text = Path(f"/proc/{pid}/task/{task}/children").read_text()
+                result.update(int(x) for x in text.split())
+    return result
+
+
+def process_name(pid: int) -> str:
+    """/proc/PID/comm, "" once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def workers_of(master: int, name: str) -> set[int]:
+    """The master's worker processes named `name` (IDLE_WORKER or BUSY_WORKER)."""
+    return {pid for pid in child_pids(master) if process_name(pid) == name}
+
+
+def helpers_of(master: int) -> set[int]:
+    """The master's children that are not idle workers: the configuration watcher, job
+    processes and workers serving (or just done with) an association."""
+    return {pid for pid in child_pids(master) if process_name(pid) != IDLE_WORKER}
+
+
 def wait_until(predicate: Any, timeout: float = 15.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -218,7 +218,11 @@ def test_a_paused_master_loses_no_job(tmp_path: Path, daemon_factory: Any,
     work = parallel_studies(tmp_path, 3, 2, 15)
     ledgers = [tmp_path / f"ack{n}" for n in range(3)]
     senders = [send(daemon.port, ledgers[n], work[n], per_association=5) for n in range(3)]
-    wait_until(lambda: sum(len(acknowledged(p)) for p in ledgers) >= 5, 30, "a few stores")
+    # Paused while an association is at its first or second object of five, so that it has
+    # objects left to store without the master (new associations wait for it).
+    wait_until(lambda: sum(len(acknowledged(p)) for p in ledgers) >= 5
+               and any(len(acknowledged(p)) % 5 in (1, 2) for p in ledgers), 30,
+               "a few stores, one association under way")
     daemon.proc.send_signal(signal.SIGSTOP)
     try:
         during = sum(len(acknowledged(p)) for p in ledgers)

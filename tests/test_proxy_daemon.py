@@ -43,12 +43,12 @@ from dicom_ingestd import healthcheck
 from dicom_ingestd.proxy_reader import MAX_PENDING
 
 Factory = Callable[..., Daemon]
-WORKER_STARTED = re.compile(r"DEBUG \[\d+\] (.*): worker \d+ started")
+WORKER_STARTED = re.compile(r"DEBUG \[\d+\] (.*): association \S+ handed to (?:worker|thread)")
 
 
 def proxied(**tables: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Settings behind a proxy on 127.0.0.1 (v2 unless said), logging at debug level (the
-    master's "worker N started" lines show what cost a worker)."""
+    master's "association K handed to worker N" lines show what cost a worker)."""
     result = {name: dict(values) for name, values in tables.items()}
     network = result.setdefault("network", {})
     network.setdefault("proxy_protocol", "v2")

@@ -207,6 +207,20 @@ class Channel:
         """Discard the next n bytes."""
         self.stream(n, lambda _chunk: None)
 
+    def has_data(self, timeout: float) -> bool:
+        """Is the peer's next byte here, or within `timeout` seconds?  Only a look: nothing
+        is read (and an error is left for the next read to report)."""
+        if self._end > self._start:
+            return True
+        pending = getattr(self.sock, "pending", None)  # TLS: bytes already decrypted
+        if pending is not None and pending():
+            return True
+        try:
+            readable, _, _ = select.select([self.sock], [], [], timeout)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
     def read_pdu_header(self, deadline: float | None = None) -> tuple[int, int]:
         """Wait (until `deadline`) for the next PDU and return (type, length).
 

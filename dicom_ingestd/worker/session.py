@@ -61,6 +61,7 @@ log = logging.getLogger("dicom_ingestd.association")
 HEAD_BYTES = 1 << 16  # identifying attributes sit in the first few KiB of a data set
 MAX_ASSOCIATE_RQ = 1 << 17  # 128 contexts of long UIDs fit in ~40 KiB; more is abuse
 MAX_SMALL_PDU = 64  # A-RELEASE-RQ and A-ABORT bodies are 4 bytes; longer ones are not read
+SPARE_WAIT = 0.001  # seconds: a peer's next PDU this quick after a response needs no spare
 VERIFICATION = "1.2.840.10008.1.1"
 
 
@@ -630,11 +631,21 @@ class Session:
                           command.sop_instance_uid, status_name(status), why, extra=extra)
         if stored is not None and self.recorder is not None:
             self.recorder.after_response(stored)
-        if current.temp is not None and self._spare is None:
+        if current.temp is not None and self._spare is None and self._spare_wanted():
             with contextlib.suppress(StorageError):  # the next C-STORE will report it
                 self._spare = self.store.temp_file()
         if self.config.testing.sleep_after:
             time.sleep(self.config.testing.sleep_after)
+
+    def _spare_wanted(self) -> bool:
+        """Create the next object's temporary file now, while the peer prepares that object?
+
+        After an association's first object only when the peer's next PDU is not here within
+        SPARE_WAIT: a sender of one object per association releases at once, and its spare
+        would be created and removed while it waits for the A-RELEASE-RP.
+        """
+        return self.outcome.stored + self.outcome.failed > 1 \
+            or not self.channel.has_data(SPARE_WAIT)
 
     def _record(self, command: dimse.Command, ident: Identity, placed: Placed,
                 size: int) -> StoredObject | None:
