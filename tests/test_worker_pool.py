@@ -277,23 +277,41 @@ def test_max_associations_rejects_with_spares_idle(daemon_factory: Factory) -> N
 @pytest.mark.parametrize("case", ["clean", "aborted", "tls", "failed", "limit", "descriptor",
                                   "memory"])
 def test_judge(case: str, tmp_path: Path) -> None:
+    """Judged in a forked child, as in a worker: only the forking thread exists there,
+    whatever threads earlier tests left in this pytest process."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read)
+            os.write(write, _judge_case(case, tmp_path).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as answer:
+        got = answer.read().decode()
+    os.waitpid(pid, 0)
+    assert got == "as expected", got
+
+
+def _judge_case(case: str, tmp_path: Path) -> str:
     from dicom_ingestd.config.load import config_from_mapping
     from dicom_ingestd.worker.store import Store
 
     config = config_from_mapping({"storage": {"output_directory": str(tmp_path)},
                                   "workers": {"max_associations_per_worker": 3}})
     generation = Generation(1, config, Store(config.storage), None, -1)
-    baseline = Hygiene.now()
     outcome = Outcome(how="released", stored=1)
     served = 1
     expected = Verdict.REUSABLE
+    import ssl
+    tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # before the baseline: it opens files
+    baseline = Hygiene.now()
     held_open = None
     if case == "aborted":
         outcome.how, expected = "aborted", Verdict.NOT_RELEASED
     elif case == "tls":
-        import ssl
-        generation = Generation(1, config, generation.store,
-                                ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), -1)
+        generation = Generation(1, config, generation.store, tls_context, -1)
         expected = Verdict.TLS
     elif case == "failed":
         outcome.failed, expected = 1, Verdict.FAILED_STORE
@@ -305,8 +323,7 @@ def test_judge(case: str, tmp_path: Path) -> None:
     elif case == "memory":
         baseline = Hygiene(baseline.descriptors, baseline.resident - MEMORY_GROWTH - 1)
         expected = Verdict.MEMORY
-    try:
-        assert judge(outcome, generation, served, baseline) is expected
-    finally:
-        if held_open is not None:
-            os.close(held_open)
+    verdict = judge(outcome, generation, served, baseline)
+    if held_open is not None:
+        os.close(held_open)
+    return "as expected" if verdict is expected else f"{verdict.name}, not {expected.name}"
