@@ -363,7 +363,7 @@ def test_a_full_state_file_system_refuses_stores_and_recovers(
         send(daemon.port, tmp_path / "ack1", during).wait(60)
         answers = statuses(tmp_path / "ack1")
         assert set(answers.values()) <= {"0000", "a700"} and "a700" in answers.values()
-        assert "cannot record the object for [events] in the state directory's outbox: " \
+        assert "cannot record the object in the state directory's outbox: " \
                "No space left on device" in daemon.log()
         refused = [uid for uid, status in answers.items() if status == "a700"]
         assert all(no_object_named(daemon, uid) for uid in refused)
