@@ -8,8 +8,10 @@ the daemon goes on serving after every bad request.
 
 import contextlib
 import json
+import socket
 import sqlite3
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -61,6 +63,26 @@ class ReportSCP:
     def wait(self, count: int = 1, timeout: float = 30.0) -> list[tuple[int, Dataset]]:
         wait_until(lambda: len(self.reports) >= count, timeout, f"{count} report(s)")
         return self.reports
+
+
+class Blackhole:
+    """A modality that hangs: accepts TCP connections and never sends a byte."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                self.held.append(self.listener.accept()[0])
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.held:
+            sock.close()
 
 
 @pytest.fixture
@@ -321,6 +343,39 @@ def test_an_address_added_by_reload_serves_the_next_retry(daemon_factory: Any,
         f'\n[remote_aes.{MODALITY}]\nhost = "127.0.0.1"\nport = {report_scp.port}\n')
     daemon.config_path.write_text(text)
     assert report_scp.wait(timeout=30)[0][0] == 1
+
+
+def test_a_hung_modality_delays_neither_events_nor_other_modalities(
+        daemon_factory: Any, report_scp: ReportSCP, tmp_path: Path) -> None:
+    # Reports to a modality that accepts the connection and never answers (each attempt
+    # waits network.acse_timeout) run in their own slots, one at a time for that AE title:
+    # reception jobs (one [jobs] slot) and another modality's report go on meanwhile.
+    hung = Blackhole()
+    try:
+        receptions = tmp_path / "receptions"
+        config = settings(report_scp.port)
+        config["remote_aes"]["HUNG"] = {"host": "127.0.0.1", "port": hung.port}
+        config["network"] = {"acse_timeout": 300}
+        config["jobs"]["concurrency"] = 1
+        config["events"] = {"exec_on_reception": ["/bin/sh", "-c", f"echo x >> {receptions}"]}
+        daemon = daemon_factory(config)
+        for _ in range(3):
+            request(daemon.port, action(str(generate_uid()), references((CT, "1.2.3"))),
+                    calling="HUNG")
+        wait_until(lambda: len(hung.held) == 1, 20, "a delivery to the hung modality")
+        stored = store(daemon.port, make_study(tmp_path / "s", 3))
+        wait_until(lambda: receptions.exists() and len(receptions.read_text().split()) == 3,
+                   20, "the reception jobs")
+        transaction = str(generate_uid())
+        assert request(daemon.port, action(transaction, references(*stored)))[0] == 0
+        event_type, info = report_scp.wait(timeout=20)[0]
+        assert event_type == 1 and info.TransactionUID == transaction
+        assert len(hung.held) == 1  # its other reports wait for that one's end
+        hung_jobs = [j["state"] for j in jobs(daemon)
+                     if json.loads(j["env"]).get("DICOM_CALLING_AE") == "HUNG"]
+        assert sorted(hung_jobs) == ["pending", "pending", "running"]
+    finally:
+        hung.close()
 
 
 @pytest.mark.parametrize("dataset, why", [

@@ -547,7 +547,8 @@ class JobsConfig:
         reload=False,
     )
     concurrency: int = setting(
-        4, "Most jobs running at once.", minimum=1, maximum=1024,
+        4, "Most jobs of [events] running at once (storage commitment reports have slots of "
+        "their own: storage_commitment.delivery_concurrency).", minimum=1, maximum=1024,
     )
     timeout: int = setting(
         3600, "Seconds one run of a job may take; then its whole process group is killed "
@@ -637,6 +638,13 @@ class StorageCommitmentConfig:
         "dead-lettered; the waits between attempts are those of jobs.retry_backoff and "
         "jobs.retry_backoff_max (with their defaults, 20 retries span about two and a half hours).",
         minimum=0, maximum=1000,
+    )
+    delivery_concurrency: int = setting(
+        2, "Most reports being delivered on new associations at once, at most one per AE "
+        "title. These runs have slots of their own, apart from jobs.concurrency: a modality "
+        "that never answers holds one slot (each attempt up to network.acse_timeout and "
+        "network.dimse_timeout), never delays the jobs of [events], and reports to other "
+        "AE titles go out in the other slots.", minimum=1, maximum=64,
     )
     keep_days: int = setting(
         30, "Days stored objects stay known to storage commitment (and transaction UIDs "

@@ -154,6 +154,23 @@ class JobKind(StrEnum):
 _UNORDERED = (JobKind.RECEPTION, JobKind.COMMITMENT)
 
 
+class JobPool(StrEnum):
+    """The concurrency limits: a kind of job runs in one pool, and a pool's runs never take
+    another pool's slots (a storage commitment report stuck on a hung modality never delays
+    the jobs of [events])."""
+
+    EVENTS = "events"  # jobs.concurrency
+    DELIVERY = "delivery"  # storage_commitment.delivery_concurrency; one run per target
+
+
+POOL: dict[JobKind, JobPool] = {
+    JobKind.RECEPTION: JobPool.EVENTS, JobKind.RENAME: JobPool.EVENTS,
+    JobKind.EOSTUDY: JobPool.EVENTS, JobKind.COMMITMENT: JobPool.DELIVERY,
+}
+# A delivery's target: the AE title its report goes to (DICOM_CALLING_AE of its request).
+_TARGET = "json_extract(env, '$.DICOM_CALLING_AE')"
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
     """One row of the jobs table."""
@@ -181,6 +198,15 @@ class Job:
     @property
     def display(self) -> str:
         return " ".join(self.command)
+
+    @property
+    def pool(self) -> JobPool:
+        return POOL[self.kind]
+
+    @property
+    def target(self) -> str:
+        """Whom a delivery job talks to (its pool runs one job per target at a time)."""
+        return self.env.get("DICOM_CALLING_AE", "") if self.pool is JobPool.DELIVERY else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,18 +351,31 @@ class JobQueue:
         row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _job(row) if row else None
 
-    def due(self, now: float, limit: int) -> list[Job]:
-        """Pending jobs runnable at `now`, oldest first.
+    def due(self, now: float, limit: int, pool: JobPool = JobPool.EVENTS,
+            busy: Sequence[str] = ()) -> list[Job]:
+        """Pending jobs of `pool` runnable at `now`, oldest first.
 
         A rename or end-of-study job also waits until every earlier job of its batch
-        (the reception jobs of its objects, the rename) has finished, done or dead.
+        (the reception jobs of its objects, the rename) has finished, done or dead.  In the
+        delivery pool, the oldest job of each target only, and none of a target in `busy`
+        (one that has a run going).
         """
+        kinds = [str(kind) for kind, of in POOL.items() if of is pool]
+        marks = ",".join("?" * len(kinds))
+        if pool is JobPool.DELIVERY:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE id IN (SELECT MIN(id) FROM jobs WHERE state = "
+                f"'pending' AND not_before <= ? AND kind IN ({marks}) AND {_TARGET} NOT IN "
+                f"({','.join('?' * len(busy))}) GROUP BY {_TARGET}) ORDER BY id LIMIT ?",
+                (now, *kinds, *busy, limit)).fetchall()
+            return [_job(row) for row in rows]
         rows = self._db.execute(
-            "SELECT * FROM jobs AS j WHERE j.state = 'pending' AND j.not_before <= ? AND ("
+            "SELECT * FROM jobs AS j WHERE j.state = 'pending' AND j.not_before <= ? AND "
+            f"j.kind IN ({marks}) AND ("
             f" j.kind IN ({','.join('?' * len(_UNORDERED))}) OR NOT EXISTS (SELECT 1 FROM jobs"
             "  AS e WHERE e.batch_id = j.batch_id AND e.id < j.id"
             "  AND e.state IN ('pending', 'running')))"
-            " ORDER BY j.id LIMIT ?", (now, *map(str, _UNORDERED), limit)).fetchall()
+            " ORDER BY j.id LIMIT ?", (now, *kinds, *map(str, _UNORDERED), limit)).fetchall()
         return [_job(row) for row in rows]
 
     def select(self, states: Sequence[str] = (), limit: int = 0) -> list[Job]:
