@@ -8,6 +8,7 @@ the daemon goes on serving after every bad request.
 
 import contextlib
 import json
+import os
 import socket
 import sqlite3
 import subprocess
@@ -181,6 +182,11 @@ def jobs(daemon: Daemon) -> list[dict[str, Any]]:
         return [dict(row) for row in db.execute("SELECT * FROM jobs ORDER BY id")]
 
 
+def spool_files(daemon: Daemon, directory: str = "reports") -> list[str]:
+    path = daemon.out / ".ingestd-state" / "commitment" / directory
+    return sorted(p.name for p in path.iterdir()) if path.exists() else []
+
+
 # -- the cases ------------------------------------------------------------------------------
 def test_all_present_report_on_a_new_association(daemon_factory: Any, report_scp: ReportSCP,
                                                  tmp_path: Path) -> None:
@@ -199,6 +205,7 @@ def test_all_present_report_on_a_new_association(daemon_factory: Any, report_scp
         in log
     assert f"storage commitment of transaction {transaction} from {MODALITY}" in log
     wait_until(lambda: [j["state"] for j in jobs(daemon)] == ["done"], 10, "job done")
+    assert spool_files(daemon) == []  # delivered: its report file is gone
 
 
 def test_an_object_stored_just_before_the_request_counts(daemon_factory: Any,
@@ -239,6 +246,7 @@ def test_report_on_the_requesting_association(daemon_factory: Any, report_scp: R
                ["delivered on the requesting association"], 10, "job done")
     time.sleep(1.5)  # a second delivery would go out within the runner's poll
     assert report_scp.reports == []
+    assert spool_files(daemon) == []
 
 
 def test_never_sent_and_wrong_sop_class_fail_with_their_reasons(
@@ -313,6 +321,54 @@ def test_the_report_waits_for_its_target(daemon_factory: Any, tmp_path: Path) ->
     finally:
         scp.stop()
     wait_until(lambda: [j["state"] for j in jobs(daemon)] == ["done"], 10, "job done")
+
+
+def test_report_files_live_only_while_a_report_may_still_go_out(
+        daemon_factory: Any, report_scp: ReportSCP, tmp_path: Path) -> None:
+    # A dead delivery keeps its report (jobs retry) for keep_days, then both go; a report
+    # file no request waits for, and a writer's old temporary file, go at the start.
+    config = settings(free_port(), delivery_retries=0, keep_days=1)
+    daemon = daemon_factory(config)
+    request(daemon.port, action(str(generate_uid()), references((CT, "1.2.3"))))
+    daemon.wait_log("dead after 1 attempt(s)", timeout=20)
+    dead, = spool_files(daemon)
+    assert daemon.stop() == 0
+    reports = daemon.out / ".ingestd-state" / "commitment" / "reports"
+    (reports / "00000000000000000001-gone-1.rep").write_text("{}\n")
+    leftover = reports / ".tmp-00000000000000000002-gone-1.rep"
+    leftover.write_text("{}\n")
+    os.utime(leftover, (time.time() - 7200, time.time() - 7200))
+    again = daemon_factory({**config, "network": {"port": daemon.port},
+                            "storage": {"output_directory": str(daemon.out)}})
+    again.wait_log("removed 1 report file(s)")
+    assert spool_files(again) == [dead]  # dead for less than keep_days: kept
+    assert again.stop() == 0
+    with contextlib.closing(sqlite3.connect(again.out / ".ingestd-state" / "jobs.sqlite")) \
+            as db, db:
+        db.execute("UPDATE jobs SET finished = finished - 2 * 86400, created = created - "
+                   "2 * 86400")
+        db.execute("UPDATE commitments SET received = received - 2 * 86400")
+    third = daemon_factory({**config, "network": {"port": daemon.port},
+                            "storage": {"output_directory": str(daemon.out)}})
+    third.wait_log("was never delivered; its dead job")
+    wait_until(lambda: spool_files(third) == [], 10, "the dead report's removal")
+    assert jobs(third) == []
+
+
+def test_undelivered_reports_are_bounded(daemon_factory: Any, tmp_path: Path) -> None:
+    # Reports for a modality that never takes them fill the spool up to max_spool_size,
+    # then requests are refused 0x0213 with nothing recorded.
+    config = settings(free_port(), max_spool_size=1 << 20)
+    daemon = daemon_factory(config)
+    many = references(*[(CT, f"1.2.3.{'9' * 50}.{n}") for n in range(12000)])  # > 1 MiB
+    assert request(daemon.port, action(str(generate_uid()), many))[0] == 0
+    wait_until(lambda: len(spool_files(daemon)) == 1, 20, "the first report")
+    assert request(daemon.port, action(str(generate_uid()), references((CT, "1.2.3"))))[0] \
+        == 0x0213
+    log = daemon.wait_log("refused with 0x0213")
+    assert "storage_commitment.max_spool_size = 1048576" in log
+    time.sleep(1.5)
+    assert len(jobs(daemon)) == 1 and spool_files(daemon, "requests") == []
 
 
 def test_a_target_refusing_the_scp_role_dead_letters_the_report(daemon_factory: Any,

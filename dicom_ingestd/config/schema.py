@@ -646,6 +646,14 @@ class StorageCommitmentConfig:
         "network.dimse_timeout), never delays the jobs of [events], and reports to other "
         "AE titles go out in the other slots.", minimum=1, maximum=64,
     )
+    max_spool_size: int = setting(
+        1 << 30, "Bytes the requests and undelivered reports in the state directory "
+        "(commitment/ in jobs.state_directory) may take; a request arriving while they take "
+        "more is answered 0x0213 (resource limitation) and nothing is recorded, so that "
+        "reports for a modality that never takes them cannot fill the file system the "
+        "outbox needs for every store. A report is removed once delivered, an undelivered "
+        "one with its dead job keep_days after it died.", minimum=1 << 20,
+    )
     keep_days: int = setting(
         30, "Days stored objects stay known to storage commitment (and transaction UIDs "
         "are remembered) after they were received; a request for an older object fails "

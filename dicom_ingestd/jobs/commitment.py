@@ -18,6 +18,10 @@ Called by the EventService (jobs/service.py) from the master's loop:
   end of the association release it: done when delivered there, due at once otherwise.
 * `prepare` gives a delivery run its settings from the configuration in force *then*: a
   [remote_aes] entry added by a reload serves the next retry.
+* A report file lives as long as it may still be sent: it is removed once delivered (on the
+  association or by its job), and an undelivered one with its dead job keep_days after it
+  died; the hourly prune (and the first tick after a start) also removes report files no
+  request waits for (a crash between two steps, a rebuilt database) and writers' leftovers.
 
 Committed (PS3.4 J.3.3.1.2): the SOP instance was stored by this daemon with that SOP class
 (storage_commitment.objects_from: by any calling AE, or by the requester only), and its file
@@ -49,7 +53,7 @@ from dicom_ingestd.commitment.spool import (
     SpoolError,
 )
 from dicom_ingestd.config.schema import Config
-from dicom_ingestd.jobs.queue import Job, JobKind, JobQueue
+from dicom_ingestd.jobs.queue import Job, JobKind, JobQueue, JobState
 from dicom_ingestd.outbox import ObjectRecord
 
 log = logging.getLogger("dicom_ingestd.commitment")
@@ -133,7 +137,9 @@ class Commitments:
                     self._early.pop(next(iter(self._early)))
             return False
         for request_id, job_id in held:
-            queue.release_commitment(request_id, job_id, self._wall(), delivered)
+            if queue.release_commitment(request_id, job_id, self._wall(), delivered) \
+                    and delivered:
+                self._forget_report(request_id)
         return not delivered
 
     def association_ended(self, queue: JobQueue, association: str | None) -> bool:
@@ -219,6 +225,8 @@ class Commitments:
             if early:  # already answered on the requesting association
                 queue.release_commitment(request.request_id, job, wall, delivered=True)
         spool.remove(spool.requests, name)
+        if early:
+            self._forget_report(request.request_id)
         fields = {"DICOM_TRANSACTION_UID": request.transaction_uid,
                   "DICOM_CALLING_AE": request.calling_ae, "JOB_ID": job,
                   "DICOM_COMMITMENT_COMMITTED": committed, "DICOM_COMMITMENT_FAILED": failed}
@@ -271,11 +279,55 @@ class Commitments:
         new = moved.get(path, "")
         return bool(new) and _regular_file(new)
 
+    # -- report files ----------------------------------------------------------------------
+    def delivery_finished(self, job: Job) -> None:
+        """A delivery job is done (its report was answered with success) or dead: a done
+        one's report is removed; a dead one's is kept for `jobs retry` (see _prune)."""
+        if job.kind is JobKind.COMMITMENT and job.state is JobState.DONE:
+            self._forget_report(job.env.get("DICOM_COMMITMENT_REQUEST", ""))
+
+    def _forget_report(self, request_id: str) -> None:
+        if not request_id:
+            return
+        try:
+            self.spool.remove_report(request_id)
+        except OSError as exc:  # the hourly sweep tries again
+            log.warning("storage commitment: cannot remove the delivered report %s%s: %s",
+                        request_id, REPORT_SUFFIX, exc)
+
     def _prune(self, queue: JobQueue, config: Config) -> None:
-        with contextlib.suppress(OSError, sqlite3.Error):
-            queue.prune_commitments(self._wall() - config.storage_commitment.keep_days * 86400)
-            for temp in self.spool.stale_temporaries(self._wall() - STALE_TEMPORARY):
-                self.spool.remove(self.spool.requests, temp)
+        """Forget what keep_days no longer covers; remove the report files nothing waits
+        for (see the module docstring)."""
+        before = self._wall() - config.storage_commitment.keep_days * 86400
+        spool = self.spool
+        try:
+            for job_id, request_id, transaction in queue.forget_dead_deliveries(before):
+                spool.remove_report(request_id)
+                log.warning("storage commitment report of transaction %s was never delivered; "
+                            "its dead job %d and its report are removed after %d day(s) "
+                            "(storage_commitment.keep_days)", transaction, job_id,
+                            config.storage_commitment.keep_days,
+                            extra={"journal": {"DICOM_TRANSACTION_UID": transaction,
+                                               "JOB_ID": job_id}})
+            queue.prune_commitments(before)
+            orphans = 0
+            for request_id in spool.report_ids():
+                state = queue.delivery_state(request_id)
+                if state in (JobState.PENDING, JobState.RUNNING, JobState.DEAD) or (
+                        state is None and spool.request_exists(request_id)):
+                    continue  # still to be sent, or to be written again from its request
+                spool.remove_report(request_id)
+                orphans += state is None
+            if orphans:
+                log.warning("storage commitment: removed %d report file(s) in %s that no "
+                            "request in the job database waits for (a rebuilt database, or "
+                            "files from an earlier version)", orphans, self.reports)
+            for directory in (spool.requests, spool.reports):
+                for temp in spool.stale_temporaries(directory, self._wall() - STALE_TEMPORARY):
+                    spool.remove(directory, temp)
+        except (OSError, sqlite3.Error) as exc:
+            log.error("storage commitment: housekeeping of %s failed (%s); trying again in "
+                      "%d min", self.reports.parent, exc, PRUNE_INTERVAL // 60)
 
     # -- delivery runs ---------------------------------------------------------------------
     def prepare(self, job: Job, config: Config) -> dict[str, str]:

@@ -576,6 +576,26 @@ class JobQueue:
                                      "'pending' AND not_before > ?", (now, job_id, now))
         return cursor.rowcount > 0
 
+    def delivery_state(self, request_id: str) -> str | None:
+        """The state of a request's delivery job: None when the request is unknown, '' when
+        its job is gone (pruned)."""
+        row = self._db.execute(
+            "SELECT j.state FROM commitments AS c LEFT JOIN jobs AS j ON j.id = c.job_id "
+            "WHERE c.request_id = ?", (request_id,)).fetchone()
+        return None if row is None else str(row[0] or "")
+
+    def forget_dead_deliveries(self, before: float) -> list[tuple[int, str, str]]:
+        """Delete the dead delivery jobs that died before `before` (their reports are of no
+        use any more); (job ID, request ID, transaction UID) of each."""
+        with self.transaction():
+            gone = [(int(row[0]), str(row[1]), str(row[2])) for row in self._db.execute(
+                "SELECT j.id, c.request_id, c.transaction_uid FROM jobs AS j JOIN commitments "
+                "AS c ON c.job_id = j.id WHERE j.kind = ? AND j.state = 'dead' AND "
+                "j.finished < ?", (str(JobKind.COMMITMENT), before))]
+            for job_id, _, _ in gone:
+                self._write("DELETE FROM jobs WHERE id = ?", (job_id,))
+        return gone
+
     def prune_commitments(self, before: float) -> int:
         """Forget objects stored and requests received before `before` (requests only once
         their job is finished and gone); returns the objects forgotten."""

@@ -685,6 +685,8 @@ class EventService:
                 with contextlib.suppress(LookupError):
                     self.commitments.job_finished(self.queue, job,
                                                   self._manifest_path(job.batch_id))
+            elif job is not None and job.kind is JobKind.COMMITMENT:
+                self.commitments.delivery_finished(job)
         for link in self._links.values():
             for jobs in link.jobs.values():  # made, not yet asked for
                 jobs.discard(job_id)

@@ -184,6 +184,12 @@ class CommitmentSCP:
         request_id = new_request_id(self.association, next(self._numbers))
         try:
             spool = self._open_spool()
+            used = spool.size()
+            if used > settings.max_spool_size:
+                return Answer(RESOURCE_LIMITATION, f"the state directory holds {used} bytes "
+                              "of storage commitment requests and undelivered reports, more "
+                              "than storage_commitment.max_spool_size = "
+                              f"{settings.max_spool_size}")
             header = RequestHeader(request_id, transaction, calling_ae, called_ae, peer,
                                    self.association, time.time())
             spool.write_request(header, counted())
