@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import sqlite3
+import struct
 import subprocess
 import threading
 import time
@@ -23,6 +24,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, build_role, evt
+from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage, StorageCommitmentPushModel, Verification
 
 from tests.conftest import Daemon, free_port, make_study, require_tool, wait_until
@@ -84,6 +86,84 @@ class Blackhole:
         self.listener.close()
         for sock in self.held:
             sock.close()
+
+
+def _item(item_type: int, body: bytes) -> bytes:
+    return struct.pack(">BxH", item_type, len(body)) + body
+
+
+def _p_data(payload: bytes, is_command: bool, last: bool = True) -> bytes:
+    pdv = struct.pack(">LBB", len(payload) + 2, 1, int(is_command) | (2 if last else 0))
+    return struct.pack(">BxL", 4, len(pdv) + len(payload)) + pdv + payload
+
+
+class HostileReportSCP:
+    """A report target that accepts the association (the SCP role granted) and answers the
+    N-EVENT-REPORT badly, by `mode`: bigpdu (one P-DATA-TF PDU of 1 MiB), flood (data set
+    fragments without end, never a command), wrongid (an N-EVENT-REPORT-RSP for message
+    ID 7)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.port = free_port()
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn = self.listener.accept()[0]
+                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _read_pdu(conn: socket.socket) -> tuple[int, bytes]:
+        def exact(n: int) -> bytes:
+            data = b""
+            while len(data) < n:
+                chunk = conn.recv(n - len(data))
+                if not chunk:
+                    raise EOFError
+                data += chunk
+            return data
+        pdu_type, length = struct.unpack(">BxL", exact(6))
+        return pdu_type, exact(length)
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError, EOFError):
+            _, request = self._read_pdu(conn)
+            uid = StorageCommitmentPushModel.encode("ascii")
+            context = bytes(4) + _item(0x40, b"1.2.840.10008.1.2.1")
+            context = b"\x01" + context[1:]
+            role = struct.pack(">H", len(uid)) + uid + b"\x00\x01"
+            user = _item(0x51, struct.pack(">L", 65536)) + _item(0x54, role)
+            accept = request[:68] + _item(0x10, b"1.2.840.10008.3.1.1.1") \
+                + _item(0x21, context) + _item(0x50, user)
+            conn.sendall(struct.pack(">BxL", 2, len(accept)) + accept)
+            last_data = False
+            while not last_data:  # the report's command, then its data set
+                _, body = self._read_pdu(conn)
+                last_data = body[5] == 0x02
+            if self.mode == "bigpdu":
+                conn.sendall(_p_data(bytes(1 << 20), False, last=False))
+            elif self.mode == "flood":
+                chunk = _p_data(bytes(16384), False, last=False)
+                while True:
+                    conn.sendall(chunk)
+            elif self.mode == "wrongid":
+                answer = Dataset()
+                answer.AffectedSOPClassUID = StorageCommitmentPushModel
+                answer.CommandField = 0x8100
+                answer.MessageIDBeingRespondedTo = 7
+                answer.CommandDataSetType = 0x0101
+                answer.Status = 0
+                answer.AffectedSOPInstanceUID = WELL_KNOWN
+                answer.EventTypeID = 1
+                conn.sendall(_p_data(encode(answer, True, True), True))
+            while conn.recv(65536):
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
 
 
 @pytest.fixture
@@ -312,7 +392,8 @@ def test_the_report_waits_for_its_target(daemon_factory: Any, tmp_path: Path) ->
     status, _ = request(daemon.port, action(transaction, references(*stored)))
     assert status == 0
     log = daemon.wait_log("report not delivered: ", timeout=20)
-    assert f"cannot connect to 127.0.0.1:{port}" in log
+    assert f"report not delivered: cannot connect: Connection refused (AE {MODALITY} at " \
+        f"127.0.0.1:{port})" in log
     daemon.wait_log("retry 1 of 20")
     scp = ReportSCP(port).start()
     try:
@@ -432,6 +513,35 @@ def test_a_hung_modality_delays_neither_events_nor_other_modalities(
         assert sorted(hung_jobs) == ["pending", "pending", "running"]
     finally:
         hung.close()
+
+
+@pytest.mark.parametrize("mode, why", [
+    ("bigpdu", "the peer sent a PDU of 1048582 bytes (type 0x04), more than the 131072 we "
+               "accept"),
+    ("flood", "the peer sent more than 65536 bytes without a complete N-EVENT-REPORT-RSP "
+              "command"),
+    ("wrongid", "the N-EVENT-REPORT-RSP answers message ID 7, not the report's message ID 1: "
+                "not an answer to the report"),
+])
+def test_a_hostile_report_target_costs_one_line(daemon_factory: Any, mode: str,
+                                                why: str) -> None:
+    # Whatever the target answers, the attempt ends (bounded in time and memory) with one
+    # line naming the reason and the target; no traceback.
+    hostile = HostileReportSCP(mode)
+    try:
+        config = settings(hostile.port, delivery_retries=0)
+        config["remote_aes"] = {"HOSTILE": {"host": "127.0.0.1", "port": hostile.port}}
+        daemon = daemon_factory(config)
+        assert request(daemon.port, action(str(generate_uid()), references((CT, "1.2.3"))),
+                       calling="HOSTILE")[0] == 0
+        log = daemon.wait_log("dead after 1 attempt(s)", timeout=30)
+        lines = [line for line in log.splitlines() if " stderr: " in line]
+        assert len(lines) == 1, lines
+        assert lines[0].endswith(f"stderr: report not delivered: {why} (AE HOSTILE at "
+                                 f"127.0.0.1:{hostile.port})")
+        assert "Traceback" not in log
+    finally:
+        hostile.close()
 
 
 @pytest.mark.parametrize("dataset, why", [
