@@ -13,6 +13,7 @@ import socket
 import sqlite3
 import struct
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -382,6 +383,40 @@ def test_renamed_at_end_of_study_still_counts(daemon_factory: Any, report_scp: R
     request(daemon.port, action(str(generate_uid()), references(*stored)))
     event_type, info = report_scp.wait()[0]
     assert event_type == 1 and len(info.ReferencedSOPSequence) == 2
+
+
+def test_objects_count_wherever_a_stopped_rename_left_them(
+        daemon_factory: Any, report_scp: ReportSCP, tmp_path: Path) -> None:
+    # The rename at end of study stops halfway (its fifth file immutable: EPERM; a kill or a
+    # timeout leaves the same files behind) and its job is dead: the first four objects are
+    # at their planned names, the others where they were filed, and every one is committed.
+    # Re-queued once the file can move, the rename finishes: every one is committed still.
+    config = settings(report_scp.port)
+    config["events"] = {"rename_on_eostudy": True, "eostudy_timeout": 2}
+    config["storage"] = {"sort": "study-uid"}
+    config["jobs"]["retries"] = 0
+    daemon = daemon_factory(config)
+    stored = store(daemon.port, make_study(tmp_path / "s", 10))
+    stuck = next(p for p in daemon.files() if p.name.endswith(stored[4][1]))
+    subprocess.run(["chattr", "+i", str(stuck)], check=True)
+    try:
+        daemon.wait_log("job 1 failed", timeout=20)
+        names = sorted(p.name for p in daemon.files() if ".ingestd-state" not in p.parts)
+        assert [n for n in names if n.startswith("CT0")] == \
+            ["CT000001", "CT000002", "CT000003", "CT000004"]
+        request(daemon.port, action(str(generate_uid()), references(*stored)))
+        event_type, info = report_scp.wait()[0]
+        assert event_type == 1 and len(info.ReferencedSOPSequence) == 10
+    finally:
+        subprocess.run(["chattr", "-i", str(stuck)], check=True)
+    retried = subprocess.run([sys.executable, "-m", "dicom_ingestd", "jobs", "retry", "1",
+                              "-c", str(daemon.config_path)], capture_output=True, text=True,
+                             timeout=30)
+    assert retried.returncode == 0, retried.stderr
+    daemon.wait_log("job 1 finished: exit status 0", timeout=20)
+    request(daemon.port, action(str(generate_uid()), references(*stored)))
+    event_type, info = report_scp.wait(2)[1]
+    assert event_type == 1 and len(info.ReferencedSOPSequence) == 10
 
 
 def test_the_report_waits_for_its_target(daemon_factory: Any, tmp_path: Path) -> None:

@@ -25,8 +25,9 @@ Called by the EventService (jobs/service.py) from the master's loop:
 
 Committed (PS3.4 J.3.3.1.2): the SOP instance was stored by this daemon with that SOP class
 (storage_commitment.objects_from: by any calling AE, or by the requester only), and its file
-is still a regular file where it was filed, or where the end-of-study rename moved it (found
-through the batch's manifest when the rename job's update of the index was missed).
+is, at the moment the request is evaluated, a regular file where it was filed, or where the
+end-of-study rename moves it: the new path in the batch's manifest once the rename is done,
+or the planned one while it runs or after it was killed, timed out or dead-lettered.
 """
 
 import contextlib
@@ -96,7 +97,9 @@ class Commitments:
         # Notes that came before their request was evaluated (the worker sees the report
         # file before the transaction that queues its job commits): request ID -> delivered.
         self._early: dict[str, bool] = {}
-        self._manifests: dict[str, dict[str, str]] = {}  # name -> original path -> path
+        # Manifests read for the request being evaluated: name -> (the file's identity,
+        # original path -> planned or new path).
+        self._manifests: dict[str, tuple[tuple[int, int, int], dict[str, str]]] = {}
 
     def close(self) -> None:
         self.spool.close()
@@ -263,21 +266,46 @@ class Commitments:
     def _present(self, queue: JobQueue, config: Config, sop: str, path: str) -> bool:
         if _regular_file(path):
             return True
-        # Renamed at end of study, and the index not told (see the module docstring).
+        # Renamed at end of study (the index not told yet, or the rename still running,
+        # killed or dead): the batch's manifest maps the original path to the planned new
+        # one, saved before any file moves, or to the new one once the rename is done
+        # (jobs/rename.py keeps every file at one of the two at every instant).
         manifest = queue.manifest_of_file(sop, path)
         if not manifest:
             return False
-        moved = self._manifests.get(manifest)
-        if moved is None:
-            moved = {}
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                text = (self.manifests / manifest).read_text("utf-8")
-                for entry in json.loads(text).get("files", []):
-                    if entry.get("original_path"):
-                        moved[str(entry["original_path"])] = str(entry.get("path", ""))
-            self._manifests[manifest] = moved
-        new = moved.get(path, "")
-        return bool(new) and _regular_file(new)
+        moved = self._moves(manifest, fresh=False)
+        if moved.get(path) and _regular_file(moved[path]):
+            return True
+        # Read before the rename moved on (its plan saved, a name taken meanwhile): look
+        # again if the manifest changed since.
+        again = self._moves(manifest, fresh=True)
+        return again is not moved and bool(again.get(path)) and _regular_file(again[path])
+
+    def _moves(self, manifest: str, fresh: bool) -> dict[str, str]:
+        """Original path -> where the batch's rename puts it (planned or done), from the
+        manifest `manifest`; read once per request, or again when `fresh` and the file was
+        replaced since (the rename writes a new file each time)."""
+        path = self.manifests / manifest
+        try:
+            identity = os.stat(path, follow_symlinks=False)
+        except OSError:
+            return {}
+        key = (identity.st_ino, identity.st_mtime_ns, identity.st_size)
+        cached = self._manifests.get(manifest)
+        if cached is not None and (not fresh or cached[0] == key):
+            return cached[1]
+        moved: dict[str, str] = {}
+        with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+            data = json.loads(path.read_text("utf-8"))
+            files = data.get("files", [])
+            plan = data.get("plan") or []
+            for index, entry in enumerate(files):
+                if entry.get("original_path"):  # renamed: the manifest says where
+                    moved[str(entry["original_path"])] = str(entry.get("path", ""))
+                elif index < len(plan) and plan[index]:  # planned, maybe moved already
+                    moved[str(entry.get("path", ""))] = str(plan[index])
+        self._manifests[manifest] = (key, moved)
+        return moved
 
     # -- report files ----------------------------------------------------------------------
     def delivery_finished(self, job: Job) -> None:
