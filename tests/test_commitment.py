@@ -42,6 +42,7 @@ class ReportSCP:
     def __init__(self, port: int, *, accept_role: bool = True) -> None:
         self.port = port
         self.reports: list[tuple[int, Dataset]] = []
+        self.callers: list[str] = []  # the calling AE title of each report's association
         self.accept_role = accept_role
         self.server: Any = None
 
@@ -52,6 +53,7 @@ class ReportSCP:
         ae.add_supported_context(Verification)
 
         def on_report(event: Any) -> tuple[int, None]:
+            self.callers.append(str(event.assoc.requestor.ae_title).strip())
             self.reports.append((event.event_type, event.event_information))
             return 0x0000, None
 
@@ -220,7 +222,7 @@ def store(port: int, files: list[Path], calling: str = MODALITY) -> list[tuple[s
 
 
 def request(port: int, dataset: Dataset | None, *, calling: str = MODALITY,
-            keep_open: float = 0.0, action_type: int = 1,
+            called: str = "STORESCP", keep_open: float = 0.0, action_type: int = 1,
             roles: list[Any] | None = None) -> tuple[int, list[tuple[int, Dataset]]]:
     """Send one N-ACTION; (its status, the reports received on this association while it
     stays open for `keep_open` seconds)."""
@@ -233,7 +235,7 @@ def request(port: int, dataset: Dataset | None, *, calling: str = MODALITY,
         reports.append((event.event_type, event.event_information))
         return 0x0000, None
 
-    assoc = ae.associate("127.0.0.1", port, ae_title="STORESCP", ext_neg=roles,
+    assoc = ae.associate("127.0.0.1", port, ae_title=called, ext_neg=roles,
                          evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
     assert assoc.is_established
     status, _ = assoc.send_n_action(dataset, action_type, StorageCommitmentPushModel,
@@ -287,6 +289,19 @@ def test_all_present_report_on_a_new_association(daemon_factory: Any, report_scp
     assert f"storage commitment of transaction {transaction} from {MODALITY}" in log
     wait_until(lambda: [j["state"] for j in jobs(daemon)] == ["done"], 10, "job done")
     assert spool_files(daemon) == []  # delivered: its report file is gone
+
+
+def test_the_report_comes_from_the_ae_title_the_modality_called(
+        daemon_factory: Any, report_scp: ReportSCP, tmp_path: Path) -> None:
+    # Our network.aetitle is STORESCP; the modality knows us as ARCHIVE1.
+    daemon = daemon_factory(settings(report_scp.port))
+    stored = store(daemon.port, make_study(tmp_path / "s", 1))
+    assert request(daemon.port, action(str(generate_uid()), references(*stored)),
+                   called="ARCHIVE1")[0] == 0
+    assert report_scp.wait()[0][0] == 1
+    assert report_scp.callers == ["ARCHIVE1"]
+    daemon.wait_log(f"sent to {MODALITY}@127.0.0.1:{report_scp.port}: 1 committed, 0 failed "
+                    "(event type 1, calling AE title ARCHIVE1)")
 
 
 def test_an_object_stored_just_before_the_request_counts(daemon_factory: Any,

@@ -367,14 +367,24 @@ class Commitments:
             raise LookupError(f"no address for AE title {title!r}: add [remote_aes.{title}] "
                               "(host, port) and reload")
         network = config.network
+        # The report comes from the AE title the modality called, not network.aetitle: a
+        # modality knows the archive by the title it calls, and may refuse an association
+        # from a title it does not know.
+        called = job.env.get("DICOM_CALLED_AE", "").strip(" ")
         settings = {
             "host": remote.host, "port": remote.port, "tls": remote.tls,
-            "calling_ae": network.aetitle, "called_ae": title,
+            "calling_ae": called if _ae_title(called) else network.aetitle, "called_ae": title,
             "acse_timeout": network.acse_timeout, "dimse_timeout": network.dimse_timeout or 60,
             "max_pdu": network.max_pdu, "tls_config": asdict(config.tls) if remote.tls else {},
         }
         return {"DICOM_INGESTD_PATH": package_path(), "DICOM_DELIVERY": json.dumps(settings),
                 "DICOM_COMMITMENT_REPORTS": str(self.reports)}
+
+
+def _ae_title(title: str) -> bool:
+    """Whether `title` can be sent as an AE title (1-16 characters of the default character
+    repertoire, no backslash)."""
+    return 1 <= len(title) <= 16 and "\\" not in title and all(" " <= c <= "~" for c in title)
 
 
 def _regular_file(path: str) -> bool:
