@@ -7,6 +7,7 @@ the daemon goes on serving after every bad request.
 """
 
 import contextlib
+import io
 import json
 import os
 import socket
@@ -25,7 +26,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, build_role, evt
-from pynetdicom.dsutils import encode
+from pynetdicom.dsutils import decode, encode
 from pynetdicom.sop_class import CTImageStorage, StorageCommitmentPushModel, Verification
 
 from tests.conftest import Daemon, free_port, make_study, require_tool, wait_until
@@ -95,8 +96,8 @@ def _item(item_type: int, body: bytes) -> bytes:
     return struct.pack(">BxH", item_type, len(body)) + body
 
 
-def _p_data(payload: bytes, is_command: bool, last: bool = True) -> bytes:
-    pdv = struct.pack(">LBB", len(payload) + 2, 1, int(is_command) | (2 if last else 0))
+def _p_data(payload: bytes, is_command: bool, last: bool = True, context: int = 1) -> bytes:
+    pdv = struct.pack(">LBB", len(payload) + 2, context, int(is_command) | (2 if last else 0))
     return struct.pack(">BxL", 4, len(pdv) + len(payload)) + pdv + payload
 
 
@@ -167,6 +168,84 @@ class HostileReportSCP:
 
     def close(self) -> None:
         self.listener.close()
+
+
+def _command(**elements: Any) -> bytes:
+    """A command set (implicit VR little endian), its group length first."""
+    ds = Dataset()
+    for keyword, value in elements.items():
+        setattr(ds, keyword, value)
+    body = encode(ds, True, True)
+    assert body is not None
+    return b"\x00\x00\x00\x00\x04\x00\x00\x00" + struct.pack("<L", len(body)) + body
+
+
+class RawRequester:
+    """A modality on a socket of its own, for what pynetdicom will not do: leave a report
+    unanswered while it goes on (C-ECHOs, a slow C-STORE), answer it late or wrongly.
+    Contexts: 1 Storage Commitment, 3 Verification, 5 CT Image Storage (explicit VR LE)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        contexts = b"".join(
+            _item(0x20, bytes((cid, 0, 0, 0)) + _item(0x30, uid.encode())
+                  + _item(0x40, b"1.2.840.10008.1.2.1"))
+            for cid, uid in ((1, StorageCommitmentPushModel), (3, Verification), (5, CT)))
+        body = (struct.pack(">H2x", 1) + b"STORESCP".ljust(16) + MODALITY.encode().ljust(16)
+                + bytes(32) + _item(0x10, b"1.2.840.10008.3.1.1.1") + contexts
+                + _item(0x50, _item(0x51, struct.pack(">L", 65536))
+                        + _item(0x52, b"1.2.3.4")))
+        self.sock.sendall(struct.pack(">BxL", 1, len(body)) + body)
+        assert self._read_pdu()[0] == 2  # A-ASSOCIATE-AC
+
+    def _read_pdu(self) -> tuple[int, bytes]:
+        return HostileReportSCP._read_pdu(self.sock)
+
+    def read_message(self) -> tuple[Dataset, bytes]:
+        """The next command (decoded) and its data set bytes."""
+        command, data = b"", b""
+        while True:
+            pdu_type, body = self._read_pdu()
+            assert pdu_type == 4, f"PDU type {pdu_type}"
+            pos = 0
+            while pos < len(body):
+                length, _, control = struct.unpack_from(">LBB", body, pos)
+                if control & 1:
+                    command += body[pos + 6:pos + 4 + length]
+                else:
+                    data += body[pos + 6:pos + 4 + length]
+                pos += 4 + length
+                if control & 2:
+                    decoded = decode(io.BytesIO(command), True, True)
+                    if not control & 1 or decoded.CommandDataSetType == 0x0101:
+                        return decoded, data
+
+    def send(self, context: int, command: bytes, data: bytes | None = None) -> None:
+        self.sock.sendall(_p_data(command, True, context=context))
+        if data is not None:
+            self.sock.sendall(_p_data(data, False, context=context))
+
+    def n_action(self, dataset: Dataset) -> int:
+        data = encode(dataset, False, True)
+        assert data is not None
+        self.send(1, _command(CommandField=0x0130, MessageID=1, CommandDataSetType=0x0000,
+                              RequestedSOPClassUID=StorageCommitmentPushModel,
+                              RequestedSOPInstanceUID=WELL_KNOWN, ActionTypeID=1), data)
+        return int(self.read_message()[0].Status)
+
+    def echo(self, message_id: int) -> int:
+        self.send(3, _command(CommandField=0x0030, MessageID=message_id,
+                              CommandDataSetType=0x0101, AffectedSOPClassUID=Verification))
+        return int(self.read_message()[0].Status)
+
+    def answer_report(self, message_id: int) -> None:
+        self.send(1, _command(CommandField=0x8100, MessageIDBeingRespondedTo=message_id,
+                              CommandDataSetType=0x0101, Status=0, EventTypeID=1,
+                              AffectedSOPClassUID=StorageCommitmentPushModel,
+                              AffectedSOPInstanceUID=WELL_KNOWN))
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 @pytest.fixture
@@ -343,6 +422,75 @@ def test_report_on_the_requesting_association(daemon_factory: Any, report_scp: R
     time.sleep(1.5)  # a second delivery would go out within the runner's poll
     assert report_scp.reports == []
     assert spool_files(daemon) == []
+
+
+def test_a_report_left_unanswered_on_its_association_goes_on_a_new_one(
+        daemon_factory: Any, report_scp: ReportSCP, tmp_path: Path) -> None:
+    # The sender takes the report on its association and never answers it, but keeps the
+    # association busy (C-ECHOs): after network.dimse_timeout the report goes to its
+    # address on a new association, while the first association goes on.  A late answer
+    # and an answer for a message ID never sent are logged and ignored.
+    config = settings(report_scp.port, same_association_wait=10)
+    config["network"] = {"dimse_timeout": 3}
+    daemon = daemon_factory(config)
+    stored = store(daemon.port, make_study(tmp_path / "s", 1))
+    transaction = str(generate_uid())
+    modality = RawRequester(daemon.port)
+    try:
+        assert modality.n_action(action(transaction, references(*stored))) == 0
+        report, _ = modality.read_message()
+        assert report.CommandField == 0x0100 and report.MessageID == 1  # left unanswered
+        for message_id in range(2, 30):
+            assert modality.echo(message_id) == 0
+            if report_scp.reports:
+                break
+            time.sleep(0.5)
+        event_type, info = report_scp.wait(timeout=1)[0]
+        assert event_type == 1 and info.TransactionUID == transaction
+        log = daemon.wait_log("within 3 s on the requesting association; it goes on a new "
+                              "association")
+        assert f"no answer to the storage commitment report of transaction {transaction} " \
+            "(message ID 1)" in log
+        modality.answer_report(1)  # too late
+        modality.answer_report(999)  # never sent
+        assert modality.echo(100) == 0
+        log = daemon.wait_log("ignoring an N-EVENT-REPORT-RSP for message ID 999")
+        assert f"the answer to the storage commitment report of transaction {transaction} " \
+            "(message ID 1) came too late" in log
+        assert "aborting" not in log
+    finally:
+        modality.close()
+
+
+def test_a_report_held_by_a_busy_association_is_released_by_the_master(
+        daemon_factory: Any, report_scp: ReportSCP, tmp_path: Path) -> None:
+    # The sender takes the report and never answers: it sends an object slowly, so its
+    # association never gets to look at the report's deadline; the master's bounded hold
+    # (network.dimse_timeout + 5 s) lets the job deliver it anyway.
+    config = settings(report_scp.port, same_association_wait=10)
+    config["network"] = {"dimse_timeout": 2, "min_transfer_rate": 100}
+    daemon = daemon_factory(config)
+    stored = store(daemon.port, make_study(tmp_path / "s", 1))
+    transaction = str(generate_uid())
+    modality = RawRequester(daemon.port)
+    try:
+        assert modality.n_action(action(transaction, references(*stored))) == 0
+        report, _ = modality.read_message()
+        assert report.CommandField == 0x0100
+        sop = str(generate_uid())
+        modality.send(5, _command(CommandField=0x0001, MessageID=2, Priority=0,
+                                  CommandDataSetType=0x0000, AffectedSOPClassUID=CT,
+                                  AffectedSOPInstanceUID=sop))
+        started = time.monotonic()
+        while not report_scp.reports and time.monotonic() - started < 30:
+            modality.sock.sendall(_p_data(bytes(200), False, last=False, context=5))
+            time.sleep(0.5)
+        event_type, info = report_scp.wait(timeout=1)[0]
+        assert event_type == 1 and info.TransactionUID == transaction
+        daemon.wait_log(f"storage commitment report of transaction {transaction} to "
+                        f"{MODALITY}: no answer on the requesting association within 2 s")
+    finally:
+        modality.close()
 
 
 def test_never_sent_and_wrong_sop_class_fail_with_their_reasons(

@@ -629,7 +629,8 @@ class StorageCommitmentConfig:
         10, "Seconds the requesting association waits, after the N-ACTION response, for the "
         "report to be ready (usually well under a second) and then sends it there if the "
         "sender has sent nothing else meanwhile. 0, a sender that goes on or releases, or a "
-        "report that is not answered: the report is delivered on a new association.",
+        "report not answered with success within network.dimse_timeout (this wait when that "
+        "is unlimited): the report is delivered on a new association.",
         minimum=0, maximum=600,
     )
     delivery_retries: int = setting(

@@ -15,7 +15,10 @@ Called by the EventService (jobs/service.py) from the master's loop:
   again after a crash is recognised by its ID and removed).
 * A report for an association that is still running is held (its job waits) while that
   association may deliver it itself (worker/commitment.py); the worker's notes (ipc) or the
-  end of the association release it: done when delivered there, due at once otherwise.
+  end of the association release it: done when delivered there, due at once otherwise.  The
+  hold is bounded (the job's not_before: answer_wait after the evaluation, plus HOLD_SLACK),
+  so a sender that keeps its association busy and never answers gets its report on a new
+  association all the same; `tick` logs each hold that ran out.
 * `prepare` gives a delivery run its settings from the configuration in force *then*: a
   [remote_aes] entry added by a reload serves the next retry.
 * A report file lives as long as it may still be sent: it is removed once delivered (on the
@@ -56,10 +59,11 @@ from dicom_ingestd.commitment.spool import (
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.jobs.queue import Job, JobKind, JobQueue, JobState
 from dicom_ingestd.outbox import ObjectRecord
+from dicom_ingestd.worker.commitment import answer_wait
 
 log = logging.getLogger("dicom_ingestd.commitment")
 
-HOLD = 365 * 86400.0  # a held report's job waits this long unless released (it always is)
+HOLD_SLACK = 5.0  # seconds beyond answer_wait for the worker to see the report and send it
 PRUNE_INTERVAL = 3600.0
 STALE_TEMPORARY = 3600.0  # a writer's temporary request file older than this is removed
 COMMAND = "storage-commitment-report"
@@ -169,11 +173,11 @@ class Commitments:
             return []
         self._wanted = False
         self._next_look = now + 1.0
+        due = self._end_holds(queue, config)
         names = self.spool.request_names()
         if not names:
-            return []
+            return due
         consume()  # after listing: every record written before these requests is read
-        due: list[int] = []
         for name in names:
             try:
                 job = self._evaluate(queue, config, live, name)
@@ -184,6 +188,19 @@ class Commitments:
             if job:
                 due.append(job)
         return due
+
+    def _end_holds(self, queue: JobQueue, config: Config) -> list[int]:
+        """Holds that ran out (no answer on the requesting association in time): their jobs
+        are due now."""
+        ended = queue.ended_holds(self._wall())
+        for request_id, job_id, transaction, calling_ae in ended:
+            log.info("storage commitment report of transaction %s to %s: no answer on the "
+                     "requesting association within %g s; it goes on a new association "
+                     "(job %d)", transaction, calling_ae, answer_wait(config), job_id,
+                     extra={"journal": {"DICOM_TRANSACTION_UID": transaction,
+                                        "DICOM_CALLING_AE": calling_ae, "JOB_ID": job_id,
+                                        "DICOM_COMMITMENT_REQUEST": request_id}})
+        return [job_id for _, job_id, _, _ in ended]
 
     def _evaluate(self, queue: JobQueue, config: Config, live: set[str], name: str) -> int:
         spool = self.spool
@@ -211,6 +228,7 @@ class Commitments:
         held = early is not False and request.association in live \
             and config.storage_commitment.same_association_wait > 0
         wall = self._wall()
+        hold = answer_wait(config) + HOLD_SLACK
         env = {"DICOM_TRANSACTION_UID": request.transaction_uid,
                "DICOM_CALLING_AE": request.calling_ae, "DICOM_CALLED_AE": request.called_ae,
                "DICOM_COMMITMENT_REQUEST": request.request_id}
@@ -221,7 +239,7 @@ class Commitments:
                              request.request_id + REPORT_SUFFIX], env,
                             max_attempts=1 + config.storage_commitment.delivery_retries,
                             timeout=config.jobs.timeout, now=wall,
-                            not_before=wall + HOLD if held else None)
+                            not_before=wall + hold if held else None)
             queue.add_commitment(request.request_id, request.transaction_uid,
                                  request.calling_ae, request.association, request.received,
                                  job, committed, failed, held)

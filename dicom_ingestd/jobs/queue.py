@@ -596,6 +596,20 @@ class JobQueue:
                 self._write("DELETE FROM jobs WHERE id = ?", (job_id,))
         return gone
 
+    def ended_holds(self, now: float) -> list[tuple[str, int, str, str]]:
+        """End the holds whose job is due by `now` (see jobs/commitment.py); (request ID,
+        job ID, transaction UID, calling AE title) of each."""
+        rows = [(str(r[0]), int(r[1]), str(r[2]), str(r[3])) for r in self._db.execute(
+            "SELECT c.request_id, c.job_id, c.transaction_uid, c.calling_ae FROM commitments "
+            "AS c JOIN jobs AS j ON j.id = c.job_id WHERE c.held = 1 AND j.not_before <= ?",
+            (now,))]
+        if rows:
+            with self.transaction():
+                for request_id, _, _, _ in rows:
+                    self._write("UPDATE commitments SET held = 0 WHERE request_id = ?",
+                                (request_id,))
+        return rows
+
     def prune_commitments(self, before: float) -> int:
         """Forget objects stored and requests received before `before` (requests only once
         their job is finished and gone); returns the objects forgotten."""

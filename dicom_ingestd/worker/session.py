@@ -447,6 +447,8 @@ class Session:
 
     def _dispatch(self, context_id: int, data: bytes) -> None:
         self._any_command = True
+        if self._commitment is not None:
+            self._commitment.overdue(self._who())
         try:
             command = dimse.decode_command(
                 data, fix_uid_padding=self.config.association.uid_padding)
@@ -466,9 +468,8 @@ class Session:
                 self._current = action
             else:
                 self._finish_action(action)
-        elif command.field == dimse.N_EVENT_REPORT_RSP and self._commitment is not None \
-                and self._commitment.answered(command, self._who(), self._fields):
-            pass
+        elif command.field == dimse.N_EVENT_REPORT_RSP and self._commitment is not None:
+            self._commitment.answered(command, self._who(), self._fields)
         else:
             raise _Abort(0, 0, f"cannot handle {command.name} on context {context_id} "
                          f"({context.abstract_syntax})")
