@@ -29,7 +29,14 @@ from pynetdicom import AE, build_role, evt
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.sop_class import CTImageStorage, StorageCommitmentPushModel, Verification
 
-from tests.conftest import Daemon, free_port, make_study, require_tool, wait_until
+from tests.conftest import (
+    Daemon,
+    free_port,
+    make_study,
+    mounted_tmpfs,
+    require_tool,
+    wait_until,
+)
 
 WELL_KNOWN = "1.2.840.10008.1.20.1.1"
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -648,6 +655,42 @@ def test_undelivered_reports_are_bounded(daemon_factory: Any, tmp_path: Path) ->
     assert "storage_commitment.max_spool_size = 1048576" in log
     time.sleep(1.5)
     assert len(jobs(daemon)) == 1 and spool_files(daemon, "requests") == []
+
+
+def test_a_request_whose_report_does_not_fit_blocks_nothing_and_logs_once(
+        daemon_factory: Any, report_scp: ReportSCP, tmp_path: Path) -> None:
+    # The state file system has room for a large request's file, not for its report: that
+    # request waits (one error line, not one a second) while a small one behind it goes on;
+    # once there is room again, the large one is evaluated and its report sent.
+    with mounted_tmpfs(tmp_path / "state-fs", "size=4m") as mount:
+        config = settings(report_scp.port)
+        config["jobs"]["state_directory"] = str(mount / "state")
+        daemon = daemon_factory(config)
+        hole, filler = mount / "hole", mount / "filler"
+        hole.write_bytes(bytes(220 << 10))
+        with open(filler, "wb", buffering=0) as fh, pytest.raises(OSError):
+            while True:
+                fh.write(bytes(4096))
+        hole.unlink()  # 220 KiB free: the request (133 kB) fits, its report (150 kB) not
+        large = str(generate_uid())
+        refs = references(*[(CT, f"1.2.3.{n}") for n in range(3500)])
+        assert request(daemon.port, action(large, refs))[0] == 0
+        daemon.wait_log("No space left on device")
+        small = str(generate_uid())
+        assert request(daemon.port, action(small, references((CT, "1.2.3"))))[0] == 0
+        _, info = report_scp.wait(timeout=20)[0]
+        assert info.TransactionUID == small
+        time.sleep(4)  # attempts go on meanwhile, the log stays quiet
+        errors = [line for line in daemon.log().splitlines()
+                  if " ERROR " in line and "storage commitment" in line]
+        assert len(errors) == 1, errors
+        assert "cannot be evaluated: No space left on device; later requests go on" \
+            in errors[0]
+        filler.unlink()
+        _, info = report_scp.wait(2, timeout=90)[1]
+        assert info.TransactionUID == large and len(info.FailedSOPSequence) == 3500
+        daemon.wait_log("evaluated after ")
+        daemon.stop()
 
 
 def test_a_target_refusing_the_scp_role_dead_letters_the_report(daemon_factory: Any,

@@ -9,10 +9,13 @@ Called by the EventService (jobs/service.py) from the master's loop:
   exactly what was acknowledged, across restarts.
 * `tick`: requests in the spool (commitment/spool.py) are evaluated, oldest first, after the
   outbox was read once more *after* they were listed: every object record written before a
-  request was written is then in the index, so a just-stored object counts.  Each request
-  becomes, in one transaction, its report file (written first), a `commitments` row and a
-  job of kind commitment; the request file is removed after the commit (a request seen
-  again after a crash is recognised by its ID and removed).
+  request was written is then in the index, so a just-stored object counts.  A request that
+  cannot be evaluated (its report does not fit on a full state file system, the database
+  refuses the write) is tried again with back-off up to RETRY_MAX while the requests behind
+  it go on; the failure is one log line, then a reminder every few minutes (reminders.py).
+  Each request becomes, in one transaction, its report file (written first), a
+  `commitments` row and a job of kind commitment; the request file is removed after the
+  commit (a request seen again after a crash is recognised by its ID and removed).
 * A report for an association that is still running is held (its job waits) while that
   association may deliver it itself (worker/commitment.py); the worker's notes (ipc) or the
   end of the association release it: done when delivered there, due at once otherwise.  The
@@ -58,12 +61,14 @@ from dicom_ingestd.commitment.spool import (
 )
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.jobs.queue import Job, JobKind, JobQueue, JobState
+from dicom_ingestd.jobs.reminders import REMINDER_INTERVAL, Reminders
 from dicom_ingestd.outbox import ObjectRecord
 from dicom_ingestd.worker.commitment import answer_wait
 
 log = logging.getLogger("dicom_ingestd.commitment")
 
 HOLD_SLACK = 5.0  # seconds beyond answer_wait for the worker to see the report and send it
+RETRY_MAX = 60.0  # longest wait between two attempts to evaluate a request that failed
 PRUNE_INTERVAL = 3600.0
 STALE_TEMPORARY = 3600.0  # a writer's temporary request file older than this is removed
 COMMAND = "storage-commitment-report"
@@ -104,6 +109,9 @@ class Commitments:
         # Manifests read for the request being evaluated: name -> (the file's identity,
         # original path -> planned or new path).
         self._manifests: dict[str, tuple[tuple[int, int, int], dict[str, str]]] = {}
+        # Requests that could not be evaluated: file name -> (next attempt, failures).
+        self._retry_at: dict[str, tuple[float, int]] = {}
+        self._reminders = Reminders(clock=clock)
 
     def close(self) -> None:
         self.spool.close()
@@ -175,19 +183,46 @@ class Commitments:
         self._next_look = now + 1.0
         due = self._end_holds(queue, config)
         names = self.spool.request_names()
-        if not names:
+        for gone in set(self._retry_at).difference(names):  # removed by hand
+            self._retry_at.pop(gone)
+        ready = [name for name in names if self._retry_at.get(name, (0.0, 0))[0] <= now]
+        if not ready:
             return due
         consume()  # after listing: every record written before these requests is read
-        for name in names:
+        for name in ready:
             try:
                 job = self._evaluate(queue, config, live, name)
             except (OSError, sqlite3.Error) as exc:
-                log.error("storage commitment request %s: %s; trying again", name, exc)
-                self._wanted = False
-                break
+                self._stuck(name, exc, now)
+                continue
+            self._unstuck(name)
             if job:
                 due.append(job)
         return due
+
+    def _stuck(self, name: str, exc: BaseException, now: float) -> None:
+        failures = self._retry_at.get(name, (0.0, 0))[1] + 1
+        self._retry_at[name] = (now + min(RETRY_MAX, 2.0 ** failures), failures)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        count = self._reminders.failed(reason)
+        if count == 1:
+            log.error("storage commitment request %s cannot be evaluated: %s; later requests "
+                      "go on, this one is tried again (at least every %g s), and this is "
+                      "logged again every %d min while it lasts", name, reason, RETRY_MAX,
+                      REMINDER_INTERVAL // 60)
+        elif count:
+            minutes = (self._clock() - self._reminders.since(reason)) / 60
+            log.error("storage commitment: %d request(s) still cannot be evaluated: %s (%d "
+                      "failed attempt(s) in %.0f min)", len(self._retry_at), reason, count,
+                      minutes)
+
+    def _unstuck(self, name: str) -> None:
+        stuck = self._retry_at.pop(name, None)
+        if stuck is not None:
+            log.info("storage commitment request %s evaluated after %d failed attempt(s)",
+                     name, stuck[1])
+        if not self._retry_at:
+            self._reminders.clear()
 
     def _end_holds(self, queue: JobQueue, config: Config) -> list[int]:
         """Holds that ran out (no answer on the requesting association in time): their jobs

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 from dicom_ingestd.config.schema import JobsConfig
 from dicom_ingestd.jobs.queue import Job, JobPool, JobQueue, JobState
+from dicom_ingestd.jobs.reminders import REMINDER_INTERVAL, Reminders
 
 log = logging.getLogger("dicom_ingestd.jobs")
 
@@ -144,6 +145,7 @@ class JobRunner:
         self._unrecorded: list[tuple[Callable[[], None], int, bool | None]] = []
         self._next_record = 0.0
         self._hold_until = 0.0  # no job starts before (the state storage failed us)
+        self._reminders = Reminders(clock=clock)
 
     # -- the loop's hooks --------------------------------------------------------------------
     def poke(self) -> None:
@@ -224,13 +226,20 @@ class JobRunner:
             env.update(self._prepare(job))
         except OSError as exc:
             # The state directory (its manifest) failed us, not the job: no attempt counts.
-            log.error("job %d: cannot prepare its run (%s); it stays pending and no job "
-                      "starts for %g s", job.id, exc, RECORD_RETRY, extra=journal_fields(job))
+            reason = exc.strerror or str(exc)
+            count = self._reminders.failed(f"prepare: {reason}")
+            if count:
+                log.error("job %d: cannot prepare its run (%s); it stays pending and jobs "
+                          "start again when the state directory takes writes (%d attempt(s) "
+                          "so far; tried every %g s, logged every %d min)", job.id, exc, count,
+                          RECORD_RETRY, REMINDER_INTERVAL // 60, extra=journal_fields(job))
             self._hold_until = self._clock() + RECORD_RETRY
             return
         except (LookupError, ValueError) as exc:  # its batch is gone: the job cannot run
             self._record_failure(job, attempt, f"cannot start: {exc}", 0.0)
             return
+        if self._reminders.clear():
+            log.info("job %d: prepared; the state directory takes writes again", job.id)
         try:
             popen = subprocess.Popen(job.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=env, close_fds=True,
