@@ -29,6 +29,7 @@ from pynetdicom import AE, build_role, evt
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.sop_class import CTImageStorage, StorageCommitmentPushModel, Verification
 
+from dicom_ingestd.jobs.queue import MAX_SENDERS, SCHEMA_VERSION, JobQueue
 from tests.conftest import (
     Daemon,
     free_port,
@@ -513,6 +514,92 @@ def test_never_sent_and_wrong_sop_class_fail_with_their_reasons(
     assert uids(info.ReferencedSOPSequence) == [(ct_class, ct_instance, 0)]
     assert uids(info.FailedSOPSequence) == [(CT, never, 0x0112), (MR, ct_instance, 0x0119)]
     daemon.wait_log("1 committed, 2 failed (event type 2)")
+
+
+def test_a_resend_by_another_ae_keeps_the_first_senders_commitment(
+        daemon_factory: Any, report_scp: ReportSCP, tmp_path: Path) -> None:
+    # objects_from = requester: the modality sent X, a router sent X again (the same file,
+    # overwritten): X is committed to either, not to an AE title that never sent it.
+    config = settings(report_scp.port, objects_from="requester")
+    config["remote_aes"]["ROUTER"] = {"host": "127.0.0.1", "port": report_scp.port}
+    config["remote_aes"]["STRANGER"] = {"host": "127.0.0.1", "port": report_scp.port}
+    daemon = daemon_factory(config)
+    study = make_study(tmp_path / "s", 1)
+    stored = store(daemon.port, study)
+    assert store(daemon.port, study, calling="ROUTER") == stored
+    for count, caller in enumerate((MODALITY, "ROUTER", "STRANGER"), 1):
+        request(daemon.port, action(str(generate_uid()), references(*stored)), calling=caller)
+        event_type, _ = report_scp.wait(count)[count - 1]
+        assert event_type == (2 if caller == "STRANGER" else 1), caller
+    assert uids(report_scp.reports[2][1].FailedSOPSequence) == [(*stored[0], 0x0112)]
+
+
+def test_the_index_keeps_the_latest_senders_of_a_file_and_its_current_class(
+        tmp_path: Path) -> None:
+    queue = JobQueue(tmp_path / "state")
+    try:
+        with queue.transaction():
+            for n in range(MAX_SENDERS + 4):
+                queue.remember_object("1.2.3", "/out/x", CT, f"AE{n}", 1000.0 + n)
+            queue.remember_object("1.2.3", "/out/x", MR, "AE5", 2000.0)  # overwritten as MR
+        rows = queue.stored_objects(["1.2.3"])["1.2.3"]
+        assert [ae for _, _, ae in rows] == \
+            ["AE5", *[f"AE{n}" for n in range(MAX_SENDERS + 3, 3, -1) if n != 5]]
+        assert {sop_class for _, sop_class, _ in rows} == {MR}
+    finally:
+        queue.close()
+
+
+def test_a_version_3_index_keeps_its_objects(tmp_path: Path) -> None:
+    # Version 3 keyed stored_objects by (SOP instance, path): made again with the sender in
+    # the key, every row kept.
+    (tmp_path / "state").mkdir()
+    with contextlib.closing(sqlite3.connect(tmp_path / "state" / "jobs.sqlite")) as db, db:
+        db.execute("CREATE TABLE stored_objects (sop TEXT NOT NULL, path TEXT NOT NULL, "
+                   "sop_class TEXT NOT NULL, calling_ae TEXT NOT NULL, stored REAL NOT NULL, "
+                   "PRIMARY KEY (sop, path))")
+        db.execute("CREATE INDEX stored_objects_by_time ON stored_objects (stored)")
+        db.execute("INSERT INTO stored_objects VALUES ('1.2.3', '/out/x', ?, 'CT01', 1.0)",
+                   (CT,))
+        db.execute("PRAGMA user_version = 3")
+    queue = JobQueue(tmp_path / "state")
+    try:
+        with queue.transaction():
+            queue.remember_object("1.2.3", "/out/x", CT, "ROUTER", 2.0)
+        assert sorted(ae for _, _, ae in queue.stored_objects(["1.2.3"])["1.2.3"]) == \
+            ["CT01", "ROUTER"]
+        assert queue._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    finally:
+        queue.close()
+
+
+def test_keep_first_commits_the_class_of_the_file_kept(
+        daemon_factory: Any, report_scp: ReportSCP, tmp_path: Path) -> None:
+    # storage.duplicates = keep-first: X stored as one SR class, then again as another SR
+    # class (the same file name): the file holds the first class, and so does the answer.
+    first, second = "1.2.840.10008.5.1.4.1.1.88.70", "1.2.840.10008.5.1.4.1.1.88.75"
+    config = settings(report_scp.port)
+    config["storage"] = {"duplicates": "keep-first"}
+    daemon = daemon_factory(config)
+    path, = make_study(tmp_path / "s", 1)
+    ds = dcmread(path)
+    ds.Modality = "SR"
+    ae = AE(ae_title=MODALITY)
+    ae.add_requested_context(first)
+    ae.add_requested_context(second)
+    assoc = ae.associate("127.0.0.1", daemon.port, ae_title="STORESCP")
+    for sop_class in (first, second):
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+        assert assoc.send_c_store(ds).Status == 0
+    assoc.release()
+    kept, = (p for p in daemon.files() if ".ingestd-state" not in p.parts)
+    assert dcmread(kept).SOPClassUID == first
+    instance = str(ds.SOPInstanceUID)
+    request(daemon.port, action(str(generate_uid()), references((first, instance),
+                                                                (second, instance))))
+    _, info = report_scp.wait()[0]
+    assert uids(info.ReferencedSOPSequence) == [(first, instance, 0)]
+    assert uids(info.FailedSOPSequence) == [(second, instance, 0x0119)]
 
 
 def test_objects_stored_before_a_restart_count(daemon_factory: Any, report_scp: ReportSCP,

@@ -615,7 +615,8 @@ class StorageCommitmentConfig:
         "any", "Which stored objects a request may be committed for: any (whichever calling "
         "AE title sent them: a router or another modality may have sent what a modality "
         "asks about) or requester (only objects sent with the requesting calling AE title; "
-        "others fail with 0x0112, as if never stored).",
+        "others fail with 0x0112, as if never stored). A file sent again by another AE title "
+        "stays committed to the first one too (the latest 8 senders of a file count).",
         choices=STORAGE_COMMITMENT_OBJECTS_FROM,
     )
     max_references: int = setting(
