@@ -337,6 +337,14 @@ def request(port: int, dataset: Dataset | None, *, calling: str = MODALITY,
     return code, reports
 
 
+def cli(daemon: Daemon, *args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "dicom_ingestd", *args, "-c",
+                             str(daemon.config_path)], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 def uids(sequence: Any) -> list[tuple[str, str, int]]:
     return [(str(item.ReferencedSOPClassUID), str(item.ReferencedSOPInstanceUID),
              int(item.get("FailureReason", 0))) for item in sequence or []]
@@ -430,6 +438,8 @@ def test_report_on_the_requesting_association(daemon_factory: Any, report_scp: R
     time.sleep(1.5)  # a second delivery would go out within the runner's poll
     assert report_scp.reports == []
     assert spool_files(daemon) == []
+    counters = json.loads(cli(daemon, "status", "--json"))["storage_commitment"]
+    assert counters["reports_delivered"] == 1 and counters["delivery_attempts_failed"] == 0
 
 
 def test_a_report_left_unanswered_on_its_association_goes_on_a_new_one(
@@ -666,10 +676,7 @@ def test_objects_count_wherever_a_stopped_rename_left_them(
         assert event_type == 1 and len(info.ReferencedSOPSequence) == 10
     finally:
         subprocess.run(["chattr", "-i", str(stuck)], check=True)
-    retried = subprocess.run([sys.executable, "-m", "dicom_ingestd", "jobs", "retry", "1",
-                              "-c", str(daemon.config_path)], capture_output=True, text=True,
-                             timeout=30)
-    assert retried.returncode == 0, retried.stderr
+    cli(daemon, "jobs", "retry", "1")
     daemon.wait_log("job 1 finished: exit status 0", timeout=20)
     request(daemon.port, action(str(generate_uid()), references(*stored)))
     event_type, info = report_scp.wait(2)[1]
@@ -694,6 +701,20 @@ def test_the_report_waits_for_its_target(daemon_factory: Any, tmp_path: Path) ->
     finally:
         scp.stop()
     wait_until(lambda: [j["state"] for j in jobs(daemon)] == ["done"], 10, "job done")
+    # The counters, in status and metrics (live, then from the disk).
+    failed = jobs(daemon)[0]["attempts"] - 1
+    status = cli(daemon, "status", "--json")
+    assert json.loads(status)["storage_commitment"] == {
+        "requests": 1, "objects_committed": 1, "objects_failed": 0, "reports_delivered": 1,
+        "delivery_attempts_failed": failed, "reports_dead": 0}
+    assert f"storage commitment: 1 request(s), 1 object(s) committed, 0 failed; reports: 1 " \
+        f"delivered, {failed} failed attempt(s), 0 dead" in cli(daemon, "status")
+    assert daemon.stop() == 0
+    metrics = cli(daemon, "metrics")
+    assert 'dicom_ingestd_storage_commitment_reports_total{outcome="delivered"} 1.0' in metrics
+    assert f'dicom_ingestd_storage_commitment_reports_total{{outcome="attempt_failed"}} ' \
+        f'{failed}.0' in metrics
+    assert "dicom_ingestd_storage_commitment_requests_total 1.0" in metrics
 
 
 def test_report_files_live_only_while_a_report_may_still_go_out(
