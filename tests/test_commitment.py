@@ -396,7 +396,7 @@ def test_the_report_comes_from_the_ae_title_the_modality_called(
     assert report_scp.wait()[0][0] == 1
     assert report_scp.callers == ["ARCHIVE1"]
     daemon.wait_log(f"sent to {MODALITY}@127.0.0.1:{report_scp.port}: 1 committed, 0 failed "
-                    "(event type 1, calling AE title ARCHIVE1)")
+                    "(event type 1); calling AE title ARCHIVE1")
 
 
 def test_an_object_stored_just_before_the_request_counts(daemon_factory: Any,

@@ -258,8 +258,8 @@ def deliver(settings: Settings, report_path: str) -> str:
         sock.close()
     return (f"storage commitment report of transaction {report.transaction_uid} sent to "
             f"{settings.called_ae}@{settings.host}:{settings.port}: {report.committed} "
-            f"committed, {report.failed} failed (event type {int(event_type)}, calling AE "
-            f"title {settings.calling_ae})")
+            f"committed, {report.failed} failed (event type {int(event_type)}); calling AE "
+            f"title {settings.calling_ae}")
 
 
 def with_abort(channel: Channel) -> None:
