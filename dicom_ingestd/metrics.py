@@ -97,6 +97,25 @@ class _StatusCollector:
             for state in JOB_STATES:
                 gauge.add_metric([state], jobs.get(state, 0))
             yield gauge
+        commitment = doc.get("storage_commitment")
+        if commitment is not None:
+            yield CounterMetricFamily(
+                f"{PREFIX}_storage_commitment_requests", "Storage commitment requests "
+                "evaluated (since the job database was made).", value=commitment["requests"])
+            objects = CounterMetricFamily(
+                f"{PREFIX}_storage_commitment_objects", "Objects named in storage commitment "
+                "requests, by what the report said.", labels=["result"])
+            objects.add_metric(["committed"], commitment["objects_committed"])
+            objects.add_metric(["failed"], commitment["objects_failed"])
+            yield objects
+            reports = CounterMetricFamily(
+                f"{PREFIX}_storage_commitment_reports", "Storage commitment report "
+                "deliveries: delivered (on the requesting association or a new one), "
+                "attempt_failed (each failed attempt), dead (given up).", labels=["outcome"])
+            reports.add_metric(["delivered"], commitment["reports_delivered"])
+            reports.add_metric(["attempt_failed"], commitment["delivery_attempts_failed"])
+            reports.add_metric(["dead"], commitment["reports_dead"])
+            yield reports
         disk = doc["disk"]
         free = GaugeMetricFamily(f"{PREFIX}_free_bytes", "Free bytes on the file system of "
                                  "the output and of the state directory.",

@@ -16,7 +16,7 @@ from typing import Any
 from dicom_ingestd import __version__
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.jobs.queue import DATABASE as JOB_DATABASE
-from dicom_ingestd.jobs.queue import JobQueue
+from dicom_ingestd.jobs.queue import Counter, JobQueue
 from dicom_ingestd.jobs.service import state_directory
 from dicom_ingestd.log import escape_controls
 from dicom_ingestd.stats import FILE_NAME, Stats, status_class
@@ -95,6 +95,30 @@ def job_counts(config: Config, live: bool) -> dict[str, int] | None:
     return counts
 
 
+def commitment_counts(config: Config, live: bool) -> dict[str, int] | None:
+    """The storage commitment counters (jobs/queue.py Counter, without their common prefix),
+    kept in the job database since it was made; None while storage commitment is off and
+    has never counted anything.  Read as job_counts reads the jobs."""
+    path = state_directory(config) / JOB_DATABASE
+    values = dict.fromkeys(map(str, Counter), 0)
+    if path.exists():
+        with contextlib.suppress(OSError, sqlite3.Error):  # a version 3 database has none
+            if live:
+                queue = JobQueue(path.parent, create=False, durable=False, busy_timeout=0.2)
+                try:
+                    values.update(queue.counters())
+                finally:
+                    queue.close()
+            else:
+                with contextlib.closing(sqlite3.connect(f"file:{path}?immutable=1",
+                                                        uri=True)) as db:
+                    values.update({str(name): int(n) for name, n in db.execute(
+                        "SELECT name, value FROM counters")})
+    if not config.storage_commitment.enabled and not any(values.values()):
+        return None
+    return {name.removeprefix("commitment_"): n for name, n in values.items()}
+
+
 def document(config: Config, config_path: str, stats: Stats, daemon: dict[str, Any],
              live: bool) -> dict[str, Any]:
     """The whole status; `daemon` is the master's part ({"running": False} offline)."""
@@ -107,6 +131,7 @@ def document(config: Config, config_path: str, stats: Stats, daemon: dict[str, A
         "daemon": daemon,
         "counters": counters,
         "jobs": job_counts(config, live),
+        "storage_commitment": commitment_counts(config, live),
         "disk": disk(config),
     }
 
@@ -224,6 +249,14 @@ def _render(doc: dict[str, Any]) -> str:
     else:
         lines.append("jobs: " + ", ".join(f"{jobs.get(s, 0)} {s}" for s in JOB_STATES)
                      + (f" (error: {jobs['error']})" if "error" in jobs else ""))
+    commitment = doc.get("storage_commitment")
+    if commitment is not None:
+        lines.append(f"storage commitment: {commitment['requests']} request(s), "
+                     f"{commitment['objects_committed']} object(s) committed, "
+                     f"{commitment['objects_failed']} failed; reports: "
+                     f"{commitment['reports_delivered']} delivered, "
+                     f"{commitment['delivery_attempts_failed']} failed attempt(s), "
+                     f"{commitment['reports_dead']} dead")
     disk_ = doc["disk"]
     for name in ("output", "state"):
         entry = disk_.get(name)

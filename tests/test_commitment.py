@@ -7,9 +7,15 @@ the daemon goes on serving after every bad request.
 """
 
 import contextlib
+import io
 import json
+import os
+import socket
 import sqlite3
+import struct
 import subprocess
+import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -20,9 +26,18 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, build_role, evt
+from pynetdicom.dsutils import decode, encode
 from pynetdicom.sop_class import CTImageStorage, StorageCommitmentPushModel, Verification
 
-from tests.conftest import Daemon, free_port, make_study, require_tool, wait_until
+from dicom_ingestd.jobs.queue import MAX_SENDERS, SCHEMA_VERSION, JobQueue
+from tests.conftest import (
+    Daemon,
+    free_port,
+    make_study,
+    mounted_tmpfs,
+    require_tool,
+    wait_until,
+)
 
 WELL_KNOWN = "1.2.840.10008.1.20.1.1"
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -36,6 +51,7 @@ class ReportSCP:
     def __init__(self, port: int, *, accept_role: bool = True) -> None:
         self.port = port
         self.reports: list[tuple[int, Dataset]] = []
+        self.callers: list[str] = []  # the calling AE title of each report's association
         self.accept_role = accept_role
         self.server: Any = None
 
@@ -46,6 +62,7 @@ class ReportSCP:
         ae.add_supported_context(Verification)
 
         def on_report(event: Any) -> tuple[int, None]:
+            self.callers.append(str(event.assoc.requestor.ae_title).strip())
             self.reports.append((event.event_type, event.event_information))
             return 0x0000, None
 
@@ -61,6 +78,182 @@ class ReportSCP:
     def wait(self, count: int = 1, timeout: float = 30.0) -> list[tuple[int, Dataset]]:
         wait_until(lambda: len(self.reports) >= count, timeout, f"{count} report(s)")
         return self.reports
+
+
+class Blackhole:
+    """A modality that hangs: accepts TCP connections and never sends a byte."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                self.held.append(self.listener.accept()[0])
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.held:
+            sock.close()
+
+
+def _item(item_type: int, body: bytes) -> bytes:
+    return struct.pack(">BxH", item_type, len(body)) + body
+
+
+def _p_data(payload: bytes, is_command: bool, last: bool = True, context: int = 1) -> bytes:
+    pdv = struct.pack(">LBB", len(payload) + 2, context, int(is_command) | (2 if last else 0))
+    return struct.pack(">BxL", 4, len(pdv) + len(payload)) + pdv + payload
+
+
+class HostileReportSCP:
+    """A report target that accepts the association (the SCP role granted) and answers the
+    N-EVENT-REPORT badly, by `mode`: bigpdu (one P-DATA-TF PDU of 1 MiB), flood (data set
+    fragments without end, never a command), wrongid (an N-EVENT-REPORT-RSP for message
+    ID 7)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.port = free_port()
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn = self.listener.accept()[0]
+                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _read_pdu(conn: socket.socket) -> tuple[int, bytes]:
+        def exact(n: int) -> bytes:
+            data = b""
+            while len(data) < n:
+                chunk = conn.recv(n - len(data))
+                if not chunk:
+                    raise EOFError
+                data += chunk
+            return data
+        pdu_type, length = struct.unpack(">BxL", exact(6))
+        return pdu_type, exact(length)
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError, EOFError):
+            _, request = self._read_pdu(conn)
+            uid = StorageCommitmentPushModel.encode("ascii")
+            context = bytes(4) + _item(0x40, b"1.2.840.10008.1.2.1")
+            context = b"\x01" + context[1:]
+            role = struct.pack(">H", len(uid)) + uid + b"\x00\x01"
+            user = _item(0x51, struct.pack(">L", 65536)) + _item(0x54, role)
+            accept = request[:68] + _item(0x10, b"1.2.840.10008.3.1.1.1") \
+                + _item(0x21, context) + _item(0x50, user)
+            conn.sendall(struct.pack(">BxL", 2, len(accept)) + accept)
+            last_data = False
+            while not last_data:  # the report's command, then its data set
+                _, body = self._read_pdu(conn)
+                last_data = body[5] == 0x02
+            if self.mode == "bigpdu":
+                conn.sendall(_p_data(bytes(1 << 20), False, last=False))
+            elif self.mode == "flood":
+                chunk = _p_data(bytes(16384), False, last=False)
+                while True:
+                    conn.sendall(chunk)
+            elif self.mode == "wrongid":
+                answer = Dataset()
+                answer.AffectedSOPClassUID = StorageCommitmentPushModel
+                answer.CommandField = 0x8100
+                answer.MessageIDBeingRespondedTo = 7
+                answer.CommandDataSetType = 0x0101
+                answer.Status = 0
+                answer.AffectedSOPInstanceUID = WELL_KNOWN
+                answer.EventTypeID = 1
+                conn.sendall(_p_data(encode(answer, True, True), True))
+            while conn.recv(65536):
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _command(**elements: Any) -> bytes:
+    """A command set (implicit VR little endian), its group length first."""
+    ds = Dataset()
+    for keyword, value in elements.items():
+        setattr(ds, keyword, value)
+    body = encode(ds, True, True)
+    assert body is not None
+    return b"\x00\x00\x00\x00\x04\x00\x00\x00" + struct.pack("<L", len(body)) + body
+
+
+class RawRequester:
+    """A modality on a socket of its own, for what pynetdicom will not do: leave a report
+    unanswered while it goes on (C-ECHOs, a slow C-STORE), answer it late or wrongly.
+    Contexts: 1 Storage Commitment, 3 Verification, 5 CT Image Storage (explicit VR LE)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        contexts = b"".join(
+            _item(0x20, bytes((cid, 0, 0, 0)) + _item(0x30, uid.encode())
+                  + _item(0x40, b"1.2.840.10008.1.2.1"))
+            for cid, uid in ((1, StorageCommitmentPushModel), (3, Verification), (5, CT)))
+        body = (struct.pack(">H2x", 1) + b"STORESCP".ljust(16) + MODALITY.encode().ljust(16)
+                + bytes(32) + _item(0x10, b"1.2.840.10008.3.1.1.1") + contexts
+                + _item(0x50, _item(0x51, struct.pack(">L", 65536))
+                        + _item(0x52, b"1.2.3.4")))
+        self.sock.sendall(struct.pack(">BxL", 1, len(body)) + body)
+        assert self._read_pdu()[0] == 2  # A-ASSOCIATE-AC
+
+    def _read_pdu(self) -> tuple[int, bytes]:
+        return HostileReportSCP._read_pdu(self.sock)
+
+    def read_message(self) -> tuple[Dataset, bytes]:
+        """The next command (decoded) and its data set bytes."""
+        command, data = b"", b""
+        while True:
+            pdu_type, body = self._read_pdu()
+            assert pdu_type == 4, f"PDU type {pdu_type}"
+            pos = 0
+            while pos < len(body):
+                length, _, control = struct.unpack_from(">LBB", body, pos)
+                if control & 1:
+                    command += body[pos + 6:pos + 4 + length]
+                else:
+                    data += body[pos + 6:pos + 4 + length]
+                pos += 4 + length
+                if control & 2:
+                    decoded = decode(io.BytesIO(command), True, True)
+                    if not control & 1 or decoded.CommandDataSetType == 0x0101:
+                        return decoded, data
+
+    def send(self, context: int, command: bytes, data: bytes | None = None) -> None:
+        self.sock.sendall(_p_data(command, True, context=context))
+        if data is not None:
+            self.sock.sendall(_p_data(data, False, context=context))
+
+    def n_action(self, dataset: Dataset) -> int:
+        data = encode(dataset, False, True)
+        assert data is not None
+        self.send(1, _command(CommandField=0x0130, MessageID=1, CommandDataSetType=0x0000,
+                              RequestedSOPClassUID=StorageCommitmentPushModel,
+                              RequestedSOPInstanceUID=WELL_KNOWN, ActionTypeID=1), data)
+        return int(self.read_message()[0].Status)
+
+    def echo(self, message_id: int) -> int:
+        self.send(3, _command(CommandField=0x0030, MessageID=message_id,
+                              CommandDataSetType=0x0101, AffectedSOPClassUID=Verification))
+        return int(self.read_message()[0].Status)
+
+    def answer_report(self, message_id: int) -> None:
+        self.send(1, _command(CommandField=0x8100, MessageIDBeingRespondedTo=message_id,
+                              CommandDataSetType=0x0101, Status=0, EventTypeID=1,
+                              AffectedSOPClassUID=StorageCommitmentPushModel,
+                              AffectedSOPInstanceUID=WELL_KNOWN))
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 @pytest.fixture
@@ -116,7 +309,7 @@ def store(port: int, files: list[Path], calling: str = MODALITY) -> list[tuple[s
 
 
 def request(port: int, dataset: Dataset | None, *, calling: str = MODALITY,
-            keep_open: float = 0.0, action_type: int = 1,
+            called: str = "STORESCP", keep_open: float = 0.0, action_type: int = 1,
             roles: list[Any] | None = None) -> tuple[int, list[tuple[int, Dataset]]]:
     """Send one N-ACTION; (its status, the reports received on this association while it
     stays open for `keep_open` seconds)."""
@@ -129,7 +322,7 @@ def request(port: int, dataset: Dataset | None, *, calling: str = MODALITY,
         reports.append((event.event_type, event.event_information))
         return 0x0000, None
 
-    assoc = ae.associate("127.0.0.1", port, ae_title="STORESCP", ext_neg=roles,
+    assoc = ae.associate("127.0.0.1", port, ae_title=called, ext_neg=roles,
                          evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
     assert assoc.is_established
     status, _ = assoc.send_n_action(dataset, action_type, StorageCommitmentPushModel,
@@ -142,6 +335,14 @@ def request(port: int, dataset: Dataset | None, *, calling: str = MODALITY,
     assert assoc.send_c_echo().Status == 0
     assoc.release()
     return code, reports
+
+
+def cli(daemon: Daemon, *args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "dicom_ingestd", *args, "-c",
+                             str(daemon.config_path)], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 def uids(sequence: Any) -> list[tuple[str, str, int]]:
@@ -157,6 +358,11 @@ def jobs(daemon: Daemon) -> list[dict[str, Any]]:
     with contextlib.closing(sqlite3.connect(path, timeout=5)) as db:
         db.row_factory = sqlite3.Row
         return [dict(row) for row in db.execute("SELECT * FROM jobs ORDER BY id")]
+
+
+def spool_files(daemon: Daemon, directory: str = "reports") -> list[str]:
+    path = daemon.out / ".ingestd-state" / "commitment" / directory
+    return sorted(p.name for p in path.iterdir()) if path.exists() else []
 
 
 # -- the cases ------------------------------------------------------------------------------
@@ -177,6 +383,20 @@ def test_all_present_report_on_a_new_association(daemon_factory: Any, report_scp
         in log
     assert f"storage commitment of transaction {transaction} from {MODALITY}" in log
     wait_until(lambda: [j["state"] for j in jobs(daemon)] == ["done"], 10, "job done")
+    assert spool_files(daemon) == []  # delivered: its report file is gone
+
+
+def test_the_report_comes_from_the_ae_title_the_modality_called(
+        daemon_factory: Any, report_scp: ReportSCP, tmp_path: Path) -> None:
+    # Our network.aetitle is STORESCP; the modality knows us as ARCHIVE1.
+    daemon = daemon_factory(settings(report_scp.port))
+    stored = store(daemon.port, make_study(tmp_path / "s", 1))
+    assert request(daemon.port, action(str(generate_uid()), references(*stored)),
+                   called="ARCHIVE1")[0] == 0
+    assert report_scp.wait()[0][0] == 1
+    assert report_scp.callers == ["ARCHIVE1"]
+    daemon.wait_log(f"sent to {MODALITY}@127.0.0.1:{report_scp.port}: 1 committed, 0 failed "
+                    "(event type 1); calling AE title ARCHIVE1")
 
 
 def test_an_object_stored_just_before_the_request_counts(daemon_factory: Any,
@@ -217,6 +437,78 @@ def test_report_on_the_requesting_association(daemon_factory: Any, report_scp: R
                ["delivered on the requesting association"], 10, "job done")
     time.sleep(1.5)  # a second delivery would go out within the runner's poll
     assert report_scp.reports == []
+    assert spool_files(daemon) == []
+    counters = json.loads(cli(daemon, "status", "--json"))["storage_commitment"]
+    assert counters["reports_delivered"] == 1 and counters["delivery_attempts_failed"] == 0
+
+
+def test_a_report_left_unanswered_on_its_association_goes_on_a_new_one(
+        daemon_factory: Any, report_scp: ReportSCP, tmp_path: Path) -> None:
+    # The sender takes the report on its association and never answers it, but keeps the
+    # association busy (C-ECHOs): after network.dimse_timeout the report goes to its
+    # address on a new association, while the first association goes on.  A late answer
+    # and an answer for a message ID never sent are logged and ignored.
+    config = settings(report_scp.port, same_association_wait=10)
+    config["network"] = {"dimse_timeout": 3}
+    daemon = daemon_factory(config)
+    stored = store(daemon.port, make_study(tmp_path / "s", 1))
+    transaction = str(generate_uid())
+    modality = RawRequester(daemon.port)
+    try:
+        assert modality.n_action(action(transaction, references(*stored))) == 0
+        report, _ = modality.read_message()
+        assert report.CommandField == 0x0100 and report.MessageID == 1  # left unanswered
+        for message_id in range(2, 30):
+            assert modality.echo(message_id) == 0
+            if report_scp.reports:
+                break
+            time.sleep(0.5)
+        event_type, info = report_scp.wait(timeout=1)[0]
+        assert event_type == 1 and info.TransactionUID == transaction
+        log = daemon.wait_log("within 3 s on the requesting association; it goes on a new "
+                              "association")
+        assert f"no answer to the storage commitment report of transaction {transaction} " \
+            "(message ID 1)" in log
+        modality.answer_report(1)  # too late
+        modality.answer_report(999)  # never sent
+        assert modality.echo(100) == 0
+        log = daemon.wait_log("ignoring an N-EVENT-REPORT-RSP for message ID 999")
+        assert f"the answer to the storage commitment report of transaction {transaction} " \
+            "(message ID 1) came too late" in log
+        assert "aborting" not in log
+    finally:
+        modality.close()
+
+
+def test_a_report_held_by_a_busy_association_is_released_by_the_master(
+        daemon_factory: Any, report_scp: ReportSCP, tmp_path: Path) -> None:
+    # The sender takes the report and never answers: it sends an object slowly, so its
+    # association never gets to look at the report's deadline; the master's bounded hold
+    # (network.dimse_timeout + 5 s) lets the job deliver it anyway.
+    config = settings(report_scp.port, same_association_wait=10)
+    config["network"] = {"dimse_timeout": 2, "min_transfer_rate": 100}
+    daemon = daemon_factory(config)
+    stored = store(daemon.port, make_study(tmp_path / "s", 1))
+    transaction = str(generate_uid())
+    modality = RawRequester(daemon.port)
+    try:
+        assert modality.n_action(action(transaction, references(*stored))) == 0
+        report, _ = modality.read_message()
+        assert report.CommandField == 0x0100
+        sop = str(generate_uid())
+        modality.send(5, _command(CommandField=0x0001, MessageID=2, Priority=0,
+                                  CommandDataSetType=0x0000, AffectedSOPClassUID=CT,
+                                  AffectedSOPInstanceUID=sop))
+        started = time.monotonic()
+        while not report_scp.reports and time.monotonic() - started < 30:
+            modality.sock.sendall(_p_data(bytes(200), False, last=False, context=5))
+            time.sleep(0.5)
+        event_type, info = report_scp.wait(timeout=1)[0]
+        assert event_type == 1 and info.TransactionUID == transaction
+        daemon.wait_log(f"storage commitment report of transaction {transaction} to "
+                        f"{MODALITY}: no answer on the requesting association within 2 s")
+    finally:
+        modality.close()
 
 
 def test_never_sent_and_wrong_sop_class_fail_with_their_reasons(
@@ -232,6 +524,92 @@ def test_never_sent_and_wrong_sop_class_fail_with_their_reasons(
     assert uids(info.ReferencedSOPSequence) == [(ct_class, ct_instance, 0)]
     assert uids(info.FailedSOPSequence) == [(CT, never, 0x0112), (MR, ct_instance, 0x0119)]
     daemon.wait_log("1 committed, 2 failed (event type 2)")
+
+
+def test_a_resend_by_another_ae_keeps_the_first_senders_commitment(
+        daemon_factory: Any, report_scp: ReportSCP, tmp_path: Path) -> None:
+    # objects_from = requester: the modality sent X, a router sent X again (the same file,
+    # overwritten): X is committed to either, not to an AE title that never sent it.
+    config = settings(report_scp.port, objects_from="requester")
+    config["remote_aes"]["ROUTER"] = {"host": "127.0.0.1", "port": report_scp.port}
+    config["remote_aes"]["STRANGER"] = {"host": "127.0.0.1", "port": report_scp.port}
+    daemon = daemon_factory(config)
+    study = make_study(tmp_path / "s", 1)
+    stored = store(daemon.port, study)
+    assert store(daemon.port, study, calling="ROUTER") == stored
+    for count, caller in enumerate((MODALITY, "ROUTER", "STRANGER"), 1):
+        request(daemon.port, action(str(generate_uid()), references(*stored)), calling=caller)
+        event_type, _ = report_scp.wait(count)[count - 1]
+        assert event_type == (2 if caller == "STRANGER" else 1), caller
+    assert uids(report_scp.reports[2][1].FailedSOPSequence) == [(*stored[0], 0x0112)]
+
+
+def test_the_index_keeps_the_latest_senders_of_a_file_and_its_current_class(
+        tmp_path: Path) -> None:
+    queue = JobQueue(tmp_path / "state")
+    try:
+        with queue.transaction():
+            for n in range(MAX_SENDERS + 4):
+                queue.remember_object("1.2.3", "/out/x", CT, f"AE{n}", 1000.0 + n)
+            queue.remember_object("1.2.3", "/out/x", MR, "AE5", 2000.0)  # overwritten as MR
+        rows = queue.stored_objects(["1.2.3"])["1.2.3"]
+        assert [ae for _, _, ae in rows] == \
+            ["AE5", *[f"AE{n}" for n in range(MAX_SENDERS + 3, 3, -1) if n != 5]]
+        assert {sop_class for _, sop_class, _ in rows} == {MR}
+    finally:
+        queue.close()
+
+
+def test_a_version_3_index_keeps_its_objects(tmp_path: Path) -> None:
+    # Version 3 keyed stored_objects by (SOP instance, path): made again with the sender in
+    # the key, every row kept.
+    (tmp_path / "state").mkdir()
+    with contextlib.closing(sqlite3.connect(tmp_path / "state" / "jobs.sqlite")) as db, db:
+        db.execute("CREATE TABLE stored_objects (sop TEXT NOT NULL, path TEXT NOT NULL, "
+                   "sop_class TEXT NOT NULL, calling_ae TEXT NOT NULL, stored REAL NOT NULL, "
+                   "PRIMARY KEY (sop, path))")
+        db.execute("CREATE INDEX stored_objects_by_time ON stored_objects (stored)")
+        db.execute("INSERT INTO stored_objects VALUES ('1.2.3', '/out/x', ?, 'CT01', 1.0)",
+                   (CT,))
+        db.execute("PRAGMA user_version = 3")
+    queue = JobQueue(tmp_path / "state")
+    try:
+        with queue.transaction():
+            queue.remember_object("1.2.3", "/out/x", CT, "ROUTER", 2.0)
+        assert sorted(ae for _, _, ae in queue.stored_objects(["1.2.3"])["1.2.3"]) == \
+            ["CT01", "ROUTER"]
+        assert queue._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    finally:
+        queue.close()
+
+
+def test_keep_first_commits_the_class_of_the_file_kept(
+        daemon_factory: Any, report_scp: ReportSCP, tmp_path: Path) -> None:
+    # storage.duplicates = keep-first: X stored as one SR class, then again as another SR
+    # class (the same file name): the file holds the first class, and so does the answer.
+    first, second = "1.2.840.10008.5.1.4.1.1.88.70", "1.2.840.10008.5.1.4.1.1.88.75"
+    config = settings(report_scp.port)
+    config["storage"] = {"duplicates": "keep-first"}
+    daemon = daemon_factory(config)
+    path, = make_study(tmp_path / "s", 1)
+    ds = dcmread(path)
+    ds.Modality = "SR"
+    ae = AE(ae_title=MODALITY)
+    ae.add_requested_context(first)
+    ae.add_requested_context(second)
+    assoc = ae.associate("127.0.0.1", daemon.port, ae_title="STORESCP")
+    for sop_class in (first, second):
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+        assert assoc.send_c_store(ds).Status == 0
+    assoc.release()
+    kept, = (p for p in daemon.files() if ".ingestd-state" not in p.parts)
+    assert dcmread(kept).SOPClassUID == first
+    instance = str(ds.SOPInstanceUID)
+    request(daemon.port, action(str(generate_uid()), references((first, instance),
+                                                                (second, instance))))
+    _, info = report_scp.wait()[0]
+    assert uids(info.ReferencedSOPSequence) == [(first, instance, 0)]
+    assert uids(info.FailedSOPSequence) == [(second, instance, 0x0119)]
 
 
 def test_objects_stored_before_a_restart_count(daemon_factory: Any, report_scp: ReportSCP,
@@ -274,6 +652,37 @@ def test_renamed_at_end_of_study_still_counts(daemon_factory: Any, report_scp: R
     assert event_type == 1 and len(info.ReferencedSOPSequence) == 2
 
 
+def test_objects_count_wherever_a_stopped_rename_left_them(
+        daemon_factory: Any, report_scp: ReportSCP, tmp_path: Path) -> None:
+    # The rename at end of study stops halfway (its fifth file immutable: EPERM; a kill or a
+    # timeout leaves the same files behind) and its job is dead: the first four objects are
+    # at their planned names, the others where they were filed, and every one is committed.
+    # Re-queued once the file can move, the rename finishes: every one is committed still.
+    config = settings(report_scp.port)
+    config["events"] = {"rename_on_eostudy": True, "eostudy_timeout": 2}
+    config["storage"] = {"sort": "study-uid"}
+    config["jobs"]["retries"] = 0
+    daemon = daemon_factory(config)
+    stored = store(daemon.port, make_study(tmp_path / "s", 10))
+    stuck = next(p for p in daemon.files() if p.name.endswith(stored[4][1]))
+    subprocess.run(["chattr", "+i", str(stuck)], check=True)
+    try:
+        daemon.wait_log("job 1 failed", timeout=20)
+        names = sorted(p.name for p in daemon.files() if ".ingestd-state" not in p.parts)
+        assert [n for n in names if n.startswith("CT0")] == \
+            ["CT000001", "CT000002", "CT000003", "CT000004"]
+        request(daemon.port, action(str(generate_uid()), references(*stored)))
+        event_type, info = report_scp.wait()[0]
+        assert event_type == 1 and len(info.ReferencedSOPSequence) == 10
+    finally:
+        subprocess.run(["chattr", "-i", str(stuck)], check=True)
+    cli(daemon, "jobs", "retry", "1")
+    daemon.wait_log("job 1 finished: exit status 0", timeout=20)
+    request(daemon.port, action(str(generate_uid()), references(*stored)))
+    event_type, info = report_scp.wait(2)[1]
+    assert event_type == 1 and len(info.ReferencedSOPSequence) == 10
+
+
 def test_the_report_waits_for_its_target(daemon_factory: Any, tmp_path: Path) -> None:
     port = free_port()
     daemon = daemon_factory(settings(port))
@@ -282,7 +691,8 @@ def test_the_report_waits_for_its_target(daemon_factory: Any, tmp_path: Path) ->
     status, _ = request(daemon.port, action(transaction, references(*stored)))
     assert status == 0
     log = daemon.wait_log("report not delivered: ", timeout=20)
-    assert f"cannot connect to 127.0.0.1:{port}" in log
+    assert f"report not delivered: cannot connect: Connection refused (AE {MODALITY} at " \
+        f"127.0.0.1:{port})" in log
     daemon.wait_log("retry 1 of 20")
     scp = ReportSCP(port).start()
     try:
@@ -291,6 +701,104 @@ def test_the_report_waits_for_its_target(daemon_factory: Any, tmp_path: Path) ->
     finally:
         scp.stop()
     wait_until(lambda: [j["state"] for j in jobs(daemon)] == ["done"], 10, "job done")
+    # The counters, in status and metrics (live, then from the disk).
+    failed = jobs(daemon)[0]["attempts"] - 1
+    status = cli(daemon, "status", "--json")
+    assert json.loads(status)["storage_commitment"] == {
+        "requests": 1, "objects_committed": 1, "objects_failed": 0, "reports_delivered": 1,
+        "delivery_attempts_failed": failed, "reports_dead": 0}
+    assert f"storage commitment: 1 request(s), 1 object(s) committed, 0 failed; reports: 1 " \
+        f"delivered, {failed} failed attempt(s), 0 dead" in cli(daemon, "status")
+    assert daemon.stop() == 0
+    metrics = cli(daemon, "metrics")
+    assert 'dicom_ingestd_storage_commitment_reports_total{outcome="delivered"} 1.0' in metrics
+    assert f'dicom_ingestd_storage_commitment_reports_total{{outcome="attempt_failed"}} ' \
+        f'{failed}.0' in metrics
+    assert "dicom_ingestd_storage_commitment_requests_total 1.0" in metrics
+
+
+def test_report_files_live_only_while_a_report_may_still_go_out(
+        daemon_factory: Any, report_scp: ReportSCP, tmp_path: Path) -> None:
+    # A dead delivery keeps its report (jobs retry) for keep_days, then both go; a report
+    # file no request waits for, and a writer's old temporary file, go at the start.
+    config = settings(free_port(), delivery_retries=0, keep_days=1)
+    daemon = daemon_factory(config)
+    request(daemon.port, action(str(generate_uid()), references((CT, "1.2.3"))))
+    daemon.wait_log("dead after 1 attempt(s)", timeout=20)
+    dead, = spool_files(daemon)
+    assert daemon.stop() == 0
+    reports = daemon.out / ".ingestd-state" / "commitment" / "reports"
+    (reports / "00000000000000000001-gone-1.rep").write_text("{}\n")
+    leftover = reports / ".tmp-00000000000000000002-gone-1.rep"
+    leftover.write_text("{}\n")
+    os.utime(leftover, (time.time() - 7200, time.time() - 7200))
+    again = daemon_factory({**config, "network": {"port": daemon.port},
+                            "storage": {"output_directory": str(daemon.out)}})
+    again.wait_log("removed 1 report file(s)")
+    assert spool_files(again) == [dead]  # dead for less than keep_days: kept
+    assert again.stop() == 0
+    with contextlib.closing(sqlite3.connect(again.out / ".ingestd-state" / "jobs.sqlite")) \
+            as db, db:
+        db.execute("UPDATE jobs SET finished = finished - 2 * 86400, created = created - "
+                   "2 * 86400")
+        db.execute("UPDATE commitments SET received = received - 2 * 86400")
+    third = daemon_factory({**config, "network": {"port": daemon.port},
+                            "storage": {"output_directory": str(daemon.out)}})
+    third.wait_log("was never delivered; its dead job")
+    wait_until(lambda: spool_files(third) == [], 10, "the dead report's removal")
+    assert jobs(third) == []
+
+
+def test_undelivered_reports_are_bounded(daemon_factory: Any, tmp_path: Path) -> None:
+    # Reports for a modality that never takes them fill the spool up to max_spool_size,
+    # then requests are refused 0x0213 with nothing recorded.
+    config = settings(free_port(), max_spool_size=1 << 20)
+    daemon = daemon_factory(config)
+    many = references(*[(CT, f"1.2.3.{'9' * 50}.{n}") for n in range(12000)])  # > 1 MiB
+    assert request(daemon.port, action(str(generate_uid()), many))[0] == 0
+    wait_until(lambda: len(spool_files(daemon)) == 1, 20, "the first report")
+    assert request(daemon.port, action(str(generate_uid()), references((CT, "1.2.3"))))[0] \
+        == 0x0213
+    log = daemon.wait_log("refused with 0x0213")
+    assert "storage_commitment.max_spool_size = 1048576" in log
+    time.sleep(1.5)
+    assert len(jobs(daemon)) == 1 and spool_files(daemon, "requests") == []
+
+
+def test_a_request_whose_report_does_not_fit_blocks_nothing_and_logs_once(
+        daemon_factory: Any, report_scp: ReportSCP, tmp_path: Path) -> None:
+    # The state file system has room for a large request's file, not for its report: that
+    # request waits (one error line, not one a second) while a small one behind it goes on;
+    # once there is room again, the large one is evaluated and its report sent.
+    with mounted_tmpfs(tmp_path / "state-fs", "size=4m") as mount:
+        config = settings(report_scp.port)
+        config["jobs"]["state_directory"] = str(mount / "state")
+        daemon = daemon_factory(config)
+        hole, filler = mount / "hole", mount / "filler"
+        hole.write_bytes(bytes(220 << 10))
+        with open(filler, "wb", buffering=0) as fh, pytest.raises(OSError):
+            while True:
+                fh.write(bytes(4096))
+        hole.unlink()  # 220 KiB free: the request (133 kB) fits, its report (150 kB) not
+        large = str(generate_uid())
+        refs = references(*[(CT, f"1.2.3.{n}") for n in range(3500)])
+        assert request(daemon.port, action(large, refs))[0] == 0
+        daemon.wait_log("No space left on device")
+        small = str(generate_uid())
+        assert request(daemon.port, action(small, references((CT, "1.2.3"))))[0] == 0
+        _, info = report_scp.wait(timeout=20)[0]
+        assert info.TransactionUID == small
+        time.sleep(4)  # attempts go on meanwhile, the log stays quiet
+        errors = [line for line in daemon.log().splitlines()
+                  if " ERROR " in line and "storage commitment" in line]
+        assert len(errors) == 1, errors
+        assert "cannot be evaluated: No space left on device; later requests go on" \
+            in errors[0]
+        filler.unlink()
+        _, info = report_scp.wait(2, timeout=90)[1]
+        assert info.TransactionUID == large and len(info.FailedSOPSequence) == 3500
+        daemon.wait_log("evaluated after ")
+        daemon.stop()
 
 
 def test_a_target_refusing_the_scp_role_dead_letters_the_report(daemon_factory: Any,
@@ -321,6 +829,68 @@ def test_an_address_added_by_reload_serves_the_next_retry(daemon_factory: Any,
         f'\n[remote_aes.{MODALITY}]\nhost = "127.0.0.1"\nport = {report_scp.port}\n')
     daemon.config_path.write_text(text)
     assert report_scp.wait(timeout=30)[0][0] == 1
+
+
+def test_a_hung_modality_delays_neither_events_nor_other_modalities(
+        daemon_factory: Any, report_scp: ReportSCP, tmp_path: Path) -> None:
+    # Reports to a modality that accepts the connection and never answers (each attempt
+    # waits network.acse_timeout) run in their own slots, one at a time for that AE title:
+    # reception jobs (one [jobs] slot) and another modality's report go on meanwhile.
+    hung = Blackhole()
+    try:
+        receptions = tmp_path / "receptions"
+        config = settings(report_scp.port)
+        config["remote_aes"]["HUNG"] = {"host": "127.0.0.1", "port": hung.port}
+        config["network"] = {"acse_timeout": 300}
+        config["jobs"]["concurrency"] = 1
+        config["events"] = {"exec_on_reception": ["/bin/sh", "-c", f"echo x >> {receptions}"]}
+        daemon = daemon_factory(config)
+        for _ in range(3):
+            request(daemon.port, action(str(generate_uid()), references((CT, "1.2.3"))),
+                    calling="HUNG")
+        wait_until(lambda: len(hung.held) == 1, 20, "a delivery to the hung modality")
+        stored = store(daemon.port, make_study(tmp_path / "s", 3))
+        wait_until(lambda: receptions.exists() and len(receptions.read_text().split()) == 3,
+                   20, "the reception jobs")
+        transaction = str(generate_uid())
+        assert request(daemon.port, action(transaction, references(*stored)))[0] == 0
+        event_type, info = report_scp.wait(timeout=20)[0]
+        assert event_type == 1 and info.TransactionUID == transaction
+        assert len(hung.held) == 1  # its other reports wait for that one's end
+        hung_jobs = [j["state"] for j in jobs(daemon)
+                     if json.loads(j["env"]).get("DICOM_CALLING_AE") == "HUNG"]
+        assert sorted(hung_jobs) == ["pending", "pending", "running"]
+    finally:
+        hung.close()
+
+
+@pytest.mark.parametrize("mode, why", [
+    ("bigpdu", "the peer sent a PDU of 1048582 bytes (type 0x04), more than the 131072 we "
+               "accept"),
+    ("flood", "the peer sent more than 65536 bytes without a complete N-EVENT-REPORT-RSP "
+              "command"),
+    ("wrongid", "the N-EVENT-REPORT-RSP answers message ID 7, not the report's message ID 1: "
+                "not an answer to the report"),
+])
+def test_a_hostile_report_target_costs_one_line(daemon_factory: Any, mode: str,
+                                                why: str) -> None:
+    # Whatever the target answers, the attempt ends (bounded in time and memory) with one
+    # line naming the reason and the target; no traceback.
+    hostile = HostileReportSCP(mode)
+    try:
+        config = settings(hostile.port, delivery_retries=0)
+        config["remote_aes"] = {"HOSTILE": {"host": "127.0.0.1", "port": hostile.port}}
+        daemon = daemon_factory(config)
+        assert request(daemon.port, action(str(generate_uid()), references((CT, "1.2.3"))),
+                       calling="HOSTILE")[0] == 0
+        log = daemon.wait_log("dead after 1 attempt(s)", timeout=30)
+        lines = [line for line in log.splitlines() if " stderr: " in line]
+        assert len(lines) == 1, lines
+        assert lines[0].endswith(f"stderr: report not delivered: {why} (AE HOSTILE at "
+                                 f"127.0.0.1:{hostile.port})")
+        assert "Traceback" not in log
+    finally:
+        hostile.close()
 
 
 @pytest.mark.parametrize("dataset, why", [

@@ -76,6 +76,45 @@ def test_rename_job_names_like_naming() -> None:
         assert rename.rename_filename(prefix, number) == naming.rename_filename(prefix, number)
 
 
+def test_a_stopped_rename_leaves_each_file_at_its_original_or_its_saved_planned_path(
+        tmp_path: Path) -> None:
+    """Whatever stops a rename run (here: the third file is immutable, EPERM), each file is
+    where it was filed or at its planned name as saved in the manifest, even when a planned
+    name was taken by someone else meanwhile (storage commitment counts on it)."""
+    from dicom_ingestd.jobs import rename
+
+    study = tmp_path / "study"
+    study.mkdir()
+    files = [study / f"CT.{n}" for n in range(4)]
+    for n, path in enumerate(files):
+        path.write_text(f"object {n}")
+    manifest = tmp_path / "manifest.json"
+    entries = [{"path": str(p), "rename_prefix": "CT", "sop_instance_uid": str(n)}
+               for n, p in enumerate(files)]
+    rename.write_manifest(manifest, {"files": entries, "renamed": False,
+                                     "plan": rename.plan(entries)}, fsync=False)
+    (study / "CT000002").write_text("someone else's")  # the second file's planned name
+    subprocess.run(["chattr", "+i", str(files[2])], check=True)
+    try:
+        assert rename.main([str(manifest)]) == 1
+    finally:
+        subprocess.run(["chattr", "-i", str(files[2])], check=True)
+    saved = json.loads(manifest.read_text())
+    assert not saved["renamed"]
+    for n, (entry, planned) in enumerate(zip(saved["files"], saved["plan"], strict=True)):
+        where = [p for p in (Path(entry["path"]), Path(planned)) if p.is_file()
+                 and p.read_text() == f"object {n}"]
+        assert len(where) == 1, (n, entry, planned)
+    assert saved["plan"][1] == str(study / "CT000005")
+    assert (study / "CT000005").read_text() == "object 1"
+    assert rename.main([str(manifest)]) == 0  # the rerun follows the saved plan
+    done = json.loads(manifest.read_text())
+    assert [Path(e["path"]).read_text() for e in done["files"]] == \
+        [f"object {n}" for n in range(4)]
+    assert [Path(e["path"]).name for e in done["files"]] == \
+        ["CT000001", "CT000005", "CT000003", "CT000004"]
+
+
 def test_peer_host_strips_the_port() -> None:
     assert peer_host("127.0.0.1:4242") == "127.0.0.1"
     assert peer_host("[::1]:104") == "::1"

@@ -175,6 +175,70 @@ def test_job_output_lines_carry_journal_fields(tmp_path: Path) -> None:
     queue.close()
 
 
+def test_a_full_runner_waits_for_an_end_of_run_not_for_the_clock(tmp_path: Path) -> None:
+    """Every slot busy and more jobs due: the runner needs no tick until a run ends (its
+    pidfd wakes the loop) or a run's deadline comes, however long the wait; a runner with a
+    free slot looks at the queue once per poll interval, never in a loop."""
+    queue = JobQueue(tmp_path / "state")
+    selector = selectors.DefaultSelector()
+    now = [1000.0]
+    runner = JobRunner(queue, selector, JobsConfig(concurrency=1), prepare=lambda job: {},
+                       on_finished=lambda job_id, final: None, delivery_concurrency=1,
+                       clock=lambda: now[0])
+    command = ["sleep", "30"]
+    for _ in range(3):
+        queue.add(JobKind.RECEPTION, command, command, {}, max_attempts=1, timeout=0,
+                  now=time.time())
+    try:
+        runner.tick()
+        assert runner.running() == 1
+        for _ in range(3):  # the delivery pool is free: a look per poll interval
+            now[0] += 5.0
+            runner.tick()
+            assert runner.timeout() == pytest.approx(1.0)
+        queue.add(JobKind.COMMITMENT, command, command, {"DICOM_CALLING_AE": "A"},
+                  max_attempts=1, timeout=20, now=time.time())
+        queue.add(JobKind.COMMITMENT, command, command, {"DICOM_CALLING_AE": "B"},
+                  max_attempts=1, timeout=20, now=time.time())
+        runner.poke()
+        assert runner.timeout() == 0.0
+        runner.tick()
+        assert runner.running() == 2  # one slot each: both pools are full now
+        for _ in range(3):  # long past the poll interval: only the deadline counts
+            now[0] += 5.0
+            runner.poke()  # something queued: no slot, so no tick needed either
+            assert runner.timeout() == pytest.approx(1035.0 - now[0])
+            runner.tick()
+    finally:
+        runner.stop(grace=1)
+        queue.close()
+
+
+def master_cpu_seconds(pid: int) -> float:
+    """utime + stime of process `pid` (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_the_master_sleeps_while_every_job_slot_is_busy(tmp_path: Path,
+                                                        daemon_factory: Any) -> None:
+    """The master with its only slot busy and a job waiting for it: idle, not spinning
+    (the bound is generous: a loop polling for a free slot takes a whole core); the waiting
+    job runs when the slot frees."""
+    runs = tmp_path / "runs"
+    command = ["/bin/sh", "-c", f'echo "start $DICOM_JOB_ID" >> {runs}; sleep 6']
+    daemon = daemon_factory(jobs_settings(tmp_path, command, concurrency=1))
+    storescu(daemon.port, *make_study(tmp_path / "a", 2))
+    wait_until(lambda: runs.exists() and "start 1" in runs.read_text(), 10, "job 1's start")
+    time.sleep(1)  # the second job is queued, and waits
+    before = master_cpu_seconds(daemon.proc.pid)
+    time.sleep(4)
+    used = master_cpu_seconds(daemon.proc.pid) - before
+    assert "start 2" not in runs.read_text()
+    assert used < 0.5, f"the master used {used:.2f} s of CPU in 4 s with nothing to do"
+    wait_until(lambda: "start 2" in runs.read_text(), 15, "job 2's start")
+
+
 def test_backoff_grows_and_is_capped_by_the_queues_timestamps(tmp_path: Path,
                                                              daemon_factory: Any) -> None:
     """Back-off measured from the job database and the runs themselves, not the log: after

@@ -48,6 +48,7 @@ from dicom_ingestd.worker.pdu import (
     Channel,
     PeerClosed,
     PeerTimeout,
+    ProtocolError,
     encode_abort,
     encode_p_data,
     encode_pdu,
@@ -55,7 +56,8 @@ from dicom_ingestd.worker.pdu import (
 
 CONTEXT_ID = 1
 MESSAGE_ID = 1
-MAX_AC = 1 << 16
+MAX_AC = 1 << 16  # the largest PDU other than P-DATA-TF we read
+MAX_ANSWER = 1 << 16  # bytes of P-DATA-TF PDUs read for the N-EVENT-REPORT-RSP at most
 
 
 class DeliveryError(Exception):
@@ -152,101 +154,116 @@ def _connect(settings: Settings) -> socket.socket:
         sock = socket.create_connection((settings.host, settings.port),
                                         timeout=settings.acse_timeout)
     except OSError as exc:
-        raise DeliveryError(f"cannot connect to {settings.host}:{settings.port}: "
-                            f"{exc.strerror or exc}") from None
+        raise DeliveryError(f"cannot connect: {exc.strerror or exc}") from None
     if settings.tls:
         context = client_context(TLSConfig(**settings.tls_config))
         try:
             sock = context.wrap_socket(sock)
         except (ssl.SSLError, OSError) as exc:
             sock.close()
-            raise DeliveryError(f"TLS handshake with {settings.host}:{settings.port} "
-                                f"failed: {exc}") from None
+            raise DeliveryError(f"TLS handshake failed: {exc}") from None
     return sock
 
 
-def _read_pdu(channel: Channel, timeout: float) -> tuple[int, bytes]:
-    deadline = time.monotonic() + timeout
+def _read_pdu(channel: Channel, deadline: float, limit: int) -> tuple[int, bytes]:
+    """The next PDU whole, by `deadline`; a P-DATA-TF longer than `limit` (the largest PDU we
+    advertised) or any other PDU longer than MAX_AC is refused unread."""
     pdu_type, length = channel.read_pdu_header(deadline)
-    if length > MAX_AC and pdu_type != P_DATA_TF:
-        raise DeliveryError(f"PDU of {length} bytes from the peer")
+    most = limit if pdu_type == P_DATA_TF else MAX_AC
+    if length > most:
+        raise DeliveryError(f"the peer sent a PDU of {length} bytes (type 0x{pdu_type:02X}), "
+                            f"more than the {most} we accept")
     return pdu_type, channel.read_exact(length, deadline)
 
 
-def _read_command(channel: Channel, timeout: float) -> dimse.Command:
-    """The next command set (PDVs of P-DATA-TF PDUs)."""
+def _read_command(channel: Channel, timeout: float, limit: int) -> dimse.Command:
+    """The next command set (PDVs of P-DATA-TF PDUs), whole within `timeout` seconds; data
+    set fragments before it are dropped, and the command plus what is dropped may take
+    MAX_ANSWER bytes, so a peer that streams data or never ends a command cannot hold the
+    run (its memory, its time) longer."""
+    deadline = time.monotonic() + timeout
     command = bytearray()
+    received = 0
     while True:
-        pdu_type, body = _read_pdu(channel, timeout)
+        pdu_type, body = _read_pdu(channel, deadline, limit)
         if pdu_type == A_ABORT:
             raise DeliveryError("the peer aborted the association")
         if pdu_type != P_DATA_TF:
             raise DeliveryError(f"unexpected PDU type 0x{pdu_type:02X} from the peer")
+        received += len(body)
+        if received > MAX_ANSWER:
+            raise DeliveryError(f"the peer sent more than {MAX_ANSWER} bytes without a "
+                                "complete N-EVENT-REPORT-RSP command")
         pos = 0
         while pos + 6 <= len(body):
             length, _context, control = struct.unpack_from(">LBB", body, pos)
-            command += body[pos + 6:pos + 4 + length]
+            if control & 0x01:
+                command += body[pos + 6:pos + 4 + length]
             pos += 4 + length
             if control & 0x01 and control & 0x02:
                 return dimse.decode_command(bytes(command))
 
 
 def deliver(settings: Settings, report_path: str) -> str:
-    """Send the report; the line to print.  Raises DeliveryError."""
+    """Send the report; the line to print.  Raises DeliveryError (its text: why, one line)."""
     try:
         report, results = read_report_file(report_path)
     except (OSError, ValueError) as exc:
         raise DeliveryError(f"cannot read the report {report_path}: {exc}") from None
-    where = f"{settings.called_ae}@{settings.host}:{settings.port}"
     sock = _connect(settings)
     channel = Channel(sock, settings.dimse_timeout, False)
     try:
         channel.send(associate_rq(settings))
-        pdu_type, body = _read_pdu(channel, settings.acse_timeout)
+        pdu_type, body = _read_pdu(channel, time.monotonic() + settings.acse_timeout, MAX_AC)
         if pdu_type == A_ASSOCIATE_RJ:
-            raise DeliveryError(f"{where} rejected the association (result {body[1]}, source "
+            raise DeliveryError(f"the association was rejected (result {body[1]}, source "
                                 f"{body[2]}, reason {body[3]})" if len(body) >= 4 else
-                                f"{where} rejected the association")
+                                "the association was rejected")
         if pdu_type != A_ASSOCIATE_AC:
-            raise DeliveryError(f"{where} answered the A-ASSOCIATE-RQ with PDU type "
+            raise DeliveryError(f"the A-ASSOCIATE-RQ was answered with PDU type "
                                 f"0x{pdu_type:02X}")
         try:
             accepted = read_ac(body)
-        except DeliveryError as exc:
+        except DeliveryError:
             channel.send(encode_pdu(0x05, bytes(4)))  # release what we cannot use
-            raise DeliveryError(f"{where}: {exc}") from None
+            raise
         event_type, data = encode_event_information(report.transaction_uid, results,
                                                     accepted.transfer_syntax)
         command = dimse.encode_event_report(MESSAGE_ID, SOP_CLASS, SOP_INSTANCE, event_type)
         channel.send(encode_p_data(CONTEXT_ID, command, accepted.max_pdu))
         channel.send(encode_p_data(CONTEXT_ID, data, accepted.max_pdu, is_command=False))
-        answer = _read_command(channel, settings.dimse_timeout)
-        if answer.field != dimse.N_EVENT_REPORT_RSP or answer.message_id != MESSAGE_ID:
-            raise DeliveryError(f"{where} answered with {answer.name} (message "
-                                f"{answer.message_id}) instead of N-EVENT-REPORT-RSP")
+        answer = _read_command(channel, settings.dimse_timeout, settings.max_pdu)
+        if answer.field != dimse.N_EVENT_REPORT_RSP:
+            raise DeliveryError(f"the report was answered with {answer.name} instead of "
+                                "N-EVENT-REPORT-RSP")
+        if answer.message_id != MESSAGE_ID:
+            raise DeliveryError(f"the N-EVENT-REPORT-RSP answers message ID "
+                                f"{answer.message_id}, not the report's message ID "
+                                f"{MESSAGE_ID}: not an answer to the report")
         if answer.status != 0:
             status = "none" if answer.status is None else f"0x{answer.status:04X}"
-            raise DeliveryError(f"{where} answered the report with status {status}")
+            raise DeliveryError(f"the report was answered with status {status}")
         channel.send(encode_pdu(0x05, bytes(4)))  # A-RELEASE-RQ
         # Delivered whatever comes now (A-RELEASE-RP, or the peer just closing): the
         # response said so.
-        with contextlib.suppress(PeerClosed, PeerTimeout, DeliveryError):
-            _read_pdu(channel, settings.acse_timeout)
-    except (PeerClosed, PeerTimeout, dimse.CommandError) as exc:
+        with contextlib.suppress(PeerClosed, PeerTimeout, ProtocolError, DeliveryError):
+            _read_pdu(channel, time.monotonic() + settings.acse_timeout, settings.max_pdu)
+    except (PeerClosed, PeerTimeout, ProtocolError, dimse.CommandError, OSError) as exc:
         with_abort(channel)
-        raise DeliveryError(f"{where}: {exc}") from None
+        raise DeliveryError(str(exc) or type(exc).__name__) from None
     except DeliveryError:
         with_abort(channel)
         raise
     finally:
         sock.close()
     return (f"storage commitment report of transaction {report.transaction_uid} sent to "
-            f"{where}: {report.committed} committed, {report.failed} failed (event type "
-            f"{int(event_type)})")
+            f"{settings.called_ae}@{settings.host}:{settings.port}: {report.committed} "
+            f"committed, {report.failed} failed (event type {int(event_type)}); calling AE "
+            f"title {settings.calling_ae}")
 
 
 def with_abort(channel: Channel) -> None:
-    with contextlib.suppress(PeerClosed, PeerTimeout):
+    with contextlib.suppress(PeerClosed, PeerTimeout, OSError):
         channel.send(encode_abort(0, 0))
 
 
@@ -260,9 +277,14 @@ def main(argv: Sequence[str]) -> int:
     except (KeyError, TypeError, ValueError) as exc:
         print(f"no delivery settings in the environment ({exc})", file=sys.stderr)
         return 2
+    where = f"AE {settings.called_ae} at {settings.host}:{settings.port}"
     try:
         print(deliver(settings, path), flush=True)
     except DeliveryError as exc:
-        print(f"report not delivered: {exc}", file=sys.stderr, flush=True)
+        print(f"report not delivered: {exc} ({where})", file=sys.stderr, flush=True)
+        return 1
+    except Exception as exc:  # a bug: still one line for the journal, like any failure
+        print(f"report not delivered: internal error: {type(exc).__name__}: {exc} ({where})",
+              file=sys.stderr, flush=True)
         return 1
     return 0

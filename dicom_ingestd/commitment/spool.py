@@ -7,10 +7,13 @@ Stdlib only.  Layout (STATE is jobs.state_directory):
     STATE/commitment/reports/ID.rep    its result, written by the master
 
 A file is written under a temporary name, fsynced (with storage.fsync), renamed into place
-and its directory fsynced: it is whole or absent.  The worker's request is durable before its
-N-ACTION response (as an object's file and record are before the C-STORE response), so an
-accepted request survives a crash and a restart.  IDs start with the time in nanoseconds and
-sort in order of arrival.
+and its directory fsynced: it is whole or absent.  A request file is removed once the master
+has evaluated it, a report once it is delivered (or, undelivered, with its dead job after
+storage_commitment.keep_days); `size()` is what a worker compares with
+storage_commitment.max_spool_size before it accepts another request.  The worker's request
+is durable before its N-ACTION response (as an object's file and record are before the
+C-STORE response), so an accepted request survives a crash and a restart.  IDs start with
+the time in nanoseconds and sort in order of arrival.
 
 Both files are text: a JSON header line, then one line per referenced SOP instance,
 "CLASS INSTANCE" (validated UIDs never hold a space) and, in a report, the failure reason
@@ -158,16 +161,31 @@ class Spool:
         return sorted(name for name in os.listdir(self.requests)
                       if name.endswith(REQUEST_SUFFIX) and not name.startswith(_TEMP_PREFIX))
 
-    def stale_temporaries(self, older_than: float) -> list[str]:
-        """Temporary request files a writer left (killed while writing) before `older_than`."""
+    def report_ids(self) -> list[str]:
+        """Request IDs of the reports written (temporary files of a writer are not listed)."""
+        return sorted(name[:-len(REPORT_SUFFIX)] for name in os.listdir(self.reports)
+                      if name.endswith(REPORT_SUFFIX) and not name.startswith(_TEMP_PREFIX))
+
+    def stale_temporaries(self, directory: int, older_than: float) -> list[str]:
+        """Temporary files a writer left in `directory` (killed while writing) before
+        `older_than`."""
         found = []
-        for name in os.listdir(self.requests):
+        for name in os.listdir(directory):
             if name.startswith(_TEMP_PREFIX):
                 with contextlib.suppress(FileNotFoundError):
-                    if os.stat(name, dir_fd=self.requests,
+                    if os.stat(name, dir_fd=directory,
                                follow_symlinks=False).st_mtime < older_than:
                         found.append(name)
         return found
+
+    def size(self) -> int:
+        """Bytes the files of both directories take (requests, reports, leftovers)."""
+        total = 0
+        for directory in (self.requests, self.reports):
+            for name in os.listdir(directory):
+                with contextlib.suppress(FileNotFoundError):
+                    total += os.stat(name, dir_fd=directory, follow_symlinks=False).st_size
+        return total
 
     def read_request(self, name: str) -> tuple[RequestHeader, list[Reference]]:
         header, rows = _read(self.requests, name)
@@ -187,17 +205,27 @@ class Spool:
         return _report(*_read(self.reports, request_id + REPORT_SUFFIX), request_id)
 
     def report_exists(self, request_id: str) -> bool:
-        try:
-            os.stat(request_id + REPORT_SUFFIX, dir_fd=self.reports, follow_symlinks=False)
-        except FileNotFoundError:
-            return False
-        return True
+        return _exists(self.reports, request_id + REPORT_SUFFIX)
+
+    def request_exists(self, request_id: str) -> bool:
+        return _exists(self.requests, request_id + REQUEST_SUFFIX)
+
+    def remove_report(self, request_id: str) -> None:
+        self.remove(self.reports, request_id + REPORT_SUFFIX)
 
     def remove(self, directory: int, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name, dir_fd=directory)
         if self.fsync:
             os.fsync(directory)
+
+
+def _exists(directory: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=directory, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def new_request_id(association: str, number: int) -> str:

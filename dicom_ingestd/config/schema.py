@@ -554,7 +554,8 @@ class JobsConfig:
         reload=False,
     )
     concurrency: int = setting(
-        4, "Most jobs running at once.", minimum=1, maximum=1024,
+        4, "Most jobs of [events] running at once (storage commitment reports have slots of "
+        "their own: storage_commitment.delivery_concurrency).", minimum=1, maximum=1024,
     )
     timeout: int = setting(
         3600, "Seconds one run of a job may take; then its whole process group is killed "
@@ -621,7 +622,8 @@ class StorageCommitmentConfig:
         "any", "Which stored objects a request may be committed for: any (whichever calling "
         "AE title sent them: a router or another modality may have sent what a modality "
         "asks about) or requester (only objects sent with the requesting calling AE title; "
-        "others fail with 0x0112, as if never stored).",
+        "others fail with 0x0112, as if never stored). A file sent again by another AE title "
+        "stays committed to the first one too (the latest 8 senders of a file count).",
         choices=STORAGE_COMMITMENT_OBJECTS_FROM,
     )
     max_references: int = setting(
@@ -635,7 +637,8 @@ class StorageCommitmentConfig:
         10, "Seconds the requesting association waits, after the N-ACTION response, for the "
         "report to be ready (usually well under a second) and then sends it there if the "
         "sender has sent nothing else meanwhile. 0, a sender that goes on or releases, or a "
-        "report that is not answered: the report is delivered on a new association.",
+        "report not answered with success within network.dimse_timeout (this wait when that "
+        "is unlimited): the report is delivered on a new association.",
         minimum=0, maximum=600,
     )
     delivery_retries: int = setting(
@@ -644,6 +647,21 @@ class StorageCommitmentConfig:
         "dead-lettered; the waits between attempts are those of jobs.retry_backoff and "
         "jobs.retry_backoff_max (with their defaults, 20 retries span about two and a half hours).",
         minimum=0, maximum=1000,
+    )
+    delivery_concurrency: int = setting(
+        2, "Most reports being delivered on new associations at once, at most one per AE "
+        "title. These runs have slots of their own, apart from jobs.concurrency: a modality "
+        "that never answers holds one slot (each attempt up to network.acse_timeout and "
+        "network.dimse_timeout), never delays the jobs of [events], and reports to other "
+        "AE titles go out in the other slots.", minimum=1, maximum=64,
+    )
+    max_spool_size: int = setting(
+        1 << 30, "Bytes the requests and undelivered reports in the state directory "
+        "(commitment/ in jobs.state_directory) may take; a request arriving while they take "
+        "more is answered 0x0213 (resource limitation) and nothing is recorded, so that "
+        "reports for a modality that never takes them cannot fill the file system the "
+        "outbox needs for every store. A report is removed once delivered, an undelivered "
+        "one with its dead job keep_days after it died.", minimum=1 << 20,
     )
     keep_days: int = setting(
         30, "Days stored objects stay known to storage commitment (and transaction UIDs "

@@ -14,8 +14,10 @@ failure), otherwise NORMAL (it survives a crash of the daemon).
 Tables: `jobs` (one row per command to run), `batches` (one row per batch of a study, open or
 closed, with the unique name of its manifest), `batch_files` (the objects of each batch, in
 order of arrival), `outbox` (how far each outbox segment has been consumed), and for storage
-commitment `stored_objects` (every object stored, by SOP instance and file) and
-`commitments` (each request, its transaction UID and its report's delivery job).  Rows made
+commitment `stored_objects` (every object stored, by SOP instance, file and sending AE title:
+up to MAX_SENDERS of them per file, the class being the file's), `commitments` (each request,
+its transaction UID and its report's delivery job) and `counters` (requests, objects and
+report deliveries since the database was made, for status and metrics).  Rows made
 from an outbox record name its segment, so the master can tell when a segment is settled.
 Times stored are wall-clock seconds (time.time()), because they must mean something after a
 restart.
@@ -32,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 DATABASE = "jobs.sqlite"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+MAX_SENDERS = 8  # calling AE titles remembered per stored file (the latest ones)
 # SQLite's primary result codes for a damaged database file (sqlite3.DatabaseError's
 # sqlite_errorcode & 0xFF): the file must be moved aside, not retried.
 SQLITE_CORRUPT = 11
@@ -100,7 +103,7 @@ CREATE TABLE IF NOT EXISTS stored_objects (
     sop_class TEXT NOT NULL,
     calling_ae TEXT NOT NULL,
     stored REAL NOT NULL,
-    PRIMARY KEY (sop, path)
+    PRIMARY KEY (sop, path, calling_ae)
 );
 CREATE INDEX IF NOT EXISTS stored_objects_by_time ON stored_objects (stored);
 CREATE TABLE IF NOT EXISTS commitments (
@@ -115,6 +118,10 @@ CREATE TABLE IF NOT EXISTS commitments (
     held INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS commitments_by_transaction ON commitments (transaction_uid);
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 """
 # Version 1 databases (before the outbox) gain the new columns in place.
 _MIGRATE_1 = """
@@ -125,6 +132,28 @@ ALTER TABLE batch_files ADD COLUMN sop TEXT NOT NULL DEFAULT '';
 ALTER TABLE batch_files ADD COLUMN path TEXT NOT NULL DEFAULT '';
 UPDATE batches SET manifest = id || '.json' WHERE manifest = '';
 """
+# Version 3 kept one sender per stored file (a resend by another AE title replaced it): the
+# table is made again with the sender in its key (before _SCHEMA, then _MIGRATE_3_AFTER).
+_MIGRATE_3 = """
+ALTER TABLE stored_objects RENAME TO stored_objects_v3;
+DROP INDEX IF EXISTS stored_objects_by_time;
+"""
+_MIGRATE_3_AFTER = """
+INSERT OR IGNORE INTO stored_objects SELECT sop, path, sop_class, calling_ae, stored
+    FROM stored_objects_v3;
+DROP TABLE stored_objects_v3;
+"""
+
+
+class Counter(StrEnum):
+    """The storage commitment counters (table `counters`)."""
+
+    REQUESTS = "commitment_requests"  # requests evaluated
+    COMMITTED = "commitment_objects_committed"  # references reported committed
+    FAILED = "commitment_objects_failed"  # references reported failed
+    DELIVERED = "commitment_reports_delivered"  # on the association or a new one
+    ATTEMPTS_FAILED = "commitment_delivery_attempts_failed"  # runs that did not deliver
+    DEAD = "commitment_reports_dead"  # given up after the last attempt
 
 
 def is_corrupt(exc: BaseException) -> bool:
@@ -154,6 +183,23 @@ class JobKind(StrEnum):
 _UNORDERED = (JobKind.RECEPTION, JobKind.COMMITMENT)
 
 
+class JobPool(StrEnum):
+    """The concurrency limits: a kind of job runs in one pool, and a pool's runs never take
+    another pool's slots (a storage commitment report stuck on a hung modality never delays
+    the jobs of [events])."""
+
+    EVENTS = "events"  # jobs.concurrency
+    DELIVERY = "delivery"  # storage_commitment.delivery_concurrency; one run per target
+
+
+POOL: dict[JobKind, JobPool] = {
+    JobKind.RECEPTION: JobPool.EVENTS, JobKind.RENAME: JobPool.EVENTS,
+    JobKind.EOSTUDY: JobPool.EVENTS, JobKind.COMMITMENT: JobPool.DELIVERY,
+}
+# A delivery's target: the AE title its report goes to (DICOM_CALLING_AE of its request).
+_TARGET = "json_extract(env, '$.DICOM_CALLING_AE')"
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
     """One row of the jobs table."""
@@ -181,6 +227,15 @@ class Job:
     @property
     def display(self) -> str:
         return " ".join(self.command)
+
+    @property
+    def pool(self) -> JobPool:
+        return POOL[self.kind]
+
+    @property
+    def target(self) -> str:
+        """Whom a delivery job talks to (its pool runs one job per target at a time)."""
+        return self.env.get("DICOM_CALLING_AE", "") if self.pool is JobPool.DELIVERY else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,8 +303,16 @@ class JobQueue:
             if version == 1:
                 for statement in filter(str.strip, _MIGRATE_1.split(";")):
                     self._write(statement)
+            old_senders = version == 3 and self._db.execute(
+                "SELECT 1 FROM sqlite_master WHERE name = 'stored_objects'").fetchone()
+            if old_senders:
+                for statement in filter(str.strip, _MIGRATE_3.split(";")):
+                    self._write(statement)
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 self._write(statement)
+            if old_senders:
+                for statement in filter(str.strip, _MIGRATE_3_AFTER.split(";")):
+                    self._write(statement)
             if fresh and first_id:
                 for table in ("jobs", "batches"):
                     self._write("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)",
@@ -325,18 +388,31 @@ class JobQueue:
         row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _job(row) if row else None
 
-    def due(self, now: float, limit: int) -> list[Job]:
-        """Pending jobs runnable at `now`, oldest first.
+    def due(self, now: float, limit: int, pool: JobPool = JobPool.EVENTS,
+            busy: Sequence[str] = ()) -> list[Job]:
+        """Pending jobs of `pool` runnable at `now`, oldest first.
 
         A rename or end-of-study job also waits until every earlier job of its batch
-        (the reception jobs of its objects, the rename) has finished, done or dead.
+        (the reception jobs of its objects, the rename) has finished, done or dead.  In the
+        delivery pool, the oldest job of each target only, and none of a target in `busy`
+        (one that has a run going).
         """
+        kinds = [str(kind) for kind, of in POOL.items() if of is pool]
+        marks = ",".join("?" * len(kinds))
+        if pool is JobPool.DELIVERY:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE id IN (SELECT MIN(id) FROM jobs WHERE state = "
+                f"'pending' AND not_before <= ? AND kind IN ({marks}) AND {_TARGET} NOT IN "
+                f"({','.join('?' * len(busy))}) GROUP BY {_TARGET}) ORDER BY id LIMIT ?",
+                (now, *kinds, *busy, limit)).fetchall()
+            return [_job(row) for row in rows]
         rows = self._db.execute(
-            "SELECT * FROM jobs AS j WHERE j.state = 'pending' AND j.not_before <= ? AND ("
+            "SELECT * FROM jobs AS j WHERE j.state = 'pending' AND j.not_before <= ? AND "
+            f"j.kind IN ({marks}) AND ("
             f" j.kind IN ({','.join('?' * len(_UNORDERED))}) OR NOT EXISTS (SELECT 1 FROM jobs"
             "  AS e WHERE e.batch_id = j.batch_id AND e.id < j.id"
             "  AND e.state IN ('pending', 'running')))"
-            " ORDER BY j.id LIMIT ?", (now, *map(str, _UNORDERED), limit)).fetchall()
+            " ORDER BY j.id LIMIT ?", (now, *kinds, *map(str, _UNORDERED), limit)).fetchall()
         return [_job(row) for row in rows]
 
     def select(self, states: Sequence[str] = (), limit: int = 0) -> list[Job]:
@@ -362,11 +438,20 @@ class JobQueue:
 
     def finished(self, job_id: int, state: JobState, result: str, now: float, *,
                  attempts: int, not_before: float | None = None) -> None:
-        """Record the end of a run: done, dead, or pending again from `not_before`."""
+        """Record the end of a run: done, dead, or pending again from `not_before` (a
+        delivery's outcome is counted too)."""
         with self.transaction():
             self._write("UPDATE jobs SET state = ?, result = ?, finished = ?, attempts = ?, "
                         "not_before = COALESCE(?, not_before), pid = NULL WHERE id = ?",
                         (str(state), result, now, attempts, not_before, job_id))
+            row = self._db.execute("SELECT kind FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is not None and row[0] == JobKind.COMMITMENT:
+                if state is JobState.DONE:
+                    self._count(Counter.DELIVERED)
+                else:
+                    self._count(Counter.ATTEMPTS_FAILED)
+                    if state is JobState.DEAD:
+                        self._count(Counter.DEAD)
 
     def interrupted(self, job_id: int, result: str) -> None:
         """A run the daemon itself cut short (stop, crash): pending again, attempt not counted."""
@@ -464,8 +549,17 @@ class JobQueue:
     # -- storage commitment ----------------------------------------------------------------
     def remember_object(self, sop: str, path: str, sop_class: str, calling_ae: str,
                         stored: float) -> None:
+        """A file stored for SOP instance `sop` by `calling_ae`: every sender of the file
+        stays known (the latest MAX_SENDERS), and all of them now see `sop_class`, the class
+        the file holds now (overwritten, or kept as it was: the worker records the class of
+        the file it kept)."""
         self._write("INSERT OR REPLACE INTO stored_objects (sop, path, sop_class, calling_ae, "
                     "stored) VALUES (?,?,?,?,?)", (sop, path, sop_class, calling_ae, stored))
+        self._write("UPDATE stored_objects SET sop_class = ? WHERE sop = ? AND path = ? AND "
+                    "sop_class != ?", (sop_class, sop, path, sop_class))
+        self._write("DELETE FROM stored_objects WHERE sop = ? AND path = ? AND rowid NOT IN "
+                    "(SELECT rowid FROM stored_objects WHERE sop = ? AND path = ? ORDER BY "
+                    "stored DESC LIMIT ?)", (sop, path, sop, path, MAX_SENDERS))
 
     def stored_objects(self, sops: Sequence[str]) -> dict[str, list[tuple[str, str, str]]]:
         """(path, SOP class, calling AE) of every file stored for each SOP instance."""
@@ -507,6 +601,9 @@ class JobQueue:
                     "VALUES (?,?,?,?,?,?,?,?,?)",
                     (request_id, transaction_uid, calling_ae, association, received, job_id,
                      committed, failed, int(held)))
+        self._count(Counter.REQUESTS)
+        self._count(Counter.COMMITTED, committed)
+        self._count(Counter.FAILED, failed)
 
     def held_commitments(self, association: str | None = None,
                          request_id: str | None = None) -> list[tuple[str, int]]:
@@ -535,7 +632,56 @@ class JobQueue:
             else:
                 cursor = self._write("UPDATE jobs SET not_before = ? WHERE id = ? AND state = "
                                      "'pending' AND not_before > ?", (now, job_id, now))
+            if delivered and cursor.rowcount > 0:
+                self._count(Counter.DELIVERED)
         return cursor.rowcount > 0
+
+    # -- counters --------------------------------------------------------------------------
+    def _count(self, counter: Counter, by: int = 1) -> None:
+        if by:
+            self._write("INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT (name) "
+                        "DO UPDATE SET value = value + excluded.value", (str(counter), by))
+
+    def counters(self) -> dict[str, int]:
+        """The storage commitment counters (every Counter, 0 when never counted)."""
+        values = dict.fromkeys(map(str, Counter), 0)
+        values.update({str(row[0]): int(row[1]) for row in
+                       self._db.execute("SELECT name, value FROM counters")})
+        return values
+
+    def delivery_state(self, request_id: str) -> str | None:
+        """The state of a request's delivery job: None when the request is unknown, '' when
+        its job is gone (pruned)."""
+        row = self._db.execute(
+            "SELECT j.state FROM commitments AS c LEFT JOIN jobs AS j ON j.id = c.job_id "
+            "WHERE c.request_id = ?", (request_id,)).fetchone()
+        return None if row is None else str(row[0] or "")
+
+    def forget_dead_deliveries(self, before: float) -> list[tuple[int, str, str]]:
+        """Delete the dead delivery jobs that died before `before` (their reports are of no
+        use any more); (job ID, request ID, transaction UID) of each."""
+        with self.transaction():
+            gone = [(int(row[0]), str(row[1]), str(row[2])) for row in self._db.execute(
+                "SELECT j.id, c.request_id, c.transaction_uid FROM jobs AS j JOIN commitments "
+                "AS c ON c.job_id = j.id WHERE j.kind = ? AND j.state = 'dead' AND "
+                "j.finished < ?", (str(JobKind.COMMITMENT), before))]
+            for job_id, _, _ in gone:
+                self._write("DELETE FROM jobs WHERE id = ?", (job_id,))
+        return gone
+
+    def ended_holds(self, now: float) -> list[tuple[str, int, str, str]]:
+        """End the holds whose job is due by `now` (see jobs/commitment.py); (request ID,
+        job ID, transaction UID, calling AE title) of each."""
+        rows = [(str(r[0]), int(r[1]), str(r[2]), str(r[3])) for r in self._db.execute(
+            "SELECT c.request_id, c.job_id, c.transaction_uid, c.calling_ae FROM commitments "
+            "AS c JOIN jobs AS j ON j.id = c.job_id WHERE c.held = 1 AND j.not_before <= ?",
+            (now,))]
+        if rows:
+            with self.transaction():
+                for request_id, _, _, _ in rows:
+                    self._write("UPDATE commitments SET held = 0 WHERE request_id = ?",
+                                (request_id,))
+        return rows
 
     def prune_commitments(self, before: float) -> int:
         """Forget objects stored and requests received before `before` (requests only once

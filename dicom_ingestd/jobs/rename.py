@@ -12,7 +12,10 @@ Unlike storescp, an existing file is never replaced: a number whose name is take
 
 Idempotent, so that the job queue may run it again after a crash: the new names are planned
 first and the plan saved in the manifest; a rerun follows the saved plan (files already at their
-new name are left alone), and a finished run marks the manifest "renamed".  The manifest is
+new name are left alone), and a finished run marks the manifest "renamed".  A name taken by
+someone else since the plan is replaced by the next free one in the saved plan before the file
+moves, so that at every instant, whatever stops the run, each file is at its original path or
+at its planned one (storage commitment relies on that, jobs/commitment.py).  The manifest is
 rewritten with the new paths (the old ones kept as "original_path") for the end-of-study command.
 Renames use renameat2(RENAME_NOREPLACE), or link()+unlink() where the file system lacks it.
 
@@ -240,13 +243,14 @@ def _rename(manifest_path: Path, manifest: dict[str, Any], directories: _Directo
     namer.planned.update(t for t in targets if t)
     renamed = missing = 0
     touched: set[str] = set()
-    for entry, target in zip(files, targets, strict=True):
+    done: list[tuple[dict[str, Any], str, str]] = []  # entry, original path, new path
+    for index, (entry, target) in enumerate(zip(files, targets, strict=True)):
         source = str(entry["path"])
         why = _refusal(directories, source)
         if target is None or why:
             if why == "missing" and target is not None and \
                     not _refusal(directories, target):
-                entry["original_path"], entry["path"] = source, target  # done by a run before
+                done.append((entry, source, target))  # renamed by a run before
                 continue
             print(f"{source}: no longer exists; not renamed" if why in ("missing", "")
                   else f"{why}; not renamed")
@@ -259,13 +263,18 @@ def _rename(manifest_path: Path, manifest: dict[str, Any], directories: _Directo
                 rename_noreplace(dir_fd, os.path.basename(source), os.path.basename(target))
                 break
             except FileExistsError:
-                # Created by someone else since the plan: take the next free number.
+                # Created by someone else since the plan: the next free number, in the saved
+                # plan before the file moves there.
                 target = namer.next(directory, str(entry["rename_prefix"]))
-        entry["original_path"], entry["path"] = source, target
+                targets[index] = target
+                write_manifest(manifest_path, manifest, fsync)
+        done.append((entry, source, target))
         touched.add(directory)
         renamed += 1
     if fsync:
         directories.sync(touched)
+    for entry, source, target in done:
+        entry["original_path"], entry["path"] = source, target
     manifest["renamed"] = True
     del manifest["plan"]
     write_manifest(manifest_path, manifest, fsync)

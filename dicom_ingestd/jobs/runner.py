@@ -8,10 +8,12 @@ would steal the status of the workers or of other jobs.
 
 Per run: a timeout (jobs.timeout) after which the whole process group gets SIGTERM, then
 SIGKILL 5 s later.  Per job: up to 1 + jobs.retries runs, with exponential backoff between
-them; after the last failure the job is dead (dead letter).  At most jobs.concurrency runs at
-a time; pending jobs start in id order.  `stop()` interrupts the runs still going (SIGTERM to
-their groups, SIGKILL after the grace) and returns them to pending, so they run again after
-the restart (at-least-once delivery).
+them; after the last failure the job is dead (dead letter).  Each pool (queue.JobPool) has
+its own limit of runs at a time: jobs.concurrency for the jobs of [events],
+storage_commitment.delivery_concurrency for report deliveries (one per target AE title at a
+time); pending jobs start in id order.  A full pool waits for an end of run, never polls.
+`stop()` interrupts the runs still going (SIGTERM to their groups, SIGKILL after the grace)
+and returns them to pending, so they run again after the restart (at-least-once delivery).
 
 Every change of a job's state is committed before the runner goes on (queue.py).  When the
 database cannot take it (a full or failing state file system), a run whose start cannot be
@@ -35,7 +37,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dicom_ingestd.config.schema import JobsConfig
-from dicom_ingestd.jobs.queue import Job, JobQueue, JobState
+from dicom_ingestd.jobs.queue import Job, JobPool, JobQueue, JobState
+from dicom_ingestd.jobs.reminders import REMINDER_INTERVAL, Reminders
 
 log = logging.getLogger("dicom_ingestd.jobs")
 
@@ -122,12 +125,13 @@ class JobRunner:
 
     def __init__(self, queue: JobQueue, selector: selectors.BaseSelector, settings: JobsConfig,
                  *, prepare: Callable[[Job], dict[str, str]],
-                 on_finished: Callable[[int, bool], None],
+                 on_finished: Callable[[int, bool], None], delivery_concurrency: int = 1,
                  clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time) -> None:
         self.queue = queue
         self.selector = selector
         self.settings = settings
+        self.delivery_concurrency = delivery_concurrency
         self._prepare = prepare
         self._on_finished = on_finished
         self._clock = clock
@@ -141,6 +145,7 @@ class JobRunner:
         self._unrecorded: list[tuple[Callable[[], None], int, bool | None]] = []
         self._next_record = 0.0
         self._hold_until = 0.0  # no job starts before (the state storage failed us)
+        self._reminders = Reminders(clock=clock)
 
     # -- the loop's hooks --------------------------------------------------------------------
     def poke(self) -> None:
@@ -150,13 +155,22 @@ class JobRunner:
     def running(self) -> int:
         return len(self._runs)
 
+    def _free(self, pool: JobPool) -> int:
+        """Runs `pool` may start now."""
+        limit = self.settings.concurrency if pool is JobPool.EVENTS \
+            else self.delivery_concurrency
+        return limit - sum(1 for run in self._runs.values() if run.job.pool is pool)
+
     def timeout(self) -> float | None:
-        """Seconds until this runner needs a tick (None: no need before the next event)."""
+        """Seconds until this runner needs a tick (None: no need before the next event).
+
+        With every pool full, only the runs' deadlines count: the end of a run (its pidfd)
+        is what frees a slot, so a full runner sleeps instead of polling the queue."""
         now = self._clock()
         moments: list[float] = []
         held = now < self._hold_until or bool(self._unrecorded)
-        if self.launching and self._dirty and not held \
-                and len(self._runs) < self.settings.concurrency:
+        free = self.launching and any(self._free(pool) > 0 for pool in JobPool)
+        if free and self._dirty and not held:
             return 0.0
         for run in self._runs.values():
             if run.term_at is not None:
@@ -165,7 +179,7 @@ class JobRunner:
                 moments.append(run.deadline)
         if self._unrecorded:
             moments.append(self._next_record)  # nothing starts before that
-        elif self.launching:
+        elif free:
             moments.append(max(self._next_poll, self._hold_until))
         return max(0.0, min(moments) - now) if moments else None
 
@@ -187,14 +201,19 @@ class JobRunner:
                 run.killed = True
         if self._unrecorded and now >= self._next_record:
             self._write_unrecorded(now)
-        free = self.settings.concurrency - len(self._runs)
-        if self.launching and free > 0 and not self._unrecorded and now >= self._hold_until \
+        if self.launching and not self._unrecorded and now >= self._hold_until \
                 and (self._dirty or now >= self._next_poll):
             self._dirty = False
             self._next_poll = now + POLL_INTERVAL
-            for job in self.queue.due(self._wall(), free):
-                if job.id not in self._runs:
-                    self._launch(job)
+            for pool in JobPool:
+                free = self._free(pool)
+                if free <= 0:
+                    continue
+                busy = sorted({run.job.target for run in self._runs.values()
+                               if run.job.pool is pool})
+                for job in self.queue.due(self._wall(), free, pool, busy):
+                    if job.id not in self._runs:
+                        self._launch(job)
 
     # -- one run -----------------------------------------------------------------------------
     def _launch(self, job: Job) -> None:
@@ -207,13 +226,20 @@ class JobRunner:
             env.update(self._prepare(job))
         except OSError as exc:
             # The state directory (its manifest) failed us, not the job: no attempt counts.
-            log.error("job %d: cannot prepare its run (%s); it stays pending and no job "
-                      "starts for %g s", job.id, exc, RECORD_RETRY, extra=journal_fields(job))
+            reason = exc.strerror or str(exc)
+            count = self._reminders.failed(f"prepare: {reason}")
+            if count:
+                log.error("job %d: cannot prepare its run (%s); it stays pending and jobs "
+                          "start again when the state directory takes writes (%d attempt(s) "
+                          "so far; tried every %g s, logged every %d min)", job.id, exc, count,
+                          RECORD_RETRY, REMINDER_INTERVAL // 60, extra=journal_fields(job))
             self._hold_until = self._clock() + RECORD_RETRY
             return
         except (LookupError, ValueError) as exc:  # its batch is gone: the job cannot run
             self._record_failure(job, attempt, f"cannot start: {exc}", 0.0)
             return
+        if self._reminders.clear():
+            log.info("job %d: prepared; the state directory takes writes again", job.id)
         try:
             popen = subprocess.Popen(job.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=env, close_fds=True,

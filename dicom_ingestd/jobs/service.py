@@ -214,9 +214,11 @@ class EventService:
             raise StorageError(f"state directory {self.state_dir} (jobs.state_directory) is not "
                                f"usable: {exc}", Status.OUT_OF_RESOURCES) from None
         self.queue = queue
-        self.runner = JobRunner(queue, self.selector, self.config.jobs, prepare=self._prepare,
-                                on_finished=self._job_finished, clock=self._clock,
-                                wall=self._wall)
+        self.runner = JobRunner(
+            queue, self.selector, self.config.jobs, prepare=self._prepare,
+            on_finished=self._job_finished,
+            delivery_concurrency=self.config.storage_commitment.delivery_concurrency,
+            clock=self._clock, wall=self._wall)
         self._recover_running()
         self._rebuild()
         self.consume()
@@ -683,6 +685,8 @@ class EventService:
                 with contextlib.suppress(LookupError):
                     self.commitments.job_finished(self.queue, job,
                                                   self._manifest_path(job.batch_id))
+            elif job is not None and job.kind is JobKind.COMMITMENT:
+                self.commitments.delivery_finished(job)
         for link in self._links.values():
             for jobs in link.jobs.values():  # made, not yet asked for
                 jobs.discard(job_id)
@@ -797,6 +801,7 @@ class EventService:
         self.tracker.timeout = config.events.eostudy_timeout
         if self.runner is not None:
             self.runner.settings = config.jobs
+            self.runner.delivery_concurrency = config.storage_commitment.delivery_concurrency
             self.runner.poke()
         if self.queue is None and self._records_wanted(config):
             try:

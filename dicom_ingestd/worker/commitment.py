@@ -6,9 +6,12 @@ before its success response, exactly as an object is stored before its C-STORE r
 the master evaluates it, in order after every object record written before it, and writes
 the report.  The association then waits, at most storage_commitment.same_association_wait
 seconds and only while the sender sends nothing else, for that report, and sends it as an
-N-EVENT-REPORT-RQ; the sender's success answer makes it delivered.  Whatever else happens
-(the sender releases, goes on, answers with a failure, the wait ends), the master's job
-delivers the report on a new association: at least once, never lost.
+N-EVENT-REPORT-RQ; the sender's success answer, within answer_wait() seconds, makes it
+delivered.  Whatever else happens (the sender releases, goes on, answers with a failure,
+answers too late or never, the wait ends), the master's job delivers the report on a new
+association: at least once, never lost.  The master holds the job back only as long
+(jobs/commitment.py), so a sender that keeps the association busy without answering cannot
+keep its report waiting.
 
 A malformed request is answered with its failure status and nothing else is done: nothing is
 recorded and the association goes on.
@@ -57,6 +60,13 @@ NOT_AUTHORIZED = 0x0124
 RESOURCE_LIMITATION = 0x0213
 
 
+def answer_wait(config: Config) -> float:
+    """Seconds a report sent on the requesting association waits for its answer there
+    (network.dimse_timeout, or same_association_wait when that is unlimited)."""
+    return float(config.network.dimse_timeout
+                 or config.storage_commitment.same_association_wait)
+
+
 def data_set_limit(config: Config) -> int:
     """The most bytes of an N-ACTION data set held in memory."""
     return config.storage_commitment.max_references * BYTES_PER_REFERENCE + DATA_SET_SLACK
@@ -82,6 +92,17 @@ class Action:
             self.data = bytearray()
             return
         self.data += chunk
+
+
+@dataclass(frozen=True, slots=True)
+class _Sent:
+    """A report sent on this association, waiting for its N-EVENT-REPORT-RSP."""
+
+    request_id: str
+    transaction_uid: str
+    committed: int
+    failed: int
+    deadline: float  # time.monotonic()
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +137,8 @@ class CommitmentSCP:
         self._spool: Spool | None = None
         self._numbers = itertools.count(1)
         self._message_ids = itertools.count(1)
-        self._sent: dict[int, tuple[str, str, int, int]] = {}  # message ID -> report
+        self._sent: dict[int, _Sent] = {}  # by message ID
+        self._expired: dict[int, str] = {}  # message ID -> transaction (no answer in time)
 
     def close(self) -> None:
         if self._spool is not None:
@@ -184,6 +206,12 @@ class CommitmentSCP:
         request_id = new_request_id(self.association, next(self._numbers))
         try:
             spool = self._open_spool()
+            used = spool.size()
+            if used > settings.max_spool_size:
+                return Answer(RESOURCE_LIMITATION, f"the state directory holds {used} bytes "
+                              "of storage commitment requests and undelivered reports, more "
+                              "than storage_commitment.max_spool_size = "
+                              f"{settings.max_spool_size}")
             header = RequestHeader(request_id, transaction, calling_ae, called_ae, peer,
                                    self.association, time.time())
             spool.write_request(header, counted())
@@ -231,33 +259,67 @@ class CommitmentSCP:
                                                     context.transfer_syntax)
         message_id = next(self._message_ids) & 0xFFFF
         command = dimse.encode_event_report(message_id, SOP_CLASS, SOP_INSTANCE, event_type)
-        self._sent[message_id] = (answer.request_id, report.transaction_uid, report.committed,
-                                  report.failed)
+        self._sent[message_id] = _Sent(answer.request_id, report.transaction_uid,
+                                       report.committed, report.failed,
+                                       time.monotonic() + answer_wait(self.config))
         channel.send(encode_p_data(context.context_id, command, peer_max_pdu))
         channel.send(encode_p_data(context.context_id, data, peer_max_pdu, is_command=False))
         log.debug("%s: storage commitment report of transaction %s sent on this association "
                   "(event type %d), waiting for its answer", who, report.transaction_uid,
                   event_type)
 
+    def overdue(self, who: str) -> None:
+        """Give up on the reports whose answer did not come in time (see answer_wait): they
+        go on a new association (the master would release them by itself)."""
+        if not self._sent:
+            return
+        now = time.monotonic()
+        for message_id, sent in list(self._sent.items()):
+            if now >= sent.deadline:
+                del self._sent[message_id]
+                self._expired[message_id] = sent.transaction_uid
+                if len(self._expired) > 100:  # a sender that never answers: bounded
+                    self._expired.pop(next(iter(self._expired)))
+                log.warning("%s: no answer to the storage commitment report of transaction %s "
+                            "(message ID %d) within %g s on the requesting association; it "
+                            "goes on a new association", who, sent.transaction_uid, message_id,
+                            answer_wait(self.config))
+                self._note(sent.request_id, ipc.CommitmentStep.UNDELIVERED)
+
     def answered(self, command: dimse.Command, who: str,
-                 fields: Callable[..., dict[str, object]]) -> bool:
-        """An N-EVENT-REPORT-RSP: True when it answers one of our reports."""
+                 fields: Callable[..., dict[str, object]]) -> None:
+        """An N-EVENT-REPORT-RSP: the answer to one of our reports, or one that answers none
+        (logged and ignored: the report it may have meant goes on a new association)."""
+        self.overdue(who)
         sent = self._sent.pop(command.message_id, None)
-        if sent is None:
-            return False
-        request_id, transaction, committed, failed = sent
         status = command.status if command.status is not None else -1
-        extra = fields(DICOM_TRANSACTION_UID=transaction, DICOM_STATUS=f"0x{status:04X}")
+        if sent is None:
+            late = self._expired.pop(command.message_id, None)
+            if late is not None:
+                log.info("%s: the answer to the storage commitment report of transaction %s "
+                         "(message ID %d) came too late; the report goes on a new association "
+                         "anyway", who, late, command.message_id,
+                         extra=fields(DICOM_TRANSACTION_UID=late))
+                return
+            waiting = ", ".join(f"{n} (transaction {s.transaction_uid})"
+                                for n, s in self._sent.items()) or "none"
+            log.warning("%s: ignoring an N-EVENT-REPORT-RSP for message ID %d: no storage "
+                        "commitment report sent on this association has that message ID "
+                        "(reports waiting for an answer: %s)", who, command.message_id,
+                        waiting, extra=fields(DICOM_STATUS=f"0x{status:04X}"))
+            return
+        extra = fields(DICOM_TRANSACTION_UID=sent.transaction_uid,
+                       DICOM_STATUS=f"0x{status:04X}")
         if status == SUCCESS:
             log.info("%s: storage commitment report sent for transaction %s on the requesting "
-                     "association: %d committed, %d failed", who, transaction, committed,
-                     failed, extra=extra)
-            self._note(request_id, ipc.CommitmentStep.DELIVERED)
+                     "association: %d committed, %d failed", who, sent.transaction_uid,
+                     sent.committed, sent.failed, extra=extra)
+            self._note(sent.request_id, ipc.CommitmentStep.DELIVERED)
         else:
             log.warning("%s: the sender answered the storage commitment report of transaction "
-                        "%s with %s; it goes again on a new association", who, transaction,
+                        "%s with %s; it goes again on a new association", who,
+                        sent.transaction_uid,
                         status_name(status) if status >= 0 else "no status", extra=extra)
-            self._note(request_id, ipc.CommitmentStep.UNDELIVERED)
-        return True
+            self._note(sent.request_id, ipc.CommitmentStep.UNDELIVERED)
 
 

@@ -9,6 +9,7 @@ placed and its directory fsynced; only then is the success response sent.
 import contextlib
 import functools
 import logging
+import os
 import socket
 import ssl
 import struct
@@ -472,6 +473,8 @@ class Session:
 
     def _dispatch(self, context_id: int, data: bytes) -> None:
         self._any_command = True
+        if self._commitment is not None:
+            self._commitment.overdue(self._who())
         try:
             command = dimse.decode_command(
                 data, fix_uid_padding=self.config.association.uid_padding)
@@ -493,9 +496,8 @@ class Session:
                 self._current = action
             else:
                 self._finish_action(action)
-        elif command.field == dimse.N_EVENT_REPORT_RSP and self._commitment is not None \
-                and self._commitment.answered(command, self._who(), self._fields):
-            pass
+        elif command.field == dimse.N_EVENT_REPORT_RSP and self._commitment is not None:
+            self._commitment.answered(command, self._who(), self._fields)
         else:
             raise _Abort(0, 0, f"cannot handle {command.name} on context {context_id} "
                          f"({context.abstract_syntax})")
@@ -653,7 +655,10 @@ class Session:
         cannot be made, the object just placed is withdrawn and StorageError raised."""
         if self.recorder is None:
             return None
-        stored = StoredObject(placed.path, command.sop_class_uid, command.sop_instance_uid,
+        sop_class = command.sop_class_uid
+        if placed.kept_existing:
+            sop_class = self._kept_class(placed.path, command.sop_instance_uid)
+        stored = StoredObject(placed.path, sop_class, command.sop_instance_uid,
                               ident.study_uid, ident.series_uid, ident.patient_id,
                               ident.patient_name, self.calling_ae, self.called_ae,
                               self.peer.name, size)
@@ -664,6 +669,22 @@ class Session:
                 self.store.withdraw(placed)
             raise
         return stored
+
+    def _kept_class(self, path: str, sop_instance_uid: str) -> str:
+        """The SOP class of the file storage.duplicates = keep-first kept in place of the
+        object just received (an object of another class may have the same name): what its
+        record says, so that storage commitment answers for the file that is there.  '' when
+        the file cannot be read or holds another SOP instance (never committed then)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as kept:
+                ident = identify(kept, fix_uid_padding=self.config.association.uid_padding,
+                                 max_decoded_size=self.config.storage.max_decoded_size)
+        except (OSError, UnreadableDataSet, DataSetTooLarge) as exc:
+            log.warning("%s: cannot read the SOP class of %s, kept in place of %s: %s; its "
+                        "record has none", self._who(), path, sop_instance_uid, exc)
+            return ""
+        return ident.sop_class_uid if ident.sop_instance_uid == sop_instance_uid else ""
 
     def _place(self, current: _Store) -> tuple[Placed, Identity]:
         """fsync, verify and move the received object into place; raise StorageError."""
