@@ -794,3 +794,58 @@ def test_a_write_refused_in_the_consumers_transaction_leaves_nothing_half_done(
         assert offset == service.segments.size(segment)
     finally:
         service.shutdown()
+
+
+def test_a_database_restored_from_a_backup_never_hands_a_batch_another_manifest(
+        tmp_path: Path) -> None:
+    """The job database and outbox restored from a backup (manifests left as they are) hand
+    out again the batch ids given since the backup: the new batches must still get
+    manifests of their own, not the files written for the earlier owners of their ids."""
+    import shutil
+
+    from dicom_ingestd.jobs.service import EventService
+
+    state, out = tmp_path / "state", tmp_path / "out"
+    service = _consumer(tmp_path)
+    config = service.config
+    try:
+        _append_records(service, out, {"1.2.3.1": 2, "1.2.3.2": 1})
+        service.consume()
+    finally:
+        service.shutdown()
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    for name in os.listdir(state):
+        if name.startswith("jobs.sqlite") or name == "outbox":
+            copy = shutil.copytree if (state / name).is_dir() else shutil.copy2
+            copy(state / name, backup / name)
+
+    def manifests_of_closed_batches(records: dict[str, int]) -> dict[str, list[str]]:
+        """Append and consume `records`; the manifest each end-of-study job gets, by study."""
+        service = EventService(config, selectors.DefaultSelector())
+        service.open()
+        try:
+            _append_records(service, out, records)
+            service.consume()
+            got = {}
+            for job in service.queue.select():
+                if job.kind == "eostudy":
+                    path = Path(service._prepare(job)["DICOM_MANIFEST"])
+                    manifest = json.loads(path.read_text())
+                    assert manifest["study_uid"] == job.study_uid, (job.study_uid, manifest)
+                    got[job.study_uid] = [f["path"] for f in manifest["files"]]
+            return got
+        finally:
+            service.shutdown()
+
+    later = manifests_of_closed_batches({"1.2.3.3": 2, "1.2.3.4": 1})
+    assert set(later) >= {"1.2.3.2", "1.2.3.3"}
+    for name in os.listdir(state):
+        if name.startswith("jobs.sqlite") or name == "outbox":
+            target = state / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+    for name in os.listdir(backup):
+        copy = shutil.copytree if (backup / name).is_dir() else shutil.copy2
+        copy(backup / name, state / name)
+    again = manifests_of_closed_batches({"1.2.3.5": 3, "1.2.3.6": 1})
+    assert again["1.2.3.5"] == [str(out / f"CT.1.2.3.5.{n}") for n in range(3)]
