@@ -51,11 +51,14 @@ os.close(fd)
 
 
 def send(port: int, ledger: Path, files: list[Path], *, deadline: float = 60.0,
-         per_association: int = 0, timeout: float = 10.0) -> "subprocess.Popen[bytes]":
+         per_association: int = 0, by_study: bool = False,
+         timeout: float = 10.0) -> "subprocess.Popen[bytes]":
     args = [sys.executable, str(SENDER), str(port), str(ledger), "--deadline", str(deadline),
             "--timeout", str(timeout)]
     if per_association:
         args += ["--per-association", str(per_association)]
+    if by_study:
+        args.append("--by-study")
     return subprocess.Popen([*args, *map(str, files)], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 
@@ -509,8 +512,13 @@ def kills_at_random_instants(tmp_path: Path, *, kills: int, master_kills: int, s
             work.append(files)
             # A sender that notices a broken association within 2 s, as DCMTK's do at once
             # (pynetdicom waits for its timeout when the peer vanishes mid-response).
+            # One study per association, as storescu sends a study: after a kill the rest
+            # of the study goes on an association of its own.  (A fixed count per
+            # association would start the next study in the association that ends this
+            # one, once a retry shifted the count: by storescp's rule that study is then
+            # complete when that association is released and another stores anything.)
             senders.append(send(daemon.port, ledgers[-1], files, deadline=240,
-                                per_association=25, timeout=2))
+                                by_study=True, timeout=2))
 
     another_round()
     wanted, wanted_master = kills, master_kills
