@@ -1,9 +1,11 @@
 """A sender that writes down what it was told: pynetdicom's Storage SCU as a subprocess.
 
-    python ack_sender.py PORT LEDGER [--deadline SECONDS] [--per-association N]
+    python ack_sender.py PORT LEDGER [--deadline SECONDS] [--per-association N] [--by-study]
                          [--bind ADDRESS] FILE...
 
-Sends the files in order, N per association (default: all), and appends one line per C-STORE
+Sends the files in order, N per association (default: all) or, with --by-study, one study per
+association (as storescu sending a study; the rest of a study whose association broke goes
+on a new association of its own), and appends one line per C-STORE
 response to LEDGER: "<status hex> <SOP Instance UID>".  Like a modality, it retries an object
 whose association broke (aborted, refused, timed out) on a new association until the deadline;
 an object answered with any status is not sent again.  --bind sends from that local address
@@ -36,6 +38,7 @@ def main() -> int:
     parser.add_argument("files", nargs="+")
     parser.add_argument("--deadline", type=float, default=60.0)
     parser.add_argument("--per-association", type=int, default=0)
+    parser.add_argument("--by-study", action="store_true")
     parser.add_argument("--timeout", type=float, default=10.0,
                         help="pynetdicom's ACSE, DIMSE and network timeouts")
     parser.add_argument("--bind", default="", help="local address to connect from")
@@ -54,14 +57,16 @@ def main() -> int:
             if not assoc.is_established:
                 time.sleep(0.2)
                 continue
-            sent = 0
+            sent, last_study = 0, ""
             while pending and assoc.is_established:
                 ds = pending[0]
+                if args.by_study and sent and ds.StudyInstanceUID != last_study:
+                    break
                 status = assoc.send_c_store(ds)
                 if not status or "Status" not in status:
                     break  # no response: the association broke; send it again
                 ledger.write(f"{int(status.Status):04x} {ds.SOPInstanceUID}\n")
-                pending.pop(0)
+                last_study = pending.pop(0).StudyInstanceUID
                 sent += 1
                 if args.per_association and sent >= args.per_association:
                     break

@@ -394,9 +394,13 @@ class ThrottledProxy:
         except OSError:
             pass
         finally:
+            # Closed, not only shut down: a sender blocked writing into a connection whose
+            # other end died must learn it now (a reset), not at its own timeout.
             for sock in (src, dst):
                 with suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
+                with suppress(OSError):
+                    sock.close()
 
     def close(self) -> None:
         for sock in self.sockets:
