@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, DebBuild
 
 from dicom_ingestd import __version__
 from dicom_ingestd.cli import DEFAULT_CONFIG, build_parser
@@ -366,13 +366,10 @@ def test_vendored_wheels_are_pinned_with_hashes() -> None:
 
 
 # -- the package itself ----------------------------------------------------------------------
-def test_deb_build_and_lintian(tmp_path: Path) -> None:
+def test_deb_build_and_lintian(deb_build: DebBuild, tmp_path: Path) -> None:
     """packaging/build-deb produces the .deb; lintian --pedantic has nothing to say."""
-    require_tool("dpkg-buildpackage")
     require_tool("lintian")
-    out = tmp_path / "dist"
-    result = run([str(REPO / "packaging/build-deb"), "-o", str(out)], timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
+    result, out = deb_build.result, deb_build.directory
     deb = out / f"dicom-ingestd_{__version__}_all.deb"
     assert result.stdout.strip().splitlines()[-1] == str(deb)
     changes = next(out.glob(f"dicom-ingestd_{__version__}_*.changes"))

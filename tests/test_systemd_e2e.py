@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO
+from conftest import REPO, DebBuild
 from conftest import testdata as data_file
 from pydicom import dcmread
 from pydicom.uid import generate_uid
@@ -298,14 +298,12 @@ def _changed_reference(tree: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def host_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def host_data(tmp_path_factory: pytest.TempPathFactory, deb_build: DebBuild) -> Path:
     """The .debs and the DICOM objects to send, in a directory the container sees as DATA."""
     require_host()
     data = tmp_path_factory.mktemp("e2e-data")
     started = time.monotonic()
-    build = subprocess.run([str(REPO / "packaging/build-deb"), "-o", str(data)],
-                           capture_output=True, text=True, timeout=600)
-    assert build.returncode == 0, f"packaging/build-deb failed:\n{build.stdout}\n{build.stderr}"
+    shutil.copy(deb_build.directory / Path(DEB).name, data)
     shutil.copy(build_variant(data, OLD_VERSION, _as_0_1), data / "old.deb")
     shutil.copy(build_variant(data, NEXT_VERSION, _changed_reference), data / "next.deb")
     print(f"built three .debs in {time.monotonic() - started:.0f} s")
