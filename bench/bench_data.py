@@ -27,7 +27,7 @@ CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
 SECONDARY_CAPTURE_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.7")
 MULTIFRAME_GRAYSCALE_WORD_SC_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.7.3")
 
-KINDS = ("ct", "small", "large")
+KINDS = ("ct", "small", "large", "ct38k")
 
 
 @dataclass(frozen=True)
@@ -100,8 +100,8 @@ def _image(spec: DataSpec, index: int, sop_class: UID, modality: str) -> Dataset
     return ds
 
 
-def _ct(spec: DataSpec, index: int) -> Dataset:
-    """CT Image Storage, 512 x 512 x 16 bit: 0.5 MB of pixel data."""
+def _ct(spec: DataSpec, index: int, size: int = 512) -> Dataset:
+    """CT Image Storage, `size` x `size` x 16 bit: 0.5 MB of pixel data at 512."""
     ds = _image(spec, index, CT_IMAGE_STORAGE, "CT")
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.FrameOfReferenceUID = _uid(spec.key, "frame-of-reference")
@@ -112,13 +112,18 @@ def _ct(spec: DataSpec, index: int) -> Dataset:
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     ds.SliceLocation = -float(index)
     ds.PixelSpacing = [0.703125, 0.703125]
-    ds.Rows = ds.Columns = 512
+    ds.Rows = ds.Columns = size
     ds.BitsAllocated = ds.BitsStored = 16
     ds.HighBit = 15
     ds.RescaleIntercept = "-1024"
     ds.RescaleSlope = "1"
-    ds.PixelData = _pixels(f"{spec.key}/{index}", 512 * 512 * 2)
+    ds.PixelData = _pixels(f"{spec.key}/{index}", size * size * 2)
     return ds
+
+
+def _ct38k(spec: DataSpec, index: int) -> Dataset:
+    """CT Image Storage, 136 x 136 x 16 bit: a 38 KB file (the association sets' object)."""
+    return _ct(spec, index, size=136)
 
 
 def _small(spec: DataSpec, index: int) -> Dataset:
@@ -153,6 +158,7 @@ _BUILDERS: dict[str, tuple[str, Callable[[DataSpec, int], Dataset]]] = {
     "ct": ("CT", _ct),
     "small": ("SC", _small),
     "large": ("MF", _large),
+    "ct38k": ("CT", _ct38k),
 }
 
 

@@ -28,6 +28,7 @@ import time
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 from bench_data import DataSet, DataSpec, ensure_dataset, split_dataset
@@ -46,51 +47,100 @@ from dicom_ingestd.worker.store import WRITEBACK_STEP
 
 BENCH_DIR = Path(__file__).resolve().parent
 STORESCP = "storescp"
+STORESCP_FORK = "storescp-fork"  # storescp --fork: a process per association
 INGESTD = "dicom-ingestd"
+INGESTD_NO_FSYNC = "ingestd-nofsync"  # dicom-ingestd with storage.fsync = false
 PYNETDICOM = "pynetdicom"  # pynetdicom's own storescp app, the issue's second column
 # storescp --ignore with dicom-ingestd's max PDU: receives every object and writes nothing,
 # so its time is what the sender and the wire alone cost (the floor of any receiver).
 FLOOR = "floor"
-RECEIVERS = (STORESCP, INGESTD, PYNETDICOM, FLOOR)
+RECEIVERS = (STORESCP, STORESCP_FORK, INGESTD, INGESTD_NO_FSYNC, PYNETDICOM, FLOOR)
+OURS = (INGESTD, INGESTD_NO_FSYNC)
 MB = 1e6  # MB/s and data sizes are decimal megabytes, as in "262 MB"
 MIB = 1024  # RSS: KiB -> MiB
 
 
+class Measure(Enum):
+    """What a target bounds (dicom-ingestd's figure on the left, the reference on the right)."""
+
+    STORESCP = "× storescp"  # median wall time / storescp's
+    DURABLE_FLOOR = "× durable floor"  # median / (floor's median + durability stall)
+    NO_FSYNC = "× storescp with fsync off"  # ingestd-nofsync's median / storescp's
+    TREE_PSS = "MiB PSS"  # the largest PSS summed over the receiver's process tree
+    CPU_PER_OBJECT = "× storescp's CPU per object"  # receiver CPU during the transfer
+
+
+@dataclass(frozen=True)
+class Target:
+    measure: Measure
+    bound: float
+
+    def describe(self) -> str:
+        if self.measure is Measure.TREE_PSS:
+            return f"≤ {self.bound:g} {self.measure.value}"
+        return f"≤ {self.bound:g}{self.measure.value}"
+
+
+BY_ASSOCIATION = (STORESCP, STORESCP_FORK, INGESTD, FLOOR)
+BY_SENDER = (STORESCP, INGESTD, PYNETDICOM, FLOOR)
+
+
 @dataclass(frozen=True)
 class BenchSet:
-    """One row of the table: which data, how many parallel senders, Nagle on or off.
+    """One row of the table: which data, how many parallel senders, Nagle on or off, one
+    association per sender (storescu +sd) or per object (assoc_client.py).
 
-    `target` is issue 8's goal for dicom-ingestd: the largest wall-time ratio to storescp
-    (and `target_rss_mib`, the largest peak RSS of one receiver process).
+    `targets` are issue 18's goals for dicom-ingestd; `receivers` run on this set.
     """
 
     name: str
     data: DataSpec
     senders: int = 1
     nodelay: bool = True
-    target: float = 0.0
-    target_rss_mib: float = 0.0
-    floor: bool = True  # run the floor receiver (not for nagle: it would stall as storescp)
+    per_object: bool = False
+    targets: tuple[Target, ...] = ()
+    receivers: tuple[str, ...] = BY_SENDER
 
     def describe(self) -> str:
         senders = "1 sender" if self.senders == 1 else f"{self.senders} parallel senders"
+        if self.per_object:
+            return f"{senders}, one association per object"
         env = "TCP_NODELAY=1" if self.nodelay else "stock sender (Nagle on)"
         return f"{senders}, {env}"
 
 
+def _ratio(bound: float) -> Target:
+    return Target(Measure.STORESCP, bound)
+
+
 FULL_SETS = (
-    BenchSet("ct", DataSpec("ct", 200), target=1.0),
-    BenchSet("small", DataSpec("small", 2000), target=1.5),
-    BenchSet("large", DataSpec("large", 2, frames=500), target=0.7, target_rss_mib=64),
-    BenchSet("parallel", DataSpec("ct", 200), senders=4, target=0.7),
-    BenchSet("nagle", DataSpec("ct", 200), nodelay=False, target=0.1, floor=False),
+    BenchSet("ct", DataSpec("ct", 200), targets=(
+        Target(Measure.DURABLE_FLOOR, 1.10), Target(Measure.NO_FSYNC, 1.0)),
+        receivers=(*BY_SENDER, INGESTD_NO_FSYNC)),
+    BenchSet("small", DataSpec("small", 2000), targets=(
+        Target(Measure.DURABLE_FLOOR, 1.10), _ratio(1.5))),
+    BenchSet("large", DataSpec("large", 2, frames=500), targets=(
+        _ratio(0.7), Target(Measure.TREE_PSS, 64))),
+    BenchSet("parallel", DataSpec("ct", 200), senders=4, targets=(
+        _ratio(0.9), Target(Measure.CPU_PER_OBJECT, 1.5))),
+    # (not the floor here: storescp --ignore would stall on delayed ACKs as storescp does)
+    BenchSet("nagle", DataSpec("ct", 200), nodelay=False, targets=(_ratio(0.1),),
+             receivers=(STORESCP, INGESTD, PYNETDICOM)),
+    BenchSet("assoc", DataSpec("ct38k", 300), per_object=True, targets=(_ratio(1.0),),
+             receivers=BY_ASSOCIATION),
+    BenchSet("assoc4", DataSpec("ct38k", 400), senders=4, per_object=True,
+             targets=(_ratio(0.8),), receivers=BY_ASSOCIATION),
 )
 QUICK_SETS = (
-    BenchSet("ct", DataSpec("ct", 20)),
+    BenchSet("ct", DataSpec("ct", 20), receivers=(*BY_SENDER, INGESTD_NO_FSYNC)),
     BenchSet("small", DataSpec("small", 100)),
     BenchSet("large", DataSpec("large", 1, frames=40)),
     BenchSet("parallel", DataSpec("ct", 20), senders=4),
-    BenchSet("nagle", DataSpec("ct", 20), nodelay=False, floor=False),
+    BenchSet("nagle", DataSpec("ct", 20), nodelay=False, receivers=(STORESCP, INGESTD,
+                                                                     PYNETDICOM)),
+    BenchSet("assoc", DataSpec("ct38k", 20), per_object=True, receivers=BY_ASSOCIATION),
+    BenchSet("assoc4", DataSpec("ct38k", 20), senders=4, per_object=True,
+             receivers=BY_ASSOCIATION),
 )
 
 
@@ -223,6 +273,9 @@ class Harness:
     def receiver_argv(self, receiver: str, port: int) -> list[str]:
         if receiver == STORESCP:
             return [*self.storescp, *self.storescp_args, "-od", str(self.output), str(port)]
+        if receiver == STORESCP_FORK:
+            return [*self.storescp, *self.storescp_args, "--fork", "-od", str(self.output),
+                    str(port)]
         if receiver == FLOOR:
             return [*self.storescp, "--ignore", "--max-pdu", str(self.max_pdu),
                     "-od", str(self.output), str(port)]
@@ -230,10 +283,16 @@ class Harness:
             return [sys.executable, "-m", "pynetdicom", "storescp", "-q", "-ba", "127.0.0.1",
                     "-od", str(self.output), str(port)]
         config = self.work / "ingestd.toml"
-        write_ingestd_config(config, port, self.output, self.ingestd_settings)
+        settings = self.ingestd_settings
+        if receiver == INGESTD_NO_FSYNC:
+            settings = [*settings, ("storage", "fsync", False)]
+        write_ingestd_config(config, port, self.output, settings)
         return [*self.ingestd, "run", "-c", str(config)]
 
-    def sender_argv(self, port: int, directory: Path) -> list[str]:
+    def sender_argv(self, bench: BenchSet, port: int, directory: Path) -> list[str]:
+        if bench.per_object:
+            return [sys.executable, str(BENCH_DIR / "assoc_client.py"), "127.0.0.1",
+                    str(port), str(directory)]
         return [*self.storescu, "-aet", "BENCHSCU", "-aec", "STORESCP", "+sd",
                 "127.0.0.1", str(port), str(directory)]
 
@@ -263,7 +322,7 @@ class Harness:
             cpu_before = tree_cpu_seconds(proc.pid)
             try:
                 sent = run_senders(
-                    [self.sender_argv(port, d) for d in dirs], env,
+                    [self.sender_argv(bench, port, d) for d in dirs], env,
                     [self.logs / f"{stem}.sender{k}.log" for k in range(len(dirs))],
                     self.timeout)
             finally:
@@ -316,7 +375,7 @@ class Harness:
         code = run.receiver_exit.code if run.receiver_exit else None
         # storescp (and pynetdicom's) have no SIGTERM handler, so they die of the signal; we
         # must exit 0.
-        expected_codes = (0,) if receiver == INGESTD else (-15,)
+        expected_codes = (0,) if receiver in OURS else (-15,)
         if stopped_by_us and code not in expected_codes:
             run.problems.append(f"receiver exit status {code} after SIGTERM "
                                 f"(expected {expected_codes[0]}), log: {log_path}")
@@ -401,45 +460,65 @@ def _timing(s: Summary | None) -> str:
     return "n/a" if s is None else f"{s.median:.3f} ({s.low:.3f}–{s.high:.3f})"
 
 
-def _memory(s: Summary | None, shown: bool) -> str:
-    return f", {s.hwm_mib:.0f} MiB" if s is not None and shown else ""
+def measured(measure: Measure, bench: BenchSet, data: DataSet, results: dict[str, list[Run]],
+             stalls: dict[str, float]) -> float | None:
+    """dicom-ingestd's figure for `measure` in this run, None when it was not measured."""
+    ours = summarize(results[INGESTD])
+    theirs = summarize(results[STORESCP])
+    if ours is None:
+        return None
+    if measure is Measure.TREE_PSS:
+        return ours.tree_pss_mib
+    if theirs is None:
+        return None
+    if measure is Measure.STORESCP:
+        return ours.median / theirs.median
+    if measure is Measure.NO_FSYNC:
+        no_fsync = summarize(results[INGESTD_NO_FSYNC])
+        return None if no_fsync is None else no_fsync.median / theirs.median
+    if measure is Measure.CPU_PER_OBJECT:
+        return ours.cpu / theirs.cpu if theirs.cpu > 0 else None
+    floor = summarize(results[FLOOR])
+    if floor is None or bench.name not in stalls:
+        return None
+    return ours.median / (floor.median + stalls[bench.name])
 
 
 def issue_table(rows: Sequence[tuple[BenchSet, DataSet, dict[str, list[Run]]]],
                 stalls: dict[str, float]) -> str:
-    """The issue's table: storescp's time, each receiver's ratio to it, the target, met?
+    """Issue 18's table: storescp's time, each receiver's ratio to it, dicom-ingestd's
+    memory (PSS summed over its process tree) and CPU, the targets, met?
 
     Then the floors: the floor receiver's ratio (sender and wire alone), and with one
     sender that time plus the durability stall of every object (bench_place.py), the least
     any receiver that answers only once an object is durable can take.
     """
-    head = ("| set | storescp median s (min–max) | pynetdicom storescp ratio | dicom-ingestd "
-            "median s (min–max) | dicom-ingestd ratio | target | met | floor ratio "
+    head = ("| set | storescp median s (min–max) | storescp --fork ratio | pynetdicom storescp "
+            "ratio | dicom-ingestd median s (min–max) | dicom-ingestd ratio | fsync off ratio "
+            "| tree PSS MiB | CPU s (storescp's) | target | met | floor ratio "
             "| durable floor ratio |")
     table = [head, "|" + "---|" * (head.count("|") - 1)]
-    for bench, _data, results in rows:
+    for bench, data, results in rows:
         theirs = summarize(results[STORESCP])
         ours = summarize(results[INGESTD])
-        pyn = summarize(results[PYNETDICOM])
         floor = summarize(results[FLOOR])
         durable_floor = "n/a"
         if floor is not None and theirs is not None and bench.name in stalls:
             durable_floor = f"{(floor.median + stalls[bench.name]) / theirs.median:.2f}"
-
-        target = f"≤ {bench.target:g}×" if bench.target else "–"
-        if bench.target_rss_mib:
-            target += f", ≤ {bench.target_rss_mib:g} MiB"
-        met = "n/a"
-        if ours is not None and theirs is not None and bench.target:
-            ok = ours.median / theirs.median <= bench.target
-            if bench.target_rss_mib:
-                ok = ok and ours.hwm_mib <= bench.target_rss_mib
-            met = "yes" if ok else "no"
-        mem = bool(bench.target_rss_mib)
-        table.append(f"| {bench.name} ({bench.describe()}) | {_timing(theirs)}"
-                     f"{_memory(theirs, mem)} | {ratio(pyn, theirs)}{_memory(pyn, mem)} "
-                     f"| {_timing(ours)}{_memory(ours, mem)} | {ratio(ours, theirs)} "
-                     f"| {target} | {met} | {ratio(floor, theirs)} | {durable_floor} |")
+        met = []
+        for target in bench.targets:
+            value = measured(target.measure, bench, data, results, stalls)
+            met.append("n/a" if value is None else
+                       f"{'yes' if value <= target.bound else 'no'} ({value:.2f})")
+        cpu = "n/a" if ours is None or theirs is None else f"{ours.cpu:.2f} ({theirs.cpu:.2f})"
+        table.append(
+            f"| {bench.name} ({bench.describe()}) | {_timing(theirs)} "
+            f"| {ratio(summarize(results[STORESCP_FORK]), theirs)} "
+            f"| {ratio(summarize(results[PYNETDICOM]), theirs)} | {_timing(ours)} "
+            f"| {ratio(ours, theirs)} | {ratio(summarize(results[INGESTD_NO_FSYNC]), theirs)} "
+            f"| {'n/a' if ours is None else f'{ours.tree_pss_mib:.1f}'} | {cpu} "
+            f"| {'; '.join(t.describe() for t in bench.targets) or '–'} "
+            f"| {'; '.join(met) or 'n/a'} | {ratio(floor, theirs)} | {durable_floor} |")
     return "\n".join(table)
 
 
@@ -528,8 +607,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="runs per receiver and set (default 5; 1 with --quick)")
     parser.add_argument("--sets", default=None, help=f"comma-separated subset of: {names}")
     parser.add_argument("--receivers", default=",".join(RECEIVERS),
-                        help="comma-separated subset of: storescp, dicom-ingestd, pynetdicom "
-                             "(pynetdicom's own storescp app)")
+                        help="comma-separated subset of: " + ", ".join(RECEIVERS)
+                        + " (each set runs those of them it names)")
     parser.add_argument("--cache-dir", type=Path, default=BENCH_DIR / ".data",
                         help="generated data sets, reused across runs (default bench/.data)")
     parser.add_argument("--work-dir", type=Path, default=None,
@@ -605,14 +684,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for index in range(args.runs):
             order = args.receiver_list if index % 2 == 0 else args.receiver_list[::-1]
             for receiver in order:
-                if receiver == FLOOR and not bench.floor:
+                if receiver not in bench.receivers:
                     continue
                 run = harness.run_once(bench, data, dirs, receiver, index)
                 results[receiver].append(run)
                 report_run(bench, data, run)
                 failures += not run.ok
         print_set_block(bench, data, results)
-        if INGESTD in args.receiver_list and bench.floor and bench.senders == 1 \
+        if INGESTD in args.receiver_list and FLOOR in bench.receivers and bench.senders == 1 \
                 and max(p.stat().st_size for p in data.files) < WRITEBACK_STEP:
             seconds, durability = stall(data.files, args.settings, work, args.runs)
             stalls[bench.name] = seconds
@@ -634,8 +713,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     say()
     say(markdown_table(rows))
     say()
-    say("Issue 8's table (ratio: median wall time / storescp's median in the same run; "
-        "min–max: the spread over the runs, i.e. the machine's noise; floor ratio: storescp "
+    say("Issue 18's table (ratio: median wall time / storescp's median in the same run; "
+        "min–max: the spread over the runs, i.e. the machine's noise; tree PSS: the largest "
+        "PSS summed over dicom-ingestd's master, workers and helpers, so pages shared by fork "
+        "count once; CPU s: receiver CPU during the transfer, dicom-ingestd's (storescp's); "
+        "met: each target in turn, with dicom-ingestd's figure; floor ratio: storescp "
         "--ignore with dicom-ingestd's max PDU, which receives and writes nothing; durable "
         "floor ratio, one sender and objects below the early-writeback step only: the "
         "floor's time plus the durability stall of each object in turn, the least a "

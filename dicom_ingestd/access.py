@@ -8,9 +8,24 @@ from dicom_ingestd.peer import Peer
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+def parse_network(entry: str) -> Network:
+    """'10.0.0.0/8', '192.168.1.7', '::1', 'fd00::/8' → a network; raises ValueError.
+
+    IPv4-mapped IPv6 ('::ffff:10.0.0.5', '::ffff:10.0.0.0/104', as a dual-stack socket shows
+    an IPv4 peer) is the IPv4 network: peers are compared as IPv4 (`normalize`), so the
+    mapped form as written would never match.
+    """
+    network = ipaddress.ip_network(entry.strip(), strict=False)
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96 and \
+            network.network_address.ipv4_mapped is not None:
+        return ipaddress.IPv4Network((network.network_address.ipv4_mapped,
+                                      network.prefixlen - 96))
+    return network
+
+
 def parse_networks(entries: Sequence[str]) -> list[Network]:
-    """'10.0.0.0/8', '192.168.1.7', '::1', 'fd00::/8' → networks; raises ValueError."""
-    return [ipaddress.ip_network(entry.strip(), strict=False) for entry in entries]
+    """parse_network() of each entry; raises ValueError."""
+    return [parse_network(entry) for entry in entries]
 
 
 def normalize(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -30,6 +45,8 @@ class AccessPolicy:
 
     def check(self, address: str) -> str | None:
         """None when the peer may connect, else the reason it may not."""
+        if not self.allow and not self.deny:
+            return None  # no policy: nothing to parse for each connection
         try:
             ip = normalize(address)
         except ValueError:
@@ -42,9 +59,12 @@ class AccessPolicy:
         return None
 
     def check_peer(self, peer: Peer) -> str | None:
-        """check() for a connection's peer: behind a proxy, the address its header carried.
-        The proxy's own health checks are not a peer's (the proxy is trusted by
-        network.trusted_proxies), nor is a Unix socket's peer."""
-        if not peer.key or peer.health_check:
+        """check() for a connection's peer: behind a proxy, the address its header carried
+        (UNKNOWN: the proxy's).  The proxy's own LOCAL connections pass: the proxy is
+        admitted by network.trusted_proxies, and Verification is all such a connection may
+        use (Peer.verification_only); so does a Unix socket's peer."""
+        if not self.allow and not self.deny:
+            return None  # no policy: no address to parse for each connection
+        if not peer.key or peer.verification_only:
             return None
         return self.check(peer.key)

@@ -178,6 +178,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         notifier.stopping()
         return ExitCode.OK
 
+    for warning in ProxyPolicy.from_config(config.network).warnings():
+        log.warning("%s", warning)
     listeners = listening
     if not listeners:
         try:
@@ -240,6 +242,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if problem:
         print(problem, file=sys.stderr)
         return ExitCode.CONFIG
+    from dicom_ingestd.proxy_reader import ProxyPolicy
+
+    for warning in ProxyPolicy.from_config(config.network).warnings():
+        print(f"{args.config}: warning: {warning}", file=sys.stderr)
     print(f"{args.config}: OK")
     return ExitCode.OK
 
@@ -375,8 +381,12 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_haproxy_check(args: argparse.Namespace) -> int:
-    """Print the HAProxy tcp-check rules of the DICOM health check for this configuration."""
-    from dicom_ingestd.healthcheck import haproxy_rules
+    """Print the HAProxy tcp-check rules of the DICOM health check for this configuration:
+    its request is one the configuration accepts (else exit 78: it could never pass)."""
+    from pydicom.uid import UID
+
+    from dicom_ingestd import healthcheck
+    from dicom_ingestd.worker import acceptor
 
     config = _config_or_problems(args.config)
     if config is None:
@@ -393,7 +403,38 @@ def cmd_haproxy_check(args: argparse.Namespace) -> int:
               "association.allowed_calling_aetitles: the check would be rejected",
               file=sys.stderr)
         return ExitCode.USAGE
-    sys.stdout.write(haproxy_rules(config.network.aetitle, calling))
+    called = config.network.aetitle
+    # The check proposes what this configuration accepts, as the daemon would negotiate it
+    # (negotiation.profile may accept Verification with Explicit VR Little Endian only).
+    chosen: bytes | None = None
+    for syntax in healthcheck.TRANSFER_SYNTAXES:
+        answer = acceptor.answer(healthcheck.associate_rq(called, calling, syntax), config)
+        if isinstance(answer, acceptor.Rejection):
+            print(f"dicom-ingestd: {args.config}: the check's association would be rejected "
+                  f"({answer.why}): it could never pass", file=sys.stderr)
+            return ExitCode.CONFIG
+        if healthcheck.CONTEXT_ID in answer.contexts:
+            chosen = syntax
+            break
+    names = [UID(syntax.decode()).name for syntax in healthcheck.TRANSFER_SYNTAXES]
+    if chosen is None:
+        profile = config.negotiation.profile
+        print(f"dicom-ingestd: {args.config}: Verification ({healthcheck.VERIFICATION.decode()})"
+              f" is accepted with none of {', '.join(names)}"
+              + (f" (negotiation.profile = {profile!r})" if profile else "")
+              + ": a check could never pass; accept Verification in the negotiation",
+              file=sys.stderr)
+        return ExitCode.CONFIG
+    if chosen != healthcheck.IMPLICIT_VR_LITTLE_ENDIAN:
+        print(f"# Verification with {UID(chosen.decode()).name}, which this configuration "
+              f"accepts ({names[0]} it does not): run this again after changing "
+              "[negotiation]")
+    if config.tls.enabled:
+        print("# [tls] is enabled: the check must speak TLS too; add to default-server\n"
+              "#   check-ssl verify required ca-file <the CA of the instances' certificates>\n"
+              "# and, with tls.peer_certificate = \"require\", crt <a client certificate the\n"
+              "# instances accept> (docs/scale-out.md)")
+    sys.stdout.write(healthcheck.haproxy_rules(called, calling, chosen))
     return ExitCode.OK
 
 
@@ -626,7 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
         "haproxy-check", help="print HAProxy tcp-check rules that speak DICOM",
         description="Print the HAProxy backend rules (option tcp-check, then tcp-check "
         "lines) of a health check that runs a Verification association with this "
-        "configuration's AE title: A-ASSOCIATE-RQ, C-ECHO, A-RELEASE. See "
+        "configuration's AE title: A-ASSOCIATE-RQ, C-ECHO, A-RELEASE, proposing a transfer "
+        "syntax the configuration accepts (exit 78 when it accepts none). See "
         "docs/scale-out.md.")
     with_config(check)
     check.add_argument("--calling-ae", metavar="TITLE", default="",

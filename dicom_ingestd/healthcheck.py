@@ -3,15 +3,16 @@
 A TCP connect only proves that the kernel accepts connections: a stopped (SIGSTOP), wedged
 or refusing daemon still passes it, because the listening socket's backlog completes the
 handshake.  The check here is a whole Verification association, as a modality's "DICOM echo"
-button does: A-ASSOCIATE-RQ (Verification, Implicit VR Little Endian) -> A-ASSOCIATE-AC that
-accepts it -> C-ECHO-RQ -> C-ECHO-RSP with status 0 -> A-RELEASE-RQ -> A-RELEASE-RP.  Only
-a daemon whose master admits connections and whose worker answers DIMSE passes.
+button does: A-ASSOCIATE-RQ (Verification, Implicit VR Little Endian, or another transfer
+syntax the configuration accepts) -> A-ASSOCIATE-AC that accepts it -> C-ECHO-RQ ->
+C-ECHO-RSP with status 0 -> A-RELEASE-RQ -> A-RELEASE-RP.  Only a daemon whose master admits
+connections and whose worker answers DIMSE passes.
 
 `haproxy_rules()` writes it as HAProxy `tcp-check` rules (binary sends, hexadecimal regular
 expressions anchored on whole bytes); `dicom-ingestd config haproxy-check` prints them for
-a configuration's AE title.  Behind `send-proxy-v2`, HAProxy opens its checks with a LOCAL
-header: the daemon answers them without access control, not counted as a peer's
-association, and logs them at debug level (docs/scale-out.md).
+a configuration's AE title and negotiation.  Behind `send-proxy-v2`, HAProxy opens its
+checks with a LOCAL header: the proxy's own connection, which may only use Verification; a
+clean check is logged at debug level (docs/scale-out.md).
 
 stdlib only: the PDUs are written out byte by byte (PS3.8 9.3, PS3.7 9.3.5, 9.1.5).
 """
@@ -21,6 +22,10 @@ import struct
 APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
 VERIFICATION = b"1.2.840.10008.1.1"
 IMPLICIT_VR_LITTLE_ENDIAN = b"1.2.840.10008.1.2"
+# What the check may propose, in order of preference: the uncompressed transfer syntaxes
+# (the C-ECHO has no data set, so any will do; the command set is Implicit VR Little
+# Endian whatever the context's transfer syntax, PS3.7 6.3.1).
+TRANSFER_SYNTAXES = (IMPLICIT_VR_LITTLE_ENDIAN, b"1.2.840.10008.1.2.1", b"1.2.840.10008.1.2.2")
 # The check's own implementation identity (a UUID-derived UID of its own, not the daemon's).
 IMPLEMENTATION_CLASS_UID = b"2.25.190318812338931496212340178120315962137"
 IMPLEMENTATION_VERSION = b"INGESTD_CHECK"
@@ -41,10 +46,11 @@ def _ae(title: str) -> bytes:
     return title.encode("ascii").ljust(16, b" ")[:16]
 
 
-def associate_rq(called_ae: str, calling_ae: str = CALLING_AE) -> bytes:
-    """A-ASSOCIATE-RQ proposing Verification with Implicit VR Little Endian only."""
+def associate_rq(called_ae: str, calling_ae: str = CALLING_AE,
+                 transfer_syntax: bytes = IMPLICIT_VR_LITTLE_ENDIAN) -> bytes:
+    """A-ASSOCIATE-RQ proposing Verification with `transfer_syntax` only."""
     context = struct.pack(">B3x", CONTEXT_ID) + _item(0x30, VERIFICATION) + \
-        _item(0x40, IMPLICIT_VR_LITTLE_ENDIAN)
+        _item(0x40, transfer_syntax)
     user = _item(0x51, struct.pack(">L", MAX_PDU)) + _item(0x52, IMPLEMENTATION_CLASS_UID) + \
         _item(0x55, IMPLEMENTATION_VERSION)
     body = struct.pack(">H2x", 1) + _ae(called_ae) + _ae(calling_ae) + bytes(32) + \
@@ -74,16 +80,21 @@ def release_rq() -> bytes:
 
 # What the answers must match, as HAProxy `rbinary` expressions: the response in hexadecimal,
 # "(..)*" skipping whole bytes so that no match can straddle two of them.
-# The A-ASSOCIATE-AC's presentation context item for ours: result 0 (acceptance), with its
-# one transfer syntax sub-item.
-ACCEPTED = "^0200(..)*" + struct.pack(">BxHBxBx", 0x21, 4 + 4 + len(IMPLICIT_VR_LITTLE_ENDIAN),
+def accepted(transfer_syntax: bytes = IMPLICIT_VR_LITTLE_ENDIAN) -> str:
+    """The A-ASSOCIATE-AC's presentation context item for ours: result 0 (acceptance), with
+    its one transfer syntax sub-item."""
+    return "^0200(..)*" + struct.pack(">BxHBxBx", 0x21, 4 + 4 + len(transfer_syntax),
                                       CONTEXT_ID, 0).hex()
+
+
+ACCEPTED = accepted()
 ECHO_SUCCESS = ("^04(..)*" + _element(0x0100, struct.pack("<H", 0x8030)).hex()
                 + "(..)*" + _element(0x0900, struct.pack("<H", 0)).hex())
 RELEASED = "^" + _pdu(0x06, bytes(4)).hex()
 
 
-def haproxy_rules(called_ae: str, calling_ae: str = CALLING_AE) -> str:
+def haproxy_rules(called_ae: str, calling_ae: str = CALLING_AE,
+                  transfer_syntax: bytes = IMPLICIT_VR_LITTLE_ENDIAN) -> str:
     """The `option tcp-check` block of a HAProxy backend for the check."""
     def comment(text: str) -> str:
         return " comment " + text.replace(" ", "\\ ")
@@ -93,9 +104,10 @@ def haproxy_rules(called_ae: str, calling_ae: str = CALLING_AE) -> str:
         # "default": the server line's options, send-proxy-v2 included (a bare connect
         # rule would open checks without the PROXY header, and the daemon drops them).
         "tcp-check connect default",
-        f"tcp-check send-binary {associate_rq(called_ae, calling_ae).hex()}"
+        f"tcp-check send-binary {associate_rq(called_ae, calling_ae, transfer_syntax).hex()}"
         + comment("A-ASSOCIATE-RQ for Verification"),
-        f"tcp-check expect rbinary {ACCEPTED}" + comment("A-ASSOCIATE-AC accepting it"),
+        f"tcp-check expect rbinary {accepted(transfer_syntax)}"
+        + comment("A-ASSOCIATE-AC accepting it"),
         f"tcp-check send-binary {echo_rq().hex()}" + comment("C-ECHO-RQ"),
         f"tcp-check expect rbinary {ECHO_SUCCESS}" + comment("C-ECHO-RSP, status 0"),
         f"tcp-check send-binary {release_rq().hex()}" + comment("A-RELEASE-RQ"),

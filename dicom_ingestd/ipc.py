@@ -125,17 +125,11 @@ class Channel:
         self.writer.close()
 
 
-class SyncLink:
-    """events.exec_sync: one worker's wait-for-my-jobs link to the master.
+class SyncWait:
+    """The worker's side of a SyncLink (a warm worker gets its end handed over, pool.py)."""
 
-    A SOCK_SEQPACKET pair made before the worker starts.  The worker sends the id of a durable
-    outbox record and waits for the master to send the same id back; the master reads
-    `master_end` in its selector.  An answer that comes after its wait timed out is skipped.
-    """
-
-    def __init__(self) -> None:
-        self.worker_end, self.master_end = socket.socketpair(socket.AF_UNIX,
-                                                             socket.SOCK_SEQPACKET)
+    def __init__(self, worker_end: socket.socket) -> None:
+        self.worker_end = worker_end
 
     def wait_for(self, record_id: str, timeout: float) -> str:
         """Ask for the jobs of `record_id` and wait: 'done', 'gone' (the master closed the
@@ -157,6 +151,19 @@ class SyncLink:
                         return "done"
         except OSError:
             return "gone"
+
+
+class SyncLink(SyncWait):
+    """events.exec_sync: one association's wait-for-my-jobs link to the master.
+
+    A SOCK_SEQPACKET pair made before the association starts.  The worker sends the id of a
+    durable outbox record and waits for the master to send the same id back; the master reads
+    `master_end` in its selector.  An answer that comes after its wait timed out is skipped.
+    """
+
+    def __init__(self) -> None:
+        worker_end, self.master_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        super().__init__(worker_end)
 
     def close(self) -> None:
         self.worker_end.close()

@@ -1,15 +1,16 @@
 """The master: owns the listening sockets, signals, sd_notify, reload and the workers.
 
 Single-threaded while it forks (process_model = fork): one selector waits on the listeners,
-the signal wakeup socket, the worker report channel, the config watcher and one pidfd per
-worker.  Signal handlers do nothing but wake the loop (the signal number arrives on the wakeup
-socket); the loop does the work.  The master never reads a DICOM byte: access control uses
-the peer address, and even an over-limit association is answered by a short-lived worker,
-because an A-ASSOCIATE-RJ is only meaningful after reading the request.
+the signal wakeup socket, the worker report channel, the config watcher and the warm workers'
+control sockets and pidfds (pool.py).  Signal handlers do nothing but wake the loop (the
+signal number arrives on the wakeup socket); the loop does the work.  The master never reads
+a DICOM byte: access control uses the peer address, and even an over-limit association is
+answered by a worker, because an A-ASSOCIATE-RJ is only meaningful after reading the request.
 
 A connection goes accept -> [its PROXY protocol header, when network.proxy_protocol is on:
 proxy_reader.PendingHeaders, the only bytes the master reads] -> admission (access control
-and limits, for the peer the header carried) -> a worker.
+and limits, for the peer the header carried: _admit) -> dispatch (to an idle warm worker,
+pool.py, or a thread: _dispatch).
 """
 
 import contextlib
@@ -22,13 +23,12 @@ import signal
 import socket
 import ssl
 import time
-from collections import Counter
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from dicom_ingestd import __version__, ipc, telemetry
+from dicom_ingestd import __version__, ipc, telemetry, warm
 from dicom_ingestd import log as logsetup
 from dicom_ingestd import status as status_doc
 from dicom_ingestd.access import AccessPolicy
@@ -38,6 +38,7 @@ from dicom_ingestd.control import SOCKET_NAME, ControlServer
 from dicom_ingestd.errors import ConfigError, StorageError
 from dicom_ingestd.jobs.service import EventService
 from dicom_ingestd.peer import Peer
+from dicom_ingestd.pool import WorkerPool
 from dicom_ingestd.proxy_reader import PendingHeaders, ProxyPolicy
 from dicom_ingestd.sockets import describe
 from dicom_ingestd.stats import FILE_NAME as STATS_FILE
@@ -47,7 +48,7 @@ from dicom_ingestd.tls import build_context
 from dicom_ingestd.watch import ConfigWatcher
 from dicom_ingestd.worker import acceptor
 from dicom_ingestd.worker.store import Store
-from dicom_ingestd.workers import Assignment, ForkSpawner, ThreadSpawner, Worker
+from dicom_ingestd.workers import Assignment, Running, ThreadRunner
 
 log = logging.getLogger("dicom_ingestd.master")
 
@@ -61,6 +62,9 @@ ACCEPT_BACKOFF_MAX = 2.0
 ACCEPT_LOG_INTERVAL = 10.0
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for workers at the stop deadline
 REFRESH_INTERVAL = 5.0  # seconds between two looks at the free space and the job counts
+# The loop turns several times per association (accept, the worker's answers, its reports):
+# the periodic work (counters, STATUS=, control connections, metrics) runs at most this often.
+MONITOR_INTERVAL = 0.25
 
 
 def _open_descriptors() -> int:
@@ -96,7 +100,7 @@ class Master:
         self.access = AccessPolicy(config.access.allow, config.access.deny)
         self.proxy_policy = ProxyPolicy.from_config(config.network)
         self.state = State.RUNNING
-        self.workers: dict[int, Worker] = {}  # by done-fd
+        self.running: dict[str, Running] = {}  # associations in progress, by key
         self.channel = ipc.Channel()
         self.selector = selectors.DefaultSelector()
         # network.proxy_protocol: connections waiting for their header, then _admit.
@@ -105,12 +109,12 @@ class Master:
                                                                                    NO_AE))
         self._wakeup_r, self._wakeup_w = socket.socketpair()
         self._stop_deadline = 0.0
-        self._stored = 0
-        self._bytes = 0
+        self._stored_before = 0  # the counters' stored objects when serving began
         self._associations = 0
         self._boot = time.time_ns()  # with a counter: association keys unique across restarts
-        self._released: set[str] = set()  # associations whose worker said they were released
+        self._generation = 0  # configuration generation: one more at each applied reload
         self._next_watchdog = 0.0
+        self._next_monitor = 0.0
         # -- monitoring (stats.py, status.py, control.py, metrics.py) ----------------------
         self.stats = Stats.load(store.staging / STATS_FILE, store.staging_fd)
         self.telemetry = telemetry.Channel()  # workers' AssociationReports
@@ -138,10 +142,13 @@ class Master:
         self.events = EventService(config, self.selector)
         self.events.open()
         if config.workers.process_model == "fork":
-            self.spawner: ForkSpawner | ThreadSpawner = ForkSpawner(self._close_in_child,
-                                                                    self.channel)
+            self.pool: WorkerPool | None = WorkerPool(self.selector, self._close_in_child,
+                                                      self.channel, self.telemetry,
+                                                      self._finished)
+            self.runner: WorkerPool | ThreadRunner = self.pool
         else:
-            self.spawner = ThreadSpawner(self.channel)
+            self.pool = None
+            self.runner = ThreadRunner(self.selector, self.channel, self._finished)
 
     # -- set-up ----------------------------------------------------------------------------
     def _close_in_child(self) -> None:
@@ -153,8 +160,10 @@ class Master:
         self._wakeup_r.close()
         self._wakeup_w.close()
         self.channel.reader.close()
-        for worker in self.workers.values():
-            os.close(worker.fd)
+        if self.pool is not None:
+            self.pool.close_in_child()
+        for store in self._retired:
+            store.close()
         if self._watcher is not None:
             self._watcher.close_in_child()
         self.events.close_in_child()
@@ -170,7 +179,9 @@ class Master:
 
     # -- the loop --------------------------------------------------------------------------
     def serve(self) -> None:
+        self._stored_before = self.stats.stored
         acceptor.warm_up(self.config)
+        self._new_generation()
         if self._watcher is not None:
             self._watcher.start()  # a process of its own, started before any worker
         self._install_signals()
@@ -185,23 +196,39 @@ class Master:
         self.selector.register(self.telemetry.reader, selectors.EVENT_READ, self._telemetry)
         self.control.open()
         self._refresh(time.monotonic())
+        model = self.config.workers.process_model
+        if self.pool is not None:
+            try:
+                self.pool.fill()  # ready means ready to hand a connection over at once
+            except OSError as exc:
+                log.warning("cannot fork the spare workers (%s); workers are forked as "
+                            "connections arrive", exc.strerror or exc)
+            model += f" ({self.pool.idle} spare workers)"
         tls = self.config.tls
         log.info("dicom-ingestd %s ready: pid %d, listening on %s%s%s as %s, process model %s, "
                  "storing under %s (%s)", __version__, os.getpid(),
                  ", ".join(describe(s) for s in self.listeners) or "nothing",
                  f" (TLS, profile {tls.profile}, peer certificates: {tls.peer_certificate})"
                  if self.tls_context is not None else "", self.proxy_policy.describe(),
-                 self.config.network.aetitle, self.config.workers.process_model,
-                 self.store.root, self.store.durability)
+                 self.config.network.aetitle, model, self.store.root, self.store.durability)
         self.notifier.ready(self._status())
-        while self.state is State.RUNNING or self.workers:
+        while self.state is State.RUNNING or self.running or (self.pool and self.pool.processes):
             for key, _ in self.selector.select(self._timeout()):
                 key.data(key.fileobj)
             self._tick()
         self._shutdown()
 
+    def _new_generation(self) -> None:
+        """What workers forked from now on serve under: the configuration just applied."""
+        self._generation += 1
+        if self.pool is not None:
+            self.pool.configure(warm.Generation(self._generation, self.config, self.store,
+                                                self.tls_context, self.events.outbox_fd))
+
     def _timeout(self) -> float:
         timeout = 1.0
+        if self.pool is not None and self.state is State.RUNNING:
+            timeout = self.pool.next_maintenance(time.monotonic())  # in _tick
         if self._accept_paused_until:
             timeout = min(timeout, max(0.0, self._accept_paused_until - time.monotonic()))
         if self.notifier.watchdog_interval:
@@ -221,15 +248,20 @@ class Master:
             self._next_watchdog = now + self.notifier.watchdog_interval
         if self.state is State.STOPPING:
             self._enforce_stop_deadline(now)
+        elif self.pool is not None:
+            self.pool.maintain(now)
         self.events.tick()
-        self._monitor(now)
-        self.notifier.status(self._status())
+        if now >= self._next_monitor:
+            self._next_monitor = now + MONITOR_INTERVAL
+            self._monitor(now)
+            if self.notifier.enabled:
+                self.notifier.status(self._status())
 
     # -- monitoring ------------------------------------------------------------------------
     def _status(self) -> str:
         """The STATUS= line: what `systemctl status` shows; problems first."""
         stats = self.stats
-        text = f"{len(self.workers)} active association(s); {stats.stored} object(s) stored"
+        text = f"{len(self.running)} active association(s); {stats.stored} object(s) stored"
         if stats.failed:
             text += f", {stats.failed} failed"
         text += f" since {_short_time(stats.since)}"
@@ -302,7 +334,9 @@ class Master:
     def _daemon_status(self) -> dict[str, Any]:
         return {"running": True, "pid": os.getpid(), "state": self.state.value,
                 "started": self._started, "uptime_seconds": time.time() - self._started,
-                "active_associations": len(self.workers), "last_reload": self._last_reload,
+                "active_associations": len(self.running),
+                "idle_workers": self.pool.idle if self.pool is not None else 0,
+                "last_reload": self._last_reload,
                 "control_socket": str(self.control.path)}
 
     def _document(self) -> dict[str, Any]:
@@ -354,13 +388,8 @@ class Master:
         """Workers' datagrams: statistics, and a wake-up to read the outbox now."""
         messages = self.channel.receive()
         for message in messages:
-            if isinstance(message, ipc.ObjectStored):
-                self._stored += 1
-                self._bytes += message.size
-            elif isinstance(message, ipc.CommitmentNote):
+            if isinstance(message, ipc.CommitmentNote):
                 self.events.commitment_note(message)
-            elif message.released:
-                self._released.add(message.association)
         if messages:
             self.events.wake()
 
@@ -384,7 +413,7 @@ class Master:
                 self.pending.take(conn, peer, self.proxy_policy)  # then _admit
             else:
                 self._admit(conn, peer)
-            if self._accept_paused_until:  # _admit ran out of descriptors
+            if self._accept_paused_until:  # _dispatch ran out of descriptors
                 return
             self._accept_backoff = 0.0
 
@@ -429,7 +458,9 @@ class Master:
 
     def _admit(self, conn: socket.socket, peer: Peer) -> None:
         """Access control and the limits for `peer` (behind a proxy: the address its header
-        carried; the proxy's own health checks pass both), then a worker."""
+        carried, or the proxy's when it carried none or for its own LOCAL connections), then
+        _dispatch.  Even an over-limit association goes to a worker: it answers
+        A-ASSOCIATE-RJ."""
         refusal = self.access.check_peer(peer)
         if refusal:
             log.warning("%s: connection refused by access control: %s", peer, refusal,
@@ -437,8 +468,9 @@ class Master:
             conn.close()
             self.stats.association_ended("refused", NO_AE)
             return
-        over = self._over_limit(peer)
-        if over and sum(w.rejecting for w in self.workers.values()) >= MAX_REJECTING:
+        key = peer.key  # the proxy's own for its LOCAL and UNKNOWN connections
+        over = self._over_limit(key)
+        if over and sum(r.rejecting for r in self.running.values()) >= MAX_REJECTING:
             # A flood: one line per ACCEPT_LOG_INTERVAL, counting the connections closed.
             conn.close()
             self.stats.association_ended("dropped", NO_AE)
@@ -452,9 +484,14 @@ class Master:
                 self._next_flood_log = now + ACCEPT_LOG_INTERVAL
                 self._closed_unanswered = 0
             return
+        self._dispatch(conn, peer, key, over)
+
+    def _dispatch(self, conn: socket.socket, peer: Peer, key: str, over: str) -> None:
+        """Hand an admitted connection to a worker (a warm process, or a thread); `key` is
+        what the per-peer limit counts, `over` the limit to answer with A-ASSOCIATE-RJ."""
         conn.setblocking(True)
         try:
-            worker = self.spawner.spawn(Assignment(
+            running = self.runner.start(Assignment(
                 conn, peer, self.config, self.store, over, self.tls_context,
                 association=f"{self._boot:x}-{self._associations + 1}",
                 outbox_fd=self.events.outbox_fd, counters=self.telemetry))
@@ -467,21 +504,21 @@ class Master:
             self.stats.error(f"cannot start a worker: {exc.strerror or exc}")
             return
         self._associations += 1
-        self.workers[worker.fd] = worker
-        self.selector.register(worker.fd, selectors.EVENT_READ, self._worker_done)
-        self.events.worker_started(worker.association, worker.reply, self.config)
-        if worker.pid:
-            log.debug("%s: worker %d started", peer, worker.pid)
+        running.peer_key = key
+        self.running[running.association] = running
+        self.events.worker_started(running.association, running.reply, self.config)
+        log.debug("%s: association %s handed to %s", peer, running.association, running.name)
 
-    def _over_limit(self, peer: Peer) -> str:
+    def _over_limit(self, key: str) -> str:
+        """The limit a new association from `key` (Peer.key; "" for none to count) would
+        pass, or ""."""
         limits = self.config.workers
-        serving = [w for w in self.workers.values() if not w.rejecting]
+        serving = [r for r in self.running.values() if not r.rejecting]
         if limits.max_associations and len(serving) >= limits.max_associations:
             return f"{len(serving)} associations in progress (workers.max_associations = " \
                    f"{limits.max_associations})"
-        key = peer.key
-        if limits.max_associations_per_peer and key and not peer.health_check:
-            same = Counter(w.peer.key for w in serving if not w.peer.health_check)[key]
+        if limits.max_associations_per_peer and key:
+            same = sum(r.peer_key == key for r in serving)
             if same >= limits.max_associations_per_peer:
                 return f"{same} associations in progress from {key} " \
                        f"(workers.max_associations_per_peer = " \
@@ -489,37 +526,34 @@ class Master:
         return ""
 
     def _close_retired(self) -> None:
-        in_use = {id(w.store) for w in self.workers.values()}
+        in_use = {id(r.store) for r in self.running.values()}
         for store in [s for s in self._retired if id(s) not in in_use]:
             store.close()
             self._retired.remove(store)
 
-    def _worker_done(self, fd: object) -> None:
-        assert isinstance(fd, int)
-        self.selector.unregister(fd)
-        worker = self.workers.pop(fd)
-        problem = worker.reap()
+    def _finished(self, running: Running, problem: str | None, outcome: str) -> None:
+        """An association is over (`problem`: its worker died with it)."""
+        self.running.pop(running.association, None)
         self._reports(None)
-        released = worker.association in self._released and problem is None
-        self._released.discard(worker.association)
-        self.events.worker_done(worker.association, released)  # reads its records first
+        released = outcome == "released" and problem is None
+        self.events.worker_done(running.association, released)  # reads its records first
         try:
             if problem is not None:
-                self._log_worker_failure(worker, problem)
+                self._log_worker_failure(running, problem)
         finally:
             if self._retired:
                 self._close_retired()
 
-    def _log_worker_failure(self, worker: Worker, problem: str) -> None:
-        removed = worker.store.remove_leftovers(worker.pid) if worker.pid else 0
+    def _log_worker_failure(self, running: Running, problem: str) -> None:
+        removed = running.store.remove_leftovers(running.pid) if running.pid else 0
         level = logging.ERROR
-        if worker.signalled and problem.startswith("killed by SIG"):
+        if running.signalled and problem.startswith("killed by SIG"):
             level = logging.WARNING  # we stopped it at the stop deadline
-        hint = " (out of memory?)" if "SIGKILL" in problem and not worker.signalled else ""
+        hint = " (out of memory?)" if "SIGKILL" in problem and not running.signalled else ""
         log.log(level, "%s: worker %d %s%s; %d partial object(s) removed; other "
-                "associations are unaffected", worker.peer, worker.pid, problem, hint, removed,
-                extra={"journal": worker.peer.fields()})
-        self.stats.error(f"worker {worker.pid} ({worker.peer}) {problem}")
+                "associations are unaffected", running.peer, running.pid, problem, hint,
+                removed, extra={"journal": running.peer.fields()})
+        self.stats.error(f"worker {running.pid} ({running.peer}) {problem}")
 
     # -- reload ----------------------------------------------------------------------------
     def reload(self, source: str = "SIGHUP") -> bool:
@@ -571,6 +605,7 @@ class Master:
         self.proxy_policy = ProxyPolicy.from_config(new.network)
         self.events.reload(new)
         logsetup.setup(new.logging)
+        self._new_generation()  # after everything a new worker inherits is in place
         applied = [key for key, reloadable in changed if reloadable]
         log.info("reload: configuration applied to new associations (%s)",
                  ", ".join(applied) or "no change")
@@ -595,24 +630,29 @@ class Master:
                 self.selector.unregister(sock)
             sock.close()
         self._stop_deadline = time.monotonic() + self.config.workers.stop_timeout
-        if self.workers:
+        if self.pool is not None:
+            self.pool.stop()  # idle workers retire now
+        if self.running:
             log.info("waiting up to %d s for %d running association(s) to finish",
-                     self.config.workers.stop_timeout, len(self.workers))
+                     self.config.workers.stop_timeout, len(self.running))
 
     def _enforce_stop_deadline(self, now: float) -> None:
-        if not self.workers or now < self._stop_deadline:
+        if now < self._stop_deadline:
             return
-        for worker in self.workers.values():
+        if self.pool is not None and now >= self._stop_deadline + KILL_GRACE:
+            self.pool.kill_retiring()  # retired workers that did not exit on their own
+        for running in self.running.values():
             if now >= self._stop_deadline + KILL_GRACE:
-                worker.signal(signal.SIGKILL)
-            elif not worker.signalled:
-                log.warning("%s: stop timeout reached; stopping %s", worker.peer, worker.name)
-                worker.signal(signal.SIGTERM)
-        if not any(w.pid for w in self.workers.values()) and now >= self._stop_deadline:
+                running.signal(signal.SIGKILL)
+            elif not running.signalled:
+                log.warning("%s: stop timeout reached; stopping %s", running.peer,
+                            running.name)
+                running.signal(signal.SIGTERM)
+        if self.running and not any(r.pid for r in self.running.values()):
             # Threads cannot be stopped from outside; leave them to the process exit.
             log.warning("%d association thread(s) still running at the stop deadline",
-                        len(self.workers))
-            self.workers.clear()
+                        len(self.running))
+            self.running.clear()
 
     def _shutdown(self) -> None:
         if self._watcher is not None:
@@ -626,7 +666,8 @@ class Master:
         self.control.close()
         removed = self.store.remove_leftovers(os.getpid())
         log.info("stopped after %d association(s), %d object(s) stored%s", self._associations,
-                 self._stored, f"; {removed} partial object(s) removed" if removed else "")
+                 self.stats.stored - self._stored_before,
+                 f"; {removed} partial object(s) removed" if removed else "")
 
 
 def _short_time(wall: float) -> str:

@@ -4,7 +4,9 @@ A leaf module (stdlib only).  Directly connected, the peer is the TCP peer.  Beh
 balancer speaking the PROXY protocol (proxy.py), it is the client address the header
 carries, and the balancer's own address travels with it: access control, the per-peer
 limit, log lines, journal fields, `#r`, job variables and the counters all see the client,
-and the log lines and journal say which proxy relayed it.
+and the log lines and journal say which proxy relayed it.  A connection whose header carries
+no client (LOCAL: the proxy's own connection; UNKNOWN) has the proxy itself for its peer, as
+the specification says: keyed, limited and logged by the proxy's address.
 """
 
 import ipaddress
@@ -18,7 +20,10 @@ class Via(Enum):
 
     DIRECT = "direct"  # the TCP peer itself
     PROXY = "proxy"  # carried in a PROXY protocol header from `proxy`
-    PROXY_LOCAL = "proxy-local"  # the proxy's own connection (LOCAL): a health check
+    # The proxy's own connection (v2 LOCAL): its peer is the proxy.  HAProxy's health checks
+    # are LOCAL, but so is every client HAProxy relays from a Unix-socket frontend, and any
+    # host in network.trusted_proxies can write one: it may only use Verification.
+    PROXY_LOCAL = "proxy-local"
     PROXY_UNKNOWN = "proxy-unknown"  # the proxy could not say (UNKNOWN): its address stands in
 
 
@@ -51,7 +56,8 @@ class Peer:
     def relayed(self, source: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]
                 | None, local: bool = False) -> "Peer":
         """The peer of a connection from this proxy whose header carried `source` (None:
-        no usable address; `local`: the proxy's own connection)."""
+        no usable address; `local`: the proxy's own connection).  Without a source the
+        proxy is the peer: its address is the key for access control and the limits."""
         if local:
             return replace(self, via=Via.PROXY_LOCAL, proxy=self.name)
         if source is None:
@@ -69,8 +75,9 @@ class Peer:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     @property
-    def health_check(self) -> bool:
-        """The proxy's own connection: answered, never counted as a peer's association."""
+    def verification_only(self) -> bool:
+        """The proxy's own connection (LOCAL): Verification is all it may use (every other
+        presentation context is rejected, a C-STORE refused); its key is the proxy's."""
         return self.via is Via.PROXY_LOCAL
 
     @property
@@ -89,7 +96,7 @@ class Peer:
         if self.via is Via.PROXY:
             return f"{self.name} via {self.proxy}"
         if self.via is Via.PROXY_LOCAL:
-            return f"{self.name} (proxy health check)"
+            return f"{self.name} (proxy's own connection, LOCAL)"
         if self.via is Via.PROXY_UNKNOWN:
             return f"{self.name} (proxy, client address unknown)"
         return self.name

@@ -3,11 +3,14 @@ protocol header, and reading it off the socket without taking a byte of what fol
 
 Two readers share `HeaderReader`:
 
-* `PendingHeaders`, the master's stage: a connection from a trusted proxy waits in the
-  master's selector, non-blocking, until its header is complete, at most
-  network.acse_timeout, and at most MAX_PENDING connections at once; then it goes on to
+* `PendingHeaders`, the master's stage: what a connection from a trusted proxy has sent is
+  read as soon as it is accepted, so a connection whose header came with it (a proxy sends
+  it at once) goes on at once; one whose header is not complete waits in the master's
+  selector, non-blocking, until it is, at most network.acse_timeout; then it goes on to
   access control, the limits and a worker with the peer the header carried.  A malformed,
-  truncated or slow header is dropped here with one line: it never costs a worker.
+  truncated or slow header is dropped here with one line: it never costs a worker.  At most
+  MAX_PENDING connections wait at once, shared fairly between the sources: when the stage
+  is full, the source holding the most gives up its oldest.
 * `read_peer`, for one connection served per process (systemd Accept=yes, inetd): the same
   reads, blocking, within the same timeout.
 
@@ -18,7 +21,6 @@ read is not readable again until more bytes arrive: the selector never spins on 
 """
 
 import contextlib
-import ipaddress
 import logging
 import selectors
 import socket
@@ -27,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dicom_ingestd import proxy
+from dicom_ingestd.access import Network, normalize, parse_networks
 from dicom_ingestd.config.schema import NetworkConfig
 from dicom_ingestd.peer import Peer
 
@@ -35,11 +38,11 @@ log = logging.getLogger("dicom_ingestd.proxy")
 # Connections from trusted proxies whose header is not complete yet.  A proxy sends its
 # header with the connection, so this stage is normally empty; the bound is for a proxy gone
 # wrong (or an untrusted host inside a trusted network) opening connections and sending
-# nothing, each of which costs the master a descriptor until network.acse_timeout.
+# nothing, each of which costs the master a descriptor until network.acse_timeout.  Such a
+# source only ever pushes out its own connections (PendingHeaders._make_room), never those
+# of the others, and never a connection whose header is in.
 MAX_PENDING = 128
 FULL_LOG_INTERVAL = 10.0
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class Dropped(Exception):
@@ -62,9 +65,9 @@ class ProxyPolicy:
 
     @classmethod
     def from_config(cls, network: NetworkConfig) -> "ProxyPolicy":
+        # parse_networks: an IPv4-mapped entry (::ffff:10.0.0.5) is the IPv4 address it maps.
         return cls(proxy.VERSIONS[network.proxy_protocol],
-                   tuple(ipaddress.ip_network(entry.strip(), strict=False)
-                         for entry in network.trusted_proxies),
+                   tuple(parse_networks(network.trusted_proxies)),
                    float(network.acse_timeout), network.proxy_protocol)
 
     @property
@@ -78,14 +81,27 @@ class ProxyPolicy:
         return f" behind a proxy (PROXY protocol {self.setting} from " \
                f"{', '.join(map(str, self.trusted))})"
 
+    def warnings(self) -> list[str]:
+        """What an administrator should know about network.trusted_proxies (logged at start,
+        printed by check-config): a trusted network that is the whole address space."""
+        if not self.enabled:
+            return []
+        return [f"network.trusted_proxies: {network} trusts every IPv{network.version} "
+                "address: any host that reaches the port may send a PROXY protocol header "
+                "and claim any client address, which access control and the per-peer limit "
+                "then believe; list the load balancers' addresses instead"
+                for network in self.trusted if network.prefixlen == 0]
+
     def check_trusted(self, tcp_peer: Peer) -> None:
         """Raise Dropped("refused") unless `tcp_peer` is one of the trusted proxies."""
         key = tcp_peer.key
         if key:
-            ip = ipaddress.ip_address(key)
+            ip = normalize(key)
             if any(ip.version == n.version and ip in n for n in self.trusted):
                 return
-        raise Dropped("refused", f"connection refused: not one of network.trusted_proxies "
+        what = "not one of network.trusted_proxies" if key else \
+            "a Unix socket's peer has no address to match network.trusted_proxies against"
+        raise Dropped("refused", f"connection refused: {what} "
                       f"(network.proxy_protocol = {self.setting}: only a load balancer "
                       "may connect, and must send a PROXY protocol header)")
 
@@ -202,7 +218,11 @@ class _Pending:
     tcp_peer: Peer
     reader: HeaderReader
     policy: ProxyPolicy
-    deadline: float
+    since: float  # accepted (the clock's time)
+
+    @property
+    def deadline(self) -> float:
+        return self.since + self.policy.timeout
 
 
 class PendingHeaders:
@@ -222,7 +242,7 @@ class PendingHeaders:
         self._admit = admit
         self._count = count
         self._clock = clock
-        self._pending: dict[socket.socket, _Pending] = {}
+        self._pending: dict[socket.socket, _Pending] = {}  # oldest first
         self._full_closed = 0
         self._next_full_log = 0.0
 
@@ -230,37 +250,50 @@ class PendingHeaders:
         return len(self._pending)
 
     def take(self, conn: socket.socket, tcp_peer: Peer, policy: ProxyPolicy) -> None:
-        """An accepted connection: refuse it, or hold it until its header is complete."""
+        """An accepted connection: refuse it, or read what it sent and hold it until its
+        header is complete."""
         try:
             policy.check_trusted(tcp_peer)
         except Dropped as exc:
             self._close(conn, tcp_peer, exc)
             return
-        if len(self._pending) >= MAX_PENDING:
-            self._close_when_full(conn, tcp_peer)
-            return
         conn.setblocking(False)
         entry = _Pending(conn, tcp_peer, HeaderReader(conn, policy.versions), policy,
-                         self._clock() + policy.timeout)
+                         self._clock())
+        # Read first: the header usually came with the connection, and a connection whose
+        # header is in never waits here, so it is never refused for want of room.
+        outcome = self._read(entry)
+        if outcome is not None:
+            self._leave(entry, outcome)
+            return
+        if len(self._pending) >= MAX_PENDING:
+            self._make_room()
         self._pending[conn] = entry
         self._selector.register(conn, selectors.EVENT_READ, self._readable)
-        self._readable(conn)  # the header usually came with the connection
 
     def _readable(self, conn: object) -> None:
         assert isinstance(conn, socket.socket)
         entry = self._pending.get(conn)
         if entry is None:
             return
-        try:
-            header = entry.reader.step()
-        except Dropped as exc:
+        outcome = self._read(entry)
+        if outcome is not None:
             self._forget(entry)
-            self._close(conn, entry.tcp_peer, exc)
-            return
-        if header is None:
-            return
-        self._forget(entry)
-        self._admit(conn, peer_of(entry.tcp_peer, header))
+            self._leave(entry, outcome)
+
+    @staticmethod
+    def _read(entry: _Pending) -> proxy.ProxyHeader | Dropped | None:
+        """What has arrived: the complete header, the reason to drop, or None to wait."""
+        try:
+            return entry.reader.step()
+        except Dropped as exc:
+            return exc
+
+    def _leave(self, entry: _Pending, outcome: proxy.ProxyHeader | Dropped) -> None:
+        if isinstance(outcome, Dropped):
+            self._close(entry.conn, entry.tcp_peer, outcome)
+        else:
+            self._admit(entry.conn, peer_of(entry.tcp_peer, outcome))
 
     def expire(self) -> None:
         """Drop the connections whose header is overdue (call from the master's tick)."""
@@ -301,17 +334,30 @@ class PendingHeaders:
         log_dropped(tcp_peer, exc)
         self._count(exc.outcome)
 
-    def _close_when_full(self, conn: socket.socket, tcp_peer: Peer) -> None:
-        """Past MAX_PENDING: close at once; one line per FULL_LOG_INTERVAL."""
+    def _make_room(self) -> None:
+        """The stage is full: the source (address) holding the most waiting connections
+        gives up its oldest, closed unanswered; one line per FULL_LOG_INTERVAL, naming it.
+
+        A source can thus only push out its own connections once it holds more than any
+        other: a proxy gone wrong (or a host inside a trusted network) holding every slot
+        costs the others nothing.  Ties: the source with the oldest connection."""
+        by_source: dict[str, list[_Pending]] = {}
+        for entry in self._pending.values():  # oldest first
+            by_source.setdefault(entry.tcp_peer.key or entry.tcp_peer.host, []).append(entry)
+        source, held = max(by_source.items(), key=lambda item: len(item[1]))
+        victim = held[0]
+        self._forget(victim)
         with contextlib.suppress(OSError):
-            conn.close()
+            victim.conn.close()
         self._count("dropped")
         self._full_closed += 1
         now = self._clock()
         if now >= self._next_full_log:
-            log.warning("proxy %s: %d connections already wait for their PROXY protocol "
-                        "header; closing the connection unanswered (%d closed this way "
-                        "since the last such line)", tcp_peer, MAX_PENDING, self._full_closed,
-                        extra=_journal(tcp_peer, "dropped"))
+            log.warning("proxy %s holds %d of the %d connections waiting for their PROXY "
+                        "protocol header, the most: closing its oldest (%s, waiting %.1f s, "
+                        "%d byte(s) received) unanswered to make room (%d closed this way "
+                        "since the last such line)", source, len(held), MAX_PENDING,
+                        victim.tcp_peer.name, now - victim.since, victim.reader.received,
+                        self._full_closed, extra=_journal(victim.tcp_peer, "dropped"))
             self._next_full_log = now + FULL_LOG_INTERVAL
             self._full_closed = 0

@@ -1,5 +1,12 @@
-"""Listening sockets: created from the configuration (or, later, inherited from systemd)."""
+"""Listening sockets: created from the configuration (or, later, inherited from systemd),
+and the TCP options of the connections they accept.
 
+An inherited listener need not be TCP: systemd's ListenStream=/run/x.sock (or HAProxy's
+`server x unix@...` in front of it) hands over a Unix socket, whose connections refuse TCP
+options with EOPNOTSUPP.  Every TCP-only option goes through `set_tcp_option`.
+"""
+
+import contextlib
 import socket
 
 from dicom_ingestd.config.schema import NetworkConfig
@@ -41,3 +48,25 @@ def describe(sock: socket.socket) -> str:
         host = name[0]
         return f"[{host}]:{name[1]}" if ":" in host else f"{host}:{name[1]}"
     return str(name)
+
+
+def is_tcp(sock: socket.socket) -> bool:
+    """Whether `sock` is a TCP socket (IPv4 or IPv6 stream), whose TCP options apply."""
+    try:
+        return sock.family in (socket.AF_INET, socket.AF_INET6) and \
+            sock.type == socket.SOCK_STREAM
+    except OSError:  # pragma: no cover - a closed socket object
+        return False
+
+
+def set_tcp_option(sock: socket.socket, option: int, value: int) -> bool:
+    """Set the IPPROTO_TCP `option` on `sock` when it is a TCP socket; whether it was set.
+
+    A tuning option never ends a connection: a Unix socket, or a connection the peer
+    already reset, is served without it."""
+    if not is_tcp(sock):
+        return False
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, option, value)
+        return True
+    return False

@@ -283,14 +283,19 @@ def build_context(config: TLSConfig, source: str = "<config>") -> ssl.SSLContext
                            f"{problem}"]) from None
 
 
+def _limit_versions(context: ssl.SSLContext, config: TLSConfig) -> None:
+    """tls.minimum_version, and TLS 1.2 at most for a profile without TLS 1.3 suites."""
+    context.minimum_version = (ssl.TLSVersion.TLSv1_3 if config.minimum_version == "1.3"
+                               else ssl.TLSVersion.TLSv1_2)
+    if not PROFILES[config.profile][1]:
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+
+
 def _build(config: TLSConfig) -> ssl.SSLContext:
     der = config.file_format == "der"
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    suites, tls13 = PROFILES[config.profile]
-    context.minimum_version = (ssl.TLSVersion.TLSv1_3 if config.minimum_version == "1.3"
-                               else ssl.TLSVersion.TLSv1_2)
-    if not tls13:
-        context.maximum_version = ssl.TLSVersion.TLSv1_2
+    suites = PROFILES[config.profile][0]
+    _limit_versions(context, config)
     # Server order decides (BCP 195); a peer closing without close_notify after A-RELEASE-RP
     # is an ordinary end of the connection, not an error.
     context.options |= (ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
@@ -440,11 +445,8 @@ def client_context(config: TLSConfig) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_REQUIRED
-    suites, tls13 = PROFILES[config.profile]
-    context.minimum_version = (ssl.TLSVersion.TLSv1_3 if config.minimum_version == "1.3"
-                               else ssl.TLSVersion.TLSv1_2)
-    if not tls13:
-        context.maximum_version = ssl.TLSVersion.TLSv1_2
+    suites = PROFILES[config.profile][0]
+    _limit_versions(context, config)
     context.set_ciphers(":".join(dict.fromkeys(
         (*suites, *(openssl_cipher(s) for s in config.cipher_suites)))))
     der = config.file_format == "der"

@@ -1,11 +1,16 @@
-"""Workers: one per association, as a forked process (process_model = fork) or a thread
-(process_model = single).  The master sees both the same way: a handle with a file
-descriptor that becomes readable when the worker is done (a pidfd, or an eventfd).
+"""Associations in progress, as the master sees them, and the thread runner.
+
+An association runs in a warm worker process (process_model = fork: pool.py hands it over,
+warm.py serves it) or in a thread of the master (process_model = single: `ThreadRunner`).
+The master sees both the same way: `start(assignment)` returns a `Running` record, and the
+runner calls back when the association is over, with how it ended and, when its worker died
+with it, what happened to the worker.
 """
 
 import contextlib
 import logging
 import os
+import selectors
 import signal
 import socket
 import ssl
@@ -15,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dicom_ingestd import ipc, outbox, telemetry
-from dicom_ingestd.codes import ExitCode
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.events import sync_enabled
 from dicom_ingestd.peer import Peer
@@ -26,10 +30,9 @@ from dicom_ingestd.worker.store import Store
 log = logging.getLogger("dicom_ingestd.master")
 
 
-
 @dataclass(frozen=True, slots=True)
 class Assignment:
-    """Everything one worker needs; nothing else of the master's state reaches it."""
+    """Everything one association needs; nothing else of the master's state reaches it."""
 
     conn: socket.socket
     peer: Peer  # the client; behind a PROXY protocol balancer, the address it carried
@@ -43,7 +46,7 @@ class Assignment:
 
 
 def session_for(assignment: Assignment, channel: ipc.Channel,
-                link: ipc.SyncLink | None = None) -> Session:
+                link: ipc.SyncWait | None = None) -> Session:
     """The association handler.  Each stored object's event record goes to the outbox before
     its response (worker/recorder.py), and a datagram to the master over `channel`; with
     events.exec_sync, over its own `link`, the association waits after each object's response
@@ -52,7 +55,11 @@ def session_for(assignment: Assignment, channel: ipc.Channel,
     writer = None
     if assignment.outbox_fd >= 0:
         writer = outbox.Writer(assignment.outbox_fd, config.storage.fsync)
-    recorder = Recorder(channel, assignment.association, writer, link,
+    # The datagrams only wake the master's outbox consumer (and tell it about storage
+    # commitment requests): without an outbox they would cost the master two wake-ups per
+    # association for nothing.
+    recorder = Recorder(channel if assignment.outbox_fd >= 0 else None,
+                        assignment.association, writer, link,
                         float(config.events.exec_sync_timeout))
     return Session(assignment.conn, assignment.peer, config, assignment.store,
                    recorder=recorder, over_limit=assignment.reject_over_limit,
@@ -62,117 +69,85 @@ def session_for(assignment: Assignment, channel: ipc.Channel,
 
 
 @dataclass(eq=False)
-class Worker:
-    """A running worker as the master sees it."""
+class Running:
+    """An association in progress, as the master sees it."""
 
     peer: Peer
-    started: float
-    fd: int  # readable when the worker has finished
+    association: str
     store: Store  # the output directory it writes to (reload may have replaced ours)
-    pid: int = 0  # 0 for a thread
-    thread: threading.Thread | None = None
+    started: float
     rejecting: bool = False
+    reply: socket.socket | None = None  # master end of its SyncLink (events.exec_sync)
+    peer_key: str = ""  # its normalised address (workers.max_associations_per_peer)
+    pid: int = 0  # the worker process serving it; 0 for a thread
+    pidfd: int = -1
+    thread: str = ""  # the thread's name (process_model = single)
     signalled: set[int] = field(default_factory=set)
-    reply: socket.socket | None = None  # master end of the worker's SyncLink (exec_sync)
-    association: str = ""  # Assignment.association
 
     @property
     def name(self) -> str:
-        return f"worker {self.pid}" if self.pid else f"thread {self.thread and self.thread.name}"
+        return f"worker {self.pid}" if self.pid else f"thread {self.thread}"
 
     def signal(self, signum: int) -> None:
-        """Ask a process worker to stop (threads cannot be signalled; they time out)."""
-        if self.pid and signum not in self.signalled:
+        """Ask its worker process to stop (threads cannot be signalled; they time out)."""
+        if self.pidfd >= 0 and signum not in self.signalled:
             self.signalled.add(signum)
             with contextlib.suppress(OSError):
-                signal.pidfd_send_signal(self.fd, signum)
-
-    def reap(self) -> str | None:
-        """Collect the finished worker; return a description when it did not end cleanly."""
-        if self.thread is not None:
-            self.thread.join()
-            os.close(self.fd)
-            return None
-        _, status = os.waitpid(self.pid, 0)
-        os.close(self.fd)
-        if os.WIFSIGNALED(status):
-            sig = os.WTERMSIG(status)
-            return f"killed by {signal.Signals(sig).name}" + (
-                " (core dumped)" if os.WCOREDUMP(status) else "")
-        code = os.WEXITSTATUS(status)
-        return None if code == ExitCode.OK else f"exited with status {code}"
+                signal.pidfd_send_signal(self.pidfd, signum)
 
 
-class ForkSpawner:
-    """Fork after accept(): the child serves the association and _exits; never returns."""
+# Called when an association is over: (its record, what went wrong with its worker or None,
+# how it ended: Outcome.how, "" when unknown because its worker died).
+OnFinished = Callable[[Running, str | None, str], None]
 
-    def __init__(self, close_in_child: Callable[[], None], channel: ipc.Channel) -> None:
-        self._close_in_child = close_in_child
+
+def describe_exit(status: int) -> str | None:
+    """A wait status as the log says it; None for a clean exit."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        return f"killed by {signal.Signals(sig).name}" + (
+            " (core dumped)" if os.WCOREDUMP(status) else "")
+    code = os.WEXITSTATUS(status)
+    return None if code == 0 else f"exited with status {code}"
+
+
+class ThreadRunner:
+    """process_model = single: each association runs in a thread of this process.
+
+    The thread signals its end on an eventfd watched by the master's selector.
+    """
+
+    def __init__(self, selector: selectors.BaseSelector, channel: ipc.Channel,
+                 on_finished: OnFinished) -> None:
+        self._selector = selector
         self._channel = channel
+        self._on_finished = on_finished
 
-    def spawn(self, assignment: Assignment) -> Worker:
-        link = ipc.SyncLink() if sync_enabled(assignment.config.events) else None
-        try:
-            pid = os.fork()
-        except OSError:
-            if link is not None:
-                link.close()
-            raise
-        if pid == 0:  # child
-            code = ExitCode.SOFTWARE  # a bug in the association code
-            try:
-                self._close_in_child()
-                if link is not None:
-                    link.master_end.close()
-                signal.set_wakeup_fd(-1)
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                # The association must finish when the master reloads or Ctrl-C reaches the
-                # whole process group; the master decides when a worker must stop.
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                signal.signal(signal.SIGHUP, signal.SIG_IGN)
-                session_for(assignment, self._channel, link).run()
-                code = ExitCode.OK
-            except BaseException:
-                with contextlib.suppress(BaseException):
-                    log.exception("worker %d (%s): unexpected error", os.getpid(),
-                                  assignment.peer)
-            finally:
-                for handler in logging.getLogger().handlers:
-                    with contextlib.suppress(BaseException):
-                        handler.flush()
-                os._exit(code)
-        assignment.conn.close()
-        if link is not None:
-            link.worker_end.close()
-        return Worker(assignment.peer, time.monotonic(), os.pidfd_open(pid), assignment.store,
-                      pid=pid,
-                      rejecting=bool(assignment.reject_over_limit),
-                      reply=link.master_end if link is not None else None,
-                      association=assignment.association)
-
-
-class ThreadSpawner:
-    """process_model = single: the association runs in a thread of this process."""
-
-    def __init__(self, channel: ipc.Channel) -> None:
-        self._channel = channel
-
-    def spawn(self, assignment: Assignment) -> Worker:
+    def start(self, assignment: Assignment) -> Running:
         done = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         link = ipc.SyncLink() if sync_enabled(assignment.config.events) else None
+        outcome: list[str] = []
 
         def run() -> None:
             try:
-                session_for(assignment, self._channel, link).run()
+                outcome.append(session_for(assignment, self._channel, link).run().how)
             finally:
                 if link is not None:
                     link.worker_end.close()
                 os.eventfd_write(done, 1)
 
         thread = threading.Thread(target=run, name=f"assoc {assignment.peer.name}", daemon=True)
-        worker = Worker(assignment.peer, time.monotonic(), done, assignment.store, thread=thread,
-                        rejecting=bool(assignment.reject_over_limit),
-                        reply=link.master_end if link is not None else None,
-                        association=assignment.association)
+        running = Running(assignment.peer, assignment.association, assignment.store,
+                          time.monotonic(), rejecting=bool(assignment.reject_over_limit),
+                          reply=link.master_end if link is not None else None,
+                          thread=thread.name)
+
+        def finished(_fd: object) -> None:
+            self._selector.unregister(done)
+            thread.join()
+            os.close(done)
+            self._on_finished(running, None, outcome[0] if outcome else "")
+
+        self._selector.register(done, selectors.EVENT_READ, finished)
         thread.start()
-        return worker
+        return running

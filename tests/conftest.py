@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,6 +122,24 @@ class Daemon:
                 self.proc.wait(5)
         return int(self.proc.returncode)
 
+    def reconfigure(self, table: str, values: dict[str, Any]) -> None:
+        """Replace the [table] of the running daemon's configuration and reload it through
+        the control socket (`dicom-ingestd reload`'s request): back once the master has
+        applied it, so the next association runs with it."""
+        import tomllib
+
+        from dicom_ingestd import control
+
+        settings = tomllib.loads(self.config_path.read_text())
+        settings[table] = values
+        staged = self.config_path.with_suffix(".new")
+        write_config(staged, settings)
+        staged.replace(self.config_path)  # whole: the file watcher may reload it at once
+        answer = control.request(self.out / ".ingestd-tmp" / control.SOCKET_NAME, "reload",
+                                 timeout=30)
+        outcome = answer.get("reload") or {}
+        assert outcome.get("outcome") == "applied", (answer, self.log()[-3000:])
+
     def files(self) -> list[Path]:
         """Every regular file under the output directory, staging area excluded."""
         return sorted(p for p in self.out.rglob("*")
@@ -211,6 +229,55 @@ def echoscu(port: int, extra: list[str] | None = None, check: bool = True,
     return run_tool(["echoscu", *(extra or []), "127.0.0.1", str(port)], check=check, **kw)
 
 
+# --- DCMTK storescp as the reference (differential tests) ------------------------------------
+
+
+def _listening(port: int) -> bool:
+    """True once a socket listens on ``port`` (read from /proc, so storescp sees no probe)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    return True
+    return False
+
+
+@contextlib.contextmanager
+def storescp(options: Sequence[str], outdir: Path) -> Iterator[int]:
+    """Run a real storescp with ``options`` on a free port; always terminated on exit.
+
+    storescp 3.6.7 has no bind-address option, so it listens on every interface for the
+    test's short life; every connection the tests make goes to 127.0.0.1.
+    """
+    require_tool("storescp")
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        for _ in range(3):  # a free port can be taken between probe and bind: retry
+            port = free_port()
+            proc = subprocess.Popen(
+                ["storescp", *options, "-od", str(outdir), "--aetitle", "STORESCP", str(port)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and proc.poll() is None and not _listening(port):
+                time.sleep(0.01)
+            if proc.poll() is None and _listening(port):
+                yield port
+                return
+            proc.kill()
+            proc.wait()
+        pytest.fail(f"storescp {' '.join(options)} did not start")
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 # --- events and jobs (test_events.py, test_jobs.py) --------------------------------------------
 
 RECORDER_SOURCE = '''\
@@ -221,6 +288,12 @@ fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 os.write(fd, (json.dumps(record) + "\\n").encode())
 os.close(fd)
 '''
+
+
+def complete_lines(path: Path) -> list[str]:
+    """The lines of a file other processes append to, without a last one still being
+    written (a reader can see part of an append: only a newline ends a line)."""
+    return path.read_text().split("\n")[:-1]
 
 
 @dataclass
@@ -237,7 +310,7 @@ class Recorder:
         import json
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        return [json.loads(line) for line in complete_lines(self.path) if line]
 
     def wait(self, count: int, timeout: float = 15.0) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout
@@ -333,6 +406,41 @@ def receivers() -> Iterator[list[Any]]:
     yield started
     for receiver in started:
         receiver.stop()
+
+
+# warm.py's process names: a worker waiting for a connection, and one serving an association.
+IDLE_WORKER = "ingestd-idle"
+BUSY_WORKER = "ingestd-assoc"
+
+
+def child_pids(pid: int) -> set[int]:
+    """The pids of pid's children (zombies included until reaped)."""
+    result: set[int] = set()
+    with contextlib.suppress(FileNotFoundError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(FileNotFoundError):
+                text = Path(f"/proc/{pid}/task/{task}/children").read_text()
+                result.update(int(x) for x in text.split())
+    return result
+
+
+def process_name(pid: int) -> str:
+    """/proc/PID/comm, "" once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def workers_of(master: int, name: str) -> set[int]:
+    """The master's worker processes named `name` (IDLE_WORKER or BUSY_WORKER)."""
+    return {pid for pid in child_pids(master) if process_name(pid) == name}
+
+
+def helpers_of(master: int) -> set[int]:
+    """The master's children that are not idle workers: the configuration watcher, job
+    processes and workers serving (or just done with) an association."""
+    return {pid for pid in child_pids(master) if process_name(pid) != IDLE_WORKER}
 
 
 def wait_until(predicate: Any, timeout: float = 15.0, what: str = "condition") -> None:

@@ -177,6 +177,7 @@ class HAProxy:
     checks: Checks = field(default_factory=Checks)
     balance: str = "leastconn"
     proc: subprocess.Popen[bytes] | None = None
+    text: str = ""  # a configuration of the test's own instead of haproxy_config()
 
     @property
     def config_path(self) -> Path:
@@ -192,7 +193,7 @@ class HAProxy:
 
     def start(self, timeout: float = 30.0) -> None:
         binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
-        self.config_path.write_text(haproxy_config(
+        self.config_path.write_text(self.text or haproxy_config(
             self.port, [(i.name, i.port) for i in self.instances], self.stats_socket,
             self.checks, self.balance))
         subprocess.run([binary, "-c", "-q", "-f", str(self.config_path)], check=True,

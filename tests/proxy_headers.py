@@ -48,14 +48,15 @@ def tlv(kind: int, value: bytes) -> bytes:
 
 class Relay:
     """A minimal PROXY protocol proxy on loopback, for tests: each connection to `port` is
-    relayed to `target` from `source` (an address of 127/8), after the header
-    `header(client_address)` returns; then bytes are copied both ways."""
+    relayed to `target` from `source` (an address of 127/8), or to the Unix socket `unix`,
+    after the header `header(client_address)` returns; then bytes are copied both ways."""
 
     def __init__(self, target: int, header: Callable[[tuple[str, int]], bytes],
-                 source: str = "127.0.0.1") -> None:
+                 source: str = "127.0.0.1", unix: str = "") -> None:
         self.target = target
         self.header = header
         self.source = source
+        self.unix = unix
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self._threads: list[threading.Thread] = []
@@ -69,8 +70,13 @@ class Relay:
             except OSError:
                 return
             try:
-                upstream = socket.create_connection(("127.0.0.1", self.target), timeout=10,
-                                                    source_address=(self.source, 0))
+                if self.unix:
+                    upstream = socket.socket(socket.AF_UNIX)
+                    upstream.connect(self.unix)
+                else:
+                    upstream = socket.create_connection(("127.0.0.1", self.target),
+                                                        timeout=10,
+                                                        source_address=(self.source, 0))
                 upstream.settimeout(None)
                 upstream.sendall(self.header(address))
             except OSError:

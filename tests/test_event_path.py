@@ -9,7 +9,9 @@ or remounted read-only, garbage written into the job database.
 
 import json
 import os
+import selectors
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -22,6 +24,7 @@ from conftest import (
     REPO,
     Daemon,
     Recorder,
+    complete_lines,
     echoscu,
     make_study,
     mounted_ext4,
@@ -79,7 +82,7 @@ class Ledger:
     def runs(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        return [json.loads(line) for line in complete_lines(self.path) if line]
 
 
 def settings(tmp_path: Path, recorder: Recorder | None = None, ledger: Ledger | None = None,
@@ -215,7 +218,11 @@ def test_a_paused_master_loses_no_job(tmp_path: Path, daemon_factory: Any,
     work = parallel_studies(tmp_path, 3, 2, 15)
     ledgers = [tmp_path / f"ack{n}" for n in range(3)]
     senders = [send(daemon.port, ledgers[n], work[n], per_association=5) for n in range(3)]
-    wait_until(lambda: sum(len(acknowledged(p)) for p in ledgers) >= 5, 30, "a few stores")
+    # Paused while an association is at its first or second object of five, so that it has
+    # objects left to store without the master (new associations wait for it).
+    wait_until(lambda: sum(len(acknowledged(p)) for p in ledgers) >= 5
+               and any(len(acknowledged(p)) % 5 in (1, 2) for p in ledgers), 30,
+               "a few stores, one association under way")
     daemon.proc.send_signal(signal.SIGSTOP)
     try:
         during = sum(len(acknowledged(p)) for p in ledgers)
@@ -356,7 +363,7 @@ def test_a_full_state_file_system_refuses_stores_and_recovers(
         send(daemon.port, tmp_path / "ack1", during).wait(60)
         answers = statuses(tmp_path / "ack1")
         assert set(answers.values()) <= {"0000", "a700"} and "a700" in answers.values()
-        assert "cannot record the object for [events] in the state directory's outbox: " \
+        assert "cannot record the object in the state directory's outbox: " \
                "No space left on device" in daemon.log()
         refused = [uid for uid, status in answers.items() if status == "a700"]
         assert all(no_object_named(daemon, uid) for uid in refused)
@@ -681,3 +688,86 @@ def test_an_idle_master_sleeps(tmp_path: Path, daemon_factory: Any, recorder: Re
     time.sleep(3)
     used = master_cpu(daemon.proc.pid) - before
     assert used < 0.3, f"an idle master used {used:.2f} CPU-seconds in 3 s"
+
+
+# --- the master's consumer in process: a write refused inside its transaction ---------------
+
+
+def _consumer(tmp_path: Path) -> Any:
+    """The master's EventService on a state directory of its own (jobs are queued, never
+    run: nothing ticks its runner)."""
+    from dicom_ingestd.config.load import config_from_mapping
+    from dicom_ingestd.jobs.service import EventService
+
+    out = tmp_path / "out"
+    out.mkdir()
+    config = config_from_mapping({
+        "storage": {"output_directory": str(out), "fsync": False},
+        "events": {"exec_on_reception": ["/bin/true", "#f"], "exec_on_eostudy": ["/bin/true"],
+                   "eostudy_timeout": 0},
+        "jobs": {"state_directory": str(tmp_path / "state")}})
+    service = EventService(config, selectors.DefaultSelector())
+    service.open()
+    return service
+
+
+def _append_records(service: Any, out: Path, studies: dict[str, int]) -> list[str]:
+    """Files and their outbox records, as a worker writes them: `studies` {UID: count}, in
+    order, one association; returns the paths."""
+    from dicom_ingestd import outbox
+
+    writer = outbox.Writer(service.segments.fd, fsync=False)
+    paths = []
+    try:
+        for study, count in studies.items():
+            for index in range(count):
+                path = out / f"CT.{study}.{index}"
+                path.write_bytes(b"object")
+                stored = outbox.StoredObject(
+                    str(path), "1.2.840.10008.5.1.4.1.1.2", f"{study}.{index}", study,
+                    f"{study}.9", "PID", "Doe^J", "SCU", "SCP", "127.0.0.1:4000", 6)
+                writer.append(outbox.ObjectRecord.of(stored, f"a1-{len(paths) + 1}", "a1",
+                                                     time.time()))
+                paths.append(str(path))
+    finally:
+        writer.close()
+    return paths
+
+
+@pytest.mark.parametrize("refused", ["outbox", "jobs", "batch_files", "batches"])
+def test_a_write_refused_in_the_consumers_transaction_leaves_nothing_half_done(
+        tmp_path: Path, refused: str) -> None:
+    """The records of one read, their batches, their jobs and the new outbox offset are one
+    transaction.  When the database refuses one of these writes (SQLite's own refusal, by
+    its authorizer, at the write), none of the others is kept and the records are read
+    again: each record is then acted on exactly once -- one reception job per object, one
+    end-of-study job for the study the next one completed, each object once in its batch."""
+    service = _consumer(tmp_path)
+    try:
+        paths = _append_records(service, tmp_path / "out", {"1.2.3.1": 4, "1.2.3.2": 1})
+        db = service.queue._db
+
+        def refuse(action: int, table: str | None, *_: Any) -> int:
+            writes = (sqlite3.SQLITE_INSERT, sqlite3.SQLITE_UPDATE, sqlite3.SQLITE_DELETE)
+            return sqlite3.SQLITE_DENY if action in writes and table == refused \
+                else sqlite3.SQLITE_OK
+
+        db.set_authorizer(refuse)
+        service.consume()
+        db.set_authorizer(None)
+        assert service.queue.counts() == {}
+        assert service.queue.offsets() == {}
+        assert service.queue.open_batches() == []
+        service.consume()
+        jobs = service.queue.select()
+        reception = sorted(job.env["DICOM_FILE"] for job in jobs if job.kind == "reception")
+        assert reception == sorted(paths)
+        assert [(job.kind, job.study_uid) for job in jobs if job.kind != "reception"] == \
+            [("eostudy", "1.2.3.1")]
+        closed = next(job.batch_id for job in jobs if job.kind == "eostudy")
+        assert [f["path"] for f in service.queue.batch_files(closed)] == paths[:4]
+        assert [b.study_uid for b in service.queue.open_batches()] == ["1.2.3.2"]
+        [(segment, offset)] = service.queue.offsets().items()
+        assert offset == service.segments.size(segment)
+    finally:
+        service.shutdown()

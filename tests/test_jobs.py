@@ -291,3 +291,19 @@ def test_the_queue_syncs_its_commits_when_storage_fsync_is_on(tmp_path: Path, du
         assert queue._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         queue.close()
+
+
+def test_at_most_concurrency_jobs_run_at_once(tmp_path: Path, daemon_factory: Any) -> None:
+    """jobs.concurrency: each job notes how many jobs are running as it starts (a file per
+    running job); with 6 objects and concurrency 2 none ever sees more than 2."""
+    running, seen = tmp_path / "running", tmp_path / "seen"
+    running.mkdir()
+    script = (f'touch {running}/$$; ls {running} | wc -l >> {seen}; sleep 0.5; '
+              f'rm {running}/$$')
+    daemon = daemon_factory(jobs_settings(tmp_path, ["/bin/sh", "-c", script], concurrency=2))
+    storescu(daemon.port, *make_study(tmp_path / "a", 6))
+    wait_until(lambda: seen.exists() and len(seen.read_text().split()) == 6, 30,
+               "six jobs run")
+    wait_until(lambda: not list(running.iterdir()), 10, "the last job's end")
+    counts = [int(n) for n in seen.read_text().split()]
+    assert max(counts) <= 2, counts

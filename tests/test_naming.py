@@ -6,8 +6,6 @@ Timestamps are read back from storescp's names and fed to our functions, so the 
 byte for byte, not just a pattern match.
 """
 
-import ctypes
-import ctypes.util
 import os
 import random
 import re
@@ -19,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import dcmtk_facts
 import pydicom
 import pytest
 from conftest import free_port
@@ -26,6 +25,8 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from dicom_ingestd.codes import Status
+from dicom_ingestd.config.schema import StorageConfig
+from dicom_ingestd.errors import StorageError
 from dicom_ingestd.worker.naming import (
     ANONYMOUS,
     MODALITIES,
@@ -35,7 +36,6 @@ from dicom_ingestd.worker.naming import (
     SortMode,
     TimeNameSequence,
     default_filename,
-    ensure_under,
     modality_prefix,
     patient_name_component,
     rename_filename,
@@ -45,6 +45,7 @@ from dicom_ingestd.worker.naming import (
     time_filename,
     unique_filename,
 )
+from dicom_ingestd.worker.store import STAGING_DIR, Store
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -109,27 +110,11 @@ def test_modality_codes_are_short_safe_and_rename_well() -> None:
         assert_safe(code)
 
 
-def _libdcmdata() -> ctypes.CDLL:
-    name = ctypes.util.find_library("dcmdata") or "libdcmdata.so.17"
-    try:
-        return ctypes.CDLL(name)
-    except OSError:
-        pytest.skip("DCMTK's shared libdcmdata is not loadable (static build?)")
-
-
 def test_modality_table_matches_installed_libdcmdata() -> None:
-    """Call DCMTK's own dcmSOPClassUIDToModality (C++ symbol, plain pointer ABI) on every UID."""
-    lib = _libdcmdata()
-    lookup = lib._Z24dcmSOPClassUIDToModalityPKcS0_
-    lookup.restype = ctypes.c_char_p
-    lookup.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
-    count = ctypes.c_int.in_dll(lib, "numberOfDcmAllStorageSOPClassUIDs").value
-    storage = (ctypes.c_char_p * count).in_dll(lib, "dcmAllStorageSOPClassUIDs")
-    uids = {u.decode() for u in storage if u} | set(MODALITIES) | {"1.2.3", "", CT + ".9"}
-    assert count > 150
+    """Call DCMTK's own dcmSOPClassUIDToModality on every UID it lists or we map."""
+    uids = set(dcmtk_facts.storage_sop_classes()) | set(MODALITIES) | {"1.2.3", "", CT + ".9"}
     for uid in sorted(uids):
-        theirs = lookup(uid.encode(), b"UNKNOWN").decode()
-        assert modality_prefix(uid) == theirs, uid
+        assert modality_prefix(uid) == dcmtk_facts.modality_of(uid), uid
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,12 +163,12 @@ HOSTILE: list[str] = [
 ]
 
 
-@pytest.mark.parametrize("value", HOSTILE, ids=lambda v: repr(v[:24]))
 @pytest.mark.parametrize("max_len", [34, 64, 200, NAME_MAX])
-def test_safe_component_invariants(value: str, max_len: int) -> None:
-    out = safe_component(value, max_len=max_len)
-    assert_safe(out, max_len)
-    assert safe_component(value, max_len=max_len) == out  # deterministic
+def test_safe_component_invariants(max_len: int) -> None:
+    for value in HOSTILE:
+        out = safe_component(value, max_len=max_len)
+        assert_safe(out, max_len)
+        assert safe_component(value, max_len=max_len) == out, value  # deterministic
 
 
 @pytest.mark.parametrize(
@@ -470,45 +455,68 @@ BUILDERS: dict[str, Callable[[str], str]] = {
 }
 
 
-@pytest.mark.parametrize("value", HOSTILE, ids=lambda v: repr(v[:24]))
+DIRECTORY_BUILDERS = {"conc", "study", "patient"}  # the others name files
+
+
+def _place(store: Store, directories: list[str], name: str) -> str:
+    """Place a new file as the daemon does (Store.commit: relative to directory descriptors,
+    link or rename, never through a symlink); return where it went."""
+    temp = store.temp_file()
+    temp.write(b"object")
+    temp.finish(False)
+    return store.commit(temp, directories, [name], replace=True, when_taken="error").path
+
+
 @pytest.mark.parametrize("builder", sorted(BUILDERS))
-def test_builders_return_one_safe_component(builder: str, value: str, tmp_path: Path) -> None:
-    name = BUILDERS[builder](value)
-    assert_safe(name)
-    assert ensure_under(tmp_path, name).parent == tmp_path.resolve()
-
-
-# ---------------------------------------------------------------------------------------------
-# ensure_under
-# ---------------------------------------------------------------------------------------------
-
-
-def test_ensure_under_accepts_paths_below_root(tmp_path: Path) -> None:
-    assert ensure_under(tmp_path, "a") == tmp_path.resolve() / "a"
-    assert ensure_under(tmp_path, "a/b.dcm") == tmp_path.resolve() / "a" / "b.dcm"
-    assert ensure_under(tmp_path, "a/../b") == tmp_path.resolve() / "b"
-
-
-@pytest.mark.parametrize(
-    "relative", ["", ".", "..", "../x", "a/../..", "a/../../x", "/etc/passwd", "x\0y", "a/.."]
-)
-def test_ensure_under_rejects_escapes(tmp_path: Path, relative: str) -> None:
-    root = tmp_path / "root"
+def test_builders_name_one_safe_component_the_store_places(builder: str,
+                                                           tmp_path: Path) -> None:
+    """Every builder, fed every hostile value, yields one safe component, and the daemon's
+    placement puts a file there: directly in the output directory (a file name) or in one
+    directory of it (a study directory), nothing anywhere else."""
+    root = tmp_path / "out"
     root.mkdir()
-    with pytest.raises(ValueError):
-        ensure_under(root, relative)
+    store = Store(StorageConfig(output_directory=str(root), fsync=False))
+    store.open()
+    placed = set()
+    try:
+        for value in HOSTILE:
+            name = BUILDERS[builder](value)
+            assert_safe(name)
+            if builder in DIRECTORY_BUILDERS:
+                path = _place(store, [name], "CT.1.2")
+                assert path == os.path.join(root, name, "CT.1.2"), (value, path)
+            else:
+                path = _place(store, [], name)
+                assert path == os.path.join(root, name), (value, path)
+            placed.add(path)
+    finally:
+        store.close()
+    found = {str(p) for p in root.rglob("*") if p.is_file() and STAGING_DIR not in p.parts}
+    assert found == placed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_ensure_under_follows_symlinks(tmp_path: Path) -> None:
-    root, outside = tmp_path / "root", tmp_path / "outside"
+@pytest.mark.parametrize(("directories", "name"), [
+    ([], ".."), ([], "."), ([], ""), ([], "a/b"), ([], "x\0y"), (["..", "x"], "CT.1"),
+    (["."], "CT.1"), (["a/../.."], "CT.1"), ([""], "CT.1"), (["/etc"], "CT.1"),
+])
+def test_the_store_refuses_unsafe_components(tmp_path: Path, directories: list[str],
+                                             name: str) -> None:
+    """The daemon's last guard, behind the builders: a component that is not one plain name
+    is refused (0x0110) before anything is created, and the object is discarded."""
+    root = tmp_path / "out"
     root.mkdir()
-    outside.mkdir()
-    (root / "evil").symlink_to(outside)
-    with pytest.raises(ValueError, match="escapes"):
-        ensure_under(root, "evil/x.dcm")
-    alias = tmp_path / "alias"
-    alias.symlink_to(root)
-    assert ensure_under(alias, "ok") == root.resolve() / "ok"
+    store = Store(StorageConfig(output_directory=str(root), fsync=False))
+    store.open()
+    try:
+        with pytest.raises(StorageError, match="refusing unsafe path component") as refused:
+            _place(store, directories, name)
+    finally:
+        store.close()
+    assert refused.value.status == Status.PROCESSING_FAILURE
+    assert sorted(p.name for p in root.iterdir()) == [STAGING_DIR]
+    assert list((root / STAGING_DIR).iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon, echoscu, require_tool, storescu, write_config
+from conftest import (
+    BUSY_WORKER,
+    IDLE_WORKER,
+    Daemon,
+    echoscu,
+    helpers_of,
+    process_name,
+    require_tool,
+    storescu,
+    workers_of,
+    write_config,
+)
 from conftest import testdata as data_file
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -250,8 +261,10 @@ def test_fork_parallel_senders_are_served_by_separate_workers(
     pids = {int(pid) for pid, _, _ in stored}
     assert len(pids) >= 2, pids
     assert daemon.proc.pid not in pids
-    # Every worker that stored something was the master's child, and is gone now.
-    assert all(not alive(pid) for pid in pids)
+    # Every worker that stored something was the master's child, and now waits for the next
+    # association (reused: each ended cleanly) or is gone.
+    wait_until(lambda: not workers_of(daemon.proc.pid, BUSY_WORKER), 5, "workers done")
+    assert all(not alive(pid) or process_name(pid) == IDLE_WORKER for pid in pids)
     assert daemon.staging() == []
 
 
@@ -270,6 +283,7 @@ def test_single_process_parallel_senders_are_served_in_the_master(
     assert {int(pid) for pid, _, _ in stored} == {daemon.proc.pid}
     # No association process was forked (the only child is the config watcher).
     assert len(children(daemon.proc.pid)) <= 1
+    assert not workers_of(daemon.proc.pid, IDLE_WORKER)
 
 
 # -- association limits ----------------------------------------------------------------------
@@ -289,10 +303,11 @@ def test_max_associations_rejects_transient_local_limit(daemon_factory: Factory)
         store_ok(second, ct_dataset())
         first.release()
         second.release()
-    # Once the master has reaped both workers (only the watcher remains), there is room again.
+    # Once both workers are done (only the watcher and idle workers remain), there is room
+    # again.
     wait_until(lambda: len(log_lines(daemon, "association released")) == 2, 5,
                "both held associations released")
-    wait_until(lambda: len(children(daemon.proc.pid)) <= 1, 5, "held workers reaped")
+    wait_until(lambda: len(helpers_of(daemon.proc.pid)) <= 1, 5, "held workers done")
     again = associate(daemon.port)
     with held(again):
         assert again.is_established, "rejected after the held associations were released"

@@ -8,7 +8,9 @@ itself in test_scale_out.py.
 """
 
 import ipaddress
+import logging
 import random
+import selectors
 import socket
 import struct
 import subprocess
@@ -21,9 +23,17 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 from proxy_headers import SIGNATURE, tlv, v1, v1_unknown, v2, v2_local, v2_raw
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
+)
+from pynetdicom.presentation import build_context
 
 from dicom_ingestd import healthcheck, proxy
-from dicom_ingestd.access import AccessPolicy
+from dicom_ingestd.access import AccessPolicy, parse_network, parse_networks
 from dicom_ingestd.config.load import load_config
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.errors import ConfigError
@@ -39,7 +49,16 @@ from dicom_ingestd.proxy import (
     VersionNotAccepted,
     parse,
 )
-from dicom_ingestd.proxy_reader import Dropped, HeaderReader, ProxyPolicy, peer_of, read_peer
+from dicom_ingestd.proxy_reader import (
+    MAX_PENDING,
+    Dropped,
+    HeaderReader,
+    PendingHeaders,
+    ProxyPolicy,
+    peer_of,
+    read_peer,
+)
+from dicom_ingestd.worker import acceptor
 
 ANY = proxy.VERSIONS["any"]
 V1 = proxy.VERSIONS["v1"]
@@ -374,6 +393,64 @@ def test_proxy_off_reads_nothing(pair: tuple[socket.socket, socket.socket]) -> N
     assert read_peer(conn, tcp_peer, ProxyPolicy.from_config(Config().network)) is tcp_peer
 
 
+# -- the master's stage: read first, and a fair share of MAX_PENDING -----------------------------
+def test_pending_stage_reads_first_and_makes_room_fairly(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """One source holding every slot costs the others nothing: a connection whose header
+    is in never waits (so never meets the cap), and one that must wait pushes out the
+    oldest connection of the source holding the most; the line names that source."""
+    selector = selectors.DefaultSelector()
+    admitted: list[tuple[socket.socket, Peer]] = []
+    dropped: list[str] = []
+    stage = PendingHeaders(selector, lambda conn, peer: admitted.append((conn, peer)),
+                           dropped.append)
+    policy = ProxyPolicy(V2, (ipaddress.ip_network("127.0.0.0/8"),), 30.0, "v2")
+    ends: list[socket.socket] = []
+
+    def connect(source: str, sent: bytes = b"") -> tuple[socket.socket, socket.socket]:
+        proxy_end, daemon_end = socket.socketpair()
+        ends.extend((proxy_end, daemon_end))
+        proxy_end.sendall(sent)
+        stage.take(daemon_end, Peer(source, 40000 + len(ends)), policy)
+        return proxy_end, daemon_end
+
+    def closed(proxy_end: socket.socket) -> bool:
+        proxy_end.setblocking(False)
+        try:
+            return proxy_end.recv(1) == b""
+        except BlockingIOError:
+            return False
+
+    try:
+        hogs = [connect("127.0.0.3")[0] for _ in range(MAX_PENDING)]
+        assert len(stage) == MAX_PENDING and not dropped
+        header = v2("192.0.2.7", "10.0.0.100", 5555, 104)
+        _, complete = connect("127.0.0.2", header + A_ASSOCIATE_RQ_START)
+        assert admitted[0][0] is complete and admitted[0][1].name == "192.0.2.7:5555"
+        assert len(stage) == MAX_PENDING and not dropped  # nobody paid for it
+
+        caplog.set_level(logging.WARNING, "dicom_ingestd.proxy")
+        slow, _ = connect("127.0.0.2", header[:10])  # must wait: room is made
+        assert dropped == ["dropped"] and closed(hogs[0])
+        assert not any(closed(hog) for hog in hogs[1:])
+        assert "proxy 127.0.0.3 holds 128 of the 128 connections waiting for their PROXY " \
+               "protocol header, the most: closing its oldest (127.0.0.3:" in caplog.text
+        for index in range(1, 6):  # the heaviest source only ever pushes out its own
+            connect("127.0.0.3")
+            assert closed(hogs[index]) and len(stage) == MAX_PENDING
+        assert caplog.text.count("closing its oldest") == 1  # one line per interval
+        slow.sendall(header[10:])
+        for key, _ in selector.select(1):
+            key.data(key.fileobj)
+        assert [peer.name for _, peer in admitted] == ["192.0.2.7:5555", "192.0.2.7:5555"]
+        assert len(stage) == MAX_PENDING - 1 and len(dropped) == 6
+    finally:
+        stage.close()
+        for end in ends:
+            end.close()
+        selector.close()
+
+
 # -- the peer a header makes -------------------------------------------------------------------
 def test_carried_peer_local_and_unknown() -> None:
     proxy_peer = Peer("10.0.0.5", 41000)
@@ -384,23 +461,27 @@ def test_carried_peer_local_and_unknown() -> None:
     assert str(carried) == "192.0.2.7:5555 via 10.0.0.5:41000"
     assert carried.fields() == {"DICOM_PEER": "192.0.2.7", "DICOM_PEER_PORT": "5555",
                                 "DICOM_PROXY": "10.0.0.5:41000"}
-    assert not carried.health_check
+    assert not carried.verification_only
 
     six = peer_of(proxy_peer, parse(v1("2001:db8::7", "2001:db8::1", 5555, 104), V1)
                   or pytest.fail())
     assert six.name == "[2001:db8::7]:5555" and six.fields()["DICOM_PEER"] == "2001:db8::7"
 
-    local = peer_of(proxy_peer, parse(v2_local(), V2) or pytest.fail())
-    assert local.health_check and local.name == "10.0.0.5:41000"
-    assert str(local) == "10.0.0.5:41000 (proxy health check)"
+    # LOCAL: the proxy's own connection, whose peer is the proxy (keyed by its address),
+    # whatever address block the header carries.
+    for header in (v2_local(), v2_local(v2("192.0.2.7", "10.0.0.100", 1, 104)[16:], 0x11)):
+        local = peer_of(proxy_peer, parse(header, V2) or pytest.fail())
+        assert local.verification_only and local.via is Via.PROXY_LOCAL
+        assert local.name == "10.0.0.5:41000" and local.key == "10.0.0.5"
+        assert str(local) == "10.0.0.5:41000 (proxy's own connection, LOCAL)"
 
     unknown = peer_of(proxy_peer, parse(v1_unknown(), V1) or pytest.fail())
-    assert not unknown.health_check and unknown.key == "10.0.0.5"  # the proxy stands in
+    assert not unknown.verification_only and unknown.key == "10.0.0.5"  # the proxy stands in
     assert unknown.via is Via.PROXY_UNKNOWN
     assert str(unknown) == "10.0.0.5:41000 (proxy, client address unknown)"
 
 
-def test_access_control_sees_the_carried_address_and_spares_health_checks() -> None:
+def test_access_control_sees_the_carried_address_and_spares_local_connections() -> None:
     policy = AccessPolicy(["192.0.2.0/24"], ["192.0.2.99"])
     proxy_peer = Peer("10.0.0.5", 41000)
     assert policy.check_peer(proxy_peer) == "10.0.0.5 is not in access.allow"
@@ -408,8 +489,122 @@ def test_access_control_sees_the_carried_address_and_spares_health_checks() -> N
     assert policy.check_peer(proxy_peer.relayed((ip("192.0.2.99"), 1))) == \
         "192.0.2.99 matches access.deny 192.0.2.99/32"
     assert policy.check_peer(proxy_peer.relayed((ip("::ffff:192.0.2.99"), 1))) is not None
+    # LOCAL may only verify (Peer.verification_only): admitted by trusted_proxies alone.
     assert policy.check_peer(proxy_peer.relayed(None, local=True)) is None
+    # UNKNOWN (and v2 unspecified): the proxy's address is the peer's, and it is checked.
     assert policy.check_peer(proxy_peer.relayed(None)) == "10.0.0.5 is not in access.allow"
+    for header, versions in ((v1_unknown(), V1), (v2_raw(0x21, 0x00, b""), V2),
+                             (v2_raw(0x21, 0x31, bytes(216)), V2)):
+        unknown = peer_of(proxy_peer, parse(header, versions) or pytest.fail())
+        assert unknown.via is Via.PROXY_UNKNOWN and unknown.key == "10.0.0.5"
+        assert policy.check_peer(unknown) == "10.0.0.5 is not in access.allow"
+        assert AccessPolicy(["10.0.0.5"], []).check_peer(unknown) is None
+
+
+@pytest.mark.parametrize(("entry", "network"), [
+    ("::ffff:192.0.2.99", "192.0.2.99/32"), ("::FFFF:c000:263", "192.0.2.99/32"),
+    ("::ffff:192.0.2.0/120", "192.0.2.0/24"), ("::ffff:0.0.0.0/96", "0.0.0.0/0"),
+    (" 192.0.2.0/24 ", "192.0.2.0/24"), ("2001:db8::/32", "2001:db8::/32"),
+    ("::ffff:0:0/95", "::fffe:0:0/95")])
+def test_ipv4_mapped_networks_are_ipv4(entry: str, network: str) -> None:
+    """Peers are compared as IPv4 (a dual-stack socket's ::ffff:a.b.c.d included): an entry
+    written in the mapped form is the IPv4 network, or it would never match."""
+    assert str(parse_network(entry)) == network
+
+
+def test_ipv4_mapped_entries_match_in_access_control_and_trusted_proxies() -> None:
+    policy = AccessPolicy(["::ffff:192.0.2.0/120"], ["::ffff:192.0.2.99"])
+    assert policy.check("192.0.2.7") is None
+    assert policy.check("::ffff:192.0.2.7") is None
+    assert policy.check("192.0.2.99") == "192.0.2.99 matches access.deny 192.0.2.99/32"
+    assert policy.check("198.51.100.1") == "198.51.100.1 is not in access.allow"
+    trusted = ProxyPolicy(V2, tuple(parse_networks(["::ffff:127.0.0.2"])), 1.0, "v2")
+    for address in (("127.0.0.2", 1), ("::ffff:127.0.0.2", 1, 0, 0)):
+        trusted.check_trusted(Peer.from_address(address))
+    with pytest.raises(Dropped, match=r"not one of network\.trusted_proxies"):
+        trusted.check_trusted(Peer.from_address(("127.0.0.3", 1)))
+
+
+def test_a_trusted_network_of_every_address_is_warned_about(tmp_path: Path) -> None:
+    path = tmp_path / "ingestd.toml"
+    path.write_text('[network]\nproxy_protocol = "v2"\n'
+                    'trusted_proxies = ["10.0.0.5", "0.0.0.0/0", "::/0", "::ffff:0:0/96"]\n')
+    warnings = ProxyPolicy.from_config(load_config(path).network).warnings()
+    assert [w.split(" trusts")[0] for w in warnings] == [
+        "network.trusted_proxies: 0.0.0.0/0", "network.trusted_proxies: ::/0",
+        "network.trusted_proxies: 0.0.0.0/0"]
+    assert "any host that reaches the port may send a PROXY protocol header" in warnings[0]
+    result = cli("check-config", "-c", str(path))
+    assert result.returncode == 0 and result.stdout == f"{path}: OK\n"
+    assert result.stderr.splitlines() == [f"{path}: warning: {w}" for w in warnings]
+    path.write_text('[network]\nproxy_protocol = "off"\ntrusted_proxies = ["0.0.0.0/0"]\n')
+    assert ProxyPolicy.from_config(load_config(path).network).warnings() == []
+    path.write_text('[network]\nproxy_protocol = "v1"\ntrusted_proxies = ["10.0.0.0/8"]\n')
+    assert cli("check-config", "-c", str(path)).stderr == ""
+
+
+# -- what a LOCAL connection may negotiate -----------------------------------------------------
+def associate_rq(*contexts: tuple[int, str, str]) -> bytes:
+    """An A-ASSOCIATE-RQ proposing (context ID, abstract syntax, transfer syntax)s, with an
+    SCP/SCU role selection item for each SOP class."""
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = "SENDER"
+    primitive.called_ae_title = "STORESCP"
+    proposed = []
+    for context_id, abstract_syntax, transfer_syntax in contexts:
+        context = build_context(abstract_syntax, [transfer_syntax])
+        context.context_id = context_id
+        proposed.append(context)
+    primitive.presentation_context_definition_list = proposed
+    length = MaximumLengthNotification()
+    length.maximum_length_received = 16384
+    implementation = ImplementationClassUIDNotification()
+    implementation.implementation_class_uid = "1.2.3.4"
+    roles = []
+    for _, abstract_syntax, _ in contexts:
+        role = SCP_SCU_RoleSelectionNegotiation()
+        role.sop_class_uid = abstract_syntax
+        role.scu_role, role.scp_role = True, True
+        roles.append(role)
+    primitive.user_information = [length, implementation, *roles]
+    rq = A_ASSOCIATE_RQ()
+    rq.from_primitive(primitive)
+    return bytes(rq.encode())
+
+
+@pytest.mark.parametrize("negotiation", [
+    "", '[negotiation]\nprofile = "P"\n[negotiation.transfer_syntaxes]\n'
+        'Explicit = ["ExplicitVRLittleEndian"]\n[negotiation.profiles.P.contexts]\n'
+        'Verification = "Explicit"\nCTImageStorage = "Explicit"\n'
+        '[negotiation.profiles.P.roles]\nCTImageStorage = "both"\n'],
+    ids=["preference", "profile"])
+def test_a_local_connection_negotiates_verification_alone(tmp_path: Path,
+                                                          negotiation: str) -> None:
+    """Whatever the configuration accepts, a LOCAL connection (verification_only) gets
+    Verification, and every other context "user rejection" (1), with no role reply."""
+    path = tmp_path / "ingestd.toml"
+    path.write_text(negotiation or '[storage_commitment]\nenabled = true\n')
+    config = load_config(path)
+    explicit = "1.2.840.10008.1.2.1"
+    pdu = associate_rq((1, "1.2.840.10008.5.1.4.1.1.2", explicit),
+                       (3, "1.2.840.10008.1.1", explicit),
+                       (5, "1.2.840.10008.1.20.1", explicit))
+    request, primitive, _ = acceptor.decode_request(pdu)
+    everyone = acceptor.accept(request, primitive, config)
+    assert 1 in everyone.contexts and 3 in everyone.contexts  # what a sender gets
+    local = acceptor.accept(request, primitive, config, verification_only=True)
+    assert [(cx.context_id, cx.abstract_syntax) for cx in local.contexts.values()] == \
+        [(3, "1.2.840.10008.1.1")]
+    assert sorted((cx.context_id, cx.result) for cx in local.rejected) == [(1, 1), (5, 1)]
+    answer = A_ASSOCIATE_AC()
+    answer.decode(local.pdu)
+    results = {cx.context_id: cx.result for cx in answer.to_primitive()
+               .presentation_context_definition_results_list}
+    assert results[1] == 1 and results[3] == 0
+    roles = [item for item in answer.to_primitive().user_information
+             if isinstance(item, SCP_SCU_RoleSelectionNegotiation)]
+    assert all(str(role.sop_class_uid) == "1.2.840.10008.1.1" for role in roles), roles
 
 
 # -- configuration -----------------------------------------------------------------------------
@@ -473,6 +668,56 @@ def test_config_haproxy_check_prints_the_rules_for_the_configuration(tmp_path: P
     assert "'OTHER' is not in association.allowed_calling_aetitles" in refused.stderr
     too_long = cli("config", "haproxy-check", "-c", str(path), "--calling-ae", "X" * 17)
     assert too_long.returncode == 64 and "1 to 16 printable ASCII" in too_long.stderr
+
+
+EXPLICIT_ONLY = ('[negotiation]\nprofile = "P"\n[negotiation.transfer_syntaxes]\n'
+                 'Explicit = ["ExplicitVRLittleEndian"]\n[negotiation.profiles.P.contexts]\n'
+                 '{verification}CTImageStorage = "Explicit"\n')
+
+
+def test_config_haproxy_check_proposes_what_the_negotiation_accepts(tmp_path: Path) -> None:
+    """Under a profile that accepts Verification with Explicit VR Little Endian only, a
+    check proposing Implicit VR Little Endian could never pass: the check proposes what the
+    configuration accepts (test_proxy_daemon.py runs the printed check), or, when it accepts
+    Verification with nothing, exits 78 and prints nothing."""
+    path = tmp_path / "ingestd.toml"
+    path.write_text(EXPLICIT_ONLY.format(verification='Verification = "Explicit"\n'))
+    result = cli("config", "haproxy-check", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    explicit = b"1.2.840.10008.1.2.1"
+    assert result.stdout == (
+        "# Verification with Explicit VR Little Endian, which this configuration accepts "
+        "(Implicit VR Little Endian it does not): run this again after changing "
+        "[negotiation]\n" + healthcheck.haproxy_rules("STORESCP", "HEALTHCHECK", explicit))
+    assert healthcheck.accepted(explicit) != healthcheck.ACCEPTED
+
+    path.write_text(EXPLICIT_ONLY.format(verification=""))
+    refused = cli("config", "haproxy-check", "-c", str(path))
+    assert refused.returncode == 78 and refused.stdout == ""
+    assert refused.stderr == (
+        f"dicom-ingestd: {path}: Verification (1.2.840.10008.1.1) is accepted with none of "
+        "Implicit VR Little Endian, Explicit VR Little Endian, Explicit VR Big Endian "
+        "(negotiation.profile = 'P'): a check could never pass; accept Verification in the "
+        "negotiation\n")
+
+    path.write_text("[association]\nrefuse = true\n")
+    refused = cli("config", "haproxy-check", "-c", str(path))
+    assert refused.returncode == 78 and refused.stdout == ""
+    assert "would be rejected (refusing every association (association.refuse))" in \
+        refused.stderr
+
+
+def test_config_haproxy_check_says_check_ssl_with_tls(tmp_path: Path) -> None:
+    path = tmp_path / "ingestd.toml"
+    path.write_text('[tls]\nenabled = true\nprivate_key = "/etc/k.pem"\n'
+                    'certificate = "/etc/c.pem"\npeer_certificate = "ignore"\n')
+    result = cli("config", "haproxy-check", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    comments = [line for line in result.stdout.splitlines() if line.startswith("#")]
+    assert comments[0] == "# [tls] is enabled: the check must speak TLS too; add to " \
+                          "default-server"
+    assert "#   check-ssl verify required ca-file" in comments[1]
+    assert result.stdout.endswith(healthcheck.haproxy_rules("STORESCP"))
 
 
 def test_the_documented_haproxy_backend_has_the_rules_of_the_default_configuration() -> None:

@@ -28,7 +28,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon, echoscu, free_port, require_tool, run_tool, storescu
+from conftest import (
+    BUSY_WORKER,
+    Daemon,
+    echoscu,
+    free_port,
+    require_tool,
+    run_tool,
+    storescu,
+    workers_of,
+)
 from conftest import testdata as data_file
 from pydicom import dcmread
 from pydicom.data.data_manager import DATA_ROOT
@@ -1029,16 +1038,15 @@ def test_large_object_streams_in_bounded_memory(
     daemon.wait_log("association released")
     baseline = vm_hwm(daemon.proc.pid)
     assert baseline
-    workers_seen = len(re.findall(r"worker \d+ started", daemon.log()))
 
     peaks: dict[int, int] = {}
     done = threading.Event()
 
     def sample() -> None:
-        # Workers live only as long as their association: sample their VmHWM while they run.
+        # The worker serving the association (it may exit with it): sample every worker's
+        # VmHWM while the transfer runs.
         while not done.is_set():
-            pids = [daemon.proc.pid] + [int(p) for p in re.findall(
-                r"worker (\d+) started", daemon.log())[workers_seen:]]
+            pids = [daemon.proc.pid, *workers_of(daemon.proc.pid, BUSY_WORKER)]
             for pid in pids:
                 peak = vm_hwm(pid)
                 if peak is not None:

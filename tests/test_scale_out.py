@@ -180,8 +180,86 @@ def test_health_check_speaks_dicom(pool: tuple[list[Instance], HAProxy]) -> None
     # although 127.0.0.1 is not in access.allow.
     for instance in instances:
         log = instance.log()
-        assert not re.search(r" INFO .*\(proxy health check\)", log)
+        assert not re.search(r" INFO .*\(proxy's own connection, LOCAL\)", log)
         assert "refused" not in log
+
+
+def test_unix_socket_hop_is_local_and_plain_tcp_checks_are_quiet(tmp_path: Path) -> None:
+    """HAProxy relays the clients of a Unix-socket frontend (an internal hop, stunnel) with
+    a LOCAL header: the daemon sees the proxy's own connection, on which a sender, allowed
+    or not, may only verify.  With accept-proxy on that bind (send-proxy-v2 towards it) the
+    hop carries the client's address again, and access control applies.  The server's
+    plain `check` (a TCP connect; behind send-proxy-v2 a LOCAL header, then a close) costs
+    no line above debug level."""
+    require_tool("haproxy")
+    [instance] = make_instances(tmp_path, [free_port()], access={"allow": [f"{ALLOWED}/32"]})
+    plain, carried = free_port(), free_port()
+    balancer = HAProxy(tmp_path, plain, [instance], text=f"""\
+global
+    log stdout format iso local0 info
+    stats socket {tmp_path / "haproxy.sock"} mode 600 level admin
+
+defaults
+    mode tcp
+    log global
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+    timeout check 1s
+
+frontend edge
+    bind 127.0.0.1:{plain}
+    default_backend hop
+backend hop
+    server internal unix@{tmp_path / "hop.sock"}
+frontend internal
+    bind unix@{tmp_path / "hop.sock"}
+    default_backend ingest
+
+frontend edge_carried
+    bind 127.0.0.1:{carried}
+    default_backend hop_carried
+backend hop_carried
+    server internal unix@{tmp_path / "carried.sock"} send-proxy-v2
+frontend internal_carried
+    bind unix@{tmp_path / "carried.sock"} accept-proxy
+    default_backend ingest
+
+backend ingest
+    server {instance.name} 127.0.0.1:{instance.port} send-proxy-v2 check inter 200 fall 2 rise 2
+""")
+    try:
+        instance.start()
+        balancer.start()
+        balancer.wait_state(instance.name, "UP", 30)
+        for bind in (ALLOWED, DENIED):
+            assoc = associate(plain, bind=bind)
+            with held(assoc):
+                assert assoc.is_established
+                assert [str(cx.abstract_syntax) for cx in assoc.accepted_contexts] == \
+                    ["1.2.840.10008.1.1"]
+                with pytest.raises(ValueError, match="No presentation context"):
+                    assoc.send_c_store(ct_dataset())
+                assoc.release()
+        assoc = associate(carried, bind=ALLOWED)
+        with held(assoc):
+            store_ok(assoc, ct_dataset())
+            assoc.release()
+        assert not associate(carried, bind=DENIED).is_established
+        wait_until(lambda: "127.0.0.3 is not in access.allow" in instance.log(), 10,
+                   "the denied sender refused")
+        time.sleep(1)  # a few more checks
+    finally:
+        balancer.stop()
+        instance.stop()
+    log = instance.log()
+    assert len(instance.stored()) == 1
+    assert re.search(rf"{ALLOWED}:\d+ via 127\.0\.0\.1:\d+ PMTEST->STORESCP: stored", log)
+    assert len(re.findall(r"WARNING .*\(proxy's own connection, LOCAL\) PMTEST->STORESCP: 1 "
+                          r"context\(s\) rejected: a PROXY protocol LOCAL connection", log)) == 2
+    # The checks: a LOCAL header, then a close; nothing about them at info level.
+    assert not re.search(r"INFO .*\(proxy's own connection, LOCAL\) \?->\?", log), log
+    assert "Connection reset" not in log and "peer closed the connection" not in log, log
 
 
 @pytest.mark.parametrize("balance", ["source", "source-stick", "calling-ae"])

@@ -19,6 +19,7 @@ from conftest import free_port
 
 from dicom_ingestd.access import AccessPolicy
 from dicom_ingestd.config import schema
+from dicom_ingestd.config.load import config_from_mapping
 from dicom_ingestd.config.storescp import (
     HOSTS_DIR_ENV,
     OPTIONS,
@@ -373,10 +374,32 @@ def test_output_option_conflicts(argv: list[str], message: str) -> None:
     assert message in refused(*argv, PORT)
 
 
-@pytest.mark.parametrize("argv", [["+xd", "+te"], ["+xi", "+tb"], ["+B", "-F"],
-                                  ["+td", "+cl", "1"], ["-B", "+te"]])
-def test_output_options_storescp_accepts(argv: list[str]) -> None:
-    translate([*argv, PORT])
+# Not +B: storescp writes explicit lengths and recalculated group lengths when it re-encodes.
+REENCODED = {"sequence_lengths": "explicit", "group_length": "recalc"}
+
+
+@pytest.mark.parametrize(("argv", "tables"), [
+    (["+xd", "+te"], {"negotiation": {"preferred_transfer_syntax": "deflated"},
+                      "storage": {"transfer_syntax": "little-explicit", **REENCODED}}),
+    (["+xi", "+tb"], {"negotiation": {"preferred_transfer_syntax": "implicit"},
+                      "storage": {"transfer_syntax": "big-explicit", **REENCODED}}),
+    (["+B", "-F"], {"storage": {"bit_preserving": True, "file_format": "dataset"}}),
+    (["+td", "+cl", "1"], {"storage": {"transfer_syntax": "deflated", "deflate_level": 1,
+                                       **REENCODED}}),
+    (["-B", "+te"], {"storage": {"bit_preserving": False, "transfer_syntax": "little-explicit",
+                                 **REENCODED}}),
+])
+def test_output_options_storescp_accepts(argv: list[str],
+                                         tables: dict[str, dict[str, Any]]) -> None:
+    """Combinations storescp accepts: translated to what they mean, without a warning, and
+    loaded as such."""
+    translation = translate([*argv, PORT])
+    assert translation.data == base(**tables)
+    assert translation.warnings == []
+    config = config_from_mapping(tomllib.loads(translation.toml()), "<storescp>")
+    for table, values in tables.items():
+        for key, value in values.items():
+            assert getattr(getattr(config, table), key) == value, f"{table}.{key}"
 
 
 @pytest.mark.parametrize(("argv", "spelling", "why"), [

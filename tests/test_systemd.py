@@ -9,6 +9,7 @@ than conftest's start_daemon, which removes NOTIFY_SOCKET and JOURNAL_STREAM.
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import struct
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 from conftest import REPO, echoscu, free_port, require_tool, storescu, write_config
 from conftest import testdata as data_file
+from proxy_headers import Relay
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
@@ -189,6 +191,33 @@ def test_socket_activation_accept_no_uses_the_inherited_listener(
     assert pids_of(run.log(), "listening on") == [run.proc.pid]
     assert run.stop() == 0
     assert "stopped after 2 association(s), 1 object(s) stored" in run.log()
+
+
+@pytest.mark.parametrize("options", [[], ["--accept"]], ids=["accept-no", "accept-yes"])
+def test_socket_activation_on_a_unix_socket(runs: list[Run], tmp_path: Path,
+                                            options: list[str]) -> None:
+    """ListenStream=/run/x.sock (or HAProxy's `server x unix@...` in front of it): the
+    connections are AF_UNIX, which refuse TCP options (TCP_NODELAY, TCP_QUICKACK: EOPNOTSUPP);
+    associations are served all the same, by storescu and echoscu through a relay."""
+    require_tool(ACTIVATE)
+    config, out, _ = make_config(tmp_path)  # network.tcp_nodelay on: the default
+    path = tmp_path / "in.sock"
+    run = start(runs, [ACTIVATE, *options, "-l", str(path), *daemon_argv(config)], config,
+                out, 0, tmp_path / "activate.log")
+    run.wait_log(f"Listening on {path}")
+    relay = Relay(0, lambda _client: b"", unix=str(path))
+    try:
+        storescu(relay.port, ct_copy(tmp_path / "in", "a"), timeout=60)
+        echoscu(relay.port, timeout=60)
+    finally:
+        relay.close()
+    assert len(run.files()) == 1
+    log = run.wait_log("ECHOSCU->ANY-SCP: association released")
+    assert re.search(r"INFO \[\d+\] local STORESCU->ANY-SCP: association released: 1 stored",
+                     log), log
+    assert "ERROR" not in log and "Operation not supported" not in log, log
+    if not options:
+        assert f"listening on {path}" in log
 
 
 def test_socket_activation_accept_yes_one_process_per_connection(

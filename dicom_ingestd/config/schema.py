@@ -127,17 +127,24 @@ class NetworkConfig:
         "PROXY protocol header (HAProxy's specification: v1 text, v2 binary, or any of "
         "the two), read before anything else (before TLS too), within acse_timeout; the "
         "address it carries is the peer for access control, the per-peer limit, logs, #r "
-        "and job variables, and the proxy's address is logged with it. A LOCAL header "
-        "(the balancer's health check) is answered without access control and without "
-        "counting as an association of a peer. A connection from any other address is "
-        "closed unread; a malformed, truncated or slow header is dropped. off: no header "
-        "is expected (and one is never guessed). See docs/scale-out.md.",
+        "and job variables, and the proxy's address is logged with it. A header without a "
+        "client address (v1 UNKNOWN, v2 unspecified) makes the proxy the peer. A LOCAL "
+        "header (the proxy's own connection: HAProxy's health checks, but also every client "
+        "it accepted on a Unix socket) may only use Verification: every other presentation "
+        "context is rejected and a C-STORE refused (0x0124); it needs no access.allow "
+        "entry, counts under the per-peer limit as the proxy, and only a clean health check "
+        "is logged at debug level. A connection from any other address is closed unread; "
+        "a malformed, truncated or slow header is dropped. off: no header is expected (and "
+        "one is never guessed). See docs/scale-out.md.",
         choices=("off", "v1", "v2", "any"),
     )
     trusted_proxies: list[str] = field(
         default_factory=list,
         metadata={DOC: "Addresses or networks (CIDR) of the load balancers that send the "
-                       "PROXY protocol header; required when proxy_protocol is not off.",
+                       "PROXY protocol header; required when proxy_protocol is not off. "
+                       "IPv4-mapped entries (::ffff:10.0.0.5) are their IPv4 addresses. "
+                       "0.0.0.0/0 or ::/0 (any host may claim any client address) is "
+                       "warned about at start and by check-config.",
                   STORESCP: (), RELOAD: True, DEFAULT_NOTE: ""},
     )
 
@@ -732,6 +739,25 @@ class WorkersConfig:
         30, "Seconds running associations may take to finish on stop, before they are "
         "aborted (their partial objects are discarded).", minimum=0,
     )
+    spare_workers: int = setting(
+        4, "Idle worker processes kept forked and ready (process_model = fork): a new "
+        "association is handed to one at once, and a replacement is forked afterwards. After "
+        "a burst up to twice as many stay idle. 0: fork each worker when its connection "
+        "arrives.", minimum=0, maximum=256,
+        default_note="Not a storescp option: storescp --fork forks after accept(), which "
+        "costs every association the fork, its copy-on-write faults and its exit (about "
+        "9 ms of CPU). An idle worker costs about 1.7 MiB of memory (PSS: its pages are "
+        "shared with the master until written), an association in progress about 3.3 MiB.",
+    )
+    max_associations_per_worker: int = setting(
+        1000, "Associations one worker process serves, one after another, before a fresh "
+        "process replaces it. A worker serves another association only after a clean one: "
+        "ended by A-RELEASE, without TLS, without a failed C-STORE, and with the descriptors, "
+        "threads and (within 16 MiB) the memory it had before; otherwise it exits. 1: a fresh "
+        "process for every association. 0: no limit.", minimum=0,
+        default_note="Not a storescp option (storescp --fork forks for every association); "
+        "as Apache's MaxConnectionsPerChild, a bound on what a slow leak could accumulate.",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -741,7 +767,8 @@ class AccessConfig:
     allow: list[str] = field(
         default_factory=list,
         metadata={DOC: "Addresses or networks (CIDR, IPv4 or IPv6) that may connect; empty "
-                       "allows every address not denied.",
+                       "allows every address not denied. IPv4-mapped entries "
+                       "(::ffff:10.0.0.5) are their IPv4 addresses, as peers are.",
                   STORESCP: ("+ac", "--access-control"), RELOAD: True, DEFAULT_NOTE: ""},
     )
     deny: list[str] = field(

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 from dicom_ingestd.errors import IngestError
+from dicom_ingestd.sockets import is_tcp
 
 A_ASSOCIATE_RQ = 0x01
 A_ASSOCIATE_AC = 0x02
@@ -71,14 +72,15 @@ class Channel:
     `io_timeout` bounds every single read or write (storescp's socket timeout); callers pass a
     further absolute `deadline` (time.monotonic()) for "the next message must start by then"
     (ARTIM / DIMSE timeouts).  `quickack` re-arms TCP_QUICKACK before each read: Linux clears it
-    after use, and a sender with Nagle on otherwise stalls ~40 ms per object on our delayed ACK.
+    after use, and a sender with Nagle on otherwise stalls ~40 ms per object on our delayed ACK
+    (TCP only: a Unix socket from socket activation has no such option).
     """
 
     def __init__(self, sock: socket.socket, io_timeout: float | None, quickack: bool,
                  min_rate: int = 0) -> None:
         self.sock = sock
         self.io_timeout = io_timeout
-        self.quickack = quickack and hasattr(socket, "TCP_QUICKACK")
+        self.quickack = quickack and hasattr(socket, "TCP_QUICKACK") and is_tcp(sock)
         self._buf = bytearray(_BUFFER_SIZE)
         self._view = memoryview(self._buf)
         self._start = 0
@@ -93,6 +95,7 @@ class Channel:
         self._armed = False
         self._waited = 0.0
         self._received = 0
+        self.received = 0  # bytes read from the peer so far
 
     def arm(self) -> None:
         """A message is on its way: from now on, the peer must keep up the minimum rate."""
@@ -141,7 +144,10 @@ class Channel:
                     timeout, window_ends = max(left, 0.001), True
             self._set_timeout(timeout)
             if self.quickack:
-                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+                try:
+                    self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+                except OSError:  # a tuning option never ends a connection
+                    self.quickack = False
             started = time.monotonic()
             try:
                 n = self.sock.recv_into(self._view[self._end:])
@@ -156,6 +162,7 @@ class Channel:
             if n == 0:
                 raise PeerClosed("peer closed the connection")
             self._end += n
+            self.received += n
             if self._armed:
                 self._waited += time.monotonic() - started
                 self._received += n
@@ -199,6 +206,20 @@ class Channel:
     def skip(self, n: int) -> None:
         """Discard the next n bytes."""
         self.stream(n, lambda _chunk: None)
+
+    def has_data(self, timeout: float) -> bool:
+        """Is the peer's next byte here, or within `timeout` seconds?  Only a look: nothing
+        is read (and an error is left for the next read to report)."""
+        if self._end > self._start:
+            return True
+        pending = getattr(self.sock, "pending", None)  # TLS: bytes already decrypted
+        if pending is not None and pending():
+            return True
+        try:
+            readable, _, _ = select.select([self.sock], [], [], timeout)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
 
     def read_pdu_header(self, deadline: float | None = None) -> tuple[int, int]:
         """Wait (until `deadline`) for the next PDU and return (type, length).

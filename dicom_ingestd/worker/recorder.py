@@ -29,7 +29,7 @@ class Recorder:
     """
 
     def __init__(self, channel: ipc.Channel | None, association: str,
-                 writer: outbox.Writer | None = None, link: ipc.SyncLink | None = None,
+                 writer: outbox.Writer | None = None, link: ipc.SyncWait | None = None,
                  sync_timeout: float = 0.0) -> None:
         self.channel = channel
         self.association = association

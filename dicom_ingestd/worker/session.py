@@ -25,6 +25,7 @@ from dicom_ingestd.config.schema import Config
 from dicom_ingestd.errors import StorageError
 from dicom_ingestd.outbox import StoredObject
 from dicom_ingestd.peer import Peer, resolve
+from dicom_ingestd.sockets import set_tcp_option
 from dicom_ingestd.telemetry import Reporter
 from dicom_ingestd.worker import acceptor, commitment, dimse, encode, header, tls
 from dicom_ingestd.worker.identify import (
@@ -61,6 +62,7 @@ log = logging.getLogger("dicom_ingestd.association")
 HEAD_BYTES = 1 << 16  # identifying attributes sit in the first few KiB of a data set
 MAX_ASSOCIATE_RQ = 1 << 17  # 128 contexts of long UIDs fit in ~40 KiB; more is abuse
 MAX_SMALL_PDU = 64  # A-RELEASE-RQ and A-ABORT bodies are 4 bytes; longer ones are not read
+SPARE_WAIT = 0.001  # seconds: a peer's next PDU this quick after a response needs no spare
 VERIFICATION = "1.2.840.10008.1.1"
 
 
@@ -117,9 +119,11 @@ class Session:
         self.tls_peer: tls.Peer | None = None
         self.over_limit = over_limit  # non-empty: reject as transient, local limit exceeded
         self.peer = peer
-        # The proxy's health checks (PROXY protocol LOCAL) come every few seconds: their
-        # lines are debug, their outcome is counted as "health-check".
-        self._info = logging.DEBUG if peer.health_check else logging.INFO
+        # The proxy's own connection (PROXY protocol LOCAL) may only verify.  A clean health
+        # check (connect and close, or associate for Verification, echo, release) comes
+        # every few seconds: its lines are debug, its outcome is counted as "health-check".
+        # Anything else on it is at info or above (the first thing that is not drops this).
+        self._quiet = peer.verification_only
         self.config = config
         self.store = store
         self.recorder = recorder
@@ -145,6 +149,10 @@ class Session:
         self._spare: TempFile | None = None
 
     # -- logging -------------------------------------------------------------------------
+    @property
+    def _info(self) -> int:
+        return logging.DEBUG if self._quiet else logging.INFO
+
     def _who(self) -> str:
         return f"{self.peer} {self.calling_ae}->{self.called_ae}"
 
@@ -194,6 +202,11 @@ class Session:
             self.outcome.how = "timeout"
         except PeerClosed as exc:
             level = logging.WARNING if self._current or self.contexts else logging.INFO
+            if self._quiet and not self.channel.received:
+                # HAProxy's plain TCP check behind send-proxy-v2: the header, then close.
+                level = logging.DEBUG
+            else:
+                self._quiet = False
             log.log(level, "%s: %s%s", self._who(), exc,
                     " during a C-STORE; the partial object was discarded"
                     if self._current else "", extra=self._fields())
@@ -212,7 +225,7 @@ class Session:
                 self.sock.close()
             if self.reporter is not None:
                 how = self.outcome.how
-                if self.peer.health_check and how == "released":
+                if self._quiet and how in ("released", "closed"):
                     how = "health-check"
                 self.reporter.ended(how, self.peer.name, self.calling_ae)
             with contextlib.suppress(OSError):  # a process that died is noticed without it
@@ -220,10 +233,9 @@ class Session:
         return self.outcome
 
     def _configure_socket(self) -> None:
-        # A Unix socket (from a test) has no TCP options to tune.
+        # set_tcp_option: a Unix socket (socket activation, inetd) has no TCP options.
         if self.config.network.tcp_nodelay:
-            with contextlib.suppress(OSError):
-                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            set_tcp_option(self.sock, socket.TCP_NODELAY, 1)
 
     def _tls_note(self) -> str:
         peer = self.tls_peer
@@ -268,6 +280,8 @@ class Session:
             raise ProtocolError(str(exc)) from None
         self.calling_ae, self.called_ae = request.calling_ae, request.called_ae
         self.peer_max_pdu = request.max_pdu
+        if any(str(cx.abstract_syntax) != VERIFICATION for cx in request.proposed):
+            self._quiet = False  # not a health check: this association is worth a line
         log.log(self._info, "%s: association requested (%d contexts, implementation %s %s)",
                 self._who(), len(request.proposed), request.implementation_class_uid or "-",
                 request.implementation_version or "-", extra=self._fields())
@@ -286,12 +300,14 @@ class Session:
                                            acceptor.SOURCE_PROVIDER_PRESENTATION,
                                            acceptor.REASON_LOCAL_LIMIT, self.over_limit)
         if rejection is not None:
+            self._quiet = False
             log.warning("%s: association rejected: %s", self._who(), rejection.why,
                         extra=self._fields(DICOM_OUTCOME="rejected"))
             self.channel.send(rejection.encode())
             self.outcome.how = "rejected"
             return False
-        acceptance = acceptor.accept(request, primitive, self.config)
+        acceptance = acceptor.accept(request, primitive, self.config,
+                                     verification_only=self.peer.verification_only)
         self.contexts = acceptance.contexts
         self.channel.send(acceptance.pdu)
         profile = self.config.negotiation.profile
@@ -302,9 +318,18 @@ class Session:
         if acceptance.rejected:
             # Always said (not only with verbose_pc): a sender whose data fits no accepted
             # context aborts right after this, and this line is then the only clue.
+            self._quiet = False
             self._rejected = rejected_summary(acceptance.rejected)
-            log.log(self._info, "%s: %d context(s) rejected: %s", self._who(),
-                    len(acceptance.rejected), self._rejected, extra=self._fields())
+            if self.peer.verification_only:
+                log.warning("%s: %d context(s) rejected: a PROXY protocol LOCAL connection "
+                            "is the proxy's own and may only use Verification (HAProxy "
+                            "also relays the clients of a Unix-socket frontend as LOCAL: "
+                            "carry their addresses with accept-proxy on that bind and "
+                            "send-proxy-v2 towards it); rejected: %s", self._who(),
+                            len(acceptance.rejected), self._rejected, extra=self._fields())
+            else:
+                log.log(self._info, "%s: %d context(s) rejected: %s", self._who(),
+                        len(acceptance.rejected), self._rejected, extra=self._fields())
         pc_level = logging.INFO if self.config.logging.verbose_pc else logging.DEBUG
         if log.isEnabledFor(pc_level):
             for cx in acceptance.contexts.values():
@@ -456,6 +481,8 @@ class Session:
         except dimse.CommandError as exc:
             raise ProtocolError(str(exc)) from None
         context = self.contexts[context_id]
+        if command.field != dimse.C_ECHO_RQ:
+            self._quiet = False
         if command.field == dimse.C_ECHO_RQ and context.abstract_syntax == VERIFICATION:
             log.log(self._info, "%s: C-ECHO (message %d)", self._who(), command.message_id,
                     extra=self._fields(DICOM_STATUS="0x0000"))
@@ -517,7 +544,13 @@ class Session:
         status: int = Status.SUCCESS
         why = ""
         temp: TempFile | None = None
-        if command.sop_class_uid != context.abstract_syntax:
+        if self.peer.verification_only:
+            # Nothing but Verification is accepted on it; this guards the Verification
+            # context itself (a C-STORE "of" SOP class 1.2.840.10008.1.1 on it).
+            status = Status.NOT_AUTHORIZED
+            why = ("refused on a PROXY protocol LOCAL connection: the proxy's own "
+                   "connection may only use Verification")
+        elif command.sop_class_uid != context.abstract_syntax:
             status = Status.SOP_CLASS_NOT_SUPPORTED
             why = (f"SOP class {command.sop_class_uid} sent on a context for "
                    f"{context.abstract_syntax}")
@@ -600,11 +633,21 @@ class Session:
                           command.sop_instance_uid, status_name(status), why, extra=extra)
         if stored is not None and self.recorder is not None:
             self.recorder.after_response(stored)
-        if current.temp is not None and self._spare is None:
+        if current.temp is not None and self._spare is None and self._spare_wanted():
             with contextlib.suppress(StorageError):  # the next C-STORE will report it
                 self._spare = self.store.temp_file()
         if self.config.testing.sleep_after:
             time.sleep(self.config.testing.sleep_after)
+
+    def _spare_wanted(self) -> bool:
+        """Create the next object's temporary file now, while the peer prepares that object?
+
+        After an association's first object only when the peer's next PDU is not here within
+        SPARE_WAIT: a sender of one object per association releases at once, and its spare
+        would be created and removed while it waits for the A-RELEASE-RP.
+        """
+        return self.outcome.stored + self.outcome.failed > 1 \
+            or not self.channel.has_data(SPARE_WAIT)
 
     def _record(self, command: dimse.Command, ident: Identity, placed: Placed,
                 size: int) -> StoredObject | None:

@@ -42,23 +42,38 @@ BUG_PATTERNS = re.compile(r"internal error|unexpected error|Traceback|"
 # --- processes and resources -----------------------------------------------------------------
 
 
-def children(pid: int) -> set[int]:
-    """Live (non-zombie) descendants of `pid`."""
-    parents: dict[int, list[int]] = {}
+IDLE_WORKER = "ingestd-idle"  # warm.py's name for a pool worker waiting for a connection
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Live (non-zombie) descendants of `pid`, with their names."""
+    parents: dict[int, list[tuple[int, str]]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+            head, tail = stat.read_text().rsplit(")", 1)
+            fields = tail.split()
+        except (OSError, IndexError, ValueError):
             continue
         if fields[0] != "Z":
-            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found: set[int] = set()
+            parents.setdefault(int(fields[1]), []).append(
+                (int(stat.parent.name), head.split("(", 1)[-1]))
+    found: dict[int, str] = {}
     queue = [pid]
     while queue:
-        for child in parents.get(queue.pop(), []):
-            found.add(child)
+        for child, name in parents.get(queue.pop(), []):
+            found[child] = name
             queue.append(child)
     return found
+
+
+def children(pid: int) -> set[int]:
+    """Live descendants of `pid` but idle pool workers (which serve no one): the
+    configuration watcher, job processes and workers serving an association."""
+    return {child for child, name in descendants(pid).items() if name != IDLE_WORKER}
+
+
+def idle_workers(pid: int) -> set[int]:
+    return {child for child, name in descendants(pid).items() if name == IDLE_WORKER}
 
 
 def alive(pid: int) -> bool:
@@ -93,15 +108,32 @@ class Resources:
 
 
 def settle(pid: int, baseline: Resources, timeout: float = HANG) -> Resources:
-    """Wait until the master has no more children and descriptors than at the baseline."""
+    """Wait until the master has no more children and descriptors than at the baseline,
+    with its idle workers settled (pool_settled)."""
     deadline = time.monotonic() + timeout
     while True:
         now = Resources.of(pid)
         if now.children <= baseline.children and now.fds <= baseline.fds:
-            return now
+            pool_settled(pid, max(0.0, deadline - time.monotonic()))
+            return Resources.of(pid)
         if time.monotonic() > deadline:
             return now
         time.sleep(0.1)
+
+
+def pool_settled(pid: int, timeout: float) -> None:
+    """Wait until the master's idle workers are the same ones for a second: a spare taken by
+    the last association is replaced, a surplus left by a burst retires one per half second
+    of quiet (pool.TRIM_INTERVAL)."""
+    deadline = time.monotonic() + timeout
+    previous, since = idle_workers(pid), time.monotonic()
+    while time.monotonic() - since < 1.0:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"idle workers still changing after {timeout} s")
+        time.sleep(0.1)
+        now = idle_workers(pid)
+        if now != previous:
+            previous, since = now, time.monotonic()
 
 
 def poll(condition: Any, timeout: float = 10.0, *, want: Any = True) -> bool:
@@ -118,9 +150,12 @@ def poll(condition: Any, timeout: float = 10.0, *, want: Any = True) -> bool:
 
 
 def wait_until_no_workers(pid: int, timeout: float = HANG) -> None:
-    """Wait until the master's only child is its configuration watcher (no [events])."""
+    """Wait until the master's only child but idle workers is its configuration watcher (no
+    [events]), and its idle workers have settled: the same ones for a second (a surplus
+    left by a burst retires one per half second of quiet, pool.TRIM_INTERVAL)."""
     if not poll(lambda: len(children(pid)) <= 1, timeout):
         raise AssertionError(f"workers still running after {timeout} s: {children(pid)}")
+    pool_settled(pid, timeout)
 
 
 class WorkerWatch:

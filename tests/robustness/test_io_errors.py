@@ -105,8 +105,12 @@ def test_no_success_when_the_disk_fails_its_syncs(tmp_path: Path,
         try:
             assert c_store(daemon.port, new_object()) == SUCCESS
             fail()
-            status = c_store(daemon.port, new_object())
+            refused = new_object()
+            status = c_store(daemon.port, refused)
             assert status not in (SUCCESS, None), f"answered {status} after the disk failed"
+            # Nor is a name left for it: a name whose data or link may not be durable goes.
+            names = [path.name for path in daemon.files()]
+            assert not [n for n in names if refused.SOPInstanceUID in n], names
             log = daemon.log()
             assert "Traceback" not in log, log
         finally:

@@ -8,6 +8,7 @@ bit-exact, and every visible file a complete object that was sent.  Used by the 
 """
 
 import contextlib
+import io
 import os
 import random
 import struct
@@ -33,7 +34,7 @@ def make_object(rng: random.Random, index: int, study_uid: str) -> tuple[str, by
         (0x0008, 0x0060, b"CS", b"CT"),
         (0x0010, 0x0010, b"PN", b"Crash^Test"),
         (0x0020, 0x000D, b"UI", fuzzgen.even(study_uid.encode())),
-        (0x0020, 0x000E, b"UI", b"1.2.3.4.5.7."),
+        (0x0020, 0x000E, b"UI", fuzzgen.even(b"1.2.3.4.5.7")),
         (0x0028, 0x0010, b"US", struct.pack("<H", side)),
         (0x0028, 0x0011, b"US", struct.pack("<H", side)),
         (0x7FE0, 0x0010, b"OW", pixels),
@@ -48,7 +49,7 @@ class Sender(threading.Thread):
     first object also creates a directory.
     """
 
-    def __init__(self, port: int, seed: int) -> None:
+    def __init__(self, port: int, seed: int, *, hold_after: int | None = None) -> None:
         super().__init__(daemon=True)
         self.port = port
         self.rng = random.Random(seed)
@@ -57,6 +58,11 @@ class Sender(threading.Thread):
         self.acked_at: dict[str, float] = {}  # time.monotonic() when each success arrived
         self.stop = threading.Event()
         self.index = 0
+        # hold_after N (None: never): after N successes, at the next one that is the first of its
+        # association (its study's directory has just been made), send nothing more (the
+        # association stays open) and set `held`: a fault can strike right after it.
+        self.hold_after = hold_after
+        self.held = threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -67,7 +73,7 @@ class Sender(threading.Thread):
                 continue
             study_uid = f"1.2.826.0.1.3680043.9.7.{os.getpid()}.0.{self.rng.randrange(1 << 30)}"
             try:
-                for _ in range(self.rng.randint(1, 6)):
+                for number in range(self.rng.randint(1, 6)):
                     if self.stop.is_set():
                         break
                     self.index += 1
@@ -81,6 +87,11 @@ class Sender(threading.Thread):
                     if status == 0:
                         self.acked.add(uid)
                         self.acked_at[uid] = time.monotonic()
+                        if self.hold_after is not None and number == 0 and \
+                                len(self.acked) > self.hold_after:
+                            self.held.set()
+                            self.stop.wait()
+                            break
                     elif isinstance(status, str):
                         break
                 else:
@@ -100,14 +111,38 @@ def stored_data_set(path: Path) -> bytes:
     return raw[144 + group_length:]
 
 
-def check_tree(daemon: Daemon, sent: dict[str, bytes], acked: set[str]) -> int:
-    """Every acknowledged object bit-exact; every file a complete sent object."""
+def _elements(ds: Any) -> list[tuple[int, Any]]:
+    return [(int(element.tag), element.value) for element in ds]
+
+
+def _same_object(path: Path, sent: bytes, encoding: str) -> bool:
+    """Is the file at `path` the whole object `sent` (explicit VR little endian) as stored
+    with `encoding`: "received" (Part 10, the data set bit-exact), "dataset" (the data set
+    alone, bit-exact) or a transfer syntax UID it was re-encoded in (a Part 10 file whose
+    elements all have the values sent)?"""
+    if encoding == "received":
+        return stored_data_set(path) == sent
+    if encoding == "dataset":
+        return path.read_bytes() == sent
+    from pydicom import dcmread
+    from pydicom.filereader import read_dataset
+
+    stored = dcmread(path)  # raises on a truncated file
+    assert stored.file_meta.TransferSyntaxUID == encoding, f"{path}: not re-encoded"
+    original = read_dataset(io.BytesIO(sent), is_implicit_VR=False, is_little_endian=True)
+    return _elements(stored) == _elements(original)
+
+
+def check_tree(daemon: Daemon, sent: dict[str, bytes], acked: set[str], *,
+               encoding: str = "received") -> int:
+    """Every acknowledged object whole; every file a complete sent object (see _same_object
+    for `encoding`)."""
     by_name = {f"CT.{uid}": uid for uid in sent}
     found: set[str] = set()
     for path in daemon.files():
         uid = by_name.get(path.name)
         assert uid is not None, f"unexpected file {path}"
-        assert stored_data_set(path) == sent[uid], f"{path} is not the object sent"
+        assert _same_object(path, sent[uid], encoding), f"{path} is not the object sent"
         found.add(uid)
     missing = acked - found
     assert not missing, f"{len(missing)} acknowledged object(s) lost, e.g. {sorted(missing)[:3]}"
