@@ -360,8 +360,11 @@ def test_parallel_associations_interleaving_two_studies(tmp_path: Path, daemon_f
         dcmread(first[0]).StudyInstanceUID: "4", dcmread(second[0]).StudyInstanceUID: "4"}
     assert {r["env"]["DICOM_EOSTUDY_REASON"] for r in eos} == {"timeout"}
     assert {r["env"]["DICOM_BATCH"] for r in eos} == {"1"}
+    # A worker forked for the connection ("worker N started"), or a warm one it was handed
+    # to ("association A handed to worker N").
     workers = {line.split("worker ")[1].split()[0] for line in daemon.log().splitlines()
-               if ": worker " in line and line.endswith("started")}
+               if (": worker " in line and line.endswith("started"))
+               or " handed to worker " in line}
     assert len(workers) == 2, "each association ran in a forked worker of its own"
 
 
