@@ -29,7 +29,13 @@ from pynetdicom import AE, build_role, evt
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.sop_class import CTImageStorage, StorageCommitmentPushModel, Verification
 
-from dicom_ingestd.jobs.queue import MAX_SENDERS, SCHEMA_VERSION, JobQueue
+from dicom_ingestd.jobs.queue import (
+    MAX_SENDERS,
+    SCHEMA_VERSION,
+    JobKind,
+    JobPool,
+    JobQueue,
+)
 from tests.conftest import (
     Daemon,
     free_port,
@@ -559,6 +565,25 @@ def test_the_index_keeps_the_latest_senders_of_a_file_and_its_current_class(
         assert [ae for _, _, ae in rows] == \
             ["AE5", *[f"AE{n}" for n in range(MAX_SENDERS + 3, 3, -1) if n != 5]]
         assert {sop_class for _, sop_class, _ in rows} == {MR}
+    finally:
+        queue.close()
+
+
+def test_deliveries_due_are_one_per_target_and_never_a_busy_one(tmp_path: Path) -> None:
+    # The delivery pool runs one report per AE title at a time, whatever is due at once
+    # (retries after an outage, a restart).
+    queue = JobQueue(tmp_path / "state")
+    try:
+        with queue.transaction():
+            ids = {title: [queue.add(JobKind.COMMITMENT, ["report"], ["true"],
+                                     {"DICOM_CALLING_AE": title}, max_attempts=1,
+                                     timeout=10, now=1000.0) for _ in range(3)]
+                   for title in ("A", "B")}
+        due = queue.due(2000.0, 10, JobPool.DELIVERY)
+        assert [job.id for job in due] == [ids["A"][0], ids["B"][0]]
+        assert [job.id for job in queue.due(2000.0, 10, JobPool.DELIVERY, ["A"])] == \
+            [ids["B"][0]]
+        assert queue.due(2000.0, 10) == []  # not the events pool's
     finally:
         queue.close()
 
