@@ -9,6 +9,7 @@ import contextlib
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -67,29 +68,32 @@ def disk(config: Config) -> dict[str, Any]:
     return result
 
 
-def job_counts(config: Config, live: bool) -> dict[str, int] | None:
-    """Jobs by state, or None when there is no job database.
+def _read_database(path: Path, live: bool, read: Callable[[JobQueue], dict[str, int]],
+                   sql: str) -> dict[str, int]:
+    """Name -> count from the job database at `path`: live (the daemon, as the service user)
+    through the queue's own connection settings and `read`; otherwise `sql` (rows of name
+    and count), read-only and without creating or locking anything (`immutable`), so that
+    root running `dicom-ingestd status` leaves no file the service could not open.  Raises
+    OSError or sqlite3.Error."""
+    if live:
+        queue = JobQueue(path.parent, create=False, durable=False, busy_timeout=0.2)
+        try:
+            return read(queue)
+        finally:
+            queue.close()
+    with contextlib.closing(sqlite3.connect(f"file:{path}?immutable=1", uri=True)) as db:
+        return {str(name): int(n) for name, n in db.execute(sql)}
 
-    Live (the daemon, as the service user) through the queue's own connection settings;
-    otherwise read-only and without creating or locking anything (`immutable`), so that
-    root running `dicom-ingestd status` leaves no file the service could not open.
-    """
+
+def job_counts(config: Config, live: bool) -> dict[str, int] | None:
+    """Jobs by state, or None when there is no job database."""
     path = state_directory(config) / JOB_DATABASE
     if not path.exists():
         return None
     counts = dict.fromkeys(JOB_STATES, 0)
     try:
-        if live:
-            queue = JobQueue(path.parent, create=False, durable=False, busy_timeout=0.2)
-            try:
-                counts.update(queue.counts())
-            finally:
-                queue.close()
-        else:
-            with contextlib.closing(sqlite3.connect(f"file:{path}?immutable=1", uri=True)) \
-                    as db:
-                counts.update({str(state): int(n) for state, n in db.execute(
-                    "SELECT state, COUNT(*) FROM jobs GROUP BY state")})
+        counts.update(_read_database(path, live, JobQueue.counts,
+                                     "SELECT state, COUNT(*) FROM jobs GROUP BY state"))
     except (OSError, sqlite3.Error, FileNotFoundError) as exc:
         return {**counts, "error": str(exc)}  # type: ignore[dict-item]
     return counts
@@ -98,22 +102,13 @@ def job_counts(config: Config, live: bool) -> dict[str, int] | None:
 def commitment_counts(config: Config, live: bool) -> dict[str, int] | None:
     """The storage commitment counters (jobs/queue.py Counter, without their common prefix),
     kept in the job database since it was made; None while storage commitment is off and
-    has never counted anything.  Read as job_counts reads the jobs."""
+    has never counted anything."""
     path = state_directory(config) / JOB_DATABASE
     values = dict.fromkeys(map(str, Counter), 0)
     if path.exists():
         with contextlib.suppress(OSError, sqlite3.Error):  # a version 3 database has none
-            if live:
-                queue = JobQueue(path.parent, create=False, durable=False, busy_timeout=0.2)
-                try:
-                    values.update(queue.counters())
-                finally:
-                    queue.close()
-            else:
-                with contextlib.closing(sqlite3.connect(f"file:{path}?immutable=1",
-                                                        uri=True)) as db:
-                    values.update({str(name): int(n) for name, n in db.execute(
-                        "SELECT name, value FROM counters")})
+            values.update(_read_database(path, live, JobQueue.counters,
+                                         "SELECT name, value FROM counters"))
     if not config.storage_commitment.enabled and not any(values.values()):
         return None
     return {name.removeprefix("commitment_"): n for name, n in values.items()}

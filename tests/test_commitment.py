@@ -29,7 +29,13 @@ from pynetdicom import AE, build_role, evt
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.sop_class import CTImageStorage, StorageCommitmentPushModel, Verification
 
-from dicom_ingestd.jobs.queue import MAX_SENDERS, SCHEMA_VERSION, JobQueue
+from dicom_ingestd.jobs.queue import (
+    MAX_SENDERS,
+    SCHEMA_VERSION,
+    JobKind,
+    JobPool,
+    JobQueue,
+)
 from tests.conftest import (
     Daemon,
     free_port,
@@ -442,22 +448,32 @@ def test_report_on_the_requesting_association(daemon_factory: Any, report_scp: R
     assert counters["reports_delivered"] == 1 and counters["delivery_attempts_failed"] == 0
 
 
-def test_a_report_left_unanswered_on_its_association_goes_on_a_new_one(
-        daemon_factory: Any, report_scp: ReportSCP, tmp_path: Path) -> None:
-    # The sender takes the report on its association and never answers it, but keeps the
-    # association busy (C-ECHOs): after network.dimse_timeout the report goes to its
-    # address on a new association, while the first association goes on.  A late answer
-    # and an answer for a message ID never sent are logged and ignored.
+def unanswered_report(daemon_factory: Any, report_scp: ReportSCP, tmp_path: Path,
+                      network: dict[str, Any]) -> tuple[Daemon, "RawRequester", str]:
+    """A daemon (`network` settings), an object stored, and a raw modality that requested
+    its commitment and took the report on its association, unanswered."""
     config = settings(report_scp.port, same_association_wait=10)
-    config["network"] = {"dimse_timeout": 3}
+    config["network"] = network
     daemon = daemon_factory(config)
     stored = store(daemon.port, make_study(tmp_path / "s", 1))
     transaction = str(generate_uid())
     modality = RawRequester(daemon.port)
+    assert modality.n_action(action(transaction, references(*stored))) == 0
+    report, _ = modality.read_message()
+    assert report.CommandField == 0x0100 and report.MessageID == 1
+    return daemon, modality, transaction
+
+
+def test_a_report_left_unanswered_on_its_association_goes_on_a_new_one(
+        daemon_factory: Any, report_scp: ReportSCP, tmp_path: Path) -> None:
+    # The sender takes the report on its association and never answers it, but keeps the
+    # association busy (C-ECHOs): after network.dimse_timeout (here shorter than
+    # same_association_wait) the report goes to its address on a new association, while
+    # the first association goes on.  A late answer and an answer for a message ID never
+    # sent are logged and ignored.
+    daemon, modality, transaction = unanswered_report(
+        daemon_factory, report_scp, tmp_path, {"dimse_timeout": 3})
     try:
-        assert modality.n_action(action(transaction, references(*stored))) == 0
-        report, _ = modality.read_message()
-        assert report.CommandField == 0x0100 and report.MessageID == 1  # left unanswered
         for message_id in range(2, 30):
             assert modality.echo(message_id) == 0
             if report_scp.reports:
@@ -484,17 +500,10 @@ def test_a_report_held_by_a_busy_association_is_released_by_the_master(
         daemon_factory: Any, report_scp: ReportSCP, tmp_path: Path) -> None:
     # The sender takes the report and never answers: it sends an object slowly, so its
     # association never gets to look at the report's deadline; the master's bounded hold
-    # (network.dimse_timeout + 5 s) lets the job deliver it anyway.
-    config = settings(report_scp.port, same_association_wait=10)
-    config["network"] = {"dimse_timeout": 2, "min_transfer_rate": 100}
-    daemon = daemon_factory(config)
-    stored = store(daemon.port, make_study(tmp_path / "s", 1))
-    transaction = str(generate_uid())
-    modality = RawRequester(daemon.port)
+    # (here network.dimse_timeout + 5 s) lets the job deliver it anyway.
+    daemon, modality, transaction = unanswered_report(
+        daemon_factory, report_scp, tmp_path, {"dimse_timeout": 2, "min_transfer_rate": 100})
     try:
-        assert modality.n_action(action(transaction, references(*stored))) == 0
-        report, _ = modality.read_message()
-        assert report.CommandField == 0x0100
         sop = str(generate_uid())
         modality.send(5, _command(CommandField=0x0001, MessageID=2, Priority=0,
                                   CommandDataSetType=0x0000, AffectedSOPClassUID=CT,
@@ -556,6 +565,25 @@ def test_the_index_keeps_the_latest_senders_of_a_file_and_its_current_class(
         assert [ae for _, _, ae in rows] == \
             ["AE5", *[f"AE{n}" for n in range(MAX_SENDERS + 3, 3, -1) if n != 5]]
         assert {sop_class for _, sop_class, _ in rows} == {MR}
+    finally:
+        queue.close()
+
+
+def test_deliveries_due_are_one_per_target_and_never_a_busy_one(tmp_path: Path) -> None:
+    # The delivery pool runs one report per AE title at a time, whatever is due at once
+    # (retries after an outage, a restart).
+    queue = JobQueue(tmp_path / "state")
+    try:
+        with queue.transaction():
+            ids = {title: [queue.add(JobKind.COMMITMENT, ["report"], ["true"],
+                                     {"DICOM_CALLING_AE": title}, max_attempts=1,
+                                     timeout=10, now=1000.0) for _ in range(3)]
+                   for title in ("A", "B")}
+        due = queue.due(2000.0, 10, JobPool.DELIVERY)
+        assert [job.id for job in due] == [ids["A"][0], ids["B"][0]]
+        assert [job.id for job in queue.due(2000.0, 10, JobPool.DELIVERY, ["A"])] == \
+            [ids["B"][0]]
+        assert queue.due(2000.0, 10) == []  # not the events pool's
     finally:
         queue.close()
 

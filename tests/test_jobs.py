@@ -214,6 +214,60 @@ def test_a_full_runner_waits_for_an_end_of_run_not_for_the_clock(tmp_path: Path)
         queue.close()
 
 
+def test_a_job_database_refusing_writes_is_logged_once_not_every_attempt(
+        tmp_path: Path) -> None:
+    """The job database refuses to record a start (here: another connection holds its
+    write lock, as a full state file system would fail it): the run is stopped and tried
+    again every RECORD_RETRY, with one error line (then a reminder every few minutes), not
+    one per attempt; the recovery is logged."""
+    import sqlite3
+
+    queue = JobQueue(tmp_path / "state", busy_timeout=0.05)
+    selector = selectors.DefaultSelector()
+    now = [1000.0]
+    runner = JobRunner(queue, selector, JobsConfig(), prepare=lambda job: {},
+                       on_finished=lambda job_id, final: None, clock=lambda: now[0])
+    with queue.transaction():
+        job_id = queue.add(JobKind.RECEPTION, ["true"], ["true"], {}, max_attempts=1,
+                           timeout=10, now=time.time())
+    records: list[logging.LogRecord] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    def step() -> None:
+        runner.tick()
+        deadline = time.monotonic() + 5
+        while runner.running() and time.monotonic() < deadline:
+            for key, _ in selector.select(0.1):
+                key.data(key.fileobj)
+        now[0] += 3.0  # past RECORD_RETRY
+
+    handler = Capture()
+    logger = logging.getLogger("dicom_ingestd.jobs")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    blocker = sqlite3.connect(tmp_path / "state" / "jobs.sqlite", isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        for _ in range(5):
+            step()
+        blocker.execute("ROLLBACK")
+        step()
+    finally:
+        blocker.close()
+        logger.removeHandler(handler)
+        runner.stop(grace=1)
+    messages = [r.getMessage() for r in records]
+    assert len([m for m in messages if "cannot record its start" in m]) == 1, messages
+    assert f"job {job_id}: its start is recorded; the job database takes writes again" \
+        in messages
+    job = queue.get(job_id)
+    assert job is not None and job.state is JobState.DONE
+    queue.close()
+
+
 def master_cpu_seconds(pid: int) -> float:
     """utime + stime of process `pid` (/proc/PID/stat fields 14 and 15)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

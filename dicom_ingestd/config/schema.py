@@ -636,9 +636,10 @@ class StorageCommitmentConfig:
     same_association_wait: int = setting(
         10, "Seconds the requesting association waits, after the N-ACTION response, for the "
         "report to be ready (usually well under a second) and then sends it there if the "
-        "sender has sent nothing else meanwhile. 0, a sender that goes on or releases, or a "
-        "report not answered with success within network.dimse_timeout (this wait when that "
-        "is unlimited): the report is delivered on a new association.",
+        "sender has sent nothing else meanwhile; its answer is awaited as long (or "
+        "network.dimse_timeout if shorter). 0, a sender that goes on or releases, or a "
+        "report not answered with success in time: the report is delivered on a new "
+        "association.",
         minimum=0, maximum=600,
     )
     delivery_retries: int = setting(

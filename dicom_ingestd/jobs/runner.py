@@ -46,6 +46,9 @@ KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL of a job's process group
 MAX_LINE = 8192  # longer output lines are logged in pieces
 POLL_INTERVAL = 1.0  # look for due jobs (retries, `jobs retry`) at least this often
 RECORD_RETRY = 2.0  # seconds between attempts to write outcomes the database refused
+# Failures that repeat every RECORD_RETRY while the state storage fails (reminders.py).
+_PREPARE = "prepare"
+_START = "record start"
 
 
 def process_start(pid: int) -> str:
@@ -226,19 +229,18 @@ class JobRunner:
             env.update(self._prepare(job))
         except OSError as exc:
             # The state directory (its manifest) failed us, not the job: no attempt counts.
-            reason = exc.strerror or str(exc)
-            count = self._reminders.failed(f"prepare: {reason}")
+            count = self._reminders.failed(_PREPARE)
             if count:
-                log.error("job %d: cannot prepare its run (%s); it stays pending and jobs "
-                          "start again when the state directory takes writes (%d attempt(s) "
-                          "so far; tried every %g s, logged every %d min)", job.id, exc, count,
-                          RECORD_RETRY, REMINDER_INTERVAL // 60, extra=journal_fields(job))
+                log.error("job %d: cannot prepare its run (%s); it stays pending and no job "
+                          "starts for %g s (%d attempt(s) so far; logged again every %d min "
+                          "while it lasts)", job.id, exc, RECORD_RETRY, count,
+                          REMINDER_INTERVAL // 60, extra=journal_fields(job))
             self._hold_until = self._clock() + RECORD_RETRY
             return
         except (LookupError, ValueError) as exc:  # its batch is gone: the job cannot run
             self._record_failure(job, attempt, f"cannot start: {exc}", 0.0)
             return
-        if self._reminders.clear():
+        if self._reminders.recovered(_PREPARE):
             log.info("job %d: prepared; the state directory takes writes again", job.id)
         try:
             popen = subprocess.Popen(job.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -262,13 +264,19 @@ class JobRunner:
         try:
             self.queue.started(job.id, popen.pid, process_start(popen.pid), self._wall())
         except (OSError, sqlite3.Error) as exc:
-            log.error("job %d: cannot record its start (%s); stopping it: it stays pending "
-                      "and no job starts for %g s", job.id, exc, RECORD_RETRY,
-                      extra=journal_fields(job))
+            count = self._reminders.failed(_START)
+            if count:
+                log.error("job %d: cannot record its start (%s); stopping it: it stays "
+                          "pending and no job starts for %g s (%d attempt(s) so far; logged "
+                          "again every %d min while it lasts)", job.id, exc, RECORD_RETRY,
+                          count, REMINDER_INTERVAL // 60, extra=journal_fields(job))
             run.interrupted, run.recorded = True, False
             self._signal(run, signal.SIGKILL)
             self._hold_until = now + RECORD_RETRY
             return
+        if self._reminders.recovered(_START):
+            log.info("job %d: its start is recorded; the job database takes writes again",
+                     job.id)
         log.info("job %d (%s%s) started, attempt %d of %d, pid %d: %s", job.id, job.kind,
                  f", study {job.study_uid}" if job.study_uid else "", attempt, job.max_attempts,
                  popen.pid, shown(job.argv),

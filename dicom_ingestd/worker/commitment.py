@@ -61,10 +61,12 @@ RESOURCE_LIMITATION = 0x0213
 
 
 def answer_wait(config: Config) -> float:
-    """Seconds a report sent on the requesting association waits for its answer there
-    (network.dimse_timeout, or same_association_wait when that is unlimited)."""
-    return float(config.network.dimse_timeout
-                 or config.storage_commitment.same_association_wait)
+    """Seconds a report sent on the requesting association waits for its answer there:
+    same_association_wait, or network.dimse_timeout when that is shorter (a sender that
+    waits for its report answers it at once; one that does not must not delay it long)."""
+    wait = config.storage_commitment.same_association_wait
+    dimse = config.network.dimse_timeout
+    return float(min(wait, dimse) if dimse else wait)
 
 
 def data_set_limit(config: Config) -> int:
