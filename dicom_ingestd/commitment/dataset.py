@@ -13,6 +13,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 
+from dicom_ingestd.worker import elements
+
 SOP_CLASS = "1.2.840.10008.1.20.1"  # Storage Commitment Push Model SOP Class
 SOP_INSTANCE = "1.2.840.10008.1.20.1.1"  # its well-known SOP instance
 ACTION_REQUEST = 1  # Action Type ID: request storage commitment
@@ -26,12 +28,11 @@ FAILED_SOP_SEQUENCE = 0x00081198
 REFERENCED_SOP_SEQUENCE = 0x00081199
 REFERENCED_SOP_CLASS = 0x00081150
 REFERENCED_SOP_INSTANCE = 0x00081155
-_ITEM = 0xFFFEE000
-_ITEM_END = 0xFFFEE00D
-_SEQUENCE_END = 0xFFFEE0DD
-_UNDEFINED = 0xFFFFFFFF
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
-                       b"UR", b"UT", b"UV"})
+_ITEM = elements.ITEM
+_ITEM_END = elements.ITEM_END
+_SEQUENCE_END = elements.SEQUENCE_END
+_UNDEFINED = elements.UNDEFINED
+_LONG_VRS = frozenset(vr.encode() for vr in elements.LONG_VRS)
 _UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 _MAX_DEPTH = 8  # nested sequences we walk through when skipping what we do not use
 

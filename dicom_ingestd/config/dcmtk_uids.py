@@ -4,8 +4,8 @@ A leaf (stdlib only), and data, not code: DCMTK's association configuration file
 (``storescp -xf``) may write a UID by these names (``LittleEndianExplicit``,
 ``JPEGExtended:Process2+4``, ``RETIRED_StandaloneCurveStorage``), which are DCMTK's own and
 differ from the DICOM keywords pydicom uses.  ``DcmUIDHandler`` looks a name up exactly (case
-and punctuation matter), so this table is taken over unchanged; tests/test_asconfig.py
-re-derives it from the DCMTK source when the mirror is present.
+and punctuation matter), so this table is taken over unchanged; the test suite checks it
+against the installed DCMTK's libdcmdata (tests/dcmtk_facts.py).
 """
 
 from typing import Final

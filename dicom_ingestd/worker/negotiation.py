@@ -389,7 +389,7 @@ _STATIC_ABSTRACT_SYNTAXES: Final = frozenset((VERIFICATION_SOP_CLASS, *STORAGE_S
 
 # UIDs DCMTK 3.6.7's uidNameMap names but pydicom's UID dictionary does not.  storescp -pm
 # refuses every UID it can name, so "known" must cover DCMTK's names too; the test suite
-# re-derives this set from dcuid.cc to keep it honest.
+# checks this set against the installed DCMTK's libdcmdata (tests/dcmtk_facts.py).
 _DCMTK_ONLY_NAMED_UIDS: Final = frozenset({
     "1.2.840.113619.5.2",  # PrivateGE_LEI_WithBigEndianPixelDataTransferSyntax
 })
