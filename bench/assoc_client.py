@@ -190,6 +190,7 @@ def _status(command: bytes) -> int:
 
 
 PHASES = ("associate", "store", "release", "close")
+PHASES_PREFIX = "median us: "  # bench/run.py reads this line back
 
 
 def send_one(host: str, port: int, dicom: DicomFile, rq: bytes) -> list[float]:
@@ -238,7 +239,7 @@ def main(argv: list[str]) -> int:
     if phases and times:
         medians = [statistics.median(t[k] for t in times) * 1e6 for k in range(len(PHASES))]
         named = zip(PHASES, medians, strict=True)
-        print("median us: " + ", ".join(f"{name} {value:.0f}" for name, value in named),
+        print(PHASES_PREFIX + ", ".join(f"{name} {value:.0f}" for name, value in named),
               flush=True)
     return 0
 

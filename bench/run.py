@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from assoc_client import PHASES, PHASES_PREFIX
 from bench_data import DataSet, DataSpec, ensure_dataset, split_dataset
 from bench_place import ingestd_config, stall
 from bench_proc import (
@@ -81,7 +82,9 @@ class Target:
         return f"≤ {self.bound:g}{self.measure.value}"
 
 
-BY_ASSOCIATION = (STORESCP, STORESCP_FORK, INGESTD, FLOOR)
+# ingestd-nofsync on the association sets too: its ratio is what the Python set-up costs
+# alone, the rest of dicom-ingestd's is the durability stall.
+BY_ASSOCIATION = (STORESCP, STORESCP_FORK, INGESTD, INGESTD_NO_FSYNC, FLOOR)
 BY_SENDER = (STORESCP, INGESTD, PYNETDICOM, FLOOR)
 
 
@@ -159,6 +162,9 @@ class Run:
     received: int = 0
     problems: list[str] = field(default_factory=list)
     log_lines: list[str] = field(default_factory=list)
+    # One association per object: the first sender's median microseconds per phase of an
+    # association as it saw them (assoc_client.py --phases), by phase name.
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -291,8 +297,8 @@ class Harness:
 
     def sender_argv(self, bench: BenchSet, port: int, directory: Path) -> list[str]:
         if bench.per_object:
-            return [sys.executable, str(BENCH_DIR / "assoc_client.py"), "127.0.0.1",
-                    str(port), str(directory)]
+            return [sys.executable, str(BENCH_DIR / "assoc_client.py"), "--phases",
+                    "127.0.0.1", str(port), str(directory)]
         return [*self.storescu, "-aet", "BENCHSCU", "-aec", "STORESCP", "+sd",
                 "127.0.0.1", str(port), str(directory)]
 
@@ -340,6 +346,8 @@ class Harness:
                 if exit_.code != 0 or errors:
                     run.problems.append(f"sender {k} exited with {exit_.code}: "
                                         + ("; ".join(errors[:3]) or f"see {sender_log}"))
+            if bench.per_object:
+                run.phases = read_phases(self.logs / f"{stem}.sender0.log")
         except (RuntimeError, OSError) as exc:
             run.problems.append(str(exc))
         finally:
@@ -383,6 +391,35 @@ class Harness:
 
 
 # --- reporting -------------------------------------------------------------------------------
+
+
+def read_phases(sender_log: Path) -> dict[str, float]:
+    """The "median us: associate 634, store 753, ..." line of assoc_client.py --phases."""
+    for line in sender_log.read_text(errors="replace").splitlines():
+        if line.startswith(PHASES_PREFIX):
+            pairs = (item.rsplit(" ", 1) for item in line[len(PHASES_PREFIX):].split(", "))
+            return {name: float(value) for name, value in pairs}
+    return {}
+
+
+def phases_table(rows: Sequence[tuple[BenchSet, DataSet, dict[str, list[Run]]]]) -> str:
+    """Where an association's time goes, as the (first) sender sees it: per set with one
+    association per object and receiver, the median over the runs of each phase's median."""
+    head = "| set | receiver | " + " | ".join(f"{p} µs" for p in PHASES) + " | sum µs |"
+    table = [head, "|" + "---|" * (head.count("|") - 1)]
+    for bench, _data, results in rows:
+        if not bench.per_object:
+            continue
+        for receiver in bench.receivers:
+            measured_runs = [r.phases for r in results[receiver] if r.ok and r.phases]
+            if not measured_runs:
+                continue
+            medians = [statistics.median(p.get(name, 0.0) for p in measured_runs)
+                       for name in PHASES]
+            table.append(f"| {bench.name} | {receiver} | "
+                         + " | ".join(f"{m:.0f}" for m in medians)
+                         + f" | {sum(medians):.0f} |")
+    return "\n".join(table)
 
 
 def rate(count: float, seconds: float) -> float:
@@ -725,6 +762,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     say()
     say(issue_table(rows, stalls))
     say()
+    if any(bench.per_object for bench, _, _ in rows):
+        say("Where an association's time goes, as the sender sees it (assoc_client.py "
+            "--phases; median µs per phase of one association of the first sender, median "
+            "over the runs): associate = connect() to the A-ASSOCIATE-AC, store = the "
+            "C-STORE-RQ and its data set to the C-STORE-RSP, release = A-RELEASE-RQ to RP, "
+            "close = close().  With 4 senders the receiver is shared, so phases include "
+            "waiting for it.")
+        say()
+        say(phases_table(rows))
+        say()
     report_logs(rows)
     say(f"machine load at end: {machine_load()}")
     say(f"total time: {time.monotonic() - started:.1f} s")
