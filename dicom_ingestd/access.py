@@ -1,11 +1,14 @@
 """Host access control, decided from the peer address alone, before a byte is read."""
 
 import ipaddress
+import logging
 from collections.abc import Sequence
 
 from dicom_ingestd.peer import Peer
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+log = logging.getLogger("dicom_ingestd.access")
 
 
 def parse_network(entry: str) -> Network:
@@ -68,3 +71,13 @@ class AccessPolicy:
         if not peer.key or peer.verification_only:
             return None
         return self.check(peer.key)
+
+    def refuses(self, peer: Peer) -> bool:
+        """check_peer(), and the one line a refused connection gets, the same whether the
+        master or a per-connection instance (systemd Accept=yes, inetd) admits it: True when
+        the caller must close the connection unanswered."""
+        refusal = self.check_peer(peer)
+        if refusal:
+            log.warning("%s: connection refused by access control: %s", peer, refusal,
+                        extra={"journal": {**peer.fields(), "DICOM_OUTCOME": "refused"}})
+        return bool(refusal)

@@ -7,14 +7,11 @@ The only module that exits the process; everything below it raises.
 import argparse
 import contextlib
 import logging
-import os
 import shlex
-import signal
-import socket
 import sqlite3
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -23,208 +20,41 @@ from dicom_ingestd import __version__
 from dicom_ingestd import log as logsetup
 from dicom_ingestd.codes import ExitCode
 from dicom_ingestd.config.load import dump_config, load_config
-from dicom_ingestd.errors import ConfigError, StorageError, TranslationError
+from dicom_ingestd.errors import ConfigError, TranslationError
 
 if TYPE_CHECKING:
     from dicom_ingestd.config.schema import Config
     from dicom_ingestd.jobs.queue import JobQueue
-    from dicom_ingestd.systemd import Notifier
 
 DEFAULT_CONFIG = "/etc/ingestd.toml"
-log = logging.getLogger("dicom_ingestd")
 
 
-def _print_problems(exc: ConfigError) -> None:
-    # Under systemd these lines must reach the journal as errors: `journalctl -p err` is where
-    # an operator looks for why the service exited 78.
-    prefix = "<3>" if logsetup.stderr_is_journal() else ""
-    for problem in exc.problems:
-        print(prefix + problem, file=sys.stderr)
-
-
-def _not_started(code: ExitCode, why: str, listeners: "list[socket.socket] | None" = None,
-                 notifier: "Notifier | None" = None) -> int:
-    """Start-up failed: answer the connections that triggered a socket-activated start.
-
-    Each waiting connection is closed unanswered (the sender sees the connection end, and
-    retries), so that systemd does not start us again at once for the same connection; a
-    new connection starts a new attempt, which succeeds once the cause is fixed.  STATUS=
-    says why, for `systemctl status`.
-    """
-    from dicom_ingestd import systemd
-
-    if notifier is None:
-        notifier = systemd.Notifier()
-    notifier.status(f"not started: {why} (exit status {int(code)}; "
-                    "journalctl -u dicom-ingestd -p err)")
-    if listeners is None:
-        listeners = [s.sock for s in systemd.listen_fds()]
-    closed = 0
-    for sock in listeners:
-        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            sock.setblocking(False)
-            while True:
-                try:
-                    conn, _ = sock.accept()
-                except OSError:
-                    break
-                conn.close()
-                closed += 1
-        sock.close()
-    if closed:
-        prefix = "<4>" if logsetup.stderr_is_journal() else ""
-        print(f"{prefix}closed {closed} waiting connection(s) unanswered: {why}",
-              file=sys.stderr)
-    return code
+def _print_problems(problems: Iterable[str], *, warning: bool = False) -> None:
+    """The one way a command prints configuration problems: one line each on stderr, as
+    ConfigError words them (file, key, value, what is allowed), under systemd with their
+    priority (log.to_stderr).  `warning`: the command goes on regardless."""
+    for problem in problems:
+        if warning:
+            logsetup.to_stderr(f"warning: {problem}", logging.WARNING)
+        else:
+            logsetup.to_stderr(problem)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Serve in the foreground until SIGTERM/SIGINT."""
+    """Serve in the foreground until SIGTERM/SIGINT (serve.py; per_connection.py for
+    systemd Accept=yes and inetd)."""
+    from dicom_ingestd import serve
+    from dicom_ingestd.tls import build_context
+
     try:
         config = load_config(args.config)
-    except ConfigError as exc:
-        _print_problems(exc)
-        return _not_started(ExitCode.CONFIG, f"invalid configuration {args.config}")
-    logsetup.setup(config.logging)
-    from dicom_ingestd.tls import build_context
-    try:
+        logsetup.setup(config.logging)
         # Key files are read now, before a byte is served (and only here and on reload).
         tls_context = build_context(config.tls, args.config)
     except ConfigError as exc:
-        _print_problems(exc)
-        return _not_started(ExitCode.CONFIG, f"invalid configuration {args.config}")
-    if config.storage.group_write:
-        # Directories the daemon creates become group-writable (mkdir asks for 0777 and the
-        # umask decides), so the group's consumers may move and delete received files.
-        os.umask(os.umask(0) & ~0o070)
-    # Heavy imports only when serving; the master imports the worker code before forking so
-    # that workers start warm.
-    from dicom_ingestd import systemd
-    from dicom_ingestd.access import AccessPolicy
-    from dicom_ingestd.master import Master
-    from dicom_ingestd.peer import Peer
-    from dicom_ingestd.proxy_reader import Dropped, ProxyPolicy, log_dropped, read_peer
-    from dicom_ingestd.sockets import create_listener
-    from dicom_ingestd.worker.session import Session
-    from dicom_ingestd.worker.store import Store
-
-    store = Store(config.storage)
-    try:
-        store.open()
-    except StorageError as exc:
-        log.critical("%s", exc)
-        return _not_started(ExitCode.CANTCREAT, str(exc))
-    if config.storage.group_write:
-        with contextlib.suppress(OSError):  # systemd's StateDirectoryMode= resets it
-            os.chmod(store.root, os.stat(store.root).st_mode & 0o7777 | 0o070)
-    notifier = systemd.Notifier()
-    inherited = systemd.listen_fds()
-    removed = store.remove_leftovers()
-    if removed:
-        log.warning("removed %d partial object(s) left by an earlier crash in %s",
-                    removed, store.staging)
-
-    connected = [s.sock for s in inherited if not s.listening]
-    listening = [s.sock for s in inherited if s.listening]
-    if config.network.inetd and not inherited:
-        try:
-            stdin = socket.socket(fileno=os.dup(0))
-        except OSError as exc:
-            log.critical("inetd mode: fd 0 is not a socket (%s)", exc.strerror or exc)
-            return ExitCode.USAGE
-        # inetd "nowait" hands over the connection; "wait" (and systemd-socket-activate
-        # --inetd without --accept) hands over the listening socket itself.
-        if stdin.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            listening = [stdin]
-        else:
-            connected = [stdin]
-        # stdout is the peer's connection in inetd mode: nothing may ever be printed to it.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-    if connected:
-        # systemd Accept=yes (or inetd): exactly one association on an accepted socket.
-        problem = per_connection_problem(config, args.config)
-        if problem:
-            log.critical("%s", problem)
-            return ExitCode.CONFIG
-        conn = connected[0]
-        try:
-            tcp_peer = Peer.from_address(conn.getpeername())
-        except OSError:
-            tcp_peer = Peer("socket")
-        try:
-            # network.proxy_protocol: the header first (blocking, within acse_timeout).
-            peer = read_peer(conn, tcp_peer, ProxyPolicy.from_config(config.network))
-        except Dropped as exc:
-            log_dropped(tcp_peer, exc)
-            conn.close()
-            return ExitCode.OK
-        refusal = AccessPolicy(config.access.allow, config.access.deny).check_peer(peer)
-        if refusal:
-            log.warning("%s: connection refused by access control: %s", peer, refusal,
-                        extra={"journal": {**peer.fields(), "DICOM_OUTCOME": "refused"}})
-            conn.close()
-            return ExitCode.OK
-        notifier.ready(f"serving one association from {peer}")
-        # systemctl stop: leave through Session.run's cleanup, so no partial file remains.
-        signal.signal(signal.SIGTERM, _exit_on_signal)
-        # No master to count for us: the counters file is updated under a lock.
-        from dicom_ingestd.stats import FILE_NAME, add_to_file
-        from dicom_ingestd.telemetry import Reporter
-
-        counters = store.staging / FILE_NAME
-        reporter = Reporter(lambda report: add_to_file(counters, report, store.staging_fd),
-                            os.getpid())
-        Session(conn, peer, config, store, tls_context=tls_context, reporter=reporter).run()
-        notifier.stopping()
-        return ExitCode.OK
-
-    for warning in ProxyPolicy.from_config(config.network).warnings():
-        log.warning("%s", warning)
-    listeners = listening
-    if not listeners:
-        try:
-            listeners = [create_listener(config.network)]
-        except OSError as exc:
-            log.critical("cannot listen on port %d: %s", config.network.port,
-                         exc.strerror or exc)
-            return ExitCode.UNAVAILABLE
-    try:
-        master = Master(args.config, config, store, listeners, notifier,
-                        tls_context=tls_context)
-    except StorageError as exc:  # the state directory of [jobs]
-        log.critical("%s", exc)
-        return _not_started(ExitCode.CANTCREAT, str(exc), listeners, notifier)
-    master.serve()
-    return ExitCode.OK
-
-
-def _exit_on_signal(signum: int, _frame: object) -> None:
-    raise SystemExit(0)
-
-
-def per_connection_problem(config: "Config", path: str) -> str:
-    """Why `config` cannot serve per connection (systemd Accept=yes, inetd), or ''.
-
-    [events] needs the master: it consumes the outbox, tracks studies and runs the jobs.  A
-    per-connection instance that stored objects with nobody to act on their records would
-    break "no success without its events", so it refuses the configuration instead; the
-    accept socket runs `check-config --per-connection` before it starts listening.
-    """
-    from dicom_ingestd.events import events_enabled
-    if config.storage_commitment.enabled and not events_enabled(config.events):
-        # The same reason: the master evaluates requests and delivers the reports.
-        return (f"{path}: storage_commitment.enabled: storage commitment needs the master, "
-                "which a per-connection instance (systemd Accept=yes, inetd) does not have; "
-                "use dicom-ingestd.socket (Accept=no)")
-    if not events_enabled(config.events):
-        return ""
-    keys = [key for key, value in (("exec_on_reception", config.events.exec_on_reception),
-                                   ("exec_on_eostudy", config.events.exec_on_eostudy),
-                                   ("rename_on_eostudy", config.events.rename_on_eostudy))
-            if value]
-    return (f"{path}: events.{', events.'.join(keys)}: [events] needs the master, which a "
-            "per-connection instance (systemd Accept=yes, inetd) does not have; use "
-            "dicom-ingestd.socket (Accept=no) or remove [events]")
+        _print_problems(exc.problems)
+        return serve.not_started(ExitCode.CONFIG, f"invalid configuration {args.config}")
+    return serve.run(args.config, config, tls_context)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -235,17 +65,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         config = load_config(args.config)
         build_context(config.tls, args.config)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
+        _print_problems(exc.problems)
         return ExitCode.CONFIG
-    problem = per_connection_problem(config, args.config) if args.per_connection else ""
-    if problem:
-        print(problem, file=sys.stderr)
-        return ExitCode.CONFIG
+    if args.per_connection:
+        from dicom_ingestd.per_connection import config_problem
+
+        problem = config_problem(config, args.config)
+        if problem:
+            _print_problems([problem])
+            return ExitCode.CONFIG
     from dicom_ingestd.proxy_reader import ProxyPolicy
 
     for warning in ProxyPolicy.from_config(config.network).warnings():
-        print(f"{args.config}: warning: {warning}", file=sys.stderr)
+        logsetup.to_stderr(f"{args.config}: warning: {warning}", logging.WARNING)
     print(f"{args.config}: OK")
     return ExitCode.OK
 
@@ -260,7 +92,6 @@ def cmd_reload(args: argparse.Namespace) -> int:
     """
     from dicom_ingestd import control
 
-    prefix = "<3>" if logsetup.stderr_is_journal() else ""
     # The daemon is found through systemd's runtime directory (ExecReload=), else through
     # the configuration; with a file too broken to say where, the packaged unit's link.
     path = control.runtime_link() or _control_path(args.config)
@@ -269,15 +100,15 @@ def cmd_reload(args: argparse.Namespace) -> int:
             try:
                 load_config(args.config)
             except ConfigError as exc:
-                _print_problems(exc)
-            print(f"{prefix}reload not done: no running daemon found, and it would be "
-                  "rejected", file=sys.stderr)
+                _print_problems(exc.problems)
+            logsetup.to_stderr("reload not done: no running daemon found, and it would be "
+                               "rejected")
             return ExitCode.CONFIG
         path = control.PACKAGED_RUNTIME_LINK
     try:
         answer = control.request(path, "reload", timeout=args.timeout)
     except control.ControlError as exc:
-        print(f"{prefix}dicom-ingestd reload: {exc}", file=sys.stderr)
+        logsetup.to_stderr(f"dicom-ingestd reload: {exc}")
         return ExitCode.UNAVAILABLE
     outcome = answer.get("reload") or {}
     if outcome.get("outcome") == "applied":
@@ -286,48 +117,41 @@ def cmd_reload(args: argparse.Namespace) -> int:
         for key in outcome.get("restart_needed") or []:
             print(f"{key} changed: takes effect after a restart")
         return ExitCode.OK
-    for problem in outcome.get("problems") or [str(answer.get("error", "no answer"))]:
-        print(f"{prefix}{problem}", file=sys.stderr)
-    print(f"{prefix}reload rejected: the running daemon keeps its configuration",
-          file=sys.stderr)
+    _print_problems(outcome.get("problems") or [str(answer.get("error", "no answer"))])
+    logsetup.to_stderr("reload rejected: the running daemon keeps its configuration")
     return ExitCode.CONFIG
 
 
 def _control_path(config_path: str) -> "Path | None":
     """The control socket of the daemon serving `config_path`, or None for a file that
     cannot be read."""
-    from dicom_ingestd import control
-    from dicom_ingestd.status import output_directory
-    from dicom_ingestd.worker.store import STAGING_DIR
+    from dicom_ingestd.status import control_socket
 
     try:
         config = load_config(config_path)
     except ConfigError:
         return None
-    return output_directory(config) / STAGING_DIR / control.SOCKET_NAME
+    return control_socket(config)
 
 
 def _status_document(args: argparse.Namespace) -> "dict[str, object] | int":
     """The running daemon's status, or the one on disk when no daemon answers."""
     from dicom_ingestd import control
     from dicom_ingestd import status as status_doc
-    from dicom_ingestd.worker.store import STAGING_DIR
 
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         # The running daemon still answers (through systemd's runtime directory) while the
         # file is broken; say what is wrong with the file either way.
-        for problem in exc.problems:
-            print(f"warning: {problem}", file=sys.stderr)
+        _print_problems(exc.problems, warning=True)
         link = control.runtime_link() or control.PACKAGED_RUNTIME_LINK
         try:
             return control.request(link, "status", timeout=10.0)
         except control.ControlError:
             return ExitCode.CONFIG
-    path = status_doc.output_directory(config) / STAGING_DIR / control.SOCKET_NAME
     try:
-        return control.request(path, "status", timeout=10.0)
+        return control.request(status_doc.control_socket(config), "status", timeout=10.0)
     except control.ControlError as exc:
         doc = status_doc.offline(config, args.config)
         doc["daemon"] = {"running": False, "why": str(exc)}
@@ -366,8 +190,7 @@ def _config_or_problems(path: str) -> "Config | None":
     try:
         return load_config(path)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
+        _print_problems(exc.problems)
         return None
 
 
@@ -386,7 +209,6 @@ def cmd_haproxy_check(args: argparse.Namespace) -> int:
     from pydicom.uid import UID
 
     from dicom_ingestd import healthcheck
-    from dicom_ingestd.worker import acceptor
 
     config = _config_or_problems(args.config)
     if config is None:
@@ -403,19 +225,12 @@ def cmd_haproxy_check(args: argparse.Namespace) -> int:
               "association.allowed_calling_aetitles: the check would be rejected",
               file=sys.stderr)
         return ExitCode.USAGE
-    called = config.network.aetitle
-    # The check proposes what this configuration accepts, as the daemon would negotiate it
-    # (negotiation.profile may accept Verification with Explicit VR Little Endian only).
-    chosen: bytes | None = None
-    for syntax in healthcheck.TRANSFER_SYNTAXES:
-        answer = acceptor.answer(healthcheck.associate_rq(called, calling, syntax), config)
-        if isinstance(answer, acceptor.Rejection):
-            print(f"dicom-ingestd: {args.config}: the check's association would be rejected "
-                  f"({answer.why}): it could never pass", file=sys.stderr)
-            return ExitCode.CONFIG
-        if healthcheck.CONTEXT_ID in answer.contexts:
-            chosen = syntax
-            break
+    try:
+        chosen = healthcheck.accepted_syntax(config, calling)
+    except healthcheck.Rejected as exc:
+        print(f"dicom-ingestd: {args.config}: the check's association would be rejected "
+              f"({exc}): it could never pass", file=sys.stderr)
+        return ExitCode.CONFIG
     names = [UID(syntax.decode()).name for syntax in healthcheck.TRANSFER_SYNTAXES]
     if chosen is None:
         profile = config.negotiation.profile
@@ -434,7 +249,7 @@ def cmd_haproxy_check(args: argparse.Namespace) -> int:
               "#   check-ssl verify required ca-file <the CA of the instances' certificates>\n"
               "# and, with tls.peer_certificate = \"require\", crt <a client certificate the\n"
               "# instances accept> (docs/scale-out.md)")
-    sys.stdout.write(healthcheck.haproxy_rules(called, calling, chosen))
+    sys.stdout.write(healthcheck.haproxy_rules(config.network.aetitle, calling, chosen))
     return ExitCode.OK
 
 
@@ -450,8 +265,7 @@ def cmd_from_storescp(args: argparse.Namespace) -> int:
     except TranslationError as exc:
         print(f"dicom-ingestd: {exc}", file=sys.stderr)
         return ExitCode.USAGE
-    for warning in translation.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+    _print_problems(translation.warnings, warning=True)
     sys.stdout.write(translation.toml())
     return ExitCode.OK
 
@@ -480,8 +294,7 @@ def cmd_from_asconfig(args: argparse.Namespace) -> int:
     except (AsconfigError, ValueError) as exc:
         print(f"dicom-ingestd: {exc}", file=sys.stderr)
         return ExitCode.USAGE
-    for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+    _print_problems(warnings, warning=True)
     negotiation: dict[str, object] = {}
     if args.profile is not None:
         negotiation["profile"] = chosen[0].name
@@ -497,11 +310,8 @@ def _open_jobs(args: argparse.Namespace, write: bool = False) -> "JobQueue | int
     from dicom_ingestd.jobs.queue import JobQueue
     from dicom_ingestd.jobs.service import state_directory
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
+    config = _config_or_problems(args.config)
+    if config is None:
         return ExitCode.CONFIG
     directory = state_directory(config)
     try:

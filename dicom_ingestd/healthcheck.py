@@ -14,10 +14,14 @@ a configuration's AE title and negotiation.  Behind `send-proxy-v2`, HAProxy ope
 checks with a LOCAL header: the proxy's own connection, which may only use Verification; a
 clean check is logged at debug level (docs/scale-out.md).
 
-stdlib only: the PDUs are written out byte by byte (PS3.8 9.3, PS3.7 9.3.5, 9.1.5).
+The PDUs are written out byte by byte (PS3.8 9.3, PS3.7 9.3.5, 9.1.5); which transfer syntax
+the check proposes is asked of the worker's own acceptor (`accepted_syntax`).
 """
 
 import struct
+
+from dicom_ingestd.config.schema import Config
+from dicom_ingestd.worker import acceptor
 
 APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
 VERIFICATION = b"1.2.840.10008.1.1"
@@ -114,3 +118,21 @@ def haproxy_rules(called_ae: str, calling_ae: str = CALLING_AE,
         f"tcp-check expect rbinary {RELEASED}" + comment("A-RELEASE-RP"),
     ]
     return "\n".join(lines) + "\n"
+
+
+class Rejected(Exception):
+    """The check's association would be rejected (the reason): it could never pass."""
+
+
+def accepted_syntax(config: Config, calling: str) -> bytes | None:
+    """The first of TRANSFER_SYNTAXES this configuration accepts Verification with, as the
+    daemon would negotiate it (negotiation.profile may accept Verification with Explicit VR
+    Little Endian only); None when it accepts none.  Raises Rejected when the association
+    itself would be."""
+    for syntax in TRANSFER_SYNTAXES:
+        answer = acceptor.answer(associate_rq(config.network.aetitle, calling, syntax), config)
+        if isinstance(answer, acceptor.Rejection):
+            raise Rejected(answer.why)
+        if CONTEXT_ID in answer.contexts:
+            return syntax
+    return None

@@ -38,6 +38,14 @@ def stderr_is_journal() -> bool:
     return (st.st_dev, st.st_ino) == (dev, inode)
 
 
+def to_stderr(line: str, level: int = logging.ERROR) -> None:
+    """`line` on stderr for an operator, from a command or before logging is set up (a
+    message, not a log record: no time, no pid).  Under systemd it carries its syslog
+    priority: `journalctl -p err` is where an operator looks for why the service exited 78."""
+    prefix = f"<{_SYSLOG.get(level, 7)}>" if stderr_is_journal() else ""
+    print(prefix + line, file=sys.stderr)
+
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 

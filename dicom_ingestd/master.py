@@ -461,10 +461,7 @@ class Master:
         carried, or the proxy's when it carried none or for its own LOCAL connections), then
         _dispatch.  Even an over-limit association goes to a worker: it answers
         A-ASSOCIATE-RJ."""
-        refusal = self.access.check_peer(peer)
-        if refusal:
-            log.warning("%s: connection refused by access control: %s", peer, refusal,
-                        extra={"journal": {**peer.fields(), "DICOM_OUTCOME": "refused"}})
+        if self.access.refuses(peer):
             conn.close()
             self.stats.association_ended("refused", NO_AE)
             return

@@ -16,6 +16,7 @@ from typing import Any
 
 from dicom_ingestd import __version__
 from dicom_ingestd.config.schema import Config
+from dicom_ingestd.control import SOCKET_NAME
 from dicom_ingestd.jobs.queue import DATABASE as JOB_DATABASE
 from dicom_ingestd.jobs.queue import Counter, JobQueue
 from dicom_ingestd.jobs.service import state_directory
@@ -34,6 +35,11 @@ def output_directory(config: Config) -> Path:
 def stats_path(config: Config) -> Path:
     """Where the counters of this configuration's output directory are kept."""
     return output_directory(config) / STAGING_DIR / FILE_NAME
+
+
+def control_socket(config: Config) -> Path:
+    """Where the daemon serving this configuration answers `status` and `reload`."""
+    return output_directory(config) / STAGING_DIR / SOCKET_NAME
 
 
 def free_space(path: Path) -> dict[str, Any]:

@@ -3,7 +3,10 @@
 config → listener/process model → association policy → storage → study events → jobs: a
 worker (one association) never reaches into the master, the study tracker or the job queue
 (it writes records to the outbox and datagrams over ipc), pynetdicom stays inside worker/,
-and only cli.py exits the process.
+the configuration is read without the TLS stack, the jobs do not reach into the worker,
+the command line reaches an association only through the process model (serve.py hands a
+connection to per_connection.py or listeners to the master), and only cli.py exits the
+process.
 """
 
 import ast
@@ -33,6 +36,51 @@ def test_workers_never_import_the_master_side() -> None:
     for name, used in modules().items():
         if name.startswith("worker/"):
             bad = sorted(u for u in used if u.startswith(forbidden))
+            assert not bad, f"{name} imports {bad}"
+
+
+def _imported(names: tuple[str, ...], used: set[str]) -> list[str]:
+    """The imports in `used` that are one of `names` or inside it (a package, a module)."""
+    return sorted(u for u in used if any(u == n or u.startswith(n + ".") for n in names))
+
+
+def test_configuration_does_not_import_tls() -> None:
+    # check-config, reload and config show read the configuration; only building the
+    # context (tls.py, at start-up and reload) and the handshake (worker/tls.py) need TLS.
+    forbidden = ("ssl", "dicom_ingestd.tls", "dicom_ingestd.worker.tls")
+    for name, used in modules().items():
+        if name.startswith("config/"):
+            bad = _imported(forbidden, used)
+            assert not bad, f"{name} imports {bad}"
+
+
+def test_jobs_do_not_import_the_worker() -> None:
+    # The master's side reads what workers wrote (outbox, spool) through shared modules,
+    # never worker code: what both need lives below both (dcmtk/, commitment/).
+    for name, used in modules().items():
+        if name.startswith("jobs/"):
+            bad = _imported(("dicom_ingestd.worker",), used)
+            assert not bad, f"{name} imports {bad}"
+
+
+def test_the_command_line_does_not_import_the_worker() -> None:
+    # cli.py parses and dispatches; `run` hands over to serve.py, and an association is
+    # served by the process model only: per_connection.py (Accept=yes, inetd) or the
+    # master's workers.
+    used = modules()["cli.py"]
+    bad = _imported(("dicom_ingestd.worker", "dicom_ingestd.master", "dicom_ingestd.pool",
+                     "dicom_ingestd.workers", "dicom_ingestd.warm"), used)
+    assert not bad, f"cli.py imports {bad}"
+
+
+def test_only_the_process_model_serves_an_association() -> None:
+    # A Session runs in a warm worker (warm.py), a worker thread (workers.py) or a
+    # per-connection instance (per_connection.py): nowhere else, so the access check, the
+    # PROXY header and the counters are never skipped on the way to one.
+    serving = {"warm.py", "workers.py", "per_connection.py"}
+    for name, used in modules().items():
+        if not name.startswith("worker/") and name not in serving:
+            bad = _imported(("dicom_ingestd.worker.session",), used)
             assert not bad, f"{name} imports {bad}"
 
 

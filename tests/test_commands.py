@@ -1,6 +1,7 @@
 """Command-line details beyond tests/test_cli.py: the usage exit code, the wording of
 configuration errors, run with a bad configuration, unimplemented storescp options."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,3 +48,35 @@ def test_bad_config_at_run_exits_78(tmp_path: Path) -> None:
     config.write_text("[network]\nport = 'x'\n")
     result = _run(config)
     assert result.returncode == 78 and "network.port" in result.stderr
+
+
+def _cli_to_journal(tmp_path: Path, *args: str) -> list[str]:
+    """stderr of a command whose stderr is "the journal" (JOURNAL_STREAM names it, as
+    systemd sets it for a service)."""
+    stderr = tmp_path / "journal-stream"
+    with stderr.open("w+") as out:
+        st = os.fstat(out.fileno())
+        env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        subprocess.run([sys.executable, "-m", "dicom_ingestd", *args], stdout=subprocess.DEVNULL,
+                       stderr=out, env=env, timeout=30, cwd=REPO, check=False)
+    return stderr.read_text().splitlines()
+
+
+def test_every_command_prints_configuration_problems_one_way(tmp_path: Path) -> None:
+    """One line per problem, worded by the loader; under systemd with its priority: an
+    error where the command stops (78), a warning where it goes on (status, metrics)."""
+    config = tmp_path / "bad.toml"
+    config.write_text("[network]\nport = 0\n")
+    problem = f"{config}: network.port = 0: must be an integer from 1 to 65535"
+    stopping = (["run"], ["check-config"], ["config", "show"], ["config", "haproxy-check"],
+                ["jobs", "list"], ["jobs", "show", "1"], ["jobs", "retry", "1"])
+    for command in stopping:
+        result = cli(*command, "-c", str(config))
+        assert result.returncode == 78, (command, result.stderr)
+        assert problem in result.stderr.splitlines(), (command, result.stderr)
+        assert f"<3>{problem}" in _cli_to_journal(tmp_path, *command, "-c", str(config)), command
+    for command in (["status"], ["metrics"]):
+        result = cli(*command, "-c", str(config))
+        assert f"warning: {problem}" in result.stderr.splitlines(), (command, result.stderr)
+        assert f"<4>warning: {problem}" in _cli_to_journal(tmp_path, *command, "-c",
+                                                            str(config)), command

@@ -26,20 +26,18 @@ from pydicom.uid import generate_uid
 
 from dicom_ingestd.codes import Status
 from dicom_ingestd.config.schema import StorageConfig
+from dicom_ingestd.dcmtk.modalities import MODALITIES, modality_prefix, rename_prefix
 from dicom_ingestd.errors import StorageError
 from dicom_ingestd.worker.naming import (
     ANONYMOUS,
-    MODALITIES,
     NAME_MAX,
     PLACEHOLDER,
     MissingStudyUID,
     SortMode,
     TimeNameSequence,
     default_filename,
-    modality_prefix,
     patient_name_component,
     rename_filename,
-    rename_prefix,
     safe_component,
     study_subdirectory,
     time_filename,

@@ -39,8 +39,8 @@ from dicom_ingestd.config.schema import (
     keys,
     tables,
 )
+from dicom_ingestd.config.subjects import parse_subject
 from dicom_ingestd.errors import ConfigError
-from dicom_ingestd.tls import parse_subject
 
 __all__ = ["config_from_mapping", "diff_configs", "dump_config", "load_config"]
 

@@ -59,11 +59,11 @@ from dicom_ingestd.commitment.spool import (
     Spool,
     SpoolError,
 )
+from dicom_ingestd.commitment.waits import answer_wait
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.jobs.queue import Job, JobKind, JobQueue, JobState
 from dicom_ingestd.jobs.reminders import REMINDER_INTERVAL, Reminders
 from dicom_ingestd.outbox import ObjectRecord
-from dicom_ingestd.worker.commitment import answer_wait
 
 log = logging.getLogger("dicom_ingestd.commitment")
 

@@ -2,7 +2,7 @@
 
 Stdlib only and run as a script, so that it works whatever the installation's sys.path (the
 Debian package's launcher sets it up in-process only).  The master computes each file's
-two-character prefix (naming.rename_prefix) into the manifest as "rename_prefix".
+two-character prefix (dcmtk.modalities.rename_prefix) into the manifest as "rename_prefix".
 
 Renames a complete batch's files as storescp -rns does (storescp.cc renameOnEndOfStudy): in
 order of arrival, each file gets the first two characters of its modality and a 6-digit number

@@ -55,6 +55,7 @@ from dicom_ingestd import ipc, outbox
 from dicom_ingestd.codes import Status
 from dicom_ingestd.commitment.spool import Spool
 from dicom_ingestd.config.schema import Config
+from dicom_ingestd.dcmtk.modalities import rename_prefix
 from dicom_ingestd.errors import StorageError
 from dicom_ingestd.events import (
     build_argv,
@@ -80,7 +81,6 @@ from dicom_ingestd.tracker import (
     StudyTracker,
     batch_label,
 )
-from dicom_ingestd.worker.naming import rename_prefix
 
 log = logging.getLogger("dicom_ingestd.events")
 

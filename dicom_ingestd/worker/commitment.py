@@ -38,6 +38,7 @@ from dicom_ingestd.commitment.dataset import (
     valid_uid,
 )
 from dicom_ingestd.commitment.spool import RequestHeader, Spool, SpoolError, new_request_id
+from dicom_ingestd.commitment.waits import answer_wait
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.worker import dimse
 from dicom_ingestd.worker.acceptor import AcceptedContext
@@ -58,15 +59,6 @@ NO_SUCH_SOP_CLASS = 0x0118
 NO_SUCH_ACTION = 0x0123
 NOT_AUTHORIZED = 0x0124
 RESOURCE_LIMITATION = 0x0213
-
-
-def answer_wait(config: Config) -> float:
-    """Seconds a report sent on the requesting association waits for its answer there:
-    same_association_wait, or network.dimse_timeout when that is shorter (a sender that
-    waits for its report answers it at once; one that does not must not delay it long)."""
-    wait = config.storage_commitment.same_association_wait
-    dimse = config.network.dimse_timeout
-    return float(min(wait, dimse) if dimse else wait)
 
 
 def data_set_limit(config: Config) -> int:

@@ -1,0 +1,1 @@
+"""Data copied from DCMTK, declared once."""
