@@ -422,19 +422,6 @@ def test_promiscuous_store_as_storescp(tmp_path: Path, ingestd: Daemon) -> None:
     assert (written.SOPClassUID, written.file_meta.TransferSyntaxUID) == (private, neg.EXPLICIT_LE)
 
 
-# -- the daemon does not use these (pynetdicom AE servers); kept until the redesign removes them
-
-def test_register_storage_uids_leaves_known_classes_alone() -> None:
-    from pynetdicom.service_class import BasicWorklistManagementServiceClass, StorageServiceClass
-    from pynetdicom.sop_class import uid_to_service_class
-    assert neg.register_storage_uids([MWL_FIND, CT_IMAGE]) == []
-    assert uid_to_service_class(MWL_FIND) is BasicWorklistManagementServiceClass
-    new = "1.2.826.0.1.3680043.9.7433.99.4"
-    assert neg.register_storage_uids([new, new]) == [new]
-    assert uid_to_service_class(new) is StorageServiceClass
-    assert new not in neg.STORAGE_SOP_CLASSES  # the static table is a snapshot
-
-
 def test_build_context_round_trip() -> None:
     # acceptor.py builds pynetdicom contexts from our tuples; order must survive.
     cx = build_context(CT_IMAGE, list(neg.PREFERENCES["all"]))

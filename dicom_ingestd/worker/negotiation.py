@@ -51,16 +51,12 @@ Deliberate differences from storescp 3.6.7 (all about *which* SOP classes, never
 """
 
 import re
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Final, Protocol
 
 from pydicom import config as pydicom_config
 from pydicom.uid import UID
-from pynetdicom import register_uid
-from pynetdicom.events import Event
-from pynetdicom.presentation import AllStoragePresentationContexts, build_context
-from pynetdicom.service_class import ServiceClass, StorageServiceClass
-from pynetdicom.sop_class import uid_to_service_class
+from pynetdicom.presentation import AllStoragePresentationContexts
 
 from dicom_ingestd.commitment.dataset import SOP_CLASS as COMMITMENT_UID
 from dicom_ingestd.commitment.dataset import TRANSFER_SYNTAXES as COMMITMENT_SYNTAXES
@@ -75,10 +71,8 @@ __all__ = [
     "acceptor_contexts",
     "choose_transfer_syntax",
     "is_unknown_sop_class",
-    "make_promiscuous_handler",
     "preference_list",
     "promiscuous_contexts_for",
-    "register_storage_uids",
 ]
 
 # -- transfer syntaxes (PS3.5 A / PS3.6 A) ------------------------------------------------------
@@ -375,8 +369,6 @@ def _unique(uids: Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(uids))
 
 
-# Snapshot at import: register_storage_uids() adds private UIDs to pynetdicom's registry at run
-# time, and those must not leak into the static table of every later association.
 _PYNETDICOM_STORAGE_SOP_CLASSES: Final = _unique(
     str(cx.abstract_syntax) for cx in AllStoragePresentationContexts if cx.abstract_syntax
 )
@@ -509,54 +501,3 @@ def promiscuous_contexts_for(
         if uid not in added and uid not in have and is_unknown_sop_class(uid):
             added[uid] = syntaxes
     return list(added.items())
-
-
-def register_storage_uids(uids: Iterable[str]) -> list[str]:
-    """Make pynetdicom dispatch C-STORE for ``uids`` to its Storage service; return the new ones.
-
-    Only needed when pynetdicom's own ``Association`` runs the DIMSE service (an ``AE`` server):
-    it picks the service class from the SOP class UID and *aborts the association* on a C-STORE
-    for a UID it has no service class for, which is every private SOP class and the retired or
-    DICOS/DICONDE classes only DCMTK lists.  UIDs pynetdicom already maps to some service class
-    are left alone.  Registration is process-wide and permanent (pynetdicom keeps it in module
-    globals), so it grows with the number of distinct private UIDs ever seen.
-    """
-    registered = []
-    for uid in uids:
-        if uid_to_service_class(uid) is ServiceClass:
-            register_uid(uid, "IngestdStorage_" + uid.replace(".", "_"), StorageServiceClass)
-            registered.append(uid)
-    return registered
-
-
-def make_promiscuous_handler(
-    preference: str, *, register: bool = True
-) -> Callable[[Event], None]:
-    """Return an ``evt.EVT_REQUESTED`` handler giving a pynetdicom ``AE`` storescp's -pm.
-
-    Bind it on ``AE.start_server(..., evt_handlers=[(evt.EVT_REQUESTED, handler)])`` with
-    ``_config.UNRESTRICTED_STORAGE_SERVICE`` left False.  EVT_REQUESTED fires in the acceptor
-    after the A-ASSOCIATE-RQ is received and before pynetdicom negotiates; at that point the
-    association's acceptor ``supported_contexts`` are a per-association copy and still
-    writable, so the extra contexts go through the normal ``negotiate_as_acceptor`` with our
-    preference order.  With ``register`` the new UIDs are also registered as storage
-    (``register_storage_uids``) so a C-STORE on them is served, not aborted.
-    """
-    syntaxes = preference_list(preference)  # fail at set-up, not per association
-
-    def on_requested(event: Event) -> None:
-        acceptor = event.assoc.acceptor
-        current = list(acceptor.supported_contexts)
-        have = {str(cx.abstract_syntax) for cx in current}
-        extra = promiscuous_contexts_for(
-            event.assoc.requestor.requested_contexts, preference, supported=have
-        )
-        if not extra:
-            return
-        if register:
-            register_storage_uids(uid for uid, _ in extra)
-        acceptor.supported_contexts = current + [
-            build_context(uid, list(syntaxes)) for uid, _ in extra
-        ]
-
-    return on_requested
