@@ -26,11 +26,11 @@ from pydicom.uid import generate_uid
 
 from dicom_ingestd.codes import Status
 from dicom_ingestd.config.schema import StorageConfig
+from dicom_ingestd.dcmtk.modalities import MODALITIES
 from dicom_ingestd.errors import StorageError
 from dicom_ingestd.jobs.rename import rename_filename
 from dicom_ingestd.worker.naming import (
     ANONYMOUS,
-    MODALITIES,
     NAME_MAX,
     PLACEHOLDER,
     MissingStudyUID,
