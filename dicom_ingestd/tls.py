@@ -8,8 +8,7 @@ context kept.  The handshake itself happens in the worker (`worker/tls.py`).
 
 Key material never touches a temporary file: OpenSSL's loaders want paths, so decoded or
 converted PEM is handed over through an anonymous memory file (memfd) and /proc/self/fd.
-Subject helpers (`parse_subject`, `subject_text`) are shared by the loader's checks and the
-worker's allow list.  Standard library only.
+The grammar of certificate subjects is config/subjects.py's.  Standard library only.
 """
 
 from __future__ import annotations
@@ -87,79 +86,6 @@ PROFILES: dict[str, tuple[tuple[str, ...], bool]] = {
 }
 
 _VERIFY = {"require": ssl.CERT_REQUIRED, "verify": ssl.CERT_OPTIONAL, "ignore": ssl.CERT_NONE}
-
-# Attribute names as OpenSSL's long names (getpeercert) and the usual short forms, to one
-# spelling, so an allow list can be written either way.
-_ATTRIBUTES = {
-    "commonname": "CN", "cn": "CN", "organizationname": "O", "o": "O",
-    "organizationalunitname": "OU", "ou": "OU", "countryname": "C", "c": "C",
-    "stateorprovincename": "ST", "st": "ST", "s": "ST", "localityname": "L", "l": "L",
-    "emailaddress": "emailAddress", "e": "emailAddress", "domaincomponent": "DC", "dc": "DC",
-    "serialnumber": "serialNumber", "streetaddress": "street", "street": "street",
-    "title": "title", "givenname": "GN", "gn": "GN", "surname": "SN", "sn": "SN",
-    "userid": "UID", "uid": "UID", "pseudonym": "pseudonym",
-}
-
-
-# ---------------------------------------------------------------------------------------------
-# Subjects
-
-
-def _attribute(name: str) -> str:
-    name = name.strip()
-    return _ATTRIBUTES.get(name.lower(), name)
-
-
-def _escape(value: str) -> str:
-    out = "".join("\\" + ch if ch in ',+"\\<>;=' else ch for ch in value)
-    if out.startswith(("#", " ")):
-        out = "\\" + out
-    if out.endswith(" "):
-        out = out[:-1] + "\\ "
-    return out
-
-
-def subject_text(subject: object) -> str:
-    """getpeercert()'s subject as RFC 4514 text, most specific first: 'CN=ct1,O=Hospital'."""
-    if not isinstance(subject, tuple):
-        return ""
-    rdns = []
-    for rdn in subject:
-        rdns.append("+".join(f"{_attribute(str(k))}={_escape(str(v))}" for k, v in rdn))
-    return ",".join(reversed(rdns))
-
-
-SubjectKey = tuple[tuple[str, str], ...]
-
-
-def parse_subject(text: str) -> SubjectKey:
-    """A subject written as RFC 4514 ('CN=ct1,O=Hospital') or as OpenSSL prints it
-    ('C = DE, O = Hospital, CN = ct1'), as a comparable key: attribute order, case and the
-    spaces around separators do not matter.  Raises ValueError for text that is no subject."""
-    parts: list[str] = []
-    current: list[str] = []
-    chars = iter(text)
-    for ch in chars:
-        if ch == "\\":
-            current.append(ch + next(chars, ""))
-        elif ch in ",+;":
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    parts.append("".join(current))
-    pairs = []
-    for part in parts:
-        name, eq, value = part.partition("=")
-        if not eq or not name.strip():
-            raise ValueError(f"{part.strip()!r} is not ATTRIBUTE=value")
-        unescaped = []
-        escaped = iter(value.strip())
-        for ch in escaped:
-            unescaped.append(next(escaped, "") if ch == "\\" else ch)
-        pairs.append((_attribute(name).lower(), " ".join("".join(unescaped).split()).casefold()))
-    return tuple(sorted(pairs))
-
 
 # ---------------------------------------------------------------------------------------------
 # Files

@@ -36,6 +36,16 @@ def test_workers_never_import_the_master_side() -> None:
             assert not bad, f"{name} imports {bad}"
 
 
+def test_configuration_imports_neither_tls_nor_the_worker() -> None:
+    """config/ describes and validates; building TLS contexts and serving associations are
+    later layers (the certificate subject grammar both share is config/subjects.py)."""
+    forbidden = ("dicom_ingestd.tls", "dicom_ingestd.worker")
+    for name, used in modules().items():
+        if name.startswith("config/"):
+            bad = sorted(u for u in used if u.startswith(forbidden))
+            assert not bad, f"{name} imports {bad}"
+
+
 def test_pynetdicom_only_inside_worker() -> None:
     for name, used in modules().items():
         if not name.startswith("worker/"):
@@ -47,7 +57,7 @@ def test_leaf_modules_use_the_standard_library_only() -> None:
     leaves = {"errors.py", "codes.py", "config/schema.py", "config/asconfig.py",
               "dcmtk/uids.py", "dcmtk/modalities.py", "dcmtk/storage.py", "dcmtk/transfer.py",
               "outbox.py", "ipc.py", "peer.py", "proxy.py",
-              "handoff.py", "processes.py"}
+              "handoff.py", "processes.py", "config/subjects.py"}
     for name in leaves:
         third_party = sorted(u for u in modules()[name]
                              if u.split(".")[0] in ("pydicom", "pynetdicom", "watchdog",

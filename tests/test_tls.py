@@ -26,12 +26,8 @@ from conftest import testdata as bundled
 from tls_certs import Certificates, Pair
 
 from dicom_ingestd.config.schema import TLSConfig
-from dicom_ingestd.tls import (
-    TLS_TO_OPENSSL,
-    build_context,
-    parse_subject,
-    subject_text,
-)
+from dicom_ingestd.config.subjects import parse_subject, subject_text
+from dicom_ingestd.tls import TLS_TO_OPENSSL, build_context
 
 CT1 = "CN=modality-ct1,O=Test Hospital"
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import tomli_w
 
-from dicom_ingestd.config import profiles as profile_tables
+from dicom_ingestd.config import profile_tables
 from dicom_ingestd.config.schema import (
     CHOICES,
     MAXIMUM,
@@ -39,8 +39,8 @@ from dicom_ingestd.config.schema import (
     keys,
     tables,
 )
+from dicom_ingestd.config.subjects import parse_subject
 from dicom_ingestd.errors import ConfigError
-from dicom_ingestd.tls import parse_subject
 
 __all__ = ["config_from_mapping", "diff_configs", "dump_config", "load_config"]
 

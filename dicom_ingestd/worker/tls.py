@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 
 from dicom_ingestd.config.schema import TLSConfig
+from dicom_ingestd.config.subjects import parse_subject, subject_text
 from dicom_ingestd.errors import IngestError
-from dicom_ingestd.tls import parse_subject, subject_text
 
 
 class TLSRefused(IngestError):

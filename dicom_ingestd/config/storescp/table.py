@@ -4,7 +4,7 @@ option can set."""
 
 from typing import Any
 
-from dicom_ingestd.config import profiles as profile_tables
+from dicom_ingestd.config import profile_tables
 from dicom_ingestd.config.asconfig import AsconfigError, read_asconfig
 from dicom_ingestd.config.storescp.hosts import access_control
 from dicom_ingestd.config.storescp.options import (
