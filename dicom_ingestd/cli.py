@@ -275,7 +275,7 @@ def cmd_from_asconfig(args: argparse.Namespace) -> int:
     import tomli_w
 
     from dicom_ingestd.config.asconfig import AsconfigError, read_asconfig
-    from dicom_ingestd.config.profiles import from_asconfig
+    from dicom_ingestd.config.profile_tables import from_asconfig
 
     warnings: list[str] = []
     try:

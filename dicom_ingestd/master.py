@@ -39,6 +39,7 @@ from dicom_ingestd.errors import ConfigError, StorageError
 from dicom_ingestd.jobs.service import EventService
 from dicom_ingestd.peer import Peer
 from dicom_ingestd.pool import WorkerPool
+from dicom_ingestd.processes import KILL_GRACE
 from dicom_ingestd.proxy_reader import PendingHeaders, ProxyPolicy
 from dicom_ingestd.sockets import describe
 from dicom_ingestd.stats import FILE_NAME as STATS_FILE
@@ -60,7 +61,6 @@ ACCEPT_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.E
 ACCEPT_BACKOFF_MIN = 0.1
 ACCEPT_BACKOFF_MAX = 2.0
 ACCEPT_LOG_INTERVAL = 10.0
-KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for workers at the stop deadline
 REFRESH_INTERVAL = 5.0  # seconds between two looks at the free space and the job counts
 # The loop turns several times per association (accept, the worker's answers, its reports):
 # the periodic work (counters, STATUS=, control connections, metrics) runs at most this often.

@@ -8,7 +8,6 @@ database, the free space).  `render` turns it into the text an administrator rea
 import contextlib
 import os
 import sqlite3
-import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -274,8 +273,3 @@ def _render(doc: dict[str, Any]) -> str:
                 text += f"; objects refused below {size(disk_['refusing_below'])}"
         lines.append(text)
     return "\n".join(lines) + "\n"
-
-
-def age(wall: float, now: float | None = None) -> str:
-    """'3 min ago' for STATUS=."""
-    return duration((now or time.time()) - wall) + " ago"

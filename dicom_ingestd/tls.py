@@ -8,8 +8,7 @@ context kept.  The handshake itself happens in the worker (`worker/tls.py`).
 
 Key material never touches a temporary file: OpenSSL's loaders want paths, so decoded or
 converted PEM is handed over through an anonymous memory file (memfd) and /proc/self/fd.
-The X.509 subject grammar the loader's checks and the worker's allow list share is
-config/subjects.py.  Standard library only.
+The grammar of certificate subjects is config/subjects.py's.  Standard library only.
 """
 
 from __future__ import annotations

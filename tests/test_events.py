@@ -69,14 +69,6 @@ def test_shell_form_references_variables_quoted_for_their_context() -> None:
         'eos "${DICOM_OUTPUT_DIR}" #f'  # no #f at end of study: left as written
 
 
-def test_rename_job_names_like_naming() -> None:
-    from dicom_ingestd.jobs import rename
-    from dicom_ingestd.worker import naming
-
-    for prefix, number in (("CT", 1), ("UN", 999999), ("SR", 1234567)):
-        assert rename.rename_filename(prefix, number) == naming.rename_filename(prefix, number)
-
-
 def test_a_stopped_rename_leaves_each_file_at_its_original_or_its_saved_planned_path(
         tmp_path: Path) -> None:
     """Whatever stops a rename run (here: the third file is immutable, EPERM), each file is

@@ -28,16 +28,15 @@ from dicom_ingestd.codes import Status
 from dicom_ingestd.config.schema import StorageConfig
 from dicom_ingestd.dcmtk.modalities import MODALITIES, modality_prefix, rename_prefix
 from dicom_ingestd.errors import StorageError
+from dicom_ingestd.jobs.rename import rename_filename
 from dicom_ingestd.worker.naming import (
     ANONYMOUS,
     NAME_MAX,
     PLACEHOLDER,
     MissingStudyUID,
     SortMode,
-    TimeNameSequence,
     default_filename,
     patient_name_component,
-    rename_filename,
     safe_component,
     study_subdirectory,
     time_filename,
@@ -292,30 +291,6 @@ def test_milliseconds_truncate_like_dcmtk_oftime(
     assert time_filename(when, None, CT) == f"202401020304{second:02d}{millis}.CT"
 
 
-def test_time_name_sequence_follows_storescp_counter() -> None:
-    t, t2 = WHEN, WHEN + timedelta(milliseconds=1)
-    seq = TimeNameSequence()
-    names = [
-        seq.next_name(t, CT),
-        seq.next_name(t, CT),
-        seq.next_name(t, CT),
-        seq.next_name(t, MR),  # differs from the last name: no serial
-        seq.next_name(t, MR),
-        seq.next_name(t2, CT),
-    ]
-    ts = "20240102030405678"
-    assert names == [
-        f"{ts}.CT",
-        f"{ts}_0000.CT",
-        f"{ts}_0001.CT",
-        f"{ts}.MR",
-        f"{ts}_0000.MR",
-        "20240102030405679.CT",
-    ]
-    seq.new_study()  # new directory: the same timestamp starts over without a serial
-    assert seq.next_name(t2, MR) == "20240102030405679.MR"
-
-
 # ---------------------------------------------------------------------------------------------
 # Study subdirectories
 # ---------------------------------------------------------------------------------------------
@@ -425,8 +400,6 @@ def test_rename() -> None:
     assert rename_prefix("9.9") == "UN"
     assert rename_filename("CT", 1) == "CT000001"
     assert rename_filename("MR", 1_234_567) == "MR1234567"
-    with pytest.raises(ValueError, match="number"):
-        rename_filename("CT", -1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,7 +422,6 @@ BUILDERS: dict[str, Callable[[str], str]] = {
     ),
     "patient-bytes": lambda v: patient_name_component(v.encode("utf-8", "surrogatepass")),
     "rename": lambda v: rename_filename(rename_prefix(v), 7),
-    "rename-raw": lambda v: rename_filename(v, 7),
 }
 
 

@@ -28,6 +28,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pynetdicom import AE
 from pynetdicom.presentation import PresentationContext, build_context
 
+from dicom_ingestd.dcmtk import transfer as tsx
+from dicom_ingestd.dcmtk.storage import DCMTK_STORAGE_SOP_CLASSES
 from dicom_ingestd.worker import negotiation as neg
 
 # pydicom warns when pynetdicom decodes the deliberately non-conformant PRIVATE_SOP_LEADING_ZERO.
@@ -44,10 +46,10 @@ PRIVATE_SOP_LEADING_ZERO = "1.2.840.113619.4.030"  # not PS3.5-conformant, seen 
 
 # The brief's eight syntaxes a storescu -R +C style proposal carries.
 BASE8 = (
-    neg.IMPLICIT_LE, neg.EXPLICIT_LE, neg.EXPLICIT_BE, neg.DEFLATED_LE,
-    neg.JPEG_BASELINE, neg.JPEG_LOSSLESS_SV1, neg.RLE_LOSSLESS, neg.JPEG_2000,
+    tsx.IMPLICIT_LE, tsx.EXPLICIT_LE, tsx.EXPLICIT_BE, tsx.DEFLATED_LE,
+    tsx.JPEG_BASELINE, tsx.JPEG_LOSSLESS_SV1, tsx.RLE_LOSSLESS, tsx.JPEG_2000,
 )
-ALL_TS = neg.PREFERENCES["all"]
+ALL_TS = tsx.PREFERENCES["all"]
 
 
 # -- (a) table checks ----------------------------------------------------------------------------
@@ -60,57 +62,56 @@ def test_installed_storescp_help_lists_the_same_flags() -> None:
                           check=False).stdout
     flags = re.findall(r"^\s+(\+x\S+)\s+(--\S+)", text, re.M)
     assert len(flags) == 23, text
-    for short, long in flags:
-        assert neg.STORESCP_FLAG_TO_PREFERENCE[short] == neg.STORESCP_FLAG_TO_PREFERENCE[long]
-    assert {f for pair in flags for f in pair} == set(neg.STORESCP_FLAG_TO_PREFERENCE)
-    assert set(neg.STORESCP_FLAG_TO_PREFERENCE.values()) == set(neg.PREFERENCES)
+    assert sorted(flags) == sorted(tsx.STORESCP_PREFERENCE_FLAGS.values())
+    assert {f for pair in flags for f in pair} == set(tsx.STORESCP_FLAG_TO_PREFERENCE)
+    assert list(tsx.STORESCP_PREFERENCE_FLAGS) == list(tsx.PREFERENCES)
 
 
 def test_preference_keys_match_config_choices() -> None:
     from dicom_ingestd.config.schema import PREFERENCE_CHOICES
-    assert tuple(neg.PREFERENCES) == PREFERENCE_CHOICES
+    assert tuple(tsx.PREFERENCES) == PREFERENCE_CHOICES
 
 
 def test_preference_facts() -> None:
-    p = neg.PREFERENCES
-    le_be_impl = (neg.EXPLICIT_LE, neg.EXPLICIT_BE, neg.IMPLICIT_LE)
+    p = tsx.PREFERENCES
+    le_be_impl = (tsx.EXPLICIT_LE, tsx.EXPLICIT_BE, tsx.IMPLICIT_LE)
     # +x= on a little-endian host equals +xe; +xb swaps the explicit pair.
     assert p["uncompressed"] == p["little"] == le_be_impl
-    assert p["big"] == (neg.EXPLICIT_BE, neg.EXPLICIT_LE, neg.IMPLICIT_LE)
-    assert p["implicit"] == (neg.IMPLICIT_LE,)
+    assert p["big"] == (tsx.EXPLICIT_BE, tsx.EXPLICIT_LE, tsx.IMPLICIT_LE)
+    assert p["implicit"] == (tsx.IMPLICIT_LE,)
     for key, syntaxes in p.items():
         assert len(set(syntaxes)) == len(syntaxes), key
         if key not in ("uncompressed", "little", "big", "implicit", "all"):
             assert len(syntaxes) == 4 and syntaxes[1:] == le_be_impl, key
-    assert len(p["all"]) == 21 and p["all"][:2] == (neg.JPEG_2000, neg.JPEG_2000_LOSSLESS)
-    assert p["all"][-4:] == (neg.DEFLATED_LE, *le_be_impl)
+    assert len(p["all"]) == 21 and p["all"][:2] == (tsx.JPEG_2000, tsx.JPEG_2000_LOSSLESS)
+    assert p["all"][-4:] == (tsx.DEFLATED_LE, *le_be_impl)
     assert set(p["all"]) == {s for syntaxes in p.values() for s in syntaxes}
-    assert neg.STORESCP_FLAG_TO_PREFERENCE["+x="] == neg.DEFAULT_PREFERENCE
+    assert tsx.STORESCP_FLAG_TO_PREFERENCE["+x="] == tsx.DEFAULT_PREFERENCE
 
 
 def test_transfer_syntax_constants_match_pydicom() -> None:
     pairs = {
-        neg.IMPLICIT_LE: pydicom_uid.ImplicitVRLittleEndian,
-        neg.EXPLICIT_LE: pydicom_uid.ExplicitVRLittleEndian,
-        neg.EXPLICIT_BE: pydicom_uid.ExplicitVRBigEndian,
-        neg.DEFLATED_LE: pydicom_uid.DeflatedExplicitVRLittleEndian,
-        neg.JPEG_BASELINE: pydicom_uid.JPEGBaseline8Bit,
-        neg.JPEG_EXTENDED: pydicom_uid.JPEGExtended12Bit,
-        neg.JPEG_LOSSLESS_SV1: pydicom_uid.JPEGLosslessSV1,
-        neg.JPEG_LS_LOSSLESS: pydicom_uid.JPEGLSLossless,
-        neg.JPEG_LS_NEAR_LOSSLESS: pydicom_uid.JPEGLSNearLossless,
-        neg.JPEG_2000_LOSSLESS: pydicom_uid.JPEG2000Lossless,
-        neg.JPEG_2000: pydicom_uid.JPEG2000,
-        neg.MPEG2_MPML: pydicom_uid.MPEG2MPML,
-        neg.MPEG2_MPHL: pydicom_uid.MPEG2MPHL,
-        neg.MPEG4_HP41: pydicom_uid.MPEG4HP41,
-        neg.MPEG4_HP41_BD: pydicom_uid.MPEG4HP41BD,
-        neg.MPEG4_HP42_2D: pydicom_uid.MPEG4HP422D,
-        neg.MPEG4_HP42_3D: pydicom_uid.MPEG4HP423D,
-        neg.MPEG4_HP42_STEREO: pydicom_uid.MPEG4HP42STEREO,
-        neg.HEVC_MP51: pydicom_uid.HEVCMP51,
-        neg.HEVC_M10P51: pydicom_uid.HEVCM10P51,
-        neg.RLE_LOSSLESS: pydicom_uid.RLELossless,
+        tsx.IMPLICIT_LE: pydicom_uid.ImplicitVRLittleEndian,
+        tsx.EXPLICIT_LE: pydicom_uid.ExplicitVRLittleEndian,
+        tsx.EXPLICIT_BE: pydicom_uid.ExplicitVRBigEndian,
+        tsx.DEFLATED_LE: pydicom_uid.DeflatedExplicitVRLittleEndian,
+        tsx.JPEG_BASELINE: pydicom_uid.JPEGBaseline8Bit,
+        tsx.JPEG_EXTENDED: pydicom_uid.JPEGExtended12Bit,
+        tsx.JPEG_LOSSLESS_SV1: pydicom_uid.JPEGLosslessSV1,
+        tsx.JPEG_LS_LOSSLESS: pydicom_uid.JPEGLSLossless,
+        tsx.JPEG_LS_NEAR_LOSSLESS: pydicom_uid.JPEGLSNearLossless,
+        tsx.JPEG_2000_LOSSLESS: pydicom_uid.JPEG2000Lossless,
+        tsx.JPEG_2000: pydicom_uid.JPEG2000,
+        tsx.MPEG2_MPML: pydicom_uid.MPEG2MPML,
+        tsx.MPEG2_MPHL: pydicom_uid.MPEG2MPHL,
+        tsx.MPEG4_HP41: pydicom_uid.MPEG4HP41,
+        tsx.MPEG4_HP41_BD: pydicom_uid.MPEG4HP41BD,
+        tsx.MPEG4_HP42_2D: pydicom_uid.MPEG4HP422D,
+        tsx.MPEG4_HP42_3D: pydicom_uid.MPEG4HP423D,
+        tsx.MPEG4_HP42_STEREO: pydicom_uid.MPEG4HP42STEREO,
+        tsx.HEVC_MP51: pydicom_uid.HEVCMP51,
+        tsx.HEVC_M10P51: pydicom_uid.HEVCM10P51,
+        tsx.RLE_LOSSLESS: pydicom_uid.RLELossless,
     }
     for ours, theirs in pairs.items():
         assert ours == theirs
@@ -119,8 +120,8 @@ def test_transfer_syntax_constants_match_pydicom() -> None:
 
 def test_dcmtk_storage_list_matches_installed_libdcmdata() -> None:
     """Our copy of dcmAllStorageSOPClassUIDs is the installed DCMTK's, whole and in order."""
-    assert dcmtk_facts.storage_sop_classes() == neg.DCMTK_STORAGE_SOP_CLASSES
-    assert len(neg.DCMTK_STORAGE_SOP_CLASSES) == 186
+    assert dcmtk_facts.storage_sop_classes() == DCMTK_STORAGE_SOP_CLASSES
+    assert len(DCMTK_STORAGE_SOP_CLASSES) == 186
 
 
 def test_storage_union() -> None:
@@ -128,15 +129,15 @@ def test_storage_union() -> None:
     pynetdicom_uids = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
     union = neg.STORAGE_SOP_CLASSES
     assert len(union) == len(set(union))
-    assert union[:len(neg.DCMTK_STORAGE_SOP_CLASSES)] == neg.DCMTK_STORAGE_SOP_CLASSES
-    assert set(union) == set(neg.DCMTK_STORAGE_SOP_CLASSES) | set(pynetdicom_uids)
+    assert union[:len(DCMTK_STORAGE_SOP_CLASSES)] == DCMTK_STORAGE_SOP_CLASSES
+    assert set(union) == set(DCMTK_STORAGE_SOP_CLASSES) | set(pynetdicom_uids)
     assert {STANDALONE_CURVE, PHOTOACOUSTIC, CT_IMAGE} <= set(union)
     assert HANGING_PROTOCOL not in union and MWL_FIND not in union
     assert neg.VERIFICATION_SOP_CLASS not in union
 
 
 def test_acceptor_contexts() -> None:
-    for key, syntaxes in neg.PREFERENCES.items():
+    for key, syntaxes in tsx.PREFERENCES.items():
         contexts = neg.acceptor_contexts(key, promiscuous=False)
         assert contexts[0] == (neg.VERIFICATION_SOP_CLASS, syntaxes)
         assert [uid for uid, _ in contexts[1:]] == list(neg.STORAGE_SOP_CLASSES)
@@ -149,21 +150,21 @@ def test_acceptor_contexts() -> None:
 
 
 def test_choose_transfer_syntax() -> None:
-    pref = neg.PREFERENCES["uncompressed"]
-    assert neg.choose_transfer_syntax(pref, [neg.IMPLICIT_LE, neg.EXPLICIT_LE]) == neg.EXPLICIT_LE
-    assert neg.choose_transfer_syntax(pref, [neg.IMPLICIT_LE]) == neg.IMPLICIT_LE
-    assert neg.choose_transfer_syntax(pref, [neg.JPEG_BASELINE]) is None
+    pref = tsx.PREFERENCES["uncompressed"]
+    assert neg.choose_transfer_syntax(pref, [tsx.IMPLICIT_LE, tsx.EXPLICIT_LE]) == tsx.EXPLICIT_LE
+    assert neg.choose_transfer_syntax(pref, [tsx.IMPLICIT_LE]) == tsx.IMPLICIT_LE
+    assert neg.choose_transfer_syntax(pref, [tsx.JPEG_BASELINE]) is None
     assert neg.choose_transfer_syntax(pref, []) is None
-    pref = neg.PREFERENCES["all"]
-    assert neg.choose_transfer_syntax(pref, BASE8) == neg.JPEG_2000
-    assert neg.choose_transfer_syntax(pref, BASE8[:6]) == neg.JPEG_BASELINE
+    pref = tsx.PREFERENCES["all"]
+    assert neg.choose_transfer_syntax(pref, BASE8) == tsx.JPEG_2000
+    assert neg.choose_transfer_syntax(pref, BASE8[:6]) == tsx.JPEG_BASELINE
 
 
 def test_unknown_sop_class() -> None:
     assert neg.is_unknown_sop_class(PRIVATE_SOP)
     assert neg.is_unknown_sop_class(PRIVATE_SOP_LEADING_ZERO)
     for known in (CT_IMAGE, STANDALONE_CURVE, PHOTOACOUSTIC, HANGING_PROTOCOL, MWL_FIND,
-                  neg.VERIFICATION_SOP_CLASS, neg.EXPLICIT_LE, "1.2.840.113619.5.2"):
+                  neg.VERIFICATION_SOP_CLASS, tsx.EXPLICIT_LE, "1.2.840.113619.5.2"):
         assert not neg.is_unknown_sop_class(known), known
     for junk in ("", "1.2.", ".1.2", "1..2", "1.2.a", "1.2 ", "1." + "2" * 63):
         assert not neg.is_unknown_sop_class(junk), junk
@@ -187,15 +188,15 @@ def _cx(uid: str | None, syntaxes: Sequence[str] = BASE8) -> PresentationContext
 
 @pytest.mark.filterwarnings(LEADING_ZERO_WARNING)
 def test_promiscuous_contexts_for() -> None:
-    proposed = [_cx(CT_IMAGE), _cx(PRIVATE_SOP), _cx(MWL_FIND), _cx(PRIVATE_SOP, [neg.IMPLICIT_LE]),
-                _cx(HANGING_PROTOCOL), _cx(PRIVATE_SOP_LEADING_ZERO, [neg.JPEG_BASELINE]),
+    proposed = [_cx(CT_IMAGE), _cx(PRIVATE_SOP), _cx(MWL_FIND), _cx(PRIVATE_SOP, [tsx.IMPLICIT_LE]),
+                _cx(HANGING_PROTOCOL), _cx(PRIVATE_SOP_LEADING_ZERO, [tsx.JPEG_BASELINE]),
                 _cx(None)]
     got = neg.promiscuous_contexts_for(proposed, "big")
     # One context per distinct unknown UID, our whole list, even if nothing of it was proposed.
-    assert got == [(PRIVATE_SOP, neg.PREFERENCES["big"]),
-                   (PRIVATE_SOP_LEADING_ZERO, neg.PREFERENCES["big"])]
+    assert got == [(PRIVATE_SOP, tsx.PREFERENCES["big"]),
+                   (PRIVATE_SOP_LEADING_ZERO, tsx.PREFERENCES["big"])]
     assert neg.promiscuous_contexts_for(proposed, "big", supported={PRIVATE_SOP}) == \
-        [(PRIVATE_SOP_LEADING_ZERO, neg.PREFERENCES["big"])]
+        [(PRIVATE_SOP_LEADING_ZERO, tsx.PREFERENCES["big"])]
     assert neg.promiscuous_contexts_for([_cx(CT_IMAGE)], "all") == []
     with pytest.raises(ValueError):
         neg.promiscuous_contexts_for(proposed, "bogus")
@@ -219,7 +220,7 @@ def ingestd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 def ingestd_as(daemon: Daemon, flag: str, *, promiscuous: bool = False) -> int:
     """Reconfigure the daemon as `storescp FLAG [-pm]` would run; return its port."""
     daemon.reconfigure("negotiation", {
-        "preferred_transfer_syntax": neg.STORESCP_FLAG_TO_PREFERENCE[flag],
+        "preferred_transfer_syntax": tsx.STORESCP_FLAG_TO_PREFERENCE[flag],
         "promiscuous": promiscuous})
     return daemon.port
 
@@ -268,7 +269,7 @@ def proposal_set(seed: int) -> list[tuple[str, tuple[str, ...]]]:
     proposals += [(CT_IMAGE, order) for order in orders]
     proposals += [(STANDALONE_CURVE, BASE8[::-1]), (HANGING_PROTOCOL, BASE8), (MWL_FIND, BASE8),
                   (PHOTOACOUSTIC, BASE8), (PRIVATE_SOP, BASE8[::-1]),
-                  (PRIVATE_SOP, (neg.JPEG_LS_LOSSLESS,)), (PRIVATE_SOP_LEADING_ZERO, ALL_TS),
+                  (PRIVATE_SOP, (tsx.JPEG_LS_LOSSLESS,)), (PRIVATE_SOP_LEADING_ZERO, ALL_TS),
                   (GE_PRIVATE_SYNTAX, BASE8)]
     assert len(proposals) <= 128
     return proposals
@@ -276,7 +277,7 @@ def proposal_set(seed: int) -> list[tuple[str, tuple[str, ...]]]:
 
 # -- (b) differential tests: storescp and the daemon --------------------------------------------
 
-ALL_FLAGS = [f for f in neg.STORESCP_FLAG_TO_PREFERENCE if not f.startswith("--")]
+ALL_FLAGS = [f for f in tsx.STORESCP_FLAG_TO_PREFERENCE if not f.startswith("--")]
 
 
 @pytest.mark.parametrize("flag", ALL_FLAGS)
@@ -285,11 +286,11 @@ def test_same_choice_as_storescp(flag: str, tmp_path: Path, ingestd: Daemon) -> 
     """A mix of SOP classes and syntax orders, then every pair of syntaxes as a context of
     its own: with the singletons of proposal_set (membership) the pairs pin down the whole
     preference list, so a swap anywhere in it -- even between two fallbacks -- shows up."""
-    preference = neg.STORESCP_FLAG_TO_PREFERENCE[flag]
+    preference = tsx.STORESCP_FLAG_TO_PREFERENCE[flag]
     proposals = proposal_set(seed=len(flag) * 31 + ord(flag[-1]))
     rng = random.Random(flag)
     pairs = [tuple(rng.sample(pair, 2)) for pair in itertools.combinations(ALL_TS, 2)
-             if set(pair) & set(neg.PREFERENCES[preference])]
+             if set(pair) & set(tsx.PREFERENCES[preference])]
     chunks = [[(CT_IMAGE, pair) for pair in pairs[i:i + 120]] for i in range(0, len(pairs), 120)]
     our_port = ingestd_as(ingestd, flag)
     with storescp([flag], tmp_path) as dcmtk_port:
@@ -303,10 +304,10 @@ def test_same_choice_as_storescp(flag: str, tmp_path: Path, ingestd: Daemon) -> 
         if uid == PHOTOACOUSTIC:
             # Deliberate: we accept pynetdicom's newer storage classes without -pm.
             assert t == (0x03, None)
-            assert o == (0, neg.choose_transfer_syntax(neg.PREFERENCES[preference], syntaxes))
+            assert o == (0, neg.choose_transfer_syntax(tsx.PREFERENCES[preference], syntaxes))
             continue
         assert o == t, (flag, uid, syntaxes)
-        expected = neg.choose_transfer_syntax(neg.PREFERENCES[preference], syntaxes)
+        expected = neg.choose_transfer_syntax(tsx.PREFERENCES[preference], syntaxes)
         if t[0] == 0:
             assert t[1] == expected
     # The proposals really exercised acceptance and refusal.
@@ -319,7 +320,7 @@ def test_every_storage_sop_class_storescp_accepts(tmp_path: Path, ingestd: Daemo
     table); the non-patient storage classes storescp leaves out are refused by both."""
     storage = dcmtk_facts.storage_sop_classes()
     refused = [HANGING_PROTOCOL, MWL_FIND, GE_PRIVATE_SYNTAX, PRIVATE_SOP]
-    proposals = [(uid, (neg.IMPLICIT_LE, neg.EXPLICIT_LE)) for uid in [*storage, *refused]]
+    proposals = [(uid, (tsx.IMPLICIT_LE, tsx.EXPLICIT_LE)) for uid in [*storage, *refused]]
     our_port = ingestd_as(ingestd, "+x=")
     with storescp([], tmp_path) as dcmtk_port:
         for start in range(0, len(proposals), 128):
@@ -328,7 +329,7 @@ def test_every_storage_sop_class_storescp_accepts(tmp_path: Path, ingestd: Daemo
             ours = negotiate(our_port, chunk)
             refused_by_us = [uid for (uid, _), o in zip(chunk, ours, strict=True) if o[0]]
             assert ours == theirs, refused_by_us
-            assert all(t == (0, neg.EXPLICIT_LE) for (uid, _), t in
+            assert all(t == (0, tsx.EXPLICIT_LE) for (uid, _), t in
                        zip(chunk, theirs, strict=True) if uid in storage)
     assert [outcome[0] for outcome in theirs[-len(refused):]] == [0x03] * len(refused)
 
@@ -337,7 +338,7 @@ def test_every_storage_sop_class_storescp_accepts(tmp_path: Path, ingestd: Daemo
 @pytest.mark.filterwarnings(LEADING_ZERO_WARNING)
 def test_same_choice_as_storescp_promiscuous(flag: str, tmp_path: Path,
                                              ingestd: Daemon) -> None:
-    preference = neg.STORESCP_FLAG_TO_PREFERENCE[flag]
+    preference = tsx.STORESCP_FLAG_TO_PREFERENCE[flag]
     proposals = proposal_set(seed=7)
     our_port = ingestd_as(ingestd, flag, promiscuous=True)
     with storescp([flag, "-pm"], tmp_path) as dcmtk_port:
@@ -348,11 +349,11 @@ def test_same_choice_as_storescp_promiscuous(flag: str, tmp_path: Path,
     # Private SOP classes accepted with our order, or refused for the transfer syntax (0x04)
     # and not the abstract syntax; known non-storage classes (and a UID only DCMTK names)
     # still refused.
-    pref = neg.PREFERENCES[preference]
+    pref = tsx.PREFERENCES[preference]
     assert outcome[(PRIVATE_SOP, BASE8[::-1])] == (0, neg.choose_transfer_syntax(pref, BASE8))
-    jls_only = (neg.JPEG_LS_LOSSLESS,)
+    jls_only = (tsx.JPEG_LS_LOSSLESS,)
     assert outcome[(PRIVATE_SOP, jls_only)] == (
-        (0, neg.JPEG_LS_LOSSLESS) if neg.JPEG_LS_LOSSLESS in pref else (0x04, None))
+        (0, tsx.JPEG_LS_LOSSLESS) if tsx.JPEG_LS_LOSSLESS in pref else (0x04, None))
     assert outcome[(MWL_FIND, BASE8)] == (0x03, None)
     assert outcome[(HANGING_PROTOCOL, BASE8)] == (0x03, None)
     assert outcome[(GE_PRIVATE_SYNTAX, BASE8)] == (0x03, None)
@@ -361,15 +362,15 @@ def test_same_choice_as_storescp_promiscuous(flag: str, tmp_path: Path,
 @pytest.mark.parametrize("flag", ["+x=", "+xa", "+xs"])
 def test_single_context_associations(flag: str, tmp_path: Path, ingestd: Daemon) -> None:
     """Exactly the storescu -R +C shape: one presentation context, several syntaxes."""
-    preference = neg.STORESCP_FLAG_TO_PREFERENCE[flag]
+    preference = tsx.STORESCP_FLAG_TO_PREFERENCE[flag]
     cases = [(CT_IMAGE, BASE8), (CT_IMAGE, BASE8[::-1]),
-             (CT_IMAGE, (neg.JPEG_2000, neg.JPEG_LOSSLESS_SV1, neg.EXPLICIT_BE, neg.IMPLICIT_LE))]
+             (CT_IMAGE, (tsx.JPEG_2000, tsx.JPEG_LOSSLESS_SV1, tsx.EXPLICIT_BE, tsx.IMPLICIT_LE))]
     our_port = ingestd_as(ingestd, flag)
     with storescp([flag], tmp_path) as dcmtk_port:
         for case in cases:
             theirs = negotiate(dcmtk_port, [case])
             assert negotiate(our_port, [case]) == theirs
-            assert theirs == [(0, neg.choose_transfer_syntax(neg.PREFERENCES[preference],
+            assert theirs == [(0, neg.choose_transfer_syntax(tsx.PREFERENCES[preference],
                                                              case[1]))]
 
 
@@ -389,7 +390,7 @@ def _store(port: int, ds: Dataset) -> tuple[str, int | None, bool]:
     """Propose implicit first (pynetdicom's unrestricted mode would take it), then C-STORE."""
     ae = AE(ae_title="DIFFTEST")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    ae.add_requested_context(ds.SOPClassUID, [neg.IMPLICIT_LE, neg.EXPLICIT_LE])
+    ae.add_requested_context(ds.SOPClassUID, [tsx.IMPLICIT_LE, tsx.EXPLICIT_LE])
     assoc = ae.associate("127.0.0.1", port, ae_title="STORESCP")
     try:
         assert assoc.is_established
@@ -415,27 +416,14 @@ def test_promiscuous_store_as_storescp(tmp_path: Path, ingestd: Daemon) -> None:
         theirs = _store(dcmtk_port, _dataset(private))
     ds = _dataset(private)
     ours = _store(our_port, ds)
-    assert ours == theirs == (neg.EXPLICIT_LE, 0x0000, False)
+    assert ours == theirs == (tsx.EXPLICIT_LE, 0x0000, False)
     stored = [p for p in ingestd.files() if ds.SOPInstanceUID in p.name]
     assert len(stored) == 1, stored
     written = dcmread(stored[0])
-    assert (written.SOPClassUID, written.file_meta.TransferSyntaxUID) == (private, neg.EXPLICIT_LE)
-
-
-# -- the daemon does not use these (pynetdicom AE servers); kept until the redesign removes them
-
-def test_register_storage_uids_leaves_known_classes_alone() -> None:
-    from pynetdicom.service_class import BasicWorklistManagementServiceClass, StorageServiceClass
-    from pynetdicom.sop_class import uid_to_service_class
-    assert neg.register_storage_uids([MWL_FIND, CT_IMAGE]) == []
-    assert uid_to_service_class(MWL_FIND) is BasicWorklistManagementServiceClass
-    new = "1.2.826.0.1.3680043.9.7433.99.4"
-    assert neg.register_storage_uids([new, new]) == [new]
-    assert uid_to_service_class(new) is StorageServiceClass
-    assert new not in neg.STORAGE_SOP_CLASSES  # the static table is a snapshot
+    assert (written.SOPClassUID, written.file_meta.TransferSyntaxUID) == (private, tsx.EXPLICIT_LE)
 
 
 def test_build_context_round_trip() -> None:
     # acceptor.py builds pynetdicom contexts from our tuples; order must survive.
-    cx = build_context(CT_IMAGE, list(neg.PREFERENCES["all"]))
-    assert tuple(cx.transfer_syntax) == neg.PREFERENCES["all"]
+    cx = build_context(CT_IMAGE, list(tsx.PREFERENCES["all"]))
+    assert tuple(cx.transfer_syntax) == tsx.PREFERENCES["all"]

@@ -30,6 +30,7 @@ from test_faults import CT_IMAGE, assert_serving, associate, c_store, minimal_ct
 
 from dicom_ingestd.codes import Status
 from dicom_ingestd.config.schema import StorageConfig
+from dicom_ingestd.dcmtk import transfer
 from dicom_ingestd.errors import StorageError
 from dicom_ingestd.worker import elements, encode, header
 from dicom_ingestd.worker.store import Store
@@ -99,7 +100,7 @@ def _inflate(data: bytes) -> bytes:
 
 def _drop_trailing_padding(data: bytes, ts: str) -> bytes:
     """The data set without its last element when that is (FFFC,FFFC)."""
-    tag = b"\xff\xfc\xff\xfc" if ts == elements.EXPLICIT_BE else b"\xfc\xff\xfc\xff"
+    tag = b"\xff\xfc\xff\xfc" if ts == transfer.EXPLICIT_BE else b"\xfc\xff\xfc\xff"
     pos = data.rfind(tag)
     assert pos > 0, "no trailing padding element"
     return data[:pos]
@@ -135,7 +136,7 @@ def assert_same_bytes(reference: Receiver, ours: Receiver, args: list[str],
             assert len(ref_raw) % padding == 0 and len(our_raw) % padding == 0
             ref_data = _drop_trailing_padding(ref_data, ref_ts)
             our_data = _drop_trailing_padding(our_data, our_ts)
-        if ref_ts == elements.DEFLATED and "+cl" in args and args[args.index("+cl") + 1] == "0":
+        if ref_ts == transfer.DEFLATED_LE and "+cl" in args and args[args.index("+cl") + 1] == "0":
             # Documented difference: level 0 writes stored blocks whose sizes follow the
             # writer's buffer sizes; the inflated data sets are compared instead.
             ref_data, our_data = _inflate(ref_data), _inflate(our_data)
@@ -207,7 +208,7 @@ def test_unparseable_data_set_is_refused_and_the_daemon_keeps_serving(
     assert "cannot parse the data set to re-encode it" in log
     stored = daemon.files()
     assert len(stored) == 1 and good_uid.decode() in stored[0].name
-    assert dcmread(stored[0]).file_meta.TransferSyntaxUID == elements.EXPLICIT_BE
+    assert dcmread(stored[0]).file_meta.TransferSyntaxUID == transfer.EXPLICIT_BE
     assert daemon.staging() == []
     assert_serving(daemon)
 
@@ -311,17 +312,17 @@ def test_translation_fills_storescp_defaults_only_when_re_encoding() -> None:
 # --- the codec against dcmconv -------------------------------------------------------------
 
 CONVERSIONS: dict[str, tuple[list[str], dict[str, Any]]] = {
-    "+te": (["+te"], {"transfer_syntax": elements.EXPLICIT_LE}),
-    "+tb": (["+tb"], {"transfer_syntax": elements.EXPLICIT_BE}),
-    "+ti": (["+ti"], {"transfer_syntax": elements.IMPLICIT_LE}),
-    "+td +cl 9": (["+td", "+cl", "9"], {"transfer_syntax": elements.DEFLATED,
+    "+te": (["+te"], {"transfer_syntax": transfer.EXPLICIT_LE}),
+    "+tb": (["+tb"], {"transfer_syntax": transfer.EXPLICIT_BE}),
+    "+ti": (["+ti"], {"transfer_syntax": transfer.IMPLICIT_LE}),
+    "+td +cl 9": (["+td", "+cl", "9"], {"transfer_syntax": transfer.DEFLATED_LE,
                                         "deflate_level": 9}),
     "-e": (["-e"], {"sequence_lengths": "undefined"}),
     "+g": (["+g"], {"group_length": "create"}),
     "-g": (["-g"], {"group_length": "remove"}),
     "-u": (["-u"], {"new_vrs": False}),
     "+tb -e +g +p 100 6": (["+tb", "-e", "+g", "+p", "100", "6"],
-                           {"transfer_syntax": elements.EXPLICIT_BE,
+                           {"transfer_syntax": transfer.EXPLICIT_BE,
                             "sequence_lengths": "undefined", "group_length": "create",
                             "file_padding": 100, "item_padding": 6}),
 }
@@ -383,10 +384,10 @@ def test_implicit_vr_of_elements_newer_than_dcmtk(tmp_path: Path) -> None:
     target = tmp_path / "out.dcm"
     run_tool(["dcmconv", "-p", "+te", str(source), str(target)], check=True)
     ts, data, _ = _data_set(source.read_bytes())
-    ref = elements.parse(_data_set(target.read_bytes())[1], elements.EXPLICIT_LE)
+    ref = elements.parse(_data_set(target.read_bytes())[1], transfer.EXPLICIT_LE)
     ours = elements.parse(b"".join(elements.write(elements.parse(data, ts),
-                                                  elements.Encoding(elements.EXPLICIT_LE))),
-                          elements.EXPLICIT_LE)
+                                                  elements.Encoding(transfer.EXPLICIT_LE))),
+                          transfer.EXPLICIT_LE)
     vrs = {e.tag: e.vr for e in ours}
     assert {e.tag: e.vr for e in ref} == {**vrs, 0x0008040C: "UN"}
     assert vrs[0x0008040C] == "UV"
@@ -398,11 +399,11 @@ def test_unparseable_data_set_is_refused(tmp_path: Path) -> None:
     store = Store(storage)
     store.open()
     temp = store.temp_file()
-    temp.write(header.file_meta("1.2.3", "4.5.6", elements.EXPLICIT_LE, "1.2", "X"))
+    temp.write(header.file_meta("1.2.3", "4.5.6", transfer.EXPLICIT_LE, "1.2", "X"))
     temp.write(bundled("CT_small.dcm").read_bytes()[400:1000])
     temp.finish(False)
     with pytest.raises(StorageError) as raised:
-        encode.rewrite(storage, store, temp, elements.EXPLICIT_LE, lambda t: b"")
+        encode.rewrite(storage, store, temp, transfer.EXPLICIT_LE, lambda t: b"")
     assert raised.value.status == Status.CANNOT_UNDERSTAND
     assert list((tmp_path / STAGING).iterdir()) == []
     store.close()

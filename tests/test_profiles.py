@@ -48,17 +48,18 @@ from pynetdicom.presentation import PresentationContext
 from test_differential import Receiver, assert_same_output, run_both
 
 from dicom_ingestd.config.asconfig import AsconfigError, parse_asconfig, read_asconfig
-from dicom_ingestd.config.dcmtk_uids import DCMTK_UID_NAMES
 from dicom_ingestd.config.load import config_from_mapping, load_config
 from dicom_ingestd.config.storescp import translate
+from dicom_ingestd.dcmtk import transfer as tsx
+from dicom_ingestd.dcmtk.uids import DCMTK_UID_NAMES
 from dicom_ingestd.errors import ConfigError
 from dicom_ingestd.worker import negotiation as neg
 
 INSTALLED_CFG = Path("/etc/dcmtk/storescp.cfg")
 
-LE, BE, IMPLICIT = neg.EXPLICIT_LE, neg.EXPLICIT_BE, neg.IMPLICIT_LE
-DEFLATED, RLE = neg.DEFLATED_LE, neg.RLE_LOSSLESS
-JPEG8, JPEG12, JPEG_LL = neg.JPEG_BASELINE, neg.JPEG_EXTENDED, neg.JPEG_LOSSLESS_SV1
+LE, BE, IMPLICIT = tsx.EXPLICIT_LE, tsx.EXPLICIT_BE, tsx.IMPLICIT_LE
+DEFLATED, RLE = tsx.DEFLATED_LE, tsx.RLE_LOSSLESS
+JPEG8, JPEG12, JPEG_LL = tsx.JPEG_BASELINE, tsx.JPEG_EXTENDED, tsx.JPEG_LOSSLESS_SV1
 VERIFICATION = neg.VERIFICATION_SOP_CLASS
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -103,7 +104,7 @@ def test_shipped_storescp_cfg(shipped_cfg: Path) -> None:
     assert len(default.contexts) == 128 and default.contexts[0] == (VERIFICATION, "UNCOMPRESSED")
     assert (default.roles, default.extended_negotiation) == ((), ())
     # DCMTK's AnyTransferSyntax is storescp's +xa list (the same file says so).
-    assert asconfig.transfer_syntaxes["ANYTRANSFERSYNTAX"] == neg.PREFERENCES["all"]
+    assert asconfig.transfer_syntaxes["ANYTRANSFERSYNTAX"] == tsx.PREFERENCES["all"]
     assert asconfig.transfer_syntaxes["UNCOMPRESSED"] == (LE, BE, IMPLICIT)
     assert asconfig.select(" all dicom ").name == "AllDICOM"  # storescp's mangling
 

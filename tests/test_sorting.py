@@ -23,8 +23,9 @@ from pydicom import dcmread
 from test_faults import CT_IMAGE, associate, c_store, data_set_bytes, release
 
 from dicom_ingestd.config.load import config_from_mapping
+from dicom_ingestd.processes import start_ticks
 from dicom_ingestd.worker.naming import study_subdirectory
-from dicom_ingestd.worker.store import Store, _start_ticks, sort_holder
+from dicom_ingestd.worker.store import Store, sort_holder
 
 
 def _interleave(a: list[Path], b: list[Path]) -> list[Path]:
@@ -182,7 +183,7 @@ def test_a_dead_association_holds_nothing(tmp_path: Path) -> None:
     store = _store(tmp_path)
     when = datetime(2026, 12, 1, 10)
     child = subprocess.Popen(["sleep", "30"])
-    dead = f"{child.pid}:{_start_ticks(child.pid)}:0"
+    dead = f"{child.pid}:{start_ticks(child.pid)}:0"
     first = store.study_directory("k", "1.2.1", _names(when), dead)
     child.kill()
     child.wait()

@@ -13,13 +13,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 
+from dicom_ingestd.dcmtk.transfer import EXPLICIT_LE, IMPLICIT_LE
 from dicom_ingestd.worker import elements
 
 SOP_CLASS = "1.2.840.10008.1.20.1"  # Storage Commitment Push Model SOP Class
 SOP_INSTANCE = "1.2.840.10008.1.20.1.1"  # its well-known SOP instance
 ACTION_REQUEST = 1  # Action Type ID: request storage commitment
-IMPLICIT_LE = "1.2.840.10008.1.2"
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
 TRANSFER_SYNTAXES = (EXPLICIT_LE, IMPLICIT_LE)  # our preference, for the context
 
 TRANSACTION_UID = 0x00081195

@@ -44,6 +44,8 @@ from dicom_ingestd.worker.pdu import (
     A_ABORT,
     A_ASSOCIATE_AC,
     A_ASSOCIATE_RJ,
+    ABORT_REASON_NOT_SPECIFIED,
+    ABORT_SOURCE_SERVICE_USER,
     P_DATA_TF,
     Channel,
     PeerClosed,
@@ -264,7 +266,7 @@ def deliver(settings: Settings, report_path: str) -> str:
 
 def with_abort(channel: Channel) -> None:
     with contextlib.suppress(PeerClosed, PeerTimeout, OSError):
-        channel.send(encode_abort(0, 0))
+        channel.send(encode_abort(ABORT_SOURCE_SERVICE_USER, ABORT_REASON_NOT_SPECIFIED))
 
 
 def main(argv: Sequence[str]) -> int:

@@ -15,7 +15,7 @@ files storescp accepts and mean the same by them:
   counts.  Lines end with LF, CR or CR LF; NUL bytes read as spaces.
 * The meaning (DcmAssociationConfigurationFile): entries are read as ``TransferSyntax1``,
   ``TransferSyntax2``, ... up to the first missing number (later ones are ignored, we warn);
-  UIDs may be written as DCMTK symbolic names (``config.dcmtk_uids``, looked up exactly, with
+  UIDs may be written as DCMTK symbolic names (``dcmtk.uids``, looked up exactly, with
   an optional leading '='; ``LocalEndianExplicit``/``OppositeEndianExplicit`` are explicit
   little/big endian on the little-endian hosts we run on) and must then consist of digits and
   dots.  References between sections are compared after removing blanks and upper-casing.
@@ -34,12 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from dicom_ingestd.config.dcmtk_uids import DCMTK_UID_NAMES
+from dicom_ingestd.dcmtk.transfer import EXPLICIT_BE, EXPLICIT_LE
+from dicom_ingestd.dcmtk.uids import DCMTK_UID_NAMES
 
 __all__ = ["Asconfig", "AsconfigError", "AsconfigProfile", "mangle", "read_asconfig"]
-
-EXPLICIT_LE: Final = "1.2.840.10008.1.2.1"
-EXPLICIT_BE: Final = "1.2.840.10008.1.2.2"
 
 ROLES: Final = {"SCU": "scu", "SCP": "scp", "BOTH": "both"}
 MAX_CONTEXTS: Final = 128  # DCMTK refuses longer presentation context lists

@@ -27,7 +27,7 @@ from typing import Any
 
 import tomli_w
 
-from dicom_ingestd.config import profiles as profile_tables
+from dicom_ingestd.config import profile_tables
 from dicom_ingestd.config.schema import (
     CHOICES,
     MAXIMUM,

@@ -1,14 +1,16 @@
 """The configuration schema: every setting declared once, with its default and its documentation.
 
-This module is a leaf (stdlib only).  The loader (`config.load`), the storescp translator
-(`config.storescp`), the documentation renderer (`config.docs`) and the example
-`etc/ingestd.toml` all read the declarations below, so a setting cannot exist in one place and
-be missing in another.
+This module is a leaf (stdlib and the DCMTK data in `dcmtk/` only).  The loader
+(`config.load`), the storescp translator (`config.storescp`), the documentation renderer
+(`config.docs`) and the example `etc/ingestd.toml` all read the declarations below, so a
+setting cannot exist in one place and be missing in another.
 """
 
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
+
+from dicom_ingestd.dcmtk.transfer import DEFAULT_PREFERENCE, STORESCP_PREFERENCE_FLAGS
 
 # Metadata keys used in field(metadata=...).
 DOC = "doc"
@@ -46,11 +48,7 @@ def setting(
     return field(default=default, metadata=meta)
 
 
-PREFERENCE_CHOICES = (
-    "uncompressed", "little", "big", "lossless", "jpeg8", "jpeg12", "j2k-lossless", "j2k-lossy",
-    "jls-lossless", "jls-lossy", "mpeg2", "mpeg2-high", "mpeg4", "mpeg4-bd", "mpeg4-2-2d",
-    "mpeg4-2-3d", "mpeg4-2-st", "hevc", "hevc10", "rle", "deflated", "implicit", "all",
-)
+PREFERENCE_CHOICES = tuple(STORESCP_PREFERENCE_FLAGS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,11 +198,9 @@ class NegotiationConfig:
     """
 
     preferred_transfer_syntax: str = setting(
-        "uncompressed",
+        DEFAULT_PREFERENCE,
         "Transfer syntax preference list, as storescp's --prefer-* options (+x=, +xe, +xb, ...).",
-        storescp=("+x=", "+xe", "+xb", "+xs", "+xy", "+xx", "+xv", "+xw", "+xt", "+xu", "+xm",
-                  "+xh", "+xn", "+xl", "+x2", "+x3", "+xo", "+x4", "+x5", "+xr", "+xd", "+xi",
-                  "+xa"),
+        storescp=tuple(short for short, _ in STORESCP_PREFERENCE_FLAGS.values()),
         choices=PREFERENCE_CHOICES,
     )
     promiscuous: bool = setting(

@@ -1,7 +1,9 @@
-"""X.509 subject names as an administrator writes them and as a peer's certificate has them:
-the grammar that tls.allowed_subjects is checked with when the configuration is loaded and
-that the worker matches a peer's certificate against (worker/tls.py).  Stdlib only; no TLS
-here, so the configuration never imports the TLS stack.
+"""Certificate subjects as [tls] writes them and as a peer's certificate carries them.
+
+One grammar for the loader's checks of `tls.allowed_subjects` (and the per-subject AE titles)
+and for the worker's comparison with the verified peer certificate: RFC 4514 text or OpenSSL's
+way of printing a subject, compared by attribute and value (order, case and the spaces around
+separators do not matter).  A leaf: standard library only.
 """
 
 # Attribute names as OpenSSL's long names (getpeercert) and the usual short forms, to one

@@ -146,7 +146,8 @@ def write_manifest(path: Path, manifest: dict[str, Any], fsync: bool = True) -> 
 
 
 def rename_filename(prefix2: str, number: int) -> str:
-    """storescp's new name (sprintf "%s%06d"); the same as naming.rename_filename."""
+    """storescp -rns's new name: `prefix2` and `number` as at least 6 digits (CT000001),
+    without the -fe extension (storescp.cc 2283, sprintf "%s%06d")."""
     return f"{prefix2}{number:06d}"
 
 

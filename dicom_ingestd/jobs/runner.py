@@ -39,10 +39,10 @@ from dataclasses import dataclass, field
 from dicom_ingestd.config.schema import JobsConfig
 from dicom_ingestd.jobs.queue import Job, JobPool, JobQueue, JobState
 from dicom_ingestd.jobs.reminders import REMINDER_INTERVAL, Reminders
+from dicom_ingestd.processes import KILL_GRACE, describe_returncode, start_ticks
 
 log = logging.getLogger("dicom_ingestd.jobs")
 
-KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL of a job's process group
 MAX_LINE = 8192  # longer output lines are logged in pieces
 POLL_INTERVAL = 1.0  # look for due jobs (retries, `jobs retry`) at least this often
 RECORD_RETRY = 2.0  # seconds between attempts to write outcomes the database refused
@@ -51,30 +51,9 @@ _PREPARE = "prepare"
 _START = "record start"
 
 
-def process_start(pid: int) -> str:
-    """The start time of process `pid` (clock ticks since boot, /proc/PID/stat field 22), or
-    '' if it does not exist: with the pid it identifies a process across pid reuse."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
-    except OSError:
-        return ""
-    fields = stat[stat.rfind(b")") + 2:].split()
-    return fields[19].decode() if len(fields) > 19 else ""
-
-
 def shown(argv: list[str]) -> str:
     """An argument vector for a log line: shell-quoted, one line."""
     return shlex.join(argv).replace("\n", "\\n")
-
-
-def describe_exit(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            return f"killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"killed by signal {-returncode}"
-    return f"exit status {returncode}"
 
 
 def backoff(settings: JobsConfig, failures: int) -> float:
@@ -262,7 +241,7 @@ class JobRunner:
             self.selector.register(stream.fd, selectors.EVENT_READ,
                                    lambda _fd, r=run, s=stream: self._output(r, s))
         try:
-            self.queue.started(job.id, popen.pid, process_start(popen.pid), self._wall())
+            self.queue.started(job.id, popen.pid, start_ticks(popen.pid), self._wall())
         except (OSError, sqlite3.Error) as exc:
             count = self._reminders.failed(_START)
             if count:
@@ -359,8 +338,8 @@ class JobRunner:
                 job.id, "interrupted by the daemon's stop; runs again after the restart"),
                 job.id, None)
             log.info("job %d: interrupted (%s) by the daemon's stop after %.1f s; it runs "
-                     "again after the restart", job.id, describe_exit(returncode), duration,
-                     extra=journal_fields(job, JOB_STATUS=describe_exit(returncode)))
+                     "again after the restart", job.id, describe_returncode(returncode), duration,
+                     extra=journal_fields(job, JOB_STATUS=describe_returncode(returncode)))
             return
         attempt = job.attempts + 1
         if returncode == 0 and not run.timed_out:
@@ -371,7 +350,7 @@ class JobRunner:
             self._record(lambda: self.queue.finished(job.id, JobState.DONE, "exit status 0",
                                                      wall, attempts=attempt), job.id, True)
             return
-        result = describe_exit(returncode)
+        result = describe_returncode(returncode)
         if run.timed_out:
             result = f"timed out after {job.timeout:g} s ({result})"
         self._record_failure(job, attempt, result, duration)

@@ -71,7 +71,8 @@ from dicom_ingestd.jobs import rename
 from dicom_ingestd.jobs.commitment import Commitments, records_wanted
 from dicom_ingestd.jobs.queue import DATABASE, Job, JobKind, JobQueue, is_corrupt
 from dicom_ingestd.jobs.rename import write_manifest
-from dicom_ingestd.jobs.runner import JobRunner, process_start
+from dicom_ingestd.jobs.runner import JobRunner
+from dicom_ingestd.processes import start_ticks
 from dicom_ingestd.tracker import (
     Arrival,
     ClosedStudy,
@@ -282,7 +283,7 @@ class EventService:
     def _recover_running(self) -> None:
         assert self.queue is not None
         for job in self.queue.running():
-            if job.pid and job.pid_start and process_start(job.pid) == job.pid_start:
+            if job.pid and job.pid_start and start_ticks(job.pid) == job.pid_start:
                 log.warning("job %d: process group %d still runs from before the restart; "
                             "killing it", job.id, job.pid)
                 with contextlib.suppress(OSError):

@@ -16,11 +16,9 @@ from dataclasses import dataclass
 
 from pydicom.datadict import dictionary_VR, private_dictionary_VR
 
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
-IMPLICIT_LE = "1.2.840.10008.1.2"
-EXPLICIT_BE = "1.2.840.10008.1.2.2"
-DEFLATED = "1.2.840.10008.1.2.1.99"
-UNCOMPRESSED = frozenset({EXPLICIT_LE, IMPLICIT_LE, EXPLICIT_BE, DEFLATED})
+from dicom_ingestd.dcmtk.transfer import DEFLATED_LE, EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE
+
+UNCOMPRESSED = frozenset({EXPLICIT_LE, IMPLICIT_LE, EXPLICIT_BE, DEFLATED_LE})
 
 PIXEL_DATA = 0x7FE00010
 ITEM = 0xFFFEE000
@@ -301,7 +299,7 @@ def parse(data: Value, transfer_syntax: str, max_size: int | None = None) -> lis
     """
     if max_size is not None and len(data) > max_size:
         raise DataSetTooLarge(f"the data set has {len(data)} bytes, more than {max_size}")
-    if transfer_syntax == DEFLATED:
+    if transfer_syntax == DEFLATED_LE:
         try:
             if max_size is not None:
                 # Measured first, in 64 KiB pieces: a deflate bomb is refused without
@@ -477,7 +475,7 @@ def write(elements: list[Element], encoding: Encoding, prefix_length: int = 0) -
     meta header): file padding makes the whole file a multiple of encoding.file_padding.
     """
     chunks = _Writer(encoding).elements(elements, encoding.file_padding, prefix_length)
-    if encoding.transfer_syntax != DEFLATED:
+    if encoding.transfer_syntax != DEFLATED_LE:
         return chunks
     compressor = zlib.compressobj(encoding.deflate_level, zlib.DEFLATED, -zlib.MAX_WBITS)
     deflated: Chunks = [compressor.compress(chunk) for chunk in chunks]

@@ -17,15 +17,16 @@ from collections.abc import Callable
 
 from dicom_ingestd.codes import Status
 from dicom_ingestd.config.schema import StorageConfig
+from dicom_ingestd.dcmtk.transfer import DEFLATED_LE, EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE
 from dicom_ingestd.errors import StorageError
 from dicom_ingestd.worker import elements
 from dicom_ingestd.worker.store import Store, TempFile
 
 TRANSFER_SYNTAXES = {
-    "little-explicit": elements.EXPLICIT_LE,
-    "big-explicit": elements.EXPLICIT_BE,
-    "implicit": elements.IMPLICIT_LE,
-    "deflated": elements.DEFLATED,
+    "little-explicit": EXPLICIT_LE,
+    "big-explicit": EXPLICIT_BE,
+    "implicit": IMPLICIT_LE,
+    "deflated": DEFLATED_LE,
 }
 _COPY_CHUNK = 1 << 20
 

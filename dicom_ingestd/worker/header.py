@@ -10,21 +10,18 @@ falls back to pydicom on the whole file.
 
 import struct
 
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
-IMPLICIT_LE = "1.2.840.10008.1.2"
-EXPLICIT_BE = "1.2.840.10008.1.2.2"
-DEFLATED = "1.2.840.10008.1.2.1.99"
+from dicom_ingestd.dcmtk.transfer import DEFLATED_LE, EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE
+from dicom_ingestd.worker import elements
 
-# VRs whose explicit-VR encoding has 2 reserved bytes and a 4-byte length.
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
-                       b"UR", b"UT", b"UV"})
-_UNDEFINED = 0xFFFFFFFF
-_ITEM = 0xFFFEE000
-_ITEM_END = 0xFFFEE00D
-_SEQUENCE_END = 0xFFFEE0DD
+# The encoding's constants as this reader compares them (VRs as they come off the wire: bytes).
+_LONG_VRS = frozenset(vr.encode() for vr in elements.LONG_VRS)
+_UNDEFINED = elements.UNDEFINED
+_ITEM = elements.ITEM
+_ITEM_END = elements.ITEM_END
+_SEQUENCE_END = elements.SEQUENCE_END
 WANTED = (0x00080016, 0x00080018, 0x00080060, 0x00100010, 0x00100020, 0x0020000D, 0x0020000E)
 _WANTED_SET = frozenset(WANTED)
-_LAST_WANTED = 0x0020000E
+_LAST_WANTED = max(WANTED)
 _MAX_DEPTH = 16
 
 
@@ -139,7 +136,7 @@ def read_identifiers(prefix: bytes, transfer_syntax: str,
         walker = _Walker(prefix, implicit=True, little=True)
     elif transfer_syntax == EXPLICIT_BE:
         walker = _Walker(prefix, implicit=False, little=False)
-    elif transfer_syntax == DEFLATED:
+    elif transfer_syntax == DEFLATED_LE:
         return None
     else:  # every other (compressed) transfer syntax encodes the data set as explicit VR LE
         walker = _Walker(prefix, implicit=False, little=True)

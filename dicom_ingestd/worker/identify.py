@@ -21,25 +21,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from dicom_ingestd.dcmtk.transfer import DEFLATED_LE, EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE
 from dicom_ingestd.errors import IngestError
-from dicom_ingestd.worker import header
-
-EXPLICIT_LE = header.EXPLICIT_LE
-IMPLICIT_LE = header.IMPLICIT_LE
-EXPLICIT_BE = header.EXPLICIT_BE
-DEFLATED = header.DEFLATED
+from dicom_ingestd.worker import elements, header
 
 HEAD_BYTES = 1 << 16  # identifying attributes sit in the first few KiB of a data set
 DEFAULT_MAX_DECODED = 512 << 20  # storage.max_decoded_size's default
 MAX_VALUE = 1 << 20  # longest identifying value read (a UID is 64 bytes, a name 324)
 MAX_DEPTH = 512  # nested undefined-length sequences walked before (0020,000E)
 _CHUNK = 1 << 16
-_UNDEFINED = 0xFFFFFFFF
-_ITEM = 0xFFFEE000
-_ITEM_END = 0xFFFEE00D
-_SEQUENCE_END = 0xFFFEE0DD
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
-                       b"UR", b"UT", b"UV"})
+_UNDEFINED = elements.UNDEFINED
+_ITEM = elements.ITEM
+_ITEM_END = elements.ITEM_END
+_SEQUENCE_END = elements.SEQUENCE_END
+_LONG_VRS = frozenset(vr.encode() for vr in elements.LONG_VRS)
 _WANTED = frozenset(header.WANTED)
 _LAST_WANTED = max(header.WANTED)
 
@@ -96,7 +91,7 @@ def identify_prefix(prefix: bytes, transfer_syntax: str, *, complete: bool,
 
     A deflated prefix is inflated to at most HEAD_BYTES first.
     """
-    if transfer_syntax == DEFLATED:
+    if transfer_syntax == DEFLATED_LE:
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         try:
             prefix = inflater.decompress(prefix, HEAD_BYTES)
@@ -332,7 +327,7 @@ def _identify_file(file: BinaryIO, fix_uid_padding: bool, limit: int) -> Identit
     start, syntax = _data_set_start(file)
 
     def source() -> _Source:
-        if syntax == DEFLATED:
+        if syntax == DEFLATED_LE:
             return _InflateSource(file, start, limit)
         return _FileSource(file, start)
 

@@ -28,14 +28,12 @@ Values DCMTK would accept as UIDs come out unchanged.  Where storescp cleans a U
 (white space, a second value) and so lets distinct objects share one file, we do not: see
 :func:`_clean_uid`.
 
-Everything is pure: no clock (times are parameters), no filesystem, except
-:func:`ensure_under`, which has to resolve symlinks.
+Everything is pure: no clock (times are parameters), no filesystem.
 """
 
 import hashlib
 import re
 from datetime import datetime
-from pathlib import Path
 from typing import Final, Literal
 
 from dicom_ingestd.codes import Status
@@ -48,11 +46,8 @@ __all__ = [
     "PLACEHOLDER",
     "MissingStudyUID",
     "SortMode",
-    "TimeNameSequence",
     "default_filename",
-    "ensure_under",
     "patient_name_component",
-    "rename_filename",
     "safe_component",
     "study_subdirectory",
     "time_filename",
@@ -212,46 +207,14 @@ def time_filename(
     The extension follows the modality code, after a ``.`` that is always there.  ``when`` is
     read by its wall-clock fields: pass local time, as storescp uses localtime(); a tz-aware
     value is not converted.  ``serial`` is ``None`` for the first file of a millisecond, then
-    0, 1, 2... printed as at least 4 digits (see :class:`TimeNameSequence`, which applies
-    storescp's rule).  Raises ValueError for a negative serial.
+    0, 1, 2... printed as at least 4 digits (worker/layout.py tries them in turn).  Raises
+    ValueError for a negative serial.
     """
     if serial is not None and serial < 0:
         raise ValueError(f"serial must be >= 0, got {serial}")
     date, time = _date_time_digits(when)
     tail = "" if serial is None else f"_{serial:04d}"
     return _one_component(f"{date}{time}{tail}.{_modality(sop_class_uid)}{extension}")
-
-
-class TimeNameSequence:
-    """storescp's ``-tn`` collision rule, without its file system.
-
-    storescp builds the name without serial; if that equals the last name it wrote, it adds
-    ``_0000``; while the next candidate (with the current serial) still equals the last name
-    it counts up; a name that differs drops the serial again (storescp.cc 2024-2064).  When a
-    new study subdirectory is created storescp forgets the serial (1897-1900): call
-    :meth:`new_study` then.  Not thread-safe: one instance per storing sequence, as storescp.
-    """
-
-    def __init__(self) -> None:
-        self._serial = -1  # storescp's "no serial in the last name"
-        self._last: str | None = None
-
-    def next_name(self, when: datetime, sop_class_uid: str, extension: str = "") -> str:
-        """The name storescp would give the next object received at ``when``; remembered."""
-        current = None if self._serial < 0 else self._serial
-        candidate = time_filename(when, current, sop_class_uid, extension)
-        if self._last is not None and candidate == self._last:
-            self._serial += 1
-            name = time_filename(when, self._serial, sop_class_uid, extension)
-        else:
-            self._serial = -1
-            name = time_filename(when, None, sop_class_uid, extension)
-        self._last = name
-        return name
-
-    def new_study(self) -> None:
-        """A new study subdirectory was created: the next collision starts at 0000 again."""
-        self._serial = -1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,43 +315,3 @@ def study_subdirectory(
     else:
         raise ValueError(f"unknown sort mode {mode!r}")
     return _one_component(name)
-
-
-# ---------------------------------------------------------------------------------------------
-# --rename-on-eostudy
-# ---------------------------------------------------------------------------------------------
-
-
-def rename_filename(prefix2: str, number: int) -> str:
-    """``-rns``'s new name: ``prefix2`` + ``number`` as at least 6 digits (``CT000001``).
-
-    storescp numbers a study's files from 1 in the order received, and drops the ``-fe``
-    extension (storescp.cc 2283).  Raises ValueError for a negative number.
-    """
-    if number < 0:
-        raise ValueError(f"number must be >= 0, got {number}")
-    return _one_component(f"{prefix2}{number:06d}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Defence in depth
-# ---------------------------------------------------------------------------------------------
-
-
-def ensure_under(root: Path, relative: str) -> Path:
-    """``root / relative`` resolved, if it lies strictly below the resolved ``root``.
-
-    Raises ValueError if ``relative`` is absolute, contains a NUL, or resolves (following
-    symlinks, ``..``) to ``root`` itself or anywhere outside it.  This reads the file system
-    (lstat/readlink) and is only a check at one instant: it complements, not replaces,
-    building names with :func:`safe_component` and opening files without following links.
-    """
-    if "\0" in relative:
-        raise ValueError(f"path contains NUL: {relative!r}")
-    if Path(relative).is_absolute():
-        raise ValueError(f"path is absolute: {relative!r}")
-    base = root.resolve()
-    target = (base / relative).resolve()
-    if target == base or not target.is_relative_to(base):
-        raise ValueError(f"{relative!r} escapes {str(root)!r} (resolves to {str(target)!r})")
-    return target

@@ -36,7 +36,10 @@ PDU_NAMES = {
     A_ABORT: "A-ABORT",
 }
 
-# A-ABORT (source 2: service provider) reasons, PS3.8 9.3.8.
+# A-ABORT sources, PS3.8 9.3.8: who aborts (1 is reserved).
+ABORT_SOURCE_SERVICE_USER = 0  # the application: deliberately (test aids, giving up)
+ABORT_SOURCE_SERVICE_PROVIDER = 2  # the Upper Layer: the peer broke the protocol
+# A-ABORT reasons, significant only for the service provider (the user sends 0).
 ABORT_REASON_NOT_SPECIFIED = 0x00
 ABORT_UNRECOGNIZED_PDU = 0x01
 ABORT_UNEXPECTED_PDU = 0x02
@@ -279,5 +282,5 @@ def encode_release_rp() -> bytes:
 
 
 def encode_abort(source: int, reason: int) -> bytes:
-    """An A-ABORT PDU; source 0 = service user (us, deliberately), 2 = service provider."""
+    """An A-ABORT PDU from `source` (ABORT_SOURCE_*) for `reason` (ABORT_*)."""
     return encode_pdu(A_ABORT, bytes((0, 0, source, reason)))

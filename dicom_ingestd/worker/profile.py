@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from dicom_ingestd.config.schema import NegotiationProfile
+from dicom_ingestd.dcmtk.transfer import IMPLICIT_LE
 
 __all__ = ["ContextAnswer", "ProfileAnswer", "negotiate", "proposed_role"]
 
-IMPLICIT_LE: Final = "1.2.840.10008.1.2"
 ACCEPTED, NO_REASON, ABSTRACT_SYNTAX_NOT_SUPPORTED, TRANSFER_SYNTAXES_NOT_SUPPORTED = 0, 2, 3, 4
 DEFAULT: Final = "default"
 

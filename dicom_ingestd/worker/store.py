@@ -47,6 +47,7 @@ from typing import Any, BinaryIO
 from dicom_ingestd.codes import Status
 from dicom_ingestd.config.schema import StorageConfig
 from dicom_ingestd.errors import StorageError
+from dicom_ingestd.processes import start_ticks, started_at
 
 STAGING_DIR = ".ingestd-tmp"
 SORT_STATE = "sort-state.json"
@@ -122,20 +123,6 @@ def has_journal(fd: int) -> bool:
     return os.path.isdir(f"/proc/fs/jbd2/{device}-8")
 
 
-def _process_start(pid: int) -> float | None:
-    """Wall-clock start time of a live, non-zombie process; None when there is none."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        if fields[0] in (b"Z", b"X"):
-            return None
-        with open("/proc/stat", "rb") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime"))
-        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError, StopIteration):
-        return None
-
-
 def _writer_alive(name: str, mtime: float) -> bool:
     """Could the process that named this temporary file still be writing it?
 
@@ -146,7 +133,7 @@ def _writer_alive(name: str, mtime: float) -> bool:
     pid_text = name.split("-", 1)[0]
     if not pid_text.isdigit() or int(pid_text) == os.getpid():
         return False
-    started = _process_start(int(pid_text))
+    started = started_at(int(pid_text))
     if started is None or started > mtime + 1.0:
         return False
     try:  # every writer is a dicom-ingestd master or a fork of one
@@ -180,15 +167,7 @@ def _read_sort_state(fd: int, key: str) -> dict[str, Any]:
 
 def sort_holder() -> str:
     """A new association's name in the sort state: pid, process start, a serial."""
-    return f"{os.getpid()}:{_start_ticks(os.getpid())}:{next(_counter)}"
-
-
-def _start_ticks(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[19].decode()
-    except (OSError, IndexError):
-        return ""
+    return f"{os.getpid()}:{start_ticks(os.getpid())}:{next(_counter)}"
 
 
 def _holder_alive(holder: str) -> bool:
@@ -196,7 +175,7 @@ def _holder_alive(holder: str) -> bool:
     over, but then it released its studies, unless the process died first.)"""
     pid, _, rest = holder.partition(":")
     ticks = rest.partition(":")[0]
-    return pid.isdigit() and bool(ticks) and _start_ticks(int(pid)) == ticks
+    return pid.isdigit() and bool(ticks) and start_ticks(int(pid)) == ticks
 
 
 def _write_sort_state(fd: int, state: dict[str, Any]) -> None:

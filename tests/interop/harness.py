@@ -40,11 +40,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 # The +xa list itself is pinned to storescp 3.6.7's by test_negotiation.py / test_differential.py.
-from dicom_ingestd.worker.negotiation import (
-    PREFERENCES,
-    STORAGE_SOP_CLASSES,
-    VERIFICATION_SOP_CLASS,
-)
+from dicom_ingestd.dcmtk.transfer import PREFERENCES
+from dicom_ingestd.worker.negotiation import STORAGE_SOP_CLASSES, VERIFICATION_SOP_CLASS
 
 from .senders import CALLED_AE, SYNTAX_BY_UID, SYNTAXES, TEST_FILES, Sender, Syntax
 from .wire import C_ECHO_RQ, C_STORE_RQ, Association, WireTap

@@ -4,7 +4,7 @@ option can set."""
 
 from typing import Any
 
-from dicom_ingestd.config import profiles as profile_tables
+from dicom_ingestd.config import profile_tables
 from dicom_ingestd.config.asconfig import AsconfigError, read_asconfig
 from dicom_ingestd.config.storescp.hosts import access_control
 from dicom_ingestd.config.storescp.options import (
@@ -22,6 +22,7 @@ from dicom_ingestd.config.storescp.options import (
     takes,
     unsupported,
 )
+from dicom_ingestd.dcmtk.transfer import DEFAULT_PREFERENCE, STORESCP_PREFERENCE_FLAGS
 from dicom_ingestd.errors import TranslationError
 
 
@@ -229,29 +230,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("--config-file", "-xf", 2, setter(
         ("negotiation.profile", "negotiation.transfer_syntaxes", "negotiation.profiles"),
         lambda use, warnings: _config_file(use, warnings))),
-    Option("--prefer-uncompr", "+x=", 0, _preference("uncompressed"), block="xfer"),
-    Option("--prefer-little", "+xe", 0, _preference("little"), block="xfer"),
-    Option("--prefer-big", "+xb", 0, _preference("big"), block="xfer"),
-    Option("--prefer-lossless", "+xs", 0, _preference("lossless"), block="xfer"),
-    Option("--prefer-jpeg8", "+xy", 0, _preference("jpeg8"), block="xfer"),
-    Option("--prefer-jpeg12", "+xx", 0, _preference("jpeg12"), block="xfer"),
-    Option("--prefer-j2k-lossless", "+xv", 0, _preference("j2k-lossless"), block="xfer"),
-    Option("--prefer-j2k-lossy", "+xw", 0, _preference("j2k-lossy"), block="xfer"),
-    Option("--prefer-jls-lossless", "+xt", 0, _preference("jls-lossless"), block="xfer"),
-    Option("--prefer-jls-lossy", "+xu", 0, _preference("jls-lossy"), block="xfer"),
-    Option("--prefer-mpeg2", "+xm", 0, _preference("mpeg2"), block="xfer"),
-    Option("--prefer-mpeg2-high", "+xh", 0, _preference("mpeg2-high"), block="xfer"),
-    Option("--prefer-mpeg4", "+xn", 0, _preference("mpeg4"), block="xfer"),
-    Option("--prefer-mpeg4-bd", "+xl", 0, _preference("mpeg4-bd"), block="xfer"),
-    Option("--prefer-mpeg4-2-2d", "+x2", 0, _preference("mpeg4-2-2d"), block="xfer"),
-    Option("--prefer-mpeg4-2-3d", "+x3", 0, _preference("mpeg4-2-3d"), block="xfer"),
-    Option("--prefer-mpeg4-2-st", "+xo", 0, _preference("mpeg4-2-st"), block="xfer"),
-    Option("--prefer-hevc", "+x4", 0, _preference("hevc"), block="xfer"),
-    Option("--prefer-hevc10", "+x5", 0, _preference("hevc10"), block="xfer"),
-    Option("--prefer-rle", "+xr", 0, _preference("rle"), block="xfer"),
-    Option("--prefer-deflated", "+xd", 0, _preference("deflated"), block="xfer"),
-    Option("--implicit", "+xi", 0, _preference("implicit"), block="xfer"),
-    Option("--accept-all", "+xa", 0, _preference("all"), block="xfer"),
+    # preferred network transfer syntaxes: +x=, +xe, ... (one row each)
+    *(Option(long, short, 0, _preference(key), block="xfer")
+      for key, (short, long) in STORESCP_PREFERENCE_FLAGS.items()),
     # TCP wrapper
     Option("--access-full", "-ac", 0, sets(), block="access"),  # accept all: nothing to set
     Option("--access-control", "+ac", 0,
@@ -406,7 +387,7 @@ STORESCP_DEFAULTS: dict[str, Any] = {
     "network.acse_timeout": 30,
     "network.socket_timeout": 60,
     "network.disable_host_lookup": False,  # storescp resolves peer names unless -dhl
-    "negotiation.preferred_transfer_syntax": "uncompressed",
+    "negotiation.preferred_transfer_syntax": DEFAULT_PREFERENCE,
     "negotiation.promiscuous": False,
     "association.refuse": False,
     "association.reject_without_implementation_uid": False,
