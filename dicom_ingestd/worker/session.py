@@ -41,11 +41,16 @@ from dicom_ingestd.worker.pdu import (
     A_ABORT,
     A_ASSOCIATE_RQ,
     A_RELEASE_RQ,
+    ABORT_REASON_NOT_SIGNIFICANT,
     ABORT_REASON_NOT_SPECIFIED,
+    ABORT_SOURCE_SERVICE_PROVIDER,
+    ABORT_SOURCE_SERVICE_USER,
     ABORT_UNEXPECTED_PDU,
     ABORT_UNRECOGNIZED_PDU,
     P_DATA_TF,
     PDU_NAMES,
+    PDV_COMMAND,
+    PDV_LAST,
     Channel,
     PeerClosed,
     PeerTimeout,
@@ -77,12 +82,8 @@ class Outcome:
 
 
 class _Abort(Exception):
-    """Leave the association with an A-ABORT we send (test aids, protocol errors)."""
-
-    def __init__(self, source: int, reason: int, why: str) -> None:
-        super().__init__(why)
-        self.source = source
-        self.reason = reason
+    """Leave the association with an A-ABORT we send as its service user, deliberately (test
+    aids, requests we cannot serve, as storescp does); protocol errors are ProtocolError."""
 
 
 class _Store:
@@ -188,17 +189,19 @@ class Session:
         except _Abort as exc:
             log.warning("%s: aborting association: %s", self._who(), exc,
                         extra=self._fields())
-            self._send_quietly(encode_abort(exc.source, exc.reason))
+            self._send_quietly(encode_abort(ABORT_SOURCE_SERVICE_USER,
+                                            ABORT_REASON_NOT_SIGNIFICANT))
             self.outcome.how = "aborted"
         except ProtocolError as exc:
             log.warning("%s: protocol error, sending A-ABORT: %s", self._who(), exc,
                         extra=self._fields())
-            self._send_quietly(encode_abort(2, exc.reason))
+            self._send_quietly(encode_abort(ABORT_SOURCE_SERVICE_PROVIDER, exc.reason))
             self.outcome.how = "aborted"
         except PeerTimeout as exc:
             log.warning("%s: %s; dropping the association", self._who(), exc,
                         extra=self._fields())
-            self._send_quietly(encode_abort(2, ABORT_REASON_NOT_SPECIFIED))
+            self._send_quietly(encode_abort(ABORT_SOURCE_SERVICE_PROVIDER,
+                                             ABORT_REASON_NOT_SPECIFIED))
             self.outcome.how = "timeout"
         except PeerClosed as exc:
             level = logging.WARNING if self._current or self.contexts else logging.INFO
@@ -213,7 +216,8 @@ class Session:
             self.outcome.how = "closed"
         except Exception:  # a bug: log it with its traceback, keep the daemon serving
             log.exception("%s: internal error; aborting the association", self._who())
-            self._send_quietly(encode_abort(2, ABORT_REASON_NOT_SPECIFIED))
+            self._send_quietly(encode_abort(ABORT_SOURCE_SERVICE_PROVIDER,
+                                             ABORT_REASON_NOT_SPECIFIED))
             self.outcome.how = "aborted"
         finally:
             self._drop_current()
@@ -431,12 +435,12 @@ class Session:
             if payload % 2:
                 # PS3.7 Annex F: every fragment is even.  storescp aborts the association
                 # ("DIMSE: Odd Fragment Length") and keeps nothing; so do we.
-                kind = "command" if control & 0x01 else "data set"
-                raise _Abort(0, 0, f"odd fragment length {payload} in a {kind} PDV "
+                kind = "command" if control & PDV_COMMAND else "data set"
+                raise _Abort(f"odd fragment length {payload} in a {kind} PDV "
                              "(PS3.7 Annex F; storescp aborts too: \"DIMSE: Odd Fragment "
                              "Length\")" + ("; the partial object was discarded"
                                             if self._current else ""))
-            if control & 0x01:
+            if control & PDV_COMMAND:
                 self._command_fragment(context_id, control, payload)
             else:
                 self._data_fragment(context_id, control, payload)
@@ -448,7 +452,7 @@ class Session:
         if len(self._command) + payload > dimse.MAX_COMMAND_SET:
             raise ProtocolError(f"command set larger than {dimse.MAX_COMMAND_SET} bytes")
         self._command += self.channel.read_exact(payload)
-        if control & 0x02:
+        if control & PDV_LAST:
             data = bytes(self._command)
             self._command.clear()
             self._dispatch(context_id, data)
@@ -464,7 +468,7 @@ class Session:
             self.channel.stream(payload, current.write)
         else:
             self.channel.skip(payload)
-        if control & 0x02:
+        if control & PDV_LAST:
             self._current = None
             if isinstance(current, commitment.Action):
                 self._finish_action(current)
@@ -499,7 +503,7 @@ class Session:
         elif command.field == dimse.N_EVENT_REPORT_RSP and self._commitment is not None:
             self._commitment.answered(command, self._who(), self._fields)
         else:
-            raise _Abort(0, 0, f"cannot handle {command.name} on context {context_id} "
+            raise _Abort(f"cannot handle {command.name} on context {context_id} "
                          f"({context.abstract_syntax})")
 
     def _respond(self, context_id: int, field: int, message_id: int, status: int,
@@ -579,7 +583,7 @@ class Session:
         current = self._current
         assert current is not None
         if testing.abort_during:
-            raise _Abort(0, 0, "testing.abort_during")
+            raise _Abort("testing.abort_during")
         if testing.sleep_during:
             time.sleep(testing.sleep_during)
 
@@ -588,7 +592,7 @@ class Session:
         if self.config.testing.abort_during or self.config.testing.abort_after:
             if current.temp:
                 current.temp.discard()
-            raise _Abort(0, 0, "testing.abort_during" if self.config.testing.abort_during
+            raise _Abort("testing.abort_during" if self.config.testing.abort_during
                          else "testing.abort_after")
         status, why = current.status, current.why
         ident: Identity | None = None
