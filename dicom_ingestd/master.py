@@ -32,6 +32,7 @@ from dicom_ingestd import __version__, ipc, telemetry, warm
 from dicom_ingestd import log as logsetup
 from dicom_ingestd import status as status_doc
 from dicom_ingestd.access import AccessPolicy
+from dicom_ingestd.codes import Ending
 from dicom_ingestd.config.load import diff_configs, load_config
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.control import SOCKET_NAME, ControlServer
@@ -464,16 +465,16 @@ class Master:
         refusal = self.access.check_peer(peer)
         if refusal:
             log.warning("%s: connection refused by access control: %s", peer, refusal,
-                        extra={"journal": {**peer.fields(), "DICOM_OUTCOME": "refused"}})
+                        extra={"journal": {**peer.fields(), "DICOM_OUTCOME": Ending.REFUSED}})
             conn.close()
-            self.stats.association_ended("refused", NO_AE)
+            self.stats.association_ended(Ending.REFUSED, NO_AE)
             return
         key = peer.key  # the proxy's own for its LOCAL and UNKNOWN connections
         over = self._over_limit(key)
         if over and sum(r.rejecting for r in self.running.values()) >= MAX_REJECTING:
             # A flood: one line per ACCEPT_LOG_INTERVAL, counting the connections closed.
             conn.close()
-            self.stats.association_ended("dropped", NO_AE)
+            self.stats.association_ended(Ending.DROPPED, NO_AE)
             self._closed_unanswered += 1
             now = time.monotonic()
             if now >= self._next_flood_log:
@@ -531,11 +532,12 @@ class Master:
             store.close()
             self._retired.remove(store)
 
-    def _finished(self, running: Running, problem: str | None, outcome: str) -> None:
+    def _finished(self, running: Running, problem: str | None,
+                  outcome: Ending | None) -> None:
         """An association is over (`problem`: its worker died with it)."""
         self.running.pop(running.association, None)
         self._reports(None)
-        released = outcome == "released" and problem is None
+        released = outcome is Ending.RELEASED and problem is None
         self.events.worker_done(running.association, released)  # reads its records first
         try:
             if problem is not None:

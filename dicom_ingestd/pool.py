@@ -355,7 +355,7 @@ class WorkerPool:
             if running is not None and worker.pending is not None:
                 self._rescue(worker, running, problem)
             elif running is not None:
-                self._on_finished(running, problem or "exited during its association", "")
+                self._on_finished(running, problem or "exited during its association", None)
             elif problem is not None and state is State.IDLE:
                 log.warning("idle worker %d %s; a new one takes its place", worker.pid,
                             problem)
@@ -384,4 +384,4 @@ class WorkerPool:
             for sock in pending:
                 sock.close()
             self._on_finished(running, f"could not be handed to another worker "
-                              f"({exc.strerror or exc})", "")
+                              f"({exc.strerror or exc})", None)

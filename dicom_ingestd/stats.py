@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dicom_ingestd.codes import Ending
 from dicom_ingestd.telemetry import COMMIT_BUCKETS, AssociationReport, bucket_index
 
 log = logging.getLogger("dicom_ingestd.stats")
@@ -69,7 +70,7 @@ class Stats:
     _next_save: float = 0.0
 
     # -- what happened -------------------------------------------------------------------
-    def association_ended(self, outcome: str, calling_ae: str) -> None:
+    def association_ended(self, outcome: Ending, calling_ae: str) -> None:
         """One association (or refused connection) ended with `outcome`."""
         ae = calling_ae.strip()
         if ae in ("", "?"):  # the session's "?" before an A-ASSOCIATE-RQ
@@ -112,7 +113,7 @@ class Stats:
         if report.last_error:
             self.error(f"{report.peer} {report.calling_ae}: {report.last_error}",
                        report.last_error_time)
-        if report.outcome:
+        if report.outcome is not None:
             self.association_ended(report.outcome, report.calling_ae)
         self.dirty = True
 

@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from dicom_ingestd.codes import Ending
+
 # Upper bounds (seconds) of the commit latency buckets: from the ~0.5 ms fsync of a small
 # object on an SSD to the seconds of a large one on a busy disk.  The last bucket is +Inf.
 COMMIT_BUCKETS: tuple[float, ...] = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -38,8 +40,7 @@ def bucket_index(seconds: float) -> int:
 class AssociationReport:
     """What happened on one association since its previous report.
 
-    `outcome` is "" while the association runs, then how it ended: released, rejected,
-    aborted (by us), aborted-by-peer, timeout, closed, tls-refused.  `statuses` counts the
+    `outcome` is None while the association runs, then how it ended.  `statuses` counts the
     C-STORE responses sent by DIMSE status (success included); `commit_counts` has one count
     per COMMIT_BUCKETS bound plus +Inf, not cumulative.  Times are wall-clock seconds.
     """
@@ -47,7 +48,7 @@ class AssociationReport:
     pid: int
     peer: str
     calling_ae: str
-    outcome: str = ""
+    outcome: Ending | None = None
     statuses: dict[int, int] = field(default_factory=dict)
     bytes_stored: int = 0
     commit_counts: tuple[int, ...] = ()
@@ -59,7 +60,8 @@ class AssociationReport:
     def encode(self) -> bytes:
         return json.dumps({
             "pid": self.pid, "peer": self.peer, "calling_ae": self.calling_ae,
-            "outcome": self.outcome, "statuses": {str(k): v for k, v in self.statuses.items()},
+            "outcome": self.outcome or "",
+            "statuses": {str(k): v for k, v in self.statuses.items()},
             "bytes_stored": self.bytes_stored, "commit_counts": list(self.commit_counts),
             "commit_sum": self.commit_sum, "last_success": self.last_success,
             "last_error": self.last_error, "last_error_time": self.last_error_time,
@@ -74,7 +76,7 @@ class AssociationReport:
             if counts and len(counts) != len(COMMIT_BUCKETS) + 1:
                 return None
             return cls(int(raw["pid"]), str(raw["peer"]), str(raw["calling_ae"]),
-                       str(raw["outcome"]),
+                       Ending(raw["outcome"]) if raw["outcome"] else None,
                        {int(k): int(v) for k, v in dict(raw["statuses"]).items()},
                        int(raw["bytes_stored"]), counts, float(raw["commit_sum"]),
                        float(raw["last_success"]), str(raw["last_error"]),
@@ -121,13 +123,13 @@ class Reporter:
             self._counts[bucket_index(commit_seconds)] += 1
             self._sum += commit_seconds
         if self._clock() >= self._next:
-            self._send(peer, calling_ae, "")
+            self._send(peer, calling_ae, None)
 
-    def ended(self, outcome: str, peer: str, calling_ae: str) -> None:
+    def ended(self, outcome: Ending, peer: str, calling_ae: str) -> None:
         """The association is over: report the rest, with how it ended."""
-        self._send(peer, calling_ae, outcome or "closed")
+        self._send(peer, calling_ae, outcome)
 
-    def _send(self, peer: str, calling_ae: str, outcome: str) -> None:
+    def _send(self, peer: str, calling_ae: str, outcome: Ending | None) -> None:
         report = AssociationReport(
             self._pid, peer, calling_ae, outcome, dict(self._statuses), self._bytes,
             tuple(self._counts) if any(self._counts) else (), self._sum, self._success,

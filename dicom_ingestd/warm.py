@@ -22,7 +22,7 @@ import threading
 from dataclasses import dataclass
 
 from dicom_ingestd import handoff, ipc, telemetry
-from dicom_ingestd.codes import ExitCode
+from dicom_ingestd.codes import Ending, ExitCode
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.handoff import Verdict
 from dicom_ingestd.worker.session import Outcome
@@ -95,7 +95,7 @@ def own_name() -> bytes:
 
 def judge(outcome: Outcome, generation: Generation, served: int, baseline: Hygiene) -> Verdict:
     """May this worker serve another association after `outcome`?"""
-    if outcome.how != "released":
+    if outcome.how is not Ending.RELEASED:
         return Verdict.NOT_RELEASED
     if generation.tls_context is not None:
         return Verdict.TLS

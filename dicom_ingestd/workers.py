@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dicom_ingestd import ipc, outbox, telemetry
+from dicom_ingestd.codes import Ending
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.events import sync_enabled
 from dicom_ingestd.peer import Peer
@@ -97,8 +98,8 @@ class Running:
 
 
 # Called when an association is over: (its record, what went wrong with its worker or None,
-# how it ended: Outcome.how, "" when unknown because its worker died).
-OnFinished = Callable[[Running, str | None, str], None]
+# how it ended, None when unknown because its worker died).
+OnFinished = Callable[[Running, str | None, Ending | None], None]
 
 
 def describe_exit(status: int) -> str | None:
@@ -126,7 +127,7 @@ class ThreadRunner:
     def start(self, assignment: Assignment) -> Running:
         done = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         link = ipc.SyncLink() if sync_enabled(assignment.config.events) else None
-        outcome: list[str] = []
+        outcome: list[Ending] = []
 
         def run() -> None:
             try:
@@ -146,7 +147,7 @@ class ThreadRunner:
             self._selector.unregister(done)
             thread.join()
             os.close(done)
-            self._on_finished(running, None, outcome[0] if outcome else "")
+            self._on_finished(running, None, outcome[0] if outcome else None)
 
         self._selector.register(done, selectors.EVENT_READ, finished)
         thread.start()

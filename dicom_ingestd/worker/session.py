@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from dicom_ingestd.codes import Status, status_name
+from dicom_ingestd.codes import Ending, Status, status_name
 from dicom_ingestd.commitment.dataset import SOP_CLASS as COMMITMENT
 from dicom_ingestd.commitment.dataset import SOP_INSTANCE as COMMITMENT_INSTANCE
 from dicom_ingestd.config.schema import Config
@@ -75,7 +75,7 @@ VERIFICATION = "1.2.840.10008.1.1"
 class Outcome:
     """How the association ended, for the caller's bookkeeping."""
 
-    how: str = "closed"  # released, aborted-by-peer, aborted, rejected, timeout, closed
+    how: Ending = Ending.CLOSED
     stored: int = 0
     failed: int = 0
     bytes_stored: int = 0
@@ -122,7 +122,7 @@ class Session:
         self.peer = peer
         # The proxy's own connection (PROXY protocol LOCAL) may only verify.  A clean health
         # check (connect and close, or associate for Verification, echo, release) comes
-        # every few seconds: its lines are debug, its outcome is counted as "health-check".
+        # every few seconds: its lines are debug, its outcome is counted as a health check.
         # Anything else on it is at info or above (the first thing that is not drops this).
         self._quiet = peer.verification_only
         self.config = config
@@ -184,25 +184,25 @@ class Session:
                     self._discard_spare()
         except tls.TLSRefused as exc:
             log.warning("%s: %s; connection closed", self.peer, exc,
-                        extra=self._fields(DICOM_OUTCOME="tls-refused"))
-            self.outcome.how = "tls-refused"
+                        extra=self._fields(DICOM_OUTCOME=Ending.TLS_REFUSED))
+            self.outcome.how = Ending.TLS_REFUSED
         except _Abort as exc:
             log.warning("%s: aborting association: %s", self._who(), exc,
                         extra=self._fields())
             self._send_quietly(encode_abort(ABORT_SOURCE_SERVICE_USER,
                                             ABORT_REASON_NOT_SIGNIFICANT))
-            self.outcome.how = "aborted"
+            self.outcome.how = Ending.ABORTED
         except ProtocolError as exc:
             log.warning("%s: protocol error, sending A-ABORT: %s", self._who(), exc,
                         extra=self._fields())
             self._send_quietly(encode_abort(ABORT_SOURCE_SERVICE_PROVIDER, exc.reason))
-            self.outcome.how = "aborted"
+            self.outcome.how = Ending.ABORTED
         except PeerTimeout as exc:
             log.warning("%s: %s; dropping the association", self._who(), exc,
                         extra=self._fields())
             self._send_quietly(encode_abort(ABORT_SOURCE_SERVICE_PROVIDER,
                                              ABORT_REASON_NOT_SPECIFIED))
-            self.outcome.how = "timeout"
+            self.outcome.how = Ending.TIMEOUT
         except PeerClosed as exc:
             level = logging.WARNING if self._current or self.contexts else logging.INFO
             if self._quiet and not self.channel.received:
@@ -213,12 +213,12 @@ class Session:
             log.log(level, "%s: %s%s", self._who(), exc,
                     " during a C-STORE; the partial object was discarded"
                     if self._current else "", extra=self._fields())
-            self.outcome.how = "closed"
+            self.outcome.how = Ending.CLOSED
         except Exception:  # a bug: log it with its traceback, keep the daemon serving
             log.exception("%s: internal error; aborting the association", self._who())
             self._send_quietly(encode_abort(ABORT_SOURCE_SERVICE_PROVIDER,
                                              ABORT_REASON_NOT_SPECIFIED))
-            self.outcome.how = "aborted"
+            self.outcome.how = Ending.ABORTED
         finally:
             self._drop_current()
             if self._commitment is not None:
@@ -229,8 +229,8 @@ class Session:
                 self.sock.close()
             if self.reporter is not None:
                 how = self.outcome.how
-                if self._quiet and how in ("released", "closed"):
-                    how = "health-check"
+                if self._quiet and how in (Ending.RELEASED, Ending.CLOSED):
+                    how = Ending.HEALTH_CHECK
                 self.reporter.ended(how, self.peer.name, self.calling_ae)
             with contextlib.suppress(OSError):  # a process that died is noticed without it
                 self.layout.finish()
@@ -306,9 +306,9 @@ class Session:
         if rejection is not None:
             self._quiet = False
             log.warning("%s: association rejected: %s", self._who(), rejection.why,
-                        extra=self._fields(DICOM_OUTCOME="rejected"))
+                        extra=self._fields(DICOM_OUTCOME=Ending.REJECTED))
             self.channel.send(rejection.encode())
-            self.outcome.how = "rejected"
+            self.outcome.how = Ending.REJECTED
             return False
         acceptance = acceptor.accept(request, primitive, self.config,
                                      verification_only=self.peer.verification_only)
@@ -372,8 +372,8 @@ class Session:
                                 "discarded", self._who(), extra=self._fields())
                 self._discard_spare()  # a peer that saw the release sees no temporary file
                 self.channel.send(encode_release_rp())
-                self.outcome.how = "released"
-                self._log_end("released")
+                self.outcome.how = Ending.RELEASED
+                self._log_end()
                 return
             elif pdu_type == A_ABORT:
                 body = b""
@@ -382,7 +382,7 @@ class Session:
                         body = self.channel.read_exact(length, time.monotonic() + acse_timeout)
                 source = body[2] if len(body) >= 4 else -1
                 reason = body[3] if len(body) >= 4 else -1
-                self.outcome.how = "aborted-by-peer"
+                self.outcome.how = Ending.ABORTED_BY_PEER
                 self._discard_spare()
                 hint = ""
                 if not self._any_command and self.contexts:
@@ -398,7 +398,7 @@ class Session:
                 log.warning("%s: association aborted by the peer (source %d, reason %d)%s%s",
                             self._who(), source, reason,
                             "; partial object discarded" if self._current else "", hint,
-                            extra=self._fields(DICOM_OUTCOME="aborted"))
+                            extra=self._fields(DICOM_OUTCOME=Ending.ABORTED))
                 return
             elif pdu_type in PDU_NAMES:
                 raise ProtocolError(f"unexpected {PDU_NAMES[pdu_type]} during the association",
@@ -407,11 +407,11 @@ class Session:
                 raise ProtocolError(f"unrecognized PDU type 0x{pdu_type:02X}",
                                     ABORT_UNRECOGNIZED_PDU)
 
-    def _log_end(self, how: str) -> None:
+    def _log_end(self) -> None:
         o = self.outcome
         log.log(self._info, "%s: association %s: %d stored, %d failed, %d bytes",
-                self._who(), how, o.stored, o.failed, o.bytes_stored,
-                extra=self._fields(DICOM_OUTCOME=how))
+                self._who(), o.how, o.stored, o.failed, o.bytes_stored,
+                extra=self._fields(DICOM_OUTCOME=o.how))
 
     def _p_data(self, length: int) -> None:
         max_pdu = self.config.network.max_pdu
