@@ -201,7 +201,7 @@ class Session:
             log.warning("%s: %s; dropping the association", self._who(), exc,
                         extra=self._fields())
             self._send_quietly(encode_abort(ABORT_SOURCE_SERVICE_PROVIDER,
-                                             ABORT_REASON_NOT_SPECIFIED))
+                                            ABORT_REASON_NOT_SPECIFIED))
             self.outcome.how = Ending.TIMEOUT
         except PeerClosed as exc:
             level = logging.WARNING if self._current or self.contexts else logging.INFO
@@ -217,7 +217,7 @@ class Session:
         except Exception:  # a bug: log it with its traceback, keep the daemon serving
             log.exception("%s: internal error; aborting the association", self._who())
             self._send_quietly(encode_abort(ABORT_SOURCE_SERVICE_PROVIDER,
-                                             ABORT_REASON_NOT_SPECIFIED))
+                                            ABORT_REASON_NOT_SPECIFIED))
             self.outcome.how = Ending.ABORTED
         finally:
             self._drop_current()
