@@ -76,6 +76,11 @@ class ProtocolError(IngestError):
         self.reason = reason
 
 
+class UserAbort(IngestError):
+    """Leave the association with an A-ABORT we send as its service user, deliberately (test
+    aids, requests we cannot serve, as storescp does); protocol errors are ProtocolError."""
+
+
 class Channel:
     """Buffered, deadline-aware reads and whole-PDU writes on one connected socket.
 
