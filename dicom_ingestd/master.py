@@ -28,7 +28,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from dicom_ingestd import __version__, ipc, telemetry, warm
+from dicom_ingestd import __version__, ipc, warm
 from dicom_ingestd import log as logsetup
 from dicom_ingestd import status as status_doc
 from dicom_ingestd.access import AccessPolicy
@@ -118,7 +118,7 @@ class Master:
         self._next_monitor = 0.0
         # -- monitoring (stats.py, status.py, control.py, metrics.py) ----------------------
         self.stats = Stats.load(store.staging / STATS_FILE, store.staging_fd)
-        self.telemetry = telemetry.Channel()  # workers' AssociationReports
+        self.telemetry = ipc.Channel()  # workers' AssociationReports (statistics)
         self.control = ControlServer(store.staging / SOCKET_NAME, self.selector,
                                      {"status": self._status_request,
                                       "reload": self._reload_request})
@@ -290,7 +290,8 @@ class Master:
 
     def _telemetry(self, _sock: object) -> None:
         for report in self.telemetry.receive():
-            self.stats.merge(report)
+            if isinstance(report, ipc.AssociationReport):
+                self.stats.merge(report)
 
     def _monitor(self, now: float) -> None:
         """Periodic: save the counters, refresh free space and job counts, write the

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import Enum
 
-from dicom_ingestd import handoff, ipc, telemetry, warm
+from dicom_ingestd import handoff, ipc, warm
 from dicom_ingestd.codes import ExitCode
 from dicom_ingestd.events import sync_enabled
 from dicom_ingestd.warm import Generation
@@ -79,7 +79,7 @@ class WorkerPool:
     """Warm workers: `start()` hands an assignment to one; see the module docstring."""
 
     def __init__(self, selector: selectors.BaseSelector, close_in_child: Callable[[], None],
-                 channel: ipc.Channel, counters: telemetry.Channel,
+                 channel: ipc.Channel, counters: ipc.Channel,
                  on_finished: OnFinished) -> None:
         self._selector = selector
         self._close_in_child = close_in_child

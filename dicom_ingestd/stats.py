@@ -1,7 +1,7 @@
 """The daemon's counters: associations by outcome and calling AE, C-STOREs by DIMSE status,
 bytes, the commit latency histogram, the last successful store and the last error.
 
-Kept by the master (one `Stats`), fed by the workers' `telemetry.AssociationReport`s and by
+Kept by the master (one `Stats`), fed by the workers' `ipc.AssociationReport`s and by
 the master's own observations (refused connections, failed workers, rejected reloads), and
 saved atomically (temporary file, fsync, rename) at most once a second while something
 changed and at stop, so the counters survive restarts and crashes (a crash loses at most the
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_ingestd.codes import Ending
-from dicom_ingestd.telemetry import COMMIT_BUCKETS, AssociationReport, bucket_index
+from dicom_ingestd.ipc import COMMIT_BUCKETS, AssociationReport, bucket_index
 
 log = logging.getLogger("dicom_ingestd.stats")
 

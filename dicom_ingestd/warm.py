@@ -21,7 +21,7 @@ import ssl
 import threading
 from dataclasses import dataclass
 
-from dicom_ingestd import handoff, ipc, telemetry
+from dicom_ingestd import handoff, ipc
 from dicom_ingestd.codes import Ending, ExitCode
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.handoff import Verdict
@@ -128,7 +128,7 @@ def reset_signals() -> None:
 
 
 def serve(control: socket.socket, generation: Generation, channel: ipc.Channel,
-          counters: telemetry.Channel) -> ExitCode:
+          counters: ipc.Channel) -> ExitCode:
     """Serve assignments from `control` until told (or allowed) no more; the exit code."""
     reset_signals()
     baseline = Hygiene.now()

@@ -43,7 +43,7 @@ class Assignment:
     tls_context: ssl.SSLContext | None = None  # [tls]: the worker does the handshake
     association: str = ""  # unique key of the association (outbox records, study tracking)
     outbox_fd: int = -1  # the outbox directory when [events] are on (outbox.py)
-    counters: telemetry.Channel | None = None  # per-association figures for the master
+    counters: ipc.Channel | None = None  # per-association figures for the master
 
 
 def session_for(assignment: Assignment, channel: ipc.Channel,
