@@ -32,6 +32,7 @@ from dicom_ingestd import __version__, ipc, warm
 from dicom_ingestd import log as logsetup
 from dicom_ingestd import status as status_doc
 from dicom_ingestd.access import AccessPolicy
+from dicom_ingestd.assignment import Assignment
 from dicom_ingestd.codes import Ending
 from dicom_ingestd.config.load import diff_configs, load_config
 from dicom_ingestd.config.schema import Config
@@ -41,6 +42,7 @@ from dicom_ingestd.jobs.service import EventService
 from dicom_ingestd.peer import Peer
 from dicom_ingestd.pool import WorkerPool
 from dicom_ingestd.proxy_reader import PendingHeaders, ProxyPolicy
+from dicom_ingestd.running import Running, ThreadRunner
 from dicom_ingestd.sockets import describe
 from dicom_ingestd.stats import FILE_NAME as STATS_FILE
 from dicom_ingestd.stats import NO_AE, Stats
@@ -49,7 +51,6 @@ from dicom_ingestd.tls import build_context
 from dicom_ingestd.watch import ConfigWatcher
 from dicom_ingestd.worker import acceptor
 from dicom_ingestd.worker.store import Store
-from dicom_ingestd.workers import Assignment, Running, ThreadRunner
 
 log = logging.getLogger("dicom_ingestd.master")
 

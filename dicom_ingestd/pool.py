@@ -36,10 +36,11 @@ from dataclasses import dataclass, replace
 from enum import Enum
 
 from dicom_ingestd import handoff, ipc, warm
+from dicom_ingestd.assignment import Assignment
 from dicom_ingestd.codes import ExitCode
 from dicom_ingestd.events import sync_enabled
+from dicom_ingestd.running import OnFinished, Running, describe_exit
 from dicom_ingestd.warm import Generation
-from dicom_ingestd.workers import Assignment, OnFinished, Running, describe_exit
 
 log = logging.getLogger("dicom_ingestd.master")
 

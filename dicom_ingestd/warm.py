@@ -22,12 +22,12 @@ import threading
 from dataclasses import dataclass
 
 from dicom_ingestd import handoff, ipc
+from dicom_ingestd.assignment import Assignment, session_for
 from dicom_ingestd.codes import Ending, ExitCode
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.handoff import Verdict
 from dicom_ingestd.worker.session import Outcome
 from dicom_ingestd.worker.store import Store
-from dicom_ingestd.workers import Assignment, session_for
 
 log = logging.getLogger("dicom_ingestd.master")
 
