@@ -4,6 +4,7 @@ import ipaddress
 import logging
 from collections.abc import Sequence
 
+from dicom_ingestd.codes import Ending
 from dicom_ingestd.peer import Peer
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -79,5 +80,5 @@ class AccessPolicy:
         refusal = self.check_peer(peer)
         if refusal:
             log.warning("%s: connection refused by access control: %s", peer, refusal,
-                        extra={"journal": {**peer.fields(), "DICOM_OUTCOME": "refused"}})
+                        extra={"journal": {**peer.fields(), "DICOM_OUTCOME": Ending.REFUSED}})
         return bool(refusal)

@@ -1,6 +1,7 @@
-"""Named constants of the protocols we speak: exit codes and DIMSE statuses (leaf module)."""
+"""Named constants of the protocols we speak: exit codes, DIMSE statuses and how an
+association ended (leaf module)."""
 
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 
 
 class ExitCode(IntEnum):
@@ -26,6 +27,26 @@ class Status(IntEnum):
     DATASET_DOES_NOT_MATCH = 0xA900
     CANNOT_UNDERSTAND = 0xC000
     PROCESSING_FAILURE = 0x0110
+
+
+class Ending(StrEnum):
+    """How an association (or a connection that never became one) ended.
+
+    The values are the text of log lines, of DICOM_OUTCOME journal fields, of the counters'
+    file and of the metrics' `outcome` label: they never change.
+    """
+
+    RELEASED = "released"  # A-RELEASE: the only clean end
+    ABORTED_BY_PEER = "aborted-by-peer"  # the peer sent A-ABORT
+    ABORTED = "aborted"  # we sent A-ABORT (protocol error, test aid, internal error)
+    REJECTED = "rejected"  # we answered A-ASSOCIATE-RJ
+    TIMEOUT = "timeout"  # ARTIM, DIMSE or socket timeout, or below min_transfer_rate
+    CLOSED = "closed"  # the peer closed the connection without A-RELEASE
+    TLS_REFUSED = "tls-refused"  # the TLS handshake failed or the peer was not let in
+    HEALTH_CHECK = "health-check"  # a proxy's clean check on its own (LOCAL) connection
+    # Counted by the master for connections no worker served:
+    REFUSED = "refused"  # access control, or not a trusted proxy
+    DROPPED = "dropped"  # lost during its PROXY header, or closed unanswered in a flood
 
 
 def status_name(code: int) -> str:

@@ -21,6 +21,7 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
+from dicom_ingestd.codes import Ending
 from dicom_ingestd.peer import Peer, Via
 
 
@@ -61,7 +62,7 @@ KEY_BYTES = 64  # association keys: "<boot time hex>-<counter>", ~25 characters
 HOST_BYTES = 64  # an IPv6 address with a zone is at most 45 characters
 PEER_BYTES = 128  # "[IPv6 address]:port" is at most 54 characters
 REASON_BYTES = 256  # the limit that was hit, for the A-ASSOCIATE-RJ log line
-OUTCOME_BYTES = 16  # Outcome.how: released, aborted-by-peer, tls-refused ...
+OUTCOME_BYTES = 16  # an Ending's text: released, aborted-by-peer, tls-refused ...
 _VIAS = tuple(Via)
 
 # type, generation, peer port (-1: none), how the peer was learnt (index in _VIAS),
@@ -119,11 +120,11 @@ class Taken:
 
 @dataclass(frozen=True, slots=True)
 class Finished:
-    """The association is over (`outcome`: Outcome.how); `verdict`: may the worker serve
+    """The association is over (`outcome`: how it ended); `verdict`: may the worker serve
     another one; `served`: associations it has served."""
 
     association: str
-    outcome: str
+    outcome: Ending
     verdict: Verdict
     served: int
 
@@ -149,8 +150,8 @@ def decode(data: bytes) -> Message | None:
             return Taken(_untext(_TAKEN.unpack(data)[1]))
         if len(data) == _FINISHED.size and data[0] == Kind.FINISHED:
             _, verdict, served, key, outcome = _FINISHED.unpack(data)
-            return Finished(_untext(key), _untext(outcome), Verdict(verdict), served)
-    except ValueError:  # an unknown verdict
+            return Finished(_untext(key), Ending(_untext(outcome)), Verdict(verdict), served)
+    except ValueError:  # an unknown verdict or ending
         return None
     return None
 

@@ -1,9 +1,12 @@
-"""Worker → master messages: small, typed, fixed in size.
+"""Worker → master messages: small, typed, of bounded size.
 
 Nothing the master must act on travels here: a stored object's event record is in the outbox
 (outbox.py), durable before the object is acknowledged.  A message is only a statistic and a
 wake-up ("read the outbox now"), so a full or closed channel never blocks or fails an
-association, and no message grows with what a peer sends.
+association, and no message grows with what a peer sends: every message is a struct whose
+first byte is its type, with text fields of bounded length.  The master has two channels of
+them: wake-ups (ObjectStored, AssociationEnded, CommitmentNote) and statistics
+(AssociationReport, from telemetry.Reporter), so neither crowds out the other.
 
 events.exec_sync adds a `SyncLink` per worker: the worker names the record it waits for and
 the master answers once that object's jobs are finished; the worker waits a bounded time.
@@ -14,16 +17,47 @@ import select
 import socket
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 
-MAX_MESSAGE = 512
+from dicom_ingestd.codes import Ending
+
+# Upper bounds (seconds) of the commit latency buckets: from the ~0.5 ms fsync of a small
+# object on an SSD to the seconds of a large one on a busy disk.  The last bucket is +Inf.
+# A fixed histogram, so that the workers' tallies add up in the master.
+COMMIT_BUCKETS: tuple[float, ...] = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                     0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+KEY_BYTES = 496  # association keys ("<boot time hex>-<counter>") and request ids
+PEER_BYTES = 255  # a peer's name: a DNS name is at most 253 characters
+AE_BYTES = 64  # a calling AE title: 16 characters
+ERROR_BYTES = 1024  # the last error's text
+MAX_STATUSES = 16  # distinct DIMSE statuses in one report (Reporter sends before more)
 _STORED = struct.Struct("!BQ")  # type, size in bytes; then the association key (ASCII)
 _ENDED = struct.Struct("!BB")  # type, 1 if released; then the association key (ASCII)
 _NOTE = struct.Struct("!BB")  # type, CommitmentStep; then "association request-id" (ASCII)
+# type, outcome (0: still running, else 1 + its index in _ENDINGS), number of statuses, pid,
+# bytes stored, commit seconds' sum, last success and last error times, the commit counts
+# (one per bucket and +Inf), lengths of peer, calling AE title and last error; then
+# (status, count) per status, then the three texts (UTF-8).
+_REPORT = struct.Struct(f"!BBBIQddd{len(COMMIT_BUCKETS) + 1}IBBH")
+_STATUS = struct.Struct("!HI")
 _TYPE_STORED = 1
 _TYPE_ENDED = 2
 _TYPE_NOTE = 3
+_TYPE_REPORT = 4
+_ENDINGS = tuple(Ending)
+MAX_MESSAGE = max(_STORED.size + KEY_BYTES,
+                  _REPORT.size + MAX_STATUSES * _STATUS.size + PEER_BYTES + AE_BYTES
+                  + ERROR_BYTES)
+
+
+def bucket_index(seconds: float) -> int:
+    """The bucket a latency falls in (len(COMMIT_BUCKETS) for +Inf)."""
+    for index, bound in enumerate(COMMIT_BUCKETS):
+        if seconds <= bound:
+            return index
+    return len(COMMIT_BUCKETS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,14 +96,81 @@ class CommitmentNote:
     step: CommitmentStep
 
 
-Message = ObjectStored | AssociationEnded | CommitmentNote
+@dataclass(frozen=True, slots=True)
+class AssociationReport:
+    """What happened on one association since its previous report (telemetry.Reporter).
+
+    `outcome` is None while the association runs, then how it ended.  `statuses` counts the
+    C-STORE responses sent by DIMSE status (success included); `commit_counts` has one count
+    per COMMIT_BUCKETS bound plus +Inf, not cumulative (empty: none).  Times are wall-clock
+    seconds.
+    """
+
+    pid: int
+    peer: str
+    calling_ae: str
+    outcome: Ending | None = None
+    statuses: dict[int, int] = field(default_factory=dict)
+    bytes_stored: int = 0
+    commit_counts: tuple[int, ...] = ()
+    commit_sum: float = 0.0
+    last_success: float = 0.0
+    last_error: str = ""
+    last_error_time: float = 0.0
+
+
+Message = ObjectStored | AssociationEnded | CommitmentNote | AssociationReport
 
 
 def _key(association: str) -> bytes:
-    return association.encode("ascii", "replace")[:MAX_MESSAGE - 16]
+    return association.encode("ascii", "replace")[:KEY_BYTES]
+
+
+def _utf8(text: str, size: int) -> bytes:
+    """`text` in at most `size` bytes of UTF-8, cut at a character boundary."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= size:
+        return data
+    return data[:size].decode("utf-8", "ignore").encode("utf-8")
+
+
+def _encode_report(report: AssociationReport) -> bytes:
+    if len(report.statuses) > MAX_STATUSES:
+        raise ValueError(f"more than {MAX_STATUSES} statuses in one report")
+    counts = report.commit_counts or (0,) * (len(COMMIT_BUCKETS) + 1)
+    peer = _utf8(report.peer, PEER_BYTES)
+    calling_ae = _utf8(report.calling_ae, AE_BYTES)
+    error = _utf8(report.last_error, ERROR_BYTES)
+    outcome = 0 if report.outcome is None else 1 + _ENDINGS.index(report.outcome)
+    return b"".join([
+        _REPORT.pack(_TYPE_REPORT, outcome, len(report.statuses), report.pid,
+                     report.bytes_stored, report.commit_sum, report.last_success,
+                     report.last_error_time, *counts, len(peer), len(calling_ae), len(error)),
+        *(_STATUS.pack(status, count) for status, count in report.statuses.items()),
+        peer, calling_ae, error])
+
+
+def _decode_report(data: bytes) -> AssociationReport | None:
+    (_, outcome, statuses, pid, size, commit_sum, last_success, last_error_time,
+     *rest) = _REPORT.unpack_from(data)
+    counts, (peer_length, ae_length, error_length) = tuple(rest[:-3]), rest[-3:]
+    texts = _REPORT.size + statuses * _STATUS.size
+    if outcome > len(_ENDINGS) or statuses > MAX_STATUSES \
+            or len(data) != texts + peer_length + ae_length + error_length:
+        return None
+    tally = dict(_STATUS.iter_unpack(data[_REPORT.size:texts]))
+    peer = data[texts:texts + peer_length].decode("utf-8")
+    calling_ae = data[texts + peer_length:texts + peer_length + ae_length].decode("utf-8")
+    error = data[texts + peer_length + ae_length:].decode("utf-8")
+    return AssociationReport(pid, peer, calling_ae, _ENDINGS[outcome - 1] if outcome else None,
+                             tally, size, counts if any(counts) else (), commit_sum,
+                             last_success, error, last_error_time)
 
 
 def encode(message: Message) -> bytes:
+    """The datagram of `message`; raises ValueError for a report of too many statuses."""
+    if isinstance(message, AssociationReport):
+        return _encode_report(message)
     if isinstance(message, ObjectStored):
         return _STORED.pack(_TYPE_STORED, message.size) + _key(message.association)
     if isinstance(message, CommitmentNote):
@@ -91,6 +192,11 @@ def decode(data: bytes) -> Message | None:
         association, _, request_id = data[_NOTE.size:].decode("ascii", "replace").partition(" ")
         if step in iter(CommitmentStep) and request_id:
             return CommitmentNote(association, request_id, CommitmentStep(step))
+    if len(data) >= _REPORT.size and data[0] == _TYPE_REPORT:
+        try:
+            return _decode_report(data)
+        except UnicodeDecodeError:
+            return None
     return None
 
 
@@ -106,7 +212,7 @@ class Channel:
 
     def send(self, message: Message) -> None:
         # A full channel loses a statistic and a wake-up (the master polls), never an event.
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError, struct.error):
             self.writer.send(encode(message))
 
     def receive(self) -> list[Message]:
@@ -119,6 +225,10 @@ class Channel:
             message = decode(data)
             if message is not None:
                 messages.append(message)
+
+    def close_reader(self) -> None:
+        """In a forked worker: only the writer is needed."""
+        self.reader.close()
 
     def close(self) -> None:
         self.reader.close()

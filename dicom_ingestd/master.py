@@ -28,10 +28,12 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from dicom_ingestd import __version__, ipc, telemetry, warm
+from dicom_ingestd import __version__, ipc, warm
 from dicom_ingestd import log as logsetup
 from dicom_ingestd import status as status_doc
 from dicom_ingestd.access import AccessPolicy
+from dicom_ingestd.assignment import Assignment
+from dicom_ingestd.codes import Ending
 from dicom_ingestd.config.load import diff_configs, load_config
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.control import SOCKET_NAME, ControlServer
@@ -41,6 +43,7 @@ from dicom_ingestd.peer import Peer
 from dicom_ingestd.pool import WorkerPool
 from dicom_ingestd.processes import KILL_GRACE
 from dicom_ingestd.proxy_reader import PendingHeaders, ProxyPolicy
+from dicom_ingestd.running import Running, ThreadRunner
 from dicom_ingestd.sockets import describe
 from dicom_ingestd.stats import FILE_NAME as STATS_FILE
 from dicom_ingestd.stats import NO_AE, Stats
@@ -49,7 +52,6 @@ from dicom_ingestd.tls import build_context
 from dicom_ingestd.watch import ConfigWatcher
 from dicom_ingestd.worker import acceptor
 from dicom_ingestd.worker.store import Store
-from dicom_ingestd.workers import Assignment, Running, ThreadRunner
 
 log = logging.getLogger("dicom_ingestd.master")
 
@@ -117,7 +119,7 @@ class Master:
         self._next_monitor = 0.0
         # -- monitoring (stats.py, status.py, control.py, metrics.py) ----------------------
         self.stats = Stats.load(store.staging / STATS_FILE, store.staging_fd)
-        self.telemetry = telemetry.Channel()  # workers' AssociationReports
+        self.telemetry = ipc.Channel()  # workers' AssociationReports (statistics)
         self.control = ControlServer(store.staging / SOCKET_NAME, self.selector,
                                      {"status": self._status_request,
                                       "reload": self._reload_request})
@@ -289,7 +291,8 @@ class Master:
 
     def _telemetry(self, _sock: object) -> None:
         for report in self.telemetry.receive():
-            self.stats.merge(report)
+            if isinstance(report, ipc.AssociationReport):
+                self.stats.merge(report)
 
     def _monitor(self, now: float) -> None:
         """Periodic: save the counters, refresh free space and job counts, write the
@@ -463,14 +466,14 @@ class Master:
         A-ASSOCIATE-RJ."""
         if self.access.refuses(peer):
             conn.close()
-            self.stats.association_ended("refused", NO_AE)
+            self.stats.association_ended(Ending.REFUSED, NO_AE)
             return
         key = peer.key  # the proxy's own for its LOCAL and UNKNOWN connections
         over = self._over_limit(key)
         if over and sum(r.rejecting for r in self.running.values()) >= MAX_REJECTING:
             # A flood: one line per ACCEPT_LOG_INTERVAL, counting the connections closed.
             conn.close()
-            self.stats.association_ended("dropped", NO_AE)
+            self.stats.association_ended(Ending.DROPPED, NO_AE)
             self._closed_unanswered += 1
             now = time.monotonic()
             if now >= self._next_flood_log:
@@ -528,11 +531,12 @@ class Master:
             store.close()
             self._retired.remove(store)
 
-    def _finished(self, running: Running, problem: str | None, outcome: str) -> None:
+    def _finished(self, running: Running, problem: str | None,
+                  outcome: Ending | None) -> None:
         """An association is over (`problem`: its worker died with it)."""
         self.running.pop(running.association, None)
         self._reports(None)
-        released = outcome == "released" and problem is None
+        released = outcome is Ending.RELEASED and problem is None
         self.events.worker_done(running.association, released)  # reads its records first
         try:
             if problem is not None:

@@ -19,9 +19,9 @@ from prometheus_client.core import (
     Metric,
 )
 
+from dicom_ingestd.ipc import COMMIT_BUCKETS
 from dicom_ingestd.stats import status_class
 from dicom_ingestd.status import JOB_STATES
-from dicom_ingestd.telemetry import COMMIT_BUCKETS
 
 PREFIX = "dicom_ingestd"
 

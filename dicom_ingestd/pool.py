@@ -35,11 +35,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import Enum
 
-from dicom_ingestd import handoff, ipc, telemetry, warm
+from dicom_ingestd import handoff, ipc, warm
+from dicom_ingestd.assignment import Assignment
 from dicom_ingestd.codes import ExitCode
 from dicom_ingestd.events import sync_enabled
+from dicom_ingestd.processes import describe_exit
+from dicom_ingestd.running import OnFinished, Running
 from dicom_ingestd.warm import Generation
-from dicom_ingestd.workers import Assignment, OnFinished, Running, describe_exit
 
 log = logging.getLogger("dicom_ingestd.master")
 
@@ -51,6 +53,15 @@ TRIM_INTERVAL = 0.5
 # after this pause, doubling to FORK_BACKOFF_MAX while it keeps failing.
 FORK_BACKOFF_MIN = 0.1
 FORK_BACKOFF_MAX = 2.0
+
+
+def _problem(status: int) -> str | None:
+    """A worker's wait status as its lines say it; None for a clean exit.  (A job's outcome,
+    stored and shown by `jobs`, says "exit status N"; a worker "exited with status N".)"""
+    if os.WIFSIGNALED(status):
+        return describe_exit(status)
+    code = os.WEXITSTATUS(status)
+    return None if code == 0 else f"exited with status {code}"
 
 
 class State(Enum):
@@ -79,7 +90,7 @@ class WorkerPool:
     """Warm workers: `start()` hands an assignment to one; see the module docstring."""
 
     def __init__(self, selector: selectors.BaseSelector, close_in_child: Callable[[], None],
-                 channel: ipc.Channel, counters: telemetry.Channel,
+                 channel: ipc.Channel, counters: ipc.Channel,
                  on_finished: OnFinished) -> None:
         self._selector = selector
         self._close_in_child = close_in_child
@@ -344,7 +355,7 @@ class WorkerPool:
         self._drain(worker)  # a Taken or Finished it sent before it exited
         self._selector.unregister(worker.pidfd)
         _, status = os.waitpid(worker.pid, 0)
-        problem = describe_exit(status)
+        problem = _problem(status)
         del self.workers[worker.pid]
         state = worker.state
         self._retire(worker)
@@ -355,7 +366,7 @@ class WorkerPool:
             if running is not None and worker.pending is not None:
                 self._rescue(worker, running, problem)
             elif running is not None:
-                self._on_finished(running, problem or "exited during its association", "")
+                self._on_finished(running, problem or "exited during its association", None)
             elif problem is not None and state is State.IDLE:
                 log.warning("idle worker %d %s; a new one takes its place", worker.pid,
                             problem)
@@ -384,4 +395,4 @@ class WorkerPool:
             for sock in pending:
                 sock.close()
             self._on_finished(running, f"could not be handed to another worker "
-                              f"({exc.strerror or exc})", "")
+                              f"({exc.strerror or exc})", None)

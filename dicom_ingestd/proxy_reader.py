@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from dicom_ingestd import proxy
 from dicom_ingestd.access import Network, normalize, parse_networks
+from dicom_ingestd.codes import Ending
 from dicom_ingestd.config.schema import NetworkConfig
 from dicom_ingestd.peer import Peer
 
@@ -49,7 +50,7 @@ class Dropped(Exception):
     """The connection is not admitted.  `outcome` is how it is counted: refused (not a
     trusted proxy), dropped (bad or cut-short header) or timeout; the message says why."""
 
-    def __init__(self, outcome: str, why: str) -> None:
+    def __init__(self, outcome: Ending, why: str) -> None:
         super().__init__(why)
         self.outcome = outcome
 
@@ -93,7 +94,7 @@ class ProxyPolicy:
                 for network in self.trusted if network.prefixlen == 0]
 
     def check_trusted(self, tcp_peer: Peer) -> None:
-        """Raise Dropped("refused") unless `tcp_peer` is one of the trusted proxies."""
+        """Raise Dropped(Ending.REFUSED) unless `tcp_peer` is one of the trusted proxies."""
         key = tcp_peer.key
         if key:
             ip = normalize(key)
@@ -101,7 +102,7 @@ class ProxyPolicy:
                 return
         what = "not one of network.trusted_proxies" if key else \
             "a Unix socket's peer has no address to match network.trusted_proxies against"
-        raise Dropped("refused", f"connection refused: {what} "
+        raise Dropped(Ending.REFUSED, f"connection refused: {what} "
                       f"(network.proxy_protocol = {self.setting}: only a load balancer "
                       "may connect, and must send a PROXY protocol header)")
 
@@ -141,17 +142,17 @@ class HeaderReader:
         except TimeoutError:
             raise
         except OSError as exc:
-            raise Dropped("dropped", f"connection lost during the PROXY protocol header: "
+            raise Dropped(Ending.DROPPED, f"connection lost during the PROXY protocol header: "
                           f"{exc.strerror or exc}") from None
         if not chunk:
-            raise Dropped("dropped", "connection closed after "
+            raise Dropped(Ending.DROPPED, "connection closed after "
                           f"{len(self._data)} byte(s) of a PROXY protocol header"
                           if self._data else "connection closed before a PROXY protocol "
                           "header")
         try:
             header = proxy.parse(bytes(self._data) + chunk, self.versions)
         except proxy.HeaderError as exc:
-            raise Dropped("dropped", f"PROXY protocol header refused: {exc}") from None
+            raise Dropped(Ending.DROPPED, f"PROXY protocol header refused: {exc}") from None
         # Incomplete: every byte seen is header.  Complete: exactly the rest of it.
         self._consume(len(chunk) if header is None else header.length - len(self._data))
         return header
@@ -163,16 +164,16 @@ class HeaderReader:
             except (BlockingIOError, InterruptedError):
                 continue
             except OSError as exc:
-                raise Dropped("dropped", f"connection lost during the PROXY protocol "
+                raise Dropped(Ending.DROPPED, f"connection lost during the PROXY protocol "
                               f"header: {exc.strerror or exc}") from None
             if not data:
-                raise Dropped("dropped", "connection closed during the PROXY protocol header")
+                raise Dropped(Ending.DROPPED, "connection closed during the PROXY protocol header")
             self._data += data
             count -= len(data)
 
 
 def _timed_out(policy: ProxyPolicy, received: int) -> Dropped:
-    return Dropped("timeout", f"no complete PROXY protocol header within "
+    return Dropped(Ending.TIMEOUT, f"no complete PROXY protocol header within "
                    f"{policy.timeout:g} s (network.acse_timeout; {received} byte(s) "
                    "received); connection closed")
 
@@ -202,13 +203,13 @@ def read_peer(conn: socket.socket, tcp_peer: Peer, policy: ProxyPolicy) -> Peer:
             conn.settimeout(None)
 
 
-def _journal(peer: Peer, outcome: str) -> dict[str, object]:
+def _journal(peer: Peer, outcome: Ending) -> dict[str, object]:
     return {"journal": {**peer.fields(), "DICOM_OUTCOME": outcome}}
 
 
 def log_dropped(tcp_peer: Peer, exc: Dropped) -> None:
     """The one line for a connection that never reached admission."""
-    who = f"proxy {tcp_peer}" if exc.outcome != "refused" else str(tcp_peer)
+    who = f"proxy {tcp_peer}" if exc.outcome is not Ending.REFUSED else str(tcp_peer)
     log.warning("%s: %s", who, exc, extra=_journal(tcp_peer, exc.outcome))
 
 
@@ -236,7 +237,7 @@ class PendingHeaders:
 
     def __init__(self, selector: selectors.BaseSelector,
                  admit: Callable[[socket.socket, Peer], None],
-                 count: Callable[[str], None],
+                 count: Callable[[Ending], None],
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._selector = selector
         self._admit = admit
@@ -349,7 +350,7 @@ class PendingHeaders:
         self._forget(victim)
         with contextlib.suppress(OSError):
             victim.conn.close()
-        self._count("dropped")
+        self._count(Ending.DROPPED)
         self._full_closed += 1
         now = self._clock()
         if now >= self._next_full_log:
@@ -358,6 +359,6 @@ class PendingHeaders:
                         "%d byte(s) received) unanswered to make room (%d closed this way "
                         "since the last such line)", source, len(held), MAX_PENDING,
                         victim.tcp_peer.name, now - victim.since, victim.reader.received,
-                        self._full_closed, extra=_journal(victim.tcp_peer, "dropped"))
+                        self._full_closed, extra=_journal(victim.tcp_peer, Ending.DROPPED))
             self._next_full_log = now + FULL_LOG_INTERVAL
             self._full_closed = 0

@@ -1,7 +1,7 @@
 """The daemon's counters: associations by outcome and calling AE, C-STOREs by DIMSE status,
 bytes, the commit latency histogram, the last successful store and the last error.
 
-Kept by the master (one `Stats`), fed by the workers' `telemetry.AssociationReport`s and by
+Kept by the master (one `Stats`), fed by the workers' `ipc.AssociationReport`s and by
 the master's own observations (refused connections, failed workers, rejected reloads), and
 saved atomically (temporary file, fsync, rename) at most once a second while something
 changed and at stop, so the counters survive restarts and crashes (a crash loses at most the
@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dicom_ingestd.telemetry import COMMIT_BUCKETS, AssociationReport, bucket_index
+from dicom_ingestd.codes import Ending
+from dicom_ingestd.ipc import COMMIT_BUCKETS, AssociationReport, bucket_index
 
 log = logging.getLogger("dicom_ingestd.stats")
 
@@ -69,7 +70,7 @@ class Stats:
     _next_save: float = 0.0
 
     # -- what happened -------------------------------------------------------------------
-    def association_ended(self, outcome: str, calling_ae: str) -> None:
+    def association_ended(self, outcome: Ending, calling_ae: str) -> None:
         """One association (or refused connection) ended with `outcome`."""
         ae = calling_ae.strip()
         if ae in ("", "?"):  # the session's "?" before an A-ASSOCIATE-RQ
@@ -112,7 +113,7 @@ class Stats:
         if report.last_error:
             self.error(f"{report.peer} {report.calling_ae}: {report.last_error}",
                        report.last_error_time)
-        if report.outcome:
+        if report.outcome is not None:
             self.association_ended(report.outcome, report.calling_ae)
         self.dirty = True
 

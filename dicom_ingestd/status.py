@@ -16,12 +16,12 @@ from typing import Any
 from dicom_ingestd import __version__
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.control import SOCKET_NAME
+from dicom_ingestd.ipc import COMMIT_BUCKETS
 from dicom_ingestd.jobs.queue import DATABASE as JOB_DATABASE
 from dicom_ingestd.jobs.queue import Counter, JobQueue
 from dicom_ingestd.jobs.service import state_directory
 from dicom_ingestd.log import escape_controls
 from dicom_ingestd.stats import FILE_NAME, Stats, status_class
-from dicom_ingestd.telemetry import COMMIT_BUCKETS
 from dicom_ingestd.worker.store import STAGING_DIR
 
 JOB_STATES = ("pending", "running", "done", "dead")

@@ -21,13 +21,13 @@ import ssl
 import threading
 from dataclasses import dataclass
 
-from dicom_ingestd import handoff, ipc, telemetry
-from dicom_ingestd.codes import ExitCode
+from dicom_ingestd import handoff, ipc
+from dicom_ingestd.assignment import Assignment, session_for
+from dicom_ingestd.codes import Ending, ExitCode
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.handoff import Verdict
 from dicom_ingestd.worker.session import Outcome
 from dicom_ingestd.worker.store import Store
-from dicom_ingestd.workers import Assignment, session_for
 
 log = logging.getLogger("dicom_ingestd.master")
 
@@ -95,7 +95,7 @@ def own_name() -> bytes:
 
 def judge(outcome: Outcome, generation: Generation, served: int, baseline: Hygiene) -> Verdict:
     """May this worker serve another association after `outcome`?"""
-    if outcome.how != "released":
+    if outcome.how is not Ending.RELEASED:
         return Verdict.NOT_RELEASED
     if generation.tls_context is not None:
         return Verdict.TLS
@@ -128,7 +128,7 @@ def reset_signals() -> None:
 
 
 def serve(control: socket.socket, generation: Generation, channel: ipc.Channel,
-          counters: telemetry.Channel) -> ExitCode:
+          counters: ipc.Channel) -> ExitCode:
     """Serve assignments from `control` until told (or allowed) no more; the exit code."""
     reset_signals()
     baseline = Hygiene.now()

@@ -32,7 +32,7 @@ def modules() -> dict[str, set[str]]:
 
 def test_workers_never_import_the_master_side() -> None:
     forbidden = ("dicom_ingestd.master", "dicom_ingestd.tracker", "dicom_ingestd.jobs",
-                 "dicom_ingestd.cli", "dicom_ingestd.workers")
+                 "dicom_ingestd.cli", "dicom_ingestd.running", "dicom_ingestd.assignment")
     for name, used in modules().items():
         if name.startswith("worker/"):
             bad = sorted(u for u in used if u.startswith(forbidden))

@@ -42,7 +42,7 @@ from dicom_ingestd.worker.naming import (
     time_filename,
     unique_filename,
 )
-from dicom_ingestd.worker.store import STAGING_DIR, Store
+from dicom_ingestd.worker.store import STAGING_DIR, Store, WhenTaken
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -434,7 +434,7 @@ def _place(store: Store, directories: list[str], name: str) -> str:
     temp = store.temp_file()
     temp.write(b"object")
     temp.finish(False)
-    return store.commit(temp, directories, [name], replace=True, when_taken="error").path
+    return store.commit(temp, directories, [name], replace=True, when_taken=WhenTaken.ERROR).path
 
 
 @pytest.mark.parametrize("builder", sorted(BUILDERS))

@@ -46,6 +46,7 @@ from test_process_model import (
     store_ok,
 )
 
+from dicom_ingestd.codes import Ending
 from dicom_ingestd.handoff import Verdict
 from dicom_ingestd.warm import MEMORY_GROWTH, Generation, Hygiene, judge
 from dicom_ingestd.worker.session import Outcome
@@ -301,7 +302,7 @@ def _judge_case(case: str, tmp_path: Path) -> str:
     config = config_from_mapping({"storage": {"output_directory": str(tmp_path)},
                                   "workers": {"max_associations_per_worker": 3}})
     generation = Generation(1, config, Store(config.storage), None, -1)
-    outcome = Outcome(how="released", stored=1)
+    outcome = Outcome(how=Ending.RELEASED, stored=1)
     served = 1
     expected = Verdict.REUSABLE
     import ssl
@@ -309,7 +310,7 @@ def _judge_case(case: str, tmp_path: Path) -> str:
     baseline = Hygiene.now()
     held_open = None
     if case == "aborted":
-        outcome.how, expected = "aborted", Verdict.NOT_RELEASED
+        outcome.how, expected = Ending.ABORTED, Verdict.NOT_RELEASED
     elif case == "tls":
         generation = Generation(1, config, generation.store, tls_context, -1)
         expected = Verdict.TLS

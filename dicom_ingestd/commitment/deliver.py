@@ -44,7 +44,8 @@ from dicom_ingestd.worker.pdu import (
     A_ABORT,
     A_ASSOCIATE_AC,
     A_ASSOCIATE_RJ,
-    ABORT_REASON_NOT_SPECIFIED,
+    A_ASSOCIATE_RQ,
+    ABORT_REASON_NOT_SIGNIFICANT,
     ABORT_SOURCE_SERVICE_USER,
     P_DATA_TF,
     Channel,
@@ -101,7 +102,7 @@ def associate_rq(settings: Settings) -> bytes:
     body = (struct.pack(">H2x", 1) + _ae(settings.called_ae) + _ae(settings.calling_ae)
             + bytes(32) + _item(0x10, APPLICATION_CONTEXT.encode("ascii"))
             + _item(0x20, context) + _item(0x50, user))
-    return encode_pdu(0x01, body)
+    return encode_pdu(A_ASSOCIATE_RQ, body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,7 +267,7 @@ def deliver(settings: Settings, report_path: str) -> str:
 
 def with_abort(channel: Channel) -> None:
     with contextlib.suppress(PeerClosed, PeerTimeout, OSError):
-        channel.send(encode_abort(ABORT_SOURCE_SERVICE_USER, ABORT_REASON_NOT_SPECIFIED))
+        channel.send(encode_abort(ABORT_SOURCE_SERVICE_USER, ABORT_REASON_NOT_SIGNIFICANT))
 
 
 def main(argv: Sequence[str]) -> int:

@@ -16,6 +16,7 @@ from pydicom.uid import generate_uid
 from dicom_ingestd.config.schema import StorageConfig
 from dicom_ingestd.worker import naming
 from dicom_ingestd.worker.identify import Identity
+from dicom_ingestd.worker.store import WhenTaken
 
 _SERIALS = 10000  # storescp's 4-digit serial (0000-9999)
 
@@ -52,7 +53,7 @@ class Target:
     directories: list[str]
     candidates: Sequence[str]
     replace: bool
-    when_taken: str  # "keep", "reject" or "error", see Store.commit
+    when_taken: WhenTaken
 
 
 class Layout:
@@ -123,17 +124,18 @@ class Layout:
             names = NameSeries(naming.time_filename(now, None, sop_class_uid, ext),
                                lambda n: naming.time_filename(now, n, sop_class_uid, ext),
                                _SERIALS)
-            return Target(directories, names, replace=False, when_taken="error")
+            return Target(directories, names, replace=False, when_taken=WhenTaken.ERROR)
         if mode == "unique":
             name = naming.unique_filename(sop_class_uid, str(generate_uid()), ext)
-            return Target(directories, [name], replace=False, when_taken="error")
+            return Target(directories, [name], replace=False, when_taken=WhenTaken.ERROR)
         name = naming.default_filename(sop_class_uid, sop_instance_uid, ext)
         policy = self.config.duplicates
         if policy == "overwrite":
-            return Target(directories, [name], replace=True, when_taken="error")
+            return Target(directories, [name], replace=True, when_taken=WhenTaken.ERROR)
         if policy == "keep-both":
             stem = name[: len(name) - len(ext)] if ext else name
             names = NameSeries(name, lambda n: f"{stem}_{n + 1}{ext}", _SERIALS - 1)
-            return Target(directories, names, replace=False, when_taken="error")
+            return Target(directories, names, replace=False, when_taken=WhenTaken.ERROR)
         return Target(directories, [name], replace=False,
-                      when_taken="keep" if policy == "keep-first" else "reject")
+                      when_taken=WhenTaken.KEEP if policy == "keep-first"
+                      else WhenTaken.REJECT)

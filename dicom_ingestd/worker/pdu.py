@@ -36,16 +36,23 @@ PDU_NAMES = {
     A_ABORT: "A-ABORT",
 }
 
-# A-ABORT sources, PS3.8 9.3.8: who aborts (1 is reserved).
-ABORT_SOURCE_SERVICE_USER = 0  # the application: deliberately (test aids, giving up)
-ABORT_SOURCE_SERVICE_PROVIDER = 2  # the Upper Layer: the peer broke the protocol
-# A-ABORT reasons, significant only for the service provider (the user sends 0).
+# A-ABORT sources, PS3.8 9.3.8: the service user (us, deliberately: test aids, requests we
+# cannot serve) or the service provider (the Upper Layer itself: protocol errors, timeouts).
+ABORT_SOURCE_SERVICE_USER = 0x00
+ABORT_SOURCE_SERVICE_PROVIDER = 0x02
+# A-ABORT reasons: a service user's is "not significant"; the service provider's are the rest.
+ABORT_REASON_NOT_SIGNIFICANT = 0x00
 ABORT_REASON_NOT_SPECIFIED = 0x00
 ABORT_UNRECOGNIZED_PDU = 0x01
 ABORT_UNEXPECTED_PDU = 0x02
 ABORT_UNRECOGNIZED_PARAMETER = 0x04
 ABORT_UNEXPECTED_PARAMETER = 0x05
 ABORT_INVALID_PARAMETER = 0x06
+
+# The message control header of a PDV item, PS3.8 E.2: bit 0 set for a command fragment
+# (clear: data set), bit 1 set for a message's last fragment.
+PDV_COMMAND = 0x01
+PDV_LAST = 0x02
 
 _HEADER = struct.Struct(">BxL")
 _PDV_HEADER = struct.Struct(">LBB")
@@ -67,6 +74,11 @@ class ProtocolError(IngestError):
     def __init__(self, message: str, reason: int = ABORT_INVALID_PARAMETER) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class UserAbort(IngestError):
+    """Leave the association with an A-ABORT we send as its service user, deliberately (test
+    aids, requests we cannot serve, as storescp does); protocol errors are ProtocolError."""
 
 
 class Channel:
@@ -266,12 +278,13 @@ def encode_p_data(context_id: int, command: bytes, max_pdu: int, *,
     """
     limit = max_pdu if max_pdu else len(command) + 6
     chunk = max(limit - 6, 1)  # PDV item: 4-byte length, context ID, control header
-    kind = 0x01 if is_command else 0x00
+    kind = PDV_COMMAND if is_command else 0x00
     out = bytearray()
     for offset in range(0, len(command), chunk):
         piece = command[offset:offset + chunk]
         last = offset + chunk >= len(command)
-        pdv = _PDV_HEADER.pack(len(piece) + 2, context_id, kind | (0x02 if last else 0)) + piece
+        pdv = _PDV_HEADER.pack(len(piece) + 2, context_id,
+                               kind | (PDV_LAST if last else 0)) + piece
         out += encode_pdu(P_DATA_TF, pdv)
     return bytes(out)
 
@@ -282,5 +295,6 @@ def encode_release_rp() -> bytes:
 
 
 def encode_abort(source: int, reason: int) -> bytes:
-    """An A-ABORT PDU from `source` (ABORT_SOURCE_*) for `reason` (ABORT_*)."""
+    """An A-ABORT PDU from `source` (ABORT_SOURCE_*) for `reason` (ABORT_REASON_* and the
+    other ABORT_* reasons; ABORT_REASON_NOT_SIGNIFICANT from the service user)."""
     return encode_pdu(A_ABORT, bytes((0, 0, source, reason)))

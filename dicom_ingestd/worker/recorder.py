@@ -14,7 +14,7 @@ import os
 import time
 
 from dicom_ingestd import ipc, outbox
-from dicom_ingestd.codes import Status
+from dicom_ingestd.codes import Ending, Status
 from dicom_ingestd.errors import StorageError
 from dicom_ingestd.outbox import StoredObject
 
@@ -85,9 +85,9 @@ class Recorder:
                         "master runs again", obj.peer, obj.calling_ae, obj.called_ae,
                         obj.sop_instance_uid)
 
-    def close(self, how: str) -> None:
+    def close(self, how: Ending) -> None:
         """The association ended (`how`: Outcome.how); tell the master how."""
         if self.writer is not None:
             self.writer.close()
         if self.channel is not None:
-            self.channel.send(ipc.AssociationEnded(self.association, how == "released"))
+            self.channel.send(ipc.AssociationEnded(self.association, how is Ending.RELEASED))

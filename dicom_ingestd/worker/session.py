@@ -1,68 +1,59 @@
 """One association, start to end, on one connected socket: the acceptor's whole life cycle.
 
 Synchronous and free of global state, so the same code runs in a thread (single-process mode)
-or in a forked worker.  The order of events for a C-STORE follows the durability promise: the
-data set streams into a temporary file; at its last fragment the file is fsynced, checked,
-placed and its directory fsynced; only then is the success response sent.
+or in a forked worker.  Here: the upper layer (association, release, abort, PDUs) and the
+DIMSE dispatch; each service is a class of its own: C-STORE in cstore.py, storage commitment's
+N-ACTION in commitment.py, C-ECHO (one response) here.
 """
 
 import contextlib
-import functools
 import logging
-import os
 import socket
 import ssl
 import struct
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
-from dicom_ingestd.codes import Status, status_name
+from dicom_ingestd.codes import Ending, Status
 from dicom_ingestd.commitment.dataset import SOP_CLASS as COMMITMENT
 from dicom_ingestd.commitment.dataset import SOP_INSTANCE as COMMITMENT_INSTANCE
 from dicom_ingestd.config.schema import Config
-from dicom_ingestd.errors import StorageError
-from dicom_ingestd.outbox import StoredObject
 from dicom_ingestd.peer import Peer, resolve
 from dicom_ingestd.sockets import set_tcp_option
 from dicom_ingestd.telemetry import Reporter
-from dicom_ingestd.worker import acceptor, commitment, dimse, encode, header, tls
-from dicom_ingestd.worker.identify import (
-    DataSetTooLarge,
-    Identity,
-    UnreadableDataSet,
-    identify,
-    identify_prefix,
-)
-from dicom_ingestd.worker.layout import Layout
-from dicom_ingestd.worker.naming import MissingStudyUID
+from dicom_ingestd.worker import acceptor, commitment, dimse, tls
+from dicom_ingestd.worker.cstore import IncomingObject, StorageSCP, journal_extra
 from dicom_ingestd.worker.pdu import (
     A_ABORT,
     A_ASSOCIATE_RQ,
     A_RELEASE_RQ,
+    ABORT_REASON_NOT_SIGNIFICANT,
     ABORT_REASON_NOT_SPECIFIED,
+    ABORT_SOURCE_SERVICE_PROVIDER,
+    ABORT_SOURCE_SERVICE_USER,
     ABORT_UNEXPECTED_PDU,
     ABORT_UNRECOGNIZED_PDU,
     P_DATA_TF,
     PDU_NAMES,
+    PDV_COMMAND,
+    PDV_LAST,
     Channel,
     PeerClosed,
     PeerTimeout,
     ProtocolError,
+    UserAbort,
     encode_abort,
     encode_p_data,
     encode_release_rp,
 )
 from dicom_ingestd.worker.recorder import Recorder
-from dicom_ingestd.worker.store import Placed, Store, TempFile, sort_holder
+from dicom_ingestd.worker.store import Store
 
 log = logging.getLogger("dicom_ingestd.association")
 
-HEAD_BYTES = 1 << 16  # identifying attributes sit in the first few KiB of a data set
 MAX_ASSOCIATE_RQ = 1 << 17  # 128 contexts of long UIDs fit in ~40 KiB; more is abuse
 MAX_SMALL_PDU = 64  # A-RELEASE-RQ and A-ABORT bodies are 4 bytes; longer ones are not read
-SPARE_WAIT = 0.001  # seconds: a peer's next PDU this quick after a response needs no spare
 VERIFICATION = "1.2.840.10008.1.1"
 
 
@@ -70,40 +61,10 @@ VERIFICATION = "1.2.840.10008.1.1"
 class Outcome:
     """How the association ended, for the caller's bookkeeping."""
 
-    how: str = "closed"  # released, aborted-by-peer, aborted, rejected, timeout, closed
+    how: Ending = Ending.CLOSED
     stored: int = 0
     failed: int = 0
     bytes_stored: int = 0
-
-
-class _Abort(Exception):
-    """Leave the association with an A-ABORT we send (test aids, protocol errors)."""
-
-    def __init__(self, source: int, reason: int, why: str) -> None:
-        super().__init__(why)
-        self.source = source
-        self.reason = reason
-
-
-class _Store:
-    """State of the C-STORE whose data set is being received."""
-
-    def __init__(self, command: dimse.Command, context: acceptor.AcceptedContext,
-                 temp: TempFile | None, status: int, why: str) -> None:
-        self.command = command
-        self.context = context
-        self.temp = temp  # None: data is drained (ignored, refused or failed up front)
-        self.status = status
-        self.why = why
-        self.bytes = 0
-        self.head = bytearray()  # the data set's first bytes, to identify it without a reparse
-
-    def write(self, chunk: memoryview) -> None:
-        assert self.temp is not None
-        self.temp.write(chunk)
-        room = HEAD_BYTES - len(self.head)
-        if room > 0:
-            self.head += chunk[:room]
 
 
 class Session:
@@ -121,16 +82,12 @@ class Session:
         self.peer = peer
         # The proxy's own connection (PROXY protocol LOCAL) may only verify.  A clean health
         # check (connect and close, or associate for Verification, echo, release) comes
-        # every few seconds: its lines are debug, its outcome is counted as "health-check".
+        # every few seconds: its lines are debug, its outcome is counted as a health check.
         # Anything else on it is at info or above (the first thing that is not drops this).
         self._quiet = peer.verification_only
         self.config = config
         self.store = store
         self.recorder = recorder
-        self.layout = Layout(config.storage, functools.partial(
-            store.study_directory, idle=float(config.events.eostudy_timeout)),
-            store.release_studies, sort_holder())
-        self._rewrite = encode.wanted(config.storage)  # storescp's output options (encode.py)
         net = config.network
         self.channel = Channel(sock, float(net.socket_timeout) or None, net.tcp_nodelay,
                                net.min_transfer_rate)
@@ -142,11 +99,9 @@ class Session:
         self._command = bytearray()
         self._rejected = ""  # the rejected presentation contexts, for the peer-abort line
         self._any_command = False
-        self._current: _Store | commitment.Action | None = None
+        self._current: IncomingObject | commitment.Action | None = None
+        self._storage: StorageSCP | None = None  # at its first C-STORE
         self._commitment: commitment.CommitmentSCP | None = None  # at its first N-ACTION
-        # The next object's temporary file, created while the peer prepares that object:
-        # creating an inode costs 0.1-0.5 ms of kernel time on ext4, off the critical path.
-        self._spare: TempFile | None = None
 
     # -- logging -------------------------------------------------------------------------
     @property
@@ -156,14 +111,17 @@ class Session:
     def _who(self) -> str:
         return f"{self.peer} {self.calling_ae}->{self.called_ae}"
 
-    def _fields(self, **more: object) -> dict[str, object]:
+    def _journal(self) -> dict[str, object]:
+        """The journal fields naming the association."""
         fields: dict[str, object] = {**self.peer.fields(),
                                      "DICOM_CALLING_AE": self.calling_ae,
                                      "DICOM_CALLED_AE": self.called_ae}
         if self.tls_peer is not None:
             fields["DICOM_TLS_SUBJECT"] = self.tls_peer.subject or "-"
-        fields.update({k: v for k, v in more.items() if v not in (None, "")})
-        return {"journal": fields}
+        return fields
+
+    def _fields(self, **more: object) -> dict[str, object]:
+        return journal_extra(self._journal(), more)
 
     # -- life cycle ----------------------------------------------------------------------
     def run(self) -> Outcome:
@@ -180,26 +138,28 @@ class Session:
                 try:
                     self._serve()
                 finally:  # before the outcome is logged: tests watch the log, then staging
-                    self._discard_spare()
+                    self._close_storage()
         except tls.TLSRefused as exc:
             log.warning("%s: %s; connection closed", self.peer, exc,
-                        extra=self._fields(DICOM_OUTCOME="tls-refused"))
-            self.outcome.how = "tls-refused"
-        except _Abort as exc:
+                        extra=self._fields(DICOM_OUTCOME=Ending.TLS_REFUSED))
+            self.outcome.how = Ending.TLS_REFUSED
+        except UserAbort as exc:
             log.warning("%s: aborting association: %s", self._who(), exc,
                         extra=self._fields())
-            self._send_quietly(encode_abort(exc.source, exc.reason))
-            self.outcome.how = "aborted"
+            self._send_quietly(encode_abort(ABORT_SOURCE_SERVICE_USER,
+                                            ABORT_REASON_NOT_SIGNIFICANT))
+            self.outcome.how = Ending.ABORTED
         except ProtocolError as exc:
             log.warning("%s: protocol error, sending A-ABORT: %s", self._who(), exc,
                         extra=self._fields())
-            self._send_quietly(encode_abort(2, exc.reason))
-            self.outcome.how = "aborted"
+            self._send_quietly(encode_abort(ABORT_SOURCE_SERVICE_PROVIDER, exc.reason))
+            self.outcome.how = Ending.ABORTED
         except PeerTimeout as exc:
             log.warning("%s: %s; dropping the association", self._who(), exc,
                         extra=self._fields())
-            self._send_quietly(encode_abort(2, ABORT_REASON_NOT_SPECIFIED))
-            self.outcome.how = "timeout"
+            self._send_quietly(encode_abort(ABORT_SOURCE_SERVICE_PROVIDER,
+                                            ABORT_REASON_NOT_SPECIFIED))
+            self.outcome.how = Ending.TIMEOUT
         except PeerClosed as exc:
             level = logging.WARNING if self._current or self.contexts else logging.INFO
             if self._quiet and not self.channel.received:
@@ -210,13 +170,15 @@ class Session:
             log.log(level, "%s: %s%s", self._who(), exc,
                     " during a C-STORE; the partial object was discarded"
                     if self._current else "", extra=self._fields())
-            self.outcome.how = "closed"
+            self.outcome.how = Ending.CLOSED
         except Exception:  # a bug: log it with its traceback, keep the daemon serving
             log.exception("%s: internal error; aborting the association", self._who())
-            self._send_quietly(encode_abort(2, ABORT_REASON_NOT_SPECIFIED))
-            self.outcome.how = "aborted"
+            self._send_quietly(encode_abort(ABORT_SOURCE_SERVICE_PROVIDER,
+                                            ABORT_REASON_NOT_SPECIFIED))
+            self.outcome.how = Ending.ABORTED
         finally:
-            self._drop_current()
+            self._current = None
+            self._close_storage()
             if self._commitment is not None:
                 self._commitment.close()
             if self.recorder is not None:
@@ -225,11 +187,11 @@ class Session:
                 self.sock.close()
             if self.reporter is not None:
                 how = self.outcome.how
-                if self._quiet and how in ("released", "closed"):
-                    how = "health-check"
+                if self._quiet and how in (Ending.RELEASED, Ending.CLOSED):
+                    how = Ending.HEALTH_CHECK
                 self.reporter.ended(how, self.peer.name, self.calling_ae)
-            with contextlib.suppress(OSError):  # a process that died is noticed without it
-                self.layout.finish()
+            if self._storage is not None:
+                self._storage.release_studies()
         return self.outcome
 
     def _configure_socket(self) -> None:
@@ -248,16 +210,9 @@ class Session:
         with contextlib.suppress(PeerClosed, PeerTimeout):
             self.channel.send(data)
 
-    def _drop_current(self) -> None:
-        if isinstance(self._current, _Store) and self._current.temp:
-            self._current.temp.discard()
-        self._current = None
-        self._discard_spare()
-
-    def _discard_spare(self) -> None:
-        if self._spare is not None:
-            self._spare.discard()
-            self._spare = None
+    def _close_storage(self) -> None:
+        if self._storage is not None:
+            self._storage.close()
 
     # -- association establishment ---------------------------------------------------------
     def _associate(self) -> bool:
@@ -302,9 +257,9 @@ class Session:
         if rejection is not None:
             self._quiet = False
             log.warning("%s: association rejected: %s", self._who(), rejection.why,
-                        extra=self._fields(DICOM_OUTCOME="rejected"))
+                        extra=self._fields(DICOM_OUTCOME=Ending.REJECTED))
             self.channel.send(rejection.encode())
-            self.outcome.how = "rejected"
+            self.outcome.how = Ending.REJECTED
             return False
         acceptance = acceptor.accept(request, primitive, self.config,
                                      verification_only=self.peer.verification_only)
@@ -366,10 +321,10 @@ class Session:
                 if self._current:
                     log.warning("%s: release requested during a C-STORE; partial object "
                                 "discarded", self._who(), extra=self._fields())
-                self._discard_spare()  # a peer that saw the release sees no temporary file
+                self._close_storage()  # a peer that saw the release sees no temporary file
                 self.channel.send(encode_release_rp())
-                self.outcome.how = "released"
-                self._log_end("released")
+                self.outcome.how = Ending.RELEASED
+                self._log_end()
                 return
             elif pdu_type == A_ABORT:
                 body = b""
@@ -378,8 +333,8 @@ class Session:
                         body = self.channel.read_exact(length, time.monotonic() + acse_timeout)
                 source = body[2] if len(body) >= 4 else -1
                 reason = body[3] if len(body) >= 4 else -1
-                self.outcome.how = "aborted-by-peer"
-                self._discard_spare()
+                self.outcome.how = Ending.ABORTED_BY_PEER
+                self._close_storage()
                 hint = ""
                 if not self._any_command and self.contexts:
                     # Typically a sender whose data (a compressed file) fits none of the
@@ -394,7 +349,7 @@ class Session:
                 log.warning("%s: association aborted by the peer (source %d, reason %d)%s%s",
                             self._who(), source, reason,
                             "; partial object discarded" if self._current else "", hint,
-                            extra=self._fields(DICOM_OUTCOME="aborted"))
+                            extra=self._fields(DICOM_OUTCOME=Ending.ABORTED))
                 return
             elif pdu_type in PDU_NAMES:
                 raise ProtocolError(f"unexpected {PDU_NAMES[pdu_type]} during the association",
@@ -403,11 +358,11 @@ class Session:
                 raise ProtocolError(f"unrecognized PDU type 0x{pdu_type:02X}",
                                     ABORT_UNRECOGNIZED_PDU)
 
-    def _log_end(self, how: str) -> None:
+    def _log_end(self) -> None:
         o = self.outcome
         log.log(self._info, "%s: association %s: %d stored, %d failed, %d bytes",
-                self._who(), how, o.stored, o.failed, o.bytes_stored,
-                extra=self._fields(DICOM_OUTCOME=how))
+                self._who(), o.how, o.stored, o.failed, o.bytes_stored,
+                extra=self._fields(DICOM_OUTCOME=o.how))
 
     def _p_data(self, length: int) -> None:
         max_pdu = self.config.network.max_pdu
@@ -431,15 +386,23 @@ class Session:
             if payload % 2:
                 # PS3.7 Annex F: every fragment is even.  storescp aborts the association
                 # ("DIMSE: Odd Fragment Length") and keeps nothing; so do we.
-                kind = "command" if control & 0x01 else "data set"
-                raise _Abort(0, 0, f"odd fragment length {payload} in a {kind} PDV "
-                             "(PS3.7 Annex F; storescp aborts too: \"DIMSE: Odd Fragment "
-                             "Length\")" + ("; the partial object was discarded"
-                                            if self._current else ""))
-            if control & 0x01:
+                kind = "command" if control & PDV_COMMAND else "data set"
+                raise UserAbort(f"odd fragment length {payload} in a {kind} PDV "
+                                "(PS3.7 Annex F; storescp aborts too: \"DIMSE: Odd Fragment "
+                                "Length\")" + ("; the partial object was discarded"
+                                               if self._current else ""))
+            if control & PDV_COMMAND:
                 self._command_fragment(context_id, control, payload)
             else:
                 self._data_fragment(context_id, control, payload)
+
+    def _during_data_pdu(self) -> None:
+        """Test aids that act on each P-DATA PDU of a data set, as storescp's callback does."""
+        testing = self.config.testing
+        if testing.abort_during:
+            raise UserAbort("testing.abort_during")
+        if testing.sleep_during:
+            time.sleep(testing.sleep_during)
 
     def _command_fragment(self, context_id: int, control: int, payload: int) -> None:
         if self._current is not None:
@@ -448,7 +411,7 @@ class Session:
         if len(self._command) + payload > dimse.MAX_COMMAND_SET:
             raise ProtocolError(f"command set larger than {dimse.MAX_COMMAND_SET} bytes")
         self._command += self.channel.read_exact(payload)
-        if control & 0x02:
+        if control & PDV_LAST:
             data = bytes(self._command)
             self._command.clear()
             self._dispatch(context_id, data)
@@ -464,12 +427,12 @@ class Session:
             self.channel.stream(payload, current.write)
         else:
             self.channel.skip(payload)
-        if control & 0x02:
+        if control & PDV_LAST:
             self._current = None
             if isinstance(current, commitment.Action):
                 self._finish_action(current)
             else:
-                self._finish_store(current)
+                self._storage_scp().finish(current)
 
     def _dispatch(self, context_id: int, data: bytes) -> None:
         self._any_command = True
@@ -489,7 +452,7 @@ class Session:
             self._respond(context_id, dimse.C_ECHO_RSP, command.message_id, Status.SUCCESS,
                           VERIFICATION)
         elif command.field == dimse.C_STORE_RQ and command.has_data_set:
-            self._begin_store(command, context)
+            self._current = self._storage_scp().begin(command, context)
         elif command.field == dimse.N_ACTION_RQ and context.abstract_syntax == COMMITMENT:
             action = self._commitment_scp().begin(command, context)
             if command.has_data_set:
@@ -499,8 +462,8 @@ class Session:
         elif command.field == dimse.N_EVENT_REPORT_RSP and self._commitment is not None:
             self._commitment.answered(command, self._who(), self._fields)
         else:
-            raise _Abort(0, 0, f"cannot handle {command.name} on context {context_id} "
-                         f"({context.abstract_syntax})")
+            raise UserAbort(f"cannot handle {command.name} on context {context_id} "
+                            f"({context.abstract_syntax})")
 
     def _respond(self, context_id: int, field: int, message_id: int, status: int,
                  sop_class: str, sop_instance: str = "", comment: str = "",
@@ -508,6 +471,16 @@ class Session:
         command = dimse.encode_response(field, message_id, status, sop_class, sop_instance,
                                         comment, action_type=action_type)
         self.channel.send(encode_p_data(context_id, command, self.peer_max_pdu))
+
+    # -- C-STORE (worker/cstore.py) ----------------------------------------------------------
+    def _storage_scp(self) -> StorageSCP:
+        if self._storage is None:
+            self._storage = StorageSCP(
+                self.config, self.store, self.recorder, self.reporter, self.channel,
+                self._respond, peer=self.peer, calling_ae=self.calling_ae,
+                called_ae=self.called_ae, who=self._who(),
+                journal=self._journal(), counts=self.outcome)
+        return self._storage
 
     # -- N-ACTION (storage commitment, worker/commitment.py) ---------------------------------
     def _commitment_scp(self) -> commitment.CommitmentSCP:
@@ -537,219 +510,6 @@ class Session:
                  "(request %s)", self._who(), answer.transaction_uid, answer.count,
                  answer.request_id, extra=extra)
         scp.report_here(answer, action.context, self.channel, self.peer_max_pdu, self._who())
-
-    # -- C-STORE -------------------------------------------------------------------------
-    def _begin_store(self, command: dimse.Command, context: acceptor.AcceptedContext) -> None:
-        testing = self.config.testing
-        status: int = Status.SUCCESS
-        why = ""
-        temp: TempFile | None = None
-        if self.peer.verification_only:
-            # Nothing but Verification is accepted on it; this guards the Verification
-            # context itself (a C-STORE "of" SOP class 1.2.840.10008.1.1 on it).
-            status = Status.NOT_AUTHORIZED
-            why = ("refused on a PROXY protocol LOCAL connection: the proxy's own "
-                   "connection may only use Verification")
-        elif command.sop_class_uid != context.abstract_syntax:
-            status = Status.SOP_CLASS_NOT_SUPPORTED
-            why = (f"SOP class {command.sop_class_uid} sent on a context for "
-                   f"{context.abstract_syntax}")
-        elif testing.ignore:
-            why = "ignored (testing.ignore)"
-        elif not self.store.has_free_space():
-            status = Status.OUT_OF_RESOURCES
-            why = (f"free space below storage.min_free_space "
-                   f"({self.config.storage.min_free_space} bytes)")
-        else:
-            try:
-                temp, self._spare = self._spare or self.store.temp_file(), None
-                temp.write(self._file_meta(command, context))
-            except StorageError as exc:
-                status, why = exc.status, str(exc)
-        self._current = _Store(command, context, temp, status, why)
-
-    def _file_meta(self, command: dimse.Command, context: acceptor.AcceptedContext) -> bytes:
-        return header.file_meta(command.sop_class_uid, command.sop_instance_uid,
-                                context.transfer_syntax, acceptor.IMPLEMENTATION_CLASS_UID,
-                                acceptor.IMPLEMENTATION_VERSION, self.calling_ae)
-
-    def _during_data_pdu(self) -> None:
-        """Test aids that act on each P-DATA PDU of a data set, as storescp's callback does."""
-        testing = self.config.testing
-        current = self._current
-        assert current is not None
-        if testing.abort_during:
-            raise _Abort(0, 0, "testing.abort_during")
-        if testing.sleep_during:
-            time.sleep(testing.sleep_during)
-
-    def _finish_store(self, current: _Store) -> None:
-        command = current.command
-        if self.config.testing.abort_during or self.config.testing.abort_after:
-            if current.temp:
-                current.temp.discard()
-            raise _Abort(0, 0, "testing.abort_during" if self.config.testing.abort_during
-                         else "testing.abort_after")
-        status, why = current.status, current.why
-        ident: Identity | None = None
-        path = ""
-        stored: StoredObject | None = None
-        commit: float | None = None  # seconds from the last byte to durable in place
-        if current.temp is not None and status == Status.SUCCESS:
-            started = time.monotonic()
-            try:
-                placed, ident = self._place(current)
-                path = placed.path
-                commit = time.monotonic() - started
-                stored = self._record(command, ident, placed, current.bytes)
-            except StorageError as exc:
-                status, why = exc.status, str(exc)
-        if status == Status.SUCCESS:
-            self.outcome.stored += 1
-            self.outcome.bytes_stored += current.bytes
-        else:
-            self.outcome.failed += 1
-        if self.reporter is not None:
-            self.reporter.store(status, current.bytes, commit, why, self.peer.name,
-                                self.calling_ae)
-        try:
-            self._respond(current.context.context_id, dimse.C_STORE_RSP, command.message_id,
-                          status, command.sop_class_uid, command.sop_instance_uid,
-                          why if status != Status.SUCCESS else "")
-        finally:
-            # Logged once the response is out: the sender goes on with its next object while
-            # we format and write the line (~0.1 ms), and the line is written even when the
-            # response cannot be sent.  It still precedes the next PDU's processing.
-            extra = self._fields(DICOM_SOP_INSTANCE_UID=command.sop_instance_uid,
-                                 DICOM_SOP_CLASS_UID=command.sop_class_uid,
-                                 DICOM_STUDY_UID=ident.study_uid if ident else "",
-                                 DICOM_STATUS=f"0x{status:04X}", DICOM_FILE=path)
-            if status == Status.SUCCESS:
-                log.info("%s: stored %s (study %s, %d bytes) %s", self._who(),
-                         command.sop_instance_uid, ident.study_uid if ident else "-",
-                         current.bytes, path or why, extra=extra)
-            else:
-                log.error("%s: C-STORE of %s failed with %s: %s", self._who(),
-                          command.sop_instance_uid, status_name(status), why, extra=extra)
-        if stored is not None and self.recorder is not None:
-            self.recorder.after_response(stored)
-        if current.temp is not None and self._spare is None and self._spare_wanted():
-            with contextlib.suppress(StorageError):  # the next C-STORE will report it
-                self._spare = self.store.temp_file()
-        if self.config.testing.sleep_after:
-            time.sleep(self.config.testing.sleep_after)
-
-    def _spare_wanted(self) -> bool:
-        """Create the next object's temporary file now, while the peer prepares that object?
-
-        After an association's first object only when the peer's next PDU is not here within
-        SPARE_WAIT: a sender of one object per association releases at once, and its spare
-        would be created and removed while it waits for the A-RELEASE-RP.
-        """
-        return self.outcome.stored + self.outcome.failed > 1 \
-            or not self.channel.has_data(SPARE_WAIT)
-
-    def _record(self, command: dimse.Command, ident: Identity, placed: Placed,
-                size: int) -> StoredObject | None:
-        """The object's durable event record, before its response (recorder.py); when it
-        cannot be made, the object just placed is withdrawn and StorageError raised."""
-        if self.recorder is None:
-            return None
-        sop_class = command.sop_class_uid
-        if placed.kept_existing:
-            sop_class = self._kept_class(placed.path, command.sop_instance_uid)
-        stored = StoredObject(placed.path, sop_class, command.sop_instance_uid,
-                              ident.study_uid, ident.series_uid, ident.patient_id,
-                              ident.patient_name, self.calling_ae, self.called_ae,
-                              self.peer.name, size)
-        try:
-            self.recorder.record(stored)
-        except StorageError:
-            if not placed.kept_existing:
-                self.store.withdraw(placed)
-            raise
-        return stored
-
-    def _kept_class(self, path: str, sop_instance_uid: str) -> str:
-        """The SOP class of the file storage.duplicates = keep-first kept in place of the
-        object just received (an object of another class may have the same name): what its
-        record says, so that storage commitment answers for the file that is there.  '' when
-        the file cannot be read or holds another SOP instance (never committed then)."""
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            with os.fdopen(fd, "rb") as kept:
-                ident = identify(kept, fix_uid_padding=self.config.association.uid_padding,
-                                 max_decoded_size=self.config.storage.max_decoded_size)
-        except (OSError, UnreadableDataSet, DataSetTooLarge) as exc:
-            log.warning("%s: cannot read the SOP class of %s, kept in place of %s: %s; its "
-                        "record has none", self._who(), path, sop_instance_uid, exc)
-            return ""
-        return ident.sop_class_uid if ident.sop_instance_uid == sop_instance_uid else ""
-
-    def _place(self, current: _Store) -> tuple[Placed, Identity]:
-        """fsync, verify and move the received object into place; raise StorageError."""
-        temp = current.temp
-        assert temp is not None
-        command = current.command
-        fix = self.config.association.uid_padding
-        try:
-            temp.finish(self.config.storage.fsync and not self._rewrite)
-            ident = identify_prefix(bytes(current.head), current.context.transfer_syntax,
-                                    complete=current.bytes <= len(current.head),
-                                    fix_uid_padding=fix)
-            if ident is None:  # bounded: a streaming walk of the file (identify.py)
-                with temp.open_read() as staged:
-                    ident = identify(staged, fix_uid_padding=fix, max_decoded_size=self
-                                     .config.storage.max_decoded_size)
-        except StorageError:
-            temp.discard()
-            raise
-        except OSError as exc:
-            temp.discard()
-            raise StorageError(f"cannot read {temp.path}: {exc.strerror or exc}",
-                               Status.OUT_OF_RESOURCES) from None
-        except DataSetTooLarge as exc:
-            temp.discard()
-            raise StorageError(f"refused: {exc}", Status.OUT_OF_RESOURCES) from None
-        except UnreadableDataSet as exc:
-            temp.discard()
-            raise StorageError(f"cannot parse the data set ({exc})",
-                               Status.CANNOT_UNDERSTAND) from None
-        if not ident.sop_class_uid or not ident.sop_instance_uid:
-            temp.discard()
-            raise StorageError("data set has no SOP Class UID or SOP Instance UID",
-                               Status.CANNOT_UNDERSTAND)
-        if (ident.sop_class_uid, ident.sop_instance_uid) != (command.sop_class_uid,
-                                                            command.sop_instance_uid):
-            temp.discard()
-            raise StorageError(
-                f"data set ({ident.sop_class_uid}, {ident.sop_instance_uid}) does not match "
-                f"the request ({command.sop_class_uid}, {command.sop_instance_uid})",
-                Status.DATASET_DOES_NOT_MATCH)
-        if self._rewrite:
-            temp = current.temp = encode.rewrite(
-                self.config.storage, self.store, temp, current.context.transfer_syntax,
-                lambda ts: header.file_meta(command.sop_class_uid, command.sop_instance_uid, ts,
-                                            acceptor.IMPLEMENTATION_CLASS_UID,
-                                            acceptor.IMPLEMENTATION_VERSION, self.calling_ae))
-        try:
-            target = self.layout.target(command.sop_class_uid, command.sop_instance_uid,
-                                        ident, datetime.now())
-        except MissingStudyUID:
-            temp.discard()
-            raise StorageError("no Study Instance UID to sort by (storage.sort = "
-                               f"{self.config.storage.sort})", Status.CANNOT_UNDERSTAND) \
-                from None
-        except OSError as exc:  # the shared study directory state (Store.study_directory)
-            temp.discard()
-            raise StorageError(f"cannot choose the study directory: {exc.strerror or exc}",
-                               Status.OUT_OF_RESOURCES) from None
-        placed = self.store.commit(temp, target.directories, target.candidates,
-                                   replace=target.replace, when_taken=target.when_taken)
-        if placed.kept_existing:
-            log.info("%s: %s exists, kept the first copy (storage.duplicates = keep-first)",
-                     self._who(), placed.path)
-        return placed, ident
 
 
 _CONTEXT_RESULTS = {1: "rejected by us", 2: "no reason given",

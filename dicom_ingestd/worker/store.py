@@ -41,6 +41,7 @@ import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -308,6 +309,14 @@ class TempFile:
             os.unlink(self.name, dir_fd=self._staging_fd)
 
 
+class WhenTaken(Enum):
+    """What `Store.commit` does when every candidate name exists (storage.duplicates)."""
+
+    KEEP = "keep"  # the existing file stands; success (keep-first)
+    REJECT = "reject"  # DUPLICATE_SOP_INSTANCE (reject)
+    ERROR = "error"  # PROCESSING_FAILURE: no name was free (every other policy)
+
+
 @dataclass(frozen=True, slots=True)
 class Placed:
     """Where an object ended up, and whether an existing file was kept instead."""
@@ -542,15 +551,14 @@ class Store:
         return fd
 
     def commit(self, temp: TempFile, directories: list[str], candidates: Sequence[str], *,
-               replace: bool, when_taken: str) -> Placed:
+               replace: bool, when_taken: WhenTaken) -> Placed:
         """Move a finished temporary file into place under the root, durably.
 
         `directories` are the subdirectory components and `candidates` the file names to try
         in order; every component must already be a safe name (naming.py).  With `replace` the
         first candidate is atomically replaced if it exists (storescp's behaviour); otherwise
         a candidate is only ever created, never replaced (link() refuses existing names), and
-        when every candidate exists `when_taken` decides: "keep" (the existing file stands;
-        success), "reject" (DUPLICATE_SOP_INSTANCE) or "error" (PROCESSING_FAILURE).
+        when every candidate exists `when_taken` decides (WhenTaken).
         Raises StorageError with the DIMSE status to answer; the temporary file is gone either
         way.
         """
@@ -603,9 +611,9 @@ class Store:
                 raise StorageError(f"{existing} exists and is {not_an_object}, not a stored "
                                    "object: the object was not stored (nothing replaced)",
                                    Status.PROCESSING_FAILURE)
-            if when_taken == "keep":
+            if when_taken is WhenTaken.KEEP:
                 return Placed(existing, kept_existing=True)
-            status = (Status.DUPLICATE_SOP_INSTANCE if when_taken == "reject"
+            status = (Status.DUPLICATE_SOP_INSTANCE if when_taken is WhenTaken.REJECT
                       else Status.PROCESSING_FAILURE)
             raise StorageError(f"{existing} exists", status)
         return Placed(os.path.join(self._root, *directories, placed),

@@ -8,64 +8,21 @@ with it, what happened to the worker.
 """
 
 import contextlib
-import logging
 import os
 import selectors
 import signal
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dicom_ingestd import ipc, outbox, telemetry
-from dicom_ingestd.config.schema import Config
+from dicom_ingestd import ipc
+from dicom_ingestd.assignment import Assignment, session_for
+from dicom_ingestd.codes import Ending
 from dicom_ingestd.events import sync_enabled
 from dicom_ingestd.peer import Peer
-from dicom_ingestd.worker.recorder import Recorder
-from dicom_ingestd.worker.session import Session
 from dicom_ingestd.worker.store import Store
-
-log = logging.getLogger("dicom_ingestd.master")
-
-
-@dataclass(frozen=True, slots=True)
-class Assignment:
-    """Everything one association needs; nothing else of the master's state reaches it."""
-
-    conn: socket.socket
-    peer: Peer  # the client; behind a PROXY protocol balancer, the address it carried
-    config: Config
-    store: Store
-    reject_over_limit: str  # non-empty: the limit that was hit; answer A-ASSOCIATE-RJ
-    tls_context: ssl.SSLContext | None = None  # [tls]: the worker does the handshake
-    association: str = ""  # unique key of the association (outbox records, study tracking)
-    outbox_fd: int = -1  # the outbox directory when [events] are on (outbox.py)
-    counters: telemetry.Channel | None = None  # per-association figures for the master
-
-
-def session_for(assignment: Assignment, channel: ipc.Channel,
-                link: ipc.SyncWait | None = None) -> Session:
-    """The association handler.  Each stored object's event record goes to the outbox before
-    its response (worker/recorder.py), and a datagram to the master over `channel`; with
-    events.exec_sync, over its own `link`, the association waits after each object's response
-    (as storescp -xs) until the master says the object's jobs are finished."""
-    config = assignment.config
-    writer = None
-    if assignment.outbox_fd >= 0:
-        writer = outbox.Writer(assignment.outbox_fd, config.storage.fsync)
-    # The datagrams only wake the master's outbox consumer (and tell it about storage
-    # commitment requests): without an outbox they would cost the master two wake-ups per
-    # association for nothing.
-    recorder = Recorder(channel if assignment.outbox_fd >= 0 else None,
-                        assignment.association, writer, link,
-                        float(config.events.exec_sync_timeout))
-    return Session(assignment.conn, assignment.peer, config, assignment.store,
-                   recorder=recorder, over_limit=assignment.reject_over_limit,
-                   tls_context=assignment.tls_context,
-                   reporter=telemetry.Reporter(assignment.counters.send, os.getpid())
-                   if assignment.counters is not None else None)
 
 
 @dataclass(eq=False)
@@ -97,18 +54,8 @@ class Running:
 
 
 # Called when an association is over: (its record, what went wrong with its worker or None,
-# how it ended: Outcome.how, "" when unknown because its worker died).
-OnFinished = Callable[[Running, str | None, str], None]
-
-
-def describe_exit(status: int) -> str | None:
-    """A wait status as the log says it; None for a clean exit."""
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        return f"killed by {signal.Signals(sig).name}" + (
-            " (core dumped)" if os.WCOREDUMP(status) else "")
-    code = os.WEXITSTATUS(status)
-    return None if code == 0 else f"exited with status {code}"
+# how it ended, None when unknown because its worker died).
+OnFinished = Callable[[Running, str | None, Ending | None], None]
 
 
 class ThreadRunner:
@@ -126,7 +73,7 @@ class ThreadRunner:
     def start(self, assignment: Assignment) -> Running:
         done = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         link = ipc.SyncLink() if sync_enabled(assignment.config.events) else None
-        outcome: list[str] = []
+        outcome: list[Ending] = []
 
         def run() -> None:
             try:
@@ -146,7 +93,7 @@ class ThreadRunner:
             self._selector.unregister(done)
             thread.join()
             os.close(done)
-            self._on_finished(running, None, outcome[0] if outcome else "")
+            self._on_finished(running, None, outcome[0] if outcome else None)
 
         self._selector.register(done, selectors.EVENT_READ, finished)
         thread.start()
