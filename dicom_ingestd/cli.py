@@ -44,7 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Serve in the foreground until SIGTERM/SIGINT (serve.py; per_connection.py for
     systemd Accept=yes and inetd)."""
     from dicom_ingestd import serve
-    from dicom_ingestd.tls import build_context
+    from dicom_ingestd.tls_context import build_context
 
     try:
         config = load_config(args.config)
@@ -59,7 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate the configuration; print each problem; exit 0 when valid."""
-    from dicom_ingestd.tls import build_context
+    from dicom_ingestd.tls_context import build_context
     try:
         # [tls] files too: a missing key or a wrong password is found before a restart.
         config = load_config(args.config)

@@ -48,7 +48,7 @@ from dicom_ingestd.sockets import describe
 from dicom_ingestd.stats import FILE_NAME as STATS_FILE
 from dicom_ingestd.stats import NO_AE, Stats
 from dicom_ingestd.systemd import Notifier
-from dicom_ingestd.tls import build_context
+from dicom_ingestd.tls_context import build_context
 from dicom_ingestd.watch import ConfigWatcher
 from dicom_ingestd.worker import acceptor
 from dicom_ingestd.worker.store import Store

@@ -16,7 +16,7 @@ import ssl
 from dicom_ingestd.access import AccessPolicy
 from dicom_ingestd.codes import ExitCode
 from dicom_ingestd.config.schema import Config
-from dicom_ingestd.events import events_enabled
+from dicom_ingestd.event_commands import events_enabled
 from dicom_ingestd.peer import Peer
 from dicom_ingestd.proxy_reader import Dropped, ProxyPolicy, log_dropped, read_peer
 from dicom_ingestd.stats import FILE_NAME, add_to_file

@@ -38,7 +38,7 @@ from enum import Enum
 from dicom_ingestd import handoff, ipc, warm
 from dicom_ingestd.assignment import Assignment
 from dicom_ingestd.codes import ExitCode
-from dicom_ingestd.events import sync_enabled
+from dicom_ingestd.event_commands import sync_enabled
 from dicom_ingestd.processes import describe_exit
 from dicom_ingestd.running import OnFinished, Running
 from dicom_ingestd.warm import Generation

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from dicom_ingestd import ipc
 from dicom_ingestd.assignment import Assignment, session_for
 from dicom_ingestd.codes import Ending
-from dicom_ingestd.events import sync_enabled
+from dicom_ingestd.event_commands import sync_enabled
 from dicom_ingestd.peer import Peer
 from dicom_ingestd.worker.store import Store
 

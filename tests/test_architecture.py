@@ -49,7 +49,7 @@ def test_configuration_imports_neither_tls_nor_the_worker() -> None:
     # context (tls.py, at start-up and reload) and the handshake (worker/tls.py) need TLS,
     # and serving associations is a later layer (the certificate subject grammar both share
     # is config/subjects.py, the DCMTK tables dcmtk/).
-    forbidden = ("ssl", "dicom_ingestd.tls", "dicom_ingestd.worker")
+    forbidden = ("ssl", "dicom_ingestd.tls_context", "dicom_ingestd.worker")
     for name, used in modules().items():
         if name.startswith("config/"):
             bad = _imported(forbidden, used)

@@ -29,7 +29,7 @@ from conftest import (
 )
 from pydicom import dcmread
 
-from dicom_ingestd.events import (
+from dicom_ingestd.event_commands import (
     build_argv,
     environment_for,
     peer_host,

@@ -481,7 +481,7 @@ def test_journal_prefix_always_without_journal(runs: list[Run], tmp_path: Path) 
 ])
 def test_peer_names_and_journal_fields(address: object, name: str,
                                        fields: dict[str, str]) -> None:
-    from dicom_ingestd.events import peer_host
+    from dicom_ingestd.event_commands import peer_host
     from dicom_ingestd.peer import Peer
 
     peer = Peer.from_address(address)

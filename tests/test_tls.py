@@ -27,7 +27,7 @@ from tls_certs import Certificates, Pair
 
 from dicom_ingestd.config.schema import TLSConfig
 from dicom_ingestd.config.subjects import parse_subject, subject_text
-from dicom_ingestd.tls import TLS_TO_OPENSSL, build_context
+from dicom_ingestd.tls_context import TLS_TO_OPENSSL, build_context
 
 CT1 = "CN=modality-ct1,O=Test Hospital"
 
@@ -395,7 +395,7 @@ def test_the_servers_cipher_order_decides(daemon_factory: Any, certs: Certificat
                                           profile: str) -> None:
     """The client lists the profile's TLS 1.2 suites in reverse; the daemon picks its own
     first (OP_CIPHER_SERVER_PREFERENCE, as storescp and BCP 195 do)."""
-    from dicom_ingestd.tls import PROFILES
+    from dicom_ingestd.tls_context import PROFILES
 
     suites = PROFILES[profile][0]
     daemon = daemon_factory({"tls": tls_table(certs, profile=profile)})

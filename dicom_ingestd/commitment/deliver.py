@@ -33,7 +33,7 @@ from dicom_ingestd.commitment.dataset import (
 )
 from dicom_ingestd.commitment.spool import read_report_file
 from dicom_ingestd.config.schema import TLSConfig
-from dicom_ingestd.tls import client_context
+from dicom_ingestd.tls_context import client_context
 from dicom_ingestd.worker import dimse
 from dicom_ingestd.worker.acceptor import (
     APPLICATION_CONTEXT,

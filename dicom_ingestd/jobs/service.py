@@ -57,7 +57,7 @@ from dicom_ingestd.commitment.spool import Spool
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.dcmtk.modalities import rename_prefix
 from dicom_ingestd.errors import StorageError
-from dicom_ingestd.events import (
+from dicom_ingestd.event_commands import (
     build_argv,
     environment,
     environment_for,
