@@ -28,6 +28,14 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, build_role, evt
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.sop_class import CTImageStorage, StorageCommitmentPushModel, Verification
+from support.daemon import Daemon, free_port
+from support.data import make_study
+from support.mounts import mounted_tmpfs
+from support.peers import require_tool
+from support.uids import CT_IMAGE as CT
+from support.uids import MR_IMAGE as MR
+from support.uids import STORAGE_COMMITMENT_INSTANCE as WELL_KNOWN
+from support.wait import wait_until
 
 from dicom_ingestd.jobs.queue import (
     MAX_SENDERS,
@@ -36,18 +44,7 @@ from dicom_ingestd.jobs.queue import (
     JobPool,
     JobQueue,
 )
-from tests.conftest import (
-    Daemon,
-    free_port,
-    make_study,
-    mounted_tmpfs,
-    require_tool,
-    wait_until,
-)
 
-WELL_KNOWN = "1.2.840.10008.1.20.1.1"
-CT = "1.2.840.10008.5.1.4.1.1.2"
-MR = "1.2.840.10008.5.1.4.1.1.4"
 MODALITY = "MODALITY"
 
 

@@ -29,20 +29,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port, require_tool, run_tool
-from conftest import testdata as data_file
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from support.daemon import REPO, free_port
+from support.data import testdata as data_file
+from support.peers import require_tool, run_tool
+from support.uids import EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE
+from support.uids import RLE_LOSSLESS as RLE
 
 from dicom_ingestd.worker.acceptor import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 
 STAGING = ".ingestd-tmp"
 DCMTK_UID_ROOT = "1.2.276.0.7230010.3"
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
-EXPLICIT_BE = "1.2.840.10008.1.2.2"
-IMPLICIT_LE = "1.2.840.10008.1.2"
-RLE = "1.2.840.10008.1.2.5"
 SECOND_PATIENT = "Doe^John Smith"
 
 

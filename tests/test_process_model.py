@@ -22,19 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import (
-    BUSY_WORKER,
-    IDLE_WORKER,
-    Daemon,
-    echoscu,
-    helpers_of,
-    process_name,
-    require_tool,
-    storescu,
-    workers_of,
-    write_config,
-)
-from conftest import testdata as data_file
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -45,6 +32,20 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu import A_ASSOCIATE_RJ, P_DATA_TF
 from pynetdicom.sop_class import CTImageStorage, Verification
+from support.daemon import Daemon, write_config
+from support.daemon import info_settings as settings
+from support.data import testdata as data_file
+from support.peers import echoscu, require_tool, storescu
+from support.procs import (
+    BUSY_WORKER,
+    IDLE_WORKER,
+    alive,
+    child_pids,
+    helpers_of,
+    process_name,
+    workers_of,
+)
+from support.wait import wait_until
 
 Factory = Callable[..., Daemon]
 
@@ -53,46 +54,8 @@ STORED = re.compile(r"^\S+ \S+ INFO \[(\d+)\] (\S+) \S+: stored (\S+) ", re.MULT
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def settings(**tables: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Settings for daemon_factory: the given tables, logging at info level."""
-    result = {name: dict(values) for name, values in tables.items()}
-    result.setdefault("logging", {}).setdefault("level", "info")
-    return result
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
-               interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"not within {timeout} s: {what}")
-
-
 def log_lines(daemon: Daemon, text: str) -> list[str]:
     return [line for line in daemon.log().splitlines() if text in line]
-
-
-def children(pid: int) -> set[int]:
-    """The pids of pid's children (zombies included until reaped)."""
-    result: set[int] = set()
-    with contextlib.suppress(FileNotFoundError):
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(FileNotFoundError):
-                text = Path(f"/proc/{pid}/task/{task}/children").read_text()
-                result.update(int(x) for x in text.split())
-    return result
-
-
-def alive(pid: int) -> bool:
-    """True while pid exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def ct_copies(directory: Path, count: int, tag: str) -> list[Path]:
@@ -282,7 +245,7 @@ def test_single_process_parallel_senders_are_served_in_the_master(
     assert len(stored) == 40
     assert {int(pid) for pid, _, _ in stored} == {daemon.proc.pid}
     # No association process was forked (the only child is the config watcher).
-    assert len(children(daemon.proc.pid)) <= 1
+    assert len(child_pids(daemon.proc.pid)) <= 1
     assert not workers_of(daemon.proc.pid, IDLE_WORKER)
 
 
@@ -429,7 +392,7 @@ def test_sigkill_of_a_worker_mid_transfer(daemon_factory: Factory, big_object: P
 
             part = wait_until(growing_part, 20, ".part file over 1 MB", interval=0.005)
             worker = int(part.name.split("-", 1)[0])
-            assert worker in children(daemon.proc.pid), (worker, children(daemon.proc.pid))
+            assert worker in child_pids(daemon.proc.pid), (worker, child_pids(daemon.proc.pid))
             assert worker != daemon.proc.pid
             os.kill(worker, signal.SIGKILL)
             sender.communicate(timeout=30)
@@ -607,7 +570,7 @@ def test_sigterm_lets_a_running_transfer_finish(daemon_factory: Factory,
         # New connections are refused at once (not left hanging in a backlog nobody
         # accepts from); the running one goes on.  Checked at the end.
         listening = port_still_open(daemon.port)
-        listening += f" (master pid {daemon.proc.pid}, children {children(daemon.proc.pid)})"
+        listening += f" (master pid {daemon.proc.pid}, children {child_pids(daemon.proc.pid)})"
         out, _ = sender.communicate(timeout=15)
     finally:
         if sender.poll() is None:

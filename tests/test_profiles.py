@@ -31,8 +31,6 @@ from typing import Any
 import dcmtk_facts
 import pytest
 import tomli_w
-from conftest import Daemon, free_port, require_tool, run_tool
-from conftest import testdata as bundled
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_items import (
     SCP_SCU_RoleSelectionSubItem,
@@ -45,6 +43,15 @@ from pynetdicom.pdu_primitives import (
     SOPClassExtendedNegotiation,
 )
 from pynetdicom.presentation import PresentationContext
+from support.daemon import Daemon, free_port
+from support.data import testdata as bundled
+from support.peers import require_tool, run_tool
+from support.uids import BASIC_TEXT_SR, MWL_FIND, RT_PLAN
+from support.uids import CT_IMAGE as CT
+from support.uids import MR_IMAGE as MR
+from support.uids import SECONDARY_CAPTURE as SC
+from support.uids import STORAGE_COMMITMENT_PUSH as STORAGE_COMMITMENT
+from support.uids import US_IMAGE as US
 from test_differential import Receiver, assert_same_output, run_both
 
 from dicom_ingestd.config.asconfig import AsconfigError, parse_asconfig, read_asconfig
@@ -60,14 +67,6 @@ LE, BE, IMPLICIT = neg.EXPLICIT_LE, neg.EXPLICIT_BE, neg.IMPLICIT_LE
 DEFLATED, RLE = neg.DEFLATED_LE, neg.RLE_LOSSLESS
 JPEG8, JPEG12, JPEG_LL = neg.JPEG_BASELINE, neg.JPEG_EXTENDED, neg.JPEG_LOSSLESS_SV1
 VERIFICATION = neg.VERIFICATION_SOP_CLASS
-CT = "1.2.840.10008.5.1.4.1.1.2"
-MR = "1.2.840.10008.5.1.4.1.1.4"
-SC = "1.2.840.10008.5.1.4.1.1.7"
-US = "1.2.840.10008.5.1.4.1.1.6.1"
-BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
-RT_PLAN = "1.2.840.10008.5.1.4.1.1.481.5"
-STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
-MWL_FIND = "1.2.840.10008.5.1.4.31"
 PRIVATE = "1.2.826.0.1.3680043.9.7433.99.1"
 PRIVATE_OTHER = "1.2.826.0.1.3680043.9.7433.99.2"
 

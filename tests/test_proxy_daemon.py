@@ -20,11 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, Daemon, Recorder, storescu
 from proxy_headers import Relay, carrying, v1, v1_unknown, v2, v2_local, v2_raw
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
+from support.daemon import REPO, Daemon, socket_activated
+from support.peers import storescu
+from support.recorder import Recorder
+from support.wait import wait_until
 from test_process_model import (
     assert_rejected_local_limit,
     associate,
@@ -36,7 +39,6 @@ from test_process_model import (
     log_lines,
     recv_until_closed,
     store_ok,
-    wait_until,
 )
 
 from dicom_ingestd import healthcheck
@@ -600,28 +602,8 @@ def test_reload_turns_the_proxy_protocol_on(daemon_factory: Factory,
 
 
 # -- socket activation: Accept=no (the master) and Accept=yes / inetd (one process each) --------
-def activated(tmp_path: Path, options: list[str], **tables: dict[str, Any]) -> tuple[
-        subprocess.Popen[bytes], int, Path]:
-    from conftest import free_port, require_tool, write_config
-
-    require_tool("systemd-socket-activate")
-    out = tmp_path / "out"
-    out.mkdir()
-    settings = proxied(**tables)
-    settings["network"]["port"] = free_port()  # unused: the socket comes from systemd
-    settings.setdefault("storage", {})["output_directory"] = str(out)
-    config = tmp_path / "d.toml"
-    write_config(config, settings)
-    port = free_port()
-    log_path = tmp_path / "activate.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(["systemd-socket-activate", *options, "-l",
-                                 f"127.0.0.1:{port}", sys.executable, "-m", "dicom_ingestd",
-                                 "run", "-c", str(config)], stdout=log_file,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO)
-    wait_until(lambda: f"Listening on 127.0.0.1:{port}" in log_path.read_text(), 20,
-               "systemd-socket-activate listening")
-    return proc, port, log_path
+def activated(tmp_path: Path, options: list[str], **tables: dict[str, Any]) -> Daemon:
+    return socket_activated(tmp_path, options, proxied(**tables))
 
 
 @pytest.mark.parametrize("options", [[], ["--accept"], ["--accept", "--inetd"]],
@@ -631,7 +613,8 @@ def test_socket_activation(tmp_path: Path, relays: list[Relay], options: list[st
                                          "network": {"acse_timeout": 3}}
     if "--inetd" in options:
         tables["network"]["inetd"] = True
-    proc, port, log_path = activated(tmp_path, options, **tables)
+    run = activated(tmp_path, options, **tables)
+    proc, port, log_path = run.proc, run.port, run.log_path
     try:
         relay_port = Relay(port, carrying("192.0.2.7"))
         relays.append(relay_port)

@@ -28,17 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import (
-    BUSY_WORKER,
-    Daemon,
-    echoscu,
-    free_port,
-    require_tool,
-    run_tool,
-    storescu,
-    workers_of,
-)
-from conftest import testdata as data_file
 from pydicom import dcmread
 from pydicom.data.data_manager import DATA_ROOT
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -48,30 +37,40 @@ from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
+from support.daemon import Daemon, free_port
+from support.data import testdata as data_file
+from support.peers import echoscu, require_tool, run_tool, storescu
+from support.procs import BUSY_WORKER, workers_of
+from support.uids import (
+    CT_IMAGE,
+    EXPLICIT_LE,
+    IMPLICIT_LE,
+    MR_IMAGE,
+    SECONDARY_CAPTURE,
+    VERIFICATION,
+)
+from support.wait import wait_until
+from support.wire import (
+    A_ABORT,
+    A_ASSOCIATE_AC,
+    A_ASSOCIATE_RJ,
+    A_ASSOCIATE_RQ,
+    IO_TIMEOUT,
+    P_DATA_TF,
+    associate,
+    associate_rq,
+    c_store_rq,
+    connect,
+    p_data,
+    pdu,
+    read_pdu,
+)
 
-VERIFICATION = "1.2.840.10008.1.1"
-CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
-MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-IMPLICIT_LE = "1.2.840.10008.1.2"
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
-APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 STAGING = ".ingestd-tmp"
-IO_TIMEOUT = 10.0  # seconds for any single socket operation of a test peer
 
-A_ASSOCIATE_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, P_DATA_TF, A_ABORT = 0x01, 0x02, 0x03, 0x04, 0x07
 
 
 # --- fixtures ------------------------------------------------------------------------------------
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(step)
-    return condition()
 
 
 def leftovers(daemon: Daemon) -> list[Path]:
@@ -95,8 +94,9 @@ def ingestd(daemon_factory: Any) -> Iterator[Callable[..., Daemon]]:
 
     yield start
     for daemon in started:
-        assert wait_until(lambda d=daemon: not leftovers(d), 5.0), \
-            f"left in the staging area: {leftovers(daemon)}\nlog:\n{tail(daemon.log())}"
+        wait_until(lambda d=daemon: not leftovers(d), 5.0,
+                   lambda d=daemon: f"an empty staging area; left in it: {leftovers(d)}\n"
+                   f"log:\n{tail(d.log())}")
 
 
 def tail(log: str, lines: int = 60) -> str:
@@ -281,57 +281,6 @@ def store_status(assoc: Association, path: Path) -> int:
 # --- a raw Upper Layer peer ----------------------------------------------------------------------
 
 
-def _item(item_type: int, body: bytes) -> bytes:
-    return struct.pack(">BxH", item_type, len(body)) + body
-
-
-def associate_rq(contexts: list[tuple[int, str, list[str]]], *, calling: str = "RAWSCU",
-                 called: str = "STORESCP", max_pdu: int = 16384,
-                 implementation_uid: str | None = "1.2.826.0.1.3680043.10.1234.1") -> bytes:
-    """An A-ASSOCIATE-RQ PDU; implementation_uid None leaves that sub-item out."""
-    body = struct.pack(">HH", 1, 0) + called.encode().ljust(16) + calling.encode().ljust(16)
-    body += bytes(32) + _item(0x10, APPLICATION_CONTEXT.encode())
-    for context_id, abstract_syntax, transfer_syntaxes in contexts:
-        sub = _item(0x30, abstract_syntax.encode())
-        sub += b"".join(_item(0x40, ts.encode()) for ts in transfer_syntaxes)
-        body += _item(0x20, bytes((context_id, 0, 0, 0)) + sub)
-    user = _item(0x51, struct.pack(">L", max_pdu))
-    if implementation_uid is not None:
-        user += _item(0x52, implementation_uid.encode())
-    body += _item(0x50, user)
-    return struct.pack(">BxL", A_ASSOCIATE_RQ, len(body)) + body
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError(f"closed after {len(data)} of {n} bytes")
-        data += chunk
-    return data
-
-
-def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
-    pdu_type, length = struct.unpack(">BxL", recv_exact(sock, 6))
-    return pdu_type, recv_exact(sock, length)
-
-
-def connect(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
-    sock.settimeout(IO_TIMEOUT)
-    return sock
-
-
-def raw_associate(port: int, contexts: list[tuple[int, str, list[str]]]) -> socket.socket:
-    """A connected socket with an accepted association (A-ASSOCIATE-AC read)."""
-    sock = connect(port)
-    sock.sendall(associate_rq(contexts))
-    pdu_type, _body = read_pdu(sock)
-    assert pdu_type == A_ASSOCIATE_AC, f"expected A-ASSOCIATE-AC, got PDU type {pdu_type:#04x}"
-    return sock
-
-
 def seconds_until_dropped(sock: socket.socket, limit: float) -> float:
     """Read (discarding an A-ABORT, if any) until the daemon closes; return the time taken."""
     start = time.monotonic()
@@ -344,31 +293,6 @@ def seconds_until_dropped(sock: socket.socket, limit: float) -> float:
     except ConnectionResetError:
         pass
     return time.monotonic() - start
-
-
-def _element(tag_group: int, tag_element: int, value: bytes) -> bytes:
-    return struct.pack("<HHL", tag_group, tag_element, len(value)) + value
-
-
-def _uid(value: str) -> bytes:
-    raw = value.encode()
-    return raw + b"\0" * (len(raw) % 2)
-
-
-def c_store_rq(sop_class: str, sop_instance: str, message_id: int = 1) -> bytes:
-    """A C-STORE-RQ command set (implicit VR little endian), announcing a data set."""
-    body = (_element(0x0000, 0x0002, _uid(sop_class))
-            + _element(0x0000, 0x0100, struct.pack("<H", 0x0001))
-            + _element(0x0000, 0x0110, struct.pack("<H", message_id))
-            + _element(0x0000, 0x0700, struct.pack("<H", 0))
-            + _element(0x0000, 0x0800, struct.pack("<H", 0x0000))
-            + _element(0x0000, 0x1000, _uid(sop_instance)))
-    return _element(0x0000, 0x0000, struct.pack("<L", len(body))) + body
-
-
-def p_data(context_id: int, control: int, payload: bytes) -> bytes:
-    pdv = struct.pack(">LBB", len(payload) + 2, context_id, control) + payload
-    return struct.pack(">BxL", P_DATA_TF, len(pdv)) + pdv
 
 
 # --- DCMTK helpers -------------------------------------------------------------------------------
@@ -388,7 +312,7 @@ def reference_storescp(args: list[str], out: Path) -> Iterator[int]:
                 return True
             except OSError:
                 return False
-        assert wait_until(ready, 10.0), "storescp did not start"
+        wait_until(ready, 10.0, "storescp listening")
         yield port
     finally:
         proc.terminate()
@@ -732,7 +656,7 @@ def test_reject_without_implementation_uid(ingestd: Callable[..., Daemon]) -> No
     daemon = ingestd({"association": {"reject_without_implementation_uid": True}})
     verification = [(1, VERIFICATION, [IMPLICIT_LE])]
     with connect(daemon.port) as sock:
-        sock.sendall(associate_rq(verification, implementation_uid=None))
+        sock.sendall(associate_rq(verification, implementation_uid=None, version_name=None))
         pdu_type, body = read_pdu(sock)
     assert pdu_type == A_ASSOCIATE_RJ
     assert tuple(body[1:4]) == (1, 1, 1)  # rejected permanent, service user, no reason given
@@ -767,7 +691,7 @@ def test_packed_pdvs_and_the_peers_max_pdu(ingestd: Callable[..., Daemon],
         first, rest = data_set[:1000], data_set[1000:]
         pdvs = (struct.pack(">LBB", len(command) + 2, 1, 0x03) + command
                 + struct.pack(">LBB", len(first) + 2, 1, 0x00) + first)
-        sock.sendall(struct.pack(">BxL", P_DATA_TF, len(pdvs)) + pdvs)
+        sock.sendall(pdu(P_DATA_TF, pdvs))
         for offset in range(0, len(rest), 8000):
             last = offset + 8000 >= len(rest)
             sock.sendall(p_data(1, 0x02 if last else 0x00, rest[offset:offset + 8000]))
@@ -818,7 +742,7 @@ def test_abort_during_a_multi_pdu_object(ingestd: Callable[..., Daemon]) -> None
     assert result.returncode != 0
     daemon.wait_log("aborting association: testing.abort_during")
     assert daemon.files() == []
-    assert wait_until(lambda: not leftovers(daemon), 5.0), leftovers(daemon)
+    wait_until(lambda: not leftovers(daemon), 5.0, lambda: f"no leftovers: {leftovers(daemon)}")
     echoscu(daemon.port)
 
 
@@ -900,7 +824,7 @@ def test_garbage_inside_an_association_is_answered_with_abort(
                     struct.pack(">BxL", A_ASSOCIATE_RQ, 4) + b"\0" * 4,  # unexpected PDU
                     p_data(9, 0x03, c_store_rq(CT_IMAGE, generate_uid())),  # unknown context
                     p_data(1, 0x02, b"\x08\x00\x10\x00")):  # data set without a command
-        with raw_associate(daemon.port, [(1, CT_IMAGE, [EXPLICIT_LE])]) as sock:
+        with associate(daemon.port, [(1, CT_IMAGE, [EXPLICIT_LE])]).sock as sock:
             sock.sendall(garbage)
             pdu_type, _body = read_pdu(sock)
             assert pdu_type == A_ABORT, (garbage, pdu_type)
@@ -923,8 +847,8 @@ def _stall_in_associate_rq(sock: socket.socket) -> None:
 
 def _stall_in_command(sock: socket.socket) -> None:
     _associate_on(sock)
-    pdu = p_data(1, 0x03, c_store_rq(CT_IMAGE, generate_uid()))
-    sock.sendall(pdu[:len(pdu) - 20])
+    packet = p_data(1, 0x03, c_store_rq(CT_IMAGE, generate_uid()))
+    sock.sendall(packet[:len(packet) - 20])
 
 
 def _stall_in_data_set(sock: socket.socket) -> None:

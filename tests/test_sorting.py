@@ -18,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_study, run_tool
 from pydicom import dcmread
-from test_faults import CT_IMAGE, associate, c_store, data_set_bytes, release
+from support.data import make_study
+from support.peers import run_tool
+from support.uids import CT_IMAGE
+from support.wire import associate, c_store, release
+from test_faults import data_set_bytes
 
 from dicom_ingestd.config.load import config_from_mapping
 from dicom_ingestd.worker.naming import study_subdirectory

@@ -36,10 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, DebBuild
-from conftest import testdata as data_file
+from conftest import DebBuild
 from pydicom import dcmread
 from pydicom.uid import generate_uid
+from support.daemon import REPO
+from support.data import testdata as data_file
 
 from dicom_ingestd import __version__
 

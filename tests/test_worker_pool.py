@@ -19,22 +19,14 @@ from typing import Any
 
 import pytest
 import tls_certs
-from conftest import (
-    BUSY_WORKER,
-    IDLE_WORKER,
-    Daemon,
-    child_pids,
-    echoscu,
-    process_name,
-    require_tool,
-    storescu,
-    wait_until,
-    workers_of,
-)
+from support.daemon import Daemon
+from support.daemon import info_settings as settings
+from support.peers import echoscu, require_tool, storescu
+from support.procs import BUSY_WORKER, IDLE_WORKER, alive, child_pids, process_name, workers_of
+from support.wait import wait_until
 from test_process_model import (
     Factory,
     _rejections,
-    alive,
     assert_rejected_local_limit,
     associate,
     config_of,
@@ -42,7 +34,6 @@ from test_process_model import (
     ct_dataset,
     held,
     replace_config,
-    settings,
     store_ok,
 )
 

@@ -38,6 +38,8 @@ from typing import Any, Protocol
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
+from support.uids import DEFLATED_LE
+from support.wire import C_ECHO_RQ, C_STORE_RQ
 
 # The +xa list itself is pinned to storescp 3.6.7's by test_negotiation.py / test_differential.py.
 from dicom_ingestd.worker.negotiation import (
@@ -47,7 +49,7 @@ from dicom_ingestd.worker.negotiation import (
 )
 
 from .senders import CALLED_AE, SYNTAX_BY_UID, SYNTAXES, TEST_FILES, Sender, Syntax
-from .wire import C_ECHO_RQ, C_STORE_RQ, Association, WireTap
+from .wire import Association, WireTap
 
 PREFERENCE = "all"
 DAEMON_SETTINGS: dict[str, dict[str, Any]] = {
@@ -129,7 +131,6 @@ def syntax_label(uid: str) -> str:
     return known.label if known else (UID(uid).name or uid)
 
 
-DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
 def _is_big_endian(uid: str) -> bool:
@@ -190,7 +191,7 @@ def describe_sending(stored: Path, original: Path, negotiated: str) -> str:
     file_syntax = str(read(original).file_meta.TransferSyntaxUID)
     if negotiated == file_syntax and data_set_bytes(stored) == data_set_bytes(original):
         return "as in file"
-    if negotiated == file_syntax == DEFLATED:
+    if negotiated == file_syntax == DEFLATED_LE:
         try:
             if _inflated(data_set_bytes(stored)) == _inflated(data_set_bytes(original)):
                 return "re-deflated: the same data set, compressed differently"
