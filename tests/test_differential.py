@@ -32,7 +32,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from support.daemon import REPO, free_port
+from support.daemon import REPO, STAGING, free_port
 from support.data import testdata as data_file
 from support.peers import require_tool, run_tool
 from support.uids import EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE
@@ -40,7 +40,6 @@ from support.uids import RLE_LOSSLESS as RLE
 
 from dicom_ingestd.worker.acceptor import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 
-STAGING = ".ingestd-tmp"
 DCMTK_UID_ROOT = "1.2.276.0.7230010.3"
 SECOND_PATIENT = "Doe^John Smith"
 

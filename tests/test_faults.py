@@ -9,9 +9,9 @@
   create anything outside the output directory.
 * Protocol abuse is answered with A-ABORT (or a clean reject), and the daemon keeps serving.
 
-Peers are DCMTK's tools, pynetdicom, and a raw-socket Upper Layer client written here (so that
-values no conforming library would send can be sent).  Every socket and subprocess has a
-timeout; mounts are undone and daemons stopped however a test ends.
+Peers are DCMTK's tools, pynetdicom, and the raw-socket Upper Layer client of
+tests/support/wire.py (so that values no conforming library would send can be sent).  Every
+socket and subprocess has a timeout; mounts are undone and daemons stopped however a test ends.
 """
 
 import errno
@@ -31,11 +31,13 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
-from support.daemon import Daemon
-from support.data import make_study
+from support.daemon import STAGING, Daemon, tree_outside_staging
+from support.data import data_set_bytes, make_study, minimal_ct, new_ct_file
 from support.data import testdata as data_file
 from support.mounts import mounted_tmpfs
-from support.peers import echoscu, require_tool, storescp, storescu
+from support.peers import assert_serving, require_tool, storescp, storescu
+from support.procs import alive, descendants
+from support.scu import pynetdicom_store
 from support.uids import CT_IMAGE, EXPLICIT_LE, IMPLICIT_LE, MR_IMAGE, VERIFICATION
 from support.wait import wait_until
 from support.wire import (
@@ -52,7 +54,6 @@ from support.wire import (
     c_store,
     c_store_rq,
     connect,
-    element,
     p_data,
     parse_ac,
     pdu,
@@ -63,76 +64,17 @@ from support.wire import (
     send_fragments,
 )
 
-STAGING = ".ingestd-tmp"
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 
 
-def minimal_ct(sop_instance: bytes, study: bytes, patient_name: bytes,
-               series: bytes | None = None) -> bytes:
-    """A small CT Image Storage data set (explicit VR LE) with raw values, UTF-8 declared."""
-    series = series if series is not None else generate_uid().encode()
-    return b"".join([
-        element(0x0008, 0x0005, b"CS", b"ISO_IR 192"),
-        element(0x0008, 0x0016, b"UI", CT_IMAGE.encode()),
-        element(0x0008, 0x0018, b"UI", sop_instance),
-        element(0x0008, 0x0060, b"CS", b"CT"),
-        element(0x0010, 0x0010, b"PN", patient_name),
-        element(0x0010, 0x0020, b"LO", b"HOSTILE"),
-        element(0x0020, 0x000D, b"UI", study),
-        element(0x0020, 0x000E, b"UI", series),
-    ])
-
-
-def data_set_bytes(path: Path) -> bytes:
-    """The bytes after the file meta information of a DICOM file (preamble + DICM + group 2)."""
-    raw = path.read_bytes()
-    assert raw[128:132] == b"DICM", path
-    assert raw[132:136] == b"\x02\x00\x00\x00", "no File Meta Information Group Length"
-    (group_length,) = struct.unpack_from("<L", raw, 140)
-    return raw[144 + group_length:]
-
-
-# --- helpers -----------------------------------------------------------------------------
-
-
-def tree_outside_staging(out: Path) -> list[Path]:
-    """Every entry (file or directory) under `out`, except the staging directory and its files."""
-    return sorted(p for p in out.rglob("*") if p.relative_to(out).parts[0] != STAGING)
-
-
-def assert_serving(daemon: Daemon) -> None:
-    """The daemon is alive and answers C-ECHO."""
-    assert daemon.proc.poll() is None, f"daemon exited:\n{daemon.log()}"
-    result = echoscu(daemon.port, check=False, timeout=30)
-    assert result.returncode == 0, f"echoscu failed:\n{result.stderr}\n{daemon.log()}"
-
-
-def new_ct_file(folder: Path, pixel_bytes: int | None = None, name: str | None = None) -> Path:
-    """A copy of CT_small with a new SOP Instance UID (and, optionally, bigger pixel data)."""
-    ds = dcmread(data_file("CT_small.dcm"))
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    if 0xFFFCFFFC in ds:  # storescu drops Data Set Trailing Padding when it sends
-        del ds[0xFFFCFFFC]
-    if pixel_bytes is not None:
-        side = int((pixel_bytes // 2) ** 0.5)
-        ds.Rows = ds.Columns = side
-        ds.PixelData = os.urandom(side * side * 2)
-    path = folder / (name or f"ct-{ds.SOPInstanceUID}.dcm")
-    ds.save_as(path)
-    return path
+# --- crash mid-transfer --------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def big_object(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CT object of about 100 MB."""
     return new_ct_file(tmp_path_factory.mktemp("big"), 100_000_000, "big-ct.dcm")
-
-
-@pytest.fixture(scope="module")
-def five_mb_object(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return new_ct_file(tmp_path_factory.mktemp("five"), 5_000_000, "five-mb-ct.dcm")
 
 
 class ThrottledProxy:
@@ -196,64 +138,6 @@ class ThrottledProxy:
             thread.join(5)
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs (request this fixture before daemon_factory, so it is unmounted last)."""
-    with mounted_tmpfs(tmp_path / "tmpfs", "size=2m") as mountpoint:
-        yield mountpoint
-
-
-def pynetdicom_store(port: int, path: Path) -> int:
-    """Send one file with a pynetdicom SCU; return the C-STORE-RSP status."""
-    from pynetdicom import AE
-
-    ae = AE(ae_title="FAULTSCU")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-    ds = dcmread(path)
-    ae.add_requested_context(ds.SOPClassUID, [str(ds.file_meta.TransferSyntaxUID)])
-    assoc = ae.associate("127.0.0.1", port)
-    assert assoc.is_established, "association not established"
-    try:
-        status = assoc.send_c_store(ds)
-        assert "Status" in status, "no C-STORE-RSP received"
-        return int(status.Status)
-    finally:
-        if assoc.is_established:
-            assoc.release()
-        else:
-            assoc.abort()
-
-
-# --- crash mid-transfer --------------------------------------------------------------------
-
-
-def child_pids(pid: int) -> list[int]:
-    """The live descendants of `pid` (from /proc), children before grandchildren."""
-    parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        ppid = int(text.rsplit(")", 1)[1].split()[1])
-        parents.setdefault(ppid, []).append(int(stat.parent.name))
-    found: list[int] = []
-    queue = [pid]
-    while queue:
-        for child in parents.get(queue.pop(0), []):
-            found.append(child)
-            queue.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 @dataclass
 class Transfer:
     """storescu sending one file to the daemon through a throttling proxy, in the background."""
@@ -314,7 +198,7 @@ def test_sigkill_during_transfer_leaves_only_a_partial_file_removed_at_restart(
     pids: list[int] = []
     try:
         wait_for_growing_part(daemon)
-        pids = [daemon.proc.pid, *child_pids(daemon.proc.pid)]
+        pids = [daemon.proc.pid, *descendants(daemon.proc.pid)]
         for pid in pids:
             with suppress(ProcessLookupError):
                 os.kill(pid, 9)
@@ -354,7 +238,7 @@ def test_sigkill_of_the_master_alone_keeps_acknowledged_objects_consistent(
     workers: list[int] = []  # the association's worker and any other child of the master
     try:
         wait_for_growing_part(daemon)
-        workers = child_pids(daemon.proc.pid)
+        workers = list(descendants(daemon.proc.pid))
         daemon.proc.kill()
         daemon.proc.wait(10)
         again = daemon_factory({"storage": {"output_directory": str(daemon.out)}})
@@ -412,6 +296,18 @@ def test_peer_leaving_mid_data_set_leaves_nothing(daemon: Daemon, how: str) -> N
 
 
 # --- a full disk ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def five_mb_object(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return new_ct_file(tmp_path_factory.mktemp("five"), 5_000_000, "five-mb-ct.dcm")
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs (request this fixture before daemon_factory, so it is unmounted last)."""
+    with mounted_tmpfs(tmp_path / "tmpfs", "size=2m") as mountpoint:
+        yield mountpoint
 
 
 def fill(path: Path) -> None:

@@ -23,12 +23,13 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from support.daemon import STAGING
+from support.data import minimal_ct
 from support.data import testdata as bundled
-from support.peers import require_tool, run_tool
+from support.peers import assert_serving, require_tool, run_tool
 from support.uids import CT_IMAGE
 from support.wire import associate, c_store, explicit, release
 from test_differential import Receiver, run_both, start_ingestd, start_storescp, translate
-from test_faults import assert_serving, minimal_ct
 
 from dicom_ingestd.codes import Status
 from dicom_ingestd.config.schema import StorageConfig
@@ -37,7 +38,6 @@ from dicom_ingestd.worker import elements, encode, header
 from dicom_ingestd.worker.store import Store
 
 TEST_FILES = Path(pydicom.__file__).parent / "data/test_files"
-STAGING = ".ingestd-tmp"
 
 # Sent in one association: every bit depth (1, 8, 16, 32), OW pixel data, OW LUTs and
 # waveforms, AT/FL/FD/SL/SS values, OF, nested and private sequences, trailing padding.

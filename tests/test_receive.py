@@ -37,7 +37,7 @@ from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
-from support.daemon import Daemon, free_port
+from support.daemon import STAGING, Daemon, free_port
 from support.data import testdata as data_file
 from support.peers import echoscu, require_tool, run_tool, storescu
 from support.procs import BUSY_WORKER, workers_of
@@ -65,10 +65,6 @@ from support.wire import (
     pdu,
     read_pdu,
 )
-
-STAGING = ".ingestd-tmp"
-
-
 
 # --- fixtures ------------------------------------------------------------------------------------
 

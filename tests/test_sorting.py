@@ -19,11 +19,10 @@ from typing import Any
 
 import pytest
 from pydicom import dcmread
-from support.data import make_study
+from support.data import data_set_bytes, make_study
 from support.peers import run_tool
 from support.uids import CT_IMAGE
 from support.wire import associate, c_store, release
-from test_faults import data_set_bytes
 
 from dicom_ingestd.config.load import config_from_mapping
 from dicom_ingestd.worker.naming import study_subdirectory

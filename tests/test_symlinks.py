@@ -17,13 +17,12 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 from support.daemon import start_daemon
-from support.data import make_study
+from support.data import make_study, minimal_ct
 from support.data import testdata as bundled
 from support.peers import storescu
 from support.uids import CT_IMAGE
 from support.wait import wait_until
 from support.wire import associate, c_store, release
-from test_faults import minimal_ct
 
 UID = b"1.2.826.0.1.3680043.9.7.16.100"
 NAME = "CT.1.2.826.0.1.3680043.9.7.16.100"

@@ -22,7 +22,7 @@ from typing import Any
 
 import fuzzgen
 from support import wire
-from support.procs import IDLE_WORKER
+from support.procs import IDLE_WORKER, descendants
 from support.wait import wait_until
 
 # The daemon configuration every fuzz and flood test starts from: short timeouts, so a stuck
@@ -42,27 +42,6 @@ BUG_PATTERNS = re.compile(r"internal error|unexpected error|Traceback|"
 
 
 # --- processes and resources -----------------------------------------------------------------
-
-
-def descendants(pid: int) -> dict[int, str]:
-    """Live (non-zombie) descendants of `pid`, with their names."""
-    parents: dict[int, list[tuple[int, str]]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            head, tail = stat.read_text().rsplit(")", 1)
-            fields = tail.split()
-        except (OSError, IndexError, ValueError):
-            continue
-        if fields[0] != "Z":
-            parents.setdefault(int(fields[1]), []).append(
-                (int(stat.parent.name), head.split("(", 1)[-1]))
-    found: dict[int, str] = {}
-    queue = [pid]
-    while queue:
-        for child, name in parents.get(queue.pop(), []):
-            found[child] = name
-            queue.append(child)
-    return found
 
 
 def children(pid: int) -> set[int]:

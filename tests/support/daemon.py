@@ -214,3 +214,8 @@ def socket_activated(tmp_path: Path, options: list[str],
                     tmp_path / "activate.log", port=port)
     daemon.wait_log(f"Listening on 127.0.0.1:{port}")  # systemd-socket-activate's own line
     return daemon
+
+
+def tree_outside_staging(out: Path) -> list[Path]:
+    """Every entry (file or directory) under `out`, except the staging directory and its files."""
+    return sorted(p for p in out.rglob("*") if p.relative_to(out).parts[0] != STAGING)

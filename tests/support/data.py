@@ -1,8 +1,16 @@
-"""Test objects: pydicom's bundled files, and copies of them with new UIDs."""
+"""Test objects: pydicom's bundled files, copies of them with new UIDs, and data sets built
+byte by byte."""
 
+import os
+import struct
 from pathlib import Path
 
+from pydicom import dcmread
 from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from support.uids import CT_IMAGE
+from support.wire import element
 
 
 def testdata(name: str) -> Path:
@@ -14,9 +22,6 @@ def testdata(name: str) -> Path:
 def make_study(folder: Path, count: int, *, study_uid: str | None = None, name: str = "s",
                patient: str | None = None) -> list[Path]:
     """`count` CT objects (copies of CT_small, new SOP Instance UIDs) of one study."""
-    from pydicom import dcmread
-    from pydicom.uid import generate_uid
-
     folder.mkdir(parents=True, exist_ok=True)
     study_uid = study_uid or str(generate_uid())
     series_uid = str(generate_uid())
@@ -34,3 +39,44 @@ def make_study(folder: Path, count: int, *, study_uid: str | None = None, name: 
         ds.save_as(path)
         files.append(path)
     return files
+
+
+def new_ct_file(folder: Path, pixel_bytes: int | None = None, name: str | None = None) -> Path:
+    """A copy of CT_small with a new SOP Instance UID (and, optionally, bigger pixel data)."""
+    ds = dcmread(testdata("CT_small.dcm"))
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    if 0xFFFCFFFC in ds:  # storescu drops Data Set Trailing Padding when it sends
+        del ds[0xFFFCFFFC]
+    if pixel_bytes is not None:
+        side = int((pixel_bytes // 2) ** 0.5)
+        ds.Rows = ds.Columns = side
+        ds.PixelData = os.urandom(side * side * 2)
+    path = folder / (name or f"ct-{ds.SOPInstanceUID}.dcm")
+    ds.save_as(path)
+    return path
+
+
+def minimal_ct(sop_instance: bytes, study: bytes, patient_name: bytes,
+               series: bytes | None = None) -> bytes:
+    """A small CT Image Storage data set (explicit VR LE) with raw values, UTF-8 declared."""
+    series = series if series is not None else generate_uid().encode()
+    return b"".join([
+        element(0x0008, 0x0005, b"CS", b"ISO_IR 192"),
+        element(0x0008, 0x0016, b"UI", CT_IMAGE.encode()),
+        element(0x0008, 0x0018, b"UI", sop_instance),
+        element(0x0008, 0x0060, b"CS", b"CT"),
+        element(0x0010, 0x0010, b"PN", patient_name),
+        element(0x0010, 0x0020, b"LO", b"HOSTILE"),
+        element(0x0020, 0x000D, b"UI", study),
+        element(0x0020, 0x000E, b"UI", series),
+    ])
+
+
+def data_set_bytes(path: Path) -> bytes:
+    """The bytes after the file meta information of a DICOM file (preamble + DICM + group 2)."""
+    raw = path.read_bytes()
+    assert raw[128:132] == b"DICM", path
+    assert raw[132:136] == b"\x02\x00\x00\x00", "no File Meta Information Group Length"
+    (group_length,) = struct.unpack_from("<L", raw, 140)
+    return raw[144 + group_length:]

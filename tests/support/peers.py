@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from support.daemon import free_port
+from support.daemon import Daemon, free_port
 
 
 def require_tool(name: str) -> str:
@@ -48,6 +48,13 @@ def storescu(port: int, *files: Path | str, extra: list[str] | None = None,
 def echoscu(port: int, extra: list[str] | None = None, check: bool = True,
             **kw: Any) -> subprocess.CompletedProcess[str]:
     return run_tool(["echoscu", *(extra or []), "127.0.0.1", str(port)], check=check, **kw)
+
+
+def assert_serving(daemon: Daemon) -> None:
+    """The daemon is alive and answers C-ECHO."""
+    assert daemon.proc.poll() is None, f"daemon exited:\n{daemon.log()}"
+    result = echoscu(daemon.port, check=False, timeout=30)
+    assert result.returncode == 0, f"echoscu failed:\n{result.stderr}\n{daemon.log()}"
 
 
 def listening(port: int) -> bool:

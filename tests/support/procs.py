@@ -46,3 +46,24 @@ def helpers_of(master: int) -> set[int]:
     """The master's children that are not idle workers: the configuration watcher, job
     processes and workers serving (or just done with) an association."""
     return {pid for pid in child_pids(master) if process_name(pid) != IDLE_WORKER}
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Live (non-zombie) descendants of `pid`, with their names."""
+    parents: dict[int, list[tuple[int, str]]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            head, tail = stat.read_text().rsplit(")", 1)
+            fields = tail.split()
+        except (OSError, IndexError, ValueError):
+            continue
+        if fields[0] != "Z":
+            parents.setdefault(int(fields[1]), []).append(
+                (int(stat.parent.name), head.split("(", 1)[-1]))
+    found: dict[int, str] = {}
+    queue = [pid]
+    while queue:
+        for child, name in parents.get(queue.pop(), []):
+            found[child] = name
+            queue.append(child)
+    return found
