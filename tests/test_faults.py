@@ -632,7 +632,7 @@ def test_leftover_of_a_pid_now_used_by_a_younger_daemon_is_removed(
 
 
 def test_idle_daemon_with_debug_log_next_to_its_config_stays_quiet(daemon: Daemon) -> None:
-    """conftest's layout: config and log file in one directory, logging.level = debug.
+    """start_daemon's layout: config and log file in one directory, logging.level = debug.
 
     An idle daemon has next to nothing to say; it must not log about its own log file, however
     often someone reads it (as `tail -f` or this test suite's wait_log do) or whatever else

@@ -15,26 +15,22 @@ import socket
 import subprocess
 import time
 import tomllib
-import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
-from pynetdicom.pdu import A_ASSOCIATE_RJ, P_DATA_TF
-from pynetdicom.sop_class import CTImageStorage, Verification
-from support.daemon import Daemon, write_config
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.sop_class import CTImageStorage
+from support.daemon import Daemon, config_of, log_lines, replace_config, write_config
 from support.daemon import info_settings as settings
-from support.data import testdata as data_file
+from support.data import ct_copies, ct_dataset
 from support.peers import echoscu, require_tool, storescu
 from support.procs import (
     BUSY_WORKER,
@@ -45,7 +41,9 @@ from support.procs import (
     process_name,
     workers_of,
 )
+from support.scu import assert_rejected_local_limit, associate, echo_ok, held, store_ok
 from support.wait import wait_until
+from support.wire import connect_from, recv_until_closed
 
 Factory = Callable[..., Daemon]
 
@@ -54,98 +52,6 @@ STORED = re.compile(r"^\S+ \S+ INFO \[(\d+)\] (\S+) \S+: stored (\S+) ", re.MULT
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def log_lines(daemon: Daemon, text: str) -> list[str]:
-    return [line for line in daemon.log().splitlines() if text in line]
-
-
-def ct_copies(directory: Path, count: int, tag: str) -> list[Path]:
-    """`count` copies of CT_small.dcm with fresh SOP Instance UIDs, written under directory."""
-    directory.mkdir(parents=True, exist_ok=True)
-    ds = dcmread(data_file("CT_small.dcm"))
-    paths = []
-    for index in range(count):
-        uid = generate_uid()
-        ds.SOPInstanceUID = uid
-        ds.file_meta.MediaStorageSOPInstanceUID = uid
-        path = directory / f"{tag}-{index:03d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
-
-
-def ct_dataset() -> Dataset:
-    ds = dcmread(data_file("CT_small.dcm"))
-    uid = generate_uid()
-    ds.SOPInstanceUID = uid
-    ds.file_meta.MediaStorageSOPInstanceUID = uid
-    return ds
-
-
-def scu(title: str = "PMTEST") -> AE:
-    ae = AE(ae_title=title)
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = 10
-    ae.dimse_timeout = 20
-    ae.network_timeout = 20
-    return ae
-
-
-# The A-ASSOCIATE-RJ each association received, as seen on the wire.  pynetdicom 3.0 has a
-# requestor race: when the RJ arrives before its main thread checks the connection, its
-# reactor has already closed the socket and the association reports "aborted", not
-# "rejected" (about 1 in 500 fast local rejections).  Its PDU event still fires.
-_rejections: "weakref.WeakKeyDictionary[Association, A_ASSOCIATE_RJ]" = \
-    weakref.WeakKeyDictionary()
-
-
-def associate(port: int, host: str = "127.0.0.1", bind: str | None = None,
-              title: str = "PMTEST") -> Association:
-    kw: dict[str, Any] = {}
-    if bind is not None:
-        kw["bind_address"] = (bind, 0)
-    received: list[A_ASSOCIATE_RJ] = []
-
-    def on_pdu(event: evt.Event) -> None:
-        if isinstance(event.pdu, A_ASSOCIATE_RJ):
-            received.append(event.pdu)
-
-    assoc = scu(title).associate(host, port, ae_title="STORESCP",
-                                 evt_handlers=[(evt.EVT_PDU_RECV, on_pdu)], **kw)
-    if received:
-        _rejections[assoc] = received[0]
-    return assoc
-
-
-@contextlib.contextmanager
-def held(assoc: Association) -> Iterator[Association]:
-    """Make sure an association never outlives the test (a held one blocks daemon stop)."""
-    try:
-        yield assoc
-    finally:
-        if assoc.is_established:
-            assoc.abort()
-
-
-def store_ok(assoc: Association, ds: Dataset) -> None:
-    status = assoc.send_c_store(ds)
-    assert status and status.Status == 0x0000, status
-
-
-def echo_ok(assoc: Association) -> None:
-    status = assoc.send_c_echo()
-    assert status and status.Status == 0x0000, status
-
-
-def assert_rejected_local_limit(assoc: Association) -> None:
-    """A-ASSOCIATE-RJ: rejected-transient (2), provider presentation (3), local limit (2)."""
-    rj = _rejections.get(assoc)
-    assert rj is not None, f"no A-ASSOCIATE-RJ received (established {assoc.is_established}, " \
-        f"aborted {assoc.is_aborted})"
-    assert (rj.result, rj.source, rj.reason_diagnostic) == (2, 3, 2), \
-        (rj.result, rj.source, rj.reason_diagnostic)
-
-
 def start_partial_store(assoc: Association, ds: Dataset) -> int:
     """Send a C-STORE-RQ and all of its data set but the last fragment; return the bytes sent.
 
@@ -177,17 +83,6 @@ def start_partial_store(assoc: Association, ds: Dataset) -> int:
         raw.sendall(data)
         sent += len(data)
     return sent
-
-
-def config_of(daemon: Daemon) -> dict[str, Any]:
-    return tomllib.loads(daemon.config_path.read_text())
-
-
-def replace_config(daemon: Daemon, config: dict[str, Any]) -> None:
-    """Rewrite the configuration like an editor does: a new file renamed over the old one."""
-    temp = daemon.config_path.with_name(daemon.config_path.name + ".swp~")
-    write_config(temp, config)
-    os.replace(temp, daemon.config_path)
 
 
 def stored_names(daemon: Daemon) -> dict[str, Path]:
@@ -302,22 +197,6 @@ def test_max_associations_per_peer_counts_each_address(daemon_factory: Factory) 
 
 
 # -- timeouts --------------------------------------------------------------------------------
-def recv_until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, float]:
-    """Read until the peer closes; return what was read and how long it took."""
-    start = time.monotonic()
-    sock.settimeout(timeout)
-    data = b""
-    while True:
-        try:
-            chunk = sock.recv(4096)
-        except ConnectionResetError:
-            break
-        if not chunk:
-            break
-        data += chunk
-    return data, time.monotonic() - start
-
-
 def test_stalled_peer_is_dropped_while_others_are_served(
         daemon_factory: Factory, tmp_path: Path) -> None:
     daemon = daemon_factory(settings(network={"socket_timeout": 1}))
@@ -608,13 +487,6 @@ def test_stop_timeout_stops_a_held_worker(daemon_factory: Factory) -> None:
 
 
 # -- access control --------------------------------------------------------------------------
-def connect_from(source: str, port: int, target: str = "127.0.0.1") -> socket.socket:
-    sock = socket.socket(socket.AF_INET6 if ":" in target else socket.AF_INET)
-    sock.bind((source, 0))
-    sock.connect((target, port))
-    return sock
-
-
 def assert_closed_unanswered(sock: socket.socket) -> None:
     with sock:
         data, took = recv_until_closed(sock, 3)

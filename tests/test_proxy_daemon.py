@@ -24,22 +24,14 @@ from proxy_headers import Relay, carrying, v1, v1_unknown, v2, v2_local, v2_raw
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
-from support.daemon import REPO, Daemon, socket_activated
+from support import wire
+from support.daemon import REPO, Daemon, log_lines, socket_activated
+from support.data import ct_copies, ct_dataset
 from support.peers import storescu
 from support.recorder import Recorder
+from support.scu import assert_rejected_local_limit, associate, echo_ok, held, store_ok
 from support.wait import wait_until
-from test_process_model import (
-    assert_rejected_local_limit,
-    associate,
-    connect_from,
-    ct_copies,
-    ct_dataset,
-    echo_ok,
-    held,
-    log_lines,
-    recv_until_closed,
-    store_ok,
-)
+from support.wire import connect_from, recv_until_closed
 
 from dicom_ingestd import healthcheck
 from dicom_ingestd.proxy_reader import MAX_PENDING
@@ -384,23 +376,10 @@ LOCAL = "(proxy's own connection, LOCAL)"
 def c_store_rq(context_id: int, ds: Dataset) -> bytes:
     """A C-STORE-RQ and its data set (Implicit VR Little Endian) as two P-DATA-TF PDUs, made
     by hand: pynetdicom sends nothing on a context that was not accepted for the SOP class."""
-    def element(number: int, value: bytes) -> bytes:
-        return struct.pack("<HHL", 0x0000, number, len(value)) + value
-
-    def uid(text: str) -> bytes:
-        return text.encode() + (b"\0" if len(text) % 2 else b"")
-
-    elements = (element(0x0002, uid(ds.SOPClassUID)) + element(0x0100, b"\x01\x00")
-                + element(0x0110, b"\x07\x00") + element(0x0700, b"\x00\x00")
-                + element(0x0800, b"\x00\x00") + element(0x1000, uid(ds.SOPInstanceUID)))
-    command = element(0x0000, struct.pack("<L", len(elements))) + elements
+    command = wire.c_store_rq(str(ds.SOPClassUID), str(ds.SOPInstanceUID), message_id=7)
     data = DicomBytesIO()
     write_dataset(data, ds, "<")  # implicit VR little endian: no VR argument
-    out = b""
-    for control, payload in ((0x03, command), (0x02, data.getvalue())):
-        pdv = struct.pack(">LBB", len(payload) + 2, context_id, control) + payload
-        out += struct.pack(">BxL", 0x04, len(pdv)) + pdv
-    return out
+    return wire.p_data(context_id, 0x03, command) + wire.p_data(context_id, 0x02, data.getvalue())
 
 
 def test_local_connection_may_only_verify(daemon_factory: Factory, relays: list[Relay],

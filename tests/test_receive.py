@@ -38,6 +38,7 @@ from pynetdicom.association import Association
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 from support.daemon import STAGING, Daemon, free_port
+from support.data import ct_copies
 from support.data import testdata as data_file
 from support.peers import echoscu, require_tool, run_tool, storescu
 from support.procs import BUSY_WORKER, workers_of
@@ -154,13 +155,6 @@ def copy_with(source: Path, target: Path, **changes: Any) -> Path:
             ds.file_meta.MediaStorageSOPInstanceUID = value
     ds.save_as(target, enforce_file_format=True)
     return target
-
-
-def ct_copies(directory: Path, count: int) -> list[Path]:
-    """`count` copies of CT_small, each with its own SOP Instance UID."""
-    directory.mkdir(exist_ok=True)
-    return [copy_with(data_file("CT_small.dcm"), directory / f"ct{i:03d}.dcm",
-                      SOPInstanceUID=generate_uid()) for i in range(count)]
 
 
 @cache
@@ -530,7 +524,7 @@ def test_sort_on_study_uid_with_prefix(ingestd: Callable[..., Daemon]) -> None:
 
 def test_timenames_give_every_object_of_one_association_its_own_file(
         ingestd: Callable[..., Daemon], tmp_path: Path) -> None:
-    copies = ct_copies(tmp_path / "copies", 20)
+    copies = ct_copies(tmp_path / "copies", 20, "ct")
     daemon = ingestd({"storage": {"filenames": "timenames"}})
     storescu(daemon.port, *copies)
     log = daemon.wait_log("association released")

@@ -22,9 +22,10 @@ from ack_sender import acknowledged
 from haproxy_pool import Checks, HAProxy, Instance, make_instances
 from pydicom import dcmread
 from support.daemon import free_port
+from support.data import ct_copies, ct_dataset
 from support.peers import require_tool
+from support.scu import associate, held, store_ok
 from support.wait import wait_until
-from test_process_model import associate, ct_copies, ct_dataset, held, store_ok
 
 ALLOWED = "127.0.0.2"
 DENIED = "127.0.0.3"

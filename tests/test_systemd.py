@@ -25,8 +25,6 @@ from typing import Any
 
 import pytest
 from proxy_headers import Relay
-from pydicom import dcmread
-from pydicom.uid import generate_uid
 from support.daemon import (
     REPO,
     Configured,
@@ -37,7 +35,7 @@ from support.daemon import (
     launch,
     socket_activated,
 )
-from support.data import testdata as data_file
+from support.data import ct_copies
 from support.peers import echoscu, require_tool, storescu
 from support.procs import alive
 from support.wait import wait_until
@@ -47,15 +45,6 @@ JOURNAL_SOCKET = Path("/run/systemd/journal/socket")
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def ct_copy(directory: Path, tag: str) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    ds = dcmread(data_file("CT_small.dcm"))
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    path = directory / f"{tag}.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
 @pytest.fixture
 def runs() -> Iterator[list[Daemon]]:
     """Everything a test started is stopped afterwards."""
@@ -105,7 +94,7 @@ def test_socket_activation_accept_no_uses_the_inherited_listener(
     config_port = int(run.config_path.read_text().split("port = ", 1)[1].split()[0])
     echoscu(run.port, timeout=60)  # the first connection makes systemd-socket-activate exec
     run.wait_log(f"listening on 127.0.0.1:{run.port}")
-    storescu(run.port, ct_copy(tmp_path / "in", "a"), timeout=60)
+    storescu(run.port, *ct_copies(tmp_path / "in", 1, "a"), timeout=60)
     assert len(run.files()) == 1
     assert refused(config_port), "the configured port is listening too"
     # One master (systemd-socket-activate exec'ed it: same pid) served both.
@@ -129,7 +118,7 @@ def test_socket_activation_on_a_unix_socket(runs: list[Daemon], tmp_path: Path,
     run.wait_log(f"Listening on {path}")
     relay = Relay(0, lambda _client: b"", unix=str(path))
     try:
-        storescu(relay.port, ct_copy(tmp_path / "in", "a"), timeout=60)
+        storescu(relay.port, *ct_copies(tmp_path / "in", 1, "a"), timeout=60)
         echoscu(relay.port, timeout=60)
     finally:
         relay.close()
@@ -145,8 +134,8 @@ def test_socket_activation_on_a_unix_socket(runs: list[Daemon], tmp_path: Path,
 def test_socket_activation_accept_yes_one_process_per_connection(
         runs: list[Daemon], tmp_path: Path) -> None:
     run = activate(runs, tmp_path, ["--accept"])
-    storescu(run.port, ct_copy(tmp_path / "in", "a"), timeout=60)
-    storescu(run.port, ct_copy(tmp_path / "in", "b"), timeout=60)
+    storescu(run.port, *ct_copies(tmp_path / "in", 1, "a"), timeout=60)
+    storescu(run.port, *ct_copies(tmp_path / "in", 1, "b"), timeout=60)
     assert len(run.files()) == 2
     log = run.log()
     served = pids_of(log, "association released")
@@ -174,7 +163,7 @@ def test_accept_yes_with_events_is_refused_up_front_and_stores_nothing(
                             str(run.config_path)], capture_output=True, text=True, timeout=30,
                            cwd=REPO)
     assert plain.returncode == 0, plain.stderr
-    result = storescu(run.port, ct_copy(tmp_path / "in", "a"), timeout=60, check=False)
+    result = storescu(run.port, *ct_copies(tmp_path / "in", 1, "a"), timeout=60, check=False)
     assert result.returncode != 0
     run.wait_log("[events] needs the master")
     assert run.files() == []
@@ -184,11 +173,11 @@ def test_inetd_mode_accepted_connection_on_stdin_stdout(runs: list[Daemon],
                                                         tmp_path: Path) -> None:
     # inetd "nowait": the accepted connection is fd 0 and fd 1; the daemon logs to stderr.
     run = activate(runs, tmp_path, ["--accept", "--inetd"], network={"inetd": True})
-    storescu(run.port, ct_copy(tmp_path / "in", "a"), timeout=60)
+    storescu(run.port, *ct_copies(tmp_path / "in", 1, "a"), timeout=60)
     # A stray byte on stdout would have corrupted the A-ASSOCIATE-AC or a response, so a
     # second association (echo, then store) checks a fresh instance too.
     echoscu(run.port, timeout=60)
-    storescu(run.port, ct_copy(tmp_path / "in", "b"), timeout=60)
+    storescu(run.port, *ct_copies(tmp_path / "in", 1, "b"), timeout=60)
     assert len(run.files()) == 2
     log = run.log()
     assert len(set(pids_of(log, "association released"))) == 3, log
@@ -200,7 +189,7 @@ def test_inetd_mode_with_listening_socket_on_stdin(runs: list[Daemon], tmp_path:
     (inetd "wait" style; systemd Accept=no with StandardInput=socket).  The daemon must serve
     the connection waiting on it, not treat fd 0 as a connected peer."""
     run = activate(runs, tmp_path, ["--inetd"], network={"inetd": True})
-    result = storescu(run.port, ct_copy(tmp_path / "in", "a"), check=False, timeout=60)
+    result = storescu(run.port, *ct_copies(tmp_path / "in", 1, "a"), check=False, timeout=60)
     assert result.returncode == 0, (
         f"storescu failed ({result.returncode}):\n{result.stdout}{result.stderr}\n"
         f"daemon log:\n{run.log()}")
@@ -293,7 +282,7 @@ def test_sd_notify_ready_status_watchdog_reload_stop(runs: list[Daemon], tmp_pat
     pings = [m for m in list(notify.messages) if m.at >= window and m.fields.get("WATCHDOG")]
     assert len(pings) >= 3, [m.text for m in notify.messages]
 
-    storescu(configured.port, ct_copy(tmp_path / "in", "a"), timeout=60)
+    storescu(configured.port, *ct_copies(tmp_path / "in", 1, "a"), timeout=60)
     notify.wait_for(lambda m: "1 object" in m.fields.get("STATUS", ""), 10,
                     "STATUS mentioning 1 object")
 
@@ -417,7 +406,7 @@ def test_dual_stack_peer_is_logged_as_plain_ipv4(runs: list[Daemon], tmp_path: P
                                                        "bind_address": "::"})
     run = start(runs, configured, tmp_path / "d.log")
     run.wait_log("ready")
-    storescu(configured.port, ct_copy(tmp_path / "in", "a"), timeout=60)
+    storescu(configured.port, *ct_copies(tmp_path / "in", 1, "a"), timeout=60)
     log = run.wait_log("association released")
     assert "::ffff:" not in log and " 127.0.0.1:" in log, log
 
@@ -430,7 +419,7 @@ def test_status_line_shows_failures_and_a_rejected_reload(runs: list[Daemon], tm
     env.update(NOTIFY_SOCKET=str(notify.path))
     run = start(runs, configured, tmp_path / "d.log", env)
     notify.wait_for(lambda m: m.fields.get("READY") == "1", 20, "READY=1")
-    storescu(configured.port, ct_copy(tmp_path / "in", "a"), timeout=60, check=False)
+    storescu(configured.port, *ct_copies(tmp_path / "in", 1, "a"), timeout=60, check=False)
     failed = notify.wait_for(lambda m: "1 failed" in m.fields.get("STATUS", ""), 10,
                              "STATUS counting the refused object")
     status = failed.fields["STATUS"]

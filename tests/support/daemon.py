@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,6 @@ class Daemon:
         """Replace the [table] of the running daemon's configuration and reload it through
         the control socket (`dicom-ingestd reload`'s request): back once the master has
         applied it, so the next association runs with it."""
-        import tomllib
 
         from dicom_ingestd import control
 
@@ -219,3 +219,19 @@ def socket_activated(tmp_path: Path, options: list[str],
 def tree_outside_staging(out: Path) -> list[Path]:
     """Every entry (file or directory) under `out`, except the staging directory and its files."""
     return sorted(p for p in out.rglob("*") if p.relative_to(out).parts[0] != STAGING)
+
+
+def log_lines(daemon: Daemon, text: str) -> list[str]:
+    """The lines of the daemon's log that contain `text`."""
+    return [line for line in daemon.log().splitlines() if text in line]
+
+
+def config_of(daemon: Daemon) -> dict[str, Any]:
+    return tomllib.loads(daemon.config_path.read_text())
+
+
+def replace_config(daemon: Daemon, config: dict[str, Any]) -> None:
+    """Rewrite the configuration like an editor does: a new file renamed over the old one."""
+    temp = daemon.config_path.with_name(daemon.config_path.name + ".swp~")
+    write_config(temp, config)
+    os.replace(temp, daemon.config_path)

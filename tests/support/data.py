@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from support.uids import CT_IMAGE
@@ -39,6 +40,30 @@ def make_study(folder: Path, count: int, *, study_uid: str | None = None, name: 
         ds.save_as(path)
         files.append(path)
     return files
+
+
+def ct_copies(directory: Path, count: int, tag: str) -> list[Path]:
+    """`count` copies of CT_small.dcm with fresh SOP Instance UIDs, written under directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ds = dcmread(testdata("CT_small.dcm"))
+    paths = []
+    for index in range(count):
+        uid = generate_uid()
+        ds.SOPInstanceUID = uid
+        ds.file_meta.MediaStorageSOPInstanceUID = uid
+        path = directory / f"{tag}-{index:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def ct_dataset() -> Dataset:
+    """CT_small with a new SOP Instance UID."""
+    ds = dcmread(testdata("CT_small.dcm"))
+    uid = generate_uid()
+    ds.SOPInstanceUID = uid
+    ds.file_meta.MediaStorageSOPInstanceUID = uid
+    return ds
 
 
 def new_ct_file(folder: Path, pixel_bytes: int | None = None, name: str | None = None) -> Path:

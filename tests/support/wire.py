@@ -238,6 +238,30 @@ class Aborted(Exception):
     """The acceptor sent A-ABORT (the message is its body in hex)."""
 
 
+def recv_until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, float]:
+    """Read until the peer closes; return what was read and how long it took."""
+    start = time.monotonic()
+    sock.settimeout(timeout)
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(4096)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data, time.monotonic() - start
+
+
+def connect_from(source: str, port: int, target: str = "127.0.0.1") -> socket.socket:
+    """A TCP connection from the loopback address `source` (127.0.0.2: another host)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in target else socket.AF_INET)
+    sock.bind((source, 0))
+    sock.connect((target, port))
+    return sock
+
+
 def _command(sock: socket.socket) -> bytes:
     """The next command set the daemon sends."""
     command = bytearray()
