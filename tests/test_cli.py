@@ -25,6 +25,7 @@ from support.daemon import REPO, free_port
 from support.data import testdata as data_file
 from support.peers import require_tool, storescu
 from support.uids import IMPLICIT_LE
+from support.wait import wait_until
 
 from dicom_ingestd import __version__
 from dicom_ingestd.cli import build_parser
@@ -60,13 +61,10 @@ def port_open(port: int) -> bool:
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if port_open(port):
-            return
+    def listening() -> bool:
         assert proc.poll() is None, f"exited with {proc.returncode} before listening"
-        time.sleep(0.05)
-    raise AssertionError(f"nothing listening on port {port} after {timeout} s")
+        return port_open(port)
+    wait_until(listening, timeout, f"something listening on port {port}", interval=0.05)
 
 
 @contextmanager

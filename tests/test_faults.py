@@ -32,7 +32,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 from support.daemon import STAGING, Daemon, tree_outside_staging
-from support.data import data_set_bytes, make_study, minimal_ct, new_ct_file
+from support.data import declared_data_set, make_study, minimal_ct, new_ct_file
 from support.data import testdata as data_file
 from support.mounts import mounted_tmpfs
 from support.peers import assert_serving, require_tool, storescp, storescu
@@ -182,7 +182,7 @@ def wait_for_growing_part(daemon: Daemon, size: int = 1_000_000) -> Path:
 def assert_stored_intact(daemon: Daemon, source: Path) -> None:
     stored = daemon.files()
     assert len(stored) == 1, stored
-    assert data_set_bytes(stored[0]) == data_set_bytes(source)
+    assert declared_data_set(stored[0]) == declared_data_set(source)
     meta = dcmread(stored[0], stop_before_pixels=True).file_meta
     original = dcmread(source, stop_before_pixels=True).file_meta
     for keyword in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID",
@@ -274,7 +274,7 @@ def test_sigkill_of_the_master_alone_keeps_acknowledged_objects_consistent(
 def test_peer_leaving_mid_data_set_leaves_nothing(daemon: Daemon, how: str) -> None:
     source = data_file("CT_small.dcm")
     ds = dcmread(source)
-    data = data_set_bytes(source)
+    data = declared_data_set(source)
     assoc = associate(daemon.port)
     try:
         send_fragments(assoc, 1, c_store_rq(CT_IMAGE.encode(), ds.SOPInstanceUID.encode()),
@@ -744,7 +744,7 @@ def test_pdu_of_exactly_max_pdu_is_accepted(daemon_factory: Callable[..., Daemon
     limit = max_pdu or 131072
     source = new_ct_file(tmp_path, 3 * limit)
     ds = dcmread(source)
-    data = data_set_bytes(source)
+    data = declared_data_set(source)
     assert len(data) > 2 * limit
     assoc = associate(daemon.port)
     try:
@@ -765,7 +765,7 @@ def test_pdu_of_exactly_max_pdu_is_accepted(daemon_factory: Callable[..., Daemon
         assoc.close()
     stored = daemon.files()
     assert len(stored) == 1
-    assert data_set_bytes(stored[0]) == data
+    assert declared_data_set(stored[0]) == data
 
 
 def context_items(body: bytes) -> list[tuple[int, int, str]]:

@@ -21,7 +21,6 @@ import signal
 import socket
 import struct
 import subprocess
-import time
 import tomllib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -52,6 +51,7 @@ from support.uids import MR_IMAGE as MR
 from support.uids import SECONDARY_CAPTURE as SC
 from support.uids import STORAGE_COMMITMENT_PUSH as STORAGE_COMMITMENT
 from support.uids import US_IMAGE as US
+from support.wait import wait_until
 from test_differential import Receiver, assert_same_output, run_both
 
 from dicom_ingestd.config.asconfig import AsconfigError, parse_asconfig, read_asconfig
@@ -494,13 +494,12 @@ def storescp_xf(cfg: Path, profile: str, outdir: Path) -> Iterator[int]:
     proc = subprocess.Popen(["storescp", "-xf", str(cfg), profile, "-od", str(outdir),
                              str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 10
-        while True:
+        def accepts() -> bool:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-                break
+                return True
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "storescp did not listen"
-            time.sleep(0.02)
+            return False
+        wait_until(accepts, 10, "storescp listening")
         yield port
     finally:
         proc.terminate()
@@ -523,10 +522,8 @@ def reload_daemon(daemon: Daemon, settings: dict[str, dict[str, Any]]) -> None:
     daemon.config_path.write_text(tomli_w.dumps(current))
     count = daemon.log().count("reload: configuration applied")
     daemon.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while daemon.log().count("reload: configuration applied") == count:
-        assert time.monotonic() < deadline, daemon.log()
-        time.sleep(0.05)
+    wait_until(lambda: daemon.log().count("reload: configuration applied") > count, 10,
+               lambda: f"the reload applied:\n{daemon.log()}", interval=0.05)
 
 
 def custom_proposals() -> list[Proposal]:

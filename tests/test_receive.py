@@ -38,7 +38,7 @@ from pynetdicom.association import Association
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 from support.daemon import STAGING, Daemon, free_port
-from support.data import ct_copies
+from support.data import ct_copies, data_set_bytes
 from support.data import testdata as data_file
 from support.peers import echoscu, require_tool, run_tool, storescu
 from support.procs import BUSY_WORKER, workers_of
@@ -103,31 +103,6 @@ def tail(log: str, lines: int = 60) -> str:
 
 
 # --- Part 10 files -------------------------------------------------------------------------------
-
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT",
-             b"UV"}
-
-
-def split_part10(path: Path) -> tuple[bytes, bytes]:
-    """(file meta group bytes, data set bytes) of a Part 10 file, without decoding either."""
-    data = path.read_bytes()
-    assert data[128:132] == b"DICM", f"{path} is not a Part 10 file"
-    pos = 132
-    while pos + 8 <= len(data):
-        group, _element = struct.unpack_from("<HH", data, pos)
-        if group != 0x0002:
-            break
-        vr = data[pos + 4:pos + 6]
-        if vr in _LONG_VRS:
-            pos += 12 + struct.unpack_from("<L", data, pos + 8)[0]
-        else:
-            pos += 8 + struct.unpack_from("<H", data, pos + 6)[0]
-    return data[132:pos], data[pos:]
-
-
-def data_set_bytes(path: Path) -> bytes:
-    return split_part10(path)[1]
-
 
 def meta_of(path: Path) -> FileMetaDataset:
     return read_file_meta_info(path)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from pydicom import dcmread
-from support.data import data_set_bytes, make_study
+from support.data import declared_data_set, make_study
 from support.peers import run_tool
 from support.uids import CT_IMAGE
 from support.wire import associate, c_store, release
@@ -59,7 +59,7 @@ def _send_held(port: int, files: list[Path], started: threading.Barrier,
         started.wait(60)
         for number, path in enumerate(files, start=1):
             uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID).encode()
-            statuses.append(c_store(assoc, 1, CT_IMAGE.encode(), uid, data_set_bytes(path),
+            statuses.append(c_store(assoc, 1, CT_IMAGE.encode(), uid, declared_data_set(path),
                                     message_id=number))
         done.wait(120)
         release(assoc)

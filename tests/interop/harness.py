@@ -26,7 +26,6 @@ wire is the file's (`as in file`), the same elements re-encoded, or converted to
 
 import os
 import re
-import struct
 import subprocess
 import time
 import warnings
@@ -38,6 +37,7 @@ from typing import Any, Protocol
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
+from support.data import data_set_bytes
 from support.uids import DEFLATED_LE
 from support.wire import C_ECHO_RQ, C_STORE_RQ
 
@@ -97,27 +97,6 @@ class Cell:
 
 
 # --- Part 10 helpers -----------------------------------------------------------------------------
-
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT",
-             b"UV"}
-
-
-def data_set_bytes(path: Path) -> bytes:
-    """The bytes after the file meta group of a Part 10 file, not decoded."""
-    data = path.read_bytes()
-    if data[128:132] != b"DICM":
-        raise ValueError(f"{path} is not a Part 10 file")
-    pos = 132
-    while pos + 8 <= len(data):
-        group = struct.unpack_from("<H", data, pos)[0]
-        if group != 0x0002:
-            break
-        vr = data[pos + 4:pos + 6]
-        if vr in _LONG_VRS:
-            pos += 12 + struct.unpack_from("<L", data, pos + 8)[0]
-        else:
-            pos += 8 + struct.unpack_from("<H", data, pos + 6)[0]
-    return data[pos:]
 
 
 def read(path: Path) -> Dataset:

@@ -11,7 +11,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from support.uids import CT_IMAGE
-from support.wire import element
+from support.wire import LONG_VRS, element
 
 
 def testdata(name: str) -> Path:
@@ -21,7 +21,7 @@ def testdata(name: str) -> Path:
 
 
 def make_study(folder: Path, count: int, *, study_uid: str | None = None, name: str = "s",
-               patient: str | None = None) -> list[Path]:
+               patient: str | None = None, patient_id: str | None = None) -> list[Path]:
     """`count` CT objects (copies of CT_small, new SOP Instance UIDs) of one study."""
     folder.mkdir(parents=True, exist_ok=True)
     study_uid = study_uid or str(generate_uid())
@@ -36,6 +36,8 @@ def make_study(folder: Path, count: int, *, study_uid: str | None = None, name: 
         ds.InstanceNumber = index + 1
         if patient is not None:
             ds.PatientName = patient
+        if patient_id is not None:
+            ds.PatientID = patient_id
         path = folder / f"{name}-{index:03d}.dcm"
         ds.save_as(path)
         files.append(path)
@@ -98,8 +100,31 @@ def minimal_ct(sop_instance: bytes, study: bytes, patient_name: bytes,
     ])
 
 
+def split_part10(path: Path) -> tuple[bytes, bytes]:
+    """(file meta group bytes, data set bytes) of a Part 10 file, without decoding either."""
+    data = path.read_bytes()
+    assert data[128:132] == b"DICM", f"{path} is not a Part 10 file"
+    pos = 132
+    while pos + 8 <= len(data):
+        group, _element = struct.unpack_from("<HH", data, pos)
+        if group != 0x0002:
+            break
+        vr = data[pos + 4:pos + 6]
+        if vr in LONG_VRS:
+            pos += 12 + struct.unpack_from("<L", data, pos + 8)[0]
+        else:
+            pos += 8 + struct.unpack_from("<H", data, pos + 6)[0]
+    return data[132:pos], data[pos:]
+
+
 def data_set_bytes(path: Path) -> bytes:
-    """The bytes after the file meta information of a DICOM file (preamble + DICM + group 2)."""
+    """The data set bytes of a Part 10 file: what follows its file meta group."""
+    return split_part10(path)[1]
+
+
+def declared_data_set(path: Path) -> bytes:
+    """The bytes after the file meta information as its File Meta Information Group Length
+    declares it (which must be there): a wrong group length in a stored file shows."""
     raw = path.read_bytes()
     assert raw[128:132] == b"DICM", path
     assert raw[132:136] == b"\x02\x00\x00\x00", "no File Meta Information Group Length"

@@ -7,8 +7,8 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def wait_until(predicate: Callable[[], T], timeout: float, what: str | Callable[[], str], *,
-               interval: float = 0.02) -> T:
+def wait_until(predicate: Callable[[], T | None], timeout: float,
+               what: str | Callable[[], str], *, interval: float = 0.02) -> T:
     """The first truthy value of predicate() within `timeout` seconds; AssertionError naming
     `what` otherwise (a callable `what` is asked only then, so it can show the state at the
     deadline)."""

@@ -203,7 +203,7 @@ def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
 
 def read_all_pdus(sock: socket.socket) -> list[int]:
     """The types of the PDUs the daemon sends until it closes the connection."""
-    types = []
+    types: list[int] = []
     while True:
         try:
             pdu_type, _body = read_pdu(sock)
