@@ -37,10 +37,10 @@ from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
-from support.daemon import STAGING, Daemon, free_port
+from support.daemon import STAGING, Daemon
 from support.data import ct_copies, data_set_bytes
 from support.data import testdata as data_file
-from support.peers import echoscu, require_tool, run_tool, storescu
+from support.peers import echoscu, require_tool, run_tool, storescp, storescu
 from support.procs import BUSY_WORKER, workers_of
 from support.uids import (
     CT_IMAGE,
@@ -263,31 +263,6 @@ def seconds_until_dropped(sock: socket.socket, limit: float) -> float:
 # --- DCMTK helpers -------------------------------------------------------------------------------
 
 
-@contextmanager
-def reference_storescp(args: list[str], out: Path) -> Iterator[int]:
-    """DCMTK's storescp on a free port, writing into `out`; yields the port."""
-    out.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    proc = subprocess.Popen([require_tool("storescp"), *args, "-od", str(out), str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        def ready() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                return True
-            except OSError:
-                return False
-        wait_until(ready, 10.0, "storescp listening")
-        yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
 def files_under(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file() and STAGING not in p.parts)
 
@@ -378,7 +353,7 @@ def test_dcmsend_every_bundled_file_is_stored_once_as_sent(
     # The same transfer syntaxes as storescp +xa chose, and byte for byte what went over the
     # wire.
     reference = tmp_path / "storescp-B"
-    with reference_storescp(["+B", "+xa", "+uf"], reference) as port:
+    with storescp(["+B", "+xa", "+uf"], reference) as port:
         again = dcmsend(port, files)
     assert dcmsend_summary(again.stdout + again.stderr) == (len(files), len(files))
     theirs = files_under(reference)
@@ -457,7 +432,7 @@ def test_transfer_syntax_preference_matches_storescp(
     daemon = ingestd({"negotiation": {"preferred_transfer_syntax": preference}})
     storescu(daemon.port, path)
     [ours] = daemon.files()
-    with reference_storescp(storescp_option, tmp_path / "ref") as port:
+    with storescp(storescp_option, tmp_path / "ref") as port:
         storescu(port, path)
     [theirs] = files_under(tmp_path / "ref")
     assert (meta_of(ours).TransferSyntaxUID, meta_of(theirs).TransferSyntaxUID) == \

@@ -73,9 +73,11 @@ def storescp(options: Sequence[str], outdir: Path) -> Iterator[int]:
     """Run a real storescp with ``options`` on a free port; always terminated on exit.
 
     storescp 3.6.7 has no bind-address option, so it listens on every interface for the
-    test's short life; every connection the tests make goes to 127.0.0.1.
+    test's short life; every connection the tests make goes to 127.0.0.1.  STORESCP is
+    storescp's own default AE title, said here so that no test depends on the default.
     """
     require_tool("storescp")
+    outdir.mkdir(parents=True, exist_ok=True)
     proc: subprocess.Popen[bytes] | None = None
     try:
         for _ in range(3):  # a free port can be taken between probe and bind: retry
