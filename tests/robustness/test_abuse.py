@@ -106,7 +106,7 @@ def test_peer_that_never_releases_is_dropped_and_keeps_what_was_acknowledged(
     try:
         assert store_on(sock, b"1.2.3.100", ct(b"1.2.3.100")) == 0
         # ... and then nothing: no A-RELEASE-RQ.  dimse_timeout ends it with an A-ABORT.
-        assert wire.read_all_pdus(sock) == [0x07]
+        assert wire.read_all_pdus(sock) == [wire.A_ABORT]
     finally:
         sock.close()
     assert [p.name for p in daemon.files()] == ["CT.1.2.3.100"]
@@ -126,7 +126,7 @@ def test_peer_leaving_in_the_middle_of_a_pdv(daemon: Daemon, how: str) -> None:
         sock.sendall(pdu[:3000])  # PDU and PDV headers, part of the data set
         wait_until(lambda: bool(daemon.staging()), 10, "a temporary file")
         if how == "a-abort-inside-pdv":
-            sock.sendall(wire.pdu(0x07, bytes(4)))  # read as data: the PDV is not over
+            sock.sendall(wire.pdu(wire.A_ABORT, bytes(4)))  # read as data: the PDV is not over
             sock.shutdown(socket.SHUT_WR)
         elif how == "reset-inside-pdv":
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -143,8 +143,8 @@ def test_pdu_length_of_4_gib_is_refused_without_reading_it(daemon: Daemon) -> No
     mark = len(daemon.log())
     sock = harness.associate(daemon.port)
     try:
-        sock.sendall(struct.pack(">BBL", 0x04, 0, 0xFFFFFFFF) + bytes(64))
-        assert wire.read_all_pdus(sock) == [0x07]
+        sock.sendall(wire.pdu(wire.P_DATA_TF, bytes(64), length=0xFFFFFFFF))
+        assert wire.read_all_pdus(sock) == [wire.A_ABORT]
     finally:
         sock.close()
     wait_new_log(daemon, mark, "exceeds our maximum PDU length")
@@ -162,9 +162,9 @@ def test_thousands_of_presentation_contexts(daemon: Daemon, count: int) -> None:
     try:
         sock.sendall(fuzzgen.associate_rq(contexts))
         types = wire.read_all_pdus(sock) if count > 2000 else [wire.read_pdu(sock)[0]]
-        assert types[0] in (0x02, 0x03, 0x07), types
+        assert types[0] in (wire.A_ASSOCIATE_AC, wire.A_ASSOCIATE_RJ, wire.A_ABORT), types
         if count > 2000:
-            assert types == [0x07]
+            assert types == [wire.A_ABORT]
     finally:
         sock.close()
     if count > 2000:
@@ -181,8 +181,8 @@ def test_very_long_uids_in_the_associate_rq(daemon: Daemon) -> None:
         try:
             sock.sendall(fuzzgen.associate_rq(contexts))
             pdu_type, _body = wire.read_pdu(sock)
-            assert pdu_type in (0x02, 0x03, 0x07)
-            if pdu_type == 0x02:  # the long one is rejected, the other one works
+            assert pdu_type in (wire.A_ASSOCIATE_AC, wire.A_ASSOCIATE_RJ, wire.A_ABORT)
+            if pdu_type == wire.A_ASSOCIATE_AC:  # the long one is rejected, the other one works
                 assert store_on(sock, b"1.2.3.300", ct(b"1.2.3.300")) == 0
         finally:
             sock.close()
@@ -288,7 +288,7 @@ def test_hostile_values_through_exec_placeholders_and_rename(
         sock = harness.connect(daemon.port)
         try:
             sock.sendall(rq)
-            if wire.read_pdu(sock)[0] != 0x02:
+            if wire.read_pdu(sock)[0] != wire.A_ASSOCIATE_AC:
                 continue  # an AE title pynetdicom will not decode: refused, fine
             uid = f"1.2.3.77.{k}".encode()
             status = store_on(sock, uid, ct(uid, study=raw, name=raw))
@@ -339,7 +339,7 @@ def test_file_system_turning_read_only_answers_a700_and_recovers(
         try:
             assert store_on(sock, b"1.2.3.5.1", ct(b"1.2.3.5.1")) == 0
             sock.sendall(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")  # A-RELEASE-RQ
-            assert wire.read_pdu(sock)[0] == 0x06
+            assert wire.read_pdu(sock)[0] == wire.A_RELEASE_RP
         finally:
             sock.close()
         with contextlib.suppress(AssertionError):

@@ -178,15 +178,15 @@ def check_answers(peers: list[Peer]) -> dict[str, int]:
         types = peer.pdu_types()
         if not types:
             what = "closed"
-        elif types[0] == 0x03:
+        elif types[0] == wire.A_ASSOCIATE_RJ:
             rj = bytes(peer.received[6:10])
             assert rj == bytes((0, 2, 3, 2)), f"{peer.kind}: A-ASSOCIATE-RJ {rj.hex()}"
             what = "rejected"
-        elif types[0] == 0x02:
-            assert set(types[1:]) <= {0x07}, f"{peer.kind}: {types}"
+        elif types[0] == wire.A_ASSOCIATE_AC:
+            assert set(types[1:]) <= {wire.A_ABORT}, f"{peer.kind}: {types}"
             what = "accepted"
         else:
-            assert types == [0x07], f"{peer.kind}: {types}"
+            assert types == [wire.A_ABORT], f"{peer.kind}: {types}"
             what = "aborted"
         counts[f"{peer.kind}:{what}"] = counts.get(f"{peer.kind}:{what}", 0) + 1
     return counts

@@ -115,7 +115,7 @@ def test_every_odd_fragment_is_aborted_and_nothing_is_stored(daemon_factory: Any
     sock = harness.associate(daemon.port)
     try:
         sock.sendall(stream)
-        assert pdus_until_close(sock) == [(0x07, bytes(4))]
+        assert pdus_until_close(sock) == [(wire.A_ABORT, bytes(4))]
     finally:
         sock.close()
     kind = "command" if where == "command" else "data set"
@@ -230,13 +230,13 @@ def send_bomb(port: int, uid: bytes, data: bytes, sampler: Sampler,
     try:
         sock.sendall(fuzzgen.associate_rq(DEFLATED_CONTEXTS))
         pdu_type, body = wire.read_pdu(sock)
-        assert pdu_type == 0x02, (pdu_type, body)
+        assert pdu_type == wire.A_ASSOCIATE_AC, (pdu_type, body)
         assert DEFLATED_LE.encode() in body, "deflated transfer syntax not accepted"
         raw_store(sock, uid, data)
         status = wire.read_status(sock)
         if not single:
             wait_until(sampler.workers_seen, 5, "a worker sampled")
-        sock.sendall(wire.pdu(0x05, bytes(4)))
+        sock.sendall(wire.pdu(wire.A_RELEASE_RQ, bytes(4)))
         return status
     finally:
         sock.close()
@@ -372,7 +372,7 @@ def _re_encoding_peak(daemon_factory: Any, limit: int, size: int) -> tuple[int |
         raw_store(sock, uid, data)
         status = wire.read_status(sock)
         wait_until(sampler.workers_seen, 5, "a worker sampled")
-        sock.sendall(wire.pdu(0x05, bytes(4)))
+        sock.sendall(wire.pdu(wire.A_RELEASE_RQ, bytes(4)))
     finally:
         sock.close()
         sampler.stop()
@@ -426,8 +426,8 @@ def _store_four(port: int) -> list[int | str]:
         for patient, uid in enumerate(WHITE_SPACE_UIDS, start=1):
             raw_store(sock, uid, _patient_object(uid, patient))
             statuses.append(wire.read_status(sock))
-        sock.sendall(wire.pdu(0x05, bytes(4)))
-        assert wire.read_pdu(sock)[0] == 0x06
+        sock.sendall(wire.pdu(wire.A_RELEASE_RQ, bytes(4)))
+        assert wire.read_pdu(sock)[0] == wire.A_RELEASE_RP
     finally:
         sock.close()
     return statuses
@@ -514,7 +514,7 @@ def test_release_request_claiming_4_gib_is_refused_at_once(daemon_factory: Any) 
     daemon = daemon_factory(TRICKLE)
     sock = harness.associate(daemon.port)
     try:
-        took = _trickle(sock, [struct.pack(">BBL", 0x05, 0, 0xFFFFFFFF)] + [b"\0"] * 20,
+        took = _trickle(sock, [wire.pdu(wire.A_RELEASE_RQ, b"", length=0xFFFFFFFF)] + [b"\0"] * 20,
                         every=1.0, limit=20)
     finally:
         sock.close()
@@ -538,8 +538,8 @@ def test_trickling_peer_is_dropped_by_the_minimum_rate(daemon_factory: Any, how:
     watch = harness.WorkerWatch(daemon.proc.pid, harness.children(daemon.proc.pid))
     try:
         if how == "bytes-inside-a-pdu":
-            sock.sendall(wire.fragments(1, command, command=True)
-                         + struct.pack(">BBL", 0x04, 0, 1006) + struct.pack(">LBB", 1002, 1, 2))
+            lying = wire.pdu(wire.P_DATA_TF, wire.pdv(1, 0x02, b"", length=1002), length=1006)
+            sock.sendall(wire.fragments(1, command, command=True) + lying)
             chunks = [b"\0"] * 60
         elif how == "tiny-pdus":
             sock.sendall(wire.fragments(1, command, command=True))
@@ -587,7 +587,7 @@ def test_trickling_peer_with_the_default_timeouts(daemon_factory: Any) -> None:
     sock = harness.associate(daemon.port)
     try:
         sock.sendall(wire.fragments(1, command, command=True)
-                     + struct.pack(">BBL", 0x04, 0, 1006) + struct.pack(">LBB", 1002, 1, 2))
+                     + wire.pdu(wire.P_DATA_TF, wire.pdv(1, 0x02, b"", length=1002), length=1006))
         took = _trickle(sock, [b"\0"] * 10, every=50.0, limit=300)
     finally:
         sock.close()

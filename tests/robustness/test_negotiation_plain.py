@@ -74,7 +74,7 @@ def sender_like(rng: random.Random) -> bytes:
     items.append(wire.item(0x50, b"".join(user)))
     fixed = (struct.pack(">HH", rng.choice([1, 1, 1, 2, 3]), 0)
              + rng.choice(TITLES).ljust(16)[:16] + rng.choice(TITLES).ljust(16)[:16] + bytes(32))
-    return wire.pdu(0x01, fixed + b"".join(items))
+    return wire.pdu(wire.A_ASSOCIATE_RQ, fixed + b"".join(items))
 
 
 def corpus() -> list[bytes]:
@@ -123,7 +123,7 @@ def test_plain_path_declines_what_it_does_not_know() -> None:
                         + b"\x01\x01")
     user = wire.item(0x50, b"".join([*fuzzgen.user_items(), role]))
     with_role = base[:base.index(b"\x50\x00")] + user
-    with_role = wire.pdu(0x01, with_role[6:])
+    with_role = wire.pdu(wire.A_ASSOCIATE_RQ, with_role[6:])
     assert acceptor._decode_plain(with_role) is None
     assert acceptor._decode_plain(base[:-1]) is None
     assert acceptor._decode_plain(fuzzgen.flip(rng, base)[:10]) is None

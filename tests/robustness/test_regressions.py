@@ -48,7 +48,7 @@ def rebuilt_associate_rq(context: bytes) -> bytes:
     items = [wire.item(0x10, fuzzgen.APPLICATION_CONTEXT), context,
              wire.context_item(3, uids.CT_IMAGE, [uids.EXPLICIT_LE]),
              wire.item(0x50, b"".join(fuzzgen.user_items()))]
-    return wire.pdu(0x01, fuzzgen.associate_fixed() + b"".join(items))
+    return wire.pdu(wire.A_ASSOCIATE_RQ, fuzzgen.associate_fixed() + b"".join(items))
 
 
 REBUILT_NO_ABSTRACT = rebuilt_associate_rq(
@@ -100,7 +100,7 @@ def store(port: int, sop_instance: bytes, data_set: bytes, context_id: int = 1) 
 def test_regression_inputs_over_the_wire(daemon_factory: Any) -> None:
     daemon: Daemon = daemon_factory({"logging": {"level": "info"}})
     for name, data in BAD_ASSOCIATE_RQS.items():
-        assert send_rq(daemon.port, data) == [0x07], name
+        assert send_rq(daemon.port, data) == [wire.A_ABORT], name
     # 4: a newline in a UID from the network, in a message the daemon logs.
     rng = __import__("random").Random(4)
     elements = fuzzgen.data_elements(b"1.2.3", rng)

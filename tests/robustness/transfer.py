@@ -96,7 +96,7 @@ class Sender(threading.Thread):
                     elif isinstance(status, str):
                         break
                 else:
-                    sock.sendall(wire.pdu(0x05, bytes(4)))
+                    sock.sendall(wire.pdu(wire.A_RELEASE_RQ, bytes(4)))
                     with contextlib.suppress(wire.Closed):
                         wire.read_pdu(sock)
             except (OSError, AssertionError, wire.Closed):
