@@ -13,27 +13,16 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomli_w
+from support.daemon import Configured, daemon_argv, launch
+from support.wait import wait_until
 
 from dicom_ingestd.healthcheck import haproxy_rules
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _wait(predicate: Any, timeout: float, what: str, interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 @dataclass
@@ -49,15 +38,11 @@ class Instance:
     starts: int = 0
 
     def start(self, timeout: float = 30.0) -> None:
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("JOURNAL_STREAM", "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID")}
-        with open(self.log_path, "ab") as log_file:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dicom_ingestd", "run", "-c", str(self.config_path)],
-                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
-                env=env, process_group=0)
+        self.proc = launch(daemon_argv(self.config_path),
+                           Configured(self.config_path, self.out, self.port), self.log_path,
+                           append=True, own_group=True).proc
         self.starts += 1
-        _wait(lambda: self.log().count(" ready: pid ") >= self.starts, timeout,
+        wait_until(lambda: self.log().count(" ready: pid ") >= self.starts, timeout,
               f"{self.name} ready")
 
     def log(self) -> str:
@@ -202,7 +187,7 @@ class HAProxy:
             self.proc = subprocess.Popen([binary, "-f", str(self.config_path)],
                                          stdout=log_file, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL)
-        _wait(lambda: self.stats_socket.exists() and self._answers(), timeout,
+        wait_until(lambda: self.stats_socket.exists() and self._answers(), timeout,
               "haproxy's runtime socket")
 
     def _answers(self) -> bool:
@@ -236,7 +221,7 @@ class HAProxy:
     def wait_state(self, name: str, status: str, timeout: float) -> float:
         """Wait until `name` is exactly `status`; return the seconds it took."""
         started = time.monotonic()
-        _wait(lambda: self.states().get(name) == status, timeout,
+        wait_until(lambda: self.states().get(name) == status, timeout,
               f"{name} {status} (states: {self.states()})", interval=0.05)
         return time.monotonic() - started
 

@@ -20,9 +20,12 @@ from pathlib import Path
 
 import pytest
 import tomli_w
-from conftest import REPO, free_port, require_tool, storescu
-from conftest import testdata as data_file
 from pydicom.filereader import read_file_meta_info
+from support.daemon import REPO, free_port
+from support.data import testdata as data_file
+from support.peers import require_tool, storescu
+from support.uids import IMPLICIT_LE
+from support.wait import wait_until
 
 from dicom_ingestd import __version__
 from dicom_ingestd.cli import build_parser
@@ -30,7 +33,6 @@ from dicom_ingestd.config.load import config_from_mapping, load_config
 from dicom_ingestd.config.schema import Config
 
 EXAMPLE_CONFIG = REPO / "etc" / "ingestd.toml"
-IMPLICIT_LE = "1.2.840.10008.1.2"
 
 
 def cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
@@ -59,13 +61,10 @@ def port_open(port: int) -> bool:
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if port_open(port):
-            return
+    def listening() -> bool:
         assert proc.poll() is None, f"exited with {proc.returncode} before listening"
-        time.sleep(0.05)
-    raise AssertionError(f"nothing listening on port {port} after {timeout} s")
+        return port_open(port)
+    wait_until(listening, timeout, f"something listening on port {port}", interval=0.05)
 
 
 @contextmanager

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
+from support.daemon import REPO
 
 
 def cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:

@@ -28,6 +28,16 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, build_role, evt
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.sop_class import CTImageStorage, StorageCommitmentPushModel, Verification
+from support.daemon import Daemon, free_port
+from support.data import make_study
+from support.mounts import mounted_tmpfs
+from support.peers import require_tool
+from support.uids import APPLICATION_CONTEXT, EXPLICIT_LE
+from support.uids import CT_IMAGE as CT
+from support.uids import MR_IMAGE as MR
+from support.uids import STORAGE_COMMITMENT_INSTANCE as WELL_KNOWN
+from support.wait import wait_until
+from support.wire import A_ASSOCIATE_AC, Closed, associate_rq, item, p_data, pdu, read_pdu
 
 from dicom_ingestd.jobs.queue import (
     MAX_SENDERS,
@@ -36,18 +46,7 @@ from dicom_ingestd.jobs.queue import (
     JobPool,
     JobQueue,
 )
-from tests.conftest import (
-    Daemon,
-    free_port,
-    make_study,
-    mounted_tmpfs,
-    require_tool,
-    wait_until,
-)
 
-WELL_KNOWN = "1.2.840.10008.1.20.1.1"
-CT = "1.2.840.10008.5.1.4.1.1.2"
-MR = "1.2.840.10008.5.1.4.1.1.4"
 MODALITY = "MODALITY"
 
 
@@ -106,15 +105,6 @@ class Blackhole:
             sock.close()
 
 
-def _item(item_type: int, body: bytes) -> bytes:
-    return struct.pack(">BxH", item_type, len(body)) + body
-
-
-def _p_data(payload: bytes, is_command: bool, last: bool = True, context: int = 1) -> bytes:
-    pdv = struct.pack(">LBB", len(payload) + 2, context, int(is_command) | (2 if last else 0))
-    return struct.pack(">BxL", 4, len(pdv) + len(payload)) + pdv + payload
-
-
 class HostileReportSCP:
     """A report target that accepts the association (the SCP role granted) and answers the
     N-EVENT-REPORT badly, by `mode`: bigpdu (one P-DATA-TF PDU of 1 MiB), flood (data set
@@ -133,38 +123,25 @@ class HostileReportSCP:
                 conn = self.listener.accept()[0]
                 threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
-    @staticmethod
-    def _read_pdu(conn: socket.socket) -> tuple[int, bytes]:
-        def exact(n: int) -> bytes:
-            data = b""
-            while len(data) < n:
-                chunk = conn.recv(n - len(data))
-                if not chunk:
-                    raise EOFError
-                data += chunk
-            return data
-        pdu_type, length = struct.unpack(">BxL", exact(6))
-        return pdu_type, exact(length)
-
     def _serve(self, conn: socket.socket) -> None:
-        with conn, contextlib.suppress(OSError, EOFError):
-            _, request = self._read_pdu(conn)
+        with conn, contextlib.suppress(OSError, Closed):
+            _, request = read_pdu(conn)
             uid = StorageCommitmentPushModel.encode("ascii")
-            context = bytes(4) + _item(0x40, b"1.2.840.10008.1.2.1")
+            context = bytes(4) + item(0x40, EXPLICIT_LE.encode())
             context = b"\x01" + context[1:]
             role = struct.pack(">H", len(uid)) + uid + b"\x00\x01"
-            user = _item(0x51, struct.pack(">L", 65536)) + _item(0x54, role)
-            accept = request[:68] + _item(0x10, b"1.2.840.10008.3.1.1.1") \
-                + _item(0x21, context) + _item(0x50, user)
-            conn.sendall(struct.pack(">BxL", 2, len(accept)) + accept)
+            user = item(0x51, struct.pack(">L", 65536)) + item(0x54, role)
+            accept = request[:68] + item(0x10, APPLICATION_CONTEXT.encode()) \
+                + item(0x21, context) + item(0x50, user)
+            conn.sendall(pdu(A_ASSOCIATE_AC, accept))
             last_data = False
             while not last_data:  # the report's command, then its data set
-                _, body = self._read_pdu(conn)
+                _, body = read_pdu(conn)
                 last_data = body[5] == 0x02
             if self.mode == "bigpdu":
-                conn.sendall(_p_data(bytes(1 << 20), False, last=False))
+                conn.sendall(p_data(1, 0x00, bytes(1 << 20)))
             elif self.mode == "flood":
-                chunk = _p_data(bytes(16384), False, last=False)
+                chunk = p_data(1, 0x00, bytes(16384))
                 while True:
                     conn.sendall(chunk)
             elif self.mode == "wrongid":
@@ -176,7 +153,7 @@ class HostileReportSCP:
                 answer.Status = 0
                 answer.AffectedSOPInstanceUID = WELL_KNOWN
                 answer.EventTypeID = 1
-                conn.sendall(_p_data(encode(answer, True, True), True))
+                conn.sendall(p_data(1, 0x03, encode(answer, True, True)))
             while conn.recv(65536):
                 pass
 
@@ -201,19 +178,15 @@ class RawRequester:
 
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-        contexts = b"".join(
-            _item(0x20, bytes((cid, 0, 0, 0)) + _item(0x30, uid.encode())
-                  + _item(0x40, b"1.2.840.10008.1.2.1"))
-            for cid, uid in ((1, StorageCommitmentPushModel), (3, Verification), (5, CT)))
-        body = (struct.pack(">H2x", 1) + b"STORESCP".ljust(16) + MODALITY.encode().ljust(16)
-                + bytes(32) + _item(0x10, b"1.2.840.10008.3.1.1.1") + contexts
-                + _item(0x50, _item(0x51, struct.pack(">L", 65536))
-                        + _item(0x52, b"1.2.3.4")))
-        self.sock.sendall(struct.pack(">BxL", 1, len(body)) + body)
-        assert self._read_pdu()[0] == 2  # A-ASSOCIATE-AC
+        contexts = [(cid, uid, [EXPLICIT_LE]) for cid, uid in
+                    ((1, StorageCommitmentPushModel), (3, Verification), (5, CT))]
+        self.sock.sendall(associate_rq(contexts, calling=MODALITY.encode(), called=b"STORESCP",
+                                       max_pdu=65536, implementation_uid=b"1.2.3.4",
+                                       version_name=None))
+        assert self._read_pdu()[0] == A_ASSOCIATE_AC
 
     def _read_pdu(self) -> tuple[int, bytes]:
-        return HostileReportSCP._read_pdu(self.sock)
+        return read_pdu(self.sock)
 
     def read_message(self) -> tuple[Dataset, bytes]:
         """The next command (decoded) and its data set bytes."""
@@ -235,9 +208,9 @@ class RawRequester:
                         return decoded, data
 
     def send(self, context: int, command: bytes, data: bytes | None = None) -> None:
-        self.sock.sendall(_p_data(command, True, context=context))
+        self.sock.sendall(p_data(context, 0x03, command))
         if data is not None:
-            self.sock.sendall(_p_data(data, False, context=context))
+            self.sock.sendall(p_data(context, 0x02, data))
 
     def n_action(self, dataset: Dataset) -> int:
         data = encode(dataset, False, True)
@@ -510,7 +483,7 @@ def test_a_report_held_by_a_busy_association_is_released_by_the_master(
                                   AffectedSOPInstanceUID=sop))
         started = time.monotonic()
         while not report_scp.reports and time.monotonic() - started < 30:
-            modality.sock.sendall(_p_data(bytes(200), False, last=False, context=5))
+            modality.sock.sendall(p_data(5, 0x00, bytes(200)))
             time.sleep(0.5)
         event_type, info = report_scp.wait(timeout=1)[0]
         assert event_type == 1 and info.TransactionUID == transaction

@@ -23,26 +23,24 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port, require_tool, run_tool
-from conftest import testdata as data_file
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from support.daemon import REPO, STAGING, free_port
+from support.data import make_study
+from support.data import testdata as data_file
+from support.peers import require_tool, run_tool
+from support.uids import EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE
+from support.uids import RLE_LOSSLESS as RLE
+from support.wait import wait_until
 
 from dicom_ingestd.worker.acceptor import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 
-STAGING = ".ingestd-tmp"
 DCMTK_UID_ROOT = "1.2.276.0.7230010.3"
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
-EXPLICIT_BE = "1.2.840.10008.1.2.2"
-IMPLICIT_LE = "1.2.840.10008.1.2"
-RLE = "1.2.840.10008.1.2.5"
 SECOND_PATIENT = "Doe^John Smith"
 
 
@@ -59,23 +57,8 @@ def study_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     (all uncompressed transfer syntaxes).
     """
     folder = tmp_path_factory.mktemp("study")
-    files: list[Path] = []
-    studies = [(generate_uid(), generate_uid(), None, 10), (generate_uid(), generate_uid(),
-                                                           SECOND_PATIENT, 3)]
-    for number, (study_uid, series_uid, patient, count) in enumerate(studies):
-        for index in range(count):
-            ds = dcmread(data_file("CT_small.dcm"))
-            ds.SOPInstanceUID = generate_uid()
-            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-            ds.StudyInstanceUID = study_uid
-            ds.SeriesInstanceUID = series_uid
-            ds.InstanceNumber = index + 1
-            if patient is not None:
-                ds.PatientName = patient
-                ds.PatientID = "PID-2"
-            path = folder / f"{number}-ct-{index:02d}.dcm"
-            ds.save_as(path)
-            files.append(path)
+    files = make_study(folder, 10, name="0-ct") + make_study(
+        folder, 3, name="1-ct", patient=SECOND_PATIENT, patient_id="PID-2")
     for name in ("MR_small.dcm", "rtplan.dcm"):
         path = folder / f"9-{name}"
         path.write_bytes(data_file(name).read_bytes())
@@ -109,18 +92,17 @@ class Receiver:
 
 def wait_listening(receiver: Receiver, timeout: float = 15.0) -> None:
     """Wait until the receiver accepts TCP connections (the translated level hides our log)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def accepts() -> bool:
         if receiver.proc.poll() is not None:
             raise AssertionError(f"{receiver.name} exited with {receiver.proc.returncode}:\n"
                                  f"{receiver.log()}")
         try:
             with socket.create_connection(("127.0.0.1", receiver.port), timeout=1.0):
-                return
+                return True
         except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"{receiver.name} not listening on {receiver.port} within {timeout} s:"
-                         f"\n{receiver.log()}")
+            return False
+    wait_until(accepts, timeout, lambda: f"{receiver.name} listening on {receiver.port}:\n"
+               f"{receiver.log()}", interval=0.05)
 
 
 def start_storescp(tmp_path: Path, args: Sequence[str]) -> Receiver:

@@ -20,20 +20,13 @@ from typing import Any
 
 import pytest
 from ack_sender import acknowledged
-from conftest import (
-    REPO,
-    Daemon,
-    Recorder,
-    complete_lines,
-    echoscu,
-    make_study,
-    mounted_ext4,
-    mounted_tmpfs,
-    start_daemon,
-    wait_until,
-    write_config,
-)
 from pydicom import dcmread
+from support.daemon import REPO, Daemon, start_daemon, write_config
+from support.data import make_study
+from support.mounts import mounted_ext4, mounted_tmpfs
+from support.peers import echoscu
+from support.recorder import Recorder, complete_lines
+from support.wait import wait_until
 
 SENDER = Path(__file__).with_name("ack_sender.py")
 

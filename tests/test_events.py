@@ -18,16 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import (
-    Daemon,
-    Recorder,
-    free_port,
-    make_study,
-    require_tool,
-    storescu,
-    wait_until,
-)
 from pydicom import dcmread
+from support.daemon import Daemon, free_port
+from support.data import make_study
+from support.peers import listening, require_tool, storescu
+from support.recorder import Recorder
+from support.wait import wait_until
 
 from dicom_ingestd.event_commands import (
     build_argv,
@@ -176,7 +172,7 @@ def test_hostile_network_values_and_paths_through_the_daemon(
     assert eos["argv"][1:] == [str(path.parent), calling]
     assert eos["env"]["DICOM_STUDY_UID"] == study_uid
     assert eos["env"]["DICOM_OUTPUT_DIR"] == str(path.parent)
-    from conftest import REPO
+    from support.daemon import REPO
     for where in (tmp_path, REPO):  # the jobs run in the daemon's directory
         assert not [p for p in where.rglob("*") if p.name in ("PWNED", "P")], \
             "a value from the network or a path was executed"
@@ -442,7 +438,7 @@ def test_events_match_storescp(tmp_path: Path, daemon_factory: Any) -> None:
     require_tool("storescp")
     files = make_study(tmp_path / "data", 4)
     script = tmp_path / "recorder.py"
-    from conftest import RECORDER_SOURCE
+    from support.recorder import RECORDER_SOURCE
     script.write_text(RECORDER_SOURCE)
     ref_log, our_log = tmp_path / "storescp.jsonl", tmp_path / "ingestd.jsonl"
     ref_out = tmp_path / "storescp-out"
@@ -462,7 +458,7 @@ def test_events_match_storescp(tmp_path: Path, daemon_factory: Any) -> None:
             rename_on_eostudy=True, eostudy_timeout=1, exec_sync=True)
         settings["jobs"]["retries"] = 0
         ours = daemon_factory(settings)
-        wait_until(lambda: _listening(port), 10, "storescp listening")
+        wait_until(lambda: listening(port), 10, "storescp listening")
         storescu(port, *files)
         storescu(ours.port, *files)
 
@@ -496,15 +492,6 @@ def test_events_match_storescp(tmp_path: Path, daemon_factory: Any) -> None:
         except subprocess.TimeoutExpired:
             reference.kill()
             reference.wait(5)
-
-
-def _listening(port: int) -> bool:
-    import socket
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def test_rename_requires_sorting(tmp_path: Path) -> None:

@@ -9,9 +9,9 @@
   create anything outside the output directory.
 * Protocol abuse is answered with A-ABORT (or a clean reject), and the daemon keeps serving.
 
-Peers are DCMTK's tools, pynetdicom, and a raw-socket Upper Layer client written here (so that
-values no conforming library would send can be sent).  Every socket and subprocess has a
-timeout; mounts are undone and daemons stopped however a test ends.
+Peers are DCMTK's tools, pynetdicom, and the raw-socket Upper Layer client of
+tests/support/wire.py (so that values no conforming library would send can be sent).  Every
+socket and subprocess has a timeout; mounts are undone and daemons stopped however a test ends.
 """
 
 import errno
@@ -25,328 +25,56 @@ import unicodedata
 from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import (
-    Daemon,
-    echoscu,
-    make_study,
-    mounted_tmpfs,
-    require_tool,
-    storescp,
-    storescu,
-)
-from conftest import testdata as data_file
 from pydicom import dcmread
-from pydicom.filereader import read_dataset
 from pydicom.uid import generate_uid
+from support.daemon import STAGING, Daemon, tree_outside_staging
+from support.data import declared_data_set, make_study, minimal_ct, new_ct_file
+from support.data import testdata as data_file
+from support.mounts import mounted_tmpfs
+from support.peers import assert_serving, require_tool, storescp, storescu
+from support.procs import alive, descendants
+from support.scu import pynetdicom_store
+from support.uids import CT_IMAGE, EXPLICIT_LE, IMPLICIT_LE, MR_IMAGE, VERIFICATION
+from support.wait import wait_until
+from support.wire import (
+    A_ABORT,
+    A_ASSOCIATE_AC,
+    A_ASSOCIATE_RJ,
+    ABORT_PDU,
+    P_DATA_TF,
+    Aborted,
+    Association,
+    associate,
+    associate_rq,
+    c_echo_rq,
+    c_store,
+    c_store_rq,
+    connect,
+    p_data,
+    parse_ac,
+    pdu,
+    read_response,
+    read_until_closed,
+    release,
+    request_association,
+    send_fragments,
+)
 
-STAGING = ".ingestd-tmp"
-APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
-VERIFICATION = "1.2.840.10008.1.1"
-CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
-MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
-IMPLICIT_LE = "1.2.840.10008.1.2"
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
-TIMEOUT = 10.0  # seconds, for every socket operation of the raw client
 
-A_ASSOCIATE_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ = 0x01, 0x02, 0x03
-P_DATA_TF, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = 0x04, 0x05, 0x06, 0x07
-ABORT_PDU = bytes.fromhex("07 00 00000004 00 00 00 00")
 
-
-# --- a raw Upper Layer client ---------------------------------------------------------------
-
-
-def _item(item_type: int, body: bytes) -> bytes:
-    return struct.pack(">BBH", item_type, 0, len(body)) + body
-
-
-def _pdu(pdu_type: int, body: bytes) -> bytes:
-    return struct.pack(">BBL", pdu_type, 0, len(body)) + body
-
-
-def associate_rq(contexts: list[tuple[int, str, list[str]]], *, calling: bytes = b"RAWSCU",
-                 called: bytes = b"ANY-SCP", max_pdu: int = 16384) -> bytes:
-    """An A-ASSOCIATE-RQ PDU; AE titles are raw bytes (padded/cut to 16), IDs taken as given."""
-    items = _item(0x10, APPLICATION_CONTEXT.encode())
-    for context_id, abstract_syntax, transfer_syntaxes in contexts:
-        sub = _item(0x30, abstract_syntax.encode())
-        sub += b"".join(_item(0x40, ts.encode()) for ts in transfer_syntaxes)
-        items += _item(0x20, bytes((context_id & 0xFF, 0, 0, 0)) + sub)
-    user = (_item(0x51, struct.pack(">L", max_pdu)) + _item(0x52, b"1.2.826.0.1.3680043.9.7")
-            + _item(0x55, b"RAW_FAULTS"))
-    items += _item(0x50, user)
-    fixed = (struct.pack(">HH", 1, 0) + called.ljust(16, b" ")[:16]
-             + calling.ljust(16, b" ")[:16] + bytes(32))
-    return _pdu(A_ASSOCIATE_RQ, fixed + items)
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise EOFError(f"connection closed after {len(data)} of {n} bytes")
-        data += chunk
-    return bytes(data)
-
-
-def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
-    pdu_type, _reserved, length = struct.unpack(">BBL", recv_exact(sock, 6))
-    return pdu_type, recv_exact(sock, length)
-
-
-def read_until_closed(sock: socket.socket, limit: float = TIMEOUT) -> bytes:
-    """Everything the peer sends until it closes (a reset counts as closed)."""
-    data = bytearray()
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            break
-        except TimeoutError:
-            raise AssertionError(f"connection still open after {limit} s; got {bytes(data)!r}")\
-                from None
-        if not chunk:
-            break
-        data += chunk
-    else:
-        raise AssertionError(f"connection still open after {limit} s; got {bytes(data)!r}")
-    return bytes(data)
-
-
-def connect(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-    sock.settimeout(TIMEOUT)
-    return sock
-
-
-@dataclass
-class Association:
-    sock: socket.socket
-    accepted: dict[int, str]  # context ID -> transfer syntax
-    peer_max_pdu: int
-
-    def close(self) -> None:
-        with suppress(OSError):
-            self.sock.close()
-
-
-def parse_ac(body: bytes) -> tuple[dict[int, str], int]:
-    """(accepted context ID -> transfer syntax, the acceptor's maximum PDU length)."""
-    accepted: dict[int, str] = {}
-    max_pdu = 0
-    offset = 68
-    while offset < len(body):
-        item_type, _reserved, length = struct.unpack_from(">BBH", body, offset)
-        value = body[offset + 4:offset + 4 + length]
-        if item_type == 0x21:
-            context_id, result = value[0], value[2]
-            ts_type, _r, ts_length = struct.unpack_from(">BBH", value, 4)
-            if result == 0 and ts_type == 0x40:
-                accepted[context_id] = value[8:8 + ts_length].decode().rstrip("\0")
-        elif item_type == 0x50:
-            sub = 0
-            while sub < len(value):
-                sub_type, _r, sub_length = struct.unpack_from(">BBH", value, sub)
-                if sub_type == 0x51:
-                    (max_pdu,) = struct.unpack_from(">L", value, sub + 4)
-                sub += 4 + sub_length
-        offset += 4 + length
-    return accepted, max_pdu
-
-
-def request_association(port: int, contexts: list[tuple[int, str, list[str]]],
-                        **kw: Any) -> tuple[socket.socket, int, bytes]:
-    """Send an A-ASSOCIATE-RQ; return the socket and the answer PDU (type, body)."""
-    sock = connect(port)
-    sock.sendall(associate_rq(contexts, **kw))
-    pdu_type, body = read_pdu(sock)
-    return sock, pdu_type, body
-
-
-def associate(port: int, contexts: list[tuple[int, str, list[str]]] | None = None,
-              **kw: Any) -> Association:
-    contexts = contexts or [(1, CT_IMAGE, [EXPLICIT_LE]), (3, VERIFICATION, [IMPLICIT_LE])]
-    sock, pdu_type, body = request_association(port, contexts, **kw)
-    if pdu_type != A_ASSOCIATE_AC:
-        sock.close()
-        raise AssertionError(f"expected A-ASSOCIATE-AC, got PDU type {pdu_type:#04x} {body!r}")
-    accepted, max_pdu = parse_ac(body)
-    return Association(sock, accepted, max_pdu)
-
-
-def _command_element(element: int, value: bytes) -> bytes:
-    return struct.pack("<HHL", 0x0000, element, len(value)) + value
-
-
-def _even(value: bytes, pad: bytes) -> bytes:
-    return value + pad if len(value) % 2 else value
-
-
-def command_set(*elements: tuple[int, bytes]) -> bytes:
-    body = b"".join(_command_element(tag, value) for tag, value in elements)
-    return _command_element(0x0000, struct.pack("<L", len(body))) + body
-
-
-def c_store_rq(sop_class: bytes, sop_instance: bytes, message_id: int = 1) -> bytes:
-    return command_set((0x0002, _even(sop_class, b"\0")), (0x0100, struct.pack("<H", 0x0001)),
-                       (0x0110, struct.pack("<H", message_id)), (0x0700, b"\0\0"),
-                       (0x0800, struct.pack("<H", 0x0000)),
-                       (0x1000, _even(sop_instance, b"\0")))
-
-
-def c_echo_rq(message_id: int = 1) -> bytes:
-    return command_set((0x0002, _even(VERIFICATION.encode(), b"\0")),
-                       (0x0100, struct.pack("<H", 0x0030)),
-                       (0x0110, struct.pack("<H", message_id)),
-                       (0x0800, struct.pack("<H", 0x0101)))
-
-
-def p_data(context_id: int, payload: bytes, control: int) -> bytes:
-    return _pdu(P_DATA_TF, struct.pack(">LBB", len(payload) + 2, context_id, control) + payload)
-
-
-def send_fragments(assoc: Association, context_id: int, data: bytes, *, command: bool) -> None:
-    """Send a command or data set in P-DATA-TF PDUs within the acceptor's maximum length."""
-    chunk = max((assoc.peer_max_pdu or 16384) - 6, 1)
-    offsets = list(range(0, len(data), chunk)) or [0]
-    for offset in offsets:
-        last = offset == offsets[-1]
-        control = (0x01 if command else 0x00) | (0x02 if last else 0x00)
-        assoc.sock.sendall(p_data(context_id, data[offset:offset + chunk], control))
-
-
-class Aborted(Exception):
-    """The acceptor sent A-ABORT."""
-
-
-def read_response(assoc: Association) -> int:
-    """Read one response command set; return its Status."""
-    command = bytearray()
-    while True:
-        pdu_type, body = read_pdu(assoc.sock)
-        if pdu_type == A_ABORT:
-            raise Aborted(body.hex())
-        assert pdu_type == P_DATA_TF, f"unexpected PDU type {pdu_type:#04x}"
-        offset = 0
-        while offset < len(body):
-            length, _context_id, control = struct.unpack_from(">LBB", body, offset)
-            command += body[offset + 6:offset + 4 + length]
-            offset += 4 + length
-            if control == 0x03:
-                ds = read_dataset(BytesIO(bytes(command)), is_implicit_VR=True,
-                                  is_little_endian=True)
-                return int(ds.Status)
-
-
-def c_store(assoc: Association, context_id: int, sop_class: bytes, sop_instance: bytes,
-            data_set: bytes, message_id: int = 1) -> int:
-    send_fragments(assoc, context_id, c_store_rq(sop_class, sop_instance, message_id),
-                   command=True)
-    send_fragments(assoc, context_id, data_set, command=False)
-    return read_response(assoc)
-
-
-def release(assoc: Association) -> None:
-    assoc.sock.sendall(_pdu(A_RELEASE_RQ, bytes(4)))
-    pdu_type, _body = read_pdu(assoc.sock)
-    assert pdu_type == A_RELEASE_RP, f"expected A-RELEASE-RP, got {pdu_type:#04x}"
-    assoc.close()
-
-
-_LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UC", b"UN", b"UR", b"UT"}
-
-
-def element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
-    """One explicit VR little endian element, padded to even length as its VR wants."""
-    value = _even(value, b"\0" if vr in (b"UI", b"OB", b"UN") else b" ")
-    if vr in _LONG_VRS:
-        return struct.pack("<HH2sHL", group, elem, vr, 0, len(value)) + value
-    return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
-
-
-def minimal_ct(sop_instance: bytes, study: bytes, patient_name: bytes,
-               series: bytes | None = None) -> bytes:
-    """A small CT Image Storage data set (explicit VR LE) with raw values, UTF-8 declared."""
-    series = series if series is not None else generate_uid().encode()
-    return b"".join([
-        element(0x0008, 0x0005, b"CS", b"ISO_IR 192"),
-        element(0x0008, 0x0016, b"UI", CT_IMAGE.encode()),
-        element(0x0008, 0x0018, b"UI", sop_instance),
-        element(0x0008, 0x0060, b"CS", b"CT"),
-        element(0x0010, 0x0010, b"PN", patient_name),
-        element(0x0010, 0x0020, b"LO", b"HOSTILE"),
-        element(0x0020, 0x000D, b"UI", study),
-        element(0x0020, 0x000E, b"UI", series),
-    ])
-
-
-def data_set_bytes(path: Path) -> bytes:
-    """The bytes after the file meta information of a DICOM file (preamble + DICM + group 2)."""
-    raw = path.read_bytes()
-    assert raw[128:132] == b"DICM", path
-    assert raw[132:136] == b"\x02\x00\x00\x00", "no File Meta Information Group Length"
-    (group_length,) = struct.unpack_from("<L", raw, 140)
-    return raw[144 + group_length:]
-
-
-# --- helpers -----------------------------------------------------------------------------
-
-
-def poll(condition: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval)
-    return condition()
-
-
-def tree_outside_staging(out: Path) -> list[Path]:
-    """Every entry (file or directory) under `out`, except the staging directory and its files."""
-    return sorted(p for p in out.rglob("*") if p.relative_to(out).parts[0] != STAGING)
-
-
-def assert_serving(daemon: Daemon) -> None:
-    """The daemon is alive and answers C-ECHO."""
-    assert daemon.proc.poll() is None, f"daemon exited:\n{daemon.log()}"
-    result = echoscu(daemon.port, check=False, timeout=30)
-    assert result.returncode == 0, f"echoscu failed:\n{result.stderr}\n{daemon.log()}"
-
-
-def new_ct_file(folder: Path, pixel_bytes: int | None = None, name: str | None = None) -> Path:
-    """A copy of CT_small with a new SOP Instance UID (and, optionally, bigger pixel data)."""
-    ds = dcmread(data_file("CT_small.dcm"))
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    if 0xFFFCFFFC in ds:  # storescu drops Data Set Trailing Padding when it sends
-        del ds[0xFFFCFFFC]
-    if pixel_bytes is not None:
-        side = int((pixel_bytes // 2) ** 0.5)
-        ds.Rows = ds.Columns = side
-        ds.PixelData = os.urandom(side * side * 2)
-    path = folder / (name or f"ct-{ds.SOPInstanceUID}.dcm")
-    ds.save_as(path)
-    return path
+# --- crash mid-transfer --------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def big_object(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CT object of about 100 MB."""
     return new_ct_file(tmp_path_factory.mktemp("big"), 100_000_000, "big-ct.dcm")
-
-
-@pytest.fixture(scope="module")
-def five_mb_object(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return new_ct_file(tmp_path_factory.mktemp("five"), 5_000_000, "five-mb-ct.dcm")
 
 
 class ThrottledProxy:
@@ -410,64 +138,6 @@ class ThrottledProxy:
             thread.join(5)
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs (request this fixture before daemon_factory, so it is unmounted last)."""
-    with mounted_tmpfs(tmp_path / "tmpfs", "size=2m") as mountpoint:
-        yield mountpoint
-
-
-def pynetdicom_store(port: int, path: Path) -> int:
-    """Send one file with a pynetdicom SCU; return the C-STORE-RSP status."""
-    from pynetdicom import AE
-
-    ae = AE(ae_title="FAULTSCU")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-    ds = dcmread(path)
-    ae.add_requested_context(ds.SOPClassUID, [str(ds.file_meta.TransferSyntaxUID)])
-    assoc = ae.associate("127.0.0.1", port)
-    assert assoc.is_established, "association not established"
-    try:
-        status = assoc.send_c_store(ds)
-        assert "Status" in status, "no C-STORE-RSP received"
-        return int(status.Status)
-    finally:
-        if assoc.is_established:
-            assoc.release()
-        else:
-            assoc.abort()
-
-
-# --- crash mid-transfer --------------------------------------------------------------------
-
-
-def child_pids(pid: int) -> list[int]:
-    """The live descendants of `pid` (from /proc), children before grandchildren."""
-    parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        ppid = int(text.rsplit(")", 1)[1].split()[1])
-        parents.setdefault(ppid, []).append(int(stat.parent.name))
-    found: list[int] = []
-    queue = [pid]
-    while queue:
-        for child in parents.get(queue.pop(0), []):
-            found.append(child)
-            queue.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 @dataclass
 class Transfer:
     """storescu sending one file to the daemon through a throttling proxy, in the background."""
@@ -505,14 +175,14 @@ def wait_for_growing_part(daemon: Daemon, size: int = 1_000_000) -> Path:
                     if p.name.endswith(".part") and p.stat().st_size > size]
         return bool(found)
 
-    assert poll(growing, timeout=60), f"no .part above {size} bytes appeared:\n{daemon.log()}"
+    wait_until(growing, 60, lambda: f"a .part above {size} bytes:\n{daemon.log()}")
     return found[0]
 
 
 def assert_stored_intact(daemon: Daemon, source: Path) -> None:
     stored = daemon.files()
     assert len(stored) == 1, stored
-    assert data_set_bytes(stored[0]) == data_set_bytes(source)
+    assert declared_data_set(stored[0]) == declared_data_set(source)
     meta = dcmread(stored[0], stop_before_pixels=True).file_meta
     original = dcmread(source, stop_before_pixels=True).file_meta
     for keyword in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID",
@@ -528,14 +198,14 @@ def test_sigkill_during_transfer_leaves_only_a_partial_file_removed_at_restart(
     pids: list[int] = []
     try:
         wait_for_growing_part(daemon)
-        pids = [daemon.proc.pid, *child_pids(daemon.proc.pid)]
+        pids = [daemon.proc.pid, *descendants(daemon.proc.pid)]
         for pid in pids:
             with suppress(ProcessLookupError):
                 os.kill(pid, 9)
         daemon.proc.wait(10)
         # Gone from /proc, not merely dead: a zombie's pid still looks like a live writer.
-        assert poll(lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids), 20), \
-            f"killed processes {pids} not reaped"
+        wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids), 20,
+                   f"killed processes {pids} reaped")
     finally:
         returncode = transfer.finish(30)
     assert returncode != 0, "storescu reported success for an interrupted transfer"
@@ -568,14 +238,14 @@ def test_sigkill_of_the_master_alone_keeps_acknowledged_objects_consistent(
     workers: list[int] = []  # the association's worker and any other child of the master
     try:
         wait_for_growing_part(daemon)
-        workers = child_pids(daemon.proc.pid)
+        workers = list(descendants(daemon.proc.pid))
         daemon.proc.kill()
         daemon.proc.wait(10)
         again = daemon_factory({"storage": {"output_directory": str(daemon.out)}})
         transfer.proxy.rate = 0  # let the rest through at full speed
         returncode = transfer.finish(120)
-        assert poll(lambda: not any(alive(pid) for pid in workers), timeout=30), \
-            f"the orphaned worker(s) {workers} did not exit after the association ended"
+        wait_until(lambda: not any(alive(pid) for pid in workers), 30,
+                   f"the orphaned worker(s) {workers} exited after the association ended")
     finally:
         transfer.finish(5)
         for pid in workers:  # started by this test's daemon; never leave one behind
@@ -589,7 +259,8 @@ def test_sigkill_of_the_master_alone_keeps_acknowledged_objects_consistent(
         assert_stored_intact(again, big_object)
     else:
         assert tree_outside_staging(again.out) == [], logs
-    assert poll(lambda: again.staging() == []), f"staging not emptied: {again.staging()}"
+    wait_until(lambda: again.staging() == [], 10,
+               lambda: f"staging emptied: {again.staging()}")
     assert_serving(again)
     if returncode != 0:
         storescu(again.port, big_object, timeout=300)
@@ -603,27 +274,40 @@ def test_sigkill_of_the_master_alone_keeps_acknowledged_objects_consistent(
 def test_peer_leaving_mid_data_set_leaves_nothing(daemon: Daemon, how: str) -> None:
     source = data_file("CT_small.dcm")
     ds = dcmread(source)
-    data = data_set_bytes(source)
+    data = declared_data_set(source)
     assoc = associate(daemon.port)
     try:
         send_fragments(assoc, 1, c_store_rq(CT_IMAGE.encode(), ds.SOPInstanceUID.encode()),
                        command=True)
         if how != "a-abort-after-command":
-            assoc.sock.sendall(p_data(1, data[:4096], 0x00))  # not the last fragment
-        assert poll(lambda: any(p.name.endswith(".part") for p in daemon.staging())), \
-            f"no temporary file was created:\n{daemon.log()}"
+            assoc.sock.sendall(p_data(1, 0x00, data[:4096]))  # not the last fragment
+        wait_until(lambda: any(p.name.endswith(".part") for p in daemon.staging()), 10,
+                   lambda: f"a temporary file:\n{daemon.log()}")
         if how != "tcp-close":
             assoc.sock.sendall(ABORT_PDU)
     finally:
         assoc.close()
     daemon.wait_log("aborted by the peer" if how != "tcp-close" else "partial object")
-    assert poll(lambda: daemon.staging() == []), f"staging not emptied: {daemon.staging()}"
+    wait_until(lambda: daemon.staging() == [], 10,
+               lambda: f"staging emptied: {daemon.staging()}")
     assert tree_outside_staging(daemon.out) == []
     storescu(daemon.port, source, timeout=30)
     assert [p.name for p in daemon.files()] == [f"CT.{ds.SOPInstanceUID}"]
 
 
 # --- a full disk ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def five_mb_object(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return new_ct_file(tmp_path_factory.mktemp("five"), 5_000_000, "five-mb-ct.dcm")
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs (request this fixture before daemon_factory, so it is unmounted last)."""
+    with mounted_tmpfs(tmp_path / "tmpfs", "size=2m") as mountpoint:
+        yield mountpoint
 
 
 def fill(path: Path) -> None:
@@ -948,7 +632,7 @@ def test_leftover_of_a_pid_now_used_by_a_younger_daemon_is_removed(
 
 
 def test_idle_daemon_with_debug_log_next_to_its_config_stays_quiet(daemon: Daemon) -> None:
-    """conftest's layout: config and log file in one directory, logging.level = debug.
+    """start_daemon's layout: config and log file in one directory, logging.level = debug.
 
     An idle daemon has next to nothing to say; it must not log about its own log file, however
     often someone reads it (as `tail -f` or this test suite's wait_log do) or whatever else
@@ -980,11 +664,11 @@ def expect_abort(sock: socket.socket) -> bytes:
 def _oversized_pdu(assoc: Association, daemon: Daemon) -> None:
     length = assoc.peer_max_pdu + 1000  # whatever the daemon advertised
     body = struct.pack(">LBB", length - 4, 1, 0x01) + bytes(length - 6)
-    assoc.sock.sendall(_pdu(P_DATA_TF, body))
+    assoc.sock.sendall(pdu(P_DATA_TF, body))
 
 
 def _pdv_longer_than_pdu(assoc: Association, daemon: Daemon) -> None:
-    assoc.sock.sendall(_pdu(P_DATA_TF, struct.pack(">LBB", 5000, 1, 0x03) + bytes(94)))
+    assoc.sock.sendall(pdu(P_DATA_TF, struct.pack(">LBB", 5000, 1, 0x03) + bytes(94)))
 
 
 def _pdv_on_unaccepted_context(assoc: Association, daemon: Daemon) -> None:
@@ -997,7 +681,7 @@ def _pdv_on_unproposed_context(assoc: Association, daemon: Daemon) -> None:
 
 
 def _unknown_pdu_type(assoc: Association, daemon: Daemon) -> None:
-    assoc.sock.sendall(_pdu(0x09, bytes(4)))
+    assoc.sock.sendall(pdu(0x09, bytes(4)))
 
 
 def _second_associate_rq(assoc: Association, daemon: Daemon) -> None:
@@ -1005,11 +689,11 @@ def _second_associate_rq(assoc: Association, daemon: Daemon) -> None:
 
 
 def _data_without_command(assoc: Association, daemon: Daemon) -> None:
-    assoc.sock.sendall(p_data(1, b"\x08\x00\x16\x00", 0x02))
+    assoc.sock.sendall(p_data(1, 0x02, b"\x08\x00\x16\x00"))
 
 
 def _zero_length_pdv(assoc: Association, daemon: Daemon) -> None:
-    assoc.sock.sendall(_pdu(P_DATA_TF, struct.pack(">LBB", 0, 1, 0x03)[:4]))
+    assoc.sock.sendall(pdu(P_DATA_TF, struct.pack(">LBB", 0, 1, 0x03)[:4]))
 
 
 ABUSES = {
@@ -1036,7 +720,7 @@ def test_protocol_abuse_is_aborted_and_the_daemon_keeps_serving(
     finally:
         assoc.close()
     assert abort[8] == 2, f"A-ABORT source {abort[8]}, expected 2 (service provider)"
-    assert daemon.staging() == [] or poll(lambda: daemon.staging() == [])
+    wait_until(lambda: daemon.staging() == [], 10, "an empty staging area")
     assert tree_outside_staging(daemon.out) == []
     assert_serving(daemon)
 
@@ -1044,7 +728,7 @@ def test_protocol_abuse_is_aborted_and_the_daemon_keeps_serving(
 def test_unknown_pdu_before_association_is_aborted(daemon: Daemon) -> None:
     sock = connect(daemon.port)
     try:
-        sock.sendall(_pdu(0x09, bytes(4)))
+        sock.sendall(pdu(0x09, bytes(4)))
         expect_abort(sock)
     finally:
         sock.close()
@@ -1060,7 +744,7 @@ def test_pdu_of_exactly_max_pdu_is_accepted(daemon_factory: Callable[..., Daemon
     limit = max_pdu or 131072
     source = new_ct_file(tmp_path, 3 * limit)
     ds = dcmread(source)
-    data = data_set_bytes(source)
+    data = declared_data_set(source)
     assert len(data) > 2 * limit
     assoc = associate(daemon.port)
     try:
@@ -1072,16 +756,16 @@ def test_pdu_of_exactly_max_pdu_is_accepted(daemon_factory: Callable[..., Daemon
         for offset in offsets:
             piece = data[offset:offset + chunk]
             last = offset + chunk >= len(data)
-            pdu = p_data(1, piece, 0x02 if last else 0x00)
-            assert last or len(pdu) == 6 + limit
-            assoc.sock.sendall(pdu)
+            packet = p_data(1, 0x02 if last else 0x00, piece)
+            assert last or len(packet) == 6 + limit
+            assoc.sock.sendall(packet)
         assert read_response(assoc) == SUCCESS
         release(assoc)
     finally:
         assoc.close()
     stored = daemon.files()
     assert len(stored) == 1
-    assert data_set_bytes(stored[0]) == data
+    assert declared_data_set(stored[0]) == data
 
 
 def context_items(body: bytes) -> list[tuple[int, int, str]]:

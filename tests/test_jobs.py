@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, Daemon, free_port, make_study, storescu, wait_until
+from support.daemon import REPO, Daemon, free_port
+from support.data import make_study
+from support.peers import storescu
+from support.wait import wait_until
 
 from dicom_ingestd.config.schema import JobsConfig
 from dicom_ingestd.jobs.queue import JobKind, JobQueue, JobState

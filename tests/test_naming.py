@@ -20,9 +20,11 @@ from pathlib import Path
 import dcmtk_facts
 import pydicom
 import pytest
-from conftest import free_port
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
+from support.daemon import free_port
+from support.uids import CT_IMAGE as CT
+from support.uids import MR_IMAGE as MR
 
 from dicom_ingestd.codes import Status
 from dicom_ingestd.config.schema import StorageConfig
@@ -44,8 +46,6 @@ from dicom_ingestd.worker.naming import (
 )
 from dicom_ingestd.worker.store import STAGING_DIR, Store, WhenTaken
 
-CT = "1.2.840.10008.5.1.4.1.1.2"
-MR = "1.2.840.10008.5.1.4.1.1.4"
 WHEN = datetime(2024, 1, 2, 3, 4, 5, 678_901)
 MODES: tuple[SortMode, ...] = ("conc-studies", "study-uid", "patientname")
 

@@ -21,12 +21,14 @@ from typing import cast
 
 import dcmtk_facts
 import pytest
-from conftest import Daemon, require_tool, start_daemon, storescp
 from pydicom import dcmread
 from pydicom import uid as pydicom_uid
 from pydicom.dataset import Dataset, FileMetaDataset
 from pynetdicom import AE
 from pynetdicom.presentation import PresentationContext, build_context
+from support.daemon import Daemon, start_daemon
+from support.peers import require_tool, storescp
+from support.uids import CT_IMAGE, MWL_FIND
 
 from dicom_ingestd.dcmtk import transfer as tsx
 from dicom_ingestd.dcmtk.storage import DCMTK_STORAGE_SOP_CLASSES
@@ -35,11 +37,9 @@ from dicom_ingestd.worker import negotiation as neg
 # pydicom warns when pynetdicom decodes the deliberately non-conformant PRIVATE_SOP_LEADING_ZERO.
 LEADING_ZERO_WARNING = "ignore:Invalid value for VR UI:UserWarning"
 
-CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 STANDALONE_CURVE = "1.2.840.10008.5.1.4.1.1.9"  # retired; in DCMTK's list, not pynetdicom's
 PHOTOACOUSTIC = "1.2.840.10008.5.1.4.1.1.6.3"  # pynetdicom's list only (newer than DCMTK 3.6.7)
 HANGING_PROTOCOL = "1.2.840.10008.5.1.4.38.1"  # "non-patient" storage: storescp refuses it
-MWL_FIND = "1.2.840.10008.5.1.4.31"  # known, not storage
 GE_PRIVATE_SYNTAX = "1.2.840.113619.5.2"  # named by DCMTK only (not by pydicom)
 PRIVATE_SOP = "1.2.826.0.1.3680043.9.7433.99.1"  # unknown to everyone
 PRIVATE_SOP_LEADING_ZERO = "1.2.840.113619.4.030"  # not PS3.5-conformant, seen in the field

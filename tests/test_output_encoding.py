@@ -20,13 +20,16 @@ from typing import Any
 
 import pydicom
 import pytest
-from conftest import require_tool, run_tool
-from conftest import testdata as bundled
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from support.daemon import STAGING
+from support.data import minimal_ct
+from support.data import testdata as bundled
+from support.peers import assert_serving, require_tool, run_tool
+from support.uids import CT_IMAGE
+from support.wire import associate, c_store, explicit, release
 from test_differential import Receiver, run_both, start_ingestd, start_storescp, translate
-from test_faults import CT_IMAGE, assert_serving, associate, c_store, minimal_ct, release
 
 from dicom_ingestd.codes import Status
 from dicom_ingestd.config.schema import StorageConfig
@@ -36,7 +39,6 @@ from dicom_ingestd.worker import elements, encode, header
 from dicom_ingestd.worker.store import Store
 
 TEST_FILES = Path(pydicom.__file__).parent / "data/test_files"
-STAGING = ".ingestd-tmp"
 
 # Sent in one association: every bit depth (1, 8, 16, 32), OW pixel data, OW LUTs and
 # waveforms, AT/FL/FD/SL/SS values, OF, nested and private sequences, trailing padding.
@@ -76,13 +78,6 @@ def sent_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     ds.save_as(path, enforce_file_format=True)
     files.append(path)
     return files
-
-
-def raw_element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
-    """One explicit VR little endian element with its value exactly as given (even odd)."""
-    if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT"):
-        return struct.pack("<HH2sHL", group, elem, vr, 0, len(value)) + value
-    return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
 
 
 def _data_set(raw: bytes) -> tuple[str, bytes, int]:
@@ -219,22 +214,22 @@ def test_raw_values_are_re_padded_as_storescp_does(tmp_path: Path,
     white space inside a UID, an odd OB value.  DCMTK re-pads them when it writes; so do we."""
     uid = generate_uid().encode()
     data_set = b"".join([
-        raw_element(0x0008, 0x0005, b"CS", b"ISO_IR 100"),
-        raw_element(0x0008, 0x0016, b"UI", CT_IMAGE.encode() + b"\x00"),
-        raw_element(0x0008, 0x0018, b"UI", uid),  # odd length: zero-padded
-        raw_element(0x0008, 0x0060, b"CS", b"CT"),
-        raw_element(0x0008, 0x0070, b"LO", b"ACME"),
-        raw_element(0x0008, 0x1030, b"LO", b"odd"),
-        raw_element(0x0010, 0x0010, b"PN", b"Doe^John   "),  # extra trailing spaces
-        raw_element(0x0018, 0x0015, b"CS", b"HEAD    "),
-        raw_element(0x0020, 0x000D, b"UI", b"1.2.3.4 "),  # space-padded UID
-        raw_element(0x0020, 0x000E, b"UI", b"1.2.3.5\x00"),
-        raw_element(0x0020, 0x0052, b"UI", b"1.2 .3\x00"),  # white space inside a UID
-        raw_element(0x0029, 0x0010, b"LO", b"PRIVATE "),
-        raw_element(0x0029, 0x1001, b"OB", b"\x01\x02\x03"),  # odd binary value
+        explicit(0x0008, 0x0005, b"CS", b"ISO_IR 100"),
+        explicit(0x0008, 0x0016, b"UI", CT_IMAGE.encode() + b"\x00"),
+        explicit(0x0008, 0x0018, b"UI", uid),  # odd length: zero-padded
+        explicit(0x0008, 0x0060, b"CS", b"CT"),
+        explicit(0x0008, 0x0070, b"LO", b"ACME"),
+        explicit(0x0008, 0x1030, b"LO", b"odd"),
+        explicit(0x0010, 0x0010, b"PN", b"Doe^John   "),  # extra trailing spaces
+        explicit(0x0018, 0x0015, b"CS", b"HEAD    "),
+        explicit(0x0020, 0x000D, b"UI", b"1.2.3.4 "),  # space-padded UID
+        explicit(0x0020, 0x000E, b"UI", b"1.2.3.5\x00"),
+        explicit(0x0020, 0x0052, b"UI", b"1.2 .3\x00"),  # white space inside a UID
+        explicit(0x0029, 0x0010, b"LO", b"PRIVATE "),
+        explicit(0x0029, 0x1001, b"OB", b"\x01\x02\x03"),  # odd binary value
     ])
     if len(data_set) % 2:  # DCMTK refuses odd PDV fragments; the values may be odd
-        data_set += raw_element(0x0029, 0x1002, b"OB", b"\x07")
+        data_set += explicit(0x0029, 0x1002, b"OB", b"\x07")
     args = ["+tb"]
     reference = start_storescp(tmp_path, args)
     receivers.append(reference)

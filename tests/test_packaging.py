@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, DebBuild
+from conftest import DebBuild
+from support.daemon import REPO
 
 from dicom_ingestd import __version__
 from dicom_ingestd.cli import DEFAULT_CONFIG, build_parser

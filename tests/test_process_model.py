@@ -15,36 +15,35 @@ import socket
 import subprocess
 import time
 import tomllib
-import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import (
-    BUSY_WORKER,
-    IDLE_WORKER,
-    Daemon,
-    echoscu,
-    helpers_of,
-    process_name,
-    require_tool,
-    storescu,
-    workers_of,
-    write_config,
-)
-from conftest import testdata as data_file
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
-from pynetdicom.pdu import A_ASSOCIATE_RJ, P_DATA_TF
-from pynetdicom.sop_class import CTImageStorage, Verification
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.sop_class import CTImageStorage
+from support.daemon import Daemon, config_of, log_lines, replace_config, write_config
+from support.daemon import info_settings as settings
+from support.data import ct_copies, ct_dataset
+from support.peers import echoscu, require_tool, storescu
+from support.procs import (
+    BUSY_WORKER,
+    IDLE_WORKER,
+    alive,
+    child_pids,
+    helpers_of,
+    process_name,
+    workers_of,
+)
+from support.scu import assert_rejected_local_limit, associate, echo_ok, held, store_ok
+from support.wait import wait_until
+from support.wire import connect_from, recv_until_closed
 
 Factory = Callable[..., Daemon]
 
@@ -53,136 +52,6 @@ STORED = re.compile(r"^\S+ \S+ INFO \[(\d+)\] (\S+) \S+: stored (\S+) ", re.MULT
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def settings(**tables: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Settings for daemon_factory: the given tables, logging at info level."""
-    result = {name: dict(values) for name, values in tables.items()}
-    result.setdefault("logging", {}).setdefault("level", "info")
-    return result
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
-               interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"not within {timeout} s: {what}")
-
-
-def log_lines(daemon: Daemon, text: str) -> list[str]:
-    return [line for line in daemon.log().splitlines() if text in line]
-
-
-def children(pid: int) -> set[int]:
-    """The pids of pid's children (zombies included until reaped)."""
-    result: set[int] = set()
-    with contextlib.suppress(FileNotFoundError):
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(FileNotFoundError):
-                text = Path(f"/proc/{pid}/task/{task}/children").read_text()
-                result.update(int(x) for x in text.split())
-    return result
-
-
-def alive(pid: int) -> bool:
-    """True while pid exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def ct_copies(directory: Path, count: int, tag: str) -> list[Path]:
-    """`count` copies of CT_small.dcm with fresh SOP Instance UIDs, written under directory."""
-    directory.mkdir(parents=True, exist_ok=True)
-    ds = dcmread(data_file("CT_small.dcm"))
-    paths = []
-    for index in range(count):
-        uid = generate_uid()
-        ds.SOPInstanceUID = uid
-        ds.file_meta.MediaStorageSOPInstanceUID = uid
-        path = directory / f"{tag}-{index:03d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
-
-
-def ct_dataset() -> Dataset:
-    ds = dcmread(data_file("CT_small.dcm"))
-    uid = generate_uid()
-    ds.SOPInstanceUID = uid
-    ds.file_meta.MediaStorageSOPInstanceUID = uid
-    return ds
-
-
-def scu(title: str = "PMTEST") -> AE:
-    ae = AE(ae_title=title)
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = 10
-    ae.dimse_timeout = 20
-    ae.network_timeout = 20
-    return ae
-
-
-# The A-ASSOCIATE-RJ each association received, as seen on the wire.  pynetdicom 3.0 has a
-# requestor race: when the RJ arrives before its main thread checks the connection, its
-# reactor has already closed the socket and the association reports "aborted", not
-# "rejected" (about 1 in 500 fast local rejections).  Its PDU event still fires.
-_rejections: "weakref.WeakKeyDictionary[Association, A_ASSOCIATE_RJ]" = \
-    weakref.WeakKeyDictionary()
-
-
-def associate(port: int, host: str = "127.0.0.1", bind: str | None = None,
-              title: str = "PMTEST") -> Association:
-    kw: dict[str, Any] = {}
-    if bind is not None:
-        kw["bind_address"] = (bind, 0)
-    received: list[A_ASSOCIATE_RJ] = []
-
-    def on_pdu(event: evt.Event) -> None:
-        if isinstance(event.pdu, A_ASSOCIATE_RJ):
-            received.append(event.pdu)
-
-    assoc = scu(title).associate(host, port, ae_title="STORESCP",
-                                 evt_handlers=[(evt.EVT_PDU_RECV, on_pdu)], **kw)
-    if received:
-        _rejections[assoc] = received[0]
-    return assoc
-
-
-@contextlib.contextmanager
-def held(assoc: Association) -> Iterator[Association]:
-    """Make sure an association never outlives the test (a held one blocks daemon stop)."""
-    try:
-        yield assoc
-    finally:
-        if assoc.is_established:
-            assoc.abort()
-
-
-def store_ok(assoc: Association, ds: Dataset) -> None:
-    status = assoc.send_c_store(ds)
-    assert status and status.Status == 0x0000, status
-
-
-def echo_ok(assoc: Association) -> None:
-    status = assoc.send_c_echo()
-    assert status and status.Status == 0x0000, status
-
-
-def assert_rejected_local_limit(assoc: Association) -> None:
-    """A-ASSOCIATE-RJ: rejected-transient (2), provider presentation (3), local limit (2)."""
-    rj = _rejections.get(assoc)
-    assert rj is not None, f"no A-ASSOCIATE-RJ received (established {assoc.is_established}, " \
-        f"aborted {assoc.is_aborted})"
-    assert (rj.result, rj.source, rj.reason_diagnostic) == (2, 3, 2), \
-        (rj.result, rj.source, rj.reason_diagnostic)
-
-
 def start_partial_store(assoc: Association, ds: Dataset) -> int:
     """Send a C-STORE-RQ and all of its data set but the last fragment; return the bytes sent.
 
@@ -214,17 +83,6 @@ def start_partial_store(assoc: Association, ds: Dataset) -> int:
         raw.sendall(data)
         sent += len(data)
     return sent
-
-
-def config_of(daemon: Daemon) -> dict[str, Any]:
-    return tomllib.loads(daemon.config_path.read_text())
-
-
-def replace_config(daemon: Daemon, config: dict[str, Any]) -> None:
-    """Rewrite the configuration like an editor does: a new file renamed over the old one."""
-    temp = daemon.config_path.with_name(daemon.config_path.name + ".swp~")
-    write_config(temp, config)
-    os.replace(temp, daemon.config_path)
 
 
 def stored_names(daemon: Daemon) -> dict[str, Path]:
@@ -282,7 +140,7 @@ def test_single_process_parallel_senders_are_served_in_the_master(
     assert len(stored) == 40
     assert {int(pid) for pid, _, _ in stored} == {daemon.proc.pid}
     # No association process was forked (the only child is the config watcher).
-    assert len(children(daemon.proc.pid)) <= 1
+    assert len(child_pids(daemon.proc.pid)) <= 1
     assert not workers_of(daemon.proc.pid, IDLE_WORKER)
 
 
@@ -339,22 +197,6 @@ def test_max_associations_per_peer_counts_each_address(daemon_factory: Factory) 
 
 
 # -- timeouts --------------------------------------------------------------------------------
-def recv_until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, float]:
-    """Read until the peer closes; return what was read and how long it took."""
-    start = time.monotonic()
-    sock.settimeout(timeout)
-    data = b""
-    while True:
-        try:
-            chunk = sock.recv(4096)
-        except ConnectionResetError:
-            break
-        if not chunk:
-            break
-        data += chunk
-    return data, time.monotonic() - start
-
-
 def test_stalled_peer_is_dropped_while_others_are_served(
         daemon_factory: Factory, tmp_path: Path) -> None:
     daemon = daemon_factory(settings(network={"socket_timeout": 1}))
@@ -429,7 +271,7 @@ def test_sigkill_of_a_worker_mid_transfer(daemon_factory: Factory, big_object: P
 
             part = wait_until(growing_part, 20, ".part file over 1 MB", interval=0.005)
             worker = int(part.name.split("-", 1)[0])
-            assert worker in children(daemon.proc.pid), (worker, children(daemon.proc.pid))
+            assert worker in child_pids(daemon.proc.pid), (worker, child_pids(daemon.proc.pid))
             assert worker != daemon.proc.pid
             os.kill(worker, signal.SIGKILL)
             sender.communicate(timeout=30)
@@ -607,7 +449,7 @@ def test_sigterm_lets_a_running_transfer_finish(daemon_factory: Factory,
         # New connections are refused at once (not left hanging in a backlog nobody
         # accepts from); the running one goes on.  Checked at the end.
         listening = port_still_open(daemon.port)
-        listening += f" (master pid {daemon.proc.pid}, children {children(daemon.proc.pid)})"
+        listening += f" (master pid {daemon.proc.pid}, children {child_pids(daemon.proc.pid)})"
         out, _ = sender.communicate(timeout=15)
     finally:
         if sender.poll() is None:
@@ -645,13 +487,6 @@ def test_stop_timeout_stops_a_held_worker(daemon_factory: Factory) -> None:
 
 
 # -- access control --------------------------------------------------------------------------
-def connect_from(source: str, port: int, target: str = "127.0.0.1") -> socket.socket:
-    sock = socket.socket(socket.AF_INET6 if ":" in target else socket.AF_INET)
-    sock.bind((source, 0))
-    sock.connect((target, port))
-    return sock
-
-
 def assert_closed_unanswered(sock: socket.socket) -> None:
     with sock:
         data, took = recv_until_closed(sock, 3)

@@ -21,7 +21,6 @@ import signal
 import socket
 import struct
 import subprocess
-import time
 import tomllib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -31,8 +30,6 @@ from typing import Any
 import dcmtk_facts
 import pytest
 import tomli_w
-from conftest import Daemon, free_port, require_tool, run_tool
-from conftest import testdata as bundled
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_items import (
     SCP_SCU_RoleSelectionSubItem,
@@ -45,6 +42,16 @@ from pynetdicom.pdu_primitives import (
     SOPClassExtendedNegotiation,
 )
 from pynetdicom.presentation import PresentationContext
+from support.daemon import Daemon, free_port
+from support.data import testdata as bundled
+from support.peers import require_tool, run_tool
+from support.uids import BASIC_TEXT_SR, MWL_FIND, RT_PLAN
+from support.uids import CT_IMAGE as CT
+from support.uids import MR_IMAGE as MR
+from support.uids import SECONDARY_CAPTURE as SC
+from support.uids import STORAGE_COMMITMENT_PUSH as STORAGE_COMMITMENT
+from support.uids import US_IMAGE as US
+from support.wait import wait_until
 from test_differential import Receiver, assert_same_output, run_both
 
 from dicom_ingestd.config.asconfig import AsconfigError, parse_asconfig, read_asconfig
@@ -61,14 +68,6 @@ LE, BE, IMPLICIT = tsx.EXPLICIT_LE, tsx.EXPLICIT_BE, tsx.IMPLICIT_LE
 DEFLATED, RLE = tsx.DEFLATED_LE, tsx.RLE_LOSSLESS
 JPEG8, JPEG12, JPEG_LL = tsx.JPEG_BASELINE, tsx.JPEG_EXTENDED, tsx.JPEG_LOSSLESS_SV1
 VERIFICATION = neg.VERIFICATION_SOP_CLASS
-CT = "1.2.840.10008.5.1.4.1.1.2"
-MR = "1.2.840.10008.5.1.4.1.1.4"
-SC = "1.2.840.10008.5.1.4.1.1.7"
-US = "1.2.840.10008.5.1.4.1.1.6.1"
-BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
-RT_PLAN = "1.2.840.10008.5.1.4.1.1.481.5"
-STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
-MWL_FIND = "1.2.840.10008.5.1.4.31"
 PRIVATE = "1.2.826.0.1.3680043.9.7433.99.1"
 PRIVATE_OTHER = "1.2.826.0.1.3680043.9.7433.99.2"
 
@@ -496,13 +495,12 @@ def storescp_xf(cfg: Path, profile: str, outdir: Path) -> Iterator[int]:
     proc = subprocess.Popen(["storescp", "-xf", str(cfg), profile, "-od", str(outdir),
                              str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 10
-        while True:
+        def accepts() -> bool:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-                break
+                return True
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "storescp did not listen"
-            time.sleep(0.02)
+            return False
+        wait_until(accepts, 10, "storescp listening")
         yield port
     finally:
         proc.terminate()
@@ -525,10 +523,8 @@ def reload_daemon(daemon: Daemon, settings: dict[str, dict[str, Any]]) -> None:
     daemon.config_path.write_text(tomli_w.dumps(current))
     count = daemon.log().count("reload: configuration applied")
     daemon.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while daemon.log().count("reload: configuration applied") == count:
-        assert time.monotonic() < deadline, daemon.log()
-        time.sleep(0.05)
+    wait_until(lambda: daemon.log().count("reload: configuration applied") > count, 10,
+               lambda: f"the reload applied:\n{daemon.log()}", interval=0.05)
 
 
 def custom_proposals() -> list[Proposal]:

@@ -20,24 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, Daemon, Recorder, storescu
 from proxy_headers import Relay, carrying, v1, v1_unknown, v2, v2_local, v2_raw
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
-from test_process_model import (
-    assert_rejected_local_limit,
-    associate,
-    connect_from,
-    ct_copies,
-    ct_dataset,
-    echo_ok,
-    held,
-    log_lines,
-    recv_until_closed,
-    store_ok,
-    wait_until,
-)
+from support import wire
+from support.daemon import REPO, Daemon, log_lines, socket_activated
+from support.data import ct_copies, ct_dataset
+from support.peers import storescu
+from support.recorder import Recorder
+from support.scu import assert_rejected_local_limit, associate, echo_ok, held, store_ok
+from support.wait import wait_until
+from support.wire import connect_from, recv_until_closed
 
 from dicom_ingestd import healthcheck
 from dicom_ingestd.proxy_reader import MAX_PENDING
@@ -382,23 +376,10 @@ LOCAL = "(proxy's own connection, LOCAL)"
 def c_store_rq(context_id: int, ds: Dataset) -> bytes:
     """A C-STORE-RQ and its data set (Implicit VR Little Endian) as two P-DATA-TF PDUs, made
     by hand: pynetdicom sends nothing on a context that was not accepted for the SOP class."""
-    def element(number: int, value: bytes) -> bytes:
-        return struct.pack("<HHL", 0x0000, number, len(value)) + value
-
-    def uid(text: str) -> bytes:
-        return text.encode() + (b"\0" if len(text) % 2 else b"")
-
-    elements = (element(0x0002, uid(ds.SOPClassUID)) + element(0x0100, b"\x01\x00")
-                + element(0x0110, b"\x07\x00") + element(0x0700, b"\x00\x00")
-                + element(0x0800, b"\x00\x00") + element(0x1000, uid(ds.SOPInstanceUID)))
-    command = element(0x0000, struct.pack("<L", len(elements))) + elements
+    command = wire.c_store_rq(str(ds.SOPClassUID), str(ds.SOPInstanceUID), message_id=7)
     data = DicomBytesIO()
     write_dataset(data, ds, "<")  # implicit VR little endian: no VR argument
-    out = b""
-    for control, payload in ((0x03, command), (0x02, data.getvalue())):
-        pdv = struct.pack(">LBB", len(payload) + 2, context_id, control) + payload
-        out += struct.pack(">BxL", 0x04, len(pdv)) + pdv
-    return out
+    return wire.p_data(context_id, 0x03, command) + wire.p_data(context_id, 0x02, data.getvalue())
 
 
 def test_local_connection_may_only_verify(daemon_factory: Factory, relays: list[Relay],
@@ -600,28 +581,8 @@ def test_reload_turns_the_proxy_protocol_on(daemon_factory: Factory,
 
 
 # -- socket activation: Accept=no (the master) and Accept=yes / inetd (one process each) --------
-def activated(tmp_path: Path, options: list[str], **tables: dict[str, Any]) -> tuple[
-        subprocess.Popen[bytes], int, Path]:
-    from conftest import free_port, require_tool, write_config
-
-    require_tool("systemd-socket-activate")
-    out = tmp_path / "out"
-    out.mkdir()
-    settings = proxied(**tables)
-    settings["network"]["port"] = free_port()  # unused: the socket comes from systemd
-    settings.setdefault("storage", {})["output_directory"] = str(out)
-    config = tmp_path / "d.toml"
-    write_config(config, settings)
-    port = free_port()
-    log_path = tmp_path / "activate.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(["systemd-socket-activate", *options, "-l",
-                                 f"127.0.0.1:{port}", sys.executable, "-m", "dicom_ingestd",
-                                 "run", "-c", str(config)], stdout=log_file,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO)
-    wait_until(lambda: f"Listening on 127.0.0.1:{port}" in log_path.read_text(), 20,
-               "systemd-socket-activate listening")
-    return proc, port, log_path
+def activated(tmp_path: Path, options: list[str], **tables: dict[str, Any]) -> Daemon:
+    return socket_activated(tmp_path, options, proxied(**tables))
 
 
 @pytest.mark.parametrize("options", [[], ["--accept"], ["--accept", "--inetd"]],
@@ -631,7 +592,8 @@ def test_socket_activation(tmp_path: Path, relays: list[Relay], options: list[st
                                          "network": {"acse_timeout": 3}}
     if "--inetd" in options:
         tables["network"]["inetd"] = True
-    proc, port, log_path = activated(tmp_path, options, **tables)
+    run = activated(tmp_path, options, **tables)
+    proc, port, log_path = run.proc, run.port, run.log_path
     try:
         relay_port = Relay(port, carrying("192.0.2.7"))
         relays.append(relay_port)

@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 from proxy_headers import SIGNATURE, tlv, v1, v1_unknown, v2, v2_local, v2_raw
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
@@ -31,6 +30,7 @@ from pynetdicom.pdu_primitives import (
     SCP_SCU_RoleSelectionNegotiation,
 )
 from pynetdicom.presentation import build_context
+from support.daemon import REPO
 
 from dicom_ingestd import healthcheck, proxy
 from dicom_ingestd.access import AccessPolicy, parse_network, parse_networks

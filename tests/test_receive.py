@@ -28,17 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import (
-    BUSY_WORKER,
-    Daemon,
-    echoscu,
-    free_port,
-    require_tool,
-    run_tool,
-    storescu,
-    workers_of,
-)
-from conftest import testdata as data_file
 from pydicom import dcmread
 from pydicom.data.data_manager import DATA_ROOT
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -48,30 +37,37 @@ from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
-
-VERIFICATION = "1.2.840.10008.1.1"
-CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
-MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-IMPLICIT_LE = "1.2.840.10008.1.2"
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
-APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
-STAGING = ".ingestd-tmp"
-IO_TIMEOUT = 10.0  # seconds for any single socket operation of a test peer
-
-A_ASSOCIATE_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, P_DATA_TF, A_ABORT = 0x01, 0x02, 0x03, 0x04, 0x07
-
+from support.daemon import STAGING, Daemon
+from support.data import ct_copies, data_set_bytes
+from support.data import testdata as data_file
+from support.peers import echoscu, require_tool, run_tool, storescp, storescu
+from support.procs import BUSY_WORKER, workers_of
+from support.uids import (
+    CT_IMAGE,
+    EXPLICIT_LE,
+    IMPLICIT_LE,
+    MR_IMAGE,
+    SECONDARY_CAPTURE,
+    VERIFICATION,
+)
+from support.wait import wait_until
+from support.wire import (
+    A_ABORT,
+    A_ASSOCIATE_AC,
+    A_ASSOCIATE_RJ,
+    A_ASSOCIATE_RQ,
+    IO_TIMEOUT,
+    P_DATA_TF,
+    associate,
+    associate_rq,
+    c_store_rq,
+    connect,
+    p_data,
+    pdu,
+    read_pdu,
+)
 
 # --- fixtures ------------------------------------------------------------------------------------
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(step)
-    return condition()
 
 
 def leftovers(daemon: Daemon) -> list[Path]:
@@ -95,8 +91,9 @@ def ingestd(daemon_factory: Any) -> Iterator[Callable[..., Daemon]]:
 
     yield start
     for daemon in started:
-        assert wait_until(lambda d=daemon: not leftovers(d), 5.0), \
-            f"left in the staging area: {leftovers(daemon)}\nlog:\n{tail(daemon.log())}"
+        wait_until(lambda d=daemon: not leftovers(d), 5.0,
+                   lambda d=daemon: f"an empty staging area; left in it: {leftovers(d)}\n"
+                   f"log:\n{tail(d.log())}")
 
 
 def tail(log: str, lines: int = 60) -> str:
@@ -106,31 +103,6 @@ def tail(log: str, lines: int = 60) -> str:
 
 
 # --- Part 10 files -------------------------------------------------------------------------------
-
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT",
-             b"UV"}
-
-
-def split_part10(path: Path) -> tuple[bytes, bytes]:
-    """(file meta group bytes, data set bytes) of a Part 10 file, without decoding either."""
-    data = path.read_bytes()
-    assert data[128:132] == b"DICM", f"{path} is not a Part 10 file"
-    pos = 132
-    while pos + 8 <= len(data):
-        group, _element = struct.unpack_from("<HH", data, pos)
-        if group != 0x0002:
-            break
-        vr = data[pos + 4:pos + 6]
-        if vr in _LONG_VRS:
-            pos += 12 + struct.unpack_from("<L", data, pos + 8)[0]
-        else:
-            pos += 8 + struct.unpack_from("<H", data, pos + 6)[0]
-    return data[132:pos], data[pos:]
-
-
-def data_set_bytes(path: Path) -> bytes:
-    return split_part10(path)[1]
-
 
 def meta_of(path: Path) -> FileMetaDataset:
     return read_file_meta_info(path)
@@ -158,13 +130,6 @@ def copy_with(source: Path, target: Path, **changes: Any) -> Path:
             ds.file_meta.MediaStorageSOPInstanceUID = value
     ds.save_as(target, enforce_file_format=True)
     return target
-
-
-def ct_copies(directory: Path, count: int) -> list[Path]:
-    """`count` copies of CT_small, each with its own SOP Instance UID."""
-    directory.mkdir(exist_ok=True)
-    return [copy_with(data_file("CT_small.dcm"), directory / f"ct{i:03d}.dcm",
-                      SOPInstanceUID=generate_uid()) for i in range(count)]
 
 
 @cache
@@ -281,57 +246,6 @@ def store_status(assoc: Association, path: Path) -> int:
 # --- a raw Upper Layer peer ----------------------------------------------------------------------
 
 
-def _item(item_type: int, body: bytes) -> bytes:
-    return struct.pack(">BxH", item_type, len(body)) + body
-
-
-def associate_rq(contexts: list[tuple[int, str, list[str]]], *, calling: str = "RAWSCU",
-                 called: str = "STORESCP", max_pdu: int = 16384,
-                 implementation_uid: str | None = "1.2.826.0.1.3680043.10.1234.1") -> bytes:
-    """An A-ASSOCIATE-RQ PDU; implementation_uid None leaves that sub-item out."""
-    body = struct.pack(">HH", 1, 0) + called.encode().ljust(16) + calling.encode().ljust(16)
-    body += bytes(32) + _item(0x10, APPLICATION_CONTEXT.encode())
-    for context_id, abstract_syntax, transfer_syntaxes in contexts:
-        sub = _item(0x30, abstract_syntax.encode())
-        sub += b"".join(_item(0x40, ts.encode()) for ts in transfer_syntaxes)
-        body += _item(0x20, bytes((context_id, 0, 0, 0)) + sub)
-    user = _item(0x51, struct.pack(">L", max_pdu))
-    if implementation_uid is not None:
-        user += _item(0x52, implementation_uid.encode())
-    body += _item(0x50, user)
-    return struct.pack(">BxL", A_ASSOCIATE_RQ, len(body)) + body
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError(f"closed after {len(data)} of {n} bytes")
-        data += chunk
-    return data
-
-
-def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
-    pdu_type, length = struct.unpack(">BxL", recv_exact(sock, 6))
-    return pdu_type, recv_exact(sock, length)
-
-
-def connect(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
-    sock.settimeout(IO_TIMEOUT)
-    return sock
-
-
-def raw_associate(port: int, contexts: list[tuple[int, str, list[str]]]) -> socket.socket:
-    """A connected socket with an accepted association (A-ASSOCIATE-AC read)."""
-    sock = connect(port)
-    sock.sendall(associate_rq(contexts))
-    pdu_type, _body = read_pdu(sock)
-    assert pdu_type == A_ASSOCIATE_AC, f"expected A-ASSOCIATE-AC, got PDU type {pdu_type:#04x}"
-    return sock
-
-
 def seconds_until_dropped(sock: socket.socket, limit: float) -> float:
     """Read (discarding an A-ABORT, if any) until the daemon closes; return the time taken."""
     start = time.monotonic()
@@ -346,57 +260,7 @@ def seconds_until_dropped(sock: socket.socket, limit: float) -> float:
     return time.monotonic() - start
 
 
-def _element(tag_group: int, tag_element: int, value: bytes) -> bytes:
-    return struct.pack("<HHL", tag_group, tag_element, len(value)) + value
-
-
-def _uid(value: str) -> bytes:
-    raw = value.encode()
-    return raw + b"\0" * (len(raw) % 2)
-
-
-def c_store_rq(sop_class: str, sop_instance: str, message_id: int = 1) -> bytes:
-    """A C-STORE-RQ command set (implicit VR little endian), announcing a data set."""
-    body = (_element(0x0000, 0x0002, _uid(sop_class))
-            + _element(0x0000, 0x0100, struct.pack("<H", 0x0001))
-            + _element(0x0000, 0x0110, struct.pack("<H", message_id))
-            + _element(0x0000, 0x0700, struct.pack("<H", 0))
-            + _element(0x0000, 0x0800, struct.pack("<H", 0x0000))
-            + _element(0x0000, 0x1000, _uid(sop_instance)))
-    return _element(0x0000, 0x0000, struct.pack("<L", len(body))) + body
-
-
-def p_data(context_id: int, control: int, payload: bytes) -> bytes:
-    pdv = struct.pack(">LBB", len(payload) + 2, context_id, control) + payload
-    return struct.pack(">BxL", P_DATA_TF, len(pdv)) + pdv
-
-
 # --- DCMTK helpers -------------------------------------------------------------------------------
-
-
-@contextmanager
-def reference_storescp(args: list[str], out: Path) -> Iterator[int]:
-    """DCMTK's storescp on a free port, writing into `out`; yields the port."""
-    out.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    proc = subprocess.Popen([require_tool("storescp"), *args, "-od", str(out), str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        def ready() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                return True
-            except OSError:
-                return False
-        assert wait_until(ready, 10.0), "storescp did not start"
-        yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 def files_under(directory: Path) -> list[Path]:
@@ -489,7 +353,7 @@ def test_dcmsend_every_bundled_file_is_stored_once_as_sent(
     # The same transfer syntaxes as storescp +xa chose, and byte for byte what went over the
     # wire.
     reference = tmp_path / "storescp-B"
-    with reference_storescp(["+B", "+xa", "+uf"], reference) as port:
+    with storescp(["+B", "+xa", "+uf"], reference) as port:
         again = dcmsend(port, files)
     assert dcmsend_summary(again.stdout + again.stderr) == (len(files), len(files))
     theirs = files_under(reference)
@@ -568,7 +432,7 @@ def test_transfer_syntax_preference_matches_storescp(
     daemon = ingestd({"negotiation": {"preferred_transfer_syntax": preference}})
     storescu(daemon.port, path)
     [ours] = daemon.files()
-    with reference_storescp(storescp_option, tmp_path / "ref") as port:
+    with storescp(storescp_option, tmp_path / "ref") as port:
         storescu(port, path)
     [theirs] = files_under(tmp_path / "ref")
     assert (meta_of(ours).TransferSyntaxUID, meta_of(theirs).TransferSyntaxUID) == \
@@ -610,7 +474,7 @@ def test_sort_on_study_uid_with_prefix(ingestd: Callable[..., Daemon]) -> None:
 
 def test_timenames_give_every_object_of_one_association_its_own_file(
         ingestd: Callable[..., Daemon], tmp_path: Path) -> None:
-    copies = ct_copies(tmp_path / "copies", 20)
+    copies = ct_copies(tmp_path / "copies", 20, "ct")
     daemon = ingestd({"storage": {"filenames": "timenames"}})
     storescu(daemon.port, *copies)
     log = daemon.wait_log("association released")
@@ -732,7 +596,7 @@ def test_reject_without_implementation_uid(ingestd: Callable[..., Daemon]) -> No
     daemon = ingestd({"association": {"reject_without_implementation_uid": True}})
     verification = [(1, VERIFICATION, [IMPLICIT_LE])]
     with connect(daemon.port) as sock:
-        sock.sendall(associate_rq(verification, implementation_uid=None))
+        sock.sendall(associate_rq(verification, implementation_uid=None, version_name=None))
         pdu_type, body = read_pdu(sock)
     assert pdu_type == A_ASSOCIATE_RJ
     assert tuple(body[1:4]) == (1, 1, 1)  # rejected permanent, service user, no reason given
@@ -767,7 +631,7 @@ def test_packed_pdvs_and_the_peers_max_pdu(ingestd: Callable[..., Daemon],
         first, rest = data_set[:1000], data_set[1000:]
         pdvs = (struct.pack(">LBB", len(command) + 2, 1, 0x03) + command
                 + struct.pack(">LBB", len(first) + 2, 1, 0x00) + first)
-        sock.sendall(struct.pack(">BxL", P_DATA_TF, len(pdvs)) + pdvs)
+        sock.sendall(pdu(P_DATA_TF, pdvs))
         for offset in range(0, len(rest), 8000):
             last = offset + 8000 >= len(rest)
             sock.sendall(p_data(1, 0x02 if last else 0x00, rest[offset:offset + 8000]))
@@ -818,7 +682,7 @@ def test_abort_during_a_multi_pdu_object(ingestd: Callable[..., Daemon]) -> None
     assert result.returncode != 0
     daemon.wait_log("aborting association: testing.abort_during")
     assert daemon.files() == []
-    assert wait_until(lambda: not leftovers(daemon), 5.0), leftovers(daemon)
+    wait_until(lambda: not leftovers(daemon), 5.0, lambda: f"no leftovers: {leftovers(daemon)}")
     echoscu(daemon.port)
 
 
@@ -900,7 +764,7 @@ def test_garbage_inside_an_association_is_answered_with_abort(
                     struct.pack(">BxL", A_ASSOCIATE_RQ, 4) + b"\0" * 4,  # unexpected PDU
                     p_data(9, 0x03, c_store_rq(CT_IMAGE, generate_uid())),  # unknown context
                     p_data(1, 0x02, b"\x08\x00\x10\x00")):  # data set without a command
-        with raw_associate(daemon.port, [(1, CT_IMAGE, [EXPLICIT_LE])]) as sock:
+        with associate(daemon.port, [(1, CT_IMAGE, [EXPLICIT_LE])]).sock as sock:
             sock.sendall(garbage)
             pdu_type, _body = read_pdu(sock)
             assert pdu_type == A_ABORT, (garbage, pdu_type)
@@ -923,8 +787,8 @@ def _stall_in_associate_rq(sock: socket.socket) -> None:
 
 def _stall_in_command(sock: socket.socket) -> None:
     _associate_on(sock)
-    pdu = p_data(1, 0x03, c_store_rq(CT_IMAGE, generate_uid()))
-    sock.sendall(pdu[:len(pdu) - 20])
+    packet = p_data(1, 0x03, c_store_rq(CT_IMAGE, generate_uid()))
+    sock.sendall(packet[:len(packet) - 20])
 
 
 def _stall_in_data_set(sock: socket.socket) -> None:

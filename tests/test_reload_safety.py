@@ -21,8 +21,10 @@ from typing import Any
 
 import pytest
 import tomli_w
-from conftest import REPO, Daemon, storescu, wait_until
-from conftest import testdata as bundled
+from support.daemon import REPO, Daemon
+from support.data import testdata as bundled
+from support.peers import storescu
+from support.wait import wait_until
 
 from dicom_ingestd.config.load import load_config
 from dicom_ingestd.errors import ConfigError

@@ -19,10 +19,13 @@ from pathlib import Path
 
 import pytest
 from ack_sender import acknowledged
-from conftest import free_port, require_tool
 from haproxy_pool import Checks, HAProxy, Instance, make_instances
 from pydicom import dcmread
-from test_process_model import associate, ct_copies, ct_dataset, held, store_ok, wait_until
+from support.daemon import free_port
+from support.data import ct_copies, ct_dataset
+from support.peers import require_tool
+from support.scu import associate, held, store_ok
+from support.wait import wait_until
 
 ALLOWED = "127.0.0.2"
 DENIED = "127.0.0.3"

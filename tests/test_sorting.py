@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_study, run_tool
 from pydicom import dcmread
-from test_faults import CT_IMAGE, associate, c_store, data_set_bytes, release
+from support.data import declared_data_set, make_study
+from support.peers import run_tool
+from support.uids import CT_IMAGE
+from support.wire import associate, c_store, release
 
 from dicom_ingestd.config.load import config_from_mapping
 from dicom_ingestd.processes import start_ticks
@@ -58,7 +60,7 @@ def _send_held(port: int, files: list[Path], started: threading.Barrier,
         started.wait(60)
         for number, path in enumerate(files, start=1):
             uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID).encode()
-            statuses.append(c_store(assoc, 1, CT_IMAGE.encode(), uid, data_set_bytes(path),
+            statuses.append(c_store(assoc, 1, CT_IMAGE.encode(), uid, declared_data_set(path),
                                     message_id=number))
         done.wait(120)
         release(assoc)

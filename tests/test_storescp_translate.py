@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port
+from support.daemon import free_port
 
 from dicom_ingestd.access import AccessPolicy
 from dicom_ingestd.config import schema

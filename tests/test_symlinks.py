@@ -15,12 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_study, start_daemon, storescu, wait_until
-from conftest import testdata as bundled
 from pydicom import dcmread
-from test_faults import associate, c_store, minimal_ct, release
+from support.daemon import start_daemon
+from support.data import make_study, minimal_ct
+from support.data import testdata as bundled
+from support.peers import storescu
+from support.uids import CT_IMAGE
+from support.wait import wait_until
+from support.wire import associate, c_store, release
 
-CT_IMAGE = b"1.2.840.10008.5.1.4.1.1.2"
 UID = b"1.2.826.0.1.3680043.9.7.16.100"
 NAME = "CT.1.2.826.0.1.3680043.9.7.16.100"
 
@@ -28,7 +31,7 @@ NAME = "CT.1.2.826.0.1.3680043.9.7.16.100"
 def _store_one(daemon: Any) -> int:
     assoc = associate(daemon.port)
     try:
-        status = c_store(assoc, 1, CT_IMAGE, UID, minimal_ct(UID, b"1.2.3.4", b"Doe^John"))
+        status = c_store(assoc, 1, CT_IMAGE.encode(), UID, minimal_ct(UID, b"1.2.3.4", b"Doe^John"))
         release(assoc)
     finally:
         assoc.sock.close()

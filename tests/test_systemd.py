@@ -3,8 +3,9 @@ inetd), sd_notify (READY, STATUS, WATCHDOG, RELOADING, STOPPING) and the journal
 
 Socket activation uses systemd's own `systemd-socket-activate`; sd_notify is received on an
 AF_UNIX datagram socket this test binds (with SO_PASSCRED, to check who sent each message,
-as systemd's NotifyAccess=main does).  The daemon is started here with subprocess rather
-than conftest's start_daemon, which removes NOTIFY_SOCKET and JOURNAL_STREAM.
+as systemd's NotifyAccess=main does).  The daemon is started with support.daemon's `launch`
+(start_daemon would wait for its log line, and gives it no NOTIFY_SOCKET or JOURNAL_STREAM),
+with the environment each test sets.
 """
 
 import contextlib
@@ -23,135 +24,52 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, echoscu, free_port, require_tool, storescu, write_config
-from conftest import testdata as data_file
 from proxy_headers import Relay
-from pydicom import dcmread
-from pydicom.uid import generate_uid
+from support.daemon import (
+    REPO,
+    Configured,
+    Daemon,
+    configure,
+    daemon_argv,
+    daemon_env,
+    launch,
+    socket_activated,
+)
+from support.data import ct_copies
+from support.peers import echoscu, require_tool, storescu
+from support.procs import alive
+from support.wait import wait_until
 
 ACTIVATE = "systemd-socket-activate"
 JOURNAL_SOCKET = Path("/run/systemd/journal/socket")
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
-               interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"not within {timeout} s: {what}")
-
-
-def ct_copy(directory: Path, tag: str) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    ds = dcmread(data_file("CT_small.dcm"))
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    path = directory / f"{tag}.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
-@dataclass
-class Run:
-    """A daemon (or systemd-socket-activate wrapping it) started by a test."""
-
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    out: Path
-    config_path: Path
-    port: int
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_log(self, text: str, timeout: float = 20.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            content = self.log()
-            if text in content:
-                return content
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        raise AssertionError(f"{text!r} not logged within {timeout} s; log:\n{self.log()}")
-
-    def files(self) -> list[Path]:
-        return sorted(p for p in self.out.rglob("*")
-                      if p.is_file() and ".ingestd-tmp" not in p.parts)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return int(self.proc.returncode)
-
-
 @pytest.fixture
-def runs() -> Iterator[list[Run]]:
+def runs() -> Iterator[list[Daemon]]:
     """Everything a test started is stopped afterwards."""
-    started: list[Run] = []
+    started: list[Daemon] = []
     yield started
     for run in started:
         run.stop()
 
 
-def make_config(tmp_path: Path, name: str = "d", **tables: dict[str, Any]) -> tuple[Path, Path,
-                                                                                     int]:
-    """Write a configuration; return (path, output directory, configured port)."""
-    out = tmp_path / f"{name}-out"
-    out.mkdir(parents=True, exist_ok=True)
-    settings: dict[str, dict[str, Any]] = {k: dict(v) for k, v in tables.items()}
-    settings.setdefault("network", {}).setdefault("port", free_port())
-    settings["network"].setdefault("bind_address", "127.0.0.1")
-    settings.setdefault("storage", {})["output_directory"] = str(out)
-    settings.setdefault("logging", {}).setdefault("level", "info")
-    path = tmp_path / f"{name}.toml"
-    write_config(path, settings)
-    return path, out, int(settings["network"]["port"])
+def make_config(tmp_path: Path, **tables: dict[str, Any]) -> Configured:
+    """A configuration of `tables`, logging at info level."""
+    return configure(tmp_path, tables, level="info")
 
 
-def base_env() -> dict[str, str]:
-    env = dict(os.environ)
-    for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM",
-                "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
-        env.pop(key, None)
-    return env
-
-
-def daemon_argv(config: Path) -> list[str]:
-    return [sys.executable, "-m", "dicom_ingestd", "run", "-c", str(config)]
-
-
-def start(runs: list[Run], argv: list[str], config: Path, out: Path, port: int,
-          log_path: Path, env: dict[str, str] | None = None) -> Run:
-    with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
-                                stderr=subprocess.STDOUT, cwd=REPO, env=env or base_env())
-    run = Run(proc, log_path, out, config, port)
+def start(runs: list[Daemon], configured: Configured, log_path: Path,
+          env: dict[str, str] | None = None) -> Daemon:
+    run = launch(daemon_argv(configured.config_path), configured, log_path, env=env)
     runs.append(run)
     return run
 
 
-def activate(runs: list[Run], tmp_path: Path, options: list[str], **tables: dict[str, Any]) \
-        -> Run:
-    """systemd-socket-activate OPTIONS -l 127.0.0.1:PORT dicom-ingestd run -c CONFIG.
-
-    The configuration names another (free, unused) port, so a working association proves the
-    inherited socket is the one in use.
-    """
-    require_tool(ACTIVATE)
-    config, out, _config_port = make_config(tmp_path, **tables)
-    port = free_port()
-    run = start(runs, [ACTIVATE, *options, "-l", f"127.0.0.1:{port}", *daemon_argv(config)],
-                config, out, port, tmp_path / "activate.log")
-    run.wait_log(f"Listening on 127.0.0.1:{port}")  # systemd-socket-activate's own line
+def activate(runs: list[Daemon], tmp_path: Path, options: list[str],
+             **tables: dict[str, Any]) -> Daemon:
+    run = socket_activated(tmp_path, options, tables)
+    runs.append(run)
     return run
 
 
@@ -163,14 +81,6 @@ def refused(port: int) -> bool:
     return False
 
 
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def pids_of(log: str, text: str) -> list[int]:
     """The [PID] of each daemon log line containing text."""
     return [int(line.split("[", 1)[1].split("]", 1)[0]) for line in log.splitlines()
@@ -179,12 +89,12 @@ def pids_of(log: str, text: str) -> list[int]:
 
 # -- socket activation -----------------------------------------------------------------------
 def test_socket_activation_accept_no_uses_the_inherited_listener(
-        runs: list[Run], tmp_path: Path) -> None:
+        runs: list[Daemon], tmp_path: Path) -> None:
     run = activate(runs, tmp_path, [])
     config_port = int(run.config_path.read_text().split("port = ", 1)[1].split()[0])
     echoscu(run.port, timeout=60)  # the first connection makes systemd-socket-activate exec
     run.wait_log(f"listening on 127.0.0.1:{run.port}")
-    storescu(run.port, ct_copy(tmp_path / "in", "a"), timeout=60)
+    storescu(run.port, *ct_copies(tmp_path / "in", 1, "a"), timeout=60)
     assert len(run.files()) == 1
     assert refused(config_port), "the configured port is listening too"
     # One master (systemd-socket-activate exec'ed it: same pid) served both.
@@ -194,20 +104,21 @@ def test_socket_activation_accept_no_uses_the_inherited_listener(
 
 
 @pytest.mark.parametrize("options", [[], ["--accept"]], ids=["accept-no", "accept-yes"])
-def test_socket_activation_on_a_unix_socket(runs: list[Run], tmp_path: Path,
+def test_socket_activation_on_a_unix_socket(runs: list[Daemon], tmp_path: Path,
                                             options: list[str]) -> None:
     """ListenStream=/run/x.sock (or HAProxy's `server x unix@...` in front of it): the
     connections are AF_UNIX, which refuse TCP options (TCP_NODELAY, TCP_QUICKACK: EOPNOTSUPP);
     associations are served all the same, by storescu and echoscu through a relay."""
     require_tool(ACTIVATE)
-    config, out, _ = make_config(tmp_path)  # network.tcp_nodelay on: the default
+    configured = make_config(tmp_path)  # network.tcp_nodelay on: the default
     path = tmp_path / "in.sock"
-    run = start(runs, [ACTIVATE, *options, "-l", str(path), *daemon_argv(config)], config,
-                out, 0, tmp_path / "activate.log")
+    run = launch([ACTIVATE, *options, "-l", str(path), *daemon_argv(configured.config_path)],
+                 configured, tmp_path / "activate.log", port=0)
+    runs.append(run)
     run.wait_log(f"Listening on {path}")
     relay = Relay(0, lambda _client: b"", unix=str(path))
     try:
-        storescu(relay.port, ct_copy(tmp_path / "in", "a"), timeout=60)
+        storescu(relay.port, *ct_copies(tmp_path / "in", 1, "a"), timeout=60)
         echoscu(relay.port, timeout=60)
     finally:
         relay.close()
@@ -221,10 +132,10 @@ def test_socket_activation_on_a_unix_socket(runs: list[Run], tmp_path: Path,
 
 
 def test_socket_activation_accept_yes_one_process_per_connection(
-        runs: list[Run], tmp_path: Path) -> None:
+        runs: list[Daemon], tmp_path: Path) -> None:
     run = activate(runs, tmp_path, ["--accept"])
-    storescu(run.port, ct_copy(tmp_path / "in", "a"), timeout=60)
-    storescu(run.port, ct_copy(tmp_path / "in", "b"), timeout=60)
+    storescu(run.port, *ct_copies(tmp_path / "in", 1, "a"), timeout=60)
+    storescu(run.port, *ct_copies(tmp_path / "in", 1, "b"), timeout=60)
     assert len(run.files()) == 2
     log = run.log()
     served = pids_of(log, "association released")
@@ -239,7 +150,7 @@ def test_socket_activation_accept_yes_one_process_per_connection(
 
 
 def test_accept_yes_with_events_is_refused_up_front_and_stores_nothing(
-        runs: list[Run], tmp_path: Path) -> None:
+        runs: list[Daemon], tmp_path: Path) -> None:
     """[events] needs the master: check-config --per-connection (the accept socket's
     ExecStartPre) says so, and a connection that meets it anyway stores nothing."""
     run = activate(runs, tmp_path, ["--accept"], events={"exec_on_reception": ["/bin/true"]})
@@ -252,33 +163,33 @@ def test_accept_yes_with_events_is_refused_up_front_and_stores_nothing(
                             str(run.config_path)], capture_output=True, text=True, timeout=30,
                            cwd=REPO)
     assert plain.returncode == 0, plain.stderr
-    result = storescu(run.port, ct_copy(tmp_path / "in", "a"), timeout=60, check=False)
+    result = storescu(run.port, *ct_copies(tmp_path / "in", 1, "a"), timeout=60, check=False)
     assert result.returncode != 0
     run.wait_log("[events] needs the master")
     assert run.files() == []
 
 
-def test_inetd_mode_accepted_connection_on_stdin_stdout(runs: list[Run],
+def test_inetd_mode_accepted_connection_on_stdin_stdout(runs: list[Daemon],
                                                         tmp_path: Path) -> None:
     # inetd "nowait": the accepted connection is fd 0 and fd 1; the daemon logs to stderr.
     run = activate(runs, tmp_path, ["--accept", "--inetd"], network={"inetd": True})
-    storescu(run.port, ct_copy(tmp_path / "in", "a"), timeout=60)
+    storescu(run.port, *ct_copies(tmp_path / "in", 1, "a"), timeout=60)
     # A stray byte on stdout would have corrupted the A-ASSOCIATE-AC or a response, so a
     # second association (echo, then store) checks a fresh instance too.
     echoscu(run.port, timeout=60)
-    storescu(run.port, ct_copy(tmp_path / "in", "b"), timeout=60)
+    storescu(run.port, *ct_copies(tmp_path / "in", 1, "b"), timeout=60)
     assert len(run.files()) == 2
     log = run.log()
     assert len(set(pids_of(log, "association released"))) == 3, log
     assert "Traceback" not in log
 
 
-def test_inetd_mode_with_listening_socket_on_stdin(runs: list[Run], tmp_path: Path) -> None:
+def test_inetd_mode_with_listening_socket_on_stdin(runs: list[Daemon], tmp_path: Path) -> None:
     """`systemd-socket-activate --inetd` without --accept passes the *listening* socket as fd 0
     (inetd "wait" style; systemd Accept=no with StandardInput=socket).  The daemon must serve
     the connection waiting on it, not treat fd 0 as a connected peer."""
     run = activate(runs, tmp_path, ["--inetd"], network={"inetd": True})
-    result = storescu(run.port, ct_copy(tmp_path / "in", "a"), check=False, timeout=60)
+    result = storescu(run.port, *ct_copies(tmp_path / "in", 1, "a"), check=False, timeout=60)
     assert result.returncode == 0, (
         f"storescu failed ({result.returncode}):\n{result.stdout}{result.stderr}\n"
         f"daemon log:\n{run.log()}")
@@ -350,17 +261,17 @@ def notify(tmp_path: Path) -> Iterator[NotifySocket]:
     receiver.close()
 
 
-def test_sd_notify_ready_status_watchdog_reload_stop(runs: list[Run], tmp_path: Path,
+def test_sd_notify_ready_status_watchdog_reload_stop(runs: list[Daemon], tmp_path: Path,
                                                      notify: NotifySocket) -> None:
-    config, out, port = make_config(tmp_path)
-    env = base_env()
+    configured = make_config(tmp_path)
+    env = daemon_env()
     env.update(NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC="400000")
     started = time.monotonic()
-    run = start(runs, daemon_argv(config), config, out, port, tmp_path / "d.log", env)
+    run = start(runs, configured, tmp_path / "d.log", env)
 
     ready = notify.wait_for(lambda m: m.fields.get("READY") == "1", 20, "READY=1")
     # Ready means accepting: the port must take a connection the moment READY=1 arrives.
-    with socket.create_connection(("127.0.0.1", port), 2):
+    with socket.create_connection(("127.0.0.1", configured.port), 2):
         pass
     assert "STATUS" in ready.fields, ready.text
     assert ready.pid == run.proc.pid, (ready.pid, run.proc.pid)
@@ -371,7 +282,7 @@ def test_sd_notify_ready_status_watchdog_reload_stop(runs: list[Run], tmp_path: 
     pings = [m for m in list(notify.messages) if m.at >= window and m.fields.get("WATCHDOG")]
     assert len(pings) >= 3, [m.text for m in notify.messages]
 
-    storescu(port, ct_copy(tmp_path / "in", "a"), timeout=60)
+    storescu(configured.port, *ct_copies(tmp_path / "in", 1, "a"), timeout=60)
     notify.wait_for(lambda m: "1 object" in m.fields.get("STATUS", ""), 10,
                     "STATUS mentioning 1 object")
 
@@ -396,36 +307,36 @@ def test_sd_notify_ready_status_watchdog_reload_stop(runs: list[Run], tmp_path: 
     assert notify.messages[0].at >= started
 
 
-def test_sd_notify_watchdog_for_another_pid_is_not_ours(runs: list[Run], tmp_path: Path,
+def test_sd_notify_watchdog_for_another_pid_is_not_ours(runs: list[Daemon], tmp_path: Path,
                                                         notify: NotifySocket) -> None:
-    config, out, port = make_config(tmp_path)
-    env = base_env()
+    configured = make_config(tmp_path)
+    env = daemon_env()
     env.update(NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC="400000", WATCHDOG_PID="1")
-    start(runs, daemon_argv(config), config, out, port, tmp_path / "d.log", env)
+    start(runs, configured, tmp_path / "d.log", env)
     notify.wait_for(lambda m: m.fields.get("READY") == "1", 20, "READY=1")
     time.sleep(1.0)
     assert not [m for m in notify.messages if "WATCHDOG" in m.fields]
 
 
 # -- journal prefix --------------------------------------------------------------------------
-def journal_run(runs: list[Run], tmp_path: Path, prefix: str | None) -> Run:
+def journal_run(runs: list[Daemon], tmp_path: Path, prefix: str | None) -> Daemon:
     """A daemon whose stderr "is the journal": JOURNAL_STREAM names its log file."""
     logging_table: dict[str, Any] = {"level": "info"}
     if prefix is not None:
         logging_table["journal_prefix"] = prefix
-    config, out, port = make_config(tmp_path, logging=logging_table,
+    configured = make_config(tmp_path, logging=logging_table,
                                     access={"deny": ["127.0.0.2"]})
     log_path = tmp_path / "journal.log"
     log_path.touch()
     st = os.stat(log_path)
-    env = base_env()
+    env = daemon_env()
     env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
-    run = start(runs, daemon_argv(config), config, out, port, log_path, env)
+    run = start(runs, configured, log_path, env)
     run.wait_log("listening on")
-    echoscu(port, timeout=60)  # info lines
+    echoscu(configured.port, timeout=60)  # info lines
     with socket.socket() as denied:  # a warning line (refused by access control)
         denied.bind(("127.0.0.2", 0))
-        denied.connect(("127.0.0.1", port))
+        denied.connect(("127.0.0.1", configured.port))
         denied.settimeout(5)
         with contextlib.suppress(ConnectionResetError):
             denied.recv(1)
@@ -434,7 +345,7 @@ def journal_run(runs: list[Run], tmp_path: Path, prefix: str | None) -> Run:
     return run
 
 
-def test_journal_stream_lines_carry_syslog_priorities(runs: list[Run],
+def test_journal_stream_lines_carry_syslog_priorities(runs: list[Daemon],
                                                       tmp_path: Path) -> None:
     run = journal_run(runs, tmp_path, None)
     lines = [line for line in run.log().splitlines() if line]
@@ -449,7 +360,7 @@ def test_journal_stream_lines_carry_syslog_priorities(runs: list[Run],
     assert all(line[3] == "[" for line in lines), lines[:3]
 
 
-def test_journal_prefix_never(runs: list[Run], tmp_path: Path) -> None:
+def test_journal_prefix_never(runs: list[Daemon], tmp_path: Path) -> None:
     run = journal_run(runs, tmp_path, "never")
     lines = [line for line in run.log().splitlines() if line]
     assert lines  # "never" also means: stderr, never the native journal protocol
@@ -458,10 +369,10 @@ def test_journal_prefix_never(runs: list[Run], tmp_path: Path) -> None:
     assert warning and " WARNING [" in warning[0], warning
 
 
-def test_journal_prefix_always_without_journal(runs: list[Run], tmp_path: Path) -> None:
-    config, out, port = make_config(tmp_path, logging={"level": "info",
+def test_journal_prefix_always_without_journal(runs: list[Daemon], tmp_path: Path) -> None:
+    configured = make_config(tmp_path, logging={"level": "info",
                                                        "journal_prefix": "always"})
-    run = start(runs, daemon_argv(config), config, out, port, tmp_path / "d.log")
+    run = start(runs, configured, tmp_path / "d.log")
     run.wait_log("listening on")
     assert run.stop() == 0
     lines = [line for line in run.log().splitlines() if line]
@@ -490,32 +401,33 @@ def test_peer_names_and_journal_fields(address: object, name: str,
     assert peer_host(peer.name) == fields["DICOM_PEER"]  # #r
 
 
-def test_dual_stack_peer_is_logged_as_plain_ipv4(runs: list[Run], tmp_path: Path) -> None:
-    config, out, port = make_config(tmp_path, network={"ip_version": "dual",
+def test_dual_stack_peer_is_logged_as_plain_ipv4(runs: list[Daemon], tmp_path: Path) -> None:
+    configured = make_config(tmp_path, network={"ip_version": "dual",
                                                        "bind_address": "::"})
-    run = start(runs, daemon_argv(config), config, out, port, tmp_path / "d.log")
+    run = start(runs, configured, tmp_path / "d.log")
     run.wait_log("ready")
-    storescu(port, ct_copy(tmp_path / "in", "a"), timeout=60)
+    storescu(configured.port, *ct_copies(tmp_path / "in", 1, "a"), timeout=60)
     log = run.wait_log("association released")
     assert "::ffff:" not in log and " 127.0.0.1:" in log, log
 
 
 # -- STATUS= and reload outcomes -------------------------------------------------------------
-def test_status_line_shows_failures_and_a_rejected_reload(runs: list[Run], tmp_path: Path,
+def test_status_line_shows_failures_and_a_rejected_reload(runs: list[Daemon], tmp_path: Path,
                                                           notify: NotifySocket) -> None:
-    config, out, port = make_config(tmp_path, storage={"min_free_space": 10**17})
-    env = base_env()
+    configured = make_config(tmp_path, storage={"min_free_space": 10**17})
+    env = daemon_env()
     env.update(NOTIFY_SOCKET=str(notify.path))
-    run = start(runs, daemon_argv(config), config, out, port, tmp_path / "d.log", env)
+    run = start(runs, configured, tmp_path / "d.log", env)
     notify.wait_for(lambda m: m.fields.get("READY") == "1", 20, "READY=1")
-    storescu(port, ct_copy(tmp_path / "in", "a"), timeout=60, check=False)
+    storescu(configured.port, *ct_copies(tmp_path / "in", 1, "a"), timeout=60, check=False)
     failed = notify.wait_for(lambda m: "1 failed" in m.fields.get("STATUS", ""), 10,
                              "STATUS counting the refused object")
     status = failed.fields["STATUS"]
     assert "0xA700" in status and "LOW DISK SPACE" in status, status
+    config = configured.config_path
     config.write_text(config.read_text().replace("[storage]", "[storage]\nsort = 'x'"))
     result = subprocess.run([sys.executable, "-m", "dicom_ingestd", "reload", "-c", str(config)],
-                            capture_output=True, text=True, timeout=60, env=base_env())
+                            capture_output=True, text=True, timeout=60, env=daemon_env())
     assert result.returncode == 78, result.stderr
     assert "storage.sort = 'x'" in result.stderr
     rejected = notify.wait_for(lambda m: m.fields.get("STATUS", "").startswith(

@@ -36,10 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, DebBuild
-from conftest import testdata as data_file
+from conftest import DebBuild
 from pydicom import dcmread
 from pydicom.uid import generate_uid
+from support.daemon import REPO
+from support.data import testdata as data_file
+from support.wait import wait_until
 
 from dicom_ingestd import __version__
 
@@ -151,14 +153,9 @@ class Container:
                                 stderr=subprocess.STDOUT, text=True)
 
     def wait_for(self, predicate: Callable[[], Any], what: str, timeout: float = 20) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.2)
-        journal = self.out("journalctl -b --no-pager -n 60", check=False)
-        raise AssertionError(f"not within {timeout} s: {what}\nlast journal lines:\n{journal}")
+        return wait_until(predicate, timeout, lambda: f"{what}\nlast journal lines:\n"
+                          f"{self.out('journalctl -b --no-pager -n 60', check=False)}",
+                          interval=0.2)
 
     def show(self, unit: str, prop: str) -> str:
         return self.out(f"systemctl show -p {prop} --value {unit}")

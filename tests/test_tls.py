@@ -21,8 +21,9 @@ from typing import Any
 
 import pytest
 import tls_certs
-from conftest import REPO, Daemon, echoscu, free_port, require_tool, start_daemon, storescu
-from conftest import testdata as bundled
+from support.daemon import REPO, Daemon, free_port, start_daemon
+from support.data import testdata as bundled
+from support.peers import echoscu, require_tool, storescu
 from tls_certs import Certificates, Pair
 
 from dicom_ingestd.config.schema import TLSConfig

@@ -14,42 +14,26 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import tls_certs
-from conftest import (
-    BUSY_WORKER,
-    IDLE_WORKER,
-    Daemon,
-    child_pids,
-    echoscu,
-    process_name,
-    require_tool,
-    storescu,
-    wait_until,
-    workers_of,
-)
-from test_process_model import (
-    Factory,
-    _rejections,
-    alive,
-    assert_rejected_local_limit,
-    associate,
-    config_of,
-    ct_copies,
-    ct_dataset,
-    held,
-    replace_config,
-    settings,
-    store_ok,
-)
+from support.daemon import Daemon, config_of, replace_config
+from support.daemon import info_settings as settings
+from support.data import ct_copies, ct_dataset
+from support.peers import echoscu, require_tool, storescu
+from support.procs import BUSY_WORKER, IDLE_WORKER, alive, child_pids, process_name, workers_of
+from support.scu import assert_rejected_local_limit, associate, held, rejections, store_ok
+from support.wait import wait_until
 
 from dicom_ingestd.codes import Ending
 from dicom_ingestd.handoff import Verdict
 from dicom_ingestd.warm import MEMORY_GROWTH, Generation, Hygiene, judge
 from dicom_ingestd.worker.session import Outcome
+
+Factory = Callable[..., Daemon]
 
 
 def idle(daemon: Daemon) -> set[int]:
@@ -150,7 +134,7 @@ def test_rejected_association_ends_its_worker(daemon_factory: Factory) -> None:
     daemon = daemon_factory(settings(association={"allowed_calling_aetitles": ["ONLYME"]}))
     assoc = associate(daemon.port, title="NOTYOU")
     with held(assoc):
-        rejection = _rejections.get(assoc)  # as received (test_process_model's note)
+        rejection = rejections.get(assoc)  # as received (support.scu's note)
         assert rejection is not None and rejection.reason_diagnostic == 3, rejection
     pid = served_by(daemon, "NOTYOU")
     wait_until(lambda: not alive(pid), 5, "the rejecting worker gone")

@@ -26,7 +26,6 @@ wire is the file's (`as in file`), the same elements re-encoded, or converted to
 
 import os
 import re
-import struct
 import subprocess
 import time
 import warnings
@@ -38,13 +37,16 @@ from typing import Any, Protocol
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
+from support.data import data_set_bytes
+from support.uids import DEFLATED_LE
+from support.wire import C_ECHO_RQ, C_STORE_RQ
 
 # The +xa list itself is pinned to storescp 3.6.7's by test_negotiation.py / test_differential.py.
 from dicom_ingestd.dcmtk.transfer import PREFERENCES
 from dicom_ingestd.worker.negotiation import STORAGE_SOP_CLASSES, VERIFICATION_SOP_CLASS
 
 from .senders import CALLED_AE, SYNTAX_BY_UID, SYNTAXES, TEST_FILES, Sender, Syntax
-from .wire import C_ECHO_RQ, C_STORE_RQ, Association, WireTap
+from .wire import Association, WireTap
 
 PREFERENCE = "all"
 DAEMON_SETTINGS: dict[str, dict[str, Any]] = {
@@ -93,27 +95,6 @@ class Cell:
 
 # --- Part 10 helpers -----------------------------------------------------------------------------
 
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT",
-             b"UV"}
-
-
-def data_set_bytes(path: Path) -> bytes:
-    """The bytes after the file meta group of a Part 10 file, not decoded."""
-    data = path.read_bytes()
-    if data[128:132] != b"DICM":
-        raise ValueError(f"{path} is not a Part 10 file")
-    pos = 132
-    while pos + 8 <= len(data):
-        group = struct.unpack_from("<H", data, pos)[0]
-        if group != 0x0002:
-            break
-        vr = data[pos + 4:pos + 6]
-        if vr in _LONG_VRS:
-            pos += 12 + struct.unpack_from("<L", data, pos + 8)[0]
-        else:
-            pos += 8 + struct.unpack_from("<H", data, pos + 6)[0]
-    return data[pos:]
-
 
 def read(path: Path) -> Dataset:
     with warnings.catch_warnings():
@@ -126,7 +107,6 @@ def syntax_label(uid: str) -> str:
     return known.label if known else (UID(uid).name or uid)
 
 
-DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
 def _is_big_endian(uid: str) -> bool:
@@ -187,7 +167,7 @@ def describe_sending(stored: Path, original: Path, negotiated: str) -> str:
     file_syntax = str(read(original).file_meta.TransferSyntaxUID)
     if negotiated == file_syntax and data_set_bytes(stored) == data_set_bytes(original):
         return "as in file"
-    if negotiated == file_syntax == DEFLATED:
+    if negotiated == file_syntax == DEFLATED_LE:
         try:
             if _inflated(data_set_bytes(stored)) == _inflated(data_set_bytes(original)):
                 return "re-deflated: the same data set, compressed differently"

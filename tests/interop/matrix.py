@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from support.daemon import start_daemon
+
 from .harness import (
     BATCH,
     DAEMON_SETTINGS,
@@ -43,11 +45,6 @@ BATCH_LABEL = "All files, one invocation"
 @contextmanager
 def open_harness(directory: Path) -> Iterator[Harness]:
     """A daemon (DAEMON_SETTINGS) and a wire tap in front of it."""
-    tests = str(REPO / "tests")
-    if tests not in sys.path:  # conftest is a top-level module under pytest too
-        sys.path.insert(0, tests)
-    from conftest import start_daemon
-
     daemon = start_daemon(directory, DAEMON_SETTINGS, name="interop")
     tap = WireTap(daemon.port)
     try:

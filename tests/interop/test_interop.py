@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import start_daemon
+from support.daemon import start_daemon
 
 from .harness import BATCH, DAEMON_SETTINGS, FAIL, NOT_SENT, SKIP, Cell, Harness
 from .matrix import BATCH_LABEL, DOC, detail_line, table_of

@@ -15,11 +15,16 @@ import struct
 import threading
 from dataclasses import dataclass, field
 
-A_ASSOCIATE_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ = 0x01, 0x02, 0x03
-P_DATA_TF, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = 0x04, 0x05, 0x06, 0x07
-
-C_STORE_RQ, C_STORE_RSP, C_ECHO_RQ, C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
-NO_DATA_SET = 0x0101
+from support.wire import (
+    A_ABORT,
+    A_ASSOCIATE_AC,
+    A_ASSOCIATE_RJ,
+    A_ASSOCIATE_RQ,
+    A_RELEASE_RP,
+    A_RELEASE_RQ,
+    NO_DATA_SET,
+    P_DATA_TF,
+)
 
 
 @dataclass

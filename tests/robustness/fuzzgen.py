@@ -21,15 +21,28 @@ import random
 import struct
 from dataclasses import dataclass
 
-APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
-VERIFICATION = "1.2.840.10008.1.1"
-CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
-IMPLICIT_LE = "1.2.840.10008.1.2"
+from support import uids, wire
+from support.uids import CT_IMAGE, EXPLICIT_LE, IMPLICIT_LE, VERIFICATION
+from support.wire import (
+    MAX_PDU,
+    command_set,
+    context_item,
+    echo_elements,
+    even,
+    explicit,
+    fragments,
+    implicit,
+    item,
+    p_data,
+    pdu,
+    pdv,
+    store_elements,
+)
+
+APPLICATION_CONTEXT = uids.APPLICATION_CONTEXT.encode()
 # The contexts of the fuzzer's "valid" association and what the daemon accepts for them.
 CONTEXTS = [(1, CT_IMAGE, [EXPLICIT_LE]), (3, CT_IMAGE, [IMPLICIT_LE]),
             (5, VERIFICATION, [IMPLICIT_LE])]
-MAX_PDU = 16384  # the fuzzed daemon's network.max_pdu
 
 INTERESTING_32 = [0, 1, 2, 3, 4, 5, 6, 7, 0x7F, 0x80, 0xFF, 0x100, 0x3FFF, 0x4000, 0x4001,
                   0x7FFF, 0xFFFF, 0x10000, 0x20000, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFE,
@@ -56,99 +69,20 @@ class Case:
     status_expected: bool = False
 
 
-# --- encoding helpers --------------------------------------------------------------------
-
-
-def item(item_type: int, body: bytes, length: int | None = None) -> bytes:
-    n = len(body) if length is None else length
-    return struct.pack(">BBH", item_type, 0, n & 0xFFFF) + body  # wraps (lies) past 64 KiB
-
-
-def pdu(pdu_type: int, body: bytes, length: int | None = None) -> bytes:
-    return struct.pack(">BBL", pdu_type, 0, len(body) if length is None else length) + body
-
-
-def pdv(context_id: int, control: int, payload: bytes, length: int | None = None) -> bytes:
-    return struct.pack(">LBB", len(payload) + 2 if length is None else length, context_id,
-                       control) + payload
-
-
-def p_data(context_id: int, control: int, payload: bytes) -> bytes:
-    return pdu(0x04, pdv(context_id, control, payload))
-
-
-def fragments(context_id: int, data: bytes, *, command: bool, max_pdu: int = MAX_PDU) -> bytes:
-    """A command or data set as well-formed P-DATA-TF PDUs."""
-    chunk = max_pdu - 6
-    out = bytearray()
-    offsets = list(range(0, len(data), chunk)) or [0]
-    for offset in offsets:
-        control = (0x01 if command else 0x00) | (0x02 if offset == offsets[-1] else 0x00)
-        out += p_data(context_id, control, data[offset:offset + chunk])
-    return bytes(out)
-
-
-def even(value: bytes, pad: bytes = b"\0") -> bytes:
-    return value + pad if len(value) % 2 else value
-
-
-# --- valid messages ----------------------------------------------------------------------
+# --- valid messages (the raw client's, as a fuzzer that signs its requests "FUZZ") ----------
 
 
 def user_items(max_pdu: int = MAX_PDU) -> list[bytes]:
-    return [item(0x51, struct.pack(">L", max_pdu)), item(0x52, b"1.2.826.0.1.3680043.9.7"),
-            item(0x55, b"FUZZ")]
-
-
-def context_item(context_id: int, abstract: str, syntaxes: list[str]) -> bytes:
-    sub = item(0x30, abstract.encode()) + b"".join(item(0x40, ts.encode()) for ts in syntaxes)
-    return item(0x20, bytes((context_id & 0xFF, 0, 0, 0)) + sub)
+    return wire.user_items(max_pdu, version_name=b"FUZZ")
 
 
 def associate_fixed(called: bytes = b"ANY-SCP", calling: bytes = b"FUZZSCU",
                     version: int = 1) -> bytes:
-    return (struct.pack(">HH", version, 0) + called.ljust(16, b" ")[:16]
-            + calling.ljust(16, b" ")[:16] + bytes(32))
+    return wire.associate_fixed(called, calling, version)
 
 
 def associate_rq(contexts: list[tuple[int, str, list[str]]] = CONTEXTS) -> bytes:
-    items = [item(0x10, APPLICATION_CONTEXT)]
-    items += [context_item(*c) for c in contexts]
-    items.append(item(0x50, b"".join(user_items())))
-    return pdu(0x01, associate_fixed() + b"".join(items))
-
-
-def command_set(elements: list[tuple[int, bytes]], group_length: int | None = None) -> bytes:
-    body = b"".join(struct.pack("<HHL", 0, tag, len(value)) + value for tag, value in elements)
-    length = len(body) if group_length is None else group_length
-    return struct.pack("<HHL", 0, 0, 4) + struct.pack("<L", length) + body
-
-
-def store_elements(sop_instance: bytes, message_id: int = 1,
-                   sop_class: str = CT_IMAGE) -> list[tuple[int, bytes]]:
-    return [(0x0002, even(sop_class.encode())), (0x0100, struct.pack("<H", 0x0001)),
-            (0x0110, struct.pack("<H", message_id)), (0x0700, b"\0\0"),
-            (0x0800, struct.pack("<H", 0x0000)), (0x1000, even(sop_instance))]
-
-
-def echo_elements(message_id: int = 1) -> list[tuple[int, bytes]]:
-    return [(0x0002, even(VERIFICATION.encode())), (0x0100, struct.pack("<H", 0x0030)),
-            (0x0110, struct.pack("<H", message_id)), (0x0800, struct.pack("<H", 0x0101))]
-
-
-_LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UC", b"UN", b"UR", b"UT"}
-
-
-def explicit(group: int, elem: int, vr: bytes, value: bytes,
-             length: int | None = None) -> bytes:
-    n = len(value) if length is None else length
-    if vr in _LONG_VRS:
-        return struct.pack("<HH2sHL", group, elem, vr, 0, n) + value
-    return struct.pack("<HH2sH", group, elem, vr, n & 0xFFFF) + value
-
-
-def implicit(group: int, elem: int, value: bytes, length: int | None = None) -> bytes:
-    return struct.pack("<HHL", group, elem, len(value) if length is None else length) + value
+    return wire.associate_rq(contexts, calling=b"FUZZSCU", version_name=b"FUZZ")
 
 
 def data_elements(sop_instance: bytes, rng: random.Random) -> list[tuple[int, int, bytes, bytes]]:

@@ -13,7 +13,6 @@ import contextlib
 import itertools
 import re
 import socket
-import struct
 import threading
 import time
 from collections import Counter
@@ -22,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import fuzzgen
+from support import wire
+from support.procs import IDLE_WORKER, descendants
+from support.wait import wait_until
 
 # The daemon configuration every fuzz and flood test starts from: short timeouts, so a stuck
 # peer costs seconds, and no fsync (durability is the crash tests' business, not speed's).
@@ -42,30 +44,6 @@ BUG_PATTERNS = re.compile(r"internal error|unexpected error|Traceback|"
 # --- processes and resources -----------------------------------------------------------------
 
 
-IDLE_WORKER = "ingestd-idle"  # warm.py's name for a pool worker waiting for a connection
-
-
-def descendants(pid: int) -> dict[int, str]:
-    """Live (non-zombie) descendants of `pid`, with their names."""
-    parents: dict[int, list[tuple[int, str]]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            head, tail = stat.read_text().rsplit(")", 1)
-            fields = tail.split()
-        except (OSError, IndexError, ValueError):
-            continue
-        if fields[0] != "Z":
-            parents.setdefault(int(fields[1]), []).append(
-                (int(stat.parent.name), head.split("(", 1)[-1]))
-    found: dict[int, str] = {}
-    queue = [pid]
-    while queue:
-        for child, name in parents.get(queue.pop(), []):
-            found[child] = name
-            queue.append(child)
-    return found
-
-
 def children(pid: int) -> set[int]:
     """Live descendants of `pid` but idle pool workers (which serve no one): the
     configuration watcher, job processes and workers serving an association."""
@@ -74,15 +52,6 @@ def children(pid: int) -> set[int]:
 
 def idle_workers(pid: int) -> set[int]:
     return {child for child, name in descendants(pid).items() if name == IDLE_WORKER}
-
-
-def alive(pid: int) -> bool:
-    """Running (not a zombie, not gone)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def fd_count(pid: int) -> int:
@@ -136,25 +105,12 @@ def pool_settled(pid: int, timeout: float) -> None:
             previous, since = now, time.monotonic()
 
 
-def poll(condition: Any, timeout: float = 10.0, *, want: Any = True) -> bool:
-    """Wait until condition() is truthy (or == `want` when given)."""
-    def met() -> bool:
-        value = condition()
-        return bool(value) if want is True else bool(value == want)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if met():
-            return True
-        time.sleep(0.05)
-    return met()
-
-
 def wait_until_no_workers(pid: int, timeout: float = HANG) -> None:
     """Wait until the master's only child but idle workers is its configuration watcher (no
     [events]), and its idle workers have settled: the same ones for a second (a surplus
     left by a burst retires one per half second of quiet, pool.TRIM_INTERVAL)."""
-    if not poll(lambda: len(children(pid)) <= 1, timeout):
-        raise AssertionError(f"workers still running after {timeout} s: {children(pid)}")
+    wait_until(lambda: len(children(pid)) <= 1, timeout,
+               lambda: f"no workers running; still running: {children(pid)}")
     pool_settled(pid, timeout)
 
 
@@ -193,81 +149,17 @@ class WorkerWatch:
 # --- the wire -----------------------------------------------------------------------------------
 
 
-class Closed(Exception):
-    pass
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        try:
-            chunk = sock.recv(n - len(data))
-        except ConnectionResetError:
-            chunk = b""
-        if not chunk:
-            raise Closed(f"closed after {len(data)} of {n} bytes")
-        data += chunk
-    return bytes(data)
-
-
-def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
-    pdu_type, _reserved, length = struct.unpack(">BBL", recv_exact(sock, 6))
-    if length > 1 << 20:
-        raise AssertionError(f"PDU type {pdu_type:#04x} of {length} bytes from the daemon")
-    return pdu_type, recv_exact(sock, length)
-
-
-def read_all_pdus(sock: socket.socket) -> list[int]:
-    """The types of the PDUs the daemon sends until it closes the connection."""
-    types = []
-    while True:
-        try:
-            pdu_type, _body = read_pdu(sock)
-        except Closed as exc:
-            if "after 0 of" not in str(exc):
-                raise AssertionError(f"the daemon closed mid-PDU: {exc}") from None
-            return types
-        types.append(pdu_type)
-
-
-def read_status(sock: socket.socket) -> int | str:
-    """The Status of the next DIMSE response, or "abort"/"closed"."""
-    command = bytearray()
-    while True:
-        try:
-            pdu_type, body = read_pdu(sock)
-        except Closed:
-            return "closed"
-        if pdu_type == 0x07:
-            return "abort"
-        if pdu_type != 0x04:
-            raise AssertionError(f"PDU type {pdu_type:#04x} where a response was expected")
-        pos = 0
-        while pos < len(body):
-            length, _context, control = struct.unpack_from(">LBB", body, pos)
-            command += body[pos + 6:pos + 4 + length]
-            pos += 4 + length
-            if control & 0x02:
-                offset = 0
-                while offset + 8 <= len(command):
-                    _group, elem, size = struct.unpack_from("<HHL", command, offset)
-                    if elem == 0x0900:
-                        return int(struct.unpack_from("<H", command, offset + 8)[0])
-                    offset += 8 + size
-                raise AssertionError(f"response without a Status: {bytes(command).hex()}")
-
-
 def connect(port: int, timeout: float = HANG) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    sock.settimeout(timeout)
-    return sock
+    """A connection whose every operation waits up to `timeout` seconds."""
+    return wire.connect(port, timeout)
 
 
 def associate(port: int) -> socket.socket:
+    """A connection with the fuzzer's valid association accepted."""
     sock = connect(port)
     sock.sendall(fuzzgen.associate_rq())
-    pdu_type, _body = read_pdu(sock)
-    if pdu_type != 0x02:
+    pdu_type, _body = wire.read_pdu(sock)
+    if pdu_type != wire.A_ASSOCIATE_AC:
         sock.close()
         raise AssertionError(f"valid A-ASSOCIATE-RQ answered with PDU type {pdu_type:#04x}")
     return sock
@@ -386,7 +278,7 @@ class Driver:
             else:
                 self._connected()
                 sock = associate(self.port)
-        except (OSError, AssertionError, Closed) as exc:
+        except (OSError, AssertionError, wire.Closed) as exc:
             self._note(index, case, "no-connection", None, f"cannot connect/associate: {exc}")
             return None
         stall = case.fresh and index % self.stall_every == self.stall_every - 1
@@ -398,7 +290,7 @@ class Driver:
                 sock.sendall(case.data)
                 if not stall:
                     sock.shutdown(socket.SHUT_WR)
-            types = read_all_pdus(sock)
+            types = wire.read_all_pdus(sock)
             outcome = "+".join(f"{t:02x}" for t in types) or "closed"
             allowed = {0x02, 0x03, 0x07} if case.fresh else {0x04, 0x06, 0x07}
             problem = "" if set(types) <= allowed else f"answered with PDU types {types}"
@@ -422,13 +314,13 @@ class Driver:
             if assoc is None:
                 self._connected()
                 assoc = associate(self.port)
-        except (OSError, AssertionError, Closed) as exc:
+        except (OSError, AssertionError, wire.Closed) as exc:
             self._note(index, case, "no-connection", None, f"cannot associate: {exc}")
             return None
         try:
             with contextlib.suppress(OSError):  # closed early: read_status tells why
                 assoc.sendall(case.data)
-            status = read_status(assoc)
+            status = wire.read_status(assoc)
         except TimeoutError:
             self._note(index, case, "hang", assoc, f"no response within {HANG} s")
             assoc.close()

@@ -31,8 +31,13 @@ from typing import Any
 import fuzzgen
 import harness
 import pytest
-from conftest import Daemon, Recorder, echoscu, mounted_tmpfs, start_daemon, storescu
-from conftest import testdata as bundled
+from support import uids, wire
+from support.daemon import Daemon, start_daemon
+from support.data import testdata as bundled
+from support.mounts import mounted_tmpfs
+from support.peers import echoscu, storescu
+from support.recorder import Recorder
+from support.wait import wait_until
 
 SHORT = {"network": {"acse_timeout": 1, "dimse_timeout": 1, "socket_timeout": 1},
          "logging": {"level": "info"}}
@@ -57,23 +62,23 @@ def ct(uid: bytes, study: bytes = b"1.2.3.4", name: bytes = b"Abuse^Test",
        pixels: int = 8) -> bytes:
     rng = random.Random(uid)
     elements = fuzzgen.data_elements(uid, rng)
-    elements[4] = (0x0010, 0x0010, b"PN", fuzzgen.even(name, b" "))
-    elements[6] = (0x0020, 0x000D, b"UI", fuzzgen.even(study))
+    elements[4] = (0x0010, 0x0010, b"PN", wire.even(name, b" "))
+    elements[6] = (0x0020, 0x000D, b"UI", wire.even(study))
     elements[-1] = (0x7FE0, 0x0010, b"OW", bytes(pixels))
     return fuzzgen.encode_data_set(elements, implicit_vr=False)
 
 
 def store_on(sock: socket.socket, uid: bytes, data: bytes) -> int | str:
-    command = fuzzgen.command_set(fuzzgen.store_elements(uid))
-    sock.sendall(fuzzgen.fragments(1, command, command=True)
-                 + fuzzgen.fragments(1, data, command=False))
-    return harness.read_status(sock)
+    command = wire.command_set(wire.store_elements(uid))
+    sock.sendall(wire.fragments(1, command, command=True)
+                 + wire.fragments(1, data, command=False))
+    return wire.read_status(sock)
 
 
 def wait_new_log(daemon: Daemon, mark: int, text: str) -> None:
     """Wait until `text` is logged after offset `mark` (the daemon is shared)."""
-    assert harness.poll(lambda: text in daemon.log()[mark:], 10), \
-        f"{text!r} not logged:\n{daemon.log()[mark:]}"
+    wait_until(lambda: text in daemon.log()[mark:], 10,
+               lambda: f"{text!r} logged:\n{daemon.log()[mark:]}")
 
 
 def settled(daemon: Daemon) -> None:
@@ -81,12 +86,13 @@ def settled(daemon: Daemon) -> None:
     pid = daemon.proc.pid
     harness.wait_until_no_workers(pid, timeout=15)
     baseline = min(harness.fd_count(pid) for _ in range(5) if not time.sleep(0.05))
-    assert harness.poll(lambda: daemon.staging() == [], 10), daemon.staging()
+    wait_until(lambda: daemon.staging() == [], 10,
+               lambda: f"an empty staging area: {daemon.staging()}")
     assert daemon.proc.poll() is None
     echoscu(daemon.port, timeout=30)
     harness.wait_until_no_workers(pid, timeout=15)
-    assert harness.poll(lambda: harness.fd_count(pid) <= baseline, 5), \
-        (baseline, harness.fd_count(pid))
+    wait_until(lambda: harness.fd_count(pid) <= baseline, 5,
+               lambda: f"{baseline} descriptors, not {harness.fd_count(pid)}")
     assert not harness.bug_lines(daemon.log()), harness.bug_lines(daemon.log())[:5]
 
 
@@ -100,7 +106,7 @@ def test_peer_that_never_releases_is_dropped_and_keeps_what_was_acknowledged(
     try:
         assert store_on(sock, b"1.2.3.100", ct(b"1.2.3.100")) == 0
         # ... and then nothing: no A-RELEASE-RQ.  dimse_timeout ends it with an A-ABORT.
-        assert harness.read_all_pdus(sock) == [0x07]
+        assert wire.read_all_pdus(sock) == [wire.A_ABORT]
     finally:
         sock.close()
     assert [p.name for p in daemon.files()] == ["CT.1.2.3.100"]
@@ -114,13 +120,13 @@ def test_peer_leaving_in_the_middle_of_a_pdv(daemon: Daemon, how: str) -> None:
     sock = harness.associate(daemon.port)
     data = ct(b"1.2.3.200", pixels=8000)
     try:
-        command = fuzzgen.command_set(fuzzgen.store_elements(b"1.2.3.200"))
-        sock.sendall(fuzzgen.fragments(1, command, command=True))
-        pdu = fuzzgen.p_data(1, 0x02, data)
+        command = wire.command_set(wire.store_elements(b"1.2.3.200"))
+        sock.sendall(wire.fragments(1, command, command=True))
+        pdu = wire.p_data(1, 0x02, data)
         sock.sendall(pdu[:3000])  # PDU and PDV headers, part of the data set
-        assert harness.poll(lambda: bool(daemon.staging()), 10), "no temporary file"
+        wait_until(lambda: bool(daemon.staging()), 10, "a temporary file")
         if how == "a-abort-inside-pdv":
-            sock.sendall(fuzzgen.pdu(0x07, bytes(4)))  # read as data: the PDV is not over
+            sock.sendall(wire.pdu(wire.A_ABORT, bytes(4)))  # read as data: the PDV is not over
             sock.shutdown(socket.SHUT_WR)
         elif how == "reset-inside-pdv":
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -137,8 +143,8 @@ def test_pdu_length_of_4_gib_is_refused_without_reading_it(daemon: Daemon) -> No
     mark = len(daemon.log())
     sock = harness.associate(daemon.port)
     try:
-        sock.sendall(struct.pack(">BBL", 0x04, 0, 0xFFFFFFFF) + bytes(64))
-        assert harness.read_all_pdus(sock) == [0x07]
+        sock.sendall(wire.pdu(wire.P_DATA_TF, bytes(64), length=0xFFFFFFFF))
+        assert wire.read_all_pdus(sock) == [wire.A_ABORT]
     finally:
         sock.close()
     wait_new_log(daemon, mark, "exceeds our maximum PDU length")
@@ -150,15 +156,15 @@ def test_thousands_of_presentation_contexts(daemon: Daemon, count: int) -> None:
     """1800 contexts (IDs wrap around) fit in the 128 KiB the daemon reads of an
     A-ASSOCIATE-RQ; 5000 do not and are aborted before decoding."""
     mark = len(daemon.log())
-    contexts = [((2 * k + 1) & 0xFF, fuzzgen.CT_IMAGE if k % 2 else "1.2.3.4.5",
-                 [fuzzgen.EXPLICIT_LE, fuzzgen.IMPLICIT_LE]) for k in range(count)]
+    contexts = [((2 * k + 1) & 0xFF, uids.CT_IMAGE if k % 2 else "1.2.3.4.5",
+                 [uids.EXPLICIT_LE, uids.IMPLICIT_LE]) for k in range(count)]
     sock = harness.connect(daemon.port)
     try:
         sock.sendall(fuzzgen.associate_rq(contexts))
-        types = harness.read_all_pdus(sock) if count > 2000 else [harness.read_pdu(sock)[0]]
-        assert types[0] in (0x02, 0x03, 0x07), types
+        types = wire.read_all_pdus(sock) if count > 2000 else [wire.read_pdu(sock)[0]]
+        assert types[0] in (wire.A_ASSOCIATE_AC, wire.A_ASSOCIATE_RJ, wire.A_ABORT), types
         if count > 2000:
-            assert types == [0x07]
+            assert types == [wire.A_ABORT]
     finally:
         sock.close()
     if count > 2000:
@@ -168,15 +174,15 @@ def test_thousands_of_presentation_contexts(daemon: Daemon, count: int) -> None:
 
 def test_very_long_uids_in_the_associate_rq(daemon: Daemon) -> None:
     long_uid = ("1." * 32000)[:64000]
-    for contexts in ([(1, long_uid, [fuzzgen.EXPLICIT_LE]), (3, fuzzgen.CT_IMAGE,
-                                                             [fuzzgen.EXPLICIT_LE])],
-                     [(1, fuzzgen.CT_IMAGE, [long_uid, fuzzgen.EXPLICIT_LE])]):
+    for contexts in ([(1, long_uid, [uids.EXPLICIT_LE]), (3, uids.CT_IMAGE,
+                                                             [uids.EXPLICIT_LE])],
+                     [(1, uids.CT_IMAGE, [long_uid, uids.EXPLICIT_LE])]):
         sock = harness.connect(daemon.port)
         try:
             sock.sendall(fuzzgen.associate_rq(contexts))
-            pdu_type, _body = harness.read_pdu(sock)
-            assert pdu_type in (0x02, 0x03, 0x07)
-            if pdu_type == 0x02:  # the long one is rejected, the other one works
+            pdu_type, _body = wire.read_pdu(sock)
+            assert pdu_type in (wire.A_ASSOCIATE_AC, wire.A_ASSOCIATE_RJ, wire.A_ABORT)
+            if pdu_type == wire.A_ASSOCIATE_AC:  # the long one is rejected, the other one works
                 assert store_on(sock, b"1.2.3.300", ct(b"1.2.3.300")) == 0
         finally:
             sock.close()
@@ -225,7 +231,7 @@ def test_out_of_inodes_answers_a700_and_recovers(tiny_inode_tmpfs: Path,
         assert statuses.index(0xA700) > 0 and set(statuses[statuses.index(0xA700):]) == {0xA700}
         stored = daemon.files()
         assert len(stored) == statuses.count(0), stored
-        assert harness.poll(lambda: daemon.staging() == [], 10)
+        wait_until(lambda: daemon.staging() == [], 10, "an empty staging area")
         # Every directory holds its object: no half-made study left behind empty is fine,
         # but no file in it is partial.
         for path in stored:
@@ -282,7 +288,7 @@ def test_hostile_values_through_exec_placeholders_and_rename(
         sock = harness.connect(daemon.port)
         try:
             sock.sendall(rq)
-            if harness.read_pdu(sock)[0] != 0x02:
+            if wire.read_pdu(sock)[0] != wire.A_ASSOCIATE_AC:
                 continue  # an AE title pynetdicom will not decode: refused, fine
             uid = f"1.2.3.77.{k}".encode()
             status = store_on(sock, uid, ct(uid, study=raw, name=raw))
@@ -292,7 +298,8 @@ def test_hostile_values_through_exec_placeholders_and_rename(
             sock.close()
     assert stored >= len(HOSTILE) // 2
     records = recorder.wait(stored, timeout=60)
-    harness.poll(lambda: len(recorder.records()) > stored, 30)  # end-of-study jobs
+    with contextlib.suppress(AssertionError):  # end-of-study jobs, if any come
+        wait_until(lambda: len(recorder.records()) > stored, 30, "end-of-study jobs")
     storescu(daemon.port, bundled("CT_small.dcm"), timeout=60)
     daemon.stop()
     records = recorder.records()
@@ -332,10 +339,12 @@ def test_file_system_turning_read_only_answers_a700_and_recovers(
         try:
             assert store_on(sock, b"1.2.3.5.1", ct(b"1.2.3.5.1")) == 0
             sock.sendall(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")  # A-RELEASE-RQ
-            assert harness.read_pdu(sock)[0] == 0x06
+            assert wire.read_pdu(sock)[0] == wire.A_RELEASE_RP
         finally:
             sock.close()
-        harness.poll(lambda: not list((out / ".ingestd-tmp").iterdir()))
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: not list((out / ".ingestd-tmp").iterdir()), 10,
+                       "an empty staging area")
         remount("ro")
         sock = harness.associate(daemon.port)
         try:

@@ -24,7 +24,9 @@ from typing import Any
 
 import harness
 import pytest
-from conftest import Daemon, start_daemon
+from support.daemon import Daemon, start_daemon
+from support.procs import alive
+from support.wait import wait_until
 from transfer import Sender, check_tree, restart
 
 
@@ -43,8 +45,8 @@ def kill_worker(daemon: Daemon, ignore: set[int], rng: random.Random) -> bool:
         # The master reaps every worker and says how it ended: only its line proves the
         # kill struck a running worker, not one that had just finished.
         line = f"worker {victim} killed by SIGKILL"
-        if harness.poll(lambda line=line: line in daemon.log(), 3):
-            return True
+        with contextlib.suppress(AssertionError):
+            return wait_until(lambda line=line: line in daemon.log(), 3, line)
     return False
 
 
@@ -104,13 +106,15 @@ def run_instants(tmp_path: Path, count: int, seed: int,
             assert not sender.is_alive(), "sender hung"
             sent.update(sender.sent)
             acked |= sender.acked
-            orphans = [pid for pid in orphans if harness.alive(pid)]
+            orphans = [pid for pid in orphans if alive(pid)]
             check_tree(daemon, sent, acked)
             if mode == "worker" and not orphans:
                 # The master removes a killed worker's temporary file itself, no restart.
-                assert harness.poll(daemon.staging, 10, want=[]), daemon.staging()
+                wait_until(lambda d=daemon: d.staging() == [], 10,
+                           lambda d=daemon: f"an empty staging area: {d.staging()}")
         # The end: orphans finish, the last daemon stops; a fresh start cleans up.
-        assert wait_gone(orphans), f"orphaned workers {orphans} did not end"
+        wait_until(lambda: not any(alive(pid) for pid in orphans), 30,
+                   f"the orphaned workers {orphans} ended")
         daemon.stop()
         daemon = restart(tmp_path, settings, f"crash-{count}")
         assert daemon.staging() == [], f"temporary files after restart: {daemon.staging()}"
@@ -127,15 +131,6 @@ def run_instants(tmp_path: Path, count: int, seed: int,
     figures["seconds"] = round(time.monotonic() - started)
     print(f"crash consistency: {figures}", file=sys.stderr)
     return figures
-
-
-def wait_gone(pids: list[int], timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not any(harness.alive(pid) for pid in pids):
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_sigkill_at_random_instants(tmp_path: Path) -> None:

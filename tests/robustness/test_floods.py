@@ -24,8 +24,10 @@ from typing import Any
 
 import fuzzgen
 import harness
-from conftest import Daemon, echoscu, storescu
-from conftest import testdata as bundled
+from support import wire
+from support.daemon import Daemon
+from support.data import testdata as bundled
+from support.peers import echoscu, storescu
 
 PER_PEER = 20
 MAX_ASSOCIATIONS = 70  # more than three flooding addresses can take (3 x PER_PEER)
@@ -127,8 +129,8 @@ def pump(peers: list[Peer], until: float, *, legit: Any = None) -> None:
                 if peer.accepted_at is None and peer.received[:1] == b"\x02":
                     peer.accepted_at = time.monotonic()
                     if peer.kind == "slowloris-pdata":  # now dribble a command set
-                        pdu = fuzzgen.p_data(1, 0x03, fuzzgen.command_set(
-                            fuzzgen.store_elements(b"1.2.3")))
+                        pdu = wire.p_data(1, 0x03, wire.command_set(
+                            wire.store_elements(b"1.2.3")))
                         peer.sock.send(pdu[:12])  # PDU and PDV headers at once
                         peer.pending = pdu[12:]
             else:
@@ -176,15 +178,15 @@ def check_answers(peers: list[Peer]) -> dict[str, int]:
         types = peer.pdu_types()
         if not types:
             what = "closed"
-        elif types[0] == 0x03:
+        elif types[0] == wire.A_ASSOCIATE_RJ:
             rj = bytes(peer.received[6:10])
             assert rj == bytes((0, 2, 3, 2)), f"{peer.kind}: A-ASSOCIATE-RJ {rj.hex()}"
             what = "rejected"
-        elif types[0] == 0x02:
-            assert set(types[1:]) <= {0x07}, f"{peer.kind}: {types}"
+        elif types[0] == wire.A_ASSOCIATE_AC:
+            assert set(types[1:]) <= {wire.A_ABORT}, f"{peer.kind}: {types}"
             what = "accepted"
         else:
-            assert types == [0x07], f"{peer.kind}: {types}"
+            assert types == [wire.A_ABORT], f"{peer.kind}: {types}"
             what = "aborted"
         counts[f"{peer.kind}:{what}"] = counts.get(f"{peer.kind}:{what}", 0) + 1
     return counts

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import fuzzgen
 import pytest
+from support import uids
 
 from dicom_ingestd.config.load import config_from_mapping
 from dicom_ingestd.worker import acceptor, dimse, header
@@ -98,7 +99,7 @@ def run_commands(seed: int, count: int) -> dict[str, int]:
             command = dimse.decode_command(data, fix_uid_padding=bool(index % 2))
             outcome = "decoded"
             # What the session derives from a decoded command must not raise either.
-            header.file_meta(command.sop_class_uid, command.sop_instance_uid, fuzzgen.CT_IMAGE,
+            header.file_meta(command.sop_class_uid, command.sop_instance_uid, uids.CT_IMAGE,
                              "1.2.3", "X", "FUZZ")
             dimse.encode_response(dimse.C_STORE_RSP, command.message_id, 0,
                                   command.sop_class_uid, command.sop_instance_uid, "why")
@@ -129,7 +130,7 @@ def _data_set_of(case: fuzzgen.Case) -> tuple[str, bytes]:
         item_length, context, control = struct.unpack_from(">LBB", body, 0)
         (command if control & 1 else dataset).extend(body[6:4 + item_length])
         pos += 6 + length
-    syntax = fuzzgen.EXPLICIT_LE if context == 1 else fuzzgen.IMPLICIT_LE
+    syntax = uids.EXPLICIT_LE if context == 1 else uids.IMPLICIT_LE
     return syntax, bytes(dataset)
 
 
@@ -146,7 +147,7 @@ def run_data_sets(seed: int, count: int, tmp_path: Path) -> dict[str, int]:
             ident = identify_prefix(data, syntax, complete=True)
             outcome = "fast"
             if ident is None:
-                scratch.write_bytes(header.file_meta(fuzzgen.CT_IMAGE, "1.2.3", syntax,
+                scratch.write_bytes(header.file_meta(uids.CT_IMAGE, "1.2.3", syntax,
                                                      "1.2.3", "X", "FUZZ") + data)
                 ident = identify(scratch)
                 outcome = "pydicom"

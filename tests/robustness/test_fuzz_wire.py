@@ -18,8 +18,9 @@ from typing import Any
 
 import harness
 import pytest
-from conftest import Daemon, echoscu, storescu
-from conftest import testdata as bundled
+from support.daemon import Daemon
+from support.data import testdata as bundled
+from support.peers import echoscu, storescu
 
 SEED = 9
 FAST = 2000

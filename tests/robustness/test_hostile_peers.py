@@ -26,10 +26,12 @@ from typing import Any
 import fuzzgen
 import harness
 import pytest
-from conftest import Daemon, free_port, require_tool
-from conftest import testdata as bundled
-
-DEFLATED_LE = "1.2.840.10008.1.2.1.99"
+from support import uids, wire
+from support.daemon import Daemon, free_port
+from support.data import testdata as bundled
+from support.peers import require_tool
+from support.uids import DEFLATED_LE
+from support.wait import wait_until
 
 
 def pdus_until_close(sock: socket.socket) -> list[tuple[int, bytes]]:
@@ -37,16 +39,16 @@ def pdus_until_close(sock: socket.socket) -> list[tuple[int, bytes]]:
     found = []
     while True:
         try:
-            found.append(harness.read_pdu(sock))
-        except harness.Closed:
+            found.append(wire.read_pdu(sock))
+        except wire.Closed:
             return found
 
 
 def raw_store(sock: socket.socket, uid: bytes, data_set: bytes, context_id: int = 1,
-              max_pdu: int = fuzzgen.MAX_PDU) -> None:
-    command = fuzzgen.command_set(fuzzgen.store_elements(uid))
-    sock.sendall(fuzzgen.fragments(context_id, command, command=True)
-                 + fuzzgen.fragments(context_id, data_set, command=False, max_pdu=max_pdu))
+              max_pdu: int = wire.MAX_PDU) -> None:
+    command = wire.command_set(wire.store_elements(uid))
+    sock.sendall(wire.fragments(context_id, command, command=True)
+                 + wire.fragments(context_id, data_set, command=False, max_pdu=max_pdu))
 
 
 # --- odd-length fragments ------------------------------------------------------------------
@@ -86,7 +88,8 @@ def test_odd_length_data_set_is_aborted_as_storescp_does(tmp_path: Path,
     log = daemon.wait_log("odd fragment length 1829 in a data set PDV")
     assert "aborting association" in log and "partial object was discarded" in log
     assert daemon.files() == []
-    assert harness.poll(lambda: daemon.staging() == [], 10), daemon.staging()
+    wait_until(lambda: daemon.staging() == [], 10,
+               lambda: f"an empty staging area: {daemon.staging()}")
 
 
 @pytest.mark.parametrize("where", ["command", "data-set-split", "data-set-last"])
@@ -99,31 +102,32 @@ def test_every_odd_fragment_is_aborted_and_nothing_is_stored(daemon_factory: Any
     uid = b"1.2.826.0.1.3680043.9.7.16.1"
     data = fuzzgen.encode_data_set(fuzzgen.data_elements(uid, __import__("random").Random(1)),
                                    implicit_vr=False)
-    command = fuzzgen.command_set(fuzzgen.store_elements(uid))
+    command = wire.command_set(wire.store_elements(uid))
     assert len(data) % 2 == 0 and len(command) % 2 == 0
     if where == "command":
-        stream = fuzzgen.p_data(1, 0x01, command[:9]) + fuzzgen.p_data(1, 0x03, command[9:])
+        stream = wire.p_data(1, 0x01, command[:9]) + wire.p_data(1, 0x03, command[9:])
     elif where == "data-set-split":
-        stream = fuzzgen.fragments(1, command, command=True) \
-            + fuzzgen.p_data(1, 0x00, data[:101]) + fuzzgen.p_data(1, 0x02, data[101:])
+        stream = wire.fragments(1, command, command=True) \
+            + wire.p_data(1, 0x00, data[:101]) + wire.p_data(1, 0x02, data[101:])
     else:
-        stream = fuzzgen.fragments(1, command, command=True) \
-            + fuzzgen.p_data(1, 0x02, data + b"\x00")
+        stream = wire.fragments(1, command, command=True) \
+            + wire.p_data(1, 0x02, data + b"\x00")
     sock = harness.associate(daemon.port)
     try:
         sock.sendall(stream)
-        assert pdus_until_close(sock) == [(0x07, bytes(4))]
+        assert pdus_until_close(sock) == [(wire.A_ABORT, bytes(4))]
     finally:
         sock.close()
     kind = "command" if where == "command" else "data set"
     daemon.wait_log(f"in a {kind} PDV")
     assert daemon.files() == []
-    assert harness.poll(lambda: daemon.staging() == [], 10), daemon.staging()
+    wait_until(lambda: daemon.staging() == [], 10,
+               lambda: f"an empty staging area: {daemon.staging()}")
     # The next association is served as usual.
     sock = harness.associate(daemon.port)
     try:
         raw_store(sock, uid, data)
-        assert harness.read_status(sock) == 0
+        assert wire.read_status(sock) == 0
     finally:
         sock.close()
     assert len(daemon.files()) == 1
@@ -132,8 +136,8 @@ def test_every_odd_fragment_is_aborted_and_nothing_is_stored(daemon_factory: Any
 # --- deflate bombs ---------------------------------------------------------------------------
 
 GIB = 1 << 30
-DEFLATED_CONTEXTS = [(1, fuzzgen.CT_IMAGE, [DEFLATED_LE]), (3, fuzzgen.VERIFICATION,
-                                                            [fuzzgen.EXPLICIT_LE])]
+DEFLATED_CONTEXTS = [(1, uids.CT_IMAGE, [DEFLATED_LE]), (3, uids.VERIFICATION,
+                                                            [uids.EXPLICIT_LE])]
 
 
 def _raw_deflate(data: bytes, final: bool) -> bytes:
@@ -161,7 +165,7 @@ def deflate_bomb(uid: bytes, inflated: int, *, identifiers_first: bool) -> bytes
     else:
         head, tail = struct.pack("<HH2sxxL", 0x0008, 0x0001, b"UN", mib << 20), ids
     # PS3.5 A.5: a deflated data set of odd length gets one trailing NUL.
-    return fuzzgen.even(_raw_deflate(head, False) + _ZEROS_MIB * mib + _raw_deflate(tail, True))
+    return wire.even(_raw_deflate(head, False) + _ZEROS_MIB * mib + _raw_deflate(tail, True))
 
 
 class Sampler:
@@ -225,13 +229,14 @@ def send_bomb(port: int, uid: bytes, data: bytes, sampler: Sampler,
     sock = harness.connect(port, timeout=120)
     try:
         sock.sendall(fuzzgen.associate_rq(DEFLATED_CONTEXTS))
-        pdu_type, body = harness.read_pdu(sock)
-        assert pdu_type == 0x02, (pdu_type, body)
+        pdu_type, body = wire.read_pdu(sock)
+        assert pdu_type == wire.A_ASSOCIATE_AC, (pdu_type, body)
         assert DEFLATED_LE.encode() in body, "deflated transfer syntax not accepted"
         raw_store(sock, uid, data)
-        status = harness.read_status(sock)
-        assert single or harness.poll(sampler.workers_seen, 5), "worker never sampled"
-        sock.sendall(fuzzgen.pdu(0x05, bytes(4)))
+        status = wire.read_status(sock)
+        if not single:
+            wait_until(sampler.workers_seen, 5, "a worker sampled")
+        sock.sendall(wire.pdu(wire.A_RELEASE_RQ, bytes(4)))
         return status
     finally:
         sock.close()
@@ -299,7 +304,7 @@ def test_deflate_bomb_hiding_its_identifiers_is_refused_at_the_limit(daemon_fact
     assert log.count("inflates to more than 536870912 bytes before its identifying "
                      "attributes (storage.max_decoded_size)") == 1, log
     assert daemon.files() == []
-    assert harness.poll(lambda: daemon.staging() == [], 10)
+    wait_until(lambda: daemon.staging() == [], 10, "an empty staging area")
     peak = sampler.peak_mib(single)
     assert peak < base + 40, line
     if not single:
@@ -341,7 +346,7 @@ def test_deflate_bomb_is_not_re_encoded(daemon_factory: Any, single: bool) -> No
     log = daemon.wait_log("failed with 0xA700")
     assert log.count("the deflated data set inflates to more than 536870912 bytes") == 1
     assert daemon.files() == []
-    assert harness.poll(lambda: daemon.staging() == [], 10)
+    wait_until(lambda: daemon.staging() == [], 10, "an empty staging area")
     peak = sampler.peak_mib(single)
     assert peak < base + 40, line
 
@@ -365,9 +370,9 @@ def _re_encoding_peak(daemon_factory: Any, limit: int, size: int) -> tuple[int |
     sock = harness.associate(daemon.port)
     try:
         raw_store(sock, uid, data)
-        status = harness.read_status(sock)
-        assert harness.poll(sampler.workers_seen, 5)
-        sock.sendall(fuzzgen.pdu(0x05, bytes(4)))
+        status = wire.read_status(sock)
+        wait_until(sampler.workers_seen, 5, "a worker sampled")
+        sock.sendall(wire.pdu(wire.A_RELEASE_RQ, bytes(4)))
     finally:
         sock.close()
         sampler.stop()
@@ -409,8 +414,8 @@ WHITE_SPACE_UIDS = [b"1.2.826.0.1.3680043.9.7.16.85.1", b"1.2.826.0.1.3680043.9.
 
 def _patient_object(uid: bytes, patient: int) -> bytes:
     elements = fuzzgen.data_elements(uid, __import__("random").Random(patient))
-    elements[4] = (0x0010, 0x0010, b"PN", fuzzgen.even(f"Patient^{patient}".encode(), b" "))
-    elements[5] = (0x0010, 0x0020, b"LO", fuzzgen.even(f"P{patient}".encode(), b" "))
+    elements[4] = (0x0010, 0x0010, b"PN", wire.even(f"Patient^{patient}".encode(), b" "))
+    elements[5] = (0x0010, 0x0020, b"LO", wire.even(f"P{patient}".encode(), b" "))
     return fuzzgen.encode_data_set(elements, implicit_vr=False)
 
 
@@ -420,9 +425,9 @@ def _store_four(port: int) -> list[int | str]:
     try:
         for patient, uid in enumerate(WHITE_SPACE_UIDS, start=1):
             raw_store(sock, uid, _patient_object(uid, patient))
-            statuses.append(harness.read_status(sock))
-        sock.sendall(fuzzgen.pdu(0x05, bytes(4)))
-        assert harness.read_pdu(sock)[0] == 0x06
+            statuses.append(wire.read_status(sock))
+        sock.sendall(wire.pdu(wire.A_RELEASE_RQ, bytes(4)))
+        assert wire.read_pdu(sock)[0] == wire.A_RELEASE_RP
     finally:
         sock.close()
     return statuses
@@ -430,7 +435,7 @@ def _store_four(port: int) -> list[int | str]:
 
 def _patients_on_disk(files: list[Path]) -> list[str]:
     return sorted(f"P{p}" for f in files for p in range(1, 5)
-                  if fuzzgen.even(f"P{p}".encode(), b" ") in f.read_bytes())
+                  if wire.even(f"P{p}".encode(), b" ") in f.read_bytes())
 
 
 @pytest.mark.parametrize("duplicates", ["overwrite", "keep-first", "reject", "keep-both"])
@@ -509,7 +514,7 @@ def test_release_request_claiming_4_gib_is_refused_at_once(daemon_factory: Any) 
     daemon = daemon_factory(TRICKLE)
     sock = harness.associate(daemon.port)
     try:
-        took = _trickle(sock, [struct.pack(">BBL", 0x05, 0, 0xFFFFFFFF)] + [b"\0"] * 20,
+        took = _trickle(sock, [wire.pdu(wire.A_RELEASE_RQ, b"", length=0xFFFFFFFF)] + [b"\0"] * 20,
                         every=1.0, limit=20)
     finally:
         sock.close()
@@ -528,19 +533,19 @@ def test_trickling_peer_is_dropped_by_the_minimum_rate(daemon_factory: Any, how:
         settings["network"]["dimse_timeout"] = 0
     daemon = daemon_factory(settings)
     uid = b"1.2.826.0.1.3680043.9.7.16.7"
-    command = fuzzgen.command_set(fuzzgen.store_elements(uid))
+    command = wire.command_set(wire.store_elements(uid))
     sock = harness.associate(daemon.port)
     watch = harness.WorkerWatch(daemon.proc.pid, harness.children(daemon.proc.pid))
     try:
         if how == "bytes-inside-a-pdu":
-            sock.sendall(fuzzgen.fragments(1, command, command=True)
-                         + struct.pack(">BBL", 0x04, 0, 1006) + struct.pack(">LBB", 1002, 1, 2))
+            lying = wire.pdu(wire.P_DATA_TF, wire.pdv(1, 0x02, b"", length=1002), length=1006)
+            sock.sendall(wire.fragments(1, command, command=True) + lying)
             chunks = [b"\0"] * 60
         elif how == "tiny-pdus":
-            sock.sendall(fuzzgen.fragments(1, command, command=True))
-            chunks = [fuzzgen.p_data(1, 0x00, b"\0\0")] * 60
+            sock.sendall(wire.fragments(1, command, command=True))
+            chunks = [wire.p_data(1, 0x00, b"\0\0")] * 60
         else:
-            chunks = [bytes([b]) for b in fuzzgen.p_data(1, 0x03, command)] * 2
+            chunks = [bytes([b]) for b in wire.p_data(1, 0x03, command)] * 2
         took = _trickle(sock, chunks, every=1.0, limit=30)
     finally:
         sock.close()
@@ -550,7 +555,7 @@ def test_trickling_peer_is_dropped_by_the_minimum_rate(daemon_factory: Any, how:
     assert "dropping the association" in log
     assert watch.longest < 10, watch.longest
     assert daemon.files() == []
-    assert harness.poll(lambda: daemon.staging() == [], 10)
+    wait_until(lambda: daemon.staging() == [], 10, "an empty staging area")
 
 
 def test_slow_but_steady_sender_is_served(daemon_factory: Any) -> None:
@@ -560,13 +565,13 @@ def test_slow_but_steady_sender_is_served(daemon_factory: Any) -> None:
     data = _large_ct(uid, 24 << 10)
     sock = harness.associate(daemon.port)
     try:
-        command = fuzzgen.command_set(fuzzgen.store_elements(uid))
-        stream = fuzzgen.fragments(1, command, command=True) + \
-            fuzzgen.fragments(1, data, command=False)
+        command = wire.command_set(wire.store_elements(uid))
+        stream = wire.fragments(1, command, command=True) + \
+            wire.fragments(1, data, command=False)
         for offset in range(0, len(stream), 1024):
             sock.sendall(stream[offset:offset + 1024])
             time.sleep(0.25)
-        assert harness.read_status(sock) == 0
+        assert wire.read_status(sock) == 0
     finally:
         sock.close()
     assert len(daemon.files()) == 1
@@ -578,11 +583,11 @@ def test_trickling_peer_with_the_default_timeouts(daemon_factory: Any) -> None:
     a PDU is dropped after the first 60 s window, not after 200 s or never."""
     daemon = daemon_factory({"logging": {"level": "info"}})
     uid = b"1.2.826.0.1.3680043.9.7.16.9"
-    command = fuzzgen.command_set(fuzzgen.store_elements(uid))
+    command = wire.command_set(wire.store_elements(uid))
     sock = harness.associate(daemon.port)
     try:
-        sock.sendall(fuzzgen.fragments(1, command, command=True)
-                     + struct.pack(">BBL", 0x04, 0, 1006) + struct.pack(">LBB", 1002, 1, 2))
+        sock.sendall(wire.fragments(1, command, command=True)
+                     + wire.pdu(wire.P_DATA_TF, wire.pdv(1, 0x02, b"", length=1002), length=1006))
         took = _trickle(sock, [b"\0"] * 10, every=50.0, limit=300)
     finally:
         sock.close()
@@ -651,8 +656,9 @@ def test_out_of_descriptors_the_master_pauses_instead_of_spinning(daemon_factory
             sock.close()
     # The silent peers time out (acse_timeout): descriptors come back, accepting resumes.
     harness.wait_until_no_workers(pid, timeout=30)
-    assert harness.poll(lambda: harness.fd_count(pid) < 40, 10), harness.fd_count(pid)
-    from conftest import storescu
+    wait_until(lambda: harness.fd_count(pid) < 40, 10,
+               lambda: f"under 40 descriptors: {harness.fd_count(pid)}")
+    from support.peers import storescu
     storescu(daemon.port, bundled("CT_small.dcm"), timeout=60)
     assert len(daemon.files()) == 1
     assert not harness.bug_lines(daemon.log()), harness.bug_lines(daemon.log())
@@ -675,7 +681,7 @@ def test_flood_of_silent_connections_under_the_default_limits(daemon_factory: An
         time.sleep(1)
         # During the flood, a sender from another address is served (the flood's address
         # holds at most workers.max_associations_per_peer = 32 of the 100).
-        from conftest import storescu as send
+        from support.peers import storescu as send
         send(daemon.port, bundled("CT_small.dcm"), timeout=30)
         time.sleep(1)
         fds = harness.fd_count(pid)
@@ -685,7 +691,7 @@ def test_flood_of_silent_connections_under_the_default_limits(daemon_factory: An
             sock.close()
     after = harness.settle(pid, baseline, timeout=60)  # workers reaped, not only exited
     assert after.fds <= baseline.fds, (after, baseline)
-    from conftest import storescu
+    from support.peers import storescu
     storescu(daemon.port, bundled("CT_small.dcm"), timeout=60)
     log = daemon.log()
     assert "Too many open files" not in log
@@ -718,8 +724,8 @@ def test_a_calling_ae_title_like_an_option_after_double_dash(daemon_factory: Any
         f"open({str(record)!r}, 'a').write(repr((a.r, a.f, a.values)) + '\\n')\n")
     daemon = daemon_factory({"events": {"exec_on_reception": [
         sys.executable, str(script), "#a", "--", "#a"]}, "logging": {"level": "info"}})
-    from conftest import storescu
+    from support.peers import storescu
     storescu(daemon.port, bundled("CT_small.dcm"), extra=["-aet", "-rf"])
-    assert harness.poll(record.exists, 15)
+    wait_until(record.exists, 15, f"{record}")
     # Before "--": parsed as the options -r -f; after it: the value itself.
     assert record.read_text().strip() == "(True, True, ['-rf'])"

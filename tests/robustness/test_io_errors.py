@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon, mounted_tmpfs, require_tool, start_daemon, unmount
-from conftest import testdata as data_file
 from pydicom import dcmread
 from pydicom.uid import generate_uid
+from support.daemon import Daemon, start_daemon
+from support.data import testdata as data_file
+from support.mounts import mounted_tmpfs, unmount
+from support.peers import require_tool
 
 IMAGE_SIZE = 128 << 20  # sparse, on a tmpfs of BACKING_SIZE
 BACKING_SIZE = 64 << 20

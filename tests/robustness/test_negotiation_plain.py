@@ -13,6 +13,7 @@ import struct
 
 import fuzzgen
 import pytest
+from support import uids, wire
 
 from dicom_ingestd.config.load import config_from_mapping
 from dicom_ingestd.config.schema import Config
@@ -56,24 +57,24 @@ def sender_like(rng: random.Random) -> bytes:
     classes = [negotiation.VERIFICATION_SOP_CLASS, *negotiation.STORAGE_SOP_CLASSES,
                "1.2.3.999", "1.2.840.10008.5.1.4.1.1.9999",
                negotiation.commitment_context()[0]]
-    items = [fuzzgen.item(0x10, _uid("1.2.840.10008.3.1.1.1", rng))]
+    items = [wire.item(0x10, _uid("1.2.840.10008.3.1.1.1", rng))]
     for number in range(rng.choice([1, 1, 2, 3, 10, 64, 128])):
         syntaxes = rng.sample(SYNTAXES, rng.randint(1, 4))
-        sub = fuzzgen.item(0x30, _uid(rng.choice(classes), rng)) + b"".join(
-            fuzzgen.item(0x40, _uid(ts, rng)) for ts in syntaxes)
-        items.append(fuzzgen.item(0x20, bytes((2 * number + 1, 0, 0, 0)) + sub))
+        sub = wire.item(0x30, _uid(rng.choice(classes), rng)) + b"".join(
+            wire.item(0x40, _uid(ts, rng)) for ts in syntaxes)
+        items.append(wire.item(0x20, bytes((2 * number + 1, 0, 0, 0)) + sub))
     if rng.random() < 0.3:
         rng.shuffle(items[1:])
-    user = [fuzzgen.item(0x51, struct.pack(">L", rng.choice([0, 16384, 131072, 2**32 - 1]))),
-            fuzzgen.item(0x52, _uid(rng.choice(["1.2.276.0.7230010.3.0.3.6.7",
+    user = [wire.item(0x51, struct.pack(">L", rng.choice([0, 16384, 131072, 2**32 - 1]))),
+            wire.item(0x52, _uid(rng.choice(["1.2.276.0.7230010.3.0.3.6.7",
                                                 "1.2.826.0.1.3680043.9.3811.3.0.4"]), rng))]
     version = rng.choice(VERSIONS)
     if version:
-        user.append(fuzzgen.item(0x55, version))
-    items.append(fuzzgen.item(0x50, b"".join(user)))
+        user.append(wire.item(0x55, version))
+    items.append(wire.item(0x50, b"".join(user)))
     fixed = (struct.pack(">HH", rng.choice([1, 1, 1, 2, 3]), 0)
              + rng.choice(TITLES).ljust(16)[:16] + rng.choice(TITLES).ljust(16)[:16] + bytes(32))
-    return fuzzgen.pdu(0x01, fixed + b"".join(items))
+    return wire.pdu(wire.A_ASSOCIATE_RQ, fixed + b"".join(items))
 
 
 def corpus() -> list[bytes]:
@@ -118,11 +119,11 @@ def test_plain_path_declines_what_it_does_not_know() -> None:
     rng = random.Random(SEED)
     base = fuzzgen.associate_rq()
     assert acceptor._decode_plain(base) is not None
-    role = fuzzgen.item(0x54, struct.pack(">H", len(fuzzgen.CT_IMAGE)) + fuzzgen.CT_IMAGE.encode()
+    role = wire.item(0x54, struct.pack(">H", len(uids.CT_IMAGE)) + uids.CT_IMAGE.encode()
                         + b"\x01\x01")
-    user = fuzzgen.item(0x50, b"".join([*fuzzgen.user_items(), role]))
+    user = wire.item(0x50, b"".join([*fuzzgen.user_items(), role]))
     with_role = base[:base.index(b"\x50\x00")] + user
-    with_role = fuzzgen.pdu(0x01, with_role[6:])
+    with_role = wire.pdu(wire.A_ASSOCIATE_RQ, with_role[6:])
     assert acceptor._decode_plain(with_role) is None
     assert acceptor._decode_plain(base[:-1]) is None
     assert acceptor._decode_plain(fuzzgen.flip(rng, base)[:10]) is None

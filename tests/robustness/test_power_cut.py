@@ -62,7 +62,10 @@ from typing import Any
 
 import harness
 import pytest
-from conftest import require_tool, unmount, wait_until
+from support.mounts import unmount
+from support.peers import require_tool
+from support.uids import IMPLICIT_LE
+from support.wait import wait_until
 from transfer import Sender, check_tree, restart
 
 SHUTDOWN = 0x8004587D  # _IOR('X', 125, __u32): EXT4_IOC_SHUTDOWN and XFS_IOC_GOINGDOWN
@@ -71,7 +74,6 @@ IMAGE_SIZE = 512 << 20  # sparse; XFS needs at least 300 MB
 NO_JOURNAL = "ext4-nojournal"  # ext4 made with -O ^has_journal
 MKFS = {"ext4": ["mkfs.ext4", "-q"], NO_JOURNAL: ["mkfs.ext4", "-q", "-O", "^has_journal"],
         "xfs": ["mkfs.xfs", "-q"]}
-IMPLICIT_LE = "1.2.840.10008.1.2"
 RECORD_JOB = 'printf "%s\\n" "$1" >> "$0"'  # sh -c RECORD_JOB LEDGER FILENAME
 
 
@@ -280,7 +282,7 @@ def power_cuts(tmp_path: Path, scenario: Scenario, plan: tuple[str, ...],
             # not before the cuts).
             wanted = {f"CT.{uid}" for uid in checked}
             with contextlib.suppress(AssertionError):
-                wait_until(lambda: wanted <= recorded_files(ledger), 30)
+                wait_until(lambda: wanted <= recorded_files(ledger), 30, "the reception jobs")
             missing = wanted - recorded_files(ledger)
             assert not missing, (f"{len(missing)} acknowledged object(s) never got their "
                                  f"reception job, e.g. {sorted(missing)[:3]}")

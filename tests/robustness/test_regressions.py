@@ -19,7 +19,8 @@ from typing import Any
 
 import fuzzgen
 import harness
-from conftest import Daemon
+from support import uids, wire
+from support.daemon import Daemon
 
 from dicom_ingestd.worker import acceptor
 
@@ -44,17 +45,17 @@ NO_TRANSFER_SYNTAX = bytes.fromhex(
 
 
 def rebuilt_associate_rq(context: bytes) -> bytes:
-    items = [fuzzgen.item(0x10, fuzzgen.APPLICATION_CONTEXT), context,
-             fuzzgen.context_item(3, fuzzgen.CT_IMAGE, [fuzzgen.EXPLICIT_LE]),
-             fuzzgen.item(0x50, b"".join(fuzzgen.user_items()))]
-    return fuzzgen.pdu(0x01, fuzzgen.associate_fixed() + b"".join(items))
+    items = [wire.item(0x10, fuzzgen.APPLICATION_CONTEXT), context,
+             wire.context_item(3, uids.CT_IMAGE, [uids.EXPLICIT_LE]),
+             wire.item(0x50, b"".join(fuzzgen.user_items()))]
+    return wire.pdu(wire.A_ASSOCIATE_RQ, fuzzgen.associate_fixed() + b"".join(items))
 
 
 REBUILT_NO_ABSTRACT = rebuilt_associate_rq(
-    fuzzgen.item(0x20, bytes((1, 0, 0, 0)) + fuzzgen.item(0x40, fuzzgen.EXPLICIT_LE.encode())))
+    wire.item(0x20, bytes((1, 0, 0, 0)) + wire.item(0x40, uids.EXPLICIT_LE.encode())))
 REBUILT_NO_TRANSFER = rebuilt_associate_rq(
-    fuzzgen.item(0x20, bytes((1, 0, 0, 0)) + fuzzgen.item(0x30, fuzzgen.CT_IMAGE.encode())))
-NON_ASCII_UID = rebuilt_associate_rq(fuzzgen.context_item(1, "1.2.\xab5", [fuzzgen.EXPLICIT_LE])
+    wire.item(0x20, bytes((1, 0, 0, 0)) + wire.item(0x30, uids.CT_IMAGE.encode())))
+NON_ASCII_UID = rebuilt_associate_rq(wire.context_item(1, "1.2.\xab5", [uids.EXPLICIT_LE])
                                      .replace("1.2.\xab5".encode(), b"1.2.\xab5"))
 BAD_ASSOCIATE_RQS = {
     "no-abstract-syntax (as found)": NO_ABSTRACT_SYNTAX,
@@ -80,7 +81,7 @@ def send_rq(port: int, data: bytes) -> list[int]:
     try:
         sock.sendall(data)
         sock.shutdown(socket.SHUT_WR)
-        return harness.read_all_pdus(sock)
+        return wire.read_all_pdus(sock)
     finally:
         sock.close()
 
@@ -88,10 +89,10 @@ def send_rq(port: int, data: bytes) -> list[int]:
 def store(port: int, sop_instance: bytes, data_set: bytes, context_id: int = 1) -> int | str:
     sock = harness.associate(port)
     try:
-        command = fuzzgen.command_set(fuzzgen.store_elements(sop_instance))
-        sock.sendall(fuzzgen.fragments(context_id, command, command=True)
-                     + fuzzgen.fragments(context_id, data_set, command=False))
-        return harness.read_status(sock)
+        command = wire.command_set(wire.store_elements(sop_instance))
+        sock.sendall(wire.fragments(context_id, command, command=True)
+                     + wire.fragments(context_id, data_set, command=False))
+        return wire.read_status(sock)
     finally:
         sock.close()
 
@@ -99,11 +100,11 @@ def store(port: int, sop_instance: bytes, data_set: bytes, context_id: int = 1) 
 def test_regression_inputs_over_the_wire(daemon_factory: Any) -> None:
     daemon: Daemon = daemon_factory({"logging": {"level": "info"}})
     for name, data in BAD_ASSOCIATE_RQS.items():
-        assert send_rq(daemon.port, data) == [0x07], name
+        assert send_rq(daemon.port, data) == [wire.A_ABORT], name
     # 4: a newline in a UID from the network, in a message the daemon logs.
     rng = __import__("random").Random(4)
     elements = fuzzgen.data_elements(b"1.2.3", rng)
-    elements[2] = (0x0008, 0x0018, b"UI", fuzzgen.even(FORGED))
+    elements[2] = (0x0008, 0x0018, b"UI", wire.even(FORGED))
     assert store(daemon.port, b"1.2.3", fuzzgen.encode_data_set(elements, False)) == 0xA900
     # 5: explicit VR declared (context 1), implicit VR sent: pydicom's fallback warns.
     elements = fuzzgen.data_elements(b"1.2.3.5", rng)

@@ -19,7 +19,8 @@ from typing import Any
 
 import fuzzgen
 import harness
-from conftest import Daemon, start_daemon
+from support import uids, wire
+from support.daemon import Daemon, start_daemon
 
 SIZES = [200, 20_000, 300_000, 2_000_000]
 
@@ -29,12 +30,12 @@ def make_object(rng: random.Random, index: int, study_uid: str) -> tuple[str, by
     side = int((rng.choice(SIZES) // 2) ** 0.5) or 1
     pixels = rng.randbytes(side * side * 2)
     elements = [
-        (0x0008, 0x0016, b"UI", fuzzgen.even(fuzzgen.CT_IMAGE.encode())),
-        (0x0008, 0x0018, b"UI", fuzzgen.even(uid.encode())),
+        (0x0008, 0x0016, b"UI", wire.even(uids.CT_IMAGE.encode())),
+        (0x0008, 0x0018, b"UI", wire.even(uid.encode())),
         (0x0008, 0x0060, b"CS", b"CT"),
         (0x0010, 0x0010, b"PN", b"Crash^Test"),
-        (0x0020, 0x000D, b"UI", fuzzgen.even(study_uid.encode())),
-        (0x0020, 0x000E, b"UI", fuzzgen.even(b"1.2.3.4.5.7")),
+        (0x0020, 0x000D, b"UI", wire.even(study_uid.encode())),
+        (0x0020, 0x000E, b"UI", wire.even(b"1.2.3.4.5.7")),
         (0x0028, 0x0010, b"US", struct.pack("<H", side)),
         (0x0028, 0x0011, b"US", struct.pack("<H", side)),
         (0x7FE0, 0x0010, b"OW", pixels),
@@ -68,7 +69,7 @@ class Sender(threading.Thread):
         while not self.stop.is_set():
             try:
                 sock = harness.associate(self.port)
-            except (OSError, AssertionError, harness.Closed):
+            except (OSError, AssertionError, wire.Closed):
                 time.sleep(0.02)
                 continue
             study_uid = f"1.2.826.0.1.3680043.9.7.{os.getpid()}.0.{self.rng.randrange(1 << 30)}"
@@ -79,11 +80,11 @@ class Sender(threading.Thread):
                     self.index += 1
                     uid, data = make_object(self.rng, self.index, study_uid)
                     self.sent[uid] = data
-                    command = fuzzgen.command_set(fuzzgen.store_elements(uid.encode(),
+                    command = wire.command_set(wire.store_elements(uid.encode(),
                                                                          self.index & 0xFFFF))
-                    sock.sendall(fuzzgen.fragments(1, command, command=True)
-                                 + fuzzgen.fragments(1, data, command=False))
-                    status = harness.read_status(sock)
+                    sock.sendall(wire.fragments(1, command, command=True)
+                                 + wire.fragments(1, data, command=False))
+                    status = wire.read_status(sock)
                     if status == 0:
                         self.acked.add(uid)
                         self.acked_at[uid] = time.monotonic()
@@ -95,10 +96,10 @@ class Sender(threading.Thread):
                     elif isinstance(status, str):
                         break
                 else:
-                    sock.sendall(fuzzgen.pdu(0x05, bytes(4)))
-                    with contextlib.suppress(harness.Closed):
-                        harness.read_pdu(sock)
-            except (OSError, AssertionError, harness.Closed):
+                    sock.sendall(wire.pdu(wire.A_RELEASE_RQ, bytes(4)))
+                    with contextlib.suppress(wire.Closed):
+                        wire.read_pdu(sock)
+            except (OSError, AssertionError, wire.Closed):
                 pass
             finally:
                 sock.close()

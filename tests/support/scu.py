@@ -1,0 +1,99 @@
+"""pynetdicom as the SCU, for tests that want a conforming peer other than DCMTK's tools."""
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.pdu import A_ASSOCIATE_RJ
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+
+def pynetdicom_store(port: int, path: Path) -> int:
+    """Send one file with a pynetdicom SCU; return the C-STORE-RSP status."""
+    ae = AE(ae_title="FAULTSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ds = dcmread(path)
+    ae.add_requested_context(ds.SOPClassUID, [str(ds.file_meta.TransferSyntaxUID)])
+    assoc = ae.associate("127.0.0.1", port)
+    assert assoc.is_established, "association not established"
+    try:
+        status = assoc.send_c_store(ds)
+        assert "Status" in status, "no C-STORE-RSP received"
+        return int(status.Status)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        else:
+            assoc.abort()
+
+
+def scu(title: str = "PMTEST") -> AE:
+    ae = AE(ae_title=title)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = 10
+    ae.dimse_timeout = 20
+    ae.network_timeout = 20
+    return ae
+
+
+# The A-ASSOCIATE-RJ each association received, as seen on the wire.  pynetdicom 3.0 has a
+# requestor race: when the RJ arrives before its main thread checks the connection, its
+# reactor has already closed the socket and the association reports "aborted", not
+# "rejected" (about 1 in 500 fast local rejections).  Its PDU event still fires.
+rejections: "weakref.WeakKeyDictionary[Association, A_ASSOCIATE_RJ]" = \
+    weakref.WeakKeyDictionary()
+
+
+def associate(port: int, host: str = "127.0.0.1", bind: str | None = None,
+              title: str = "PMTEST") -> Association:
+    kw: dict[str, Any] = {}
+    if bind is not None:
+        kw["bind_address"] = (bind, 0)
+    received: list[A_ASSOCIATE_RJ] = []
+
+    def on_pdu(event: evt.Event) -> None:
+        if isinstance(event.pdu, A_ASSOCIATE_RJ):
+            received.append(event.pdu)
+
+    assoc = scu(title).associate(host, port, ae_title="STORESCP",
+                                 evt_handlers=[(evt.EVT_PDU_RECV, on_pdu)], **kw)
+    if received:
+        rejections[assoc] = received[0]
+    return assoc
+
+
+@contextlib.contextmanager
+def held(assoc: Association) -> Iterator[Association]:
+    """Make sure an association never outlives the test (a held one blocks daemon stop)."""
+    try:
+        yield assoc
+    finally:
+        if assoc.is_established:
+            assoc.abort()
+
+
+def store_ok(assoc: Association, ds: Dataset) -> None:
+    status = assoc.send_c_store(ds)
+    assert status and status.Status == 0x0000, status
+
+
+def echo_ok(assoc: Association) -> None:
+    status = assoc.send_c_echo()
+    assert status and status.Status == 0x0000, status
+
+
+def assert_rejected_local_limit(assoc: Association) -> None:
+    """A-ASSOCIATE-RJ: rejected-transient (2), provider presentation (3), local limit (2)."""
+    rj = rejections.get(assoc)
+    assert rj is not None, f"no A-ASSOCIATE-RJ received (established {assoc.is_established}, " \
+        f"aborted {assoc.is_aborted})"
+    assert (rj.result, rj.source, rj.reason_diagnostic) == (2, 3, 2), \
+        (rj.result, rj.source, rj.reason_diagnostic)
