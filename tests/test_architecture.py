@@ -71,15 +71,17 @@ def test_the_command_line_does_not_import_the_worker() -> None:
     # master's workers.
     used = modules()["cli.py"]
     bad = _imported(("dicom_ingestd.worker", "dicom_ingestd.master", "dicom_ingestd.pool",
-                     "dicom_ingestd.workers", "dicom_ingestd.warm"), used)
+                     "dicom_ingestd.running", "dicom_ingestd.assignment",
+                     "dicom_ingestd.warm"), used)
     assert not bad, f"cli.py imports {bad}"
 
 
 def test_only_the_process_model_serves_an_association() -> None:
-    # A Session runs in a warm worker (warm.py), a worker thread (workers.py) or a
-    # per-connection instance (per_connection.py): nowhere else, so the access check, the
-    # PROXY header and the counters are never skipped on the way to one.
-    serving = {"warm.py", "workers.py", "per_connection.py"}
+    # A Session is made from an Assignment (assignment.py) for a warm worker (warm.py) or a
+    # worker thread (running.py), or by a per-connection instance (per_connection.py):
+    # nowhere else, so the access check, the PROXY header and the counters are never
+    # skipped on the way to one.
+    serving = {"assignment.py", "warm.py", "per_connection.py"}
     for name, used in modules().items():
         if not name.startswith("worker/") and name not in serving:
             bad = _imported(("dicom_ingestd.worker.session",), used)
