@@ -88,6 +88,19 @@ def test_only_the_process_model_serves_an_association() -> None:
             assert not bad, f"{name} imports {bad}"
 
 
+def test_the_wire_codecs_are_below_the_worker_and_the_commitment_delivery() -> None:
+    # dicom/ (PDUs, DIMSE command sets, element encoding) is the protocol both the receiving
+    # side (worker/) and the storage commitment delivery, an SCU (commitment/), speak: it
+    # imports neither, and commitment/ does not reach into worker/ for it.
+    for name, used in modules().items():
+        if name.startswith("dicom/"):
+            bad = _imported(("dicom_ingestd.worker", "dicom_ingestd.commitment"), used)
+            assert not bad, f"{name} imports {bad}"
+        if name.startswith("commitment/"):
+            bad = _imported(("dicom_ingestd.worker",), used)
+            assert not bad, f"{name} imports {bad}"
+
+
 def test_pynetdicom_only_inside_worker() -> None:
     for name, used in modules().items():
         if not name.startswith("worker/"):

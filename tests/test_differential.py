@@ -38,7 +38,7 @@ from support.uids import EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE
 from support.uids import RLE_LOSSLESS as RLE
 from support.wait import wait_until
 
-from dicom_ingestd.worker.acceptor import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
+from dicom_ingestd.dicom.pdu import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 
 DCMTK_UID_ROOT = "1.2.276.0.7230010.3"
 SECOND_PATIENT = "Doe^John Smith"

@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from dicom_ingestd.worker import dimse
+from dicom_ingestd.dicom import dimse
 
 
 def _element(element: int, value: bytes) -> bytes:

@@ -34,8 +34,9 @@ from test_differential import Receiver, run_both, start_ingestd, start_storescp,
 from dicom_ingestd.codes import Status
 from dicom_ingestd.config.schema import StorageConfig
 from dicom_ingestd.dcmtk import transfer
+from dicom_ingestd.dicom import elements
 from dicom_ingestd.errors import StorageError
-from dicom_ingestd.worker import elements, encode, header
+from dicom_ingestd.worker import encode, header
 from dicom_ingestd.worker.store import Store
 
 TEST_FILES = Path(pydicom.__file__).parent / "data/test_files"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from dicom_ingestd.dcmtk.transfer import EXPLICIT_LE, IMPLICIT_LE
-from dicom_ingestd.worker import elements
+from dicom_ingestd.dicom import elements
 
 SOP_CLASS = "1.2.840.10008.1.20.1"  # Storage Commitment Push Model SOP Class
 SOP_INSTANCE = "1.2.840.10008.1.20.1.1"  # its well-known SOP instance

@@ -9,8 +9,8 @@ report was answered with success (exit 0); one line on stderr saying why not (ex
 is retried with backoff, then dead-lettered).
 
 The association requestor is ours, as the acceptor is: A-ASSOCIATE-RQ encoded and the
-A-ASSOCIATE-AC read here (PS3.8 9.3), PDUs through worker/pdu.py's Channel, command sets by
-worker/dimse.py.
+A-ASSOCIATE-AC read here (PS3.8 9.3), PDUs through dicom/pdu.py's Channel, command sets by
+dicom/dimse.py.
 """
 
 import contextlib
@@ -33,20 +33,17 @@ from dicom_ingestd.commitment.dataset import (
 )
 from dicom_ingestd.commitment.spool import read_report_file
 from dicom_ingestd.config.schema import TLSConfig
-from dicom_ingestd.tls_context import client_context
-from dicom_ingestd.worker import dimse
-from dicom_ingestd.worker.acceptor import (
-    APPLICATION_CONTEXT,
-    IMPLEMENTATION_CLASS_UID,
-    IMPLEMENTATION_VERSION,
-)
-from dicom_ingestd.worker.pdu import (
+from dicom_ingestd.dicom import dimse
+from dicom_ingestd.dicom.pdu import (
     A_ABORT,
     A_ASSOCIATE_AC,
     A_ASSOCIATE_RJ,
     A_ASSOCIATE_RQ,
     ABORT_REASON_NOT_SIGNIFICANT,
     ABORT_SOURCE_SERVICE_USER,
+    APPLICATION_CONTEXT,
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION,
     P_DATA_TF,
     Channel,
     PeerClosed,
@@ -56,6 +53,7 @@ from dicom_ingestd.worker.pdu import (
     encode_p_data,
     encode_pdu,
 )
+from dicom_ingestd.tls_context import client_context
 
 CONTEXT_ID = 1
 MESSAGE_ID = 1

@@ -37,16 +37,17 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, build_context, negotiate_as_acceptor
 
-from dicom_ingestd import __version__
 from dicom_ingestd.config.schema import Config
+from dicom_ingestd.dicom.pdu import (
+    A_ASSOCIATE_RJ,
+    APPLICATION_CONTEXT,
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION,
+    encode_pdu,
+)
 from dicom_ingestd.worker import negotiation, profile
-from dicom_ingestd.worker.pdu import A_ASSOCIATE_RJ, encode_pdu
 
-APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 VERIFICATION = "1.2.840.10008.1.1"
-# A fixed UUID-derived UID (PS3.5 B.2): ours, registered to nobody else.
-IMPLEMENTATION_CLASS_UID = "2.25.58257340867816946478277521733648859219"
-IMPLEMENTATION_VERSION = ("INGESTD_" + __version__.replace(".", ""))[:16]
 
 # Presentation context results, PS3.8 9.3.3.2.
 CONTEXT_ACCEPTED = 0

@@ -40,9 +40,9 @@ from dicom_ingestd.commitment.dataset import (
 from dicom_ingestd.commitment.spool import RequestHeader, Spool, SpoolError, new_request_id
 from dicom_ingestd.commitment.waits import answer_wait
 from dicom_ingestd.config.schema import Config
-from dicom_ingestd.worker import dimse
+from dicom_ingestd.dicom import dimse
+from dicom_ingestd.dicom.pdu import Channel, encode_p_data
 from dicom_ingestd.worker.acceptor import AcceptedContext
-from dicom_ingestd.worker.pdu import Channel, encode_p_data
 
 log = logging.getLogger("dicom_ingestd.association")
 

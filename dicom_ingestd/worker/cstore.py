@@ -23,11 +23,18 @@ from typing import Protocol
 
 from dicom_ingestd.codes import Status, status_name
 from dicom_ingestd.config.schema import Config
+from dicom_ingestd.dicom import dimse
+from dicom_ingestd.dicom.pdu import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION,
+    Channel,
+    UserAbort,
+)
 from dicom_ingestd.errors import StorageError
 from dicom_ingestd.outbox import StoredObject
 from dicom_ingestd.peer import Peer
 from dicom_ingestd.telemetry import Reporter
-from dicom_ingestd.worker import acceptor, dimse, encode, header
+from dicom_ingestd.worker import acceptor, encode, header
 from dicom_ingestd.worker.identify import (
     DataSetTooLarge,
     Identity,
@@ -37,7 +44,6 @@ from dicom_ingestd.worker.identify import (
 )
 from dicom_ingestd.worker.layout import Layout
 from dicom_ingestd.worker.naming import MissingStudyUID
-from dicom_ingestd.worker.pdu import Channel, UserAbort
 from dicom_ingestd.worker.recorder import Recorder
 from dicom_ingestd.worker.store import Placed, Store, TempFile, sort_holder
 
@@ -183,8 +189,8 @@ class StorageSCP:
 
     def _file_meta(self, command: dimse.Command, transfer_syntax: str) -> bytes:
         return header.file_meta(command.sop_class_uid, command.sop_instance_uid,
-                                transfer_syntax, acceptor.IMPLEMENTATION_CLASS_UID,
-                                acceptor.IMPLEMENTATION_VERSION, self.calling_ae)
+                                transfer_syntax, IMPLEMENTATION_CLASS_UID,
+                                IMPLEMENTATION_VERSION, self.calling_ae)
 
     def finish(self, current: IncomingObject) -> None:
         """The data set is complete: place it, answer the C-STORE, log it."""

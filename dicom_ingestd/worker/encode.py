@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dicom_ingestd.codes import Status
 from dicom_ingestd.config.schema import StorageConfig
 from dicom_ingestd.dcmtk.transfer import DEFLATED_LE, EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE
+from dicom_ingestd.dicom import elements
 from dicom_ingestd.errors import StorageError
-from dicom_ingestd.worker import elements
 from dicom_ingestd.worker.store import Store, TempFile
 
 TRANSFER_SYNTAXES = {

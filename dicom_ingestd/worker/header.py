@@ -11,7 +11,7 @@ falls back to pydicom on the whole file.
 import struct
 
 from dicom_ingestd.dcmtk.transfer import DEFLATED_LE, EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE
-from dicom_ingestd.worker import elements
+from dicom_ingestd.dicom import elements
 
 # The encoding's constants as this reader compares them (VRs as they come off the wire: bytes).
 _LONG_VRS = frozenset(vr.encode() for vr in elements.LONG_VRS)

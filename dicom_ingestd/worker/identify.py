@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from dicom_ingestd.dcmtk.transfer import DEFLATED_LE, EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE
+from dicom_ingestd.dicom import elements
 from dicom_ingestd.errors import IngestError
-from dicom_ingestd.worker import elements, header
+from dicom_ingestd.worker import header
 
 HEAD_BYTES = 1 << 16  # identifying attributes sit in the first few KiB of a data set
 DEFAULT_MAX_DECODED = 512 << 20  # storage.max_decoded_size's default

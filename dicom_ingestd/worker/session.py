@@ -19,12 +19,8 @@ from dicom_ingestd.codes import Ending, Status
 from dicom_ingestd.commitment.dataset import SOP_CLASS as COMMITMENT
 from dicom_ingestd.commitment.dataset import SOP_INSTANCE as COMMITMENT_INSTANCE
 from dicom_ingestd.config.schema import Config
-from dicom_ingestd.peer import Peer, resolve
-from dicom_ingestd.sockets import set_tcp_option
-from dicom_ingestd.telemetry import Reporter
-from dicom_ingestd.worker import acceptor, commitment, dimse, tls
-from dicom_ingestd.worker.cstore import IncomingObject, StorageSCP, journal_extra
-from dicom_ingestd.worker.pdu import (
+from dicom_ingestd.dicom import dimse
+from dicom_ingestd.dicom.pdu import (
     A_ABORT,
     A_ASSOCIATE_RQ,
     A_RELEASE_RQ,
@@ -47,6 +43,11 @@ from dicom_ingestd.worker.pdu import (
     encode_p_data,
     encode_release_rp,
 )
+from dicom_ingestd.peer import Peer, resolve
+from dicom_ingestd.sockets import set_tcp_option
+from dicom_ingestd.telemetry import Reporter
+from dicom_ingestd.worker import acceptor, commitment, tls
+from dicom_ingestd.worker.cstore import IncomingObject, StorageSCP, journal_extra
 from dicom_ingestd.worker.recorder import Recorder
 from dicom_ingestd.worker.store import Store
 

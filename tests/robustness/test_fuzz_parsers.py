@@ -19,7 +19,8 @@ import pytest
 from support import uids
 
 from dicom_ingestd.config.load import config_from_mapping
-from dicom_ingestd.worker import acceptor, dimse, header
+from dicom_ingestd.dicom import dimse
+from dicom_ingestd.worker import acceptor, header
 from dicom_ingestd.worker.identify import Identity, UnreadableDataSet, identify, identify_prefix
 from dicom_ingestd.worker.layout import Layout
 from dicom_ingestd.worker.naming import MissingStudyUID

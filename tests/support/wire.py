@@ -4,7 +4,7 @@ elements built byte by byte (every length can be made to lie), and a blocking re
 It is for what no conforming library sends (a missing implementation UID, lying lengths, a
 stalled PDU, 1,800 presentation contexts); a test that needs an ordinary SCU uses DCMTK's
 tools or pynetdicom.  The wire values are stated here, from PS3.7 and PS3.8, rather than
-imported from dicom_ingestd.worker.pdu or .dimse: the tests check the daemon's bytes against
+imported from dicom_ingestd.dicom.pdu or .dimse: the tests check the daemon's bytes against
 the standard, so a wrong constant in the daemon must make them fail.
 """
 

@@ -15,6 +15,7 @@ import struct
 import time
 from collections.abc import Callable
 
+from dicom_ingestd import __version__
 from dicom_ingestd.errors import IngestError
 from dicom_ingestd.sockets import is_tcp
 
@@ -25,6 +26,13 @@ P_DATA_TF = 0x04
 A_RELEASE_RQ = 0x05
 A_RELEASE_RP = 0x06
 A_ABORT = 0x07
+
+# Who we are on the wire, in every A-ASSOCIATE-RQ/AC we send (receiving and delivering
+# storage commitment reports alike) and in the file meta information of what we store.
+APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+# A fixed UUID-derived UID (PS3.5 B.2): ours, registered to nobody else.
+IMPLEMENTATION_CLASS_UID = "2.25.58257340867816946478277521733648859219"
+IMPLEMENTATION_VERSION = ("INGESTD_" + __version__.replace(".", ""))[:16]
 
 PDU_NAMES = {
     A_ASSOCIATE_RQ: "A-ASSOCIATE-RQ",
