@@ -21,6 +21,23 @@ the check proposes is asked of the worker's own acceptor (`accepted_syntax`).
 import struct
 
 from dicom_ingestd.config.schema import Config
+from dicom_ingestd.dicom.pdu import (
+    A_ASSOCIATE_RQ,
+    A_RELEASE_RP,
+    A_RELEASE_RQ,
+    ITEM_ABSTRACT_SYNTAX,
+    ITEM_APPLICATION_CONTEXT,
+    ITEM_IMPLEMENTATION_CLASS_UID,
+    ITEM_IMPLEMENTATION_VERSION,
+    ITEM_MAX_LENGTH,
+    ITEM_PRESENTATION_CONTEXT_AC,
+    ITEM_PRESENTATION_CONTEXT_RQ,
+    ITEM_TRANSFER_SYNTAX,
+    ITEM_USER_INFORMATION,
+    P_DATA_TF,
+    encode_item,
+    encode_pdu,
+)
 from dicom_ingestd.worker import acceptor
 
 APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
@@ -38,14 +55,6 @@ CALLING_AE = "HEALTHCHECK"
 CONTEXT_ID = 1
 
 
-def _item(item_type: int, value: bytes) -> bytes:
-    return struct.pack(">BxH", item_type, len(value)) + value
-
-
-def _pdu(pdu_type: int, body: bytes) -> bytes:
-    return struct.pack(">BxL", pdu_type, len(body)) + body
-
-
 def _ae(title: str) -> bytes:
     return title.encode("ascii").ljust(16, b" ")[:16]
 
@@ -53,13 +62,16 @@ def _ae(title: str) -> bytes:
 def associate_rq(called_ae: str, calling_ae: str = CALLING_AE,
                  transfer_syntax: bytes = IMPLICIT_VR_LITTLE_ENDIAN) -> bytes:
     """A-ASSOCIATE-RQ proposing Verification with `transfer_syntax` only."""
-    context = struct.pack(">B3x", CONTEXT_ID) + _item(0x30, VERIFICATION) + \
-        _item(0x40, transfer_syntax)
-    user = _item(0x51, struct.pack(">L", MAX_PDU)) + _item(0x52, IMPLEMENTATION_CLASS_UID) + \
-        _item(0x55, IMPLEMENTATION_VERSION)
-    body = struct.pack(">H2x", 1) + _ae(called_ae) + _ae(calling_ae) + bytes(32) + \
-        _item(0x10, APPLICATION_CONTEXT) + _item(0x20, context) + _item(0x50, user)
-    return _pdu(0x01, body)
+    context = (struct.pack(">B3x", CONTEXT_ID) + encode_item(ITEM_ABSTRACT_SYNTAX, VERIFICATION)
+               + encode_item(ITEM_TRANSFER_SYNTAX, transfer_syntax))
+    user = (encode_item(ITEM_MAX_LENGTH, struct.pack(">L", MAX_PDU))
+            + encode_item(ITEM_IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_CLASS_UID)
+            + encode_item(ITEM_IMPLEMENTATION_VERSION, IMPLEMENTATION_VERSION))
+    body = (struct.pack(">H2x", 1) + _ae(called_ae) + _ae(calling_ae) + bytes(32)
+            + encode_item(ITEM_APPLICATION_CONTEXT, APPLICATION_CONTEXT)
+            + encode_item(ITEM_PRESENTATION_CONTEXT_RQ, context)
+            + encode_item(ITEM_USER_INFORMATION, user))
+    return encode_pdu(A_ASSOCIATE_RQ, body)
 
 
 def _element(element: int, value: bytes) -> bytes:
@@ -75,11 +87,11 @@ def echo_rq(message_id: int = 1) -> bytes:
         _element(0x0800, struct.pack("<H", 0x0101))
     command = _element(0x0000, struct.pack("<L", len(elements))) + elements
     pdv = struct.pack(">LBB", len(command) + 2, CONTEXT_ID, 0x03) + command
-    return _pdu(0x04, pdv)
+    return encode_pdu(P_DATA_TF, pdv)
 
 
 def release_rq() -> bytes:
-    return _pdu(0x05, bytes(4))
+    return encode_pdu(A_RELEASE_RQ, bytes(4))
 
 
 # What the answers must match, as HAProxy `rbinary` expressions: the response in hexadecimal,
@@ -87,14 +99,14 @@ def release_rq() -> bytes:
 def accepted(transfer_syntax: bytes = IMPLICIT_VR_LITTLE_ENDIAN) -> str:
     """The A-ASSOCIATE-AC's presentation context item for ours: result 0 (acceptance), with
     its one transfer syntax sub-item."""
-    return "^0200(..)*" + struct.pack(">BxHBxBx", 0x21, 4 + 4 + len(transfer_syntax),
-                                      CONTEXT_ID, 0).hex()
+    return "^0200(..)*" + struct.pack(">BxHBxBx", ITEM_PRESENTATION_CONTEXT_AC,
+                                      4 + 4 + len(transfer_syntax), CONTEXT_ID, 0).hex()
 
 
 ACCEPTED = accepted()
 ECHO_SUCCESS = ("^04(..)*" + _element(0x0100, struct.pack("<H", 0x8030)).hex()
                 + "(..)*" + _element(0x0900, struct.pack("<H", 0)).hex())
-RELEASED = "^" + _pdu(0x06, bytes(4)).hex()
+RELEASED = "^" + encode_pdu(A_RELEASE_RP, bytes(4)).hex()
 
 
 def haproxy_rules(called_ae: str, calling_ae: str = CALLING_AE,

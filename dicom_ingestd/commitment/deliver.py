@@ -39,17 +39,31 @@ from dicom_ingestd.dicom.pdu import (
     A_ASSOCIATE_AC,
     A_ASSOCIATE_RJ,
     A_ASSOCIATE_RQ,
+    A_RELEASE_RQ,
     ABORT_REASON_NOT_SIGNIFICANT,
     ABORT_SOURCE_SERVICE_USER,
     APPLICATION_CONTEXT,
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION,
+    ITEM_ABSTRACT_SYNTAX,
+    ITEM_APPLICATION_CONTEXT,
+    ITEM_IMPLEMENTATION_CLASS_UID,
+    ITEM_IMPLEMENTATION_VERSION,
+    ITEM_MAX_LENGTH,
+    ITEM_PRESENTATION_CONTEXT_AC,
+    ITEM_PRESENTATION_CONTEXT_RQ,
+    ITEM_ROLE_SELECTION,
+    ITEM_TRANSFER_SYNTAX,
+    ITEM_USER_INFORMATION,
     P_DATA_TF,
+    PDV_COMMAND,
+    PDV_LAST,
     Channel,
     PeerClosed,
     PeerTimeout,
     ProtocolError,
     encode_abort,
+    encode_item,
     encode_p_data,
     encode_pdu,
 )
@@ -79,10 +93,6 @@ class Settings:
 
 
 # -- A-ASSOCIATE ---------------------------------------------------------------------------
-def _item(item_type: int, body: bytes) -> bytes:
-    return struct.pack(">BxH", item_type, len(body)) + body
-
-
 def _ae(title: str) -> bytes:
     return title.encode("ascii", "replace")[:16].ljust(16)
 
@@ -90,16 +100,17 @@ def _ae(title: str) -> bytes:
 def associate_rq(settings: Settings) -> bytes:
     """The A-ASSOCIATE-RQ: one context (our transfer syntaxes), the SCP role proposed."""
     uid = SOP_CLASS.encode("ascii")
-    context = struct.pack(">B3x", CONTEXT_ID) + _item(0x30, uid) + b"".join(
-        _item(0x40, ts.encode("ascii")) for ts in TRANSFER_SYNTAXES)
+    context = struct.pack(">B3x", CONTEXT_ID) + encode_item(ITEM_ABSTRACT_SYNTAX, uid) + b"".join(
+        encode_item(ITEM_TRANSFER_SYNTAX, ts.encode("ascii")) for ts in TRANSFER_SYNTAXES)
     role = struct.pack(">H", len(uid)) + uid + bytes((0, 1))  # SCU role no, SCP role yes
-    user = (_item(0x51, struct.pack(">L", settings.max_pdu))
-            + _item(0x52, IMPLEMENTATION_CLASS_UID.encode("ascii"))
-            + _item(0x54, role)
-            + _item(0x55, IMPLEMENTATION_VERSION.encode("ascii")))
+    user = (encode_item(ITEM_MAX_LENGTH, struct.pack(">L", settings.max_pdu))
+            + encode_item(ITEM_IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_CLASS_UID.encode("ascii"))
+            + encode_item(ITEM_ROLE_SELECTION, role)
+            + encode_item(ITEM_IMPLEMENTATION_VERSION, IMPLEMENTATION_VERSION.encode("ascii")))
     body = (struct.pack(">H2x", 1) + _ae(settings.called_ae) + _ae(settings.calling_ae)
-            + bytes(32) + _item(0x10, APPLICATION_CONTEXT.encode("ascii"))
-            + _item(0x20, context) + _item(0x50, user))
+            + bytes(32) + encode_item(ITEM_APPLICATION_CONTEXT, APPLICATION_CONTEXT.encode("ascii"))
+            + encode_item(ITEM_PRESENTATION_CONTEXT_RQ, context)
+            + encode_item(ITEM_USER_INFORMATION, user))
     return encode_pdu(A_ASSOCIATE_RQ, body)
 
 
@@ -117,19 +128,19 @@ def read_ac(body: bytes) -> Accepted:
         item_type, length = struct.unpack_from(">BxH", body, pos)
         value = body[pos + 4:pos + 4 + length]
         pos += 4 + length
-        if item_type == 0x21 and len(value) >= 4 and value[0] == CONTEXT_ID:
+        if item_type == ITEM_PRESENTATION_CONTEXT_AC and len(value) >= 4 and value[0] == CONTEXT_ID:
             result = value[2]
             if len(value) >= 8:
                 syntax = value[8:].decode("ascii", "replace").rstrip("\0 ")
-        elif item_type == 0x50:
+        elif item_type == ITEM_USER_INFORMATION:
             sub = 0
             while sub + 4 <= len(value):
                 sub_type, sub_length = struct.unpack_from(">BxH", value, sub)
                 data = value[sub + 4:sub + 4 + sub_length]
                 sub += 4 + sub_length
-                if sub_type == 0x51 and len(data) == 4:
+                if sub_type == ITEM_MAX_LENGTH and len(data) == 4:
                     max_pdu = struct.unpack(">L", data)[0]
-                elif sub_type == 0x54 and len(data) >= 2:
+                elif sub_type == ITEM_ROLE_SELECTION and len(data) >= 2:
                     uid_length = struct.unpack_from(">H", data)[0]
                     uid = data[2:2 + uid_length].decode("ascii", "replace").rstrip("\0 ")
                     if uid == SOP_CLASS and len(data) >= 4 + uid_length:
@@ -198,10 +209,10 @@ def _read_command(channel: Channel, timeout: float, limit: int) -> dimse.Command
         pos = 0
         while pos + 6 <= len(body):
             length, _context, control = struct.unpack_from(">LBB", body, pos)
-            if control & 0x01:
+            if control & PDV_COMMAND:
                 command += body[pos + 6:pos + 4 + length]
             pos += 4 + length
-            if control & 0x01 and control & 0x02:
+            if control & PDV_COMMAND and control & PDV_LAST:
                 return dimse.decode_command(bytes(command))
 
 
@@ -226,7 +237,7 @@ def deliver(settings: Settings, report_path: str) -> str:
         try:
             accepted = read_ac(body)
         except DeliveryError:
-            channel.send(encode_pdu(0x05, bytes(4)))  # release what we cannot use
+            channel.send(encode_pdu(A_RELEASE_RQ, bytes(4)))  # release what we cannot use
             raise
         event_type, data = encode_event_information(report.transaction_uid, results,
                                                     accepted.transfer_syntax)
@@ -244,7 +255,7 @@ def deliver(settings: Settings, report_path: str) -> str:
         if answer.status != 0:
             status = "none" if answer.status is None else f"0x{answer.status:04X}"
             raise DeliveryError(f"the report was answered with status {status}")
-        channel.send(encode_pdu(0x05, bytes(4)))  # A-RELEASE-RQ
+        channel.send(encode_pdu(A_RELEASE_RQ, bytes(4)))  # A-RELEASE-RQ
         # Delivered whatever comes now (A-RELEASE-RP, or the peer just closing): the
         # response said so.
         with contextlib.suppress(PeerClosed, PeerTimeout, ProtocolError, DeliveryError):

@@ -25,7 +25,8 @@ from typing import Any
 
 from pydicom import config as pydicom_config
 from pydicom.uid import UID
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu import A_ASSOCIATE_AC as AssociateAC
+from pynetdicom.pdu import A_ASSOCIATE_RQ as AssociateRQ
 from pynetdicom.pdu_items import SCP_SCU_RoleSelectionSubItem
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
@@ -39,10 +40,22 @@ from pynetdicom.presentation import PresentationContext, build_context, negotiat
 
 from dicom_ingestd.config.schema import Config
 from dicom_ingestd.dicom.pdu import (
+    A_ASSOCIATE_AC,
     A_ASSOCIATE_RJ,
+    A_ASSOCIATE_RQ,
     APPLICATION_CONTEXT,
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION,
+    ITEM_ABSTRACT_SYNTAX,
+    ITEM_APPLICATION_CONTEXT,
+    ITEM_IMPLEMENTATION_CLASS_UID,
+    ITEM_IMPLEMENTATION_VERSION,
+    ITEM_MAX_LENGTH,
+    ITEM_PRESENTATION_CONTEXT_AC,
+    ITEM_PRESENTATION_CONTEXT_RQ,
+    ITEM_TRANSFER_SYNTAX,
+    ITEM_USER_INFORMATION,
+    encode_item,
     encode_pdu,
 )
 from dicom_ingestd.worker import negotiation, profile
@@ -52,6 +65,8 @@ VERIFICATION = "1.2.840.10008.1.1"
 # Presentation context results, PS3.8 9.3.3.2.
 CONTEXT_ACCEPTED = 0
 CONTEXT_USER_REJECTION = 1
+CONTEXT_ABSTRACT_SYNTAX_NOT_SUPPORTED = 3
+CONTEXT_TRANSFER_SYNTAXES_NOT_SUPPORTED = 4
 
 # A-ASSOCIATE-RJ result / source / reason values, PS3.8 9.3.4.
 REJECTED_PERMANENT = 1
@@ -148,7 +163,7 @@ def decode_request(pdu: bytes) -> tuple[Request, A_ASSOCIATE | PlainRequest, int
 def decode_with_pynetdicom(pdu: bytes) -> tuple[Request, A_ASSOCIATE, int]:
     """decode_request by pynetdicom alone, for any request (RequestError when malformed)."""
     try:
-        rq = A_ASSOCIATE_RQ()
+        rq = AssociateRQ()
         rq.decode(pdu)
         primitive = rq.to_primitive()
         request = Request(
@@ -224,21 +239,32 @@ def _ae_title(field: bytes) -> str | None:
     return title.decode("ascii") if title and _TEXT.fullmatch(field) else None
 
 
+_OUR_APPLICATION_CONTEXT = APPLICATION_CONTEXT.encode("ascii")
+_OUR_CLASS_UID = IMPLEMENTATION_CLASS_UID.encode("ascii")
+_OUR_VERSION = IMPLEMENTATION_VERSION.encode("ascii")
+# The user information of a plain request: maximum length, implementation class UID and
+# optionally its version name, in that order (anything else goes the pynetdicom way).
+_PLAIN_USER_ITEMS = (
+    [ITEM_MAX_LENGTH, ITEM_IMPLEMENTATION_CLASS_UID],
+    [ITEM_MAX_LENGTH, ITEM_IMPLEMENTATION_CLASS_UID, ITEM_IMPLEMENTATION_VERSION],
+)
+
+
 def _decode_plain(pdu: bytes) -> tuple[Request, PlainRequest, int] | None:
     """The plain request of the module docstring, or None for the pynetdicom path."""
-    if len(pdu) < _FIXED or pdu[0] != 0x01 or struct.unpack_from(">L", pdu, 2)[0] != \
+    if len(pdu) < _FIXED or pdu[0] != A_ASSOCIATE_RQ or struct.unpack_from(">L", pdu, 2)[0] != \
             len(pdu) - 6:
         return None
     called, calling = _ae_title(pdu[10:26]), _ae_title(pdu[26:42])
     items = _items(pdu, _FIXED, len(pdu))
     if called is None or calling is None or items is None or len(items) < 3 \
-            or items[0][0] != 0x10 or items[-1][0] != 0x50 \
-            or any(kind != 0x20 for kind, _ in items[1:-1]):
+            or items[0][0] != ITEM_APPLICATION_CONTEXT or items[-1][0] != ITEM_USER_INFORMATION \
+            or any(kind != ITEM_PRESENTATION_CONTEXT_RQ for kind, _ in items[1:-1]):
         return None
     application_context = _uid(items[0][1])
     user = _items(items[-1][1], 0, len(items[-1][1]))
     if application_context is None or user is None \
-            or [kind for kind, _ in user] not in ([0x51, 0x52], [0x51, 0x52, 0x55]) \
+            or [kind for kind, _ in user] not in _PLAIN_USER_ITEMS \
             or len(user[0][1]) != 4:
         return None
     implementation_uid = _uid(user[1][1])
@@ -252,7 +278,8 @@ def _decode_plain(pdu: bytes) -> tuple[Request, PlainRequest, int] | None:
         context_id = value[0] if value else 0
         sub = _items(value, 4, len(value)) if len(value) >= 4 else None
         if not context_id & 1 or context_id in seen or not sub or len(sub) < 2 \
-                or sub[0][0] != 0x30 or any(kind != 0x40 for kind, _ in sub[1:]):
+                or sub[0][0] != ITEM_ABSTRACT_SYNTAX \
+                or any(kind != ITEM_TRANSFER_SYNTAX for kind, _ in sub[1:]):
             return None
         uids = [_uid(uid) for _, uid in sub]
         if None in uids:
@@ -391,10 +418,6 @@ def _rejected(results: list[PresentationContext]) -> list[ProposedContext]:
             for cx in results if cx.result != 0x00]
 
 
-def _item(kind: int, value: bytes) -> bytes:
-    return _ITEM.pack(kind, len(value)) + value
-
-
 def _accept_plain(request: Request, plain: PlainRequest, config: Config) -> Acceptance:
     """negotiate_as_acceptor's answer for a plain request without roles: per proposed
     context, the first of our transfer syntaxes it offers, else 0x04; 0x03 for an abstract
@@ -408,21 +431,24 @@ def _accept_plain(request: Request, plain: PlainRequest, config: Config) -> Acce
         chosen = negotiation.choose_transfer_syntax(ours, cx.transfer_syntax) if ours else None
         if chosen is not None:
             accepted[cx.context_id] = AcceptedContext(cx.context_id, cx.abstract_syntax, chosen)
-            result = 0
+            result = CONTEXT_ACCEPTED
         else:
-            result = 4 if ours else 3
+            result = CONTEXT_TRANSFER_SYNTAXES_NOT_SUPPORTED if ours \
+                else CONTEXT_ABSTRACT_SYNTAX_NOT_SUPPORTED
             rejected.append(ProposedContext(cx.context_id, cx.abstract_syntax,
                                             cx.transfer_syntax[:1], result))
-        answers.append(_item(0x21, bytes((cx.context_id, 0, result, 0)) + _item(
-            0x40, (chosen or cx.transfer_syntax[0]).encode("ascii"))))
-    user = (_item(0x51, struct.pack(">L", config.network.max_pdu))
-            + _item(0x52, IMPLEMENTATION_CLASS_UID.encode("ascii"))
-            + _item(0x55, IMPLEMENTATION_VERSION.encode("ascii")))
+        syntax = (chosen or cx.transfer_syntax[0]).encode("ascii")
+        answers.append(encode_item(ITEM_PRESENTATION_CONTEXT_AC,
+                                   bytes((cx.context_id, 0, result, 0))
+                                   + encode_item(ITEM_TRANSFER_SYNTAX, syntax)))
+    user = (encode_item(ITEM_MAX_LENGTH, struct.pack(">L", config.network.max_pdu))
+            + encode_item(ITEM_IMPLEMENTATION_CLASS_UID, _OUR_CLASS_UID)
+            + encode_item(ITEM_IMPLEMENTATION_VERSION, _OUR_VERSION))
     body = b"".join((struct.pack(">HH", 1, 0), plain.called_ae_title.ljust(16).encode("ascii"),
                      plain.calling_ae_title.ljust(16).encode("ascii"), bytes(32),
-                     _item(0x10, APPLICATION_CONTEXT.encode("ascii")), *answers,
-                     _item(0x50, user)))
-    return Acceptance(accepted, rejected, struct.pack(">BxL", 0x02, len(body)) + body)
+                     encode_item(ITEM_APPLICATION_CONTEXT, _OUR_APPLICATION_CONTEXT), *answers,
+                     encode_item(ITEM_USER_INFORMATION, user)))
+    return Acceptance(accepted, rejected, struct.pack(">BxL", A_ASSOCIATE_AC, len(body)) + body)
 
 
 def _reject_all_but_verification(results: list[PresentationContext]) -> None:
@@ -432,7 +458,7 @@ def _reject_all_but_verification(results: list[PresentationContext]) -> None:
 
 
 def _encode_ac(primitive: A_ASSOCIATE, config: Config, results: list[PresentationContext],
-               extra: list[Any]) -> A_ASSOCIATE_AC:
+               extra: list[Any]) -> AssociateAC:
     """The A-ASSOCIATE-AC PDU for `results`, with `extra` user information primitives."""
     reply = A_ASSOCIATE()
     reply.application_context_name = APPLICATION_CONTEXT
@@ -448,7 +474,7 @@ def _encode_ac(primitive: A_ASSOCIATE, config: Config, results: list[Presentatio
     impl_version = ImplementationVersionNameNotification()
     impl_version.implementation_version_name = IMPLEMENTATION_VERSION
     reply.user_information = [max_length, impl_uid, impl_version, *extra]
-    ac = A_ASSOCIATE_AC()
+    ac = AssociateAC()
     ac.from_primitive(reply)
     return ac
 
