@@ -126,12 +126,14 @@ def _key(association: str) -> bytes:
     return association.encode("ascii", "replace")[:KEY_BYTES]
 
 
-def _utf8(text: str, size: int) -> bytes:
-    """`text` in at most `size` bytes of UTF-8, cut at a character boundary."""
+def _utf8(text: str, size: int, cut_mark: str = "") -> bytes:
+    """`text` in at most `size` bytes of UTF-8, cut at a character boundary; a text that was
+    cut ends with `cut_mark`, so that whoever reads it knows there was more."""
     data = text.encode("utf-8", "replace")
     if len(data) <= size:
         return data
-    return data[:size].decode("utf-8", "ignore").encode("utf-8")
+    mark = cut_mark.encode("utf-8")
+    return data[:size - len(mark)].decode("utf-8", "ignore").encode("utf-8") + mark
 
 
 def _encode_report(report: AssociationReport) -> bytes:
@@ -140,7 +142,9 @@ def _encode_report(report: AssociationReport) -> bytes:
     counts = report.commit_counts or (0,) * (len(COMMIT_BUCKETS) + 1)
     peer = _utf8(report.peer, PEER_BYTES)
     calling_ae = _utf8(report.calling_ae, AE_BYTES)
-    error = _utf8(report.last_error, ERROR_BYTES)
+    # A hostile peer can make an error text long (a 1,500-character UID quoted in it); the
+    # status shows where it was cut, the journal line has all of it.
+    error = _utf8(report.last_error, ERROR_BYTES, cut_mark=" […]")
     outcome = 0 if report.outcome is None else 1 + _ENDINGS.index(report.outcome)
     return b"".join([
         _REPORT.pack(_TYPE_REPORT, outcome, len(report.statuses), report.pid,
