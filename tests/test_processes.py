@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from dicom_ingestd.processes import describe_exit, describe_returncode, start_ticks, started_at
 
@@ -24,11 +25,14 @@ def test_exit_statuses_read_alike_from_waitpid_and_from_subprocess() -> None:
         assert describe_returncode(returncode) == said
 
 
-def test_a_core_dump_is_said() -> None:
+def test_a_core_dump_is_said(tmp_path: Path) -> None:
+    # SIG_DFL first: a disposition inherited as ignored (from whatever started the suite)
+    # would make the kill a no-op; the core, if any, lands in tmp_path.
     popen = subprocess.Popen([sys.executable, "-c",
                               "import os, resource, signal\n"
                               "resource.setrlimit(resource.RLIMIT_CORE, (1 << 30, 1 << 30))\n"
-                              "os.chdir('/tmp'); os.kill(os.getpid(), signal.SIGQUIT)"])
+                              "signal.signal(signal.SIGQUIT, signal.SIG_DFL)\n"
+                              "os.kill(os.getpid(), signal.SIGQUIT)"], cwd=tmp_path)
     _, status = os.waitpid(popen.pid, 0)
     said = describe_exit(status)
     assert said.startswith("killed by SIGQUIT")

@@ -1,6 +1,7 @@
 """pynetdicom as the SCU, for tests that want a conforming peer other than DCMTK's tools."""
 
 import contextlib
+import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,23 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.sop_class import CTImageStorage, Verification
+
+
+def park_reactor(assoc: Association, settle: float = 0.02) -> None:
+    """Before a send_*() right after another exchange: park pynetdicom's reactor thread.
+
+    pynetdicom (3.0) pauses its reactor for a send_*() by clearing a checkpoint and waiting
+    for `_is_paused`, which the reactor sets *before* its wait on that checkpoint.  A reactor
+    that had just passed the wait (the checkpoint still set) is taken for paused, goes on
+    to take the response off the queue as an "unexpected" message, and the send_*() waits
+    out its DIMSE timeout: a 30 s failure that only a loaded machine shows.  Cleared here
+    first, the checkpoint stops the reactor at its next turn (it sleeps 1 ms per turn);
+    `settle` gives it that turn before send_*() looks."""
+    assoc._reactor_checkpoint.clear()
+    deadline = time.monotonic() + 5.0
+    while not assoc._is_paused and time.monotonic() < deadline:
+        time.sleep(0.0005)
+    time.sleep(settle)
 
 
 def pynetdicom_store(port: int, path: Path) -> int:
