@@ -58,6 +58,17 @@ def fd_count(pid: int) -> int:
     return len(list(Path(f"/proc/{pid}/fd").iterdir()))
 
 
+def accept_queue(port: int) -> int:
+    """Connections waiting in the accept queue of the IPv4 listener on `port` (the rx_queue
+    of a LISTEN socket in /proc/net/tcp is its backlog); -1 when there is no such listener."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, state, queues = fields[1], fields[3], fields[4]
+        if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+            return int(queues.split(":")[1], 16)
+    return -1
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

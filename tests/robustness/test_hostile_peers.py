@@ -655,9 +655,15 @@ def test_out_of_descriptors_the_master_pauses_instead_of_spinning(daemon_factory
         for sock in socks:
             sock.close()
     # The silent peers time out (acse_timeout): descriptors come back, accepting resumes.
+    # Closed by us, they still wait in the listener's queue until the master has accepted
+    # each (and handed it to a worker that sees the close): a connection queued behind them
+    # would meet the limit again.  Drained means: queue empty, no worker busy, descriptors back.
+    wait_until(lambda: harness.accept_queue(daemon.port) == 0, 30,
+               lambda: f"accept queue drained: {harness.accept_queue(daemon.port)} waiting")
     harness.wait_until_no_workers(pid, timeout=30)
     wait_until(lambda: harness.fd_count(pid) < 40, 10,
                lambda: f"under 40 descriptors: {harness.fd_count(pid)}")
+    assert harness.accept_queue(daemon.port) == 0
     from support.peers import storescu
     storescu(daemon.port, bundled("CT_small.dcm"), timeout=60)
     assert len(daemon.files()) == 1
