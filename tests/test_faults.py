@@ -593,6 +593,22 @@ def test_hostile_values_through_pynetdicom(tmp_path: Path, daemon_factory: Any,
 # --- start-up cleanup and logging ---------------------------------------------------------
 
 
+def _start_over_an_hour_old_leftover(tmp_path: Path, daemon_factory: Any, pid: int) -> Daemon:
+    """Start a daemon on an output directory whose staging holds a .part file of `pid`,
+    last written an hour ago; assert that start-up removed it."""
+    out = tmp_path / "out"
+    staging = out / STAGING
+    staging.mkdir(parents=True)
+    leftover = staging / f"{pid}-0-0123abcd.part"
+    leftover.write_bytes(b"\0" * 4096)
+    old = time.time() - 3600
+    os.utime(leftover, (old, old))
+    daemon: Daemon = daemon_factory({"storage": {"output_directory": str(out)}})
+    assert daemon.staging() == [], (
+        f"leftover {leftover.name} kept at start-up; log:\n{daemon.log()[:2000]}")
+    return daemon
+
+
 def test_leftover_of_a_pid_now_used_by_another_process_is_removed(
         tmp_path: Path, daemon_factory: Any) -> None:
     """After a reboot, a crashed worker's pid may belong to any process (here: pid 1).
@@ -601,16 +617,7 @@ def test_leftover_of_a_pid_now_used_by_another_process_is_removed(
     whose pid is alive but is no dicom-ingestd process is a leftover all the same, and must be
     removed at start-up like any other.
     """
-    out = tmp_path / "out"
-    staging = out / STAGING
-    staging.mkdir(parents=True)
-    leftover = staging / "1-0-0123abcd.part"
-    leftover.write_bytes(b"\0" * 4096)
-    old = time.time() - 3600
-    os.utime(leftover, (old, old))
-    daemon = daemon_factory({"storage": {"output_directory": str(out)}})
-    assert daemon.staging() == [], (
-        f"leftover {leftover.name} kept at start-up; log:\n{daemon.log()[:2000]}")
+    daemon = _start_over_an_hour_old_leftover(tmp_path, daemon_factory, pid=1)
     assert "removed 1 partial object(s) left by an earlier crash" in daemon.log()
 
 
@@ -619,16 +626,7 @@ def test_leftover_of_a_pid_now_used_by_a_younger_daemon_is_removed(
     """The crashed worker's pid now belongs to a dicom-ingestd process after all -- one that
     started after the file was last written, so it cannot be its writer: a leftover."""
     other = daemon_factory({"storage": {"output_directory": str(tmp_path / "other")}})
-    out = tmp_path / "out"
-    staging = out / STAGING
-    staging.mkdir(parents=True)
-    leftover = staging / f"{other.proc.pid}-0-0123abcd.part"
-    leftover.write_bytes(b"\0" * 4096)
-    old = time.time() - 3600
-    os.utime(leftover, (old, old))
-    daemon = daemon_factory({"storage": {"output_directory": str(out)}})
-    assert daemon.staging() == [], (
-        f"leftover {leftover.name} kept at start-up; log:\n{daemon.log()[:2000]}")
+    _start_over_an_hour_old_leftover(tmp_path, daemon_factory, pid=other.proc.pid)
 
 
 def test_idle_daemon_with_debug_log_next_to_its_config_stays_quiet(daemon: Daemon) -> None:
