@@ -16,11 +16,16 @@ import pytest
 from support.daemon import REPO, Daemon, start_daemon
 from support.peers import require_tool
 from support.recorder import RECORDER_SOURCE, Recorder
+from support.scu import park_before_every_send
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", default=False,
                      help="also run the long robustness tests (marked slow)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    park_before_every_send()  # pynetdicom's reactor race (support.scu.park_reactor)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

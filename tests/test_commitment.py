@@ -32,7 +32,6 @@ from support.daemon import Daemon, free_port
 from support.data import make_study
 from support.mounts import mounted_tmpfs
 from support.peers import require_tool
-from support.scu import park_reactor
 from support.uids import APPLICATION_CONTEXT, EXPLICIT_LE
 from support.uids import CT_IMAGE as CT
 from support.uids import MR_IMAGE as MR
@@ -312,7 +311,6 @@ def request(port: int, dataset: Dataset | None, *, calling: str = MODALITY,
     while time.monotonic() < deadline and not reports:
         time.sleep(0.05)
     # The association goes on serving after whatever came before.
-    park_reactor(assoc)
     assert assoc.send_c_echo().Status == 0
     assoc.release()
     return code, reports

@@ -16,7 +16,7 @@ from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 
-def park_reactor(assoc: Association, settle: float = 0.02) -> None:
+def park_reactor(assoc: Association, settle: float = 0.01) -> None:
     """Before a send_*() right after another exchange: park pynetdicom's reactor thread.
 
     pynetdicom (3.0) pauses its reactor for a send_*() by clearing a checkpoint and waiting
@@ -26,11 +26,31 @@ def park_reactor(assoc: Association, settle: float = 0.02) -> None:
     out its DIMSE timeout: a 30 s failure that only a loaded machine shows.  Cleared here
     first, the checkpoint stops the reactor at its next turn (it sleeps 1 ms per turn);
     `settle` gives it that turn before send_*() looks."""
+    if not assoc.is_established:
+        return  # send_*() refuses on its own; a reactor that ended never parks
     assoc._reactor_checkpoint.clear()
     deadline = time.monotonic() + 5.0
     while not assoc._is_paused and time.monotonic() < deadline:
         time.sleep(0.0005)
     time.sleep(settle)
+
+
+def park_before_every_send() -> None:
+    """Make every pynetdicom send_*() the tests use park the reactor first (park_reactor):
+    the race is the client library's, in every send after an exchange, so it is closed once
+    here rather than at each call (called from conftest.py)."""
+    for name in ("send_c_echo", "send_c_store", "send_n_action"):
+        original = getattr(Association, name)
+        if getattr(original, "parks_reactor", False):
+            continue
+
+        def parked(self: Association, *args: Any, _send: Any = original,
+                   **kwargs: Any) -> Any:
+            park_reactor(self)
+            return _send(self, *args, **kwargs)
+
+        parked.parks_reactor = True  # type: ignore[attr-defined]
+        setattr(Association, name, parked)
 
 
 def pynetdicom_store(port: int, path: Path) -> int:
