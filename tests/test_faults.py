@@ -295,6 +295,38 @@ def test_peer_leaving_mid_data_set_leaves_nothing(daemon: Daemon, how: str) -> N
     assert [p.name for p in daemon.files()] == [f"CT.{ds.SOPInstanceUID}"]
 
 
+@pytest.mark.parametrize("how", ["release", "a-abort", "tcp-close"])
+def test_storage_association_without_a_c_store_leaves_nothing(daemon: Daemon,
+                                                             how: str) -> None:
+    """The first object's temporary file is made as soon as a storage context is accepted
+    (while the peer sends the object); an association that then stores nothing must not
+    leave it behind, whichever way it ends, and a Verification-only one makes none."""
+    echo_only = associate(daemon.port, [(1, VERIFICATION, [IMPLICIT_LE])])
+    try:
+        time.sleep(0.2)  # ample for a file to appear, were one made
+        assert daemon.staging() == [], "a Verification-only association made a staging file"
+    finally:
+        release(echo_only)
+    assoc = associate(daemon.port)
+    try:
+        wait_until(lambda: any(p.name.endswith(".part") for p in daemon.staging()), 10,
+                   lambda: f"the first object's temporary file, made at once:\n{daemon.log()}")
+        if how == "release":
+            release(assoc)
+            assert daemon.staging() == [], "a temporary file outlived the A-RELEASE-RP"
+        elif how == "a-abort":
+            assoc.sock.sendall(ABORT_PDU)
+    finally:
+        assoc.close()
+    wait_until(lambda: daemon.staging() == [], 10,
+               lambda: f"staging emptied: {daemon.staging()}\n{daemon.log()}")
+    assert tree_outside_staging(daemon.out) == []
+    source = data_file("CT_small.dcm")
+    storescu(daemon.port, source, timeout=30)
+    assert [p.name for p in daemon.files()] == [f"CT.{dcmread(source).SOPInstanceUID}"]
+    assert daemon.staging() == []
+
+
 # --- a full disk ---------------------------------------------------------------------------
 
 

@@ -294,6 +294,10 @@ class Session:
             for rcx in acceptance.rejected:
                 log.log(pc_level, "%s:   context %s rejected (result %s): %s", self._who(),
                         rcx.context_id, rcx.result, rcx.abstract_syntax)
+        if any(cx.abstract_syntax not in (VERIFICATION, COMMITMENT)
+               for cx in self.contexts.values()):
+            # Storage was accepted: the first object's file is made while the peer sends it.
+            self._storage_scp().prepare()
         return True
 
     # -- data transfer ---------------------------------------------------------------------

@@ -26,7 +26,9 @@ fsync their first files in a brand-new study directory at the same instant, one 
 answered before the other has finished writing that directory's entry.
 
 With fsync on, writeback of a large object starts every WRITEBACK_STEP bytes while it is
-received (sync_file_range without waiting), so the disk works while the network delivers.
+received (sync_file_range without waiting), so the disk works while the network delivers, and
+the rest starts once the last byte is in (TempFile.finish), so the disk works while the object
+is read and named; commit() waits for it (TempFile.settle) before any name points at the file.
 """
 
 import contextlib
@@ -218,7 +220,8 @@ class TempFile:
         self._one_commit = one_commit
         self._writeback = writeback and _sync_file_range is not None
         self._written_back = 0  # bytes handed to the disk early (WRITEBACK_STEP)
-        self.fsync_after_link = False  # finish() wrote the data out; commit() fsyncs
+        self.fsync_after_link = False  # settle() wrote the data out; commit() fsyncs
+        self._settle: Callable[[int], None] | None = None  # what settle() still waits for
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o644, dir_fd=staging_fd)
         self._file = open(fd, "wb", buffering=1 << 18)  # noqa: SIM115 - closed in close()
@@ -267,16 +270,39 @@ class TempFile:
         self._written_back = self.size
 
     def finish(self, fsync: bool) -> None:
-        """Flush (and fsync) the data; raise StorageError if anything failed.
+        """The data is complete: flush it; raise StorageError if anything failed.
 
-        On the one-commit path the data is only written out here and the file stays open:
-        commit() fsyncs it after the link (fsync_after_link).
+        With `fsync` the file stays open and its writeback only starts here: the caller
+        reads and names the object while the disk writes, and `settle()` (which commit()
+        calls before the link) waits for the data.  On the one-commit path that wait only
+        writes the data out, and commit() fsyncs the file after the link
+        (fsync_after_link); otherwise settle() fsyncs it.  Without `fsync` it is closed.
         """
-        if fsync and self._one_commit and _sync_file_range is not None:
-            self._sync_and_close(_write_out, keep_open=True)
+        if not fsync:
+            self._sync_and_close(_no_sync)
+            return
+        if self._one_commit and _sync_file_range is not None:
+            self._settle = _write_out
             self.fsync_after_link = True
         else:
-            self._sync_and_close(os.fsync if fsync else _no_sync)
+            self._settle = os.fsync
+        if self.error is None:
+            try:
+                self._file.flush()
+            except OSError as exc:
+                self.error = _resource_error(exc, f"cannot write {self.path}")
+        if self.error is not None:
+            self.close()
+            raise self.error
+        if self._writeback and self.size > self._written_back:
+            self._start_writeback()
+
+    def settle(self) -> None:
+        """Wait until the data finish() flushed is on disk (a no-op without fsync); raise
+        StorageError if it cannot be.  Never link a name to the file before this."""
+        sync, self._settle = self._settle, None
+        if sync is not None:
+            self._sync_and_close(sync, keep_open=self.fsync_after_link)
 
     def fsync_and_close(self) -> None:
         """The one commit of the ext4 path, after the link: data, inode and new name."""
@@ -576,6 +602,7 @@ class Store:
             raise _resource_error(exc, f"cannot create {'/'.join(directories)}") from None
         placed: str | None = None
         try:
+            temp.settle()  # the data on disk before any name points at it
             if replace:
                 os.rename(temp.name, candidates[0], src_dir_fd=self._staging_fd,
                           dst_dir_fd=dir_fd)
