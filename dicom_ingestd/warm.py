@@ -25,6 +25,7 @@ from dicom_ingestd import handoff, ipc
 from dicom_ingestd.assignment import Assignment, session_for
 from dicom_ingestd.codes import Ending, ExitCode
 from dicom_ingestd.config.schema import Config
+from dicom_ingestd.dicom import pdu
 from dicom_ingestd.handoff import Verdict
 from dicom_ingestd.worker.session import Outcome
 from dicom_ingestd.worker.store import Store
@@ -62,9 +63,22 @@ class Hygiene:
 
     @classmethod
     def now(cls) -> "Hygiene":
-        with open("/proc/self/statm", "rb") as statm:
-            resident = int(statm.read().split()[1]) * PAGE_SIZE
-        return cls(frozenset(int(fd) for fd in os.listdir("/proc/self/fd")), resident)
+        resident = int(os.pread(_statm(), 64, 0).split()[1]) * PAGE_SIZE
+        return cls(frozenset(map(int, os.listdir("/proc/self/fd"))), resident)
+
+
+_STATM: list[int] = []  # [pid, descriptor] of this process's open /proc/self/statm
+
+
+def _statm() -> int:
+    """This process's /proc/PID/statm, opened at its first Hygiene (the baseline, so the
+    descriptor is part of it) and kept: a pread at offset 0 reads it anew, one system call
+    after each association instead of an open, fstat, ioctl, read and close.  The file names
+    the process that opened it, so a forked child opens its own."""
+    pid = os.getpid()
+    if not _STATM or _STATM[0] != pid:
+        _STATM[:] = [pid, os.open(f"/proc/{pid}/statm", os.O_RDONLY | os.O_CLOEXEC)]
+    return _STATM[1]
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -81,7 +95,7 @@ def set_name(name: bytes) -> None:
     """Name this process (15 bytes at most) for ps and top; best effort."""
     if _LIBC is not None:
         with contextlib.suppress(Exception):
-            _LIBC.prctl(_PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+            _LIBC.prctl(_PR_SET_NAME, name, 0, 0, 0)  # bytes pass as a char *
 
 
 def own_name() -> bytes:
@@ -131,6 +145,10 @@ def serve(control: socket.socket, generation: Generation, channel: ipc.Channel,
           counters: ipc.Channel) -> ExitCode:
     """Serve assignments from `control` until told (or allowed) no more; the exit code."""
     reset_signals()
+    # Allocated (and its pages touched) now, once per worker, not in each association's
+    # critical path; every association's channel takes it and gives it back (pdu.py says why
+    # no peer can read another's bytes through it).
+    pdu.reserve_buffer()
     baseline = Hygiene.now()
     served = 0
     while True:

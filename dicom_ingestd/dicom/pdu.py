@@ -86,6 +86,27 @@ _PDV_HEADER = struct.Struct(">LBB")
 _BUFFER_SIZE = 1 << 18  # larger than the largest PDU we advertise, so a PDU header never wraps
 RATE_WINDOW = 60.0  # seconds: the longest stretch over which the minimum rate is measured
 
+# Read buffers given back by finished channels (Channel.release), for the next one: a fresh
+# 256 KiB buffer costs an mmap, 64 page faults to zero it and a munmap, every association.  At
+# most one is kept: a warm worker serves one association at a time (single-process mode's
+# threads allocate the rest).  list.append/pop are atomic, so threads may share it.
+_SPARE: list[bytearray] = []
+_SPARE_MOST = 1
+
+
+def reserve_buffer() -> None:
+    """Have a read buffer ready for the next channel (a warm worker, before it serves: its
+    memory baseline then includes the buffer, and its first association finds it)."""
+    if len(_SPARE) < _SPARE_MOST:
+        _SPARE.append(bytearray(_BUFFER_SIZE))
+
+
+def _take_buffer() -> bytearray:
+    try:
+        return _SPARE.pop()
+    except IndexError:
+        return bytearray(_BUFFER_SIZE)
+
 
 class PeerClosed(IngestError):
     """The peer closed the TCP connection."""
@@ -113,9 +134,21 @@ class Channel:
 
     `io_timeout` bounds every single read or write (storescp's socket timeout); callers pass a
     further absolute `deadline` (time.monotonic()) for "the next message must start by then"
-    (ARTIM / DIMSE timeouts).  `quickack` re-arms TCP_QUICKACK before each read: Linux clears it
-    after use, and a sender with Nagle on otherwise stalls ~40 ms per object on our delayed ACK
-    (TCP only: a Unix socket from socket activation has no such option).
+    (ARTIM / DIMSE timeouts).  `quickack` re-arms TCP_QUICKACK before each read that has to
+    wait: Linux clears it after use, and a sender with Nagle on otherwise stalls ~40 ms per
+    object on our delayed ACK (TCP only: a Unix socket from socket activation has no such
+    option).
+
+    A plain socket is switched to non-blocking mode once, and each read waits with poll()
+    only when the peer's bytes are not there yet: the deadlines change with every read, and
+    socket timeouts would cost an ioctl per change plus a poll before every recv.  A TLS
+    socket keeps socket timeouts (its reads may need writes, and the reverse).
+
+    The read buffer is reused across channels (`release`, `_SPARE`).  No byte of an earlier
+    peer can be read through it: every read takes bytes from buffer[_start:_end] only, a
+    channel starts with _start = _end = 0, and _end moves past exactly the bytes recv_into
+    wrote in this channel (compaction copies only [_start:_end] down), so what lies beyond
+    _end is never returned.  The buffer is not zeroed: no read goes past what was received.
     """
 
     def __init__(self, sock: socket.socket, io_timeout: float | None, quickack: bool,
@@ -123,12 +156,14 @@ class Channel:
         self.sock = sock
         self.io_timeout = io_timeout
         self.quickack = quickack and hasattr(socket, "TCP_QUICKACK") and is_tcp(sock)
-        self._buf = bytearray(_BUFFER_SIZE)
+        self._buf = _take_buffer()
         self._view = memoryview(self._buf)
-        self._start = 0
+        self._start = 0  # the unread bytes are _buf[_start:_end] (see the class docstring)
         self._end = 0
         self._timeout: float | None = -1.0  # never a real value: the first call sets it
-        self._timed_sock: socket.socket | None = None
+        self._timed_sock: socket.socket | None = None  # whose timeout/mode was set last
+        self._poll: select.poll | None = None  # set: a plain socket in non-blocking mode
+        self._sent = False  # sent since the last read: the peer's answer is not here yet
         # The minimum transfer rate (network.min_transfer_rate) while armed: each `window`
         # seconds spent blocked in recv must bring min_rate * window bytes.  Only time spent
         # waiting for the peer counts, so our own disk stalls never count against it.
@@ -157,11 +192,65 @@ class Channel:
                 f"less than network.min_transfer_rate ({self.min_rate} bytes/s)")
         self._waited, self._received = 0.0, 0
 
+    def release(self) -> None:
+        """The association is over: give the read buffer back for the next channel; this
+        one reads nothing more."""
+        buf = self._buf
+        self._buf = bytearray()
+        self._view = memoryview(self._buf)
+        self._start = self._end = 0
+        if len(buf) == _BUFFER_SIZE and len(_SPARE) < _SPARE_MOST:
+            _SPARE.append(buf)
+
+    def _plain(self) -> "select.poll | None":
+        """The poll object of a plain socket, switched to non-blocking mode at its first use
+        (None: a TLS socket, which keeps socket timeouts)."""
+        if self.sock is not self._timed_sock:
+            self._timed_sock, self._timeout = self.sock, -1.0
+            self._poll = None
+            if not isinstance(self.sock, ssl.SSLSocket):
+                self.sock.setblocking(False)
+                self._poll = select.poll()
+                self._poll.register(self.sock, select.POLLIN)
+        return self._poll
+
     def _set_timeout(self, timeout: float | None) -> None:
         # settimeout() costs an ioctl each call; most calls repeat the previous value.
-        if timeout != self._timeout or self.sock is not self._timed_sock:
+        if timeout != self._timeout:
             self.sock.settimeout(timeout)
-            self._timeout, self._timed_sock = timeout, self.sock
+            self._timeout = timeout
+
+    def _quickack(self) -> None:
+        if self.quickack:
+            try:
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            except OSError:  # a tuning option never ends a connection
+                self.quickack = False
+
+    def _recv(self, timeout: float | None) -> int | None:
+        """recv_into the free part of the buffer within `timeout`: the byte count (0: the
+        peer closed), None when poll() said readable but nothing came (wait again).  Raises
+        TimeoutError and OSError as a blocking socket's recv_into does."""
+        free = self._view[self._end:]
+        poll = self._plain()
+        if poll is None:
+            self._set_timeout(timeout)
+            self._quickack()
+            return self.sock.recv_into(free)
+        if not self._sent:  # what the peer sent may well be here: one system call then
+            try:
+                return self.sock.recv_into(free)
+            except BlockingIOError:
+                pass
+        self._sent = False
+        # About to wait: ACK now what came so far (a Nagle sender holds its tail until then).
+        self._quickack()
+        if not poll.poll(None if timeout is None else timeout * 1000):
+            raise TimeoutError
+        try:
+            return self.sock.recv_into(free)
+        except BlockingIOError:
+            return None
 
     # -- reading -------------------------------------------------------------------------
     def _fill(self, deadline: float | None) -> None:
@@ -184,15 +273,9 @@ class Channel:
                 left = self.window - self._waited
                 if timeout is None or left < timeout:
                     timeout, window_ends = max(left, 0.001), True
-            self._set_timeout(timeout)
-            if self.quickack:
-                try:
-                    self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-                except OSError:  # a tuning option never ends a connection
-                    self.quickack = False
             started = time.monotonic()
             try:
-                n = self.sock.recv_into(self._view[self._end:])
+                n = self._recv(timeout)
             except TimeoutError:
                 if not window_ends:
                     raise PeerTimeout("timed out waiting for the peer") from None
@@ -201,6 +284,10 @@ class Channel:
                 continue
             except OSError as exc:
                 raise PeerClosed(f"connection lost: {exc.strerror or exc}") from None
+            if n is None:  # a readiness without data: count the wait, wait again
+                if self._armed:
+                    self._waited += time.monotonic() - started
+                continue
             if n == 0:
                 raise PeerClosed("peer closed the connection")
             self._end += n
@@ -219,6 +306,9 @@ class Channel:
             return True
         if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
             return True
+        poll = self._plain()
+        if poll is not None:
+            return bool(poll.poll(0))
         readable, _, _ = select.select([self.sock], [], [], 0)
         return bool(readable)
 
@@ -258,6 +348,9 @@ class Channel:
         if pending is not None and pending():
             return True
         try:
+            poll = self._plain()
+            if poll is not None:
+                return bool(poll.poll(timeout * 1000))
             readable, _, _ = select.select([self.sock], [], [], timeout)
         except (OSError, ValueError):
             return True
@@ -282,13 +375,39 @@ class Channel:
     # -- writing -------------------------------------------------------------------------
     def send(self, data: bytes) -> None:
         """Send one whole PDU, bounded by the I/O timeout."""
-        self._set_timeout(self.io_timeout)
+        self._sent = True
         try:
-            self.sock.sendall(data)
+            if self._plain() is None:
+                self._set_timeout(self.io_timeout)
+                self.sock.sendall(data)
+            else:
+                self._send_plain(data)
         except TimeoutError:
             raise PeerTimeout("timed out sending to the peer") from None
         except OSError as exc:
             raise PeerClosed(f"connection lost: {exc.strerror or exc}") from None
+
+    def _send_plain(self, data: bytes) -> None:
+        """sendall on the non-blocking socket: the I/O timeout bounds the whole PDU, as it
+        bounds a blocking sendall."""
+        view = memoryview(data)
+        deadline: float | None = None
+        writable: select.poll | None = None
+        while view:
+            try:
+                view = view[self.sock.send(view):]
+                continue
+            except BlockingIOError:
+                pass
+            if writable is None:  # the peer is not reading: rare, set up the wait now
+                writable = select.poll()
+                writable.register(self.sock, select.POLLOUT)
+                if self.io_timeout is not None:
+                    deadline = time.monotonic() + self.io_timeout
+            left = None if deadline is None else deadline - time.monotonic()
+            if (left is not None and left <= 0) or not writable.poll(
+                    None if left is None else left * 1000):
+                raise TimeoutError
 
 
 def encode_pdu(pdu_type: int, body: bytes) -> bytes:

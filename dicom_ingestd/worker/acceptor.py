@@ -152,12 +152,34 @@ class RequestError(Exception):
     """The A-ASSOCIATE-RQ PDU could not be decoded."""
 
 
+# A sender sends the same A-ASSOCIATE-RQ bytes association after association (its AE titles,
+# its contexts, its implementation), and a warm worker serves one configuration: the plain
+# path's decoding and answer are remembered per request bytes (the answer also per
+# configuration, by identity) and a repeated request costs a dictionary lookup.  Both are
+# pure functions of those inputs, so a remembered answer is the one a fresh decode would
+# give; the values are shared between associations and never changed by them.
+_REMEMBER_MOST = 16  # distinct requests (senders) per process
+_REMEMBER_BYTES = 4096  # larger requests (dozens of contexts) are decoded every time
+_decoded: dict[bytes, tuple["Request", "PlainRequest", int]] = {}
+_answered: dict[bytes, tuple[Config, "Acceptance"]] = {}
+
+
+def _remember(memo: dict[bytes, Any], pdu: bytes, value: object) -> None:
+    if len(pdu) <= _REMEMBER_BYTES:
+        if len(memo) >= _REMEMBER_MOST:
+            memo.clear()  # atomic, unlike evicting one (single-process mode's threads)
+        memo[pdu] = value
+
+
 def decode_request(pdu: bytes) -> tuple[Request, A_ASSOCIATE | PlainRequest, int]:
     """Decode a whole A-ASSOCIATE-RQ PDU into (Request, primitive, protocol version)."""
-    plain = _decode_plain(pdu)
-    if plain is not None:
-        return plain
-    return decode_with_pynetdicom(pdu)
+    plain = _decoded.get(pdu)
+    if plain is None:
+        plain = _decode_plain(pdu)
+        if plain is None:
+            return decode_with_pynetdicom(pdu)
+        _remember(_decoded, pdu, plain)
+    return plain
 
 
 def decode_with_pynetdicom(pdu: bytes) -> tuple[Request, A_ASSOCIATE, int]:
@@ -373,7 +395,12 @@ def accept(request: Request, primitive: A_ASSOCIATE | PlainRequest, config: Conf
     if isinstance(primitive, PlainRequest):
         if not config.negotiation.profile and not config.negotiation.promiscuous \
                 and not verification_only and not _proposes_commitment(request, config):
-            return _accept_plain(request, primitive, config)
+            answered = _answered.get(primitive.pdu)
+            if answered is not None and answered[0] is config:
+                return answered[1]
+            acceptance = _accept_plain(request, primitive, config)
+            _remember(_answered, primitive.pdu, (config, acceptance))
+            return acceptance
         request, primitive, _ = decode_with_pynetdicom(primitive.pdu)
     if config.negotiation.profile:
         return _accept_by_profile(request, primitive, config, verification_only)

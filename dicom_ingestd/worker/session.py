@@ -124,6 +124,13 @@ class Session:
     def _fields(self, **more: object) -> dict[str, object]:
         return journal_extra(self._journal(), more)
 
+    def _log(self, level: int, message: str, *args: object, **more: object) -> None:
+        """One line about this association, `message` prefixed with who it is; the prefix
+        and the journal fields (`more` added) are built only when the line is emitted: most
+        per-association lines are below logging.level on a busy receiver."""
+        if log.isEnabledFor(level):
+            log.log(level, "%s: " + message, self._who(), *args, extra=self._fields(**more))
+
     # -- life cycle ----------------------------------------------------------------------
     def run(self) -> Outcome:
         try:
@@ -145,19 +152,16 @@ class Session:
                         extra=self._fields(DICOM_OUTCOME=Ending.TLS_REFUSED))
             self.outcome.how = Ending.TLS_REFUSED
         except UserAbort as exc:
-            log.warning("%s: aborting association: %s", self._who(), exc,
-                        extra=self._fields())
+            self._log(logging.WARNING, "aborting association: %s", exc)
             self._send_quietly(encode_abort(ABORT_SOURCE_SERVICE_USER,
                                             ABORT_REASON_NOT_SIGNIFICANT))
             self.outcome.how = Ending.ABORTED
         except ProtocolError as exc:
-            log.warning("%s: protocol error, sending A-ABORT: %s", self._who(), exc,
-                        extra=self._fields())
+            self._log(logging.WARNING, "protocol error, sending A-ABORT: %s", exc)
             self._send_quietly(encode_abort(ABORT_SOURCE_SERVICE_PROVIDER, exc.reason))
             self.outcome.how = Ending.ABORTED
         except PeerTimeout as exc:
-            log.warning("%s: %s; dropping the association", self._who(), exc,
-                        extra=self._fields())
+            self._log(logging.WARNING, "%s; dropping the association", exc)
             self._send_quietly(encode_abort(ABORT_SOURCE_SERVICE_PROVIDER,
                                             ABORT_REASON_NOT_SPECIFIED))
             self.outcome.how = Ending.TIMEOUT
@@ -168,9 +172,8 @@ class Session:
                 level = logging.DEBUG
             else:
                 self._quiet = False
-            log.log(level, "%s: %s%s", self._who(), exc,
-                    " during a C-STORE; the partial object was discarded"
-                    if self._current else "", extra=self._fields())
+            self._log(level, "%s%s", exc, " during a C-STORE; the partial object was discarded"
+                      if self._current else "")
             self.outcome.how = Ending.CLOSED
         except Exception:  # a bug: log it with its traceback, keep the daemon serving
             log.exception("%s: internal error; aborting the association", self._who())
@@ -186,6 +189,7 @@ class Session:
                 self.recorder.close(self.outcome.how)
             with contextlib.suppress(OSError):
                 self.sock.close()
+            self.channel.release()
             if self.reporter is not None:
                 how = self.outcome.how
                 if self._quiet and how in (Ending.RELEASED, Ending.CLOSED):
@@ -238,9 +242,9 @@ class Session:
         self.peer_max_pdu = request.max_pdu
         if any(str(cx.abstract_syntax) != VERIFICATION for cx in request.proposed):
             self._quiet = False  # not a health check: this association is worth a line
-        log.log(self._info, "%s: association requested (%d contexts, implementation %s %s)",
-                self._who(), len(request.proposed), request.implementation_class_uid or "-",
-                request.implementation_version or "-", extra=self._fields())
+        self._log(self._info, "association requested (%d contexts, implementation %s %s)",
+                  len(request.proposed), request.implementation_class_uid or "-",
+                  request.implementation_version or "-")
         rejection = acceptor.screen(request, primitive, version, self.config)
         if rejection is None and self.tls_peer is not None:
             titles = tls.allowed_calling_aetitles(self.config.tls, self.tls_peer.subject)
@@ -257,8 +261,8 @@ class Session:
                                            acceptor.REASON_LOCAL_LIMIT, self.over_limit)
         if rejection is not None:
             self._quiet = False
-            log.warning("%s: association rejected: %s", self._who(), rejection.why,
-                        extra=self._fields(DICOM_OUTCOME=Ending.REJECTED))
+            self._log(logging.WARNING, "association rejected: %s", rejection.why,
+                      DICOM_OUTCOME=Ending.REJECTED)
             self.channel.send(rejection.encode())
             self.outcome.how = Ending.REJECTED
             return False
@@ -267,25 +271,25 @@ class Session:
         self.contexts = acceptance.contexts
         self.channel.send(acceptance.pdu)
         profile = self.config.negotiation.profile
-        log.log(self._info, "%s: association accepted (%d of %d contexts, max PDU %d%s)%s",
-                self._who(), len(acceptance.contexts), len(request.proposed),
-                request.max_pdu, f", profile {profile}" if profile else "",
-                self._tls_note(), extra=self._fields(DICOM_OUTCOME="accepted"))
+        self._log(self._info, "association accepted (%d of %d contexts, max PDU %d%s)%s",
+                  len(acceptance.contexts), len(request.proposed), request.max_pdu,
+                  f", profile {profile}" if profile else "", self._tls_note(),
+                  DICOM_OUTCOME="accepted")
         if acceptance.rejected:
             # Always said (not only with verbose_pc): a sender whose data fits no accepted
             # context aborts right after this, and this line is then the only clue.
             self._quiet = False
             self._rejected = rejected_summary(acceptance.rejected)
             if self.peer.verification_only:
-                log.warning("%s: %d context(s) rejected: a PROXY protocol LOCAL connection "
-                            "is the proxy's own and may only use Verification (HAProxy "
-                            "also relays the clients of a Unix-socket frontend as LOCAL: "
-                            "carry their addresses with accept-proxy on that bind and "
-                            "send-proxy-v2 towards it); rejected: %s", self._who(),
-                            len(acceptance.rejected), self._rejected, extra=self._fields())
+                self._log(logging.WARNING, "%d context(s) rejected: a PROXY protocol LOCAL "
+                          "connection is the proxy's own and may only use Verification "
+                          "(HAProxy also relays the clients of a Unix-socket frontend as "
+                          "LOCAL: carry their addresses with accept-proxy on that bind and "
+                          "send-proxy-v2 towards it); rejected: %s",
+                          len(acceptance.rejected), self._rejected)
             else:
-                log.log(self._info, "%s: %d context(s) rejected: %s", self._who(),
-                        len(acceptance.rejected), self._rejected, extra=self._fields())
+                self._log(self._info, "%d context(s) rejected: %s", len(acceptance.rejected),
+                          self._rejected)
         pc_level = logging.INFO if self.config.logging.verbose_pc else logging.DEBUG
         if log.isEnabledFor(pc_level):
             for cx in acceptance.contexts.values():
@@ -324,8 +328,8 @@ class Session:
                     raise ProtocolError(f"A-RELEASE-RQ of {length} bytes (4 expected)")
                 self.channel.read_exact(length, time.monotonic() + acse_timeout)
                 if self._current:
-                    log.warning("%s: release requested during a C-STORE; partial object "
-                                "discarded", self._who(), extra=self._fields())
+                    self._log(logging.WARNING, "release requested during a C-STORE; partial "
+                              "object discarded")
                 self._close_storage()  # a peer that saw the release sees no temporary file
                 self.channel.send(encode_release_rp())
                 self.outcome.how = Ending.RELEASED
@@ -351,10 +355,10 @@ class Session:
                     hint = (f"; before any request: its data may fit none of the accepted "
                             f"transfer syntaxes ({', '.join(accepted[:5])})"
                             + (f"; rejected: {self._rejected}" if self._rejected else ""))
-                log.warning("%s: association aborted by the peer (source %d, reason %d)%s%s",
-                            self._who(), source, reason,
-                            "; partial object discarded" if self._current else "", hint,
-                            extra=self._fields(DICOM_OUTCOME=Ending.ABORTED))
+                self._log(logging.WARNING, "association aborted by the peer (source %d, reason "
+                          "%d)%s%s", source, reason,
+                          "; partial object discarded" if self._current else "", hint,
+                          DICOM_OUTCOME=Ending.ABORTED)
                 return
             elif pdu_type in PDU_NAMES:
                 raise ProtocolError(f"unexpected {PDU_NAMES[pdu_type]} during the association",
@@ -365,9 +369,8 @@ class Session:
 
     def _log_end(self) -> None:
         o = self.outcome
-        log.log(self._info, "%s: association %s: %d stored, %d failed, %d bytes",
-                self._who(), o.how, o.stored, o.failed, o.bytes_stored,
-                extra=self._fields(DICOM_OUTCOME=o.how))
+        self._log(self._info, "association %s: %d stored, %d failed, %d bytes", o.how,
+                  o.stored, o.failed, o.bytes_stored, DICOM_OUTCOME=o.how)
 
     def _p_data(self, length: int) -> None:
         max_pdu = self.config.network.max_pdu
@@ -452,8 +455,8 @@ class Session:
         if command.field != dimse.C_ECHO_RQ:
             self._quiet = False
         if command.field == dimse.C_ECHO_RQ and context.abstract_syntax == VERIFICATION:
-            log.log(self._info, "%s: C-ECHO (message %d)", self._who(), command.message_id,
-                    extra=self._fields(DICOM_STATUS="0x0000"))
+            self._log(self._info, "C-ECHO (message %d)", command.message_id,
+                      DICOM_STATUS="0x0000")
             self._respond(context_id, dimse.C_ECHO_RSP, command.message_id, Status.SUCCESS,
                           VERIFICATION)
         elif command.field == dimse.C_STORE_RQ and command.has_data_set:
@@ -504,16 +507,16 @@ class Session:
         self._respond(action.context.context_id, dimse.N_ACTION_RSP, command.message_id,
                       answer.status, COMMITMENT, COMMITMENT_INSTANCE, answer.why,
                       action_type=command.action_type)
-        extra = self._fields(DICOM_TRANSACTION_UID=answer.transaction_uid,
-                             DICOM_STATUS=f"0x{answer.status:04X}",
-                             DICOM_COMMITMENT_COUNT=answer.count or None)
+        fields = {"DICOM_TRANSACTION_UID": answer.transaction_uid,
+                  "DICOM_STATUS": f"0x{answer.status:04X}",
+                  "DICOM_COMMITMENT_COUNT": answer.count or None}
         if answer.status != commitment.SUCCESS:
-            log.warning("%s: storage commitment request refused with 0x%04X: %s; nothing "
-                        "recorded", self._who(), answer.status, answer.why, extra=extra)
+            self._log(logging.WARNING, "storage commitment request refused with 0x%04X: %s; "
+                      "nothing recorded", answer.status, answer.why, **fields)
             return
-        log.info("%s: storage commitment request received: transaction %s, %d object(s) "
-                 "(request %s)", self._who(), answer.transaction_uid, answer.count,
-                 answer.request_id, extra=extra)
+        self._log(logging.INFO, "storage commitment request received: transaction %s, %d "
+                  "object(s) (request %s)", answer.transaction_uid, answer.count,
+                  answer.request_id, **fields)
         scp.report_here(answer, action.context, self.channel, self.peer_max_pdu, self._who())
 
 

@@ -115,6 +115,24 @@ def test_plain_path_answers_exactly_as_pynetdicom() -> None:
     assert plain[0] > 500 and plain[1] > 10, plain
 
 
+def test_remembered_answers_are_fresh_answers() -> None:
+    """A worker answers a repeated request from memory: each configuration, asked again and
+    in turn with the others, still gets pynetdicom's answer (a memory keyed on the request
+    alone would give one configuration's AC to another: their maximum PDUs differ)."""
+    for config in CONFIGS:
+        acceptor.warm_up(config)
+    rng = random.Random(SEED)
+    requests = [data for data in (sender_like(rng) for _ in range(200))
+                if len(data) <= acceptor._REMEMBER_BYTES and acceptor._decode_plain(data)][:8]
+    assert len(requests) == 8
+    for _ in range(2):
+        for config in CONFIGS:
+            for data in requests:
+                ours, theirs = outcome(data, config, True), outcome(data, config, False)
+                assert ours == theirs, f"{data[:120].hex()}...\n{ours}\n{theirs}"
+    assert set(requests) <= set(acceptor._decoded)
+
+
 def test_plain_path_declines_what_it_does_not_know() -> None:
     rng = random.Random(SEED)
     base = fuzzgen.associate_rq()
