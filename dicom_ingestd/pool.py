@@ -100,6 +100,7 @@ class WorkerPool:
         self.workers: dict[int, Worker] = {}  # by pid
         self._idle: list[Worker] = []  # the most recently used last: it is taken first
         self.generation: Generation | None = None
+        self._sync = False  # events.exec_sync in the generation: a SyncLink per association
         self.stopping = False
         self.forks = 0  # workers forked since start
         self._last_start = 0.0
@@ -112,6 +113,7 @@ class WorkerPool:
     def configure(self, generation: Generation) -> None:
         """Serve new associations under `generation`; idle workers of older ones retire."""
         self.generation = generation
+        self._sync = sync_enabled(generation.config.events)  # per generation, not per start
         for worker in list(self._idle):
             if worker.generation is not generation:
                 self._retire(worker)
@@ -127,23 +129,26 @@ class WorkerPool:
 
     def start(self, assignment: Assignment) -> Running:
         """Hand `assignment` to an idle worker of the current generation (forking one if none
-        is idle); raises OSError when no worker can be had (fork or pidfd_open failed)."""
+        is idle); raises OSError when no worker can be had (fork or pidfd_open failed).
+
+        The hand-off first, the master's records of it after: the client is waiting."""
         generation = self.generation
         assert generation is not None and assignment.config is generation.config
-        self._last_start = time.monotonic()
-        link = ipc.SyncLink() if sync_enabled(generation.config.events) else None
-        running = Running(assignment.peer, assignment.association, generation.store,
-                          time.monotonic(), rejecting=bool(assignment.reject_over_limit),
-                          reply=link.master_end if link is not None else None)
-        pending = [assignment.conn] + ([link.worker_end] if link is not None else [])
+        link = ipc.SyncLink() if self._sync else None
+        pending = [assignment.conn] if link is None else [assignment.conn, link.worker_end]
         message = handoff.Assignment(generation.number, assignment.association,
                                      assignment.peer, assignment.reject_over_limit)
         try:
-            self._hand_over(running, pending, message)
+            worker = self._hand_over(pending, message)
         except OSError:
             if link is not None:
                 link.close()
             raise
+        self._last_start = now = time.monotonic()
+        running = Running(assignment.peer, assignment.association, generation.store, now,
+                          rejecting=bool(assignment.reject_over_limit),
+                          reply=link.master_end if link is not None else None)
+        self._busy(worker, running)
         return running
 
     def fill(self) -> None:
@@ -216,10 +221,10 @@ class WorkerPool:
                 sock.close()
 
     # -- hand-off ----------------------------------------------------------------------------
-    def _hand_over(self, running: Running, pending: list[socket.socket],
-                   message: handoff.Assignment) -> None:
-        """Send `message` with `pending` attached to a worker; on success the worker is BUSY
-        with `running`.  A worker whose channel is broken (it died while idle, its exit not
+    def _hand_over(self, pending: list[socket.socket],
+                   message: handoff.Assignment) -> Worker:
+        """Send `message` with `pending` attached to a worker, and return it (the caller
+        makes it _busy).  A worker whose channel is broken (it died while idle, its exit not
         reaped yet) is left to its pidfd and the next one tried: every idle one, then up to
         HANDOFF_TRIES fresh forks (forked on the critical path, as before the pool)."""
         generation = self.generation
@@ -242,11 +247,14 @@ class WorkerPool:
                     raise
                 continue
             worker.state = State.BUSY
-            worker.running = running
             worker.pending = pending
             worker.message = message
-            running.pid, running.pidfd = worker.pid, worker.pidfd
-            return
+            return worker
+
+    @staticmethod
+    def _busy(worker: Worker, running: Running) -> None:
+        worker.running = running
+        running.pid, running.pidfd = worker.pid, worker.pidfd
 
     def _fork(self, generation: Generation) -> Worker:
         master_end, worker_end = handoff.pair()
@@ -390,7 +398,7 @@ class WorkerPool:
         log.warning("%s: worker %d %s before it took the connection; handing it to another "
                     "worker", running.peer, worker.pid, problem or "exited")
         try:
-            self._hand_over(running, pending, message)
+            self._busy(self._hand_over(pending, message), running)
         except OSError as exc:
             for sock in pending:
                 sock.close()
