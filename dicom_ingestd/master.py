@@ -120,15 +120,16 @@ class Master:
         # With a counter: association keys unique across restarts.
         self._key_prefix = f"{time.time_ns():x}-"
         self._generation = 0  # configuration generation: one more at each applied reload
+        self._outbox_used = False  # a generation had an outbox: workers may send notes
         self._next_watchdog = 0.0
         self._next_monitor = 0.0
         # -- monitoring (stats.py, status.py, control.py, metrics.py) ----------------------
         self.stats = Stats.load(store.staging / STATS_FILE, store.staging_fd)
-        # Workers' AssociationReports (statistics).  Not in the selector: read when an
-        # association ends (its last report is queued before its end is: pool.py,
-        # running.py), before the counters are shown or saved, and at least each
-        # MONITOR_INTERVAL for the progress of long associations.  That spares the master a
-        # wake-up per association; the channel holds far more than a second of reports.
+        # Workers' AssociationReports (statistics).  Not in the selector: read in batches,
+        # each MONITOR_INTERVAL (before the counters are saved or put in STATUS=), before
+        # the counters are shown (status, metrics) and at stop.  That spares the master a
+        # wake-up and a read per association; the channel (a socketpair, bounded only by
+        # its 1 MiB send buffer) holds far more than the reports of a second.
         self.telemetry = ipc.Channel()
         self.control = ControlServer(store.staging / SOCKET_NAME, self.selector,
                                      {"status": self._status_request,
@@ -252,6 +253,7 @@ class Master:
     def _new_generation(self) -> None:
         """What workers forked from now on serve under: the configuration just applied."""
         self._generation += 1
+        self._outbox_used = self._outbox_used or self.events.outbox_fd >= 0
         if self.pool is not None:
             self.pool.configure(warm.Generation(self._generation, self.config, self.store,
                                                 self.tls_context, self.events.outbox_fd))
@@ -541,8 +543,6 @@ class Master:
             log.error("%s: cannot start a worker: %s", peer, exc.strerror or exc)
             self.stats.error(f"cannot start a worker: {exc.strerror or exc}")
             return
-        if self.pool is not None:
-            os.sched_yield()
         self._associations += 1
         running.peer_key = key
         self.running[running.association] = running
@@ -579,7 +579,8 @@ class Master:
                   outcome: Ending | None) -> None:
         """An association is over (`problem`: its worker died with it)."""
         self.running.pop(running.association, None)
-        self._reports(None)
+        if self._outbox_used:  # its notes before its end (no outbox: it sends none)
+            self._reports(None)
         released = outcome is Ending.RELEASED and problem is None
         self.events.worker_done(running.association, released)  # reads its records first
         try:
@@ -588,7 +589,6 @@ class Master:
         finally:
             if self._retired:
                 self._close_retired()
-            self._telemetry()  # its last report came before its end
 
     def _log_worker_failure(self, running: Running, problem: str) -> None:
         removed = running.store.remove_leftovers(running.pid) if running.pid else 0
