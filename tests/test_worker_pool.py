@@ -255,6 +255,37 @@ def test_a_status_with_no_association_in_progress_counts_every_one_that_ended(
         assert counters["stored"] == number, counters
 
 
+def test_an_association_that_ended_in_the_same_wake_up_leaves_room_for_the_next(
+        daemon_factory: Factory) -> None:
+    """The master hands a new connection over before the rest of what woke it up; when the
+    end of the association holding the only place came in the same wake-up, that end is
+    handled first: the new association is served, not rejected."""
+    daemon = daemon_factory(settings(workers={"max_associations": 1, "spare_workers": 2}))
+    first = associate(daemon.port, title="HOLDER")
+    result: list[Any] = []
+    with held(first):
+        assert first.is_established
+        worker = served_by(daemon, "HOLDER")
+        os.kill(daemon.proc.pid, signal.SIGSTOP)  # it sees all that follows at one wake-up
+        try:
+            first.release()
+            # Named idle again once it has told the (stopped) master it is done.
+            wait_until(lambda: process_name(worker) == IDLE_WORKER, 10, "HOLDER's end sent")
+            thread = threading.Thread(target=lambda: result.append(
+                associate(daemon.port, title="NEXT")))
+            thread.start()
+            time.sleep(0.3)  # connected by now: the kernel completes it, in the backlog
+        finally:
+            os.kill(daemon.proc.pid, signal.SIGCONT)
+        thread.join(30)
+    [second] = result
+    with held(second):
+        assert second.is_established, "rejected: the ended association still counted"
+        store_ok(second, ct_dataset())
+        second.release()
+    assert "association rejected" not in daemon.log()
+
+
 def test_stop_retires_idle_workers_and_drains(daemon_factory: Factory) -> None:
     daemon = daemon_factory(settings(workers={"spare_workers": 3, "stop_timeout": 20}))
     wait_until(lambda: len(idle(daemon)) == 3, 5, "three spares")
