@@ -3,10 +3,10 @@
 A warm worker (pool.py, warm.py) is forked before any connection arrives and waits on its
 end of a SOCK_SEQPACKET socket pair.  For each association the master sends one `Assignment`:
 a fixed-size record with the connection's descriptor attached (SCM_RIGHTS), and the exec_sync
-link's second when events.exec_sync is on.  The worker answers `Taken` once it holds the
-descriptors (until then the master keeps its own copy of the connection, so a worker that
-dies before taking it loses nothing: the master hands the connection to another one), and
-`Finished` when the association is over, saying whether it can serve another.
+link's second when events.exec_sync is on.  The worker answers `Finished` when the
+association is over, saying whether it can serve another.  It does not say when it took the
+connection: the master keeps a descriptor of the worker's end, so an assignment a worker
+died without receiving is still there to take back and hand on (pool.py).
 
 Every message is a fixed-size struct whose first byte is its type; text fields are ASCII of
 bounded length (peer addresses, as accept() or a trusted proxy's header gave them, and
@@ -27,7 +27,7 @@ from dicom_ingestd.peer import Peer, Via
 
 class Kind(IntEnum):
     ASSIGNMENT = 1
-    TAKEN = 2
+    # 2 was TAKEN (the worker holds the connection), which the master no longer needs.
     FINISHED = 3
 
 
@@ -69,9 +69,8 @@ _VIAS = tuple(Via)
 # association key, peer host, proxy ("address:port" or empty), the limit hit
 _ASSIGNMENT = struct.Struct(f"!BxxxIiBxxx{KEY_BYTES}s{HOST_BYTES}s{PEER_BYTES}s"
                             f"{REASON_BYTES}s")
-_TAKEN = struct.Struct(f"!B{KEY_BYTES}s")
 _FINISHED = struct.Struct(f"!BBxxI{KEY_BYTES}s{OUTCOME_BYTES}s")
-MAX_MESSAGE = max(_ASSIGNMENT.size, _TAKEN.size, _FINISHED.size)
+MAX_MESSAGE = max(_ASSIGNMENT.size, _FINISHED.size)
 MAX_FDS = 2
 _TRUNCATED = int(socket.MSG_CTRUNC | socket.MSG_TRUNC)
 _ANCILLARY = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
@@ -109,16 +108,6 @@ class Assignment:
 
 
 @dataclass(frozen=True, slots=True)
-class Taken:
-    """The worker holds the connection of `association`: the master drops its copy."""
-
-    association: str
-
-    def encode(self) -> bytes:
-        return _TAKEN.pack(Kind.TAKEN, _text(self.association, KEY_BYTES))
-
-
-@dataclass(frozen=True, slots=True)
 class Finished:
     """The association is over (`outcome`: how it ended); `verdict`: may the worker serve
     another one; `served`: associations it has served."""
@@ -134,7 +123,7 @@ class Finished:
                               _text(self.outcome, OUTCOME_BYTES))
 
 
-Message = Assignment | Taken | Finished
+Message = Assignment | Finished
 
 
 def decode(data: bytes) -> Message | None:
@@ -146,8 +135,6 @@ def decode(data: bytes) -> Message | None:
                 return None
             peer = Peer(_untext(host), None if port < 0 else port, _VIAS[via], _untext(proxy))
             return Assignment(generation, _untext(key), peer, _untext(reason))
-        if len(data) == _TAKEN.size and data[0] == Kind.TAKEN:
-            return Taken(_untext(_TAKEN.unpack(data)[1]))
         if len(data) == _FINISHED.size and data[0] == Kind.FINISHED:
             _, verdict, served, key, outcome = _FINISHED.unpack(data)
             return Finished(_untext(key), Ending(_untext(outcome)), Verdict(verdict), served)
@@ -172,14 +159,15 @@ def send(sock: socket.socket, message: Message, fds: list[int] | None = None) ->
         sock.send(data)
 
 
-def receive(sock: socket.socket) -> tuple[Message | None, list[int], bool]:
+def receive(sock: socket.socket, flags: int = 0) -> tuple[Message | None, list[int], bool]:
     """One message: (message or None when malformed, attached descriptors, end of stream).
 
-    Raises BlockingIOError on a non-blocking socket with nothing to read.  Descriptors that
-    came with a malformed or truncated message are closed, never returned half.
+    Raises BlockingIOError on a non-blocking socket (or with MSG_DONTWAIT in `flags`) with
+    nothing to read.  Descriptors that came with a malformed or truncated message are
+    closed, never returned half.
     """
     fds = array.array("i")
-    data, ancillary, flags, _ = sock.recvmsg(MAX_MESSAGE, _ANCILLARY)
+    data, ancillary, flags, _ = sock.recvmsg(MAX_MESSAGE, _ANCILLARY, flags)
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])

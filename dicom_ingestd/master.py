@@ -15,6 +15,7 @@ pool.py, or a thread: _dispatch).
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import resource
@@ -23,6 +24,7 @@ import signal
 import socket
 import ssl
 import time
+from collections import deque
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
@@ -110,16 +112,25 @@ class Master:
                                       lambda outcome: self.stats.association_ended(outcome,
                                                                                    NO_AE))
         self._wakeup_r, self._wakeup_w = socket.socketpair()
+        # What the selector reported and the loop has not handled yet (see serve).
+        self._ready: deque[tuple[selectors.SelectorKey, int]] = deque()
         self._stop_deadline = 0.0
         self._stored_before = 0  # the counters' stored objects when serving began
         self._associations = 0
-        self._boot = time.time_ns()  # with a counter: association keys unique across restarts
+        # With a counter: association keys unique across restarts.
+        self._key_prefix = f"{time.time_ns():x}-"
         self._generation = 0  # configuration generation: one more at each applied reload
+        self._outbox_used = False  # a generation had an outbox: workers may send notes
         self._next_watchdog = 0.0
         self._next_monitor = 0.0
         # -- monitoring (stats.py, status.py, control.py, metrics.py) ----------------------
         self.stats = Stats.load(store.staging / STATS_FILE, store.staging_fd)
-        self.telemetry = ipc.Channel()  # workers' AssociationReports (statistics)
+        # Workers' AssociationReports (statistics).  Not in the selector: read in batches,
+        # each MONITOR_INTERVAL (before the counters are saved or put in STATUS=), before
+        # the counters are shown (status, metrics) and at stop.  That spares the master a
+        # wake-up and a read per association; the channel (a socketpair, bounded only by
+        # its 1 MiB send buffer) holds far more than the reports of a second.
+        self.telemetry = ipc.Channel()
         self.control = ControlServer(store.staging / SOCKET_NAME, self.selector,
                                      {"status": self._status_request,
                                       "reload": self._reload_request})
@@ -195,7 +206,6 @@ class Master:
         if self._watcher is not None:
             self.selector.register(self._watcher.fileno(), selectors.EVENT_READ,
                                    self._config_changed)
-        self.selector.register(self.telemetry.reader, selectors.EVENT_READ, self._telemetry)
         self.control.open()
         self._refresh(time.monotonic())
         model = self.config.workers.process_model
@@ -215,14 +225,35 @@ class Master:
                  self.config.network.aetitle, model, self.store.root, self.store.durability)
         self.notifier.ready(self._status())
         while self.state is State.RUNNING or self.running or (self.pool and self.pool.processes):
-            for key, _ in self.selector.select(self._timeout()):
+            ready = self.selector.select(self._timeout())
+            if len(ready) > 1:
+                # A new connection never waits behind bookkeeping: the previous
+                # association's Finished, its worker's exit or a job's end are handled
+                # after the hand-off (see _catch_up for the one exception).
+                ready.sort(key=self._listeners_first)
+            self._ready.extend(ready)
+            while self._ready:
+                key, _ = self._ready.popleft()
                 key.data(key.fileobj)
             self._tick()
         self._shutdown()
 
+    def _listeners_first(self, event: tuple[selectors.SelectorKey, int]) -> bool:
+        return event[0].fileobj not in self.listeners
+
+    def _catch_up(self) -> None:
+        """Handle now what the loop set aside for a connection (_listeners_first): an
+        association that has ended must not count against a limit the next one meets."""
+        waiting = [event for event in self._ready if self._listeners_first(event)]
+        for event in waiting:
+            self._ready.remove(event)
+        for key, _ in waiting:
+            key.data(key.fileobj)
+
     def _new_generation(self) -> None:
         """What workers forked from now on serve under: the configuration just applied."""
         self._generation += 1
+        self._outbox_used = self._outbox_used or self.events.outbox_fd >= 0
         if self.pool is not None:
             self.pool.configure(warm.Generation(self._generation, self.config, self.store,
                                                 self.tls_context, self.events.outbox_fd))
@@ -289,7 +320,7 @@ class Master:
             text = "stopping: " + text
         return text
 
-    def _telemetry(self, _sock: object) -> None:
+    def _telemetry(self) -> None:
         for report in self.telemetry.receive():
             if isinstance(report, ipc.AssociationReport):
                 self.stats.merge(report)
@@ -297,6 +328,7 @@ class Master:
     def _monitor(self, now: float) -> None:
         """Periodic: save the counters, refresh free space and job counts, write the
         metrics file, drop silent control connections."""
+        self._telemetry()
         if self.stats.dirty and self.store.has_free_space():
             # Below storage.min_free_space the reserve is for objects: the counters wait.
             self.stats.save(dir_fd=self.store.staging_fd)
@@ -343,6 +375,7 @@ class Master:
                 "control_socket": str(self.control.path)}
 
     def _document(self) -> dict[str, Any]:
+        self._telemetry()
         return status_doc.document(self.config, self.config_path or "", self.stats,
                                    self._daemon_status(), live=True)
 
@@ -468,8 +501,11 @@ class Master:
             conn.close()
             self.stats.association_ended(Ending.REFUSED, NO_AE)
             return
-        key = peer.key  # the proxy's own for its LOCAL and UNKNOWN connections
+        key = _key(peer.host)  # the proxy's own for its LOCAL and UNKNOWN connections
         over = self._over_limit(key)
+        if over and self._ready:
+            self._catch_up()  # an association that ended meanwhile frees its place
+            over = self._over_limit(key)
         if over and sum(r.rejecting for r in self.running.values()) >= MAX_REJECTING:
             # A flood: one line per ACCEPT_LOG_INTERVAL, counting the connections closed.
             conn.close()
@@ -488,12 +524,16 @@ class Master:
 
     def _dispatch(self, conn: socket.socket, peer: Peer, key: str, over: str) -> None:
         """Hand an admitted connection to a worker (a warm process, or a thread); `key` is
-        what the per-peer limit counts, `over` the limit to answer with A-ASSOCIATE-RJ."""
-        conn.setblocking(True)
+        what the per-peer limit counts, `over` the limit to answer with A-ASSOCIATE-RJ.
+
+        On the association's critical path: the client waits for its A-ASSOCIATE-AC.  What
+        the hand-off does not need comes after it."""
+        if not conn.getblocking():  # accepted sockets are; the PROXY header reader's not
+            conn.setblocking(True)
         try:
             running = self.runner.start(Assignment(
                 conn, peer, self.config, self.store, over, self.tls_context,
-                association=f"{self._boot:x}-{self._associations + 1}",
+                association=f"{self._key_prefix}{self._associations + 1}",
                 outbox_fd=self.events.outbox_fd, counters=self.telemetry))
         except OSError as exc:
             conn.close()
@@ -507,12 +547,16 @@ class Master:
         running.peer_key = key
         self.running[running.association] = running
         self.events.worker_started(running.association, running.reply, self.config)
-        log.debug("%s: association %s handed to %s", peer, running.association, running.name)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: association %s handed to %s", peer, running.association,
+                      running.name)
 
     def _over_limit(self, key: str) -> str:
         """The limit a new association from `key` (Peer.key; "" for none to count) would
         pass, or ""."""
         limits = self.config.workers
+        if not self.running:
+            return ""
         serving = [r for r in self.running.values() if not r.rejecting]
         if limits.max_associations and len(serving) >= limits.max_associations:
             return f"{len(serving)} associations in progress (workers.max_associations = " \
@@ -535,7 +579,8 @@ class Master:
                   outcome: Ending | None) -> None:
         """An association is over (`problem`: its worker died with it)."""
         self.running.pop(running.association, None)
-        self._reports(None)
+        if self._outbox_used:  # its notes before its end (no outbox: it sends none)
+            self._reports(None)
         released = outcome is Ending.RELEASED and problem is None
         self.events.worker_done(running.association, released)  # reads its records first
         try:
@@ -659,7 +704,7 @@ class Master:
         if self._watcher is not None:
             self._watcher.stop()
         self.events.shutdown()  # open studies closed or kept; running jobs re-queued
-        self._telemetry(None)
+        self._telemetry()
         if self.store.has_free_space():
             self.stats.save(force=True, dir_fd=self.store.staging_fd)
         if self.config.monitoring.metrics_file:
@@ -669,6 +714,12 @@ class Master:
         log.info("stopped after %d association(s), %d object(s) stored%s", self._associations,
                  self.stats.stored - self._stored_before,
                  f"; {removed} partial object(s) removed" if removed else "")
+
+
+@functools.lru_cache(maxsize=1024)
+def _key(host: str) -> str:
+    """Peer.key of a peer with this host: parsed once per address, not per association."""
+    return Peer(host).key
 
 
 def _short_time(wall: float) -> str:

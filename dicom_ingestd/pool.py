@@ -16,11 +16,15 @@ Promises kept from the fork-per-association model:
   next association is served by a worker forked under the new configuration, while running
   ones finish under the old and are then retired;
 - a worker that dies before it took its connection (killed while idle) loses nothing: the
-  master keeps its own copy of the connection until the worker says `Taken`, and hands it to
-  another worker.
+  master keeps a descriptor of the worker's own end of the control channel (its `inbox`), so
+  a hand-off the worker never received is still there, connection attached, when its pidfd
+  says it died; the master takes it back and hands it to another worker.  (The master closes
+  its copy of the connection as soon as it is sent: a worker need not say it took it, which
+  spares the master a wake-up per association.)
 
-The pool's descriptors (a control socket and a pidfd per worker) are all in the master's
-selector; the pool is driven by its callbacks and by `maintain()` from the master's tick.
+The pool's descriptors (a control socket, an inbox and a pidfd per worker; the first and the
+last in the master's selector) drive it through callbacks, with `maintain()` from the
+master's tick.
 """
 
 import contextlib
@@ -79,11 +83,12 @@ class Worker:
     control: socket.socket | None  # master end; None once retired
     generation: Generation
     state: State = State.IDLE
+    # The worker's end of the control channel: what was sent and not yet received waits
+    # there, descriptors attached (see the module docstring).  Never read unless the worker
+    # is dead; closed when it is reaped.
+    inbox: socket.socket | None = None
     running: Running | None = None  # the association it serves (BUSY)
-    # Until the worker says Taken: the master's copies of what it was handed, and the
-    # hand-off itself, so that a worker dying before it took them loses nothing.
-    pending: list[socket.socket] | None = None
-    message: handoff.Assignment | None = None
+    message: handoff.Assignment | None = None  # the hand-off of that association
 
 
 class WorkerPool:
@@ -100,6 +105,7 @@ class WorkerPool:
         self.workers: dict[int, Worker] = {}  # by pid
         self._idle: list[Worker] = []  # the most recently used last: it is taken first
         self.generation: Generation | None = None
+        self._sync = False  # events.exec_sync in the generation: a SyncLink per association
         self.stopping = False
         self.forks = 0  # workers forked since start
         self._last_start = 0.0
@@ -112,6 +118,7 @@ class WorkerPool:
     def configure(self, generation: Generation) -> None:
         """Serve new associations under `generation`; idle workers of older ones retire."""
         self.generation = generation
+        self._sync = sync_enabled(generation.config.events)  # per generation, not per start
         for worker in list(self._idle):
             if worker.generation is not generation:
                 self._retire(worker)
@@ -127,23 +134,26 @@ class WorkerPool:
 
     def start(self, assignment: Assignment) -> Running:
         """Hand `assignment` to an idle worker of the current generation (forking one if none
-        is idle); raises OSError when no worker can be had (fork or pidfd_open failed)."""
+        is idle); raises OSError when no worker can be had (fork or pidfd_open failed).
+
+        The hand-off first, the master's records of it after: the client is waiting."""
         generation = self.generation
         assert generation is not None and assignment.config is generation.config
-        self._last_start = time.monotonic()
-        link = ipc.SyncLink() if sync_enabled(generation.config.events) else None
-        running = Running(assignment.peer, assignment.association, generation.store,
-                          time.monotonic(), rejecting=bool(assignment.reject_over_limit),
-                          reply=link.master_end if link is not None else None)
-        pending = [assignment.conn] + ([link.worker_end] if link is not None else [])
+        link = ipc.SyncLink() if self._sync else None
+        pending = [assignment.conn] if link is None else [assignment.conn, link.worker_end]
         message = handoff.Assignment(generation.number, assignment.association,
                                      assignment.peer, assignment.reject_over_limit)
         try:
-            self._hand_over(running, pending, message)
+            worker = self._hand_over(pending, message)
         except OSError:
             if link is not None:
                 link.close()
             raise
+        self._last_start = now = time.monotonic()
+        running = Running(assignment.peer, assignment.association, generation.store, now,
+                          rejecting=bool(assignment.reject_over_limit),
+                          reply=link.master_end if link is not None else None)
+        self._busy(worker, running)
         return running
 
     def fill(self) -> None:
@@ -212,14 +222,14 @@ class WorkerPool:
             if worker.control is not None:
                 worker.control.close()
             os.close(worker.pidfd)
-            for sock in worker.pending or ():
-                sock.close()
+            if worker.inbox is not None:
+                worker.inbox.close()
 
     # -- hand-off ----------------------------------------------------------------------------
-    def _hand_over(self, running: Running, pending: list[socket.socket],
-                   message: handoff.Assignment) -> None:
-        """Send `message` with `pending` attached to a worker; on success the worker is BUSY
-        with `running`.  A worker whose channel is broken (it died while idle, its exit not
+    def _hand_over(self, pending: list[socket.socket],
+                   message: handoff.Assignment) -> Worker:
+        """Send `message` with `pending` attached to a worker, and return it (the caller
+        makes it _busy).  A worker whose channel is broken (it died while idle, its exit not
         reaped yet) is left to its pidfd and the next one tried: every idle one, then up to
         HANDOFF_TRIES fresh forks (forked on the critical path, as before the pool)."""
         generation = self.generation
@@ -241,12 +251,16 @@ class WorkerPool:
                 if fresh >= HANDOFF_TRIES:
                     raise
                 continue
+            for sock in pending:  # in flight now: until received, in the worker's inbox
+                sock.close()
             worker.state = State.BUSY
-            worker.running = running
-            worker.pending = pending
             worker.message = message
-            running.pid, running.pidfd = worker.pid, worker.pidfd
-            return
+            return worker
+
+    @staticmethod
+    def _busy(worker: Worker, running: Running) -> None:
+        worker.running = running
+        running.pid, running.pidfd = worker.pid, worker.pidfd
 
     def _fork(self, generation: Generation) -> Worker:
         master_end, worker_end = handoff.pair()
@@ -279,16 +293,17 @@ class WorkerPool:
                 os._exit(code)
         gc.unfreeze()
         warm.set_name(self._name)
-        worker_end.close()
         try:
             pidfd = os.pidfd_open(pid)
         except OSError:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             master_end.close()
+            worker_end.close()
             raise
         master_end.setblocking(False)
-        worker = Worker(pid, pidfd, master_end, generation)
+        # worker_end stays blocking: its file status flags are the worker's too.
+        worker = Worker(pid, pidfd, master_end, generation, inbox=worker_end)
         self.workers[pid] = worker
         self.forks += 1
         self._selector.register(master_end, selectors.EVENT_READ,
@@ -308,7 +323,9 @@ class WorkerPool:
             worker.control = None
 
     # -- what workers say --------------------------------------------------------------------
-    def _drain(self, worker: Worker) -> None:
+    def _drain(self, worker: Worker, until_empty: bool = False) -> None:
+        """What `worker` said: one message (a worker says one thing per association, and
+        the selector calls again while there is more), or all of them (`until_empty`)."""
         while worker.control is not None:
             try:
                 message, fds, ended = handoff.receive(worker.control)
@@ -319,25 +336,22 @@ class WorkerPool:
             for fd in fds:  # workers never send descriptors
                 os.close(fd)
             if ended:
-                # It exited (or closed its end): its pidfd says how; stop watching this.
+                # It closed its end: its pidfd says how it exited; stop watching this.
                 with contextlib.suppress(KeyError, ValueError):
                     self._selector.unregister(worker.control)
                 return
-            if isinstance(message, handoff.Taken) and worker.pending is not None \
-                    and worker.message is not None \
-                    and message.association == worker.message.association:
-                for sock in worker.pending:
-                    sock.close()
-                worker.pending = worker.message = None
-            elif isinstance(message, handoff.Finished) and worker.running is not None:
+            if isinstance(message, handoff.Finished) and worker.running is not None:
                 self._finished(worker, message)
             else:
                 log.error("worker %d sent an unexpected message %r; retiring it", worker.pid,
                           message)
                 self._retire(worker)
+            if not until_empty:
+                return
 
     def _finished(self, worker: Worker, message: handoff.Finished) -> None:
         running, worker.running = worker.running, None
+        worker.message = None
         assert running is not None
         keep = (message.verdict is handoff.Verdict.REUSABLE and not self.stopping
                 and worker.generation is self.generation
@@ -346,13 +360,14 @@ class WorkerPool:
             worker.state = State.IDLE
             self._idle.append(worker)
         else:
-            if message.verdict is not handoff.Verdict.REUSABLE:
+            if message.verdict is not handoff.Verdict.REUSABLE \
+                    and log.isEnabledFor(logging.DEBUG):
                 log.debug("worker %d not reused: %s", worker.pid, message.verdict.describe())
             self._retire(worker)
         self._on_finished(running, None, message.outcome)
 
     def _exited(self, worker: Worker) -> None:
-        self._drain(worker)  # a Taken or Finished it sent before it exited
+        self._drain(worker, until_empty=True)  # a Finished it sent before it exited
         self._selector.unregister(worker.pidfd)
         _, status = os.waitpid(worker.pid, 0)
         problem = _problem(status)
@@ -362,9 +377,10 @@ class WorkerPool:
         running = worker.running
         if running is not None:
             running.pidfd = -1  # closed below; never signal what may reuse its number
+        unreceived = self._unreceived(worker) if running is not None else None
         try:
-            if running is not None and worker.pending is not None:
-                self._rescue(worker, running, problem)
+            if running is not None and unreceived is not None:
+                self._rescue(worker, running, unreceived, problem)
             elif running is not None:
                 self._on_finished(running, problem or "exited during its association", None)
             elif problem is not None and state is State.IDLE:
@@ -375,11 +391,33 @@ class WorkerPool:
         finally:
             os.close(worker.pidfd)
             worker.pidfd = -1
+            if worker.inbox is not None:
+                worker.inbox.close()
+                worker.inbox = None
 
-    def _rescue(self, worker: Worker, running: Running, problem: str | None) -> None:
-        """The worker died before it took its connection: hand it to another one."""
-        pending, message = worker.pending, worker.message
-        assert pending is not None and message is not None
+    @staticmethod
+    def _unreceived(worker: Worker) -> list[socket.socket] | None:
+        """The descriptors of a dead worker's hand-off still in its inbox (it never received
+        it), as sockets; None when there is none."""
+        if worker.inbox is None or worker.message is None:
+            return None
+        try:
+            # MSG_DONTWAIT, not a non-blocking socket: the flag is the worker's too.
+            message, fds, _ = handoff.receive(worker.inbox, socket.MSG_DONTWAIT)
+        except OSError:  # BlockingIOError: nothing waits, the worker took it
+            return None
+        if not isinstance(message, handoff.Assignment) or not fds:
+            for fd in fds:
+                os.close(fd)
+            return None
+        return [socket.socket(fileno=fd) for fd in fds]
+
+    def _rescue(self, worker: Worker, running: Running, pending: list[socket.socket],
+                problem: str | None) -> None:
+        """The worker died before it took its connection (`pending`, the descriptors taken
+        back from its inbox): hand it to another one."""
+        message = worker.message
+        assert message is not None
         generation = self.generation
         assert generation is not None
         if message.generation != generation.number:
@@ -390,7 +428,7 @@ class WorkerPool:
         log.warning("%s: worker %d %s before it took the connection; handing it to another "
                     "worker", running.peer, worker.pid, problem or "exited")
         try:
-            self._hand_over(running, pending, message)
+            self._busy(self._hand_over(pending, message), running)
         except OSError as exc:
             for sock in pending:
                 sock.close()

@@ -152,30 +152,36 @@ def serve(control: socket.socket, generation: Generation, channel: ipc.Channel,
     baseline = Hygiene.now()
     served = 0
     while True:
+        # Wait for the hand-off and read it without taking it (a peek installs no
+        # descriptor): one this worker cannot serve stays in its channel, where the master
+        # takes it back when this worker has exited and hands the connection on (pool.py).
         try:
-            message, fds, ended = handoff.receive(control)
+            peeked = control.recv(handoff.MAX_MESSAGE, socket.MSG_PEEK)
         except OSError:
             return ExitCode.OK  # the master is gone
-        if ended:
+        if not peeked:
             return ExitCode.OK
-        if not isinstance(message, handoff.Assignment) or not fds \
-                or message.generation != generation.number:
-            # Not answered Taken: the master still holds the connection and hands it on.
-            for fd in fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+        message = handoff.decode(peeked)
+        if not isinstance(message, handoff.Assignment) or message.generation != generation.number:
             log.error("worker %d: unusable assignment %r (generation %d); exiting",
                       os.getpid(), message, generation.number)
             return ExitCode.SOFTWARE
-        conn = socket.socket(fileno=fds[0])
-        link = ipc.SyncWait(socket.socket(fileno=fds[1])) if len(fds) > 1 else None
-        # Named busy first: a worker still named idle has not taken its connection (its
-        # death loses nothing, the master hands the connection on).
+        # Named busy before taking it: a worker still named idle has not taken its
+        # connection (its death loses nothing, the master hands the connection on).
         set_name(BUSY_NAME)
         try:
-            handoff.send(control, handoff.Taken(message.association))
-        except OSError:  # the master is gone: it can no longer count or consume this one
+            message, fds, _ = handoff.receive(control)
+        except OSError:
             return ExitCode.OK
+        if not isinstance(message, handoff.Assignment) or not fds:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            log.error("worker %d: assignment without a connection %r; exiting", os.getpid(),
+                      message)
+            return ExitCode.SOFTWARE
+        conn = socket.socket(fileno=fds[0])
+        link = ipc.SyncWait(socket.socket(fileno=fds[1])) if len(fds) > 1 else None
         assignment = Assignment(conn, message.peer, generation.config, generation.store,
                                 message.over_limit, generation.tls_context,
                                 message.association, generation.outbox_fd, counters)

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import tls_certs
-from support.daemon import Daemon, config_of, replace_config
+from support.daemon import STAGING, Daemon, config_of, replace_config
 from support.daemon import info_settings as settings
 from support.data import ct_copies, ct_dataset
 from support.peers import echoscu, require_tool, storescu
@@ -28,6 +28,7 @@ from support.procs import BUSY_WORKER, IDLE_WORKER, alive, child_pids, process_n
 from support.scu import assert_rejected_local_limit, associate, held, rejections, store_ok
 from support.wait import wait_until
 
+from dicom_ingestd import control
 from dicom_ingestd.codes import Ending
 from dicom_ingestd.handoff import Verdict
 from dicom_ingestd.warm import MEMORY_GROWTH, Generation, Hygiene, judge
@@ -227,6 +228,62 @@ def test_reload_retires_old_spares_and_the_next_association_is_new(
     [stored] = daemon.files()
     assert stored.name.endswith(".gen2"), stored
     wait_until(lambda: not any(alive(p) for p in old), 5, "old spares gone")
+
+
+def status_when_quiet(daemon: Daemon) -> dict[str, Any]:
+    """The first live status answer that shows no association in progress."""
+    path = daemon.out / STAGING / control.SOCKET_NAME
+    answers: list[dict[str, Any]] = []
+    wait_until(lambda: bool(answers.append(control.request(path, "status"))
+                            or answers[-1]["daemon"]["active_associations"] == 0),
+               10, "no association in progress")
+    return answers[-1]
+
+
+def test_a_status_with_no_association_in_progress_counts_every_one_that_ended(
+        daemon_factory: Factory) -> None:
+    """The workers' reports reach the master in batches, not at each association's end (it
+    no longer wakes up for them): a status answer reads them first, so one that shows no
+    association in progress has counted every association that ended."""
+    daemon = daemon_factory(settings())
+    for number in range(1, 6):
+        store_once(daemon, f"COUNT{number}")
+        counters = status_when_quiet(daemon)["counters"]
+        released = {r["calling_ae"]: r["count"] for r in counters["associations"]
+                    if r["outcome"] == "released"}
+        assert released == {f"COUNT{n}": 1 for n in range(1, number + 1)}, counters
+        assert counters["stored"] == number, counters
+
+
+def test_an_association_that_ended_in_the_same_wake_up_leaves_room_for_the_next(
+        daemon_factory: Factory) -> None:
+    """The master hands a new connection over before the rest of what woke it up; when the
+    end of the association holding the only place came in the same wake-up, that end is
+    handled first: the new association is served, not rejected."""
+    daemon = daemon_factory(settings(workers={"max_associations": 1, "spare_workers": 2}))
+    first = associate(daemon.port, title="HOLDER")
+    result: list[Any] = []
+    with held(first):
+        assert first.is_established
+        worker = served_by(daemon, "HOLDER")
+        os.kill(daemon.proc.pid, signal.SIGSTOP)  # it sees all that follows at one wake-up
+        try:
+            first.release()
+            # Named idle again once it has told the (stopped) master it is done.
+            wait_until(lambda: process_name(worker) == IDLE_WORKER, 10, "HOLDER's end sent")
+            thread = threading.Thread(target=lambda: result.append(
+                associate(daemon.port, title="NEXT")))
+            thread.start()
+            time.sleep(0.3)  # connected by now: the kernel completes it, in the backlog
+        finally:
+            os.kill(daemon.proc.pid, signal.SIGCONT)
+        thread.join(30)
+    [second] = result
+    with held(second):
+        assert second.is_established, "rejected: the ended association still counted"
+        store_ok(second, ct_dataset())
+        second.release()
+    assert "association rejected" not in daemon.log()
 
 
 def test_stop_retires_idle_workers_and_drains(daemon_factory: Factory) -> None:

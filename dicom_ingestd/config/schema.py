@@ -720,7 +720,7 @@ class WorkersConfig:
         "connections are closed at once. 0: unlimited.",
         storescp=("--max-associations",), minimum=0,
         default_note="storescp --fork has no limit. Each association costs a process and "
-        "descriptors (the master keeps two per worker): unlimited, a flood of silent "
+        "descriptors (the master keeps three per worker): unlimited, a flood of silent "
         "connections exhausts the descriptor limit and delays everyone. 100 parallel "
         "associations is far more than PACS traffic needs; raise it with LimitNOFILE=.",
     )
