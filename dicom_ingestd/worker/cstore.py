@@ -245,17 +245,18 @@ class StorageSCP:
             if self.reporter is not None:
                 self.reporter.store(status, current.bytes, commit, why, self.peer.name,
                                     self.calling_ae)
-            extra = self._fields(DICOM_SOP_INSTANCE_UID=command.sop_instance_uid,
-                                 DICOM_SOP_CLASS_UID=command.sop_class_uid,
-                                 DICOM_STUDY_UID=ident.study_uid if ident else "",
-                                 DICOM_STATUS=f"0x{status:04X}", DICOM_FILE=path)
+            # The journal fields only for a line that is written (logging.level = warn
+            # writes no success line).
             if status == Status.SUCCESS:
-                log.info("%s: stored %s (study %s, %d bytes) %s", self.who,
-                         command.sop_instance_uid, ident.study_uid if ident else "-",
-                         current.bytes, path or why, extra=extra)
+                if log.isEnabledFor(logging.INFO):
+                    log.info("%s: stored %s (study %s, %d bytes) %s", self.who,
+                             command.sop_instance_uid, ident.study_uid if ident else "-",
+                             current.bytes, path or why, extra=self._store_fields(
+                                 command, status, ident, path))
             else:
                 log.error("%s: C-STORE of %s failed with %s: %s", self.who,
-                          command.sop_instance_uid, status_name(status), why, extra=extra)
+                          command.sop_instance_uid, status_name(status), why,
+                          extra=self._store_fields(command, status, ident, path))
         if stored is not None and self.recorder is not None:
             self.recorder.after_response(stored)
         if streamed and self._spare is None and self._spare_wanted():
@@ -263,6 +264,13 @@ class StorageSCP:
                 self._spare = self.store.temp_file()
         if testing.sleep_after:
             time.sleep(testing.sleep_after)
+
+    def _store_fields(self, command: dimse.Command, status: int, ident: Identity | None,
+                      path: str) -> dict[str, object]:
+        return self._fields(DICOM_SOP_INSTANCE_UID=command.sop_instance_uid,
+                            DICOM_SOP_CLASS_UID=command.sop_class_uid,
+                            DICOM_STUDY_UID=ident.study_uid if ident else "",
+                            DICOM_STATUS=f"0x{status:04X}", DICOM_FILE=path)
 
     def _spare_wanted(self) -> bool:
         """Create the next object's temporary file now, while the peer prepares that object?
