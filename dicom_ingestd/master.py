@@ -60,6 +60,10 @@ log = logging.getLogger("dicom_ingestd.master")
 # Connections over the limit are answered by a short-lived rejecting worker; past this many
 # of those at once (a flood) further connections are closed without an answer.
 MAX_REJECTING = 16
+# A connection over a limit first waits this long for a place (OverLimitWait): a worker
+# says its association is over only after the peer has the A-RELEASE-RP, and a sender that
+# reconnects at once must not meet the limit of the association it has just released.
+OVER_LIMIT_WAIT = 0.5
 # accept() failing for want of descriptors or memory: pause accepting (see _pause_accepting).
 ACCEPT_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 ACCEPT_BACKOFF_MIN = 0.1
@@ -114,6 +118,9 @@ class Master:
         self._wakeup_r, self._wakeup_w = socket.socketpair()
         # What the selector reported and the loop has not handled yet (see serve).
         self._ready: deque[tuple[selectors.SelectorKey, int]] = deque()
+        # Connections over a limit waiting for a place, oldest first: (connection, peer,
+        # key, when to give up and answer A-ASSOCIATE-RJ).
+        self._waiting: deque[tuple[socket.socket, Peer, str, float]] = deque()
         self._stop_deadline = 0.0
         self._stored_before = 0  # the counters' stored objects when serving began
         self._associations = 0
@@ -168,6 +175,9 @@ class Master:
         """In a forked worker: drop every master resource but the report channel's writer."""
         self.selector.close()
         self.pending.close_in_child()
+        for waiting in self._waiting:
+            waiting[0].close()
+        self._waiting.clear()
         for sock in self.listeners:
             sock.close()
         self._wakeup_r.close()
@@ -269,12 +279,16 @@ class Master:
         pending = self.pending.timeout()
         if pending is not None:
             timeout = min(timeout, pending)
+        if self._waiting:
+            timeout = min(timeout, max(0.0, self._waiting[0][3] - time.monotonic()))
         return min(timeout, self.events.timeout())
 
     def _tick(self) -> None:
         now = time.monotonic()
         self._resume_accepting(now)
         self.pending.expire()
+        if self._waiting and now >= self._waiting[0][3]:
+            self._admit_waiting(now)
         if self.notifier.watchdog_interval and now >= self._next_watchdog:
             # Pinged from the loop itself: a master stuck anywhere stops the pings.
             self.notifier.watchdog()
@@ -495,8 +509,8 @@ class Master:
     def _admit(self, conn: socket.socket, peer: Peer) -> None:
         """Access control and the limits for `peer` (behind a proxy: the address its header
         carried, or the proxy's when it carried none or for its own LOCAL connections), then
-        _dispatch.  Even an over-limit association goes to a worker: it answers
-        A-ASSOCIATE-RJ."""
+        _dispatch.  Even an over-limit association goes to a worker, after up to
+        OVER_LIMIT_WAIT for a place: it answers A-ASSOCIATE-RJ."""
         if self.access.refuses(peer):
             conn.close()
             self.stats.association_ended(Ending.REFUSED, NO_AE)
@@ -506,6 +520,25 @@ class Master:
         if over and self._ready:
             self._catch_up()  # an association that ended meanwhile frees its place
             over = self._over_limit(key)
+        if over and self.state is State.RUNNING and len(self._waiting) < MAX_REJECTING:
+            # Perhaps one that has just been released (OVER_LIMIT_WAIT): _admit_waiting.
+            self._waiting.append((conn, peer, key, time.monotonic() + OVER_LIMIT_WAIT))
+            return
+        self._answer(conn, peer, key, over)
+
+    def _admit_waiting(self, now: float) -> None:
+        """Hand over the waiting connections that now fit (in their order), and answer
+        those whose wait is over with the limit."""
+        for _ in range(len(self._waiting)):
+            conn, peer, key, until = self._waiting.popleft()
+            over = self._over_limit(key)
+            if over and now < until:
+                self._waiting.append((conn, peer, key, until))
+            else:
+                self._answer(conn, peer, key, over)
+
+    def _answer(self, conn: socket.socket, peer: Peer, key: str, over: str) -> None:
+        """_dispatch, or close `conn` unanswered when rejections flood."""
         if over and sum(r.rejecting for r in self.running.values()) >= MAX_REJECTING:
             # A flood: one line per ACCEPT_LOG_INTERVAL, counting the connections closed.
             conn.close()
@@ -579,6 +612,8 @@ class Master:
                   outcome: Ending | None) -> None:
         """An association is over (`problem`: its worker died with it)."""
         self.running.pop(running.association, None)
+        if self._waiting:  # a place for one, perhaps
+            self._admit_waiting(time.monotonic())
         if self._outbox_used:  # its notes before its end (no outbox: it sends none)
             self._reports(None)
         released = outcome is Ending.RELEASED and problem is None
@@ -671,6 +706,9 @@ class Master:
         self.state = State.STOPPING
         self.notifier.stopping()
         self.pending.close()
+        while self._waiting:  # as the connections still in the listeners' backlogs
+            self._waiting.popleft()[0].close()
+            self.stats.association_ended(Ending.DROPPED, NO_AE)
         for sock in self.listeners:
             with contextlib.suppress(KeyError, ValueError):
                 self.selector.unregister(sock)

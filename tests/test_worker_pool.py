@@ -20,12 +20,14 @@ from typing import Any
 
 import pytest
 import tls_certs
+from support import wire
 from support.daemon import STAGING, Daemon, config_of, replace_config
 from support.daemon import info_settings as settings
 from support.data import ct_copies, ct_dataset
 from support.peers import echoscu, require_tool, storescu
 from support.procs import BUSY_WORKER, IDLE_WORKER, alive, child_pids, process_name, workers_of
 from support.scu import assert_rejected_local_limit, associate, held, rejections, store_ok
+from support.uids import IMPLICIT_LE, VERIFICATION
 from support.wait import wait_until
 
 from dicom_ingestd import control
@@ -284,6 +286,27 @@ def test_an_association_that_ended_in_the_same_wake_up_leaves_room_for_the_next(
         store_ok(second, ct_dataset())
         second.release()
     assert "association rejected" not in daemon.log()
+
+
+def test_a_sender_that_reconnects_at_once_after_its_release_is_never_refused(
+        daemon_factory: Factory) -> None:
+    """A worker tells the master its association is over only after the peer has the
+    A-RELEASE-RP; a sender of one object per association reconnects at once, and must not
+    meet the limit of the association it has just released (storescp, one association at a
+    time, never refuses it).  The next one that really is over the limit still is."""
+    daemon = daemon_factory(settings(workers={"max_associations": 1, "spare_workers": 2}))
+    for number in range(150):
+        assoc = wire.associate(daemon.port, [(1, VERIFICATION, [IMPLICIT_LE])])
+        wire.release(assoc)
+        assert "association rejected" not in daemon.log(), f"association {number + 1}"
+    holder = wire.associate(daemon.port)
+    try:
+        sock, pdu_type, body = wire.request_association(daemon.port, wire.DEFAULT_CONTEXTS)
+        sock.close()
+        assert pdu_type == wire.A_ASSOCIATE_RJ, (pdu_type, body)
+    finally:
+        wire.release(holder)
+    assert "workers.max_associations = 1" in daemon.wait_log("association rejected")
 
 
 def test_stop_retires_idle_workers_and_drains(daemon_factory: Factory) -> None:

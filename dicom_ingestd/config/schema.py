@@ -715,9 +715,11 @@ class WorkersConfig:
         default_note="storescp runs a single process unless --fork is given.",
     )
     max_associations: int = setting(
-        100, "Most associations served at once; one more is answered with A-ASSOCIATE-RJ "
-        "(transient, local limit exceeded), and beyond 16 such answers in progress further "
-        "connections are closed at once. 0: unlimited.",
+        100, "Most associations served at once; one more waits up to 0.5 s for a place "
+        "(a sender reconnecting right after its A-RELEASE-RP finds the one it released), "
+        "then is answered with A-ASSOCIATE-RJ (transient, local limit exceeded); beyond 16 "
+        "such waits or answers in progress further connections are closed at once. "
+        "0: unlimited.",
         storescp=("--max-associations",), minimum=0,
         default_note="storescp --fork has no limit. Each association costs a process and "
         "descriptors (the master keeps three per worker): unlimited, a flood of silent "
