@@ -342,6 +342,38 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
         yield mountpoint
 
 
+def remount(mountpoint: Path, mode: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["mount", "-o", f"remount,{mode}", str(mountpoint)],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_an_association_waiting_for_its_next_object_keeps_no_file_open(
+        small_tmpfs: Path, daemon_factory: Any) -> None:
+    """The next object's temporary file is made ahead (after the A-ASSOCIATE-AC, after each
+    object) but not held open: an association waiting for the peer keeps nothing open for
+    writing, so an administrator's read-only remount of the output file system succeeds."""
+    daemon = daemon_factory({"storage": {"output_directory": str(small_tmpfs / "out")}})
+    assoc = associate(daemon.port)
+    try:
+        wait_until(lambda: any(p.name.endswith(".part") for p in daemon.staging()), 10,
+                   lambda: f"the first object's temporary file:\n{daemon.log()}")
+        for round_ in ("before the first object", "between objects"):
+            result = remount(small_tmpfs, "ro")
+            assert result.returncode == 0, f"read-only remount {round_}: {result.stderr}"
+            assert remount(small_tmpfs, "rw").returncode == 0
+            if round_ == "before the first object":
+                ds = dcmread(data_file("CT_small.dcm"))
+                status = c_store(assoc, 1, CT_IMAGE.encode(), ds.SOPInstanceUID.encode(),
+                                 declared_data_set(data_file("CT_small.dcm")))
+                assert status == 0x0000, hex(status)
+                time.sleep(0.2)  # past the wait after which the next file is made ahead
+        release(assoc)
+    finally:
+        assoc.close()
+    assert daemon.staging() == []
+    assert [p.name for p in daemon.files()] == [f"CT.{ds.SOPInstanceUID}"]
+
+
 def fill(path: Path) -> None:
     """Write `path` until the file system is full."""
     chunk = b"\0" * 65536

@@ -135,7 +135,7 @@ class StorageSCP:
         # The next object's temporary file, created while the peer prepares that object
         # (the first one right after the A-ASSOCIATE-AC, `prepare`): creating an inode costs
         # 0.1-0.5 ms of kernel time on ext4, off the critical path.
-        self._spare: TempFile | None = None
+        self._spare = ""  # its name (Store.reserve): nothing is held open meanwhile
 
     def _fields(self, **more: object) -> dict[str, object]:
         return journal_extra(self.journal, more)
@@ -144,10 +144,10 @@ class StorageSCP:
         """Create the first object's temporary file now, while the peer sends the object
         (the association has just accepted a storage context); `close` removes it if no
         C-STORE comes.  A failure is left for the C-STORE to meet and answer."""
-        if self._spare is None and not self.config.testing.ignore \
+        if not self._spare and not self.config.testing.ignore \
                 and not self.peer.verification_only and self.store.has_free_space():
             with contextlib.suppress(StorageError):
-                self._spare = self.store.temp_file()
+                self._spare = self.store.reserve()
 
     # -- the association's end ---------------------------------------------------------------
     def close(self) -> None:
@@ -156,9 +156,9 @@ class StorageSCP:
         if self._incoming is not None:
             self._incoming.discard()
             self._incoming = None
-        if self._spare is not None:
-            self._spare.discard()
-            self._spare = None
+        if self._spare:
+            self.store.unreserve(self._spare)
+            self._spare = ""
 
     def release_studies(self) -> None:
         """The association is over: its studies are no longer held open by it."""
@@ -190,7 +190,7 @@ class StorageSCP:
                    f"({self.config.storage.min_free_space} bytes)")
         else:
             try:
-                temp, self._spare = self._spare or self.store.temp_file(), None
+                temp, self._spare = self.store.temp_file(self._spare), ""
                 temp.write(self._file_meta(command, context.transfer_syntax))
             except StorageError as exc:
                 status, why = exc.status, str(exc)
@@ -259,9 +259,9 @@ class StorageSCP:
                           extra=self._store_fields(command, status, ident, path))
         if stored is not None and self.recorder is not None:
             self.recorder.after_response(stored)
-        if streamed and self._spare is None and self._spare_wanted():
+        if streamed and not self._spare and self._spare_wanted():
             with contextlib.suppress(StorageError):  # the next C-STORE will report it
-                self._spare = self.store.temp_file()
+                self._spare = self.store.reserve()
         if testing.sleep_after:
             time.sleep(testing.sleep_after)
 
