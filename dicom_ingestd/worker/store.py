@@ -168,9 +168,16 @@ def _read_sort_state(fd: int, key: str) -> dict[str, Any]:
     return state
 
 
+_own_start: tuple[int, str] = (0, "")  # (pid, its start_ticks): read once per process
+
+
 def sort_holder() -> str:
     """A new association's name in the sort state: pid, process start, a serial."""
-    return f"{os.getpid()}:{start_ticks(os.getpid())}:{next(_counter)}"
+    global _own_start
+    pid = os.getpid()
+    if _own_start[0] != pid:  # first use in this process (a forked worker: a new pid)
+        _own_start = (pid, start_ticks(pid))
+    return f"{pid}:{_own_start[1]}:{next(_counter)}"
 
 
 def _holder_alive(holder: str) -> bool:
