@@ -33,6 +33,21 @@ def ingestd_config(settings: Sequence[tuple[str, str, object]], output: Path) ->
     return config_from_mapping(tables, "bench --set")
 
 
+def recipe(settings: Sequence[tuple[str, str, object]], work: Path) -> tuple[bool, bool]:
+    """(fsync, one journal commit per object) as dicom-ingestd's storage code decides them for
+    an output directory under `work`: python_floor.py makes objects durable the same way."""
+    output = work / "placement"
+    config = ingestd_config(settings, output)
+    shutil.rmtree(output, ignore_errors=True)
+    output.mkdir(parents=True)
+    store = Store(config.storage)
+    store.open()
+    one_commit = store.one_commit
+    store.close()
+    shutil.rmtree(output, ignore_errors=True)
+    return config.storage.fsync, one_commit
+
+
 def place_once(files: Sequence[Path], config: Config) -> float:
     """Seconds of stall (finish and commit) placing `files` one after the other into config's
     (empty) output directory."""

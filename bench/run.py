@@ -33,7 +33,7 @@ from pathlib import Path
 
 from assoc_client import PHASES, PHASES_PREFIX
 from bench_data import DataSet, DataSpec, ensure_dataset, split_dataset
-from bench_place import ingestd_config, stall
+from bench_place import ingestd_config, recipe, stall
 from bench_proc import (
     Exit,
     MemorySampler,
@@ -55,7 +55,11 @@ PYNETDICOM = "pynetdicom"  # pynetdicom's own storescp app, the issue's second c
 # storescp --ignore with dicom-ingestd's max PDU: receives every object and writes nothing,
 # so its time is what the sender and the wire alone cost (the floor of any receiver).
 FLOOR = "floor"
-RECEIVERS = (STORESCP, STORESCP_FORK, INGESTD, INGESTD_NO_FSYNC, PYNETDICOM, FLOOR)
+# bench/python_floor.py: the least CPython receiver that answers only once an object is
+# durable (the same durability recipe as dicom-ingestd's), so what CPython alone costs.
+PYTHON_FLOOR = "python-floor"
+RECEIVERS = (STORESCP, STORESCP_FORK, INGESTD, INGESTD_NO_FSYNC, PYNETDICOM, FLOOR,
+             PYTHON_FLOOR)
 OURS = (INGESTD, INGESTD_NO_FSYNC)
 MB = 1e6  # MB/s and data sizes are decimal megabytes, as in "262 MB"
 MIB = 1024  # RSS: KiB -> MiB
@@ -84,8 +88,8 @@ class Target:
 
 # ingestd-nofsync on the association sets too: its ratio is what the Python set-up costs
 # alone, the rest of dicom-ingestd's is the durability stall.
-BY_ASSOCIATION = (STORESCP, STORESCP_FORK, INGESTD, INGESTD_NO_FSYNC, FLOOR)
-BY_SENDER = (STORESCP, INGESTD, PYNETDICOM, FLOOR)
+BY_ASSOCIATION = (STORESCP, STORESCP_FORK, INGESTD, INGESTD_NO_FSYNC, FLOOR, PYTHON_FLOOR)
+BY_SENDER = (STORESCP, INGESTD, PYNETDICOM, FLOOR, PYTHON_FLOOR)
 
 
 @dataclass(frozen=True)
@@ -128,7 +132,7 @@ FULL_SETS = (
         _ratio(0.9), Target(Measure.CPU_PER_OBJECT, 1.5))),
     # (not the floor here: storescp --ignore would stall on delayed ACKs as storescp does)
     BenchSet("nagle", DataSpec("ct", 200), nodelay=False, targets=(_ratio(0.1),),
-             receivers=(STORESCP, INGESTD, PYNETDICOM)),
+             receivers=(STORESCP, INGESTD, PYNETDICOM, PYTHON_FLOOR)),
     BenchSet("assoc", DataSpec("ct38k", 300), per_object=True, targets=(_ratio(1.0),),
              receivers=BY_ASSOCIATION),
     BenchSet("assoc4", DataSpec("ct38k", 400), senders=4, per_object=True,
@@ -139,8 +143,8 @@ QUICK_SETS = (
     BenchSet("small", DataSpec("small", 100)),
     BenchSet("large", DataSpec("large", 1, frames=40)),
     BenchSet("parallel", DataSpec("ct", 20), senders=4),
-    BenchSet("nagle", DataSpec("ct", 20), nodelay=False, receivers=(STORESCP, INGESTD,
-                                                                     PYNETDICOM)),
+    BenchSet("nagle", DataSpec("ct", 20), nodelay=False,
+             receivers=(STORESCP, INGESTD, PYNETDICOM, PYTHON_FLOOR)),
     BenchSet("assoc", DataSpec("ct38k", 20), per_object=True, receivers=BY_ASSOCIATION),
     BenchSet("assoc4", DataSpec("ct38k", 20), senders=4, per_object=True,
              receivers=BY_ASSOCIATION),
@@ -267,6 +271,7 @@ class Harness:
     work: Path
     timeout: float
     max_pdu: int  # dicom-ingestd's, given to the floor receiver too
+    floor_options: list[str]  # python_floor.py's durability: dicom-ingestd's recipe
 
     @property
     def output(self) -> Path:
@@ -285,6 +290,9 @@ class Harness:
         if receiver == FLOOR:
             return [*self.storescp, "--ignore", "--max-pdu", str(self.max_pdu),
                     "-od", str(self.output), str(port)]
+        if receiver == PYTHON_FLOOR:
+            return [sys.executable, str(BENCH_DIR / "python_floor.py"), *self.floor_options,
+                    str(port), str(self.output)]
         if receiver == PYNETDICOM:
             return [sys.executable, "-m", "pynetdicom", "storescp", "-q", "-ba", "127.0.0.1",
                     "-od", str(self.output), str(port)]
@@ -381,8 +389,8 @@ class Harness:
         if hidden:
             run.problems.append(f"{hidden} partial objects left in the staging directory")
         code = run.receiver_exit.code if run.receiver_exit else None
-        # storescp (and pynetdicom's) have no SIGTERM handler, so they die of the signal; we
-        # must exit 0.
+        # storescp (and pynetdicom's, and python_floor.py) have no SIGTERM handler, so they
+        # die of the signal; we must exit 0.
         expected_codes = (0,) if receiver in OURS else (-15,)
         if stopped_by_us and code not in expected_codes:
             run.problems.append(f"receiver exit status {code} after SIGTERM "
@@ -528,12 +536,13 @@ def issue_table(rows: Sequence[tuple[BenchSet, DataSet, dict[str, list[Run]]]],
 
     Then the floors: the floor receiver's ratio (sender and wire alone), and with one
     sender that time plus the durability stall of every object (bench_place.py), the least
-    any receiver that answers only once an object is durable can take.
+    any receiver that answers only once an object is durable can take; and python-floor's
+    ratio, the least a CPython receiver that does so takes (python_floor.py).
     """
     head = ("| set | storescp median s (min–max) | storescp --fork ratio | pynetdicom storescp "
             "ratio | dicom-ingestd median s (min–max) | dicom-ingestd ratio | fsync off ratio "
             "| tree PSS MiB | CPU s (storescp's) | target | met | floor ratio "
-            "| durable floor ratio |")
+            "| durable floor ratio | CPython durable floor ratio |")
     table = [head, "|" + "---|" * (head.count("|") - 1)]
     for bench, data, results in rows:
         theirs = summarize(results[STORESCP])
@@ -555,7 +564,8 @@ def issue_table(rows: Sequence[tuple[BenchSet, DataSet, dict[str, list[Run]]]],
             f"| {ratio(ours, theirs)} | {ratio(summarize(results[INGESTD_NO_FSYNC]), theirs)} "
             f"| {'n/a' if ours is None else f'{ours.tree_pss_mib:.1f}'} | {cpu} "
             f"| {'; '.join(t.describe() for t in bench.targets) or '–'} "
-            f"| {'; '.join(met) or 'n/a'} | {ratio(floor, theirs)} | {durable_floor} |")
+            f"| {'; '.join(met) or 'n/a'} | {ratio(floor, theirs)} | {durable_floor} "
+            f"| {ratio(summarize(results[PYTHON_FLOOR]), theirs)} |")
     return "\n".join(table)
 
 
@@ -685,11 +695,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     cache: Path = args.cache_dir.resolve()
     work: Path = (args.work_dir or cache / "run").resolve()
+    max_pdu = ingestd_config(args.settings, work).network.max_pdu
+    fsync, one_commit = recipe(args.settings, work)
     harness = Harness(
         storescp=shlex.split(args.storescp), storescp_args=shlex.split(args.storescp_args),
         storescu=shlex.split(args.storescu), ingestd=shlex.split(args.ingestd),
         ingestd_settings=args.settings, work=work, timeout=args.timeout,
-        max_pdu=ingestd_config(args.settings, work).network.max_pdu)
+        max_pdu=max_pdu, floor_options=["--max-pdu", str(max_pdu)]
+        + (["--one-commit"] if one_commit else []) + ([] if fsync else ["--no-fsync"]))
     for line in machine_description():
         say(line)
     say(f"storescp: {tool_version(harness.storescp)}; storescu: {tool_version(harness.storescu)}")
@@ -703,7 +716,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "-od DIR PORT (default options; TCP_NODELAY as the sender's); dicom-ingestd run -c "
         f"CONFIG (defaults except network.port, network.bind_address, "
         f"storage.output_directory, logging.level = warn{extra}); floor: storescp --ignore "
-        f"--max-pdu {harness.max_pdu} (not on the nagle set)")
+        f"--max-pdu {harness.max_pdu} (not on the nagle set); python-floor: "
+        f"python_floor.py {' '.join(harness.floor_options)}")
     say(f"mode: {'quick' if args.quick else 'full'}, {args.runs} run(s) per receiver and set, "
         "receivers alternating (ABBA), fresh receiver and empty output directory per run")
     say()
@@ -758,7 +772,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--ignore with dicom-ingestd's max PDU, which receives and writes nothing; durable "
         "floor ratio, one sender and objects below the early-writeback step only: the "
         "floor's time plus the durability stall of each object in turn, the least a "
-        "receiver answering only after fsync can take):")
+        "receiver answering only after fsync can take; CPython durable floor ratio: "
+        "bench/python_floor.py, a minimal single-threaded CPython receiver with dicom-ingestd's "
+        "durability recipe, the least a Python receiver answering only after fsync takes):")
     say()
     say(issue_table(rows, stalls))
     say()
