@@ -21,7 +21,7 @@ from pathlib import Path
 
 from dicom_ingestd.config.load import config_from_mapping
 from dicom_ingestd.config.schema import Config
-from dicom_ingestd.worker.store import Store
+from dicom_ingestd.worker.store import Store, WhenTaken
 
 
 def ingestd_config(settings: Sequence[tuple[str, str, object]], output: Path) -> Config:
@@ -63,7 +63,7 @@ def place_once(files: Sequence[Path], config: Config) -> float:
                 temp.write(data[offset:offset + piece])
             start = time.perf_counter()
             temp.finish(config.storage.fsync)
-            store.commit(temp, [], [f"{number:06d}.dcm"], replace=False, when_taken="error")
+            store.commit(temp, [], [f"{number:06d}.dcm"], replace=False, when_taken=WhenTaken.ERROR)
             total += time.perf_counter() - start
     finally:
         store.close()
