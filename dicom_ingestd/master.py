@@ -116,8 +116,6 @@ class Master:
                                       lambda outcome: self.stats.association_ended(outcome,
                                                                                    NO_AE))
         self._wakeup_r, self._wakeup_w = socket.socketpair()
-        # What the selector reported and the loop has not handled yet (see serve).
-        self._ready: deque[tuple[selectors.SelectorKey, int]] = deque()
         # Connections over a limit waiting for a place, oldest first: (connection, peer,
         # key, when to give up and answer A-ASSOCIATE-RJ).
         self._waiting: deque[tuple[socket.socket, Peer, str, float]] = deque()
@@ -239,26 +237,17 @@ class Master:
             if len(ready) > 1:
                 # A new connection never waits behind bookkeeping: the previous
                 # association's Finished, its worker's exit or a job's end are handled
-                # after the hand-off (see _catch_up for the one exception).
+                # after the hand-off.  An association whose end is among them still frees
+                # its place for the new one: an over-limit connection waits for a place
+                # (OVER_LIMIT_WAIT), and the end, handled next, gives it one.
                 ready.sort(key=self._listeners_first)
-            self._ready.extend(ready)
-            while self._ready:
-                key, _ = self._ready.popleft()
+            for key, _ in ready:
                 key.data(key.fileobj)
             self._tick()
         self._shutdown()
 
     def _listeners_first(self, event: tuple[selectors.SelectorKey, int]) -> bool:
         return event[0].fileobj not in self.listeners
-
-    def _catch_up(self) -> None:
-        """Handle now what the loop set aside for a connection (_listeners_first): an
-        association that has ended must not count against a limit the next one meets."""
-        waiting = [event for event in self._ready if self._listeners_first(event)]
-        for event in waiting:
-            self._ready.remove(event)
-        for key, _ in waiting:
-            key.data(key.fileobj)
 
     def _new_generation(self) -> None:
         """What workers forked from now on serve under: the configuration just applied."""
@@ -517,9 +506,6 @@ class Master:
             return
         key = _key(peer.host)  # the proxy's own for its LOCAL and UNKNOWN connections
         over = self._over_limit(key)
-        if over and self._ready:
-            self._catch_up()  # an association that ended meanwhile frees its place
-            over = self._over_limit(key)
         if over and self.state is State.RUNNING and len(self._waiting) < MAX_REJECTING:
             # Perhaps one that has just been released (OVER_LIMIT_WAIT): _admit_waiting.
             self._waiting.append((conn, peer, key, time.monotonic() + OVER_LIMIT_WAIT))

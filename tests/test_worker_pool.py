@@ -260,8 +260,8 @@ def test_a_status_with_no_association_in_progress_counts_every_one_that_ended(
 def test_an_association_that_ended_in_the_same_wake_up_leaves_room_for_the_next(
         daemon_factory: Factory) -> None:
     """The master hands a new connection over before the rest of what woke it up; when the
-    end of the association holding the only place came in the same wake-up, that end is
-    handled first: the new association is served, not rejected."""
+    end of the association holding the only place came in the same wake-up, the new one
+    waits for that end (OVER_LIMIT_WAIT) and is served, not rejected."""
     daemon = daemon_factory(settings(workers={"max_associations": 1, "spare_workers": 2}))
     first = associate(daemon.port, title="HOLDER")
     result: list[Any] = []
