@@ -60,7 +60,7 @@ log = logging.getLogger("dicom_ingestd.master")
 # Connections over the limit are answered by a short-lived rejecting worker; past this many
 # of those at once (a flood) further connections are closed without an answer.
 MAX_REJECTING = 16
-# A connection over a limit first waits this long for a place (OverLimitWait): a worker
+# A connection over a limit first waits this long for a place (_admit_waiting): a worker
 # says its association is over only after the peer has the A-RELEASE-RP, and a sender that
 # reconnects at once must not meet the limit of the association it has just released.
 OVER_LIMIT_WAIT = 0.5

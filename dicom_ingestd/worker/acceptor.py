@@ -101,7 +101,7 @@ class ProposedContext:
     result: int = 0
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Request:
     """What the peer asked for, for logging and policy."""
 
@@ -139,7 +139,7 @@ class Rejection:
         return encode_pdu(A_ASSOCIATE_RJ, bytes((0, self.result, self.source, self.reason)))
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Acceptance:
     """A decided A-ASSOCIATE-AC."""
 
